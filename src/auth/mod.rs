@@ -1,0 +1,1 @@
+//! Credentials: long-term keys, TURN REST API credentials and stateless nonces.
