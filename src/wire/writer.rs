@@ -1,0 +1,116 @@
+//! Building STUN messages into a caller-provided buffer, without allocation.
+
+use hmac::{Hmac, Mac};
+use sha1::Sha1;
+use sha2::Sha256;
+
+use super::attr::Attribute;
+use super::message::{fingerprint, set_length};
+use super::{attr_type as t, pad4, Error, MessageType, TransactionId, HEADER_LEN, MAGIC_COOKIE};
+
+/// Writes one STUN message into `buf`. The header's length field is kept up to date after every
+/// attribute, so the message is valid at any point. Integrity and fingerprint go last, in the order
+/// MESSAGE-INTEGRITY, MESSAGE-INTEGRITY-SHA256, FINGERPRINT (RFC 8489 §14.5–§14.7).
+#[derive(Debug)]
+pub struct MessageWriter<'b> {
+    buf: &'b mut [u8],
+    len: usize,
+    tid: TransactionId,
+}
+
+impl<'b> MessageWriter<'b> {
+    /// Start a message of type `typ` with transaction id `tid` at the start of `buf`.
+    pub fn new(buf: &'b mut [u8], typ: MessageType, tid: TransactionId) -> Result<Self, Error> {
+        let hdr = buf.get_mut(..HEADER_LEN).ok_or(Error::BufferTooSmall)?;
+        hdr[0..2].copy_from_slice(&typ.to_u16().to_be_bytes());
+        hdr[2..4].copy_from_slice(&[0, 0]);
+        hdr[4..8].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
+        hdr[8..20].copy_from_slice(&tid.0);
+        Ok(MessageWriter {
+            buf,
+            len: HEADER_LEN,
+            tid,
+        })
+    }
+
+    /// The transaction id being written.
+    pub fn transaction_id(&self) -> TransactionId {
+        self.tid
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether only the header has been written.
+    pub fn is_empty(&self) -> bool {
+        self.len == HEADER_LEN
+    }
+
+    /// Append an attribute (zero padding to 4 bytes).
+    pub fn add(&mut self, attr: &Attribute<'_>) -> Result<(), Error> {
+        let vlen = attr.value_len();
+        let tid = self.tid;
+        let value = self.reserve(attr.typ(), vlen)?;
+        attr.emit_value(value, &tid)
+    }
+
+    /// Append MESSAGE-INTEGRITY: HMAC-SHA1 with `key` over the message so far, with the length field
+    /// already counting this attribute (RFC 8489 §14.5).
+    pub fn add_integrity(&mut self, key: &[u8]) -> Result<(), Error> {
+        let mut mac = Hmac::<Sha1>::new_from_slice(key).map_err(|_| Error::ValueTooLong)?;
+        let at = self.len;
+        let value = self.reserve(t::MESSAGE_INTEGRITY, 20)?;
+        value.fill(0);
+        mac.update(&self.buf[..at]);
+        let tag = mac.finalize().into_bytes();
+        self.buf[at + 4..at + 24].copy_from_slice(&tag);
+        Ok(())
+    }
+
+    /// Append MESSAGE-INTEGRITY-SHA256 (full 32 bytes) with `key` (RFC 8489 §14.6).
+    pub fn add_integrity_sha256(&mut self, key: &[u8]) -> Result<(), Error> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).map_err(|_| Error::ValueTooLong)?;
+        let at = self.len;
+        let value = self.reserve(t::MESSAGE_INTEGRITY_SHA256, 32)?;
+        value.fill(0);
+        mac.update(&self.buf[..at]);
+        let tag = mac.finalize().into_bytes();
+        self.buf[at + 4..at + 36].copy_from_slice(&tag);
+        Ok(())
+    }
+
+    /// Append FINGERPRINT (RFC 8489 §14.7). It must be the last attribute.
+    pub fn add_fingerprint(&mut self) -> Result<(), Error> {
+        let at = self.len;
+        self.reserve(t::FINGERPRINT, 4)?;
+        let crc = fingerprint(self.buf, at);
+        self.buf[at + 4..at + 8].copy_from_slice(&crc.to_be_bytes());
+        Ok(())
+    }
+
+    /// Finish: the message is `buf[..returned length]`.
+    pub fn finish(self) -> usize {
+        self.len
+    }
+
+    /// Append an attribute header for a `vlen`-byte value, zero its padding, update the length field, and
+    /// return the value's bytes for the caller to fill.
+    fn reserve(&mut self, typ: u16, vlen: usize) -> Result<&mut [u8], Error> {
+        let vlen16 = u16::try_from(vlen).map_err(|_| Error::ValueTooLong)?;
+        let end = self.len + 4 + pad4(vlen);
+        let body = u16::try_from(end - HEADER_LEN).map_err(|_| Error::ValueTooLong)?;
+        let attr = self
+            .buf
+            .get_mut(self.len..end)
+            .ok_or(Error::BufferTooSmall)?;
+        attr[0..2].copy_from_slice(&typ.to_be_bytes());
+        attr[2..4].copy_from_slice(&vlen16.to_be_bytes());
+        attr[4 + vlen..].fill(0);
+        let start = self.len + 4;
+        self.len = end;
+        set_length(self.buf, body);
+        Ok(&mut self.buf[start..start + vlen])
+    }
+}
