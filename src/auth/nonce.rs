@@ -6,24 +6,39 @@
 //! address it was issued to, and only until it expires (then the server answers 438 Stale Nonce,
 //! RFC 8489 §9.2.4).
 //!
-//! Layout (51 ASCII bytes, all fixed width):
+//! Nonces are kept short because they go into every 401, which must stay within 3x a minimal
+//! 28-byte Allocate (anti-amplification). There are two layouts, told apart by length:
 //!
 //! ```text
-//!  0          9      13                 29                        51
-//!  +----------+------+------------------+-------------------------+
-//!  |obMatJos2 | gAAA | 000000006553f100 | base64(HMAC[..16]), 22  |
-//!  +----------+------+------------------+-------------------------+
-//!   cookie     features  expiry, 16       tag: HMAC-SHA256(key, family ||
-//!   (§9.2)     (base64)  lowercase hex         ip || port BE || features[3] || expiry BE)
+//!  No features advertised (24 ASCII bytes): a plain opaque nonce, no cookie.
+//!  0          8                    24
+//!  +----------+--------------------+
+//!  | 6553f100 | base64(HMAC[..12]) |
+//!  +----------+--------------------+
+//!   expiry     tag, 16 chars
+//!
+//!  Some features advertised (37 ASCII bytes): the RFC 8489 §9.2 cookie and feature bits first.
+//!  0           9      13         21                   37
+//!  +-----------+------+----------+--------------------+
+//!  | obMatJos2 | gAAA | 6553f100 | base64(HMAC[..12]) |
+//!  +-----------+------+----------+--------------------+
+//!   cookie      features expiry   tag, 16 chars
+//!   (§9.2)      (base64)
+//!
+//!  expiry: u32 Unix seconds, 8 lowercase hex digits.
+//!  tag:    HMAC-SHA256(key, family || ip || port BE || features[3] || expiry u32 BE),
+//!          first 12 bytes, standard base64 without padding.
 //! ```
 //!
-//! Every field has exactly one accepted spelling (lowercase hex, canonical base64 without
-//! padding), so changing any byte of a valid nonce makes it fail to parse or fail the MAC.
+//! The MAC always covers the feature bits, so stripping the cookie and features off a 37-byte
+//! nonce does not yield a valid 24-byte one. Every field has exactly one accepted spelling
+//! (lowercase hex, canonical base64, the cookie only when some feature bit is set), so changing
+//! any byte of a valid nonce makes it fail to parse or fail the MAC.
 //!
 //! The address is bound as given: an IPv4 client and the same client seen as an IPv4-mapped IPv6
 //! address are different clients. IPv6 flow info and scope id are not bound.
 
-use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+use base64::engine::general_purpose::STANDARD_NO_PAD;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -40,10 +55,11 @@ pub const FEATURE_USERNAME_ANONYMITY: u32 = 1 << 22;
 #[derive(Clone)]
 pub struct NonceKey([u8; 32]);
 
-/// A nonce held inline (no heap), always [`Nonce::LEN`] ASCII bytes.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// A nonce held inline (no heap): 24 ASCII bytes without feature bits, [`Nonce::MAX_LEN`] with.
+#[derive(Clone, Copy)]
 pub struct Nonce {
-    bytes: [u8; Nonce::LEN],
+    bytes: [u8; Nonce::MAX_LEN],
+    len: u8,
 }
 
 /// The outcome of [`NonceKey::verify`].
@@ -73,23 +89,37 @@ impl NonceKey {
         Self(bytes)
     }
 
-    /// Mints a nonce for `client`, valid until `expiry` (Unix seconds, inclusive), advertising
-    /// the low 24 bits of `features` (RFC 8489 §9.2.1). Does not allocate.
+    /// Mints a nonce for `client`, valid until `expiry` (Unix seconds, inclusive; clamped to
+    /// `u32::MAX`), advertising the low 24 bits of `features` (RFC 8489 §9.2.1). Without feature
+    /// bits the nonce is a plain 24-byte value with no RFC 8489 cookie. Does not allocate.
     pub fn mint(&self, client: SocketAddr, features: u32, expiry: u64) -> Nonce {
         let features = features & FEATURE_MASK;
-        let mut bytes = [0; Nonce::LEN];
-        bytes[field::COOKIE].copy_from_slice(COOKIE);
-        STANDARD
-            .encode_slice(&features.to_be_bytes()[1..], &mut bytes[field::FEATURES])
-            .expect("3 bytes encode to exactly 4 base64 chars");
-        for (i, digit) in bytes[field::EXPIRY].iter_mut().enumerate() {
-            *digit = HEX[(expiry >> (60 - 4 * i) & 0xf) as usize];
+        let expiry = u32::try_from(expiry).unwrap_or(u32::MAX);
+        let mut bytes = [0; Nonce::MAX_LEN];
+        let start = if features == 0 {
+            0
+        } else {
+            bytes[..COOKIE.len()].copy_from_slice(COOKIE);
+            STANDARD_NO_PAD
+                .encode_slice(
+                    &features.to_be_bytes()[1..],
+                    &mut bytes[COOKIE.len()..PREFIX_LEN],
+                )
+                .expect("3 bytes encode to exactly 4 base64 chars");
+            PREFIX_LEN
+        };
+        let fields = &mut bytes[start..];
+        for (i, digit) in fields[..EXPIRY_LEN].iter_mut().enumerate() {
+            *digit = HEX[(expiry >> (28 - 4 * i) & 0xf) as usize];
         }
         let tag = self.mac(client, features, expiry).finalize().into_bytes();
         STANDARD_NO_PAD
-            .encode_slice(&tag[..TAG_LEN], &mut bytes[field::TAG])
-            .expect("16 bytes encode to exactly 22 unpadded base64 chars");
-        Nonce { bytes }
+            .encode_slice(&tag[..TAG_LEN], &mut fields[EXPIRY_LEN..])
+            .expect("12 bytes encode to exactly 16 unpadded base64 chars");
+        Nonce {
+            bytes,
+            len: (start + SHORT_LEN) as u8,
+        }
     }
 
     /// Checks a nonce a client sent back from `client`.
@@ -108,7 +138,7 @@ impl NonceKey {
         {
             return NonceCheck::Forged;
         }
-        if expiry < unix_now {
+        if u64::from(expiry) < unix_now {
             NonceCheck::Stale
         } else {
             NonceCheck::Valid { features }
@@ -116,7 +146,7 @@ impl NonceKey {
     }
 
     /// The HMAC state after absorbing the authenticated fields (see the module doc).
-    fn mac(&self, client: SocketAddr, features: u32, expiry: u64) -> Hmac<Sha256> {
+    fn mac(&self, client: SocketAddr, features: u32, expiry: u32) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC accepts 32-byte keys");
         match client.ip() {
             IpAddr::V4(ip) => {
@@ -142,21 +172,29 @@ impl fmt::Debug for NonceKey {
 }
 
 impl Nonce {
-    /// The length of every nonce: cookie 9 + features 4 + expiry 16 + tag 22. Well under the
-    /// 763-byte limit of RFC 8489 §14.10.
-    pub const LEN: usize = field::TAG.end;
+    /// The longest nonce: cookie 9 + features 4 + expiry 8 + tag 16. Nonces without feature
+    /// bits are 24 bytes. Well under the 763-byte limit of RFC 8489 §14.10.
+    pub const MAX_LEN: usize = PREFIX_LEN + SHORT_LEN;
 
     /// The nonce text, for the NONCE attribute.
     pub fn as_str(&self) -> &str {
         // Always ASCII by construction, so the fallback is never taken.
-        std::str::from_utf8(&self.bytes).unwrap_or_default()
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
     }
 
     /// The nonce bytes, for the NONCE attribute.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
+        &self.bytes[..usize::from(self.len)]
     }
 }
+
+impl PartialEq for Nonce {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Nonce {}
 
 impl fmt::Debug for Nonce {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -166,55 +204,62 @@ impl fmt::Debug for Nonce {
 
 /// RFC 8489 §9.2: the nonce cookie that announces the security-feature bits.
 const COOKIE: &[u8; 9] = b"obMatJos2";
+/// Cookie plus the 4 base64 chars of the feature bits.
+const PREFIX_LEN: usize = COOKIE.len() + 4;
 const FEATURE_MASK: u32 = 0x00ff_ffff;
-/// Truncated HMAC-SHA256 length: 128 bits.
-const TAG_LEN: usize = 16;
+/// Hex digits of the u32 expiry.
+const EXPIRY_LEN: usize = 8;
+/// Truncated HMAC-SHA256 length: 96 bits, 16 base64 chars.
+const TAG_LEN: usize = 12;
+/// The nonce without cookie and features: expiry 8 + tag 16.
+const SHORT_LEN: usize = EXPIRY_LEN + 16;
 /// Address family bytes, as in MAPPED-ADDRESS (RFC 8489 §14.1).
 const FAMILY_IPV4: u8 = 0x01;
 const FAMILY_IPV6: u8 = 0x02;
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Byte ranges of the nonce fields.
-mod field {
-    use std::ops::Range;
-    pub const COOKIE: Range<usize> = 0..9;
-    pub const FEATURES: Range<usize> = 9..13;
-    pub const EXPIRY: Range<usize> = 13..29;
-    pub const TAG: Range<usize> = 29..51;
-}
-
 /// Splits a nonce into (features, expiry, tag), accepting only the exact spelling `mint` writes.
-fn parse(nonce: &[u8]) -> Option<(u32, u64, [u8; TAG_LEN])> {
-    let nonce: &[u8; Nonce::LEN] = nonce.try_into().ok()?;
-    if nonce[field::COOKIE] != COOKIE[..] {
-        return None;
-    }
-    let mut features = [0; 4];
-    if STANDARD
-        .decode_slice(&nonce[field::FEATURES], &mut features[1..])
-        .ok()?
-        != 3
-    {
-        return None;
-    }
-    let mut expiry = 0u64;
-    for &digit in &nonce[field::EXPIRY] {
+fn parse(nonce: &[u8]) -> Option<(u32, u32, [u8; TAG_LEN])> {
+    let (features, fields) = match nonce.len() {
+        SHORT_LEN => (0, nonce),
+        Nonce::MAX_LEN => {
+            let (prefix, fields) = nonce.split_at(PREFIX_LEN);
+            let (cookie, encoded) = prefix.split_at(COOKIE.len());
+            if cookie != COOKIE {
+                return None;
+            }
+            let mut features = [0; 4];
+            if STANDARD_NO_PAD
+                .decode_slice(encoded, &mut features[1..])
+                .ok()?
+                != 3
+            {
+                return None;
+            }
+            let features = u32::from_be_bytes(features);
+            // Featureless nonces are minted without the cookie: one spelling only.
+            if features == 0 {
+                return None;
+            }
+            (features, fields)
+        }
+        _ => return None,
+    };
+    let (hex, encoded) = fields.split_at(EXPIRY_LEN);
+    let mut expiry = 0u32;
+    for &digit in hex {
         let value = match digit {
             b'0'..=b'9' => digit - b'0',
             b'a'..=b'f' => digit - b'a' + 10,
             _ => return None,
         };
-        expiry = expiry << 4 | u64::from(value);
+        expiry = expiry << 4 | u32::from(value);
     }
     let mut tag = [0; TAG_LEN];
-    if STANDARD_NO_PAD
-        .decode_slice(&nonce[field::TAG], &mut tag)
-        .ok()?
-        != TAG_LEN
-    {
+    if STANDARD_NO_PAD.decode_slice(encoded, &mut tag).ok()? != TAG_LEN {
         return None;
     }
-    Some((u32::from_be_bytes(features), expiry, tag))
+    Some((features, expiry, tag))
 }
 
 #[cfg(test)]
@@ -233,6 +278,14 @@ mod tests {
         "192.0.2.1:32853".parse().unwrap()
     }
 
+    /// One nonce of each layout: without features (24 bytes) and with (37 bytes).
+    fn both_layouts() -> [Nonce; 2] {
+        [
+            key().mint(client(), 0, NOW),
+            key().mint(client(), FEATURE_PASSWORD_ALGORITHMS, NOW),
+        ]
+    }
+
     #[test]
     fn mint_then_verify_round_trips_features() {
         for features in [
@@ -240,6 +293,7 @@ mod tests {
             FEATURE_PASSWORD_ALGORITHMS,
             FEATURE_USERNAME_ANONYMITY,
             FEATURE_PASSWORD_ALGORITHMS | FEATURE_USERNAME_ANONYMITY,
+            1,
             FEATURE_MASK,
         ] {
             let nonce = key().mint(client(), features, NOW + 600);
@@ -254,15 +308,18 @@ mod tests {
             nonce,
             key().mint(client(), FEATURE_PASSWORD_ALGORITHMS, NOW)
         );
+        let plain = key().mint(client(), 0xff00_0000, NOW);
+        assert_eq!(plain, key().mint(client(), 0, NOW));
+        assert_eq!(plain.as_bytes().len(), 24);
     }
 
     #[test]
     fn layout_follows_rfc_8489_section_9_2() {
         let nonce = key().mint(client(), FEATURE_PASSWORD_ALGORITHMS, 0x6553_f100);
         let text = nonce.as_str();
-        assert!(text.starts_with("obMatJos2gAAA000000006553f100"), "{text}");
-        assert_eq!(text.len(), Nonce::LEN);
-        assert_eq!(Nonce::LEN, 51);
+        assert!(text.starts_with("obMatJos2gAAA6553f100"), "{text}");
+        assert_eq!(text.len(), 37);
+        assert_eq!(Nonce::MAX_LEN, 37);
         assert!(nonce.as_bytes().len() <= 763, "RFC 8489 §14.10 limit");
         assert!(text
             .bytes()
@@ -272,24 +329,51 @@ mod tests {
             FEATURE_PASSWORD_ALGORITHMS | FEATURE_USERNAME_ANONYMITY,
             0,
         );
-        assert_eq!(&both.as_str()[9..13], "wAAA");
+        assert_eq!(&both.as_str()[9..21], "wAAA00000000");
         assert_eq!(format!("{nonce:?}"), format!("Nonce({text:?})"));
+
+        // No features: a plain opaque nonce, no cookie.
+        let plain = key().mint(client(), 0, 0x6553f100);
+        let text = plain.as_str();
+        assert!(text.starts_with("6553f100"), "{text}");
+        assert_eq!(text.len(), 24);
+        assert!(!text.contains("obMatJos2"));
+        assert!(text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/'));
+        // Same expiry and MAC input apart from features, so the tags differ.
+        assert_ne!(&text[8..], &nonce.as_str()[21..]);
+    }
+
+    /// A 401 carrying the NONCE attribute must stay small (anti-amplification).
+    #[test]
+    fn nonce_attribute_is_small() {
+        for (nonce, wire) in both_layouts().iter().zip([28, 44]) {
+            let len = nonce.as_bytes().len();
+            assert_eq!(4 + len.next_multiple_of(4), wire, "{nonce:?}");
+        }
     }
 
     #[test]
     fn other_clients_and_keys_are_forged() {
-        let nonce = key().mint(client(), FEATURE_PASSWORD_ALGORITHMS, NOW);
-        for other in [
-            "192.0.2.1:32854",
-            "192.0.2.2:32853",
-            "[2001:db8::1]:32853",
-            "[::ffff:192.0.2.1]:32853",
-        ] {
-            let other: SocketAddr = other.parse().unwrap();
+        for nonce in both_layouts() {
+            for other in [
+                "192.0.2.1:32854",
+                "192.0.2.2:32853",
+                "[2001:db8::1]:32853",
+                "[::ffff:192.0.2.1]:32853",
+            ] {
+                let other: SocketAddr = other.parse().unwrap();
+                assert_eq!(
+                    key().verify(other, nonce.as_bytes(), NOW),
+                    NonceCheck::Forged,
+                    "{other} {nonce:?}"
+                );
+            }
+            let other_key = NonceKey::new([8; 32]);
             assert_eq!(
-                key().verify(other, nonce.as_bytes(), NOW),
-                NonceCheck::Forged,
-                "{other}"
+                other_key.verify(client(), nonce.as_bytes(), NOW),
+                NonceCheck::Forged
             );
         }
         let v6: SocketAddr = "[2001:db8::1]:3478".parse().unwrap();
@@ -300,68 +384,106 @@ mod tests {
         );
         let v4: SocketAddr = "32.1.13.184:3478".parse().unwrap(); // 2001:0db8 as IPv4
         assert_eq!(key().verify(v4, nonce6.as_bytes(), NOW), NonceCheck::Forged);
-
-        let other_key = NonceKey::new([8; 32]);
-        assert_eq!(
-            other_key.verify(client(), nonce.as_bytes(), NOW),
-            NonceCheck::Forged
-        );
     }
 
     #[test]
     fn every_single_byte_change_is_forged() {
-        let nonce = key().mint(client(), FEATURE_PASSWORD_ALGORITHMS, NOW);
-        for position in 0..Nonce::LEN {
-            for value in 0..=u8::MAX {
-                let mut bytes = nonce.as_bytes().to_vec();
-                if bytes[position] == value {
-                    continue;
+        for nonce in both_layouts() {
+            for position in 0..nonce.as_bytes().len() {
+                for value in 0..=u8::MAX {
+                    let mut bytes = nonce.as_bytes().to_vec();
+                    if bytes[position] == value {
+                        continue;
+                    }
+                    bytes[position] = value;
+                    assert_eq!(
+                        key().verify(client(), &bytes, NOW),
+                        NonceCheck::Forged,
+                        "{nonce:?}: byte {position} set to {value:#04x}"
+                    );
                 }
-                bytes[position] = value;
-                assert_eq!(
-                    key().verify(client(), &bytes, NOW),
-                    NonceCheck::Forged,
-                    "byte {position} set to {value:#04x}"
-                );
             }
         }
     }
 
     #[test]
     fn truncations_and_extensions_are_forged() {
-        let nonce = key().mint(client(), FEATURE_PASSWORD_ALGORITHMS, NOW);
-        for len in 0..Nonce::LEN {
-            assert_eq!(
-                key().verify(client(), &nonce.as_bytes()[..len], NOW),
-                NonceCheck::Forged
-            );
-            assert_eq!(
-                key().verify(client(), &nonce.as_bytes()[Nonce::LEN - len..], NOW),
-                NonceCheck::Forged
-            );
+        for nonce in both_layouts() {
+            let bytes = nonce.as_bytes();
+            for len in 0..bytes.len() {
+                assert_eq!(
+                    key().verify(client(), &bytes[..len], NOW),
+                    NonceCheck::Forged
+                );
+                assert_eq!(
+                    key().verify(client(), &bytes[bytes.len() - len..], NOW),
+                    NonceCheck::Forged
+                );
+            }
+            let mut longer = bytes.to_vec();
+            longer.push(b'A');
+            assert_eq!(key().verify(client(), &longer, NOW), NonceCheck::Forged);
         }
-        let mut longer = nonce.as_bytes().to_vec();
-        longer.push(b'A');
-        assert_eq!(key().verify(client(), &longer, NOW), NonceCheck::Forged);
+    }
+
+    #[test]
+    fn layouts_cannot_be_converted() {
+        let [plain, featured] = both_layouts();
+        // Stripping cookie and features does not downgrade to a featureless nonce.
+        let stripped = &featured.as_bytes()[13..];
+        assert_eq!(stripped.len(), 24);
+        assert_eq!(key().verify(client(), stripped, NOW), NonceCheck::Forged);
+        // Nor does dressing a featureless nonce up with a cookie and zero features, even though
+        // the MAC input is the same: featureless nonces have only the short spelling.
+        let mut dressed = b"obMatJos2AAAA".to_vec();
+        dressed.extend_from_slice(plain.as_bytes());
+        assert_eq!(dressed.len(), Nonce::MAX_LEN);
+        assert_eq!(key().verify(client(), &dressed, NOW), NonceCheck::Forged);
     }
 
     #[test]
     fn expiry_boundary_is_inclusive() {
-        let nonce = key().mint(client(), FEATURE_USERNAME_ANONYMITY, NOW);
-        let valid = NonceCheck::Valid {
-            features: FEATURE_USERNAME_ANONYMITY,
-        };
-        assert_eq!(key().verify(client(), nonce.as_bytes(), NOW - 1), valid);
-        assert_eq!(key().verify(client(), nonce.as_bytes(), NOW), valid);
+        for features in [0, FEATURE_USERNAME_ANONYMITY] {
+            let nonce = key().mint(client(), features, NOW);
+            let valid = NonceCheck::Valid { features };
+            assert_eq!(key().verify(client(), nonce.as_bytes(), NOW - 1), valid);
+            assert_eq!(key().verify(client(), nonce.as_bytes(), NOW), valid);
+            assert_eq!(
+                key().verify(client(), nonce.as_bytes(), NOW + 1),
+                NonceCheck::Stale
+            );
+        }
+        let max = u64::from(u32::MAX);
+        let last = key().mint(client(), 0, max);
+        assert!(last.as_str().starts_with("ffffffff"), "{last:?}");
         assert_eq!(
-            key().verify(client(), nonce.as_bytes(), NOW + 1),
-            NonceCheck::Stale
-        );
-        let last = key().mint(client(), 0, u64::MAX);
-        assert_eq!(
-            key().verify(client(), last.as_bytes(), u64::MAX),
+            key().verify(client(), last.as_bytes(), max),
             NonceCheck::Valid { features: 0 }
         );
+        assert_eq!(
+            key().verify(client(), last.as_bytes(), max + 1),
+            NonceCheck::Stale
+        );
+        assert_eq!(
+            key().verify(client(), last.as_bytes(), u64::MAX),
+            NonceCheck::Stale
+        );
+        // Later expiries clamp to u32::MAX, and the MAC covers the clamped value.
+        for beyond in [max + 1, u64::MAX] {
+            assert_eq!(key().mint(client(), 0, beyond), last);
+            let featured = key().mint(client(), FEATURE_PASSWORD_ALGORITHMS, beyond);
+            assert_eq!(
+                featured,
+                key().mint(client(), FEATURE_PASSWORD_ALGORITHMS, max)
+            );
+            assert_eq!(&featured.as_str()[13..21], "ffffffff");
+            assert_eq!(
+                key().verify(client(), featured.as_bytes(), max),
+                NonceCheck::Valid {
+                    features: FEATURE_PASSWORD_ALGORITHMS
+                }
+            );
+        }
     }
 
     #[test]
@@ -388,17 +510,22 @@ mod tests {
             prop_assert_eq!(key().verify(client(), &bytes, 0), NonceCheck::Forged);
         }
 
-        /// Right length and cookie, so the field parsers see the arbitrary bytes.
+        /// Right length (and cookie, for the long layout), so the field parsers see the
+        /// arbitrary bytes.
         #[test]
         fn arbitrary_fields_are_forged(
-            rest in "[0-9a-zA-Z+/=]{42}",
-            raw in proptest::collection::vec(any::<u8>(), 42),
+            rest in "[0-9a-zA-Z+/=]{28}",
+            short in "[0-9a-zA-Z+/=]{24}",
+            raw in proptest::collection::vec(any::<u8>(), 28),
+            raw_short in proptest::collection::vec(any::<u8>(), 24),
         ) {
             let text = format!("obMatJos2{rest}");
             prop_assert_eq!(key().verify(client(), text.as_bytes(), 0), NonceCheck::Forged);
+            prop_assert_eq!(key().verify(client(), short.as_bytes(), 0), NonceCheck::Forged);
             let mut bytes = COOKIE.to_vec();
             bytes.extend_from_slice(&raw);
             prop_assert_eq!(key().verify(client(), &bytes, 0), NonceCheck::Forged);
+            prop_assert_eq!(key().verify(client(), &raw_short, 0), NonceCheck::Forged);
         }
     }
 }
