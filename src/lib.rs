@@ -5,4 +5,5 @@
 //! - [`auth`]: long-term keys, TURN REST credentials, stateless nonces; time comes in as an argument.
 
 pub mod auth;
+pub mod policy;
 pub mod wire;
