@@ -1,9 +1,12 @@
 //! turnpike: a STUN/TURN relay (RFC 8489, RFC 8656, RFC 6156).
 //!
-//! Layering (dependencies point downward):
+//! Layering (dependencies point downward; `scripts/check-layers.sh` enforces it):
 //! - [`wire`]: bytes ↔ typed STUN/TURN/ChannelData views and writers; no IO, no allocation.
 //! - [`auth`]: long-term keys, TURN REST credentials, stateless nonces; time comes in as an argument.
+//! - [`policy`]: which peer addresses may be relayed to (deny by default).
+//! - [`server`]: the sans-IO TURN core: every decision, no sockets, clocks or randomness of its own.
 
 pub mod auth;
 pub mod policy;
+pub mod server;
 pub mod wire;

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Checks the module layering of ../shared/design.md §2: each module may only name the turnpike modules
+# listed for it. A module is src/NAME.rs or src/NAME/. Exits non-zero and names the offending line.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+declare -A allowed=(
+  [wire]=""
+  [auth]=""
+  [policy]=""
+  [route]="wire"
+  [server]="wire auth route policy config"
+  [config]="wire auth policy"
+  [sys]=""
+  [metrics]=""
+  [dataplane]="wire route sys metrics"
+  [control]="server route sys metrics dataplane wire auth policy config"
+  [usage]="metrics"
+  [api]="auth metrics usage"
+)
+
+status=0
+for module in "${!allowed[@]}"; do
+  files=()
+  [ -f "src/$module.rs" ] && files+=("src/$module.rs")
+  [ -d "src/$module" ] && while IFS= read -r f; do files+=("$f"); done < <(find "src/$module" -name '*.rs')
+  [ ${#files[@]} -eq 0 ] && continue
+  while IFS= read -r hit; do
+    used=$(sed -E 's/.*crate::([a-z_]+).*/\1/' <<<"$hit")
+    [ "$used" = "$module" ] && continue
+    if ! grep -qw -- "$used" <<<"${allowed[$module]}"; then
+      echo "layering: $module may not use crate::$used: $hit"
+      status=1
+    fi
+  done < <(grep -Hn -oE 'crate::[a-z_]+' "${files[@]}" || true)
+done
+[ $status -eq 0 ] && echo "layering ok"
+exit $status

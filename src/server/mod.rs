@@ -1,0 +1,1576 @@
+//! The sans-IO TURN server core: authentication, allocations, permissions, channels, quotas and peer
+//! policy (RFC 8489, RFC 8656, RFC 6156).
+//!
+//! This module is deterministic: it has no networking, no threads, no clock and no randomness of its own.
+//! Time comes in as arguments (`now` for timers, `unix_now` for credential and nonce expiry), randomness
+//! from the RNG passed to [`Server::new`]. The data plane and the control thread only execute what it
+//! decides.
+//!
+//! # Driving it
+//! Feed inputs with the `handle_*` methods. **After every `handle_*` call, drain [`Server::poll_transmit`]
+//! and [`Server::poll_command`] until they return `None`**, then arm a timer for [`Server::poll_timeout`]
+//! and call [`Server::handle_timeout`] when it fires. Transmits borrow the server's buffer until the next
+//! `handle_*` call; the buffer is bounded, and what does not fit is dropped and counted in
+//! [`Stats::outbox_overflow`].
+//!
+//! # What the fast path needs
+//! The commands program the data plane's lookup tables: a relay socket per allocation and family, a
+//! permission per (relay, peer IP), a channel per (client 5-tuple, channel number) ↔ (relay, peer). The
+//! same decisions are available here for the slow path: [`Server::handle_client_message`] relays Send
+//! indications and ChannelData, and [`Server::handle_peer_data`] relays peer datagrams as ChannelData or
+//! Data indications, so that the core can be tested end to end without sockets.
+//!
+//! May use: wire, auth, policy, and its own config.
+
+mod config;
+mod ports;
+mod types;
+
+use core::net::{IpAddr, SocketAddr};
+use std::collections::{BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
+use rand::RngCore;
+
+pub use config::{Config, ConfigError};
+pub use types::{
+    AllocationId, ChannelNumber, Command, ErrorCode, FiveTuple, PeerAddr, RelayAddr, Transmit,
+    Transport, Usage,
+};
+
+use crate::auth::{self, NonceCheck, NonceKey, RestError, FEATURE_PASSWORD_ALGORITHMS};
+use crate::wire::{
+    self, family, password_algorithm, Attribute, ChannelData, Class, Kind, Message, MessageType,
+    MessageWriter, Method,
+};
+use ports::PortPool;
+
+/// UDP's protocol number, the only REQUESTED-TRANSPORT a UDP relay serves (RFC 8656 §7.2).
+const PROTO_UDP: u8 = 17;
+/// Bytes of queued transmits after which new ones are dropped (the caller is not draining).
+const OUTBOX_LIMIT: usize = 4 << 20;
+/// Upper bound of a response the server writes (never more than one UDP datagram's worth).
+const MAX_RESPONSE: usize = 1500;
+/// How often the relay retries binding another port when the data plane cannot bind one.
+const OPEN_ATTEMPTS: u8 = 3;
+/// After a channel binding expires, neither its number nor its peer may be rebound to something else
+/// for 5 minutes (RFC 8656 §12).
+const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
+
+/// Counters of what the core dropped or refused, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Datagrams that were neither STUN nor ChannelData, or failed to parse (dropped silently).
+    pub malformed: u64,
+    /// Responses and unexpected indications from clients.
+    pub unexpected_class: u64,
+    /// Send indications or ChannelData on a 5-tuple without an allocation.
+    pub no_allocation: u64,
+    /// Data to or from a peer without a permission.
+    pub no_permission: u64,
+    /// ChannelData on an unbound channel.
+    pub no_channel: u64,
+    /// Peer datagrams on a relay address without an allocation.
+    pub unknown_relay: u64,
+    /// Send indications without XOR-PEER-ADDRESS or DATA.
+    pub bad_indication: u64,
+    /// Transmits dropped because the caller did not drain the outbox.
+    pub outbox_overflow: u64,
+    /// Challenges (401) sent.
+    pub challenges: u64,
+    /// Requests refused after authentication failed (401 with credentials, or 438).
+    pub auth_failures: u64,
+    /// Retransmitted Allocate requests answered again (or ignored while pending).
+    pub retransmits: u64,
+}
+
+/// The TURN server core. `R` is the source of randomness (relay ports, reservation tokens, nonce key).
+#[derive(Debug)]
+pub struct Server<R> {
+    config: Config,
+    rng: R,
+    nonce_key: NonceKey,
+    users: HashMap<Box<str>, StaticUser>,
+    userhashes: HashMap<[u8; 32], Box<str>>,
+    pools: Vec<PortPool>,
+    allocations: HashMap<AllocationId, Allocation>,
+    by_client: HashMap<FiveTuple, AllocationId>,
+    by_relay: HashMap<RelayAddr, AllocationId>,
+    per_identity: HashMap<Box<str>, usize>,
+    reservations: HashMap<u64, Reservation>,
+    timers: BTreeSet<(Instant, Timer)>,
+    next_id: u64,
+    draining: bool,
+    outbox: Outbox,
+    commands: VecDeque<Command>,
+    stats: Stats,
+}
+
+impl<R: RngCore> Server<R> {
+    /// A server with `config`, drawing randomness from `rng` (a CSPRNG in production; seeded in tests).
+    pub fn new(config: Config, mut rng: R) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let nonce_key = NonceKey::random(&mut rng);
+        let mut users = HashMap::new();
+        let mut userhashes = HashMap::new();
+        for (name, password) in &config.users {
+            let user = StaticUser {
+                md5: auth::long_term_key_md5(name, &config.realm, password),
+                sha256: auth::long_term_key_sha256(name, &config.realm, password),
+            };
+            users.insert(name.as_str().into(), user);
+            userhashes.insert(userhash(name, &config.realm), name.as_str().into());
+        }
+        let pools = config
+            .relay_ips
+            .iter()
+            .map(|ip| PortPool::new(*ip, config.relay_ports.clone()))
+            .collect();
+        Ok(Server {
+            config,
+            rng,
+            nonce_key,
+            users,
+            userhashes,
+            pools,
+            allocations: HashMap::new(),
+            by_client: HashMap::new(),
+            by_relay: HashMap::new(),
+            per_identity: HashMap::new(),
+            reservations: HashMap::new(),
+            timers: BTreeSet::new(),
+            next_id: 1,
+            draining: false,
+            outbox: Outbox::default(),
+            commands: VecDeque::new(),
+            stats: Stats::default(),
+        })
+    }
+
+    /// A message from a client on its 5-tuple: a STUN request or indication, or ChannelData.
+    pub fn handle_client_message(
+        &mut self,
+        now: Instant,
+        unix_now: u64,
+        client: FiveTuple,
+        bytes: &[u8],
+    ) {
+        match bytes.first().map(|b| wire::classify(*b)) {
+            Some(Kind::ChannelData) => self.client_channel_data(now, client, bytes),
+            Some(Kind::Stun) => match Message::parse(bytes) {
+                Ok(msg) => self.client_stun(now, unix_now, client, &msg),
+                // RFC 8489 §6.3: a message that is not well-formed STUN is discarded silently.
+                Err(_) => self.stats.malformed += 1,
+            },
+            _ => self.stats.malformed += 1,
+        }
+    }
+
+    /// A datagram from `peer` arrived on the relay socket `relay`: relay it to the client as ChannelData
+    /// when a channel is bound, as a Data indication when only a permission exists, or drop it.
+    pub fn handle_peer_data(
+        &mut self,
+        now: Instant,
+        relay: RelayAddr,
+        peer: SocketAddr,
+        payload: &[u8],
+    ) {
+        let Some(alloc) = self
+            .by_relay
+            .get(&relay)
+            .and_then(|id| self.allocations.get_mut(id))
+        else {
+            self.stats.unknown_relay += 1;
+            return;
+        };
+        if !alloc.active || !alloc.permitted(now, peer.ip()) {
+            self.stats.no_permission += 1;
+            return;
+        }
+        let five = alloc.five_tuple;
+        let channel = alloc
+            .peer_channels
+            .get(&peer)
+            .and_then(|c| alloc.channels.get(c).map(|b| (*c, b.active)));
+        let sent = match channel {
+            Some((channel, true)) => self.outbox.push(
+                five.transport,
+                five.server,
+                five.client,
+                payload.len() + 8,
+                |buf| {
+                    let n = ChannelData::write_header(buf, channel, payload.len())?;
+                    buf.get_mut(4..n)
+                        .ok_or(wire::Error::BufferTooSmall)?
+                        .copy_from_slice(payload);
+                    Ok(if five.transport.is_stream() {
+                        wire::pad4(n)
+                    } else {
+                        n
+                    })
+                },
+            ),
+            _ => self.outbox.push(
+                five.transport,
+                five.server,
+                five.client,
+                payload.len() + 64,
+                |buf| {
+                    let typ = MessageType::new(Method::DATA, Class::Indication);
+                    let mut w = MessageWriter::new(buf, typ, random_tid(&mut self.rng))?;
+                    w.add(&Attribute::XorPeerAddress(peer))?;
+                    w.add(&Attribute::Data(payload))?;
+                    Ok(w.finish())
+                },
+            ),
+        };
+        if sent {
+            alloc.usage.add_to_client(payload.len());
+        } else {
+            self.stats.outbox_overflow += 1;
+        }
+    }
+
+    /// The data plane bound the relay socket asked for by [`Command::OpenRelay`].
+    pub fn handle_relay_opened(
+        &mut self,
+        now: Instant,
+        allocation: AllocationId,
+        relay: RelayAddr,
+    ) {
+        let Some(alloc) = self.allocations.get_mut(&allocation) else {
+            return;
+        };
+        let Some(slot) = alloc
+            .relays
+            .iter_mut()
+            .flatten()
+            .find(|r| r.addr == relay && !r.open)
+        else {
+            return;
+        };
+        slot.open = true;
+        self.activate_if_open(now, allocation);
+    }
+
+    /// The data plane could not bind `relay`. The server tries other ports a few times, then answers 508
+    /// (or, for the additional IPv6 address of a dual-stack allocation, drops that family and reports it
+    /// in ADDRESS-ERROR-CODE).
+    pub fn handle_relay_failed(
+        &mut self,
+        now: Instant,
+        allocation: AllocationId,
+        relay: RelayAddr,
+    ) {
+        let Some(alloc) = self.allocations.get_mut(&allocation) else {
+            return;
+        };
+        let Some(i) = alloc
+            .relays
+            .iter()
+            .position(|r| r.is_some_and(|r| r.addr == relay && !r.open))
+        else {
+            return;
+        };
+        self.by_relay.remove(&relay);
+        release_port(&mut self.pools, relay);
+        let attempts = alloc.open_attempts;
+        alloc.open_attempts += 1;
+        let retry = if attempts + 1 < OPEN_ATTEMPTS {
+            take_port(
+                &mut self.pools,
+                &mut self.rng,
+                relay.0.is_ipv4(),
+                false,
+                false,
+            )
+            .map(|(addr, _)| addr)
+        } else {
+            None
+        };
+        let alloc = self.allocations.get_mut(&allocation).expect_alloc();
+        match retry {
+            Some(addr) => {
+                alloc.relays[i] = Some(RelaySlot { addr, open: false });
+                self.by_relay.insert(addr, allocation);
+                self.commands.push_back(Command::OpenRelay {
+                    allocation,
+                    client: alloc.five_tuple,
+                    relay: addr,
+                    dont_fragment: alloc.dont_fragment,
+                });
+            }
+            None if i == 1 => {
+                // The additional family failed: keep the allocation with the other one (RFC 8656 §7.2).
+                alloc.relays[1] = None;
+                alloc.address_error = Some((family::IPV6, ErrorCode::InsufficientCapacity));
+                self.activate_if_open(now, allocation);
+            }
+            None => {
+                let (five, tid, signer) = (alloc.five_tuple, alloc.allocate_tid, alloc.signer());
+                self.free_allocation(allocation);
+                self.reply_to(
+                    five,
+                    MessageType::new(Method::ALLOCATE, Class::Error),
+                    tid,
+                    Some(&signer),
+                    |w| error_code(w, ErrorCode::InsufficientCapacity),
+                );
+            }
+        }
+    }
+
+    /// Expire whatever is due at `now`: allocations, permissions, channel bindings and port reservations.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&(at, timer)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            match timer {
+                Timer::Allocation(id) => self.free_allocation(id),
+                Timer::Permission(id, ip) => {
+                    let Some(alloc) = self.allocations.get_mut(&id) else {
+                        continue;
+                    };
+                    alloc.permissions.remove(&ip);
+                    if let Some(relay) = alloc.relay_for(ip) {
+                        self.commands.push_back(Command::RemovePermission {
+                            allocation: id,
+                            relay,
+                            peer: ip,
+                        });
+                    }
+                }
+                Timer::Channel(id, number) => {
+                    let Some(alloc) = self.allocations.get_mut(&id) else {
+                        continue;
+                    };
+                    let Some(binding) = alloc.channels.get_mut(&number) else {
+                        continue;
+                    };
+                    if binding.active {
+                        binding.active = false;
+                        binding.expires = at + CHANNEL_COOLDOWN;
+                        self.timers
+                            .insert((binding.expires, Timer::Channel(id, number)));
+                        let peer = binding.peer;
+                        if let (Some(relay), Some(channel)) =
+                            (alloc.relay_for(peer.ip()), ChannelNumber::new(number))
+                        {
+                            self.commands.push_back(Command::RemoveChannel {
+                                allocation: id,
+                                client: alloc.five_tuple,
+                                relay,
+                                channel,
+                                peer: PeerAddr(peer),
+                            });
+                        }
+                    } else {
+                        let peer = binding.peer;
+                        alloc.channels.remove(&number);
+                        alloc.peer_channels.remove(&peer);
+                    }
+                }
+                Timer::Reservation(token) => {
+                    if let Some(r) = self.reservations.remove(&token) {
+                        release_port(&mut self.pools, r.relay);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stop (or resume) taking new allocations: Allocate gets 300 Try Alternate when an alternate server
+    /// is configured, else 508. Existing allocations keep working.
+    pub fn set_draining(&mut self, draining: bool) {
+        self.draining = draining;
+    }
+
+    /// The next message to send, if any. Borrowed until the next `handle_*` call.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit<'_>> {
+        self.outbox.pop()
+    }
+
+    /// The next command for the data plane, if any.
+    #[must_use]
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    /// When [`Server::handle_timeout`] must next be called. Changes only after a `handle_*` call.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.first().map(|(at, _)| *at)
+    }
+
+    /// Counters of drops and refusals.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Live allocations (pending ones included).
+    pub fn allocation_count(&self) -> usize {
+        self.allocations.len()
+    }
+
+    /// Free relay ports across all relay addresses (reserved ports count as used).
+    pub fn free_ports(&self) -> usize {
+        self.pools.iter().map(PortPool::free).sum()
+    }
+
+    /// Pending timers; zero once everything has expired.
+    pub fn timer_count(&self) -> usize {
+        self.timers.len()
+    }
+
+    /// Number of identities with at least one allocation.
+    pub fn identity_count(&self) -> usize {
+        self.per_identity.len()
+    }
+
+    fn client_stun(&mut self, now: Instant, unix_now: u64, five: FiveTuple, msg: &Message<'_>) {
+        let typ = msg.message_type();
+        match (typ.class, typ.method) {
+            (Class::Request, Method::BINDING) => self.binding(unix_now, five, msg),
+            (Class::Request, Method::ALLOCATE) => self.allocate(now, unix_now, five, msg),
+            (Class::Request, Method::REFRESH) => self.refresh(now, unix_now, five, msg),
+            (Class::Request, Method::CREATE_PERMISSION) => {
+                self.create_permission(now, unix_now, five, msg)
+            }
+            (Class::Request, Method::CHANNEL_BIND) => self.channel_bind(now, unix_now, five, msg),
+            (Class::Indication, Method::SEND) => self.send_indication(now, five, msg),
+            // RFC 8489 §6.3.1: a request for a method the server does not know gets 400.
+            (Class::Request, _) => self.reply_error(five, msg, None, ErrorCode::BadRequest),
+            _ => self.stats.unexpected_class += 1,
+        }
+    }
+
+    fn binding(&mut self, unix_now: u64, five: FiveTuple, msg: &Message<'_>) {
+        let signer = if self.config.binding_requires_auth {
+            match self.authenticate(unix_now, five, msg) {
+                Ok(auth) => Some(auth.signer),
+                Err(reject) => return self.reject(unix_now, five, msg, reject),
+            }
+        } else {
+            None
+        };
+        if self.unknown_attributes(five, msg, signer.as_ref()) {
+            return;
+        }
+        self.reply(five, msg, Class::Success, signer.as_ref(), |w| {
+            w.add(&Attribute::XorMappedAddress(five.client))
+        });
+    }
+
+    fn allocate(&mut self, now: Instant, unix_now: u64, five: FiveTuple, msg: &Message<'_>) {
+        let auth = match self.authenticate(unix_now, five, msg) {
+            Ok(auth) => auth,
+            Err(reject) => return self.reject(unix_now, five, msg, reject),
+        };
+        let s = Some(&auth.signer);
+        if let Some(existing) = self
+            .by_client
+            .get(&five)
+            .and_then(|id| self.allocations.get(id))
+        {
+            // RFC 8656 §7.2: a retransmission gets the same answer; anything else on a used 5-tuple is 437.
+            let code = if *existing.username != *auth.username {
+                ErrorCode::WrongCredentials
+            } else if existing.allocate_tid == msg.transaction_id() {
+                self.stats.retransmits += 1;
+                if existing.active {
+                    self.allocate_success(existing.id);
+                }
+                return;
+            } else {
+                ErrorCode::AllocationMismatch
+            };
+            return self.reply_error(five, msg, s, code);
+        }
+        if self.unknown_attributes(five, msg, s) {
+            return;
+        }
+        let a = &msg.attrs;
+        let refuse = |server: &mut Self, code| server.reply_error(five, msg, s, code);
+        match a.requested_transport {
+            None => return refuse(self, ErrorCode::BadRequest),
+            Some(PROTO_UDP) => {}
+            Some(_) => return refuse(self, ErrorCode::UnsupportedTransport),
+        }
+        let families =
+            a.requested_address_family.is_some() || a.additional_address_family.is_some();
+        if a.reservation_token.is_some() && (a.even_port.is_some() || families) {
+            return refuse(self, ErrorCode::BadRequest);
+        }
+        if a.requested_address_family.is_some() && a.additional_address_family.is_some() {
+            return refuse(self, ErrorCode::BadRequest);
+        }
+        if a.additional_address_family
+            .is_some_and(|f| f != family::IPV6)
+        {
+            return refuse(self, ErrorCode::BadRequest);
+        }
+        let want_v4 = match a.requested_address_family {
+            None | Some(family::IPV4) => true,
+            Some(family::IPV6) => false,
+            Some(_) => return refuse(self, ErrorCode::AddressFamilyNotSupported),
+        };
+        if self.draining || self.allocations.len() >= self.config.max_allocations {
+            return match self.config.alternate_server {
+                Some(alt) => self.reply(five, msg, Class::Error, s, |w| {
+                    error_code(w, ErrorCode::TryAlternate)?;
+                    w.add(&Attribute::AlternateServer(alt))
+                }),
+                None => refuse(self, ErrorCode::InsufficientCapacity),
+            };
+        }
+        if self.per_identity.get(&*auth.identity).copied().unwrap_or(0)
+            >= self.config.max_allocations_per_user
+        {
+            return refuse(self, ErrorCode::AllocationQuotaReached);
+        }
+
+        // Relay addresses: a reserved one, or fresh ports of the requested family (and IPv6 besides).
+        let mut token_out = None;
+        let primary = if let Some(token) = a.reservation_token {
+            match self.reservations.remove(&token) {
+                Some(r) => {
+                    self.timers.remove(&(r.expires, Timer::Reservation(token)));
+                    r.relay
+                }
+                None => return refuse(self, ErrorCode::InsufficientCapacity),
+            }
+        } else {
+            if !self.pools.iter().any(|p| p.ip().is_ipv4() == want_v4) {
+                return refuse(self, ErrorCode::AddressFamilyNotSupported);
+            }
+            let reserve = a.even_port == Some(true);
+            match take_port(
+                &mut self.pools,
+                &mut self.rng,
+                want_v4,
+                a.even_port.is_some(),
+                reserve,
+            ) {
+                Some((addr, _)) => {
+                    if reserve {
+                        let token = self.rng.next_u64();
+                        let next = RelayAddr(SocketAddr::new(addr.0.ip(), addr.0.port() + 1));
+                        let expires = now + secs(self.config.reservation_lifetime);
+                        self.reservations.insert(
+                            token,
+                            Reservation {
+                                relay: next,
+                                expires,
+                            },
+                        );
+                        self.timers.insert((expires, Timer::Reservation(token)));
+                        token_out = Some(token);
+                    }
+                    addr
+                }
+                None => return refuse(self, ErrorCode::InsufficientCapacity),
+            }
+        };
+        let mut address_error = None;
+        let additional = if a.additional_address_family.is_some() {
+            if !self.pools.iter().any(|p| p.ip().is_ipv6()) {
+                address_error = Some((family::IPV6, ErrorCode::AddressFamilyNotSupported));
+                None
+            } else {
+                let taken = take_port(&mut self.pools, &mut self.rng, false, false, false);
+                if taken.is_none() {
+                    address_error = Some((family::IPV6, ErrorCode::InsufficientCapacity));
+                }
+                taken.map(|(addr, _)| addr)
+            }
+        } else {
+            None
+        };
+
+        let id = AllocationId(self.next_id);
+        self.next_id += 1;
+        let lifetime = desired_lifetime(&self.config, a.lifetime);
+        let expires = now + secs(lifetime);
+        let alloc = Allocation {
+            id,
+            five_tuple: five,
+            username: auth.username,
+            identity: auth.identity,
+            signer: auth.signer,
+            relays: [
+                Some(RelaySlot {
+                    addr: primary,
+                    open: false,
+                }),
+                additional.map(|addr| RelaySlot { addr, open: false }),
+            ],
+            open_attempts: 0,
+            active: false,
+            expires,
+            lifetime,
+            allocate_tid: msg.transaction_id(),
+            address_error,
+            reservation_token: token_out,
+            dont_fragment: a.dont_fragment,
+            permissions: HashMap::new(),
+            channels: HashMap::new(),
+            peer_channels: HashMap::new(),
+            usage: Usage::default(),
+        };
+        *self.per_identity.entry_ref(&*alloc.identity).or_insert(0) += 1;
+        self.by_client.insert(five, id);
+        for slot in alloc.relays.iter().flatten() {
+            self.by_relay.insert(slot.addr, id);
+            self.commands.push_back(Command::OpenRelay {
+                allocation: id,
+                client: five,
+                relay: slot.addr,
+                dont_fragment: alloc.dont_fragment,
+            });
+        }
+        self.timers.insert((expires, Timer::Allocation(id)));
+        self.allocations.insert(id, alloc);
+    }
+
+    fn refresh(&mut self, now: Instant, unix_now: u64, five: FiveTuple, msg: &Message<'_>) {
+        let Some((id, signer)) = self.authorize(now, unix_now, five, msg) else {
+            return;
+        };
+        let s = Some(&signer);
+        let alloc = self.allocations.get_mut(&id).expect_alloc();
+        // RFC 8656 §7.3: REQUESTED-ADDRESS-FAMILY must name a family the allocation has.
+        if let Some(f) = msg.attrs.requested_address_family {
+            if !alloc
+                .relays
+                .iter()
+                .flatten()
+                .any(|r| family_of(r.addr.0.ip()) == f)
+            {
+                return self.reply_error(five, msg, s, ErrorCode::PeerAddressFamilyMismatch);
+            }
+        }
+        let lifetime = match msg.attrs.lifetime {
+            Some(0) => 0,
+            requested => desired_lifetime(&self.config, requested),
+        };
+        if lifetime == 0 {
+            self.free_allocation(id);
+        } else {
+            self.timers.remove(&(alloc.expires, Timer::Allocation(id)));
+            alloc.expires = now + secs(lifetime);
+            self.timers.insert((alloc.expires, Timer::Allocation(id)));
+        }
+        self.reply(five, msg, Class::Success, s, |w| {
+            w.add(&Attribute::Lifetime(lifetime))
+        });
+    }
+
+    fn create_permission(
+        &mut self,
+        now: Instant,
+        unix_now: u64,
+        five: FiveTuple,
+        msg: &Message<'_>,
+    ) {
+        let Some((id, signer)) = self.authorize(now, unix_now, five, msg) else {
+            return;
+        };
+        let s = Some(&signer);
+        // RFC 8656 §9.2: all or nothing. Check every peer first, then install them all.
+        let alloc = self.allocations.get(&id).expect_alloc();
+        let mut new = 0usize;
+        let mut any = false;
+        for (i, peer) in msg.peer_addresses().enumerate() {
+            any = true;
+            if let Err(code) = self.check_peer(alloc, peer) {
+                return self.reply_error(five, msg, s, code);
+            }
+            let repeated = msg.peer_addresses().take(i).any(|p| p.ip() == peer.ip());
+            if !repeated && !alloc.permissions.contains_key(&peer.ip()) {
+                new += 1;
+            }
+        }
+        if !any {
+            return self.reply_error(five, msg, s, ErrorCode::BadRequest);
+        }
+        if alloc.permissions.len() + new > self.config.max_permissions_per_allocation {
+            return self.reply_error(five, msg, s, ErrorCode::InsufficientCapacity);
+        }
+        for peer in msg.peer_addresses() {
+            self.install_permission(now, id, peer.ip());
+        }
+        self.reply(five, msg, Class::Success, s, |_| Ok(()));
+    }
+
+    fn channel_bind(&mut self, now: Instant, unix_now: u64, five: FiveTuple, msg: &Message<'_>) {
+        let Some((id, signer)) = self.authorize(now, unix_now, five, msg) else {
+            return;
+        };
+        let s = Some(&signer);
+        let alloc = self.allocations.get(&id).expect_alloc();
+        let (Some(number), Some(peer)) = (msg.attrs.channel_number, msg.attrs.xor_peer_address)
+        else {
+            return self.reply_error(five, msg, s, ErrorCode::BadRequest);
+        };
+        let Some(channel) = ChannelNumber::new(number) else {
+            return self.reply_error(five, msg, s, ErrorCode::BadRequest);
+        };
+        if let Err(code) = self.check_peer(alloc, peer) {
+            return self.reply_error(five, msg, s, code);
+        }
+        // RFC 8656 §11.2: a channel is bound to one peer and a peer to one channel, including during the
+        // 5 minutes after a binding expired.
+        let conflict = alloc.channels.get(&number).is_some_and(|b| b.peer != peer)
+            || alloc.peer_channels.get(&peer).is_some_and(|c| *c != number);
+        if conflict {
+            return self.reply_error(five, msg, s, ErrorCode::BadRequest);
+        }
+        let new_permission = !alloc.permissions.contains_key(&peer.ip());
+        if new_permission && alloc.permissions.len() >= self.config.max_permissions_per_allocation {
+            return self.reply_error(five, msg, s, ErrorCode::InsufficientCapacity);
+        }
+        let expires = now + secs(self.config.channel_lifetime);
+        let alloc = self.allocations.get_mut(&id).expect_alloc();
+        let relay = alloc.relay_for(peer.ip());
+        let previous = alloc.channels.insert(
+            number,
+            ChannelBinding {
+                peer,
+                expires,
+                active: true,
+            },
+        );
+        alloc.peer_channels.insert(peer, number);
+        if let Some(old) = previous {
+            self.timers
+                .remove(&(old.expires, Timer::Channel(id, number)));
+        }
+        self.timers.insert((expires, Timer::Channel(id, number)));
+        // A binding also installs or refreshes the permission (RFC 8656 §11.2); install it before the
+        // channel so that the data plane never has a channel without its permission.
+        self.install_permission(now, id, peer.ip());
+        if !previous.is_some_and(|b| b.active) {
+            if let Some(relay) = relay {
+                self.commands.push_back(Command::InstallChannel {
+                    allocation: id,
+                    client: five,
+                    relay,
+                    channel,
+                    peer: PeerAddr(peer),
+                });
+            }
+        }
+        self.reply(five, msg, Class::Success, s, |_| Ok(()));
+    }
+
+    fn send_indication(&mut self, now: Instant, five: FiveTuple, msg: &Message<'_>) {
+        let Some(alloc) = self.live_allocation(now, five) else {
+            self.stats.no_allocation += 1;
+            return;
+        };
+        let (Some(peer), Some(data)) = (msg.attrs.xor_peer_address, msg.attrs.data) else {
+            self.stats.bad_indication += 1;
+            return;
+        };
+        let (Some(relay), true) = (alloc.relay_for(peer.ip()), alloc.permitted(now, peer.ip()))
+        else {
+            self.stats.no_permission += 1;
+            return;
+        };
+        self.relay_to_peer(five, relay, peer, data);
+    }
+
+    fn client_channel_data(&mut self, now: Instant, five: FiveTuple, bytes: &[u8]) {
+        let Ok(cd) = ChannelData::parse(bytes) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        let Some(alloc) = self.live_allocation(now, five) else {
+            self.stats.no_allocation += 1;
+            return;
+        };
+        let Some(peer) = alloc
+            .channels
+            .get(&cd.channel())
+            .filter(|b| b.active)
+            .map(|b| b.peer)
+        else {
+            self.stats.no_channel += 1;
+            return;
+        };
+        let (Some(relay), true) = (alloc.relay_for(peer.ip()), alloc.permitted(now, peer.ip()))
+        else {
+            self.stats.no_permission += 1;
+            return;
+        };
+        self.relay_to_peer(five, relay, peer, cd.payload());
+    }
+
+    fn relay_to_peer(&mut self, five: FiveTuple, relay: RelayAddr, peer: SocketAddr, data: &[u8]) {
+        let sent = self
+            .outbox
+            .push(Transport::Udp, relay.0, peer, data.len(), |buf| {
+                buf.get_mut(..data.len())
+                    .ok_or(wire::Error::BufferTooSmall)?
+                    .copy_from_slice(data);
+                Ok(data.len())
+            });
+        let Some(alloc) = self
+            .by_client
+            .get(&five)
+            .and_then(|id| self.allocations.get_mut(id))
+        else {
+            return;
+        };
+        if sent {
+            alloc.usage.add_to_peer(data.len());
+        } else {
+            self.stats.outbox_overflow += 1;
+        }
+    }
+
+    /// Authenticate a non-Allocate request and find the client's allocation. Answers (and returns None)
+    /// when the request is refused: 401/438, 437 without a live allocation, 441 for another user's, 420.
+    fn authorize(
+        &mut self,
+        now: Instant,
+        unix_now: u64,
+        five: FiveTuple,
+        msg: &Message<'_>,
+    ) -> Option<(AllocationId, Signer)> {
+        let auth = match self.authenticate(unix_now, five, msg) {
+            Ok(auth) => auth,
+            Err(reject) => {
+                self.reject(unix_now, five, msg, reject);
+                return None;
+            }
+        };
+        let s = Some(&auth.signer);
+        let Some(alloc) = self.live_allocation(now, five) else {
+            self.reply_error(five, msg, s, ErrorCode::AllocationMismatch);
+            return None;
+        };
+        if *alloc.username != *auth.username {
+            self.reply_error(five, msg, s, ErrorCode::WrongCredentials);
+            return None;
+        }
+        let id = alloc.id;
+        if self.unknown_attributes(five, msg, s) {
+            return None;
+        }
+        Some((id, auth.signer))
+    }
+
+    /// An active allocation on `five` that has not expired (even if its timer has not run yet).
+    fn live_allocation(&self, now: Instant, five: FiveTuple) -> Option<&Allocation> {
+        let alloc = self
+            .by_client
+            .get(&five)
+            .and_then(|id| self.allocations.get(id))?;
+        (alloc.active && alloc.expires > now).then_some(alloc)
+    }
+
+    /// Peer checks shared by CreatePermission and ChannelBind: family (443) and policy (403).
+    fn check_peer(&self, alloc: &Allocation, peer: SocketAddr) -> Result<(), ErrorCode> {
+        if alloc.relay_for(peer.ip()).is_none() {
+            return Err(ErrorCode::PeerAddressFamilyMismatch);
+        }
+        // Another allocation's relayed address on this relay is always allowed (two relayed clients on
+        // one server is the most common relayed call).
+        if self.by_relay.contains_key(&RelayAddr(peer)) {
+            return Ok(());
+        }
+        self.config
+            .peer_policy
+            .check(peer)
+            .map_err(|_| ErrorCode::Forbidden)
+    }
+
+    fn install_permission(&mut self, now: Instant, id: AllocationId, ip: IpAddr) {
+        let expires = now + secs(self.config.permission_lifetime);
+        let alloc = self.allocations.get_mut(&id).expect_alloc();
+        match alloc.permissions.insert(ip, expires) {
+            Some(old) => {
+                self.timers.remove(&(old, Timer::Permission(id, ip)));
+            }
+            None => {
+                if let Some(relay) = alloc.relay_for(ip) {
+                    self.commands.push_back(Command::InstallPermission {
+                        allocation: id,
+                        relay,
+                        client: alloc.five_tuple,
+                        peer: ip,
+                    });
+                }
+            }
+        }
+        self.timers.insert((expires, Timer::Permission(id, ip)));
+    }
+
+    /// Remove an allocation and everything it holds, returning every port, counter and timer.
+    fn free_allocation(&mut self, id: AllocationId) {
+        let Some(alloc) = self.allocations.remove(&id) else {
+            return;
+        };
+        self.timers.remove(&(alloc.expires, Timer::Allocation(id)));
+        for (number, b) in &alloc.channels {
+            self.timers
+                .remove(&(b.expires, Timer::Channel(id, *number)));
+            if let (true, Some(relay), Some(channel)) = (
+                b.active,
+                alloc.relay_for(b.peer.ip()),
+                ChannelNumber::new(*number),
+            ) {
+                self.commands.push_back(Command::RemoveChannel {
+                    allocation: id,
+                    client: alloc.five_tuple,
+                    relay,
+                    channel,
+                    peer: PeerAddr(b.peer),
+                });
+            }
+        }
+        for (ip, expires) in &alloc.permissions {
+            self.timers.remove(&(*expires, Timer::Permission(id, *ip)));
+            if let Some(relay) = alloc.relay_for(*ip) {
+                self.commands.push_back(Command::RemovePermission {
+                    allocation: id,
+                    relay,
+                    peer: *ip,
+                });
+            }
+        }
+        for slot in alloc.relays.iter().flatten() {
+            self.by_relay.remove(&slot.addr);
+            release_port(&mut self.pools, slot.addr);
+            if slot.open {
+                self.commands.push_back(Command::CloseRelay {
+                    allocation: id,
+                    relay: slot.addr,
+                });
+            }
+        }
+        if self.by_client.get(&alloc.five_tuple) == Some(&id) {
+            self.by_client.remove(&alloc.five_tuple);
+        }
+        if let Some(n) = self.per_identity.get_mut(&*alloc.identity) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_identity.remove(&*alloc.identity);
+            }
+        }
+        self.commands.push_back(Command::AllocationEnded {
+            allocation: id,
+            identity: alloc.identity,
+            usage: alloc.usage,
+        });
+    }
+
+    fn activate_if_open(&mut self, now: Instant, id: AllocationId) {
+        let Some(alloc) = self.allocations.get_mut(&id) else {
+            return;
+        };
+        if alloc.active || !alloc.relays.iter().flatten().all(|r| r.open) {
+            return;
+        }
+        alloc.active = true;
+        let expires = now + secs(alloc.lifetime);
+        self.timers.remove(&(alloc.expires, Timer::Allocation(id)));
+        alloc.expires = expires;
+        self.timers.insert((expires, Timer::Allocation(id)));
+        self.allocate_success(id);
+    }
+
+    /// The Allocate success response (RFC 8656 §7.2), also sent again for a retransmitted request.
+    fn allocate_success(&mut self, id: AllocationId) {
+        let Some(alloc) = self.allocations.get(&id) else {
+            return;
+        };
+        let typ = MessageType::new(Method::ALLOCATE, Class::Success);
+        let signer = alloc.signer();
+        let relays = alloc.relays;
+        let (lifetime, client, token, address_error) = (
+            alloc.lifetime,
+            alloc.five_tuple.client,
+            alloc.reservation_token,
+            alloc.address_error,
+        );
+        self.reply_to(
+            alloc.five_tuple,
+            typ,
+            alloc.allocate_tid,
+            Some(&signer),
+            |w| {
+                for slot in relays.iter().flatten() {
+                    w.add(&Attribute::XorRelayedAddress(slot.addr.0))?;
+                }
+                w.add(&Attribute::Lifetime(lifetime))?;
+                if let Some(t) = token {
+                    w.add(&Attribute::ReservationToken(t))?;
+                }
+                if let Some((family, code)) = address_error {
+                    w.add(&Attribute::AddressErrorCode {
+                        family,
+                        code: code.code(),
+                        reason: code.reason(),
+                    })?;
+                }
+                w.add(&Attribute::XorMappedAddress(client))
+            },
+        );
+    }
+
+    /// RFC 8489 §9.2.4: long-term credential checks, in the RFC's order.
+    fn authenticate(
+        &mut self,
+        unix_now: u64,
+        five: FiveTuple,
+        msg: &Message<'_>,
+    ) -> Result<Authenticated, Reject> {
+        if !msg.has_integrity() && !msg.has_integrity_sha256() {
+            return Err(Reject::Challenge);
+        }
+        let a = &msg.attrs;
+        let (Some(realm), Some(nonce)) = (a.realm, a.nonce) else {
+            return Err(Reject::BadRequest);
+        };
+        if a.username.is_none() && a.userhash.is_none() {
+            return Err(Reject::BadRequest);
+        }
+        let features = match self
+            .nonce_key
+            .verify(five.client, nonce.as_bytes(), unix_now)
+        {
+            NonceCheck::Valid { features } => features,
+            NonceCheck::Stale | NonceCheck::Forged => return Err(Reject::StaleNonce),
+        };
+        // Bid-down protection (RFC 8489 §9.2.4): if we advertised algorithms, what the client echoes must
+        // match exactly, and its choice must be one of them.
+        let mut sha256_key = false;
+        if features & FEATURE_PASSWORD_ALGORITHMS != 0 {
+            match (a.password_algorithms, a.password_algorithm) {
+                (None, None) => {}
+                (Some(list), Some((alg, params))) => {
+                    let mut ours = [0u8; 8];
+                    let ours = wire::password_algorithms(
+                        &[password_algorithm::MD5, password_algorithm::SHA256],
+                        &mut ours,
+                    )
+                    .ok()
+                    .and_then(|a| match a {
+                        Attribute::PasswordAlgorithms(l) => Some(l.as_bytes()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                    if list.as_bytes() != ours || !params.is_empty() {
+                        return Err(Reject::BadRequest);
+                    }
+                    match alg {
+                        password_algorithm::MD5 => {}
+                        password_algorithm::SHA256 => sha256_key = true,
+                        _ => return Err(Reject::BadRequest),
+                    }
+                }
+                _ => return Err(Reject::BadRequest),
+            }
+        }
+        if realm != self.config.realm {
+            return Err(Reject::Unauthenticated);
+        }
+        let username: &str = match (a.username, a.userhash) {
+            (Some(u), _) => u,
+            (None, Some(h)) => match self.userhashes.get(h) {
+                Some(u) => u,
+                None => return Err(Reject::Unauthenticated),
+            },
+            (None, None) => return Err(Reject::BadRequest),
+        };
+        let use_sha256_mac = msg.has_integrity_sha256();
+        let verify = |key: &[u8]| {
+            if use_sha256_mac {
+                msg.verify_integrity_sha256(key)
+            } else {
+                msg.verify_integrity(key)
+            }
+        };
+        let (key, identity) = if let Some(user) = self.users.get(username) {
+            let key = if sha256_key {
+                Key::Sha256(user.sha256)
+            } else {
+                Key::Md5(user.md5)
+            };
+            (key, username)
+        } else {
+            let passwords = match self.config.rest_secrets.passwords(username, unix_now) {
+                Ok(p) => p,
+                Err(RestError::Expired | RestError::Malformed) => {
+                    return Err(Reject::Unauthenticated)
+                }
+            };
+            let realm = &self.config.realm;
+            let mut found = None;
+            for password in passwords {
+                let key = if sha256_key {
+                    Key::Sha256(auth::long_term_key_sha256(username, realm, &password))
+                } else {
+                    Key::Md5(auth::long_term_key_md5(username, realm, &password))
+                };
+                if verify(key.bytes()) {
+                    found = Some(key);
+                    break;
+                }
+            }
+            let Some(key) = found else {
+                return Err(Reject::Unauthenticated);
+            };
+            let identity = auth::parse_rest_username(username)
+                .map(|r| r.user)
+                .filter(|u| !u.is_empty())
+                .unwrap_or(username);
+            return Ok(Authenticated {
+                username: username.into(),
+                identity: identity.into(),
+                signer: Signer {
+                    key,
+                    sha256: use_sha256_mac,
+                },
+            });
+        };
+        if !verify(key.bytes()) {
+            return Err(Reject::Unauthenticated);
+        }
+        Ok(Authenticated {
+            username: username.into(),
+            identity: identity.into(),
+            signer: Signer {
+                key,
+                sha256: use_sha256_mac,
+            },
+        })
+    }
+
+    /// Answer a request that failed authentication. Unauthenticated answers carry only what RFC 8489
+    /// §9.2.4 requires (ERROR-CODE, REALM, NONCE and, when advertised, PASSWORD-ALGORITHMS), so that a
+    /// spoofed request cannot be amplified.
+    fn reject(&mut self, unix_now: u64, five: FiveTuple, msg: &Message<'_>, reject: Reject) {
+        let code = match reject {
+            Reject::BadRequest => return self.reply_error(five, msg, None, ErrorCode::BadRequest),
+            Reject::Challenge => {
+                self.stats.challenges += 1;
+                ErrorCode::Unauthenticated
+            }
+            Reject::Unauthenticated => {
+                self.stats.auth_failures += 1;
+                ErrorCode::Unauthenticated
+            }
+            Reject::StaleNonce => {
+                self.stats.auth_failures += 1;
+                ErrorCode::StaleNonce
+            }
+        };
+        let features = if self.config.password_algorithms {
+            FEATURE_PASSWORD_ALGORITHMS
+        } else {
+            0
+        };
+        let expiry = unix_now.saturating_add(u64::from(self.config.nonce_lifetime));
+        let nonce = self.nonce_key.mint(five.client, features, expiry);
+        let realm = &self.config.realm;
+        let typ = MessageType::new(msg.message_type().method, Class::Error);
+        let sent = self.outbox.push(
+            five.transport,
+            five.server,
+            five.client,
+            MAX_RESPONSE,
+            |buf| {
+                let mut w = MessageWriter::new(buf, typ, msg.transaction_id())?;
+                error_code(&mut w, code)?;
+                w.add(&Attribute::Realm(realm))?;
+                w.add(&Attribute::Nonce(nonce.as_str()))?;
+                if features != 0 {
+                    let mut scratch = [0u8; 8];
+                    w.add(&wire::password_algorithms(
+                        &[password_algorithm::MD5, password_algorithm::SHA256],
+                        &mut scratch,
+                    )?)?;
+                }
+                Ok(w.finish())
+            },
+        );
+        if !sent {
+            self.stats.outbox_overflow += 1;
+        }
+    }
+
+    /// Answer 420 if the request carries unknown comprehension-required attributes (RFC 8489 §6.3.1.1).
+    fn unknown_attributes(
+        &mut self,
+        five: FiveTuple,
+        msg: &Message<'_>,
+        signer: Option<&Signer>,
+    ) -> bool {
+        let unknown = msg.unknown_required();
+        if unknown.is_empty() {
+            return false;
+        }
+        self.reply(five, msg, Class::Error, signer, |w| {
+            error_code(w, ErrorCode::UnknownAttribute)?;
+            let mut scratch = [0u8; 2 * wire::MAX_UNKNOWN];
+            w.add(&wire::unknown_attributes(unknown, &mut scratch)?)
+        });
+        true
+    }
+
+    /// A response of `class` to `req`, signed with the request's key when it was authenticated, with
+    /// FINGERPRINT when the request had one.
+    fn reply(
+        &mut self,
+        five: FiveTuple,
+        req: &Message<'_>,
+        class: Class,
+        signer: Option<&Signer>,
+        body: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), wire::Error>,
+    ) {
+        let typ = MessageType::new(req.message_type().method, class);
+        let fingerprint = req.attrs.fingerprint.is_some();
+        let sent = self.outbox.push(
+            five.transport,
+            five.server,
+            five.client,
+            MAX_RESPONSE,
+            |buf| {
+                let mut w = MessageWriter::new(buf, typ, req.transaction_id())?;
+                body(&mut w)?;
+                finish(w, signer, fingerprint)
+            },
+        );
+        if !sent {
+            self.stats.outbox_overflow += 1;
+        }
+    }
+
+    fn reply_error(
+        &mut self,
+        five: FiveTuple,
+        req: &Message<'_>,
+        signer: Option<&Signer>,
+        code: ErrorCode,
+    ) {
+        self.reply(five, req, Class::Error, signer, |w| error_code(w, code));
+    }
+
+    /// A message of an explicit type to `five` (used for answers not tied to a parsed request).
+    fn reply_to(
+        &mut self,
+        five: FiveTuple,
+        typ: MessageType,
+        tid: wire::TransactionId,
+        signer: Option<&Signer>,
+        body: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), wire::Error>,
+    ) {
+        let sent = self.outbox.push(
+            five.transport,
+            five.server,
+            five.client,
+            MAX_RESPONSE,
+            |buf| {
+                let mut w = MessageWriter::new(buf, typ, tid)?;
+                body(&mut w)?;
+                finish(w, signer, false)
+            },
+        );
+        if !sent {
+            self.stats.outbox_overflow += 1;
+        }
+    }
+}
+
+/// Append MESSAGE-INTEGRITY(-SHA256) with the request's key and FINGERPRINT when the request had one.
+fn finish(
+    mut w: MessageWriter<'_>,
+    signer: Option<&Signer>,
+    fingerprint: bool,
+) -> Result<usize, wire::Error> {
+    if let Some(s) = signer {
+        if s.sha256 {
+            w.add_integrity_sha256(s.key.bytes())?;
+        } else {
+            w.add_integrity(s.key.bytes())?;
+        }
+    }
+    if fingerprint {
+        w.add_fingerprint()?;
+    }
+    Ok(w.finish())
+}
+
+fn error_code(w: &mut MessageWriter<'_>, code: ErrorCode) -> Result<(), wire::Error> {
+    w.add(&Attribute::ErrorCode {
+        code: code.code(),
+        reason: code.reason(),
+    })
+}
+
+/// RFC 8656 §7.2/§7.3 "desired lifetime": the requested value capped at the maximum, but never below the
+/// default.
+fn desired_lifetime(config: &Config, requested: Option<u32>) -> u32 {
+    requested.map_or(config.default_lifetime, |r| {
+        r.min(config.max_lifetime).max(config.default_lifetime)
+    })
+}
+
+fn secs(s: u32) -> Duration {
+    Duration::from_secs(u64::from(s))
+}
+
+fn family_of(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        family::IPV4
+    } else {
+        family::IPV6
+    }
+}
+
+/// USERHASH = SHA-256(username ":" realm) (RFC 8489 §14.4).
+fn userhash(username: &str, realm: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(username.as_bytes());
+    h.update(b":");
+    h.update(realm.as_bytes());
+    h.finalize().into()
+}
+
+fn random_tid<R: RngCore>(rng: &mut R) -> wire::TransactionId {
+    let mut t = [0u8; 12];
+    rng.fill_bytes(&mut t);
+    wire::TransactionId(t)
+}
+
+/// Take a port from the relay address of the wanted family with the most free ports.
+fn take_port<R: RngCore>(
+    pools: &mut [PortPool],
+    rng: &mut R,
+    v4: bool,
+    even: bool,
+    pair: bool,
+) -> Option<(RelayAddr, u16)> {
+    let pool = pools
+        .iter_mut()
+        .filter(|p| p.ip().is_ipv4() == v4)
+        .max_by_key(|p| p.free())?;
+    let port = pool.take(rng, even, pair)?;
+    Some((RelayAddr(SocketAddr::new(pool.ip(), port)), port))
+}
+
+fn release_port(pools: &mut [PortPool], relay: RelayAddr) {
+    if let Some(pool) = pools.iter_mut().find(|p| p.ip() == relay.0.ip()) {
+        pool.release(relay.0.port());
+    }
+}
+
+/// Keys of static users, derived once.
+#[derive(Debug, Clone)]
+struct StaticUser {
+    md5: [u8; 16],
+    sha256: [u8; 32],
+}
+
+/// The long-term key that authenticated a request.
+#[derive(Debug, Clone, Copy)]
+enum Key {
+    Md5([u8; 16]),
+    Sha256([u8; 32]),
+}
+
+impl Key {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Key::Md5(k) => k,
+            Key::Sha256(k) => k,
+        }
+    }
+}
+
+/// How to sign responses to an authenticated request: its key and its integrity attribute.
+#[derive(Debug, Clone, Copy)]
+struct Signer {
+    key: Key,
+    sha256: bool,
+}
+
+#[derive(Debug)]
+struct Authenticated {
+    username: Box<str>,
+    identity: Box<str>,
+    signer: Signer,
+}
+
+/// Why authentication refused a request.
+#[derive(Debug, Clone, Copy)]
+enum Reject {
+    /// No integrity: challenge with 401.
+    Challenge,
+    /// Integrity present but USERNAME/REALM/NONCE missing, or a bid-down attempt: 400.
+    BadRequest,
+    /// Unknown user, expired credential, wrong realm or integrity: 401.
+    Unauthenticated,
+    /// Nonce expired or not ours: 438 with a fresh one.
+    StaleNonce,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Allocation(AllocationId),
+    Permission(AllocationId, IpAddr),
+    Channel(AllocationId, u16),
+    Reservation(u64),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Reservation {
+    relay: RelayAddr,
+    expires: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RelaySlot {
+    addr: RelayAddr,
+    open: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ChannelBinding {
+    peer: SocketAddr,
+    /// End of the binding while active; end of the cool-down while not.
+    expires: Instant,
+    active: bool,
+}
+
+#[derive(Debug)]
+struct Allocation {
+    id: AllocationId,
+    five_tuple: FiveTuple,
+    username: Box<str>,
+    identity: Box<str>,
+    signer: Signer,
+    /// The primary relay (requested family) and the additional IPv6 one of a dual-stack allocation.
+    relays: [Option<RelaySlot>; 2],
+    open_attempts: u8,
+    active: bool,
+    expires: Instant,
+    lifetime: u32,
+    allocate_tid: wire::TransactionId,
+    address_error: Option<(u8, ErrorCode)>,
+    reservation_token: Option<u64>,
+    dont_fragment: bool,
+    permissions: HashMap<IpAddr, Instant>,
+    channels: HashMap<u16, ChannelBinding>,
+    peer_channels: HashMap<SocketAddr, u16>,
+    usage: Usage,
+}
+
+impl Allocation {
+    fn signer(&self) -> Signer {
+        self.signer
+    }
+
+    /// The relay socket of the peer's family.
+    fn relay_for(&self, peer: IpAddr) -> Option<RelayAddr> {
+        self.relays
+            .iter()
+            .flatten()
+            .find(|r| r.addr.0.is_ipv4() == peer.is_ipv4())
+            .map(|r| r.addr)
+    }
+
+    /// Whether a permission for `ip` is installed and has not expired (RFC 8656 §9).
+    fn permitted(&self, now: Instant, ip: IpAddr) -> bool {
+        self.permissions.get(&ip).is_some_and(|e| *e > now)
+    }
+}
+
+trait ExpectAlloc<T> {
+    fn expect_alloc(self) -> T;
+}
+
+/// The server looks up an allocation it has just found by id, within one call; a miss is a bug in this
+/// module, never a consequence of input.
+impl<T> ExpectAlloc<T> for Option<T> {
+    #[allow(clippy::expect_used)]
+    fn expect_alloc(self) -> T {
+        self.expect("allocation looked up within the same call")
+    }
+}
+
+/// Queued transmits in one reusable buffer: no allocation per message once warm.
+#[derive(Debug, Default)]
+struct Outbox {
+    buf: Vec<u8>,
+    queue: VecDeque<Queued>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Queued {
+    transport: Transport,
+    src: SocketAddr,
+    dst: SocketAddr,
+    start: usize,
+    len: usize,
+}
+
+impl Outbox {
+    /// Queue a message written by `write` into at most `max_len` bytes. False if it did not fit or failed.
+    fn push(
+        &mut self,
+        transport: Transport,
+        src: SocketAddr,
+        dst: SocketAddr,
+        max_len: usize,
+        write: impl FnOnce(&mut [u8]) -> Result<usize, wire::Error>,
+    ) -> bool {
+        if self.queue.is_empty() {
+            self.buf.clear();
+        }
+        let start = self.buf.len();
+        if start + max_len > OUTBOX_LIMIT {
+            return false;
+        }
+        self.buf.resize(start + max_len, 0);
+        match write(&mut self.buf[start..]) {
+            Ok(len) if len <= max_len => {
+                self.buf.truncate(start + len);
+                self.queue.push_back(Queued {
+                    transport,
+                    src,
+                    dst,
+                    start,
+                    len,
+                });
+                true
+            }
+            _ => {
+                self.buf.truncate(start);
+                false
+            }
+        }
+    }
+
+    fn pop(&mut self) -> Option<Transmit<'_>> {
+        let q = self.queue.pop_front()?;
+        let payload = self.buf.get(q.start..q.start + q.len)?;
+        Some(Transmit {
+            transport: q.transport,
+            src: q.src,
+            dst: q.dst,
+            payload,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
