@@ -139,6 +139,8 @@ pub(super) struct Harness {
     pub now: Instant,
     pub tid: u64,
     pub nonce: Option<String>,
+    /// Nonces are bound to the client's address: the last one each client was given.
+    pub nonces: std::collections::HashMap<SocketAddr, String>,
 }
 
 impl Harness {
@@ -154,6 +156,7 @@ impl Harness {
             now: t0,
             tid: 0,
             nonce: None,
+            nonces: Default::default(),
         }
     }
 
@@ -241,6 +244,9 @@ impl Harness {
         creds: Option<&Creds>,
     ) -> Out {
         let tid = self.next_tid();
+        if let Some(n) = self.nonces.get(&five.client) {
+            self.nonce = Some(n.clone());
+        }
         let bytes = self.build(method, Class::Request, tid, attrs, creds);
         self.send(five, &bytes)
     }
@@ -260,6 +266,7 @@ impl Harness {
             .nonce
             .expect("401 carries NONCE")
             .to_string();
+        self.nonces.insert(five.client, nonce.clone());
         self.nonce = Some(nonce);
         out
     }
