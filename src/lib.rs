@@ -4,9 +4,16 @@
 //! - [`wire`]: bytes ↔ typed STUN/TURN/ChannelData views and writers; no IO, no allocation.
 //! - [`auth`]: long-term keys, TURN REST credentials, stateless nonces; time comes in as an argument.
 //! - [`policy`]: which peer addresses may be relayed to (deny by default).
+//! - [`route`]: the per-worker fast-path lookup tables and their updates.
+//! - [`sys`]: every syscall and every `unsafe` block.
 //! - [`server`]: the sans-IO TURN core: every decision, no sockets, clocks or randomness of its own.
 
 pub mod auth;
+pub mod control;
+pub mod dataplane;
 pub mod policy;
+pub mod route;
 pub mod server;
+#[allow(unsafe_code)]
+pub mod sys;
 pub mod wire;

@@ -19,7 +19,7 @@ mod writer;
 pub use attr::{password_algorithms, unknown_attributes, AlgorithmIter, Attribute, U16Iter};
 pub use channel::{ChannelData, CHANNEL_RANGE};
 pub use message::{Attributes, Message, PeerAddresses, MAX_UNKNOWN};
-pub use writer::MessageWriter;
+pub use writer::{data_indication_in_place, data_indication_overhead, MessageWriter};
 
 /// The magic cookie of every RFC 5389/8489 message (RFC 8489 §5).
 pub const MAGIC_COOKIE: u32 = 0x2112_A442;

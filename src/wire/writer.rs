@@ -114,3 +114,83 @@ impl<'b> MessageWriter<'b> {
         Ok(&mut self.buf[start..start + vlen])
     }
 }
+
+/// Bytes a Data indication needs in front of its payload: header, XOR-PEER-ADDRESS and the DATA attribute
+/// header (36 for an IPv4 peer, 48 for IPv6).
+pub const fn data_indication_overhead(peer_is_ipv4: bool) -> usize {
+    HEADER_LEN + 4 + if peer_is_ipv4 { 8 } else { 20 } + 4
+}
+
+/// Build a Data indication (RFC 8656 §11.4) around a payload that is already in `buf` at
+/// `payload_at..payload_at + len`, without copying it:
+///
+/// ```text
+/// buf: [ ...free... | STUN header | XOR-PEER-ADDRESS | DATA hdr | payload ........ | pad ]
+///                   ^ start                                     ^ payload_at
+/// ```
+///
+/// Needs [`data_indication_overhead`] bytes of headroom and up to 3 bytes after the payload for padding.
+/// Returns the range of the message in `buf`.
+pub fn data_indication_in_place(
+    buf: &mut [u8],
+    payload_at: usize,
+    len: usize,
+    peer: core::net::SocketAddr,
+    tid: TransactionId,
+) -> Result<core::ops::Range<usize>, Error> {
+    let start = payload_at
+        .checked_sub(data_indication_overhead(peer.is_ipv4()))
+        .ok_or(Error::BufferTooSmall)?;
+    let end = payload_at + pad4(len);
+    if end > buf.len() {
+        return Err(Error::BufferTooSmall);
+    }
+    let len16 = u16::try_from(len).map_err(|_| Error::ValueTooLong)?;
+    let body = u16::try_from(end - start - HEADER_LEN).map_err(|_| Error::ValueTooLong)?;
+    let typ = MessageType::new(super::Method::DATA, super::Class::Indication);
+    let mut w = MessageWriter::new(&mut buf[start..payload_at - 4], typ, tid)?;
+    w.add(&Attribute::XorPeerAddress(peer))?;
+    let data_hdr = &mut buf[payload_at - 4..payload_at];
+    data_hdr[..2].copy_from_slice(&t::DATA.to_be_bytes());
+    data_hdr[2..].copy_from_slice(&len16.to_be_bytes());
+    buf[payload_at + len..end].fill(0);
+    set_length(&mut buf[start..], body);
+    Ok(start..end)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::wire::Message;
+
+    #[test]
+    fn data_indication_in_place_matches_the_writer() {
+        for peer in ["192.0.2.9:5000", "[2001:db8::9]:5000"] {
+            let peer: core::net::SocketAddr = peer.parse().unwrap();
+            for len in [0usize, 1, 5, 8, 1200] {
+                let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+                let mut buf = vec![0xAAu8; 48 + len + 8];
+                buf[48..48 + len].copy_from_slice(&payload);
+                let tid = TransactionId([5; 12]);
+                let range = data_indication_in_place(&mut buf, 48, len, peer, tid).unwrap();
+                let mut want = vec![0u8; 2000];
+                let typ =
+                    MessageType::new(super::super::Method::DATA, super::super::Class::Indication);
+                let mut w = MessageWriter::new(&mut want, typ, tid).unwrap();
+                w.add(&Attribute::XorPeerAddress(peer)).unwrap();
+                w.add(&Attribute::Data(&payload)).unwrap();
+                let n = w.finish();
+                assert_eq!(&buf[range.clone()], &want[..n], "{peer} {len}");
+                let m = Message::parse(&buf[range]).unwrap();
+                assert_eq!(m.attrs.data, Some(&payload[..]));
+            }
+        }
+        let mut small = [0u8; 40];
+        let peer: core::net::SocketAddr = "[2001:db8::9]:1".parse().unwrap();
+        assert_eq!(
+            data_indication_in_place(&mut small, 40, 0, peer, TransactionId([0; 12])),
+            Err(Error::BufferTooSmall)
+        );
+    }
+}

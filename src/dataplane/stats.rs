@@ -1,0 +1,101 @@
+//! Per-worker counters: relaxed atomics padded to their own cache lines, written only by their worker.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crossbeam_utils::CachePadded;
+
+/// Why a datagram was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drop {
+    /// Not STUN or ChannelData (RFC 7983 demultiplexing).
+    NotTurn,
+    /// Failed to parse.
+    Malformed,
+    /// ChannelData on a channel that is not bound (or whose permission expired).
+    NoChannel,
+    /// No permission for the peer.
+    NoPermission,
+    /// A relay socket the table does not know.
+    NoRelay,
+    /// Did not fit a buffer slot.
+    Truncated,
+    /// The control thread's queue was full.
+    ControlBusy,
+    /// The kernel did not take the datagram (full socket buffer, unreachable).
+    SendFailed,
+}
+
+impl Drop {
+    /// All reasons, in counter order.
+    pub const ALL: [Drop; 8] = [
+        Drop::NotTurn,
+        Drop::Malformed,
+        Drop::NoChannel,
+        Drop::NoPermission,
+        Drop::NoRelay,
+        Drop::Truncated,
+        Drop::ControlBusy,
+        Drop::SendFailed,
+    ];
+
+    /// A short name for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Drop::NotTurn => "not_turn",
+            Drop::Malformed => "malformed",
+            Drop::NoChannel => "no_channel",
+            Drop::NoPermission => "no_permission",
+            Drop::NoRelay => "no_relay",
+            Drop::Truncated => "truncated",
+            Drop::ControlBusy => "control_busy",
+            Drop::SendFailed => "send_failed",
+        }
+    }
+}
+
+/// A worker's counters.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    rx: CachePadded<AtomicU64>,
+    tx: CachePadded<AtomicU64>,
+    drops: CachePadded<[AtomicU64; 8]>,
+}
+
+impl WorkerStats {
+    #[inline]
+    pub(crate) fn count_rx(&self) {
+        self.rx.fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn count_tx(&self, n: usize) {
+        self.tx.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn count_drop(&self, why: Drop) {
+        self.count_drops(why, 1);
+    }
+
+    #[inline]
+    pub(crate) fn count_drops(&self, why: Drop, n: usize) {
+        let i = Drop::ALL.iter().position(|d| *d == why).unwrap_or(0);
+        self.drops[i].fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Datagrams received.
+    pub fn rx(&self) -> u64 {
+        self.rx.load(Ordering::Relaxed)
+    }
+
+    /// Datagrams sent.
+    pub fn tx(&self) -> u64 {
+        self.tx.load(Ordering::Relaxed)
+    }
+
+    /// Drops for `why`.
+    pub fn drops(&self, why: Drop) -> u64 {
+        let i = Drop::ALL.iter().position(|d| *d == why).unwrap_or(0);
+        self.drops[i].load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,206 @@
+//! Batched UDP receive and send with `recvmmsg(2)` and `sendmmsg(2)`: the epoll backend's syscalls.
+//!
+//! Receives land in one caller-owned slab, datagram `i` at `slab[i * stride + headroom ..][.. stride -
+//! headroom]`, so that no allocation happens per call and the data plane can write headers in front of
+//! a payload in place.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+
+use super::{sockaddr_to_std, std_to_sockaddr, syscall};
+
+/// The most datagrams one call moves.
+pub const MAX_BATCH: usize = 64;
+
+/// What one received datagram was.
+#[derive(Debug, Clone, Copy)]
+pub struct RecvMeta {
+    /// Its length in bytes (at most the space given; see `truncated`).
+    pub len: usize,
+    /// Its source.
+    pub addr: SocketAddr,
+    /// It did not fit and was cut (MSG_TRUNC): drop it.
+    pub truncated: bool,
+}
+
+impl Default for RecvMeta {
+    fn default() -> Self {
+        RecvMeta {
+            len: 0,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            truncated: false,
+        }
+    }
+}
+
+/// Receive up to `meta.len()` (at most [`MAX_BATCH`]) datagrams from non-blocking `fd` into `slab`.
+/// Returns how many arrived; `Ok(0)` when none were waiting.
+pub fn recv_batch(
+    fd: RawFd,
+    slab: &mut [u8],
+    stride: usize,
+    headroom: usize,
+    meta: &mut [RecvMeta],
+) -> io::Result<usize> {
+    let n = meta.len().min(MAX_BATCH).min(slab.len() / stride.max(1));
+    if n == 0 || headroom >= stride {
+        return Ok(0);
+    }
+    // SAFETY: all-zero is a valid value for these plain C structs.
+    let mut hdrs: [libc::mmsghdr; MAX_BATCH] = unsafe { std::mem::zeroed() };
+    let mut iovs: [MaybeUninit<libc::iovec>; MAX_BATCH] = [MaybeUninit::uninit(); MAX_BATCH];
+    // SAFETY: as above.
+    let mut addrs: [libc::sockaddr_storage; MAX_BATCH] = unsafe { std::mem::zeroed() };
+    let base = slab.as_mut_ptr();
+    for i in 0..n {
+        // SAFETY: `i * stride + headroom < n * stride <= slab.len()`, so the pointer stays inside `slab`.
+        let start = unsafe { base.add(i * stride + headroom) };
+        iovs[i] = MaybeUninit::new(libc::iovec {
+            iov_base: start.cast(),
+            iov_len: stride - headroom,
+        });
+        hdrs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
+        hdrs[i].msg_hdr.msg_namelen =
+            std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        hdrs[i].msg_hdr.msg_iov = iovs[i].as_mut_ptr();
+        hdrs[i].msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY (inside the macro): every header points at a live iovec into `slab` (borrowed mutably for the
+    // call) and at a live sockaddr_storage; `n <= MAX_BATCH` headers are passed.
+    let got = match syscall!(recvmmsg(
+        fd,
+        hdrs.as_mut_ptr(),
+        n as libc::c_uint,
+        libc::MSG_DONTWAIT,
+        std::ptr::null_mut()
+    )) {
+        Ok(got) => got as usize,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    for i in 0..got {
+        let h = &hdrs[i];
+        let addr = sockaddr_to_std(&addrs[i], h.msg_hdr.msg_namelen);
+        meta[i] = RecvMeta {
+            len: h.msg_len as usize,
+            addr: addr.unwrap_or(RecvMeta::default().addr),
+            truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || addr.is_none(),
+        };
+    }
+    Ok(got)
+}
+
+/// Send `msgs` (destination, bytes) from non-blocking `fd` with one `sendmmsg` per [`MAX_BATCH`]. Returns
+/// how many were accepted by the kernel; the rest were not sent (full socket buffer: the caller drops and
+/// counts them).
+pub fn send_batch(fd: RawFd, msgs: &[(SocketAddr, &[u8])]) -> io::Result<usize> {
+    let mut sent = 0;
+    for chunk in msgs.chunks(MAX_BATCH) {
+        let n = chunk.len();
+        // SAFETY: all-zero is a valid value for these plain C structs.
+        let mut hdrs: [libc::mmsghdr; MAX_BATCH] = unsafe { std::mem::zeroed() };
+        let mut iovs: [MaybeUninit<libc::iovec>; MAX_BATCH] = [MaybeUninit::uninit(); MAX_BATCH];
+        // SAFETY: as above.
+        let mut addrs: [libc::sockaddr_storage; MAX_BATCH] = unsafe { std::mem::zeroed() };
+        for (i, (dst, data)) in chunk.iter().enumerate() {
+            let (storage, len) = std_to_sockaddr(*dst);
+            addrs[i] = storage;
+            iovs[i] = MaybeUninit::new(libc::iovec {
+                iov_base: data.as_ptr() as *mut libc::c_void,
+                iov_len: data.len(),
+            });
+            hdrs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
+            hdrs[i].msg_hdr.msg_namelen = len;
+            hdrs[i].msg_hdr.msg_iov = iovs[i].as_mut_ptr();
+            hdrs[i].msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY (inside the macro): each header points at a live iovec over a borrowed `&[u8]` the kernel only
+        // reads, and at a live sockaddr of the given length; `n <= MAX_BATCH`.
+        let res = syscall!(sendmmsg(
+            fd,
+            hdrs.as_mut_ptr(),
+            n as libc::c_uint,
+            libc::MSG_DONTWAIT
+        ));
+        match res {
+            Ok(k) => {
+                sent += k as usize;
+                if (k as usize) < n {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            // A datagram the kernel refuses (e.g. EMSGSIZE, unreachable): skip it, keep the rest going.
+            Err(_) if n > 0 => {
+                sent += send_batch(fd, &chunk[1..]).unwrap_or(0);
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(sent)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn batch_round_trip_over_loopback() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        b.set_nonblocking(true).unwrap();
+        let dst = b.local_addr().unwrap();
+        let payloads: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 100 + usize::from(i)]).collect();
+        let msgs: Vec<(SocketAddr, &[u8])> = payloads.iter().map(|p| (dst, &p[..])).collect();
+        assert_eq!(send_batch(a.as_raw_fd(), &msgs).unwrap(), 10);
+        let mut slab = vec![0u8; 16 * 512];
+        let mut meta = [RecvMeta::default(); 16];
+        let mut got = 0;
+        for _ in 0..100 {
+            got += recv_batch(
+                b.as_raw_fd(),
+                &mut slab[got * 512..],
+                512,
+                8,
+                &mut meta[got..],
+            )
+            .unwrap();
+            if got == 10 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(got, 10);
+        for i in 0..10 {
+            assert_eq!(meta[i].addr, a.local_addr().unwrap());
+            assert_eq!(
+                &slab[i * 512 + 8..i * 512 + 8 + meta[i].len],
+                &payloads[i][..]
+            );
+        }
+        assert_eq!(
+            recv_batch(b.as_raw_fd(), &mut slab, 512, 8, &mut meta).unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn oversized_datagrams_are_flagged_truncated() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        a.send_to(&[7u8; 300], b.local_addr().unwrap()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut slab = vec![0u8; 256];
+        let mut meta = [RecvMeta::default(); 1];
+        assert_eq!(
+            recv_batch(b.as_raw_fd(), &mut slab, 256, 4, &mut meta).unwrap(),
+            1
+        );
+        assert!(meta[0].truncated);
+    }
+}

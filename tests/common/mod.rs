@@ -1,0 +1,245 @@
+//! A small blocking TURN client over UDP for end-to-end tests, built on turnpike's own wire codec (the
+//! interop tests use clients nobody here wrote).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use turnpike::auth::long_term_key_md5;
+use turnpike::control::{self, RelayHandle, Settings};
+use turnpike::dataplane::BackendKind;
+use turnpike::policy::PeerPolicy;
+use turnpike::server;
+use turnpike::wire::{
+    Attribute, ChannelData, Class, Message, MessageType, MessageWriter, Method, TransactionId,
+};
+
+pub const REALM: &str = "turnpike";
+
+/// Every backend that works on this machine; with `CI=true` io_uring must work.
+pub fn backends() -> Vec<BackendKind> {
+    let mut v = vec![BackendKind::Epoll];
+    match turnpike::sys::uring::probe() {
+        Ok(()) if turnpike::dataplane::uring::IMPLEMENTED => v.push(BackendKind::IoUring),
+        Ok(()) => {}
+        Err(e) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "io_uring unavailable in CI: {e}"
+            );
+            eprintln!("io_uring unavailable, testing epoll only: {e}");
+        }
+    }
+    v
+}
+
+/// Settings for a loopback relay with a distinct relay port range per test (`base`..`base + 999`).
+pub fn settings(backend: BackendKind, workers: usize, base: u16) -> Settings {
+    Settings {
+        server: server::Config {
+            realm: REALM.into(),
+            users: vec![
+                ("alice".into(), "alice-pass".into()),
+                ("bob".into(), "bob-pass".into()),
+            ],
+            rest_secrets: turnpike::auth::RestSecrets::new(vec![b"secret".to_vec()]),
+            relay_ips: vec!["127.0.0.1".parse().unwrap()],
+            relay_ports: base..=base + 999,
+            peer_policy: PeerPolicy::new().with_allow(vec!["127.0.0.0/8".parse().unwrap()]),
+            ..server::Config::default()
+        },
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        workers,
+        backend: Some(backend),
+        recv_buffer: Some(4 << 20),
+        send_buffer: Some(4 << 20),
+        pin_workers: false,
+        drain: Duration::from_millis(200),
+        usage_sink: None,
+    }
+}
+
+pub fn start(s: Settings) -> RelayHandle {
+    control::start(s).expect("relay starts")
+}
+
+pub struct Client {
+    pub sock: UdpSocket,
+    pub server: SocketAddr,
+    pub username: String,
+    pub key: [u8; 16],
+    pub nonce: Option<String>,
+    tid: u64,
+}
+
+impl Client {
+    pub fn new(server: SocketAddr, user: &str, password: &str) -> Self {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        Client {
+            sock,
+            server,
+            username: user.into(),
+            key: long_term_key_md5(user, REALM, password),
+            nonce: None,
+            tid: 0,
+        }
+    }
+
+    pub fn local(&self) -> SocketAddr {
+        self.sock.local_addr().unwrap()
+    }
+
+    fn next_tid(&mut self) -> TransactionId {
+        self.tid += 1;
+        let mut t = [7u8; 12];
+        t[4..].copy_from_slice(&self.tid.to_be_bytes());
+        TransactionId(t)
+    }
+
+    pub fn build(
+        &mut self,
+        method: Method,
+        class: Class,
+        attrs: &[Attribute<'_>],
+        auth: bool,
+    ) -> (TransactionId, Vec<u8>) {
+        let tid = self.next_tid();
+        let mut buf = vec![0u8; 1500];
+        let mut w = MessageWriter::new(&mut buf, MessageType::new(method, class), tid).unwrap();
+        for a in attrs {
+            w.add(a).unwrap();
+        }
+        if auth {
+            w.add(&Attribute::Username(&self.username)).unwrap();
+            w.add(&Attribute::Realm(REALM)).unwrap();
+            w.add(&Attribute::Nonce(self.nonce.as_deref().unwrap_or("")))
+                .unwrap();
+            w.add_integrity(&self.key).unwrap();
+        }
+        let n = w.finish();
+        buf.truncate(n);
+        (tid, buf)
+    }
+
+    /// Receive the next datagram from the server (skipping nothing).
+    pub fn recv(&self) -> Vec<u8> {
+        let mut buf = vec![0u8; 65536];
+        let (n, from) = self
+            .sock
+            .recv_from(&mut buf)
+            .expect("a datagram from the relay");
+        assert_eq!(
+            from, self.server,
+            "replies come from the address the client sent to"
+        );
+        buf.truncate(n);
+        buf
+    }
+
+    /// Send a request and return the response with the same transaction id.
+    pub fn transact(&mut self, method: Method, attrs: &[Attribute<'_>], auth: bool) -> Vec<u8> {
+        let (tid, req) = self.build(method, Class::Request, attrs, auth);
+        for _ in 0..3 {
+            self.sock.send_to(&req, self.server).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while std::time::Instant::now() < deadline {
+                let mut buf = vec![0u8; 65536];
+                let Ok((n, _)) = self.sock.recv_from(&mut buf) else {
+                    break;
+                };
+                buf.truncate(n);
+                if let Ok(m) = Message::parse(&buf) {
+                    if m.transaction_id() == tid {
+                        return buf;
+                    }
+                }
+            }
+        }
+        panic!("no response to {method:?}");
+    }
+
+    /// Request; on 401/438 take the nonce and retry once. Returns the final response.
+    pub fn authed(&mut self, method: Method, attrs: &[Attribute<'_>]) -> Vec<u8> {
+        let resp = self.transact(method, attrs, self.nonce.is_some());
+        let m = Message::parse(&resp).unwrap();
+        match m.attrs.error_code.map(|e| e.0) {
+            Some(401 | 438) => {
+                self.nonce = m.attrs.nonce.map(str::to_string);
+                self.transact(method, attrs, true)
+            }
+            _ => resp,
+        }
+    }
+
+    /// Allocate; returns the relayed address.
+    pub fn allocate(&mut self) -> SocketAddr {
+        let resp = self.authed(Method::ALLOCATE, &[Attribute::RequestedTransport(17)]);
+        let m = Message::parse(&resp).unwrap();
+        assert_eq!(
+            m.message_type().class,
+            Class::Success,
+            "allocate failed: {:?}",
+            m.attrs.error_code
+        );
+        assert!(m.verify_integrity(&self.key));
+        m.attrs.xor_relayed_address.unwrap()
+    }
+
+    pub fn expect_success(resp: &[u8]) {
+        let m = Message::parse(resp).unwrap();
+        assert_eq!(
+            m.message_type().class,
+            Class::Success,
+            "{:?}",
+            m.attrs.error_code
+        );
+    }
+
+    pub fn error_code(resp: &[u8]) -> Option<u16> {
+        Message::parse(resp).unwrap().attrs.error_code.map(|e| e.0)
+    }
+
+    pub fn permit(&mut self, peer: SocketAddr) {
+        let r = self.authed(
+            Method::CREATE_PERMISSION,
+            &[Attribute::XorPeerAddress(peer)],
+        );
+        Self::expect_success(&r);
+    }
+
+    pub fn bind(&mut self, channel: u16, peer: SocketAddr) {
+        let r = self.authed(
+            Method::CHANNEL_BIND,
+            &[
+                Attribute::ChannelNumber(channel),
+                Attribute::XorPeerAddress(peer),
+            ],
+        );
+        Self::expect_success(&r);
+    }
+
+    pub fn send_channel(&self, channel: u16, payload: &[u8]) {
+        let mut buf = vec![0u8; 4 + payload.len()];
+        buf[4..].copy_from_slice(payload);
+        ChannelData::write_header(&mut buf, channel, payload.len()).unwrap();
+        self.sock.send_to(&buf, self.server).unwrap();
+    }
+
+    pub fn send_indication(&mut self, peer: SocketAddr, payload: &[u8]) {
+        let (_, msg) = self.build(
+            Method::SEND,
+            Class::Indication,
+            &[Attribute::XorPeerAddress(peer), Attribute::Data(payload)],
+            false,
+        );
+        self.sock.send_to(&msg, self.server).unwrap();
+    }
+}
+
+/// A UDP peer.
+pub fn peer() -> UdpSocket {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s
+}
