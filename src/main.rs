@@ -1,1 +1,2 @@
+//! turnpike relay binary (placeholder).
 fn main() {}
