@@ -5,8 +5,10 @@
 //! - [`auth`]: long-term keys, TURN REST credentials, stateless nonces; time comes in as an argument.
 //! - [`policy`]: which peer addresses may be relayed to (deny by default).
 //! - [`server`]: the sans-IO TURN core: every decision, no sockets, clocks or randomness of its own.
+//! - [`config`]: the TOML configuration file: defaults, validation, and errors that name the key.
 
 pub mod auth;
+pub mod config;
 pub mod policy;
 pub mod server;
 pub mod wire;
