@@ -7,8 +7,12 @@
 //! - [`route`]: the per-worker fast-path lookup tables and their updates.
 //! - [`sys`]: every syscall and every `unsafe` block.
 //! - [`server`]: the sans-IO TURN core: every decision, no sockets, clocks or randomness of its own.
+//! - [`dataplane`]: the workers' packet logic and event loops (epoll, io_uring).
+//! - [`control`]: the control thread: drives the server, programs the workers.
+//! - [`config`]: the TOML configuration file: defaults, validation, and errors that name the key.
 
 pub mod auth;
+pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod policy;
