@@ -311,8 +311,14 @@ fn permission_quota_is_508_but_refreshing_an_existing_ip_succeeds() {
     });
     let alice = Creds::alice();
     let (relay, id) = h.allocate(client(1), &alice);
-    let out = h.permit(client(1), &alice, &[peer(1), sa("8.8.8.8:53")]);
-    assert_eq!(out.commands.len(), 2);
+    let out = h.permit(client(1), &alice, &[peer(1)]);
+    assert_eq!(out.commands.len(), 1);
+    // Two ports of one new IP are one new permission: within the quota.
+    let out = h.permit(client(1), &alice, &[sa("8.8.8.8:53"), sa("8.8.8.8:54")]);
+    assert_eq!(
+        out.commands,
+        vec![install_permission(id, relay, client(1), "8.8.8.8")]
+    );
 
     let out = create_permission(&mut h, client(1), &alice, &[sa("1.1.1.1:1")]);
     assert_refused(&h, &out, client(1), Method::CREATE_PERMISSION, &alice, 508);
@@ -382,9 +388,8 @@ fn permission_lasts_exactly_300_seconds() {
     let out = h.peer_data(relay, peer(1), b"back");
     assert_eq!(data_indication(out.one(), client(1), peer(1)), b"back");
 
-    let out = h.at(secs(300));
-    assert!(out.sent.is_empty());
-    assert_eq!(out.commands, vec![remove_permission(id, relay, "8.8.4.4")]);
+    // At +300 the permission is gone even if the timer has not run yet.
+    h.now = h.t0 + secs(300);
     let before = h.server.stats();
     assert!(send_indication(&mut h, client(1), peer(1), b"late")
         .sent
@@ -397,6 +402,15 @@ fn permission_lasts_exactly_300_seconds() {
             ..before
         }
     );
+
+    let out = h.at(secs(300));
+    assert!(out.sent.is_empty());
+    assert_eq!(out.commands, vec![remove_permission(id, relay, "8.8.4.4")]);
+    assert!(send_indication(&mut h, client(1), peer(1), b"late")
+        .sent
+        .is_empty());
+    assert!(h.peer_data(relay, peer(1), b"late").sent.is_empty());
+    assert_eq!(h.server.stats().no_permission, before.no_permission + 4);
 }
 
 #[test]
@@ -1189,4 +1203,622 @@ fn relay_to_relay_on_the_same_server() {
     h.challenge(client(1));
     let out = h.bind(client(1), &alice, 0x4000, bob_relay.0);
     assert_refused(&h, &out, client(1), Method::CHANNEL_BIND, &alice, 403);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 9. Random operation sequences
+// ---------------------------------------------------------------------------------------------------
+
+mod random {
+    use std::collections::{BTreeSet, HashMap, HashSet};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Peers the random client talks to: public, denied, port 0, IPv6, and a port of the relay's own IP
+    /// that is never a relayed address. Indices past the end pick a relay address seen so far.
+    const PEERS: &[&str] = &[
+        "8.8.4.4:6001",
+        "8.8.4.4:6002",
+        "8.8.8.8:53",
+        "8.8.8.8:0",
+        "10.0.0.1:5000",
+        "127.0.0.1:3478",
+        "0.0.0.0:5000",
+        "[2606:4700::1111]:443",
+        "[::1]:1",
+        "[::ffff:10.0.0.1]:80",
+        "203.0.113.10:12345",
+    ];
+
+    fn five(c: u8) -> FiveTuple {
+        match c % 3 {
+            0 => client(1),
+            1 => client(2),
+            _ => tcp(3),
+        }
+    }
+
+    fn creds(u: u8) -> Creds {
+        match u % 4 {
+            0 => Creds::alice(),
+            1 => Creds::bob(),
+            2 => Creds::rest(SECRET_NEW, "carol", UNIX0 + 3600),
+            _ => Creds::static_user("alice", "wrong"),
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Challenge(u8),
+        Allocate {
+            c: u8,
+            u: u8,
+            lifetime: Option<u32>,
+            shape: u8,
+            /// What the data plane does with the relay sockets: 0–5 binds them at once, 6 fails the first
+            /// attempt of each and binds the retries, 7 leaves them to a later `Resolve`.
+            open: u8,
+        },
+        Refresh {
+            c: u8,
+            u: u8,
+            lifetime: Option<u32>,
+        },
+        Permit {
+            c: u8,
+            u: u8,
+            peers: Vec<u8>,
+        },
+        Bind {
+            c: u8,
+            u: u8,
+            channel: u16,
+            peer: u8,
+        },
+        Send {
+            c: u8,
+            peer: u8,
+            len: u8,
+        },
+        ChannelData {
+            c: u8,
+            channel: u16,
+            len: u8,
+            pad: u8,
+        },
+        Garbage {
+            c: u8,
+            bytes: Vec<u8>,
+        },
+        PeerData {
+            relay: u8,
+            peer: u8,
+            len: u8,
+        },
+        Resolve {
+            idx: u8,
+            ok: bool,
+        },
+        Advance(u64),
+    }
+
+    fn lifetime() -> impl Strategy<Value = Option<u32>> {
+        prop_oneof![
+            4 => Just(None),
+            1 => Just(Some(0)),
+            2 => (1u32..4000).prop_map(Some),
+            1 => Just(Some(u32::MAX)),
+        ]
+    }
+
+    fn channel() -> impl Strategy<Value = u16> {
+        prop_oneof![3 => 0x4000u16..0x4004, 1 => any::<u16>()]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        // Mostly the first four (public IPv4, and port 0 of a public IP), sometimes anything.
+        let peer = prop_oneof![3 => 0u8..4, 2 => 0u8..(PEERS.len() as u8 + 3)];
+        prop_oneof![
+            1 => any::<u8>().prop_map(Op::Challenge),
+            3 => (any::<u8>(), any::<u8>(), lifetime(), 0u8..8, 0u8..8).prop_map(
+                |(c, u, lifetime, shape, open)| Op::Allocate { c, u, lifetime, shape, open }
+            ),
+            1 => (any::<u8>(), any::<u8>(), lifetime())
+                .prop_map(|(c, u, lifetime)| Op::Refresh { c, u, lifetime }),
+            2 => (any::<u8>(), any::<u8>(), prop::collection::vec(peer.clone(), 0..=3))
+                .prop_map(|(c, u, peers)| Op::Permit { c, u, peers }),
+            2 => (any::<u8>(), any::<u8>(), channel(), peer.clone())
+                .prop_map(|(c, u, channel, peer)| Op::Bind { c, u, channel, peer }),
+            4 => (any::<u8>(), peer.clone(), any::<u8>())
+                .prop_map(|(c, peer, len)| Op::Send { c, peer, len }),
+            3 => (any::<u8>(), channel(), any::<u8>(), 0u8..4)
+                .prop_map(|(c, channel, len, pad)| Op::ChannelData { c, channel, len, pad }),
+            1 => (any::<u8>(), prop::collection::vec(any::<u8>(), 0..64))
+                .prop_map(|(c, bytes)| Op::Garbage { c, bytes }),
+            3 => (any::<u8>(), peer, any::<u8>())
+                .prop_map(|(relay, peer, len)| Op::PeerData { relay, peer, len }),
+            3 => (any::<u8>(), any::<bool>()).prop_map(|(idx, ok)| Op::Resolve { idx, ok }),
+            2 => prop_oneof![6 => 0u64..2_000, 3 => 0u64..60_000, 1 => 0u64..700_000]
+                .prop_map(Op::Advance),
+        ]
+    }
+
+    /// The server plus what the data plane would hold if it executed every command, checked as it goes.
+    struct Model {
+        h: Harness,
+        nonces: [Option<String>; 3],
+        /// OpenRelay commands not yet answered.
+        pending: Vec<(AllocationId, RelayAddr)>,
+        /// Every relay address ever handed out.
+        relays: Vec<RelayAddr>,
+        opened: BTreeSet<AllocationId>,
+        ended: BTreeSet<AllocationId>,
+        open: HashSet<(AllocationId, RelayAddr)>,
+        permissions: HashSet<(AllocationId, RelayAddr, IpAddr)>,
+        channels: HashMap<(AllocationId, ChannelNumber), (FiveTuple, RelayAddr, PeerAddr)>,
+        policy: PeerPolicy,
+    }
+
+    impl Model {
+        fn peer(&self, i: u8) -> SocketAddr {
+            match PEERS.get(usize::from(i)) {
+                Some(s) => sa(s),
+                None if !self.relays.is_empty() => {
+                    self.relays[usize::from(i) % self.relays.len()].0
+                }
+                None => peer(1),
+            }
+        }
+
+        /// An authenticated request, by the client's own user most of the time. A client without a nonce
+        /// does the 401 round first.
+        fn request(&mut self, c: u8, method: Method, attrs: &[Attribute<'_>], u: u8) {
+            if self.nonces[usize::from(c % 3)].is_none() {
+                self.run(Op::Challenge(c));
+            }
+            self.h.nonce = self.nonces[usize::from(c % 3)].clone();
+            let who = if u < 200 { c % 3 } else { u };
+            let out = self.h.request(five(c), method, attrs, Some(&creds(who)));
+            self.apply(out);
+        }
+
+        fn apply(&mut self, out: Out) {
+            for cmd in out.commands {
+                match cmd {
+                    Command::OpenRelay {
+                        allocation, relay, ..
+                    } => {
+                        assert!(!self.ended.contains(&allocation));
+                        self.opened.insert(allocation);
+                        self.pending.push((allocation, relay));
+                        self.relays.push(relay);
+                    }
+                    Command::CloseRelay { allocation, relay } => {
+                        assert!(
+                            self.open.remove(&(allocation, relay)),
+                            "close of unopened {relay:?}"
+                        );
+                    }
+                    Command::InstallPermission {
+                        allocation,
+                        relay,
+                        peer,
+                        ..
+                    } => {
+                        assert!(self.open.contains(&(allocation, relay)));
+                        assert!(
+                            self.permissions.insert((allocation, relay, peer)),
+                            "installed twice"
+                        );
+                    }
+                    Command::RemovePermission {
+                        allocation,
+                        relay,
+                        peer,
+                    } => {
+                        assert!(
+                            self.permissions.remove(&(allocation, relay, peer)),
+                            "not installed"
+                        );
+                    }
+                    Command::InstallChannel {
+                        allocation,
+                        client,
+                        relay,
+                        channel,
+                        peer,
+                    } => {
+                        assert!(
+                            self.permissions.contains(&(allocation, relay, peer.0.ip())),
+                            "a channel without its permission"
+                        );
+                        let old = self
+                            .channels
+                            .insert((allocation, channel), (client, relay, peer));
+                        assert_eq!(old, None, "channel installed twice");
+                    }
+                    Command::RemoveChannel {
+                        allocation,
+                        client,
+                        relay,
+                        channel,
+                        peer,
+                    } => {
+                        let old = self.channels.remove(&(allocation, channel));
+                        assert_eq!(old, Some((client, relay, peer)));
+                    }
+                    Command::AllocationEnded { allocation, .. } => {
+                        assert!(self.opened.contains(&allocation));
+                        assert!(self.ended.insert(allocation), "ended twice");
+                        self.pending.retain(|p| p.0 != allocation);
+                        assert!(!self.open.iter().any(|o| o.0 == allocation));
+                        assert!(!self.permissions.iter().any(|p| p.0 == allocation));
+                        assert!(!self.channels.keys().any(|k| k.0 == allocation));
+                    }
+                }
+            }
+            let listener = client(1).server;
+            for s in out.sent {
+                if s.src == listener {
+                    assert!((0..3).any(|c| five(c).client == s.dst), "{s:?}");
+                    if let wire::Kind::Stun = wire::classify(s.bytes[0]) {
+                        let m = s.msg();
+                        if let Some((401 | 438, _)) = m.attrs.error_code {
+                            let c = (0..3).find(|c| five(*c).client == s.dst).unwrap();
+                            self.nonces[usize::from(c)] = m.attrs.nonce.map(str::to_string);
+                        }
+                    } else {
+                        wire::ChannelData::parse(&s.bytes).expect("valid ChannelData");
+                    }
+                } else {
+                    // Relayed to a peer: only from an open relay with a permission for the peer, and only to
+                    // a peer the policy allows or a relayed address.
+                    assert_eq!(s.transport, Transport::Udp);
+                    assert!(
+                        self.permissions
+                            .iter()
+                            .any(|p| p.1 .0 == s.src && p.2 == s.dst.ip()),
+                        "relayed without a permission: {s:?}"
+                    );
+                    assert!(
+                        self.relays.contains(&RelayAddr(s.dst)) || self.policy.check(s.dst).is_ok(),
+                        "relayed to a forbidden peer: {s:?}"
+                    );
+                }
+            }
+        }
+
+        /// The data plane's answer to an OpenRelay it has taken off `pending`.
+        fn resolve(&mut self, id: AllocationId, relay: RelayAddr, ok: bool) {
+            let now = self.h.now;
+            if self.ended.contains(&id) {
+                return;
+            }
+            if ok {
+                self.h.server.handle_relay_opened(now, id, relay);
+                self.open.insert((id, relay));
+            } else {
+                self.h.server.handle_relay_failed(now, id, relay);
+            }
+            let out = self.h.drain();
+            self.apply(out);
+        }
+
+        fn run(&mut self, op: Op) {
+            match op {
+                Op::Challenge(c) => {
+                    let out = self.h.challenge(five(c));
+                    self.apply(out);
+                    self.nonces[usize::from(c % 3)] = self.h.nonce.clone();
+                }
+                Op::Allocate {
+                    c,
+                    u,
+                    lifetime,
+                    shape,
+                    open,
+                } => {
+                    let mut attrs = vec![Attribute::RequestedTransport(if shape == 7 {
+                        6
+                    } else {
+                        17
+                    })];
+                    match shape {
+                        1 => attrs.push(Attribute::RequestedAddressFamily(wire::family::IPV6)),
+                        2 => attrs.push(Attribute::AdditionalAddressFamily(wire::family::IPV6)),
+                        3 => attrs.push(Attribute::RequestedAddressFamily(9)),
+                        4 => attrs.push(Attribute::EvenPort(true)),
+                        5 => attrs.push(Attribute::EvenPort(false)),
+                        6 => attrs.push(Attribute::DontFragment),
+                        _ => {}
+                    }
+                    if let Some(l) = lifetime {
+                        attrs.push(Attribute::Lifetime(l));
+                    }
+                    let before = self.pending.len();
+                    self.request(c, Method::ALLOCATE, &attrs, u);
+                    if open < 7 {
+                        let new: Vec<_> = self.pending.drain(before..).collect();
+                        for (id, relay) in new {
+                            if open == 6 {
+                                let n = self.pending.len();
+                                self.resolve(id, relay, false);
+                                let retries: Vec<_> = self.pending.drain(n..).collect();
+                                for (id, relay) in retries {
+                                    self.resolve(id, relay, true);
+                                }
+                            } else {
+                                self.resolve(id, relay, true);
+                            }
+                        }
+                    }
+                }
+                Op::Refresh { c, u, lifetime } => {
+                    let attrs: Vec<_> = lifetime.map(Attribute::Lifetime).into_iter().collect();
+                    self.request(c, Method::REFRESH, &attrs, u);
+                }
+                Op::Permit { c, u, peers } => {
+                    let peers: Vec<_> = peers.iter().map(|p| self.peer(*p)).collect();
+                    let attrs: Vec<_> = peers.into_iter().map(Attribute::XorPeerAddress).collect();
+                    self.request(c, Method::CREATE_PERMISSION, &attrs, u);
+                }
+                Op::Bind {
+                    c,
+                    u,
+                    channel,
+                    peer,
+                } => {
+                    let peer = self.peer(peer);
+                    let attrs = [
+                        Attribute::ChannelNumber(channel),
+                        Attribute::XorPeerAddress(peer),
+                    ];
+                    self.request(c, Method::CHANNEL_BIND, &attrs, u);
+                }
+                Op::Send { c, peer, len } => {
+                    let peer = self.peer(peer);
+                    let out =
+                        send_indication(&mut self.h, five(c), peer, &vec![len; usize::from(len)]);
+                    self.apply(out);
+                }
+                Op::ChannelData {
+                    c,
+                    channel,
+                    len,
+                    pad,
+                } => {
+                    let bytes =
+                        channel_data(channel, &vec![len; usize::from(len)], usize::from(pad));
+                    let out = self.h.send(five(c), &bytes);
+                    self.apply(out);
+                }
+                Op::Garbage { c, bytes } => {
+                    let out = self.h.send(five(c), &bytes);
+                    self.apply(out);
+                }
+                Op::PeerData { relay, peer, len } => {
+                    let relay = if self.relays.is_empty() {
+                        RelayAddr(sa("203.0.113.10:50000"))
+                    } else {
+                        self.relays[usize::from(relay) % self.relays.len()]
+                    };
+                    let peer = self.peer(peer);
+                    let out = self.h.peer_data(relay, peer, &vec![len; usize::from(len)]);
+                    self.apply(out);
+                }
+                Op::Resolve { idx, ok } => {
+                    if self.pending.is_empty() {
+                        return;
+                    }
+                    let (id, relay) = self.pending.remove(usize::from(idx) % self.pending.len());
+                    self.resolve(id, relay, ok);
+                }
+                Op::Advance(ms) => {
+                    let out = self.h.advance(Duration::from_millis(ms));
+                    self.apply(out);
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn random_operations_never_panic_and_leave_nothing_behind(
+            warm in prop::bool::weighted(0.75),
+            ops in prop::collection::vec(op(), 1..=40)
+        ) {
+            let h = Harness::new();
+            let free = h.server.free_ports();
+            let mut m = Model {
+                h,
+                nonces: [None, None, None],
+                pending: Vec::new(),
+                relays: Vec::new(),
+                opened: BTreeSet::new(),
+                ended: BTreeSet::new(),
+                open: HashSet::new(),
+                permissions: HashSet::new(),
+                channels: HashMap::new(),
+                policy: PeerPolicy::new(),
+            };
+            if warm {
+                // Most interesting sequences need live allocations: start with one per client (IPv4,
+                // IPv6-only, dual-stack) most of the time.
+                for c in 0..3 {
+                    m.run(Op::Allocate { c, u: 0, lifetime: None, shape: c, open: 0 });
+                }
+            }
+            for op in ops {
+                m.run(op);
+            }
+            let out = m.h.advance(Duration::from_secs(2 * 3600));
+            m.apply(out);
+            m.h.assert_empty(free);
+            prop_assert_eq!(&m.opened, &m.ended);
+            prop_assert!(m.pending.is_empty());
+            prop_assert!(m.open.is_empty());
+            prop_assert!(m.permissions.is_empty());
+            prop_assert!(m.channels.is_empty());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 10. Many allocations
+// ---------------------------------------------------------------------------------------------------
+
+#[test]
+fn ten_thousand_allocate_delete_cycles_leak_nothing() {
+    let mut h = Harness::new();
+    let alice = Creds::alice();
+    let free = h.server.free_ports();
+    h.challenge(client(1));
+    for i in 0..10_000u64 {
+        let out = h.request(
+            client(1),
+            Method::ALLOCATE,
+            &[Attribute::RequestedTransport(17)],
+            Some(&alice),
+        );
+        let (id, relays) = opened(&out.commands);
+        assert_eq!(id, AllocationId(i + 1), "ids are never reused");
+        let relay = relays[0];
+        h.server.handle_relay_opened(h.now, id, relay);
+        assert_eq!(h.drain().one().class(), Class::Success);
+        let mut ended = vec![];
+        if i % 10 == 0 {
+            h.permit(client(1), &alice, &[peer(1)]);
+            h.bind(client(1), &alice, 0x4000, peer(2));
+            ended.push(remove_channel(id, relay, client(1), 0x4000, peer(2)));
+            ended.push(remove_permission(id, relay, "8.8.4.4"));
+        }
+        let out = refresh(&mut h, client(1), &alice, 0);
+        assert_eq!(out.one().class(), Class::Success);
+        ended.push(Command::CloseRelay {
+            allocation: id,
+            relay,
+        });
+        ended.push(Command::AllocationEnded {
+            allocation: id,
+            identity: "alice".into(),
+            usage: Usage::default(),
+        });
+        assert_eq!(out.commands, ended);
+    }
+    h.assert_empty(free);
+    assert_eq!(h.server.poll_timeout(), None);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Odds and ends
+// ---------------------------------------------------------------------------------------------------
+
+#[test]
+fn dual_stack_permissions_and_data_use_the_relay_of_the_peers_family() {
+    let mut h = Harness::new();
+    let alice = Creds::alice();
+    h.challenge(client(1));
+    let out = h.request(client(1), Method::ALLOCATE, &dual_attrs(), Some(&alice));
+    let (id, relays) = opened(&out.commands);
+    let [v4, v6] = relays[..] else {
+        panic!("two relays: {relays:?}")
+    };
+    assert!(v4.0.is_ipv4() && v6.0.is_ipv6());
+    for r in [v4, v6] {
+        h.server.handle_relay_opened(h.now, id, r);
+    }
+    assert_eq!(h.drain().one().class(), Class::Success);
+
+    let p6 = sa("[2606:4700::1111]:443");
+    let out = h.permit(client(1), &alice, &[p6, peer(1)]);
+    assert_eq!(
+        out.commands,
+        vec![
+            install_permission(id, v6, client(1), "2606:4700::1111"),
+            install_permission(id, v4, client(1), "8.8.4.4"),
+        ]
+    );
+    let out = h.bind(client(1), &alice, 0x4000, p6);
+    assert_eq!(
+        out.commands,
+        vec![install_channel(id, v6, client(1), 0x4000, p6)]
+    );
+    let out = send_indication(&mut h, client(1), peer(1), b"4");
+    assert_eq!(out.sent, vec![to_peer(v4, peer(1), b"4")]);
+    let out = h.send(client(1), &channel_data(0x4000, b"6", 0));
+    assert_eq!(out.sent, vec![to_peer(v6, p6, b"6")]);
+    let out = h.peer_data(v6, p6, b"6");
+    assert_eq!(out.one().bytes, channel_data(0x4000, b"6", 0));
+
+    let out = refresh(&mut h, client(1), &alice, 0);
+    let c = &out.commands;
+    assert_eq!(c.len(), 6, "{c:?}");
+    assert_eq!(c[0], remove_channel(id, v6, client(1), 0x4000, p6));
+    // Permissions come out in hash order.
+    assert!(c[1..3].contains(&remove_permission(id, v6, "2606:4700::1111")));
+    assert!(c[1..3].contains(&remove_permission(id, v4, "8.8.4.4")));
+    assert_eq!(
+        c[3..5],
+        [
+            Command::CloseRelay {
+                allocation: id,
+                relay: v4
+            },
+            Command::CloseRelay {
+                allocation: id,
+                relay: v6
+            },
+        ]
+    );
+    assert!(matches!(&c[5], Command::AllocationEnded { allocation, .. } if *allocation == id));
+    h.assert_empty(200);
+}
+
+#[test]
+fn rebinding_an_active_channel_reinstalls_an_expired_permission_only() {
+    let mut h = Harness::new();
+    let alice = Creds::alice();
+    let (relay, id) = h.allocate(client(1), &alice);
+    h.bind(client(1), &alice, 0x4000, peer(1));
+    let out = h.at(secs(300));
+    assert_eq!(out.commands, vec![remove_permission(id, relay, "8.8.4.4")]);
+    h.at(secs(400));
+    let out = h.bind(client(1), &alice, 0x4000, peer(1));
+    assert_success(&h, &out, client(1), Method::CHANNEL_BIND, &alice);
+    assert_eq!(
+        out.commands,
+        vec![install_permission(id, relay, client(1), "8.8.4.4")]
+    );
+    let out = h.send(client(1), &channel_data(0x4000, b"x", 0));
+    assert_eq!(out.sent, vec![to_peer(relay, peer(1), b"x")]);
+}
+
+#[test]
+fn data_after_the_allocation_is_gone_is_dropped() {
+    let mut h = Harness::new();
+    let alice = Creds::alice();
+    let (relay, _) = h.allocate(client(1), &alice);
+    h.bind(client(1), &alice, 0x4000, peer(1));
+    refresh(&mut h, client(1), &alice, 0);
+    let before = h.server.stats();
+    assert!(h
+        .send(client(1), &channel_data(0x4000, b"x", 0))
+        .sent
+        .is_empty());
+    assert!(send_indication(&mut h, client(1), peer(1), b"x")
+        .sent
+        .is_empty());
+    assert!(h.peer_data(relay, peer(1), b"x").sent.is_empty());
+    assert_eq!(
+        h.server.stats(),
+        Stats {
+            no_allocation: before.no_allocation + 2,
+            unknown_relay: before.unknown_relay + 1,
+            ..before
+        }
+    );
 }
