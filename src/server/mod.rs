@@ -781,6 +781,12 @@ impl<R: RngCore> Server<R> {
             self.stats.no_permission += 1;
             return;
         };
+        // A permission covers an IP, but the policy also judges ports (service ports, port 0) and allows
+        // the relay's own IP only at relayed addresses: discard what it refuses (RFC 8656 §11.2).
+        if self.check_peer(alloc, peer).is_err() {
+            self.stats.no_permission += 1;
+            return;
+        }
         self.relay_to_peer(five, relay, peer, data);
     }
 
