@@ -72,6 +72,11 @@ password_algorithms = false
 # When this relay is full or draining, send clients here instead (300 Try Alternate).
 # alternate_server = "198.51.100.2:3478"
 
+# Accept RFC 5766's channel numbers 0x4000-0x7FFF instead of RFC 8656's 0x4000-0x4FFF. Off by
+# default (first bytes 0x50-0x7F belong to other protocols under RFC 7983/9443).
+# demo: on, because coturn's turnutils_uclient picks channel numbers up to 0x7FFF.
+legacy_channel_numbers = true
+
 [relay]
 # Addresses that relayed transport addresses are allocated on: IPv4 and/or IPv6, several allowed.
 # Required. demo: loopback.
@@ -257,6 +262,7 @@ struct RawConfig {
     binding_requires_auth: bool,
     password_algorithms: bool,
     alternate_server: Option<String>,
+    legacy_channel_numbers: bool,
     relay: RawRelay,
     users: Vec<RawUser>,
     rest: RawRest,
@@ -327,6 +333,7 @@ impl Default for RawConfig {
             binding_requires_auth: d.binding_requires_auth,
             password_algorithms: d.password_algorithms,
             alternate_server: None,
+            legacy_channel_numbers: false,
             relay: RawRelay::default(),
             users: Vec::new(),
             rest: RawRest::default(),
@@ -560,6 +567,11 @@ impl RawConfig {
             password_algorithms: self.password_algorithms,
             peer_policy,
             alternate_server,
+            channel_range: if self.legacy_channel_numbers {
+                crate::wire::ChannelRange::Rfc5766
+            } else {
+                crate::wire::ChannelRange::Rfc8656
+            },
             ..server::Config::default()
         };
         server.validate().map_err(|e| {

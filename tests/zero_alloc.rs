@@ -4,35 +4,11 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use common::*;
-
-struct Counting;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: defers to the system allocator; only counts calls.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as our caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use turnpike::sys::alloc::{allocations, CountingAlloc};
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: CountingAlloc = CountingAlloc;
 
 const PACKETS: usize = 100_000;
 const WINDOW: usize = 32;
@@ -76,10 +52,15 @@ fn relaying_channel_data_allocates_nothing() {
         };
         // Warm up: first-touch growth of tables, buffers and queues happens here.
         run(2_000);
-        let before = ALLOCATIONS.load(Ordering::SeqCst);
+        let before = allocations();
         run(PACKETS);
-        let after = ALLOCATIONS.load(Ordering::SeqCst);
-        assert_eq!(after - before, 0, "{backend:?}: {} allocations while relaying {PACKETS} packets each way", after - before);
+        let after = allocations();
+        assert_eq!(
+            after - before,
+            0,
+            "{backend:?}: {} allocations while relaying {PACKETS} packets each way",
+            after - before
+        );
         relay.stop().unwrap();
     }
 }

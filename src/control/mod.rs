@@ -157,7 +157,12 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
                 .collect::<io::Result<Vec<_>>>()?,
         );
         let setup = WorkerSetup {
-            core: Core::new(k, to_control.clone(), worker_stats.clone()),
+            core: Core::new(
+                k,
+                to_control.clone(),
+                worker_stats.clone(),
+                settings.server.channel_range,
+            ),
             listeners: mine,
             mailbox,
             wake: wake.clone(),

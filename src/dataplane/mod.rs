@@ -133,17 +133,24 @@ pub struct Core {
     to_control: Sender<ToControl>,
     stats: Arc<WorkerStats>,
     tid_state: u64,
+    channel_range: wire::ChannelRange,
 }
 
 impl Core {
     /// The core of worker `worker`.
-    pub fn new(worker: usize, to_control: Sender<ToControl>, stats: Arc<WorkerStats>) -> Self {
+    pub fn new(
+        worker: usize,
+        to_control: Sender<ToControl>,
+        stats: Arc<WorkerStats>,
+        channel_range: wire::ChannelRange,
+    ) -> Self {
         Core {
             worker,
             table: RouteTable::new(),
             to_control,
             stats,
             tid_state: 0x9E37_79B9_7F4A_7C15 ^ worker as u64,
+            channel_range,
         }
     }
 
@@ -180,9 +187,9 @@ impl Core {
             client: from,
             listener,
         };
-        match data.first().map(|b| wire::classify(*b)) {
+        match data.first().map(|b| self.channel_range.classify(*b)) {
             Some(Kind::ChannelData) => {
-                let Ok(cd) = ChannelData::parse(data) else {
+                let Ok(cd) = ChannelData::parse_in(data, self.channel_range) else {
                     return self.drop(Drop::Malformed);
                 };
                 let Some(route) = self.table.channel(key, cd.channel()) else {

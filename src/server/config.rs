@@ -47,6 +47,9 @@ pub struct Config {
     pub peer_policy: PeerPolicy,
     /// Where to send clients (300 Try Alternate) when this relay is full or draining.
     pub alternate_server: Option<SocketAddr>,
+    /// Which channel numbers ChannelBind accepts: RFC 8656's 0x4000–0x4FFF by default, or RFC 5766's
+    /// 0x4000–0x7FFF for older clients.
+    pub channel_range: crate::wire::ChannelRange,
 }
 
 impl Default for Config {
@@ -70,6 +73,7 @@ impl Default for Config {
             password_algorithms: false,
             peer_policy: PeerPolicy::new(),
             alternate_server: None,
+            channel_range: crate::wire::ChannelRange::Rfc8656,
         }
     }
 }

@@ -156,7 +156,10 @@ impl<R: RngCore> Server<R> {
         client: FiveTuple,
         bytes: &[u8],
     ) {
-        match bytes.first().map(|b| wire::classify(*b)) {
+        match bytes
+            .first()
+            .map(|b| self.config.channel_range.classify(*b))
+        {
             Some(Kind::ChannelData) => self.client_channel_data(now, client, bytes),
             Some(Kind::Stun) => match Message::parse(bytes) {
                 Ok(msg) => self.client_stun(now, unix_now, client, &msg),
@@ -356,9 +359,10 @@ impl<R: RngCore> Server<R> {
                         self.timers
                             .insert((binding.expires, Timer::Channel(id, number)));
                         let peer = binding.peer;
-                        if let (Some(relay), Some(channel)) =
-                            (alloc.relay_for(peer.ip()), ChannelNumber::new(number))
-                        {
+                        if let (Some(relay), Some(channel)) = (
+                            alloc.relay_for(peer.ip()),
+                            Some(ChannelNumber::bound(number)),
+                        ) {
                             self.commands.push_back(Command::RemoveChannel {
                                 allocation: id,
                                 client: alloc.five_tuple,
@@ -716,7 +720,7 @@ impl<R: RngCore> Server<R> {
         else {
             return self.reply_error(five, msg, s, ErrorCode::BadRequest);
         };
-        let Some(channel) = ChannelNumber::new(number) else {
+        let Some(channel) = ChannelNumber::new_in(number, self.config.channel_range) else {
             return self.reply_error(five, msg, s, ErrorCode::BadRequest);
         };
         if let Err(code) = self.check_peer(alloc, peer) {
@@ -791,7 +795,7 @@ impl<R: RngCore> Server<R> {
     }
 
     fn client_channel_data(&mut self, now: Instant, five: FiveTuple, bytes: &[u8]) {
-        let Ok(cd) = ChannelData::parse(bytes) else {
+        let Ok(cd) = ChannelData::parse_in(bytes, self.config.channel_range) else {
             self.stats.malformed += 1;
             return;
         };
@@ -929,7 +933,7 @@ impl<R: RngCore> Server<R> {
             if let (true, Some(relay), Some(channel)) = (
                 b.active,
                 alloc.relay_for(b.peer.ip()),
-                ChannelNumber::new(*number),
+                Some(ChannelNumber::bound(*number)),
             ) {
                 self.commands.push_back(Command::RemoveChannel {
                     allocation: id,

@@ -41,16 +41,24 @@ pub struct RelayAddr(pub SocketAddr);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerAddr(pub SocketAddr);
 
-/// A channel number, always within 0x4000–0x4FFF once constructed (RFC 8656 §12).
+/// A channel number, always within the configured range once constructed (RFC 8656 §12).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChannelNumber(u16);
 
 impl ChannelNumber {
     /// A channel number if `n` is in 0x4000–0x4FFF.
     pub fn new(n: u16) -> Option<Self> {
-        crate::wire::CHANNEL_RANGE
-            .contains(&n)
-            .then_some(ChannelNumber(n))
+        Self::new_in(n, crate::wire::ChannelRange::Rfc8656)
+    }
+
+    /// A channel number if `n` is in `range`.
+    pub fn new_in(n: u16, range: crate::wire::ChannelRange) -> Option<Self> {
+        range.contains(n).then_some(ChannelNumber(n))
+    }
+
+    /// A number the server already validated when it was bound.
+    pub(crate) fn bound(n: u16) -> Self {
+        ChannelNumber(n)
     }
 
     /// The number.

@@ -22,6 +22,38 @@ use super::{pad4, Error, CHANNEL_HEADER_LEN};
 /// The valid channel numbers (RFC 8656 §12: 0x4000 through 0x4FFF; 0x5000–0xFFFF are reserved).
 pub const CHANNEL_RANGE: core::ops::RangeInclusive<u16> = 0x4000..=0x4FFF;
 
+/// Which channel numbers a relay accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChannelRange {
+    /// RFC 8656 §12: 0x4000–0x4FFF (first byte 64–79, as RFC 7983 demultiplexes).
+    #[default]
+    Rfc8656,
+    /// RFC 5766 §11: 0x4000–0x7FFF, for older clients (coturn's test client picks numbers up to 0x7FFF).
+    /// First bytes 80–127 are then ChannelData too, which collides with RFC 9443's QUIC range: enable it
+    /// only for clients that need it.
+    Rfc5766,
+}
+
+impl ChannelRange {
+    /// Whether `channel` is a valid channel number.
+    #[inline]
+    pub fn contains(self, channel: u16) -> bool {
+        match self {
+            ChannelRange::Rfc8656 => CHANNEL_RANGE.contains(&channel),
+            ChannelRange::Rfc5766 => (0x4000..=0x7FFF).contains(&channel),
+        }
+    }
+
+    /// [`classify`](super::classify), with the first-byte range of ChannelData widened for RFC 5766.
+    #[inline]
+    pub fn classify(self, first_byte: u8) -> super::Kind {
+        match (self, first_byte) {
+            (ChannelRange::Rfc5766, 80..=127) => super::Kind::ChannelData,
+            _ => super::classify(first_byte),
+        }
+    }
+}
+
 /// A checked ChannelData view borrowing its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChannelData<'a> {
@@ -35,11 +67,17 @@ impl<'a> ChannelData<'a> {
     /// `4 + Length`, or a channel outside 0x4000–0x4FFF, is an error.
     #[inline]
     pub fn parse(buf: &'a [u8]) -> Result<Self, Error> {
+        Self::parse_in(buf, ChannelRange::Rfc8656)
+    }
+
+    /// [`parse`](Self::parse) accepting the channel numbers of `range`.
+    #[inline]
+    pub fn parse_in(buf: &'a [u8], range: ChannelRange) -> Result<Self, Error> {
         let (hdr, rest) = buf
             .split_first_chunk::<CHANNEL_HEADER_LEN>()
             .ok_or(Error::Truncated)?;
         let channel = u16::from_be_bytes([hdr[0], hdr[1]]);
-        if !CHANNEL_RANGE.contains(&channel) {
+        if !range.contains(channel) {
             return Err(Error::BadChannelNumber);
         }
         let len = usize::from(u16::from_be_bytes([hdr[2], hdr[3]]));
@@ -69,9 +107,10 @@ impl<'a> ChannelData<'a> {
 
     /// Write a ChannelData header for `payload_len` bytes of data into the 4 bytes of headroom at the start
     /// of `buf`. Returns the message length (`4 + payload_len`), not padded; stream transports add padding.
+    /// Any number of either [`ChannelRange`] is accepted (the caller bound it).
     #[inline]
     pub fn write_header(buf: &mut [u8], channel: u16, payload_len: usize) -> Result<usize, Error> {
-        if !CHANNEL_RANGE.contains(&channel) {
+        if !ChannelRange::Rfc5766.contains(channel) {
             return Err(Error::BadChannelNumber);
         }
         let len = u16::try_from(payload_len).map_err(|_| Error::ValueTooLong)?;
@@ -129,11 +168,39 @@ mod tests {
                 Err(Error::BadChannelNumber),
                 "{ch:#x}"
             );
+        }
+        for ch in [0x0000u16, 0x3FFF, 0x8000, 0xFFFF] {
+            let mut p = PACKET;
+            p[..2].copy_from_slice(&ch.to_be_bytes());
+            assert_eq!(
+                ChannelData::parse_in(&p, ChannelRange::Rfc5766),
+                Err(Error::BadChannelNumber)
+            );
             assert_eq!(
                 ChannelData::write_header(&mut p, ch, 5),
                 Err(Error::BadChannelNumber)
             );
         }
+        let mut p = PACKET;
+        p[..2].copy_from_slice(&0x7FFFu16.to_be_bytes());
+        assert_eq!(
+            ChannelData::parse_in(&p, ChannelRange::Rfc5766)
+                .unwrap()
+                .channel(),
+            0x7FFF
+        );
+        assert_eq!(
+            ChannelRange::Rfc5766.classify(0x7F),
+            crate::wire::Kind::ChannelData
+        );
+        assert_eq!(
+            ChannelRange::Rfc8656.classify(0x50),
+            crate::wire::Kind::Other
+        );
+        assert_eq!(
+            ChannelRange::Rfc5766.classify(0x80),
+            crate::wire::Kind::Other
+        );
         for ch in [0x4000u16, 0x4FFF] {
             let mut p = PACKET;
             p[..2].copy_from_slice(&ch.to_be_bytes());
