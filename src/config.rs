@@ -56,10 +56,12 @@ drain_seconds = 5
 # Pin worker k to core k.
 pin_workers = true
 
-# Socket buffer sizes in bytes (SO_RCVBUF / SO_SNDBUF). Omit to keep the kernel's default;
-# the kernel caps them at net.core.rmem_max / wmem_max.
-# recv_buffer = 4194304
-# send_buffer = 4194304
+# Socket buffer sizes in bytes (SO_RCVBUF / SO_SNDBUF) of listeners and relay sockets. The
+# kernel caps them at net.core.rmem_max / wmem_max (see tuning/). Kernel defaults (~200 KiB)
+# overflow under bursts: measured with turnutils_uclient, 100 clients, 1.8% loss at the default
+# against 0% at 4 MiB.
+recv_buffer = 4194304
+send_buffer = 4194304
 
 # Whether STUN Binding requests need credentials too. Off: Binding is how clients learn their
 # public address (RFC 8489 §3).
@@ -140,9 +142,9 @@ pub struct RelayConfig {
     pub workers: usize,
     /// Packet I/O backend.
     pub backend: Backend,
-    /// SO_RCVBUF in bytes; `None` keeps the kernel default.
+    /// SO_RCVBUF in bytes (default 4 MiB); `None` keeps the kernel default.
     pub recv_buffer: Option<usize>,
-    /// SO_SNDBUF in bytes; `None` keeps the kernel default.
+    /// SO_SNDBUF in bytes (default 4 MiB); `None` keeps the kernel default.
     pub send_buffer: Option<usize>,
     /// One of `"error"`, `"warn"`, `"info"`, `"debug"`, `"trace"`.
     pub log_level: String,
@@ -175,6 +177,9 @@ pub struct ConfigError {
     /// What is wrong, with the offending value where that helps.
     pub problem: String,
 }
+
+/// Default SO_RCVBUF / SO_SNDBUF: 4 MiB.
+const DEFAULT_SOCKET_BUFFER: usize = 4 << 20;
 
 /// The log levels `log_level` accepts.
 const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
@@ -328,8 +333,8 @@ impl Default for RawConfig {
             log_level: "info".into(),
             drain_seconds: 5,
             pin_workers: true,
-            recv_buffer: None,
-            send_buffer: None,
+            recv_buffer: Some(DEFAULT_SOCKET_BUFFER),
+            send_buffer: Some(DEFAULT_SOCKET_BUFFER),
             binding_requires_auth: d.binding_requires_auth,
             password_algorithms: d.password_algorithms,
             alternate_server: None,
@@ -805,7 +810,10 @@ secrets = ["s3cret"]
         assert_eq!(c.drain, Duration::from_secs(5));
         assert!(c.pin_workers);
         assert_eq!(c.log_level, "info");
-        assert_eq!((c.recv_buffer, c.send_buffer), (None, None));
+        assert_eq!(
+            (c.recv_buffer, c.send_buffer),
+            (Some(4 << 20), Some(4 << 20))
+        );
         assert!(c.is_loopback_only());
 
         let policy = &c.server.peer_policy;
