@@ -138,7 +138,7 @@ impl Io {
             Err(e)
                 if matches!(
                     e.raw_os_error(),
-                    Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH)
+                    Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EINTR)
                 ) =>
             {
                 return Ok(true)
