@@ -70,7 +70,20 @@ const CANCEL: u64 = 4 << 56;
 /// Check that io_uring works here and supports what the backend uses: the RecvMsg, SendMsg, Read and
 /// AsyncCancel opcodes, provided buffer rings, and multishot `RecvMsg` (tried on a loopback socket).
 /// The error says why not (seccomp, `kernel.io_uring_disabled`, an old kernel).
+///
+/// Runs on a short-lived thread of its own: closing a ring makes the closing thread's next blocking system
+/// call fail once with `EINTR` (seen on Linux 6.x; a socket read with a timeout does not restart), and the
+/// caller should not inherit that.
 pub fn probe() -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("turnpike-uring-probe".into())
+        .spawn(probe_here)
+        .map_err(|e| format!("cannot start the io_uring probe thread: {e}"))?
+        .join()
+        .unwrap_or_else(|_| Err("the io_uring probe panicked".into()))
+}
+
+fn probe_here() -> Result<(), String> {
     let ring = IoUring::new(8).map_err(|e| format!("io_uring_setup failed: {e}"))?;
     let mut probe = io_uring::Probe::new();
     ring.submitter()
@@ -215,6 +228,9 @@ enum State {
 
 /// A UDP datagram ring (see the module doc). Not `Send`: with `SINGLE_ISSUER` and `DEFER_TASKRUN` only
 /// the thread that created it may use it.
+///
+/// Dropping it cancels whatever is in flight and waits (up to about a second) for those completions; it
+/// then closes the ring, which makes the thread's next blocking system call fail once with `EINTR`.
 #[derive(Debug)]
 pub struct Ring {
     // Field order matters: the ring closes before the memory it used is freed.
@@ -858,8 +874,14 @@ mod tests {
     }
 
     #[test]
-    fn probe_succeeds_here() {
+    fn probe_succeeds_here_and_leaves_the_caller_uninterrupted() {
         probe().unwrap();
+        // Closing a ring interrupts the closing thread's next blocking call; the probe closes its rings
+        // on a thread of its own.
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let err = s.recv_from(&mut [0u8; 8]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
     }
 
     #[test]
