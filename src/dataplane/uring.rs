@@ -1,9 +1,10 @@
 //! The io_uring backend: one [`Ring`] per worker, with one multishot receive armed on every socket the
 //! worker owns, all fed from one provided buffer ring (see [`crate::sys::uring`]).
 //!
-//! Each loop iteration drains the mailbox first (as the epoll backend does: route updates apply before any
-//! datagram that follows them), then submits everything queued and waits for at least one completion in
-//! one `io_uring_enter`, then reaps every completion:
+//! Each loop iteration submits everything queued and waits for at least one completion in one
+//! `io_uring_enter`, then takes the completions in batches. Before each batch it drains the mailbox, so that
+//! route updates apply before any datagram that follows them (a wake-up read completes with every message).
+//! Then:
 //!
 //! - a datagram goes through [`Core`] in its buffer; a forward sends *that* buffer with `SendMsg` from the
 //!   outgoing socket (no copy), and the buffer returns to the kernel's ring when the send completes;
@@ -43,129 +44,177 @@ const ENTRIES: u32 = 256;
 
 pub(super) fn run(setup: WorkerSetup) -> io::Result<()> {
     let WorkerSetup {
-        mut core,
+        core,
         listeners,
         mailbox,
         wake,
     } = setup;
-    let mut socks = Sockets::default();
-    let mut ring = Ring::new(RingConfig {
+    let ring = Ring::new(RingConfig {
         entries: ENTRIES,
         buffers: BUFFERS,
         slot_size: SLOT,
         headroom: HEADROOM,
         max_payload: MAX_DATAGRAM,
     })?;
-    // Receives that could not be armed (full submission queue) or cancelled: retried every iteration.
-    let mut retry: Vec<(u32, Retry)> = Vec::with_capacity(64);
+    let mut w = Worker {
+        core,
+        socks: Sockets::default(),
+        ring,
+        retry: Vec::with_capacity(64),
+        wake: wake.as_raw_fd(),
+    };
     for (i, l) in listeners.into_iter().enumerate() {
-        let tag = socks.insert(l, Out::Listener(i as u16));
-        socks.arm(&mut ring, tag, &mut retry)?;
+        let tag = w.socks.insert(l, Out::Listener(i as u16));
+        w.socks.arm(&mut w.ring, tag, &mut w.retry)?;
     }
-    ring.read_eventfd(wake.as_raw_fd())?;
+    w.ring.read_eventfd(w.wake)?;
 
     loop {
-        // Routes first: updates queued before a response went out must apply before anything that follows it.
-        while let Ok(msg) = mailbox.try_recv() {
-            match msg {
-                WorkerMsg::AddRelay { socket, update } => {
-                    if let RouteUpdate::AddRelay { id, .. } = update {
-                        if let Some(old) = socks.relays.get(&id).copied() {
-                            socks.close(&mut ring, old, &mut retry)?;
-                        }
-                        let tag = socks.insert(socket, Out::Relay(id));
-                        socks.relays.insert(id, tag);
-                        // Datagrams that arrived before this are picked up by the first receive.
-                        socks.arm(&mut ring, tag, &mut retry)?;
-                    }
-                    core.apply(update);
-                }
-                WorkerMsg::Route(update) => {
-                    if let RouteUpdate::RemoveRelay { id } = update {
-                        if let Some(tag) = socks.relays.get(&id).copied() {
-                            socks.close(&mut ring, tag, &mut retry)?;
-                        }
-                    }
-                    core.apply(update);
-                }
-                WorkerMsg::Stop => return Ok(()),
-            }
-        }
-        let n = retry.len();
+        let n = w.retry.len();
         for i in 0..n {
-            let (tag, what) = retry[i];
+            let (tag, what) = w.retry[i];
             match what {
-                Retry::Arm => socks.arm(&mut ring, tag, &mut retry)?,
-                Retry::Cancel => socks.cancel(&mut ring, tag, &mut retry)?,
+                Retry::Arm => w.socks.arm(&mut w.ring, tag, &mut w.retry)?,
+                Retry::Cancel => w.socks.cancel(&mut w.ring, tag, &mut w.retry)?,
             }
         }
-        retry.drain(..n);
+        w.retry.drain(..n);
 
         // Interrupted waits return Ok: the loop just goes round again.
-        ring.submit_and_wait(1)?;
+        w.ring.submit_and_wait(1)?;
 
-        while let Some(c) = ring.next_completion() {
-            match c {
-                Completion::Recv {
-                    tag,
-                    buf,
-                    from,
-                    len,
-                    truncated,
-                    more,
-                } => {
-                    let Some(s) = socks.get_mut(tag) else {
-                        ring.release(buf);
-                        continue;
-                    };
-                    let source = s.source;
-                    let live = !s.closing;
-                    if !more {
-                        s.armed = false;
-                        s.inflight -= 1;
-                    }
-                    if !live {
-                        ring.release(buf);
-                    } else if truncated {
-                        core.drop(Drop::Truncated);
-                        ring.release(buf);
-                    } else {
-                        let action = match source {
-                            Out::Listener(l) => core.on_client(l, from, ring.buf_mut(&buf), len),
-                            Out::Relay(r) => core.on_peer(r, from, ring.buf_mut(&buf), len),
-                        };
-                        match action {
-                            Action::Forward { out, dst, range } => {
-                                socks.forward(&mut ring, &core, buf, out, dst, range);
-                            }
-                            Action::Done => ring.release(buf),
-                        }
-                    }
-                    if !more {
-                        socks.ended(&mut ring, tag, 0, &mut retry)?;
-                    }
+        while w.ring.reap() > 0 {
+            // Routes first: updates queued before a response went out must apply before anything that
+            // follows it. Every datagram of this batch arrived before the batch was taken, so whatever was
+            // queued before it is in the mailbox now.
+            while let Ok(msg) = mailbox.try_recv() {
+                if !w.on_message(msg)? {
+                    return Ok(());
                 }
-                Completion::RecvEnded { tag, errno } => {
-                    if let Some(s) = socks.get_mut(tag) {
-                        s.armed = false;
-                        s.inflight -= 1;
-                    }
-                    socks.ended(&mut ring, tag, errno, &mut retry)?;
-                }
-                Completion::Sent { tag, result } => {
-                    if result >= 0 {
-                        core.stats().count_tx(1);
-                    } else {
-                        core.stats().count_drop(Drop::SendFailed);
-                    }
-                    if let Some(s) = socks.get_mut(tag) {
-                        s.inflight -= 1;
-                    }
-                    socks.close_if_idle(tag);
-                }
-                Completion::Wake => ring.read_eventfd(wake.as_raw_fd())?,
+            }
+            while let Some(c) = w.ring.next_completion() {
+                w.on_completion(c)?;
             }
         }
+    }
+}
+
+/// A worker's state besides its mailbox. (`wake` is kept open by the caller's `Arc<EventFd>`.)
+#[derive(Debug)]
+struct Worker {
+    core: Core,
+    socks: Sockets,
+    ring: Ring,
+    /// Receives that could not be armed or cancelled (full submission queue): retried every iteration.
+    retry: Vec<(u32, Retry)>,
+    wake: RawFd,
+}
+
+impl Worker {
+    /// Apply a message from the control thread. False: stop.
+    fn on_message(&mut self, msg: WorkerMsg) -> io::Result<bool> {
+        let Worker {
+            core,
+            socks,
+            ring,
+            retry,
+            ..
+        } = self;
+        match msg {
+            WorkerMsg::AddRelay { socket, update } => {
+                if let RouteUpdate::AddRelay { id, .. } = update {
+                    if let Some(old) = socks.relays.get(&id).copied() {
+                        socks.close(ring, old, retry)?;
+                    }
+                    let tag = socks.insert(socket, Out::Relay(id));
+                    socks.relays.insert(id, tag);
+                    // Datagrams that arrived before this are picked up by the first receive.
+                    socks.arm(ring, tag, retry)?;
+                }
+                core.apply(update);
+            }
+            WorkerMsg::Route(update) => {
+                if let RouteUpdate::RemoveRelay { id } = update {
+                    if let Some(tag) = socks.relays.get(&id).copied() {
+                        socks.close(ring, tag, retry)?;
+                    }
+                }
+                core.apply(update);
+            }
+            WorkerMsg::Stop => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn on_completion(&mut self, c: Completion) -> io::Result<()> {
+        let Worker {
+            core,
+            socks,
+            ring,
+            retry,
+            wake,
+        } = self;
+        match c {
+            Completion::Recv {
+                tag,
+                buf,
+                from,
+                len,
+                truncated,
+                more,
+            } => {
+                let Some(s) = socks.get_mut(tag) else {
+                    ring.release(buf);
+                    return Ok(());
+                };
+                let source = s.source;
+                let live = !s.closing;
+                if !more {
+                    s.armed = false;
+                    s.inflight -= 1;
+                }
+                if !live {
+                    ring.release(buf);
+                } else if truncated {
+                    core.drop(Drop::Truncated);
+                    ring.release(buf);
+                } else {
+                    let action = match source {
+                        Out::Listener(l) => core.on_client(l, from, ring.buf_mut(&buf), len),
+                        Out::Relay(r) => core.on_peer(r, from, ring.buf_mut(&buf), len),
+                    };
+                    match action {
+                        Action::Forward { out, dst, range } => {
+                            socks.forward(ring, core, buf, out, dst, range);
+                        }
+                        Action::Done => ring.release(buf),
+                    }
+                }
+                if !more {
+                    socks.ended(ring, tag, 0, retry)?;
+                }
+            }
+            Completion::RecvEnded { tag, errno } => {
+                if let Some(s) = socks.get_mut(tag) {
+                    s.armed = false;
+                    s.inflight -= 1;
+                }
+                socks.ended(ring, tag, errno, retry)?;
+            }
+            Completion::Sent { tag, result } => {
+                if result >= 0 {
+                    core.stats().count_tx(1);
+                } else {
+                    core.stats().count_drop(Drop::SendFailed);
+                }
+                if let Some(s) = socks.get_mut(tag) {
+                    s.inflight -= 1;
+                }
+                socks.close_if_idle(tag);
+            }
+            Completion::Wake => ring.read_eventfd(*wake)?,
+        }
+        Ok(())
     }
 }
 

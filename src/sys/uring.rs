@@ -123,6 +123,7 @@ fn probe_multishot() -> io::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(1);
     while Instant::now() < deadline {
         ring.submit_and_wait_timeout(1, Duration::from_millis(50))?;
+        ring.reap();
         while let Some(c) = ring.next_completion() {
             match c {
                 Completion::Recv {
@@ -568,28 +569,33 @@ impl Ring {
         }
     }
 
-    /// The next completion, if one has arrived (reaped in batches; no system call).
-    pub fn next_completion(&mut self) -> Option<Completion> {
-        loop {
-            if self.batch_pos == self.batch_len {
-                self.batch_pos = 0;
-                self.batch_len = 0;
-                let mut cq = self.uring.0.completion();
-                while self.batch_len < BATCH {
-                    let Some(e) = cq.next() else { break };
-                    self.batch[self.batch_len] = (e.user_data(), e.result(), e.flags());
-                    self.batch_len += 1;
-                }
-                if self.batch_len == 0 {
-                    return None;
-                }
+    /// Take the completions that have arrived into the ring's batch, if the batch is used up; returns how
+    /// many wait there. No system call. Everything in a batch was posted before `reap` returned, so state
+    /// changed before those events happened can be applied first (the worker drains its mailbox here).
+    pub fn reap(&mut self) -> usize {
+        if self.batch_pos == self.batch_len {
+            self.batch_pos = 0;
+            self.batch_len = 0;
+            let mut cq = self.uring.0.completion();
+            while self.batch_len < BATCH {
+                let Some(e) = cq.next() else { break };
+                self.batch[self.batch_len] = (e.user_data(), e.result(), e.flags());
+                self.batch_len += 1;
             }
+        }
+        self.batch_len - self.batch_pos
+    }
+
+    /// The next completion of the batch taken by [`reap`](Self::reap).
+    pub fn next_completion(&mut self) -> Option<Completion> {
+        while self.batch_pos < self.batch_len {
             let (user_data, res, flags) = self.batch[self.batch_pos];
             self.batch_pos += 1;
             if let Some(c) = self.decode(user_data, res, flags) {
                 return Some(c);
             }
         }
+        None
     }
 
     /// Buffers the caller holds or that are being sent (0 when all are back in the kernel's ring).
@@ -748,9 +754,11 @@ impl Ring {
             {
                 break;
             }
-            while let Some(c) = self.next_completion() {
-                if let Completion::Recv { buf, .. } = c {
-                    self.release(buf);
+            while self.reap() > 0 {
+                while let Some(c) = self.next_completion() {
+                    if let Completion::Recv { buf, .. } = c {
+                        self.release(buf);
+                    }
                 }
             }
         }
@@ -850,9 +858,11 @@ mod tests {
         while Instant::now() < deadline {
             ring.submit_and_wait_timeout(1, Duration::from_millis(20))
                 .unwrap();
-            while let Some(c) = ring.next_completion() {
-                if done(ring, c) {
-                    return;
+            while ring.reap() > 0 {
+                while let Some(c) = ring.next_completion() {
+                    if done(ring, c) {
+                        return;
+                    }
                 }
             }
         }
@@ -865,9 +875,11 @@ mod tests {
         while ring.ops_in_flight() > 0 && Instant::now() < deadline {
             ring.submit_and_wait_timeout(1, Duration::from_millis(20))
                 .unwrap();
-            while let Some(c) = ring.next_completion() {
-                if let Completion::Recv { buf, .. } = c {
-                    ring.release(buf);
+            while ring.reap() > 0 {
+                while let Some(c) = ring.next_completion() {
+                    if let Completion::Recv { buf, .. } = c {
+                        ring.release(buf);
+                    }
                 }
             }
         }
@@ -961,7 +973,7 @@ mod tests {
         ring.read_eventfd(efd.as_raw_fd()).unwrap();
         ring.submit_and_wait_timeout(1, Duration::from_millis(20))
             .unwrap();
-        assert!(ring.next_completion().is_none(), "nothing to read yet");
+        assert_eq!(ring.reap(), 0, "nothing to read yet");
         efd.notify().unwrap();
         reap(&mut ring, |_, c| matches!(c, Completion::Wake));
         assert_eq!(ring.ops_in_flight(), 0);
