@@ -10,7 +10,7 @@
 //!   outgoing socket (no copy), and the buffer returns to the kernel's ring when the send completes;
 //!   anything else returns it at once;
 //! - a receive that ended (out of buffers, an ICMP error, a completion queue overflow) is armed again;
-//! - a wake-up read of the worker's eventfd is armed again (the mailbox is drained at the top).
+//! - a wake-up read of the worker's eventfd is armed again (the mailbox was drained before the batch).
 //!
 //! Multishot rather than several single-shot receives per socket: a buffer is taken only when a datagram
 //! arrives, so idle relay sockets cost no buffer, and there is one request per socket, whatever the load.
