@@ -11,6 +11,7 @@ use turnpike::wire::{Attribute, Class, Message, Method};
 fn binding_allocate_permission_channel_and_data_both_ways() {
     for (i, backend) in backends().into_iter().enumerate() {
         let relay = start(settings(backend, 2, 20000 + 1000 * i as u16));
+        assert_eq!(relay.backend(), backend);
         let server = relay.listen_addrs()[0];
         let mut c = Client::new(server, "alice", "alice-pass");
 

@@ -46,7 +46,19 @@ pub(super) fn run(setup: WorkerSetup) -> io::Result<()> {
     };
 
     loop {
+        let timeout = if hot.is_empty() {
+            None
+        } else {
+            Some(std::time::Duration::ZERO)
+        };
+        match poll.poll(&mut events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
         // Routes first: updates queued before a response went out must apply before anything that follows it.
+        // Drained after the wait, so that a datagram that made the poll return cannot overtake the update
+        // queued before it.
         while let Ok(msg) = mailbox.try_recv() {
             match msg {
                 WorkerMsg::AddRelay { socket, update } => {
@@ -75,16 +87,6 @@ pub(super) fn run(setup: WorkerSetup) -> io::Result<()> {
                 }
                 WorkerMsg::Stop => return Ok(()),
             }
-        }
-        let timeout = if hot.is_empty() {
-            None
-        } else {
-            Some(std::time::Duration::ZERO)
-        };
-        match poll.poll(&mut events, timeout) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
         }
         for ev in events.iter() {
             if ev.token() == WAKE {
