@@ -62,7 +62,8 @@ fn binding_allocate_permission_channel_and_data_both_ways() {
         Client::expect_success(&r);
         // The allocation is gone: its routes too.
         c.send_channel(0x4000, b"after delete");
-        p.set_read_timeout(Some(std::time::Duration::from_millis(300))).unwrap();
+        p.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+            .unwrap();
         assert!(p.recv_retry(&mut buf).is_err(), "relayed after Refresh 0");
         relay.stop().unwrap();
     }
