@@ -179,6 +179,7 @@ fn run(config: RelayConfig, demo: bool) -> ExitCode {
         pin_workers: config.pin_workers,
         drain: config.drain,
         usage_sink: None,
+        stream: Default::default(),
     };
     let mut relay = match control::start(settings) {
         Ok(r) => r,

@@ -19,6 +19,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use crate::dataplane::stream::{StreamLimits, StreamListener, StreamShared, Streams};
 use crate::dataplane::{self, BackendKind, Core, ToControl, WorkerMsg, WorkerSetup, WorkerStats};
 use crate::route::{ClientKey, ListenerId, RelayId, RouteUpdate};
 use crate::server::{self, Command, FiveTuple, Server, Transport};
@@ -48,6 +49,21 @@ pub struct Settings {
     pub drain: Duration,
     /// Where final usage records go (metering); they are logged either way.
     pub usage_sink: Option<Sender<UsageRecord>>,
+    /// TURN over TCP and TLS.
+    pub stream: StreamSettings,
+}
+
+/// TURN over TCP and TLS: listeners, TLS configuration, limits.
+#[derive(Debug, Clone, Default)]
+pub struct StreamSettings {
+    /// TCP listen addresses (port 0 picks one port, shared by every worker).
+    pub listen_tcp: Vec<SocketAddr>,
+    /// TLS listen addresses.
+    pub listen_tls: Vec<SocketAddr>,
+    /// The TLS server configuration (required when `listen_tls` is not empty).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Connection limits and timeouts.
+    pub limits: StreamLimits,
 }
 
 /// A running relay.
@@ -56,14 +72,33 @@ pub struct RelayHandle {
     to_control: Sender<ToControl>,
     control: Option<JoinHandle<io::Result<()>>>,
     listen: Vec<SocketAddr>,
+    listen_tcp: Vec<SocketAddr>,
+    listen_tls: Vec<SocketAddr>,
     backend: BackendKind,
     stats: Vec<Arc<WorkerStats>>,
+    streams: Arc<StreamShared>,
 }
 
 impl RelayHandle {
     /// The addresses the relay listens on (ports resolved).
     pub fn listen_addrs(&self) -> &[SocketAddr] {
         &self.listen
+    }
+
+    /// The TCP addresses the relay listens on (ports resolved).
+    pub fn tcp_addrs(&self) -> &[SocketAddr] {
+        &self.listen_tcp
+    }
+
+    /// The TLS addresses the relay listens on (ports resolved).
+    pub fn tls_addrs(&self) -> &[SocketAddr] {
+        &self.listen_tls
+    }
+
+    /// The stream side's shared state: counters, and [`StreamShared::set_tls`] to reload the certificate
+    /// (new connections use it; established ones keep their session).
+    pub fn streams(&self) -> &Arc<StreamShared> {
+        &self.streams
     }
 
     /// The backend the workers run.
@@ -138,8 +173,45 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         }
         sockets.push(mine);
     }
+    // Stream listeners get the ids after the UDP listeners': TCP, then TLS.
+    let stream = &settings.stream;
+    if !stream.listen_tls.is_empty() && stream.tls.is_none() {
+        return Err(io::Error::other(
+            "listen_tls needs a TLS certificate and key",
+        ));
+    }
+    let mut listen_tcp = stream.listen_tcp.clone();
+    let mut listen_tls = stream.listen_tls.clone();
+    let mut tcp_sockets: Vec<Vec<StreamListener>> = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let mut mine = Vec::new();
+        let mut id = listen.len();
+        for (addrs, tls) in [(&mut listen_tcp, false), (&mut listen_tls, true)] {
+            for addr in addrs.iter_mut() {
+                let s = sys::bind_tcp(*addr, 1024)
+                    .map_err(|e| io::Error::new(e.kind(), format!("listen {addr} (tcp): {e}")))?;
+                *addr = s.local_addr()?;
+                mine.push(StreamListener {
+                    socket: s,
+                    id: ListenerId::try_from(id).map_err(io::Error::other)?,
+                    tls,
+                });
+                id += 1;
+            }
+        }
+        tcp_sockets.push(mine);
+    }
+    let first_stream = ListenerId::try_from(listen.len()).map_err(io::Error::other)?;
+    let shared = Arc::new(StreamShared::new(stream.limits.clone(), stream.tls.clone()));
+    let mut listeners: Vec<(SocketAddr, Transport)> =
+        listen.iter().map(|a| (*a, Transport::Udp)).collect();
+    listeners.extend(listen_tcp.iter().map(|a| (*a, Transport::Tcp)));
+    listeners.extend(listen_tls.iter().map(|a| (*a, Transport::Tls)));
+
     let mut server_config = settings.server.clone();
-    server_config.peer_policy = server_config.peer_policy.with_service_ports(listen.clone());
+    server_config.peer_policy = server_config
+        .peer_policy
+        .with_service_ports(listeners.iter().map(|l| l.0).collect());
     let server = Server::new(server_config, StdRng::from_entropy())
         .map_err(|e| io::Error::other(e.to_string()))?;
 
@@ -147,7 +219,7 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
     let mut handles = Vec::with_capacity(workers);
     let mut stats = Vec::with_capacity(workers);
     let mut replies = Vec::with_capacity(workers);
-    for (k, mine) in sockets.into_iter().enumerate() {
+    for (k, (mine, tcp)) in sockets.into_iter().zip(tcp_sockets).enumerate() {
         let (tx, mailbox) = unbounded();
         let wake = Arc::new(EventFd::new()?);
         let worker_stats = Arc::new(WorkerStats::default());
@@ -164,6 +236,12 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
                 settings.server.channel_range,
             ),
             listeners: mine,
+            streams: Streams::new(
+                tcp,
+                first_stream,
+                shared.clone(),
+                settings.server.channel_range,
+            )?,
             mailbox,
             wake: wake.clone(),
         };
@@ -187,11 +265,12 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         });
         stats.push(worker_stats);
     }
-    tracing::info!(workers, ?backend, listen = ?listen, "relay started");
+    tracing::info!(workers, ?backend, listen = ?listen, tcp = ?listen_tcp, tls = ?listen_tls, "relay started");
 
     let control = Control {
         server,
-        listen: listen.clone(),
+        listeners,
+        stream_owners: HashMap::new(),
         workers: handles,
         replies,
         relays: HashMap::new(),
@@ -216,8 +295,11 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         to_control,
         control: Some(thread),
         listen,
+        listen_tcp,
+        listen_tls,
         backend,
         stats,
+        streams: shared,
     })
 }
 
@@ -238,7 +320,10 @@ impl Worker {
 
 struct Control {
     server: Server<StdRng>,
-    listen: Vec<SocketAddr>,
+    /// Every listener by id: UDP first, then TCP, then TLS.
+    listeners: Vec<(SocketAddr, Transport)>,
+    /// TCP/TLS connection → the worker that owns it.
+    stream_owners: HashMap<ClientKey, usize>,
     workers: Vec<Worker>,
     /// `replies[worker][listener]`: clones of each worker's listener sockets.
     replies: Vec<Vec<UdpSocket>>,
@@ -297,17 +382,36 @@ impl Control {
                     client,
                     bytes,
                 }) => {
-                    let Some(server_addr) = self.listen.get(usize::from(listener)).copied() else {
+                    let Some((server_addr, transport)) =
+                        self.listeners.get(usize::from(listener)).copied()
+                    else {
                         continue;
                     };
                     self.current_worker = worker;
+                    if transport.is_stream() {
+                        self.stream_owners
+                            .insert(ClientKey { client, listener }, worker);
+                    }
                     let five = FiveTuple {
                         client,
                         server: server_addr,
-                        transport: Transport::Udp,
+                        transport,
                     };
                     self.server
                         .handle_client_message(now, unix_now(), five, &bytes);
+                }
+                Ok(ToControl::StreamClosed { listener, client }) => {
+                    self.stream_owners.remove(&ClientKey { client, listener });
+                    if let Some((server_addr, transport)) =
+                        self.listeners.get(usize::from(listener)).copied()
+                    {
+                        let five = FiveTuple {
+                            client,
+                            server: server_addr,
+                            transport,
+                        };
+                        self.server.handle_connection_closed(now, five);
+                    }
                 }
                 Ok(ToControl::RelayClosed {
                     allocation,
@@ -342,9 +446,29 @@ impl Control {
             }
             while let Some(t) = self.server.poll_transmit() {
                 busy = true;
-                let Some(listener) = self.listen.iter().position(|l| *l == t.src) else {
+                let Some(listener) = self
+                    .listeners
+                    .iter()
+                    .position(|l| *l == (t.src, t.transport))
+                else {
                     continue;
                 };
+                if t.transport.is_stream() {
+                    let Ok(listener) = ListenerId::try_from(listener) else {
+                        continue;
+                    };
+                    let key = ClientKey {
+                        client: t.dst,
+                        listener,
+                    };
+                    if let Some(&worker) = self.stream_owners.get(&key) {
+                        self.workers[worker].send(WorkerMsg::SendStream {
+                            client: key,
+                            bytes: t.payload.to_vec(),
+                        });
+                    }
+                    continue;
+                }
                 let five = FiveTuple {
                     client: t.dst,
                     server: t.src,
@@ -470,9 +594,9 @@ impl Control {
     }
 
     fn listener_of(&self, client: FiveTuple) -> Option<ListenerId> {
-        self.listen
+        self.listeners
             .iter()
-            .position(|l| *l == client.server)
+            .position(|l| *l == (client.server, client.transport))
             .and_then(|i| ListenerId::try_from(i).ok())
     }
 

@@ -14,11 +14,14 @@ use hashbrown::HashMap;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
+use super::stream::{Streams, SWEEP};
 use super::{Action, Core, Drop, Out, WorkerMsg, WorkerSetup, BATCH, HEADROOM, SLOT};
-use crate::route::{RelayId, RouteUpdate};
+use crate::route::{ClientKey, RelayId, RouteUpdate};
 use crate::sys::mmsg::{recv_batch, send_batch, RecvMeta};
 
 const WAKE: Token = Token(usize::MAX);
+/// The worker's stream epoll set (TCP/TLS listeners and connections), nested in this one.
+const STREAMS: Token = Token(usize::MAX - 1);
 /// Tokens below this are listeners; from it upward, relay sockets by id.
 const RELAY_BASE: usize = 1 << 16;
 
@@ -26,10 +29,13 @@ pub(super) fn run(setup: WorkerSetup) -> io::Result<()> {
     let WorkerSetup {
         mut core,
         listeners,
+        mut streams,
         mailbox,
         wake,
     } = setup;
     let mut poll = Poll::new()?;
+    poll.registry()
+        .register(&mut SourceFd(&streams.fd()), STREAMS, Interest::READABLE)?;
     for (i, l) in listeners.iter().enumerate() {
         poll.registry()
             .register(&mut SourceFd(&l.as_raw_fd()), Token(i), Interest::READABLE)?;
@@ -46,10 +52,12 @@ pub(super) fn run(setup: WorkerSetup) -> io::Result<()> {
     };
 
     loop {
-        let timeout = if hot.is_empty() {
-            None
-        } else {
+        let timeout = if !hot.is_empty() {
             Some(std::time::Duration::ZERO)
+        } else if streams.has_connections() {
+            Some(SWEEP)
+        } else {
+            None
         };
         match poll.poll(&mut events, timeout) {
             Ok(()) => {}
@@ -85,12 +93,22 @@ pub(super) fn run(setup: WorkerSetup) -> io::Result<()> {
                     }
                     core.apply(update);
                 }
+                WorkerMsg::SendStream { client, bytes } => streams.send(&core, client, &bytes),
                 WorkerMsg::Stop => return Ok(()),
             }
+        }
+        if streams.has_connections() {
+            streams.sweep(&core, std::time::Instant::now());
         }
         for ev in events.iter() {
             if ev.token() == WAKE {
                 wake.drain();
+            } else if ev.token() == STREAMS {
+                streams.service(&mut core, &mut |relay, dst, bytes| {
+                    relays
+                        .get(&relay)
+                        .is_some_and(|s| s.send_to(bytes, dst).is_ok())
+                });
             } else {
                 hot.push_back(ev.token());
             }
@@ -98,7 +116,7 @@ pub(super) fn run(setup: WorkerSetup) -> io::Result<()> {
         // Serve each ready socket one batch at a time, round robin.
         for _ in 0..hot.len() {
             let Some(token) = hot.pop_front() else { break };
-            let full = io.serve(&mut core, &listeners, &relays, token)?;
+            let full = io.serve(&mut core, &listeners, &relays, &mut streams, token)?;
             if full {
                 hot.push_back(token);
             }
@@ -120,6 +138,7 @@ impl Io {
         core: &mut Core,
         listeners: &[UdpSocket],
         relays: &HashMap<RelayId, UdpSocket>,
+        streams: &mut Streams,
         token: Token,
     ) -> io::Result<bool> {
         let (fd, source) = if token.0 < RELAY_BASE {
@@ -165,7 +184,7 @@ impl Io {
                     .push((out, dst, slot_start + range.start, range.len()));
             }
         }
-        self.flush(core, listeners, relays);
+        self.flush(core, listeners, relays, streams);
         Ok(n == BATCH)
     }
 
@@ -175,10 +194,24 @@ impl Io {
         core: &Core,
         listeners: &[UdpSocket],
         relays: &HashMap<RelayId, UdpSocket>,
+        streams: &mut Streams,
     ) {
         let mut i = 0;
         while i < self.pending.len() {
             let out = self.pending[i].0;
+            if let Out::Listener(l) = out {
+                if streams.is_stream(l) {
+                    // Peer data for a TCP/TLS client: into its connection's write queue.
+                    let (_, dst, start, len) = self.pending[i];
+                    let client = ClientKey {
+                        client: dst,
+                        listener: l,
+                    };
+                    streams.send(core, client, &self.slab[start..start + len]);
+                    i += 1;
+                    continue;
+                }
+            }
             let mut group: [(SocketAddr, &[u8]); BATCH] =
                 [(SocketAddr::from(([0, 0, 0, 0], 0)), &[]); BATCH];
             let mut k = 0;

@@ -23,7 +23,9 @@
 //! May use: wire, route, sys, metrics.
 
 mod epoll;
+pub mod framing;
 mod stats;
+pub mod stream;
 pub mod uring;
 
 use std::io;
@@ -71,6 +73,13 @@ pub enum ToControl {
         /// The message.
         bytes: Vec<u8>,
     },
+    /// A client's TCP/TLS connection closed (its allocation ends with it).
+    StreamClosed {
+        /// The connection's stream listener.
+        listener: ListenerId,
+        /// The client's address.
+        client: SocketAddr,
+    },
     /// A relay socket was closed; these are its final counters.
     RelayClosed {
         /// The allocation.
@@ -96,6 +105,13 @@ pub enum WorkerMsg {
     },
     /// Change the routes.
     Route(RouteUpdate),
+    /// Write a message to a TCP/TLS client's connection (padded to 4 bytes there).
+    SendStream {
+        /// The connection.
+        client: ClientKey,
+        /// The message.
+        bytes: Vec<u8>,
+    },
     /// Exit the loop.
     Stop,
 }
@@ -309,6 +325,14 @@ impl Core {
         }
     }
 
+    /// A stream connection closed: tell the control thread (never lost: its allocation must end).
+    pub fn stream_closed(&self, key: ClientKey) {
+        let _ = self.to_control.send(ToControl::StreamClosed {
+            listener: key.listener,
+            client: key.client,
+        });
+    }
+
     /// Count a drop.
     #[inline]
     pub fn drop(&self, why: Drop) -> Action {
@@ -329,6 +353,8 @@ pub struct WorkerSetup {
     pub core: Core,
     /// Its listeners, in config order.
     pub listeners: Vec<UdpSocket>,
+    /// Its TCP/TLS listeners and connections.
+    pub streams: stream::Streams,
     /// Its mailbox.
     pub mailbox: Receiver<WorkerMsg>,
     /// Rung after every mailbox send.

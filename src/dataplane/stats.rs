@@ -23,11 +23,13 @@ pub enum Drop {
     ControlBusy,
     /// The kernel did not take the datagram (full socket buffer, unreachable).
     SendFailed,
+    /// A TCP/TLS client's bounded write queue was full (a slow reader), or its connection is gone.
+    StreamQueueFull,
 }
 
 impl Drop {
     /// All reasons, in counter order.
-    pub const ALL: [Drop; 8] = [
+    pub const ALL: [Drop; 9] = [
         Drop::NotTurn,
         Drop::Malformed,
         Drop::NoChannel,
@@ -36,6 +38,7 @@ impl Drop {
         Drop::Truncated,
         Drop::ControlBusy,
         Drop::SendFailed,
+        Drop::StreamQueueFull,
     ];
 
     /// A short name for metrics.
@@ -49,6 +52,7 @@ impl Drop {
             Drop::Truncated => "truncated",
             Drop::ControlBusy => "control_busy",
             Drop::SendFailed => "send_failed",
+            Drop::StreamQueueFull => "stream_queue_full",
         }
     }
 }
@@ -58,7 +62,7 @@ impl Drop {
 pub struct WorkerStats {
     rx: CachePadded<AtomicU64>,
     tx: CachePadded<AtomicU64>,
-    drops: CachePadded<[AtomicU64; 8]>,
+    drops: CachePadded<[AtomicU64; Drop::ALL.len()]>,
 }
 
 impl WorkerStats {

@@ -29,8 +29,9 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use hashbrown::HashMap;
 
+use super::stream::{Streams, SWEEP};
 use super::{Action, Core, Drop, Out, WorkerMsg, WorkerSetup, HEADROOM, MAX_DATAGRAM, SLOT};
-use crate::route::{RelayId, RouteUpdate};
+use crate::route::{ClientKey, RelayId, RouteUpdate};
 use crate::sys::uring::{Buf, Completion, Ring, RingConfig};
 
 /// Whether this backend is implemented.
@@ -46,6 +47,7 @@ pub(super) fn run(setup: WorkerSetup) -> io::Result<()> {
     let WorkerSetup {
         core,
         listeners,
+        streams,
         mailbox,
         wake,
     } = setup;
@@ -62,12 +64,14 @@ pub(super) fn run(setup: WorkerSetup) -> io::Result<()> {
         ring,
         retry: Vec::with_capacity(64),
         wake: wake.as_raw_fd(),
+        streams,
     };
     for (i, l) in listeners.into_iter().enumerate() {
         let tag = w.socks.insert(l, Out::Listener(i as u16));
         w.socks.arm(&mut w.ring, tag, &mut w.retry)?;
     }
     w.ring.read_eventfd(w.wake)?;
+    w.ring.poll_readable(w.streams.fd(), STREAMS_TAG)?;
 
     loop {
         let n = w.retry.len();
@@ -76,12 +80,18 @@ pub(super) fn run(setup: WorkerSetup) -> io::Result<()> {
             match what {
                 Retry::Arm => w.socks.arm(&mut w.ring, tag, &mut w.retry)?,
                 Retry::Cancel => w.socks.cancel(&mut w.ring, tag, &mut w.retry)?,
+                Retry::PollStreams => w.poll_streams()?,
             }
         }
         w.retry.drain(..n);
 
         // Interrupted waits return Ok: the loop just goes round again.
-        w.ring.submit_and_wait(1)?;
+        if w.streams.has_connections() {
+            w.ring.submit_and_wait_timeout(1, SWEEP)?;
+            w.streams.sweep(&w.core, std::time::Instant::now());
+        } else {
+            w.ring.submit_and_wait(1)?;
+        }
 
         while w.ring.reap() > 0 {
             // Routes first: updates queued before a response went out must apply before anything that
@@ -108,9 +118,26 @@ struct Worker {
     /// Receives that could not be armed or cancelled (full submission queue): retried every iteration.
     retry: Vec<(u32, Retry)>,
     wake: RawFd,
+    /// TCP/TLS listeners and connections, served when their epoll set is readable.
+    streams: Streams,
 }
 
+/// The tag of the readiness poll on the worker's stream epoll set.
+const STREAMS_TAG: u32 = u32::MAX;
+
 impl Worker {
+    /// Arm the readiness poll of the stream epoll set (again later if the submission queue is full).
+    fn poll_streams(&mut self) -> io::Result<()> {
+        match self.ring.poll_readable(self.streams.fd(), STREAMS_TAG) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.retry.push((STREAMS_TAG, Retry::PollStreams));
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Apply a message from the control thread. False: stop.
     fn on_message(&mut self, msg: WorkerMsg) -> io::Result<bool> {
         let Worker {
@@ -118,6 +145,7 @@ impl Worker {
             socks,
             ring,
             retry,
+            streams,
             ..
         } = self;
         match msg {
@@ -141,6 +169,7 @@ impl Worker {
                 }
                 core.apply(update);
             }
+            WorkerMsg::SendStream { client, bytes } => streams.send(core, client, &bytes),
             WorkerMsg::Stop => return Ok(false),
         }
         Ok(true)
@@ -153,6 +182,7 @@ impl Worker {
             ring,
             retry,
             wake,
+            streams,
         } = self;
         match c {
             Completion::Recv {
@@ -184,6 +214,19 @@ impl Worker {
                         Out::Relay(r) => core.on_peer(r, from, ring.buf_mut(&buf), len),
                     };
                     match action {
+                        Action::Forward {
+                            out: Out::Listener(l),
+                            dst,
+                            range,
+                        } if streams.is_stream(l) => {
+                            // Peer data for a TCP/TLS client: into its connection's write queue.
+                            let client = ClientKey {
+                                client: dst,
+                                listener: l,
+                            };
+                            streams.send(core, client, &ring.buf_mut(&buf)[range]);
+                            ring.release(buf);
+                        }
                         Action::Forward { out, dst, range } => {
                             socks.forward(ring, core, buf, out, dst, range);
                         }
@@ -213,6 +256,14 @@ impl Worker {
                 socks.close_if_idle(tag);
             }
             Completion::Wake => ring.read_eventfd(*wake)?,
+            Completion::Ready { .. } => {
+                streams.service(core, &mut |relay, dst, bytes| {
+                    socks
+                        .udp(Out::Relay(relay))
+                        .is_some_and(|s| s.send_to(bytes, dst).is_ok())
+                });
+                return self.poll_streams();
+            }
         }
         Ok(())
     }
@@ -223,6 +274,7 @@ impl Worker {
 enum Retry {
     Arm,
     Cancel,
+    PollStreams,
 }
 
 /// A socket the worker owns.
@@ -270,6 +322,16 @@ impl Sockets {
 
     fn get_mut(&mut self, tag: u32) -> Option<&mut Sock> {
         self.slots.get_mut(tag as usize).and_then(Option::as_mut)
+    }
+
+    /// The live socket for `out`.
+    fn udp(&self, out: Out) -> Option<&UdpSocket> {
+        let tag = match out {
+            Out::Listener(l) => u32::from(l),
+            Out::Relay(r) => *self.relays.get(&r)?,
+        };
+        let s = self.slots.get(tag as usize)?.as_ref()?;
+        (!s.closing).then_some(&s.socket)
     }
 
     /// The descriptor and tag of an outgoing socket.

@@ -259,6 +259,11 @@ impl RouteTable {
         self.relays.get_mut(&id)
     }
 
+    /// Whether `client` has a relay socket (an allocation) in this worker.
+    pub fn has_client(&self, client: ClientKey) -> bool {
+        self.clients.contains_key(&client)
+    }
+
     /// Number of relay sockets.
     pub fn relay_count(&self) -> usize {
         self.relays.len()

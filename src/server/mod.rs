@@ -324,6 +324,15 @@ impl<R: RngCore> Server<R> {
         }
     }
 
+    /// The client's TCP or TLS connection `client` closed: its allocation ends with it (RFC 8656 §3.1, the
+    /// 5-tuple of a stream allocation is the connection). Nothing happens for a connection without one.
+    pub fn handle_connection_closed(&mut self, now: Instant, client: FiveTuple) {
+        let _ = now;
+        if let Some(id) = self.by_client.get(&client).copied() {
+            self.free_allocation(id);
+        }
+    }
+
     /// Expire whatever is due at `now`: allocations, permissions, channel bindings and port reservations.
     pub fn handle_timeout(&mut self, now: Instant) {
         while let Some(&(at, timer)) = self.timers.first() {

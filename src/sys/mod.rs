@@ -71,6 +71,26 @@ pub fn bind_udp(addr: SocketAddr, opts: UdpOptions) -> io::Result<std::net::UdpS
     Ok(sock.into())
 }
 
+/// Bind a non-blocking SO_REUSEPORT TCP listener on `addr` (one per worker; the kernel spreads new
+/// connections over them). An IPv6 address listens on IPv6 only.
+pub fn bind_tcp(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let sock = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(backlog)?;
+    Ok(sock.into())
+}
+
 fn set_dont_fragment(sock: &Socket, v4: bool) -> io::Result<()> {
     let (level, name, value) = if v4 {
         (

@@ -32,8 +32,8 @@
 //!
 //! # user_data
 //! The top byte is the operation kind; a receive carries the caller's socket tag in the low 32 bits, a
-//! send the buffer index in bits 32..48 and the tag in the low 32 bits. Wake-up reads and cancellations
-//! have kinds of their own.
+//! send the buffer index in bits 32..48 and the tag in the low 32 bits. Wake-up reads, cancellations and
+//! readiness polls (a poll carries the caller's tag) have kinds of their own.
 //!
 //! Requires Linux 6.0 (multishot `RecvMsg`; provided buffer rings are 5.19). [`probe`] checks this by
 //! trying it, so that older kernels fall back to the epoll backend.
@@ -66,6 +66,7 @@ const RECV: u64 = 1 << 56;
 const SEND: u64 = 2 << 56;
 const WAKE: u64 = 3 << 56;
 const CANCEL: u64 = 4 << 56;
+const POLL: u64 = 5 << 56;
 
 /// Check that io_uring works here and supports what the backend uses: the RecvMsg, SendMsg, Read and
 /// AsyncCancel opcodes, provided buffer rings, and multishot `RecvMsg` (tried on a loopback socket).
@@ -217,6 +218,11 @@ pub enum Completion {
     },
     /// The eventfd read completed: arm it again with [`Ring::read_eventfd`].
     Wake,
+    /// A poll armed with [`Ring::poll_readable`] fired (or failed): serve the fd, then arm it again.
+    Ready {
+        /// The tag given to [`Ring::poll_readable`].
+        tag: u32,
+    },
 }
 
 /// A buffer's owner (see the module doc).
@@ -461,6 +467,18 @@ impl Ring {
         Ok(())
     }
 
+    /// Arm a one-shot readiness poll of `fd` for reading; it completes as [`Completion::Ready`] with `tag`.
+    /// Used for fds served with plain non-blocking syscalls (an epoll set of TCP connections).
+    pub fn poll_readable(&mut self, fd: RawFd, tag: u32) -> io::Result<()> {
+        let sqe = opcode::PollAdd::new(Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(POLL | u64::from(tag));
+        // SAFETY: a poll refers to no memory.
+        unsafe { self.push(&sqe)? };
+        self.ops += 1;
+        Ok(())
+    }
+
     /// The whole slot of a buffer the caller holds.
     pub fn buf_mut(&mut self, buf: &Buf) -> &mut [u8] {
         let i = buf.index();
@@ -682,6 +700,10 @@ impl Ring {
                 self.ops = self.ops.saturating_sub(1);
                 self.wake_armed = false;
                 Some(Completion::Wake)
+            }
+            POLL => {
+                self.ops = self.ops.saturating_sub(1);
+                Some(Completion::Ready { tag })
             }
             _ => {
                 // CANCEL, or anything unknown: nothing to report.

@@ -1,0 +1,660 @@
+//! TURN over TCP and TLS (RFC 8656 §3.1): a worker's stream listeners and connections.
+//!
+//! Each worker owns SO_REUSEPORT TCP listeners (the kernel spreads connections over the workers) and the
+//! connections accepted on them, all registered with one epoll instance of its own ([`Streams::fd`]). The
+//! worker's event loop waits on that fd beside its UDP sockets: the epoll backend nests it in its own epoll
+//! set, the io_uring backend arms a poll on it. When it is readable, [`Streams::service`] runs with plain
+//! non-blocking syscalls. The UDP fast path is untouched.
+//!
+//! A connection is one client 5-tuple: `ClientKey { client: its address, listener: the stream listener's
+//! id }`. Its bytes are framed ([`super::framing`]) and each message goes through [`Core::on_client`] exactly
+//! as a datagram would: ChannelData and Send indications to peers from the worker, STUN requests to the
+//! control thread. Replies and peer data come back through [`Streams::send`], padded to 4 bytes
+//! (RFC 8656 §12.5), into a bounded write queue; when a slow client's queue is full the message is dropped
+//! and counted ([`Drop::StreamQueueFull`]), so memory stays bounded and no other flow waits.
+//!
+//! A malformed frame closes that connection only. Closing a connection tells the control thread
+//! ([`ToControl::StreamClosed`]), which ends its allocation.
+//!
+//! Limits ([`StreamLimits`]) are shared by every worker: connections in total and per source IP, an idle
+//! timeout for connections without an allocation, and a TLS handshake timeout.
+//!
+//! May use: wire, route, sys, metrics.
+
+use std::collections::HashMap as StdHashMap;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
+use mio::{Events, Interest, Poll, Token};
+
+use super::framing::{Framer, MAX_FRAME};
+use super::{Action, Core, Drop, Out, HEADROOM};
+use crate::route::{ClientKey, ListenerId, RelayId};
+use crate::wire::{self, ChannelRange};
+
+/// Tokens below this are listeners; from it upward, connections by slot.
+const CONN_BASE: usize = 1 << 16;
+/// How often idle and handshake timeouts are checked.
+pub const SWEEP: Duration = Duration::from_millis(500);
+
+/// Limits on stream connections (shared by all workers).
+#[derive(Debug, Clone)]
+pub struct StreamLimits {
+    /// Connections open at once, over all workers.
+    pub max_connections: usize,
+    /// Connections open at once from one source IP.
+    pub max_per_ip: usize,
+    /// A connection without an allocation that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// A TLS connection whose handshake has not finished after this long is closed.
+    pub tls_handshake_timeout: Duration,
+    /// Bytes queued for one client before peer data to it is dropped.
+    pub write_queue: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        StreamLimits {
+            max_connections: 10_000,
+            max_per_ip: 100,
+            idle_timeout: Duration::from_secs(30),
+            tls_handshake_timeout: Duration::from_secs(10),
+            write_queue: 256 * 1024,
+        }
+    }
+}
+
+/// Counters of the stream side, over all workers.
+#[derive(Debug, Default)]
+pub struct StreamStats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections refused by a limit.
+    pub refused: AtomicU64,
+    /// Connections closed for a malformed frame or a TLS error.
+    pub malformed: AtomicU64,
+    /// Connections closed by a timeout.
+    pub timed_out: AtomicU64,
+    /// Connections open now.
+    pub open: AtomicUsize,
+}
+
+/// What every worker's stream side shares: limits, the current TLS configuration, connection counts.
+#[derive(Debug)]
+pub struct StreamShared {
+    limits: StreamLimits,
+    tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
+    per_ip: Mutex<StdHashMap<IpAddr, usize>>,
+    /// Counters.
+    pub stats: StreamStats,
+}
+
+impl StreamShared {
+    /// Shared state with `limits` and, for TLS listeners, a server configuration.
+    pub fn new(limits: StreamLimits, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
+        StreamShared {
+            limits,
+            tls: RwLock::new(tls),
+            per_ip: Mutex::new(StdHashMap::new()),
+            stats: StreamStats::default(),
+        }
+    }
+
+    /// Use `config` for TLS connections accepted from now on (existing ones keep theirs).
+    pub fn set_tls(&self, config: Arc<rustls::ServerConfig>) {
+        if let Ok(mut t) = self.tls.write() {
+            *t = Some(config);
+        }
+    }
+
+    fn tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.tls.read().ok().and_then(|t| t.clone())
+    }
+
+    /// Count a new connection from `ip` if the limits allow it.
+    fn admit(&self, ip: IpAddr) -> bool {
+        let Ok(mut per_ip) = self.per_ip.lock() else {
+            return false;
+        };
+        if self.stats.open.load(Ordering::Relaxed) >= self.limits.max_connections {
+            return false;
+        }
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= self.limits.max_per_ip {
+            return false;
+        }
+        *n += 1;
+        self.stats.open.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn release(&self, ip: IpAddr) {
+        if let Ok(mut per_ip) = self.per_ip.lock() {
+            if let Some(n) = per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Build a TLS server configuration (TLS 1.2 and 1.3) from a PEM certificate chain and a PEM private key.
+pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("certificate: {e}"))?;
+    if certs.is_empty() {
+        return Err("certificate: no CERTIFICATE block in the PEM file".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("key: {e}"))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| format!("certificate and key: {e}"))?;
+    Ok(Arc::new(config))
+}
+
+/// A stream listener handed to a worker.
+#[derive(Debug)]
+pub struct StreamListener {
+    /// The bound, listening socket.
+    pub socket: TcpListener,
+    /// Its listener id (after the UDP listeners' ids).
+    pub id: ListenerId,
+    /// Whether connections speak TLS.
+    pub tls: bool,
+}
+
+/// One client connection.
+#[derive(Debug)]
+struct Conn {
+    sock: mio::net::TcpStream,
+    key: ClientKey,
+    framer: Framer,
+    /// Bytes to write: `out[out_at..]`.
+    out: Vec<u8>,
+    out_at: usize,
+    tls: Option<Box<rustls::ServerConnection>>,
+    accepted: Instant,
+    last_rx: Instant,
+    want_write: bool,
+}
+
+/// A worker's stream listeners and connections (see the module doc).
+#[derive(Debug)]
+pub struct Streams {
+    poll: Poll,
+    events: Events,
+    listeners: Vec<(mio::net::TcpListener, ListenerId, bool)>,
+    first_id: ListenerId,
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    by_key: HashMap<ClientKey, usize>,
+    /// A message copied out of a framer, at `HEADROOM` like a datagram.
+    scratch: Vec<u8>,
+    shared: Arc<StreamShared>,
+    range: ChannelRange,
+    last_sweep: Instant,
+}
+
+impl Streams {
+    /// A worker's stream side with `listeners`; `first_id` is the smallest id a stream listener can have
+    /// (every id from it upward is a stream listener).
+    pub fn new(
+        listeners: Vec<StreamListener>,
+        first_id: ListenerId,
+        shared: Arc<StreamShared>,
+        range: ChannelRange,
+    ) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let mut ls = Vec::with_capacity(listeners.len());
+        for (i, l) in listeners.into_iter().enumerate() {
+            l.socket.set_nonblocking(true)?;
+            let mut m = mio::net::TcpListener::from_std(l.socket);
+            poll.registry()
+                .register(&mut m, Token(i), Interest::READABLE)?;
+            ls.push((m, l.id, l.tls));
+        }
+        Ok(Streams {
+            poll,
+            events: Events::with_capacity(256),
+            listeners: ls,
+            first_id,
+            conns: Vec::new(),
+            free: Vec::new(),
+            by_key: HashMap::new(),
+            scratch: Vec::new(),
+            shared,
+            range,
+            last_sweep: Instant::now(),
+        })
+    }
+
+    /// The fd to wait on: readable when a listener or connection needs service.
+    pub fn fd(&self) -> RawFd {
+        self.poll.as_raw_fd()
+    }
+
+    /// Whether `listener` is a stream listener.
+    #[inline]
+    pub fn is_stream(&self, listener: ListenerId) -> bool {
+        listener >= self.first_id
+    }
+
+    /// Whether any connection is open (then [`Streams::sweep`] should run about every [`SWEEP`]).
+    pub fn has_connections(&self) -> bool {
+        !self.by_key.is_empty()
+    }
+
+    /// Serve every ready listener and connection. Messages for peers are sent with `send_relay`.
+    pub fn service(
+        &mut self,
+        core: &mut Core,
+        send_relay: &mut dyn FnMut(RelayId, SocketAddr, &[u8]) -> bool,
+    ) {
+        loop {
+            if let Err(e) = self.poll.poll(&mut self.events, Some(Duration::ZERO)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::warn!("stream poll: {e}");
+                }
+                return;
+            }
+            let mut ready = Vec::new();
+            let n = self.events.iter().count();
+            for ev in self.events.iter() {
+                ready.push((ev.token(), ev.is_writable() || ev.is_write_closed()));
+            }
+            for (token, writable) in ready {
+                if token.0 < CONN_BASE {
+                    self.accept(token.0);
+                } else {
+                    let slot = token.0 - CONN_BASE;
+                    if writable {
+                        self.flush(core, slot);
+                    }
+                    self.read(core, slot, send_relay);
+                }
+            }
+            if n < self.events.capacity() {
+                break;
+            }
+        }
+        self.sweep(core, Instant::now());
+    }
+
+    /// Queue `msg` (a STUN message or ChannelData) for the client `key`, padded to 4 bytes, and try to
+    /// write it. Dropped and counted if the client's queue is full or it has no connection here.
+    pub fn send(&mut self, core: &Core, key: ClientKey, msg: &[u8]) {
+        let Some(&slot) = self.by_key.get(&key) else {
+            core.drop(Drop::StreamQueueFull);
+            return;
+        };
+        let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let padded = wire::pad4(msg.len());
+        if c.out.len() - c.out_at + padded > self.shared.limits.write_queue {
+            core.drop(Drop::StreamQueueFull);
+            return;
+        }
+        if c.out_at > 0 && c.out_at == c.out.len() {
+            c.out.clear();
+            c.out_at = 0;
+        }
+        c.out.extend_from_slice(msg);
+        c.out.resize(c.out.len() + padded - msg.len(), 0);
+        core.stats().count_tx(1);
+        self.flush(core, slot);
+    }
+
+    /// Close connections past their idle or handshake timeout (at most every [`SWEEP`]).
+    pub fn sweep(&mut self, core: &Core, now: Instant) {
+        if now.duration_since(self.last_sweep) < SWEEP {
+            return;
+        }
+        self.last_sweep = now;
+        let limits = &self.shared.limits;
+        let mut expired = Vec::new();
+        for (slot, c) in self.conns.iter().enumerate() {
+            let Some(c) = c else { continue };
+            let handshaking = c.tls.as_ref().is_some_and(|t| t.is_handshaking());
+            let late_handshake =
+                handshaking && now.duration_since(c.accepted) > limits.tls_handshake_timeout;
+            let idle = now.duration_since(c.last_rx) > limits.idle_timeout
+                && !core.table().has_client(c.key);
+            if late_handshake || idle {
+                expired.push(slot);
+            }
+        }
+        for slot in expired {
+            self.shared.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+            self.close(core, slot);
+        }
+    }
+
+    fn accept(&mut self, index: usize) {
+        loop {
+            let Some((listener, id, tls)) = self.listeners.get(index) else {
+                return;
+            };
+            let (id, tls) = (*id, *tls);
+            let (mut sock, from) = match listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // ECONNABORTED, EMFILE…: this connection is lost, the listener carries on.
+                    tracing::debug!("accept: {e}");
+                    return;
+                }
+            };
+            let from = canonical(from);
+            if !self.shared.admit(from.ip()) {
+                self.shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let tls = if tls {
+                let conn = self
+                    .shared
+                    .tls()
+                    .and_then(|cfg| rustls::ServerConnection::new(cfg).ok());
+                match conn {
+                    Some(c) => Some(Box::new(c)),
+                    None => {
+                        self.shared.release(from.ip());
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            let _ = sock.set_nodelay(true);
+            let slot = match self.free.pop() {
+                Some(s) => s,
+                None => {
+                    self.conns.push(None);
+                    self.conns.len() - 1
+                }
+            };
+            if self
+                .poll
+                .registry()
+                .register(&mut sock, Token(CONN_BASE + slot), Interest::READABLE)
+                .is_err()
+            {
+                self.free.push(slot);
+                self.shared.release(from.ip());
+                continue;
+            }
+            let key = ClientKey {
+                client: from,
+                listener: id,
+            };
+            let now = Instant::now();
+            self.conns[slot] = Some(Conn {
+                sock,
+                key,
+                framer: Framer::new(self.range),
+                out: Vec::new(),
+                out_at: 0,
+                tls,
+                accepted: now,
+                last_rx: now,
+                want_write: false,
+            });
+            self.by_key.insert(key, slot);
+            self.shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn read(
+        &mut self,
+        core: &mut Core,
+        slot: usize,
+        send_relay: &mut dyn FnMut(RelayId, SocketAddr, &[u8]) -> bool,
+    ) {
+        if self.scratch.len() < HEADROOM + MAX_FRAME + 4 {
+            self.scratch.resize(HEADROOM + MAX_FRAME + 4, 0);
+        }
+        let mut close = false;
+        let mut wrote_tls = false;
+        loop {
+            let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+                return;
+            };
+            // Fill the framer with whatever the socket (or TLS) has.
+            let got = match &mut c.tls {
+                None => match c.sock.read(c.framer.spare()) {
+                    Ok(0) => Err(()),
+                    Ok(n) => {
+                        c.framer.filled(n);
+                        Ok(true)
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
+                    Err(_) => Err(()),
+                },
+                Some(tls) => read_tls(tls, &mut c.sock, &mut c.framer, &mut wrote_tls),
+            };
+            let more = match got {
+                Ok(more) => more,
+                Err(_) => {
+                    close = true;
+                    false
+                }
+            };
+            c.last_rx = Instant::now();
+            // Hand every whole message to the packet logic.
+            let key = c.key;
+            loop {
+                let msg = match c.framer.next_frame() {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(_) => {
+                        self.shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                        core.drop(Drop::Malformed);
+                        close = true;
+                        break;
+                    }
+                };
+                let len = msg.len();
+                self.scratch[HEADROOM..HEADROOM + len].copy_from_slice(msg);
+                if let Action::Forward {
+                    out: Out::Relay(relay),
+                    dst,
+                    range,
+                } = core.on_client(key.listener, key.client, &mut self.scratch, len)
+                {
+                    if send_relay(relay, dst, &self.scratch[range]) {
+                        core.stats().count_tx(1);
+                    } else {
+                        core.drop(Drop::SendFailed);
+                    }
+                }
+            }
+            if close || !more {
+                break;
+            }
+        }
+        let tls = self
+            .conns
+            .get(slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|c| c.tls.is_some());
+        if close {
+            self.close(core, slot);
+        } else if wrote_tls || tls {
+            self.flush(core, slot);
+        }
+    }
+
+    /// Write what is queued; watch for writability while some is left.
+    fn flush(&mut self, core: &Core, slot: usize) {
+        let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let res = match &mut c.tls {
+            None => {
+                let mut res = Ok(true);
+                while c.out_at < c.out.len() {
+                    match c.sock.write(&c.out[c.out_at..]) {
+                        Ok(n) => c.out_at += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            res = Ok(false);
+                            break;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            res = Err(e);
+                            break;
+                        }
+                    }
+                }
+                res
+            }
+            Some(tls) => write_tls(tls, &mut c.sock, &c.out, &mut c.out_at),
+        };
+        match res {
+            Ok(done) => {
+                if done {
+                    c.out.clear();
+                    c.out_at = 0;
+                    if c.out.capacity() > 64 * 1024 {
+                        c.out.shrink_to(16 * 1024);
+                    }
+                }
+                if done == c.want_write {
+                    c.want_write = !done;
+                    let interest = if done {
+                        Interest::READABLE
+                    } else {
+                        Interest::READABLE | Interest::WRITABLE
+                    };
+                    let _ = self.poll.registry().reregister(
+                        &mut c.sock,
+                        Token(CONN_BASE + slot),
+                        interest,
+                    );
+                }
+            }
+            Err(_) => self.close(core, slot),
+        }
+    }
+
+    fn close(&mut self, core: &Core, slot: usize) {
+        let Some(mut c) = self.conns.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut c.sock);
+        self.by_key.remove(&c.key);
+        self.free.push(slot);
+        self.shared.release(c.key.client.ip());
+        core.stream_closed(c.key);
+    }
+}
+
+/// Read TLS records and decrypt what they carry into `framer`. `Ok(true)` if more may be waiting,
+/// `Ok(false)` once the socket would block, `Err` to close.
+fn read_tls(
+    tls: &mut rustls::ServerConnection,
+    sock: &mut mio::net::TcpStream,
+    framer: &mut Framer,
+    wrote: &mut bool,
+) -> Result<bool, ()> {
+    let more = match tls.read_tls(sock) {
+        Ok(0) => return Err(()),
+        Ok(_) => true,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
+        Err(_) => return Err(()),
+    };
+    let state = match tls.process_new_packets() {
+        Ok(s) => s,
+        Err(_) => {
+            // Send the alert, best effort.
+            let _ = tls.write_tls(sock);
+            return Err(());
+        }
+    };
+    if tls.wants_write() {
+        *wrote = true;
+    }
+    let mut plain = state.plaintext_bytes_to_read();
+    while plain > 0 {
+        match tls.reader().read(framer.spare()) {
+            Ok(0) => break,
+            Ok(n) => {
+                framer.filled(n);
+                plain = plain.saturating_sub(n);
+                // The framer may be full of one partial frame only when it is MAX_FRAME long; frames
+                // are taken out by the caller between reads, so stop here and come back.
+                if framer.buffered() >= MAX_FRAME {
+                    return Ok(true);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(_) => return Err(()),
+        }
+    }
+    if state.peer_has_closed() {
+        return Err(());
+    }
+    Ok(more || plain > 0)
+}
+
+/// Move queued plaintext into TLS records and write them. `Ok(true)` when everything is written.
+fn write_tls(
+    tls: &mut rustls::ServerConnection,
+    sock: &mut mio::net::TcpStream,
+    out: &[u8],
+    out_at: &mut usize,
+) -> io::Result<bool> {
+    loop {
+        if tls.wants_write() {
+            match tls.write_tls(sock) {
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if *out_at >= out.len() {
+            return Ok(true);
+        }
+        if tls.is_handshaking() {
+            // Plaintext waits for the handshake; the read side writes its flights.
+            return Ok(false);
+        }
+        let end = out.len().min(*out_at + 16 * 1024);
+        let n = tls.writer().write(&out[*out_at..end])?;
+        if n == 0 {
+            return Ok(false);
+        }
+        *out_at += n;
+    }
+}
+
+/// An IPv4-mapped IPv6 address (from a dual-stack listener) as the IPv4 address it is.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}

@@ -1,0 +1,531 @@
+//! End-to-end TURN over TCP and TLS (RFC 8656 §3.1), on every backend: the relay runs in-process with a
+//! self-signed certificate made here (rcgen); clients are blocking TCP or rustls streams framed with
+//! turnpike's own framer, peers are UDP sockets.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use turnpike::auth::long_term_key_md5;
+use turnpike::control::{RelayHandle, Settings};
+use turnpike::dataplane::framing::Framer;
+use turnpike::dataplane::stream::tls_config;
+use turnpike::dataplane::{BackendKind, Drop};
+use turnpike::wire::{
+    Attribute, ChannelData, ChannelRange, Class, Message, MessageType, MessageWriter, Method,
+    TransactionId,
+};
+
+/// A self-signed certificate for "localhost": (cert PEM, key PEM, cert DER).
+fn cert() -> (String, String, Vec<u8>) {
+    let c = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    (
+        c.cert.pem(),
+        c.key_pair.serialize_pem(),
+        c.cert.der().to_vec(),
+    )
+}
+
+fn stream_settings(backend: BackendKind, base: u16, cert_pem: &str, key_pem: &str) -> Settings {
+    let mut s = settings(backend, 2, base);
+    s.stream.listen_tcp = vec!["127.0.0.1:0".parse().unwrap()];
+    s.stream.listen_tls = vec!["127.0.0.1:0".parse().unwrap()];
+    s.stream.tls = Some(tls_config(cert_pem.as_bytes(), key_pem.as_bytes()).unwrap());
+    s
+}
+
+trait Conn: Read + Write + Send {}
+impl<T: Read + Write + Send> Conn for T {}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Tr {
+    Tcp,
+    Tls,
+}
+
+struct StreamClient {
+    conn: Box<dyn Conn>,
+    framer: Framer,
+    key: [u8; 16],
+    username: String,
+    nonce: Option<String>,
+    tid: u64,
+    /// Messages read while waiting for a response.
+    stash: std::collections::VecDeque<Vec<u8>>,
+}
+
+fn tls_client(der: &[u8]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der.to_vec().into()).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+impl StreamClient {
+    fn connect(relay: &RelayHandle, tr: Tr, der: &[u8], user: &str, password: &str) -> Self {
+        let addr = match tr {
+            Tr::Tcp => relay.tcp_addrs()[0],
+            Tr::Tls => relay.tls_addrs()[0],
+        };
+        let sock = TcpStream::connect(addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        sock.set_nodelay(true).unwrap();
+        let conn: Box<dyn Conn> = match tr {
+            Tr::Tcp => Box::new(sock),
+            Tr::Tls => {
+                let c =
+                    rustls::ClientConnection::new(tls_client(der), "localhost".try_into().unwrap())
+                        .unwrap();
+                Box::new(rustls::StreamOwned::new(c, sock))
+            }
+        };
+        StreamClient {
+            conn,
+            framer: Framer::new(ChannelRange::Rfc8656),
+            key: long_term_key_md5(user, REALM, password),
+            username: user.into(),
+            nonce: None,
+            tid: 0,
+            stash: Default::default(),
+        }
+    }
+
+    fn build(
+        &mut self,
+        method: Method,
+        class: Class,
+        attrs: &[Attribute<'_>],
+        auth: bool,
+    ) -> (TransactionId, Vec<u8>) {
+        self.tid += 1;
+        let mut t = [9u8; 12];
+        t[4..].copy_from_slice(&self.tid.to_be_bytes());
+        let tid = TransactionId(t);
+        let mut buf = vec![0u8; 1500];
+        let mut w = MessageWriter::new(&mut buf, MessageType::new(method, class), tid).unwrap();
+        for a in attrs {
+            w.add(a).unwrap();
+        }
+        if auth {
+            w.add(&Attribute::Username(&self.username)).unwrap();
+            w.add(&Attribute::Realm(REALM)).unwrap();
+            w.add(&Attribute::Nonce(self.nonce.as_deref().unwrap_or("")))
+                .unwrap();
+            w.add_integrity(&self.key).unwrap();
+        }
+        let n = w.finish();
+        buf.truncate(n);
+        (tid, buf)
+    }
+
+    /// The next message from the relay (ChannelData without its padding).
+    fn read_msg(&mut self) -> std::io::Result<Vec<u8>> {
+        loop {
+            if let Some(m) = self
+                .framer
+                .next_frame()
+                .expect("the relay frames correctly")
+            {
+                return Ok(m.to_vec());
+            }
+            let n = self.conn.read(self.framer.spare())?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            self.framer.filled(n);
+        }
+    }
+
+    fn recv(&mut self) -> Vec<u8> {
+        match self.stash.pop_front() {
+            Some(m) => m,
+            None => self.read_msg().expect("a message from the relay"),
+        }
+    }
+
+    fn transact(&mut self, method: Method, attrs: &[Attribute<'_>], auth: bool) -> Vec<u8> {
+        let (tid, req) = self.build(method, Class::Request, attrs, auth);
+        self.conn.write_all(&req).unwrap();
+        self.conn.flush().unwrap();
+        loop {
+            let m = self.read_msg().expect("a response");
+            if Message::parse(&m).is_ok_and(|p| p.transaction_id() == tid) {
+                return m;
+            }
+            self.stash.push_back(m);
+        }
+    }
+
+    fn authed(&mut self, method: Method, attrs: &[Attribute<'_>]) -> Vec<u8> {
+        let resp = self.transact(method, attrs, self.nonce.is_some());
+        let m = Message::parse(&resp).unwrap();
+        match m.attrs.error_code.map(|e| e.0) {
+            Some(401 | 438) => {
+                self.nonce = m.attrs.nonce.map(str::to_string);
+                self.transact(method, attrs, true)
+            }
+            _ => resp,
+        }
+    }
+
+    fn try_allocate(&mut self) -> Result<SocketAddr, Option<u16>> {
+        let resp = self.authed(Method::ALLOCATE, &[Attribute::RequestedTransport(17)]);
+        let m = Message::parse(&resp).unwrap();
+        if m.message_type().class != Class::Success {
+            return Err(m.attrs.error_code.map(|e| e.0));
+        }
+        assert!(m.verify_integrity(&self.key));
+        Ok(m.attrs.xor_relayed_address.unwrap())
+    }
+
+    fn allocate(&mut self) -> SocketAddr {
+        self.try_allocate().expect("allocate succeeds")
+    }
+
+    fn bind(&mut self, channel: u16, peer: SocketAddr) {
+        let r = self.authed(
+            Method::CHANNEL_BIND,
+            &[
+                Attribute::ChannelNumber(channel),
+                Attribute::XorPeerAddress(peer),
+            ],
+        );
+        Client::expect_success(&r);
+    }
+
+    fn permit(&mut self, peer: SocketAddr) {
+        let r = self.authed(
+            Method::CREATE_PERMISSION,
+            &[Attribute::XorPeerAddress(peer)],
+        );
+        Client::expect_success(&r);
+    }
+
+    /// ChannelData, padded to 4 bytes as streams require.
+    fn send_channel(&mut self, channel: u16, payload: &[u8]) {
+        let mut buf = vec![0u8; 4 + payload.len()];
+        buf[4..].copy_from_slice(payload);
+        ChannelData::write_header(&mut buf, channel, payload.len()).unwrap();
+        buf.resize((buf.len() + 3) & !3, 0);
+        self.conn.write_all(&buf).unwrap();
+        self.conn.flush().unwrap();
+    }
+
+    fn send_indication(&mut self, peer: SocketAddr, payload: &[u8]) {
+        let (_, msg) = self.build(
+            Method::SEND,
+            Class::Indication,
+            &[Attribute::XorPeerAddress(peer), Attribute::Data(payload)],
+            false,
+        );
+        self.conn.write_all(&msg).unwrap();
+        self.conn.flush().unwrap();
+    }
+
+    /// Whether the relay closed the connection within `within`.
+    fn closed_within(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            match self.read_msg() {
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return true,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return true, // reset
+                Ok(_) => {}
+            }
+        }
+        false
+    }
+}
+
+fn stream_drops(relay: &RelayHandle) -> u64 {
+    relay
+        .worker_stats()
+        .iter()
+        .map(|s| s.drops(Drop::StreamQueueFull))
+        .sum()
+}
+
+/// Channel data both ways, byte-exact, with every padding length.
+fn relay_both_ways(c: &mut StreamClient, p: &UdpSocket, relayed: SocketAddr, what: &str) {
+    let mut buf = vec![0u8; 65536];
+    for k in 0..40u16 {
+        let payload: Vec<u8> = (0..1 + k * 37).map(|i| (i ^ k) as u8).collect();
+        c.send_channel(0x4000, &payload);
+        let (n, from) = p.recv_retry(&mut buf).unwrap();
+        assert_eq!(
+            (&buf[..n], from),
+            (&payload[..], relayed),
+            "{what}: to peer"
+        );
+        p.send_to(&payload, relayed).unwrap();
+        let back = c.recv();
+        let cd = ChannelData::parse(&back).unwrap();
+        assert_eq!(
+            (cd.channel(), cd.payload()),
+            (0x4000, &payload[..]),
+            "{what}: to client"
+        );
+    }
+}
+
+#[test]
+fn tcp_and_tls_allocate_bind_and_relay_both_ways() {
+    let (cert_pem, key_pem, der) = cert();
+    for (i, backend) in backends().into_iter().enumerate() {
+        let relay = common::start(stream_settings(
+            backend,
+            40000 + 1000 * i as u16,
+            &cert_pem,
+            &key_pem,
+        ));
+        for tr in [Tr::Tcp, Tr::Tls] {
+            let what = format!("{backend:?}/{tr:?}");
+            let mut c = StreamClient::connect(&relay, tr, &der, "alice", "alice-pass");
+            // Binding: XOR-MAPPED-ADDRESS is the TCP source.
+            let resp = c.transact(Method::BINDING, &[], false);
+            assert!(Message::parse(&resp)
+                .unwrap()
+                .attrs
+                .xor_mapped_address
+                .is_some());
+
+            let relayed = c.allocate();
+            let p = peer();
+            let pa = p.local_addr().unwrap();
+            c.permit(pa);
+            c.send_indication(pa, b"via send");
+            let mut buf = vec![0u8; 65536];
+            let (n, from) = p.recv_retry(&mut buf).unwrap();
+            assert_eq!((&buf[..n], from), (&b"via send"[..], relayed), "{what}");
+            // Odd lengths: the Data indication is padded, so what follows still frames.
+            p.send_to(b"back as data!", relayed).unwrap();
+            let d = c.recv();
+            let m = Message::parse(&d).unwrap();
+            assert_eq!(
+                (m.message_type().method, m.attrs.data),
+                (Method::DATA, Some(&b"back as data!"[..]))
+            );
+
+            c.bind(0x4000, pa);
+            relay_both_ways(&mut c, &p, relayed, &what);
+            // A frame near the 0xFFFF limit, client → peer.
+            let big: Vec<u8> = (0..65_000u32).map(|i| i as u8).collect();
+            c.send_channel(0x4000, &big);
+            let (n, _) = p.recv_retry(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &big[..], "{what}: big frame");
+            // Several messages in one write.
+            let mut batch = Vec::new();
+            for k in 0..5u8 {
+                let mut m = vec![0x40, 0x00, 0, 1 + k];
+                m.extend(std::iter::repeat(k).take(usize::from(1 + k)));
+                m.resize((m.len() + 3) & !3, 0);
+                batch.extend(m);
+            }
+            c.conn.write_all(&batch).unwrap();
+            c.conn.flush().unwrap();
+            for k in 0..5u8 {
+                let (n, _) = p.recv_retry(&mut buf).unwrap();
+                assert_eq!(
+                    &buf[..n],
+                    &vec![k; usize::from(1 + k)][..],
+                    "{what}: batched"
+                );
+            }
+        }
+        relay.stop().unwrap();
+    }
+}
+
+#[test]
+fn closing_the_connection_frees_the_allocation() {
+    let (cert_pem, key_pem, der) = cert();
+    for (i, backend) in backends().into_iter().enumerate() {
+        let mut s = stream_settings(backend, 42000 + 1000 * i as u16, &cert_pem, &key_pem);
+        // One relay port only: a second allocation needs the first one gone.
+        let base = *s.server.relay_ports.start();
+        s.server.relay_ports = base..=base;
+        let relay = common::start(s);
+        for tr in [Tr::Tcp, Tr::Tls] {
+            let mut a = StreamClient::connect(&relay, tr, &der, "alice", "alice-pass");
+            a.allocate();
+            let mut b = StreamClient::connect(&relay, tr, &der, "bob", "bob-pass");
+            assert_eq!(
+                b.try_allocate(),
+                Err(Some(508)),
+                "{backend:?}/{tr:?}: the port is taken"
+            );
+            drop(a);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            loop {
+                std::thread::sleep(Duration::from_millis(50));
+                match b.try_allocate() {
+                    Ok(_) => break,
+                    Err(e) => assert!(
+                        Instant::now() < deadline,
+                        "{backend:?}/{tr:?}: still taken: {e:?}"
+                    ),
+                }
+            }
+        }
+        relay.stop().unwrap();
+    }
+}
+
+#[test]
+fn a_slow_reader_drops_and_others_keep_relaying() {
+    let (cert_pem, key_pem, der) = cert();
+    for (i, backend) in backends().into_iter().enumerate() {
+        let mut s = stream_settings(backend, 44000 + 1000 * i as u16, &cert_pem, &key_pem);
+        s.stream.limits.write_queue = 64 * 1024;
+        let relay = common::start(s);
+        for tr in [Tr::Tcp, Tr::Tls] {
+            let what = format!("{backend:?}/{tr:?}");
+            let mut slow = StreamClient::connect(&relay, tr, &der, "alice", "alice-pass");
+            let slow_relayed = slow.allocate();
+            let flood = peer();
+            slow.bind(0x4000, flood.local_addr().unwrap());
+            let mut fast = StreamClient::connect(&relay, tr, &der, "bob", "bob-pass");
+            let relayed = fast.allocate();
+            let p = peer();
+            fast.bind(0x4000, p.local_addr().unwrap());
+            let before = stream_drops(&relay);
+            // The slow client never reads: its socket buffers and then its queue fill up.
+            let payload = vec![0xAB; 1200];
+            for _ in 0..20_000 {
+                let _ = flood.send_to(&payload, slow_relayed);
+            }
+            relay_both_ways(&mut fast, &p, relayed, &what);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while stream_drops(&relay) == before {
+                assert!(
+                    Instant::now() < deadline,
+                    "{what}: no drop counted for the slow reader"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        relay.stop().unwrap();
+    }
+}
+
+#[test]
+fn a_malformed_frame_closes_that_connection_only() {
+    let (cert_pem, key_pem, der) = cert();
+    for (i, backend) in backends().into_iter().enumerate() {
+        let relay = common::start(stream_settings(
+            backend,
+            46000 + 1000 * i as u16,
+            &cert_pem,
+            &key_pem,
+        ));
+        for tr in [Tr::Tcp, Tr::Tls] {
+            let mut good = StreamClient::connect(&relay, tr, &der, "alice", "alice-pass");
+            good.allocate();
+            let mut bad = StreamClient::connect(&relay, tr, &der, "bob", "bob-pass");
+            bad.transact(Method::BINDING, &[], false);
+            bad.conn.write_all(&[0xFF; 16]).unwrap();
+            bad.conn.flush().unwrap();
+            assert!(
+                bad.closed_within(Duration::from_secs(3)),
+                "{backend:?}/{tr:?}"
+            );
+            let resp = good.transact(Method::BINDING, &[], false);
+            Client::expect_success(&resp);
+        }
+        relay.stop().unwrap();
+    }
+}
+
+#[test]
+fn certificate_reload_keeps_sessions() {
+    let (cert1, key1, der1) = cert();
+    let (cert2, key2, der2) = cert();
+    for (i, backend) in backends().into_iter().enumerate() {
+        let relay = common::start(stream_settings(
+            backend,
+            48000 + 1000 * i as u16,
+            &cert1,
+            &key1,
+        ));
+        let mut old = StreamClient::connect(&relay, Tr::Tls, &der1, "alice", "alice-pass");
+        let relayed = old.allocate();
+        let p = peer();
+        old.bind(0x4000, p.local_addr().unwrap());
+
+        relay
+            .streams()
+            .set_tls(tls_config(cert2.as_bytes(), key2.as_bytes()).unwrap());
+        // New connections get the new certificate: trusting only it works…
+        let mut new = StreamClient::connect(&relay, Tr::Tls, &der2, "bob", "bob-pass");
+        new.allocate();
+        // …and trusting only the old one fails.
+        let mut stale = StreamClient::connect(&relay, Tr::Tls, &der1, "bob", "bob-pass");
+        let (_, req) = stale.build(Method::BINDING, Class::Request, &[], false);
+        assert!(
+            stale
+                .conn
+                .write_all(&req)
+                .and_then(|_| stale.conn.flush())
+                .is_err()
+                || stale.read_msg().is_err()
+        );
+        // The established session still relays.
+        relay_both_ways(&mut old, &p, relayed, &format!("{backend:?} after reload"));
+        relay.stop().unwrap();
+    }
+}
+
+#[test]
+fn limits_and_timeouts() {
+    let (cert_pem, key_pem, der) = cert();
+    for (i, backend) in backends().into_iter().enumerate() {
+        let mut s = stream_settings(backend, 50000 + 1000 * i as u16, &cert_pem, &key_pem);
+        s.stream.limits.max_per_ip = 3;
+        s.stream.limits.idle_timeout = Duration::from_millis(800);
+        s.stream.limits.tls_handshake_timeout = Duration::from_millis(800);
+        let relay = common::start(s);
+        let what = format!("{backend:?}");
+        // One with an allocation (stays), one idle (closed), one TLS that never handshakes (closed).
+        let mut busy = StreamClient::connect(&relay, Tr::Tcp, &der, "alice", "alice-pass");
+        busy.allocate();
+        let mut idle = StreamClient::connect(&relay, Tr::Tcp, &der, "bob", "bob-pass");
+        idle.transact(Method::BINDING, &[], false);
+        let mut mute = TcpStream::connect(relay.tls_addrs()[0]).unwrap();
+        mute.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+        // A fourth from the same IP is over the limit: closed at once.
+        let mut over = TcpStream::connect(relay.tcp_addrs()[0]).unwrap();
+        over.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut b = [0u8; 64];
+        assert!(
+            matches!(over.read(&mut b), Ok(0) | Err(_)),
+            "{what}: per-IP limit"
+        );
+
+        assert!(
+            idle.closed_within(Duration::from_secs(4)),
+            "{what}: idle timeout"
+        );
+        assert!(
+            matches!(mute.read(&mut b), Ok(0)),
+            "{what}: TLS handshake timeout"
+        );
+        Client::expect_success(&busy.transact(Method::BINDING, &[], false));
+        relay.stop().unwrap();
+    }
+}
