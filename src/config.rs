@@ -40,6 +40,10 @@ realm = "turnpike"
 # UDP addresses to listen on for STUN/TURN, each a specific IP and port ("0.0.0.0" and "[::]"
 # are not supported yet). They are also service ports: no allocation may relay to them.
 listen = ["127.0.0.1:3478"]
+# TURN over TCP (turn:host:port?transport=tcp) and TLS (turns:host:port, e.g. port 443 for
+# corporate firewalls): addresses like `listen`. TLS needs [tls] below. Default: none.
+# listen_tcp = ["127.0.0.1:3478"]
+# listen_tls = ["127.0.0.1:5349"]
 
 # Worker threads, each with its own socket and ring. 0 = one per available core.
 workers = 0
@@ -78,6 +82,23 @@ password_algorithms = false
 # default (first bytes 0x50-0x7F belong to other protocols under RFC 7983/9443).
 # demo: on, because coturn's turnutils_uclient picks channel numbers up to 0x7FFF.
 legacy_channel_numbers = true
+
+# [tls]
+# PEM certificate chain and private key for listen_tls. Reloaded on SIGHUP: new connections use
+# the new certificate, established sessions keep theirs.
+# cert = "/etc/turnpike/cert.pem"
+# key = "/etc/turnpike/key.pem"
+
+[streams]
+# Limits on TCP/TLS client connections. Connections open at once, in total and per source IP.
+max_connections = 10000
+max_connections_per_ip = 100
+# A connection without an allocation that sends nothing for this long is closed.
+idle_timeout_seconds = 30
+# A TLS connection that has not finished its handshake after this long is closed.
+tls_handshake_timeout_seconds = 10
+# Bytes queued for one slow client before peer data to it is dropped (and counted).
+write_queue_bytes = 262144
 
 [relay]
 # Addresses that relayed transport addresses are allocated on: IPv4 and/or IPv6, several allowed.
@@ -152,6 +173,39 @@ pub struct RelayConfig {
     pub drain: Duration,
     /// Pin worker k to core k.
     pub pin_workers: bool,
+    /// TCP listeners.
+    pub listen_tcp: Vec<SocketAddr>,
+    /// TLS listeners.
+    pub listen_tls: Vec<SocketAddr>,
+    /// PEM certificate chain and key files for the TLS listeners (both set whenever `listen_tls` is
+    /// not empty).
+    pub tls: Option<TlsFiles>,
+    /// Limits on TCP/TLS connections.
+    pub streams: StreamConfig,
+}
+
+/// The TLS certificate chain and private key files (`[tls]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// `tls.cert`.
+    pub cert: std::path::PathBuf,
+    /// `tls.key`.
+    pub key: std::path::PathBuf,
+}
+
+/// Limits on TCP/TLS client connections (`[streams]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamConfig {
+    /// Connections open at once over all listeners.
+    pub max_connections: usize,
+    /// Connections open at once from one source IP.
+    pub max_connections_per_ip: usize,
+    /// Idle timeout of a connection without an allocation.
+    pub idle_timeout: Duration,
+    /// TLS handshake timeout.
+    pub tls_handshake_timeout: Duration,
+    /// Bytes queued per client before peer data is dropped.
+    pub write_queue_bytes: usize,
 }
 
 /// Which packet I/O backend the data plane uses.
@@ -213,6 +267,11 @@ impl RelayConfig {
         let loopback = |ip: IpAddr| ip.to_canonical().is_loopback();
         !self.listen.is_empty()
             && self.listen.iter().all(|a| loopback(a.ip()))
+            && self
+                .listen_tcp
+                .iter()
+                .chain(&self.listen_tls)
+                .all(|a| loopback(a.ip()))
             && self.server.relay_ips.iter().all(|&ip| loopback(ip))
     }
 }
@@ -257,6 +316,10 @@ impl std::error::Error for ConfigError {}
 struct RawConfig {
     realm: String,
     listen: Vec<String>,
+    listen_tcp: Vec<String>,
+    listen_tls: Vec<String>,
+    tls: Option<RawTls>,
+    streams: RawStreams,
     workers: usize,
     backend: Backend,
     log_level: String,
@@ -274,6 +337,35 @@ struct RawConfig {
     lifetimes: RawLifetimes,
     quotas: RawQuotas,
     peers: RawPeers,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStreams {
+    max_connections: usize,
+    max_connections_per_ip: usize,
+    idle_timeout_seconds: u64,
+    tls_handshake_timeout_seconds: u64,
+    write_queue_bytes: usize,
+}
+
+impl Default for RawStreams {
+    fn default() -> Self {
+        RawStreams {
+            max_connections: 10_000,
+            max_connections_per_ip: 100,
+            idle_timeout_seconds: 30,
+            tls_handshake_timeout_seconds: 10,
+            write_queue_bytes: 256 * 1024,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -328,6 +420,10 @@ impl Default for RawConfig {
         RawConfig {
             realm: d.realm,
             listen: vec!["127.0.0.1:3478".into()],
+            listen_tcp: Vec::new(),
+            listen_tls: Vec::new(),
+            tls: None,
+            streams: RawStreams::default(),
             workers: 0,
             backend: Backend::Auto,
             log_level: "info".into(),
@@ -393,34 +489,72 @@ impl RawConfig {
                 "at least one listen address is needed",
             ));
         }
-        let mut listen: Vec<SocketAddr> = Vec::with_capacity(self.listen.len());
-        for (i, s) in self.listen.iter().enumerate() {
-            let key = format!("listen[{i}]");
-            let addr = SocketAddr::from_str(s).map_err(|_| {
-                ConfigError::new(
-                    &key,
-                    format!("{s:?} is not an IP:port address (e.g. \"192.0.2.1:3478\" or \"[2001:db8::1]:3478\")"),
-                )
-            })?;
-            if addr.ip().is_unspecified() {
-                return Err(ConfigError::new(
-                    key,
-                    format!(
-                        "unspecified addresses are not supported yet; list each address (got {addr})"
-                    ),
-                ));
-            }
-            if addr.port() == 0 {
-                return Err(ConfigError::new(
-                    key,
-                    format!("port 0 is not allowed; give the port clients send to, usually 3478 (got {addr})"),
-                ));
-            }
-            if listen.contains(&addr) {
-                return Err(ConfigError::new(key, format!("{addr} is listed twice")));
-            }
-            listen.push(addr);
+        let listen = listen_addrs("listen", &self.listen)?;
+        let listen_tcp = listen_addrs("listen_tcp", &self.listen_tcp)?;
+        let listen_tls = listen_addrs("listen_tls", &self.listen_tls)?;
+        if let Some(dup) = listen_tcp.iter().find(|a| listen_tls.contains(a)) {
+            return Err(ConfigError::new(
+                "listen_tls",
+                format!("{dup} is also in listen_tcp; a TCP port serves one of the two"),
+            ));
         }
+        let tls = match (&self.tls, listen_tls.is_empty()) {
+            (None, true) => None,
+            (None, false) => {
+                return Err(ConfigError::new(
+                    "tls.cert",
+                    "listen_tls needs [tls] cert and key (PEM files)",
+                ))
+            }
+            (Some(t), _) => {
+                let cert = t.cert.clone().ok_or_else(|| {
+                    ConfigError::new("tls.cert", "missing: the PEM certificate chain file")
+                })?;
+                let key = t.key.clone().ok_or_else(|| {
+                    ConfigError::new("tls.key", "missing: the PEM private key file")
+                })?;
+                Some(TlsFiles {
+                    cert: cert.into(),
+                    key: key.into(),
+                })
+            }
+        };
+        let st = &self.streams;
+        for (key, v) in [
+            ("streams.max_connections", st.max_connections as u64),
+            (
+                "streams.max_connections_per_ip",
+                st.max_connections_per_ip as u64,
+            ),
+            ("streams.idle_timeout_seconds", st.idle_timeout_seconds),
+            (
+                "streams.tls_handshake_timeout_seconds",
+                st.tls_handshake_timeout_seconds,
+            ),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::new(key, "must be at least 1"));
+            }
+        }
+        if st.write_queue_bytes < 70_000 {
+            return Err(ConfigError::new(
+                "streams.write_queue_bytes",
+                format!(
+                    "must be at least 70000, room for the largest message (got {})",
+                    st.write_queue_bytes
+                ),
+            ));
+        }
+        let streams = StreamConfig {
+            max_connections: st.max_connections,
+            max_connections_per_ip: st.max_connections_per_ip,
+            idle_timeout: Duration::from_secs(st.idle_timeout_seconds),
+            tls_handshake_timeout: Duration::from_secs(st.tls_handshake_timeout_seconds),
+            write_queue_bytes: st.write_queue_bytes,
+        };
+        let mut service: Vec<SocketAddr> = listen.clone();
+        service.extend(&listen_tcp);
+        service.extend(&listen_tls);
 
         let workers = match self.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -552,7 +686,7 @@ impl RawConfig {
             .with_allow(cidrs(&self.peers.allow, "allow")?)
             .with_deny(cidrs(&self.peers.deny, "deny")?)
             // The relay's own listeners are never peers (CVE-2020-26262).
-            .with_service_ports(listen.clone());
+            .with_service_ports(service);
 
         let server = server::Config {
             realm: self.realm,
@@ -604,8 +738,45 @@ impl RawConfig {
             log_level: self.log_level,
             drain: Duration::from_secs(self.drain_seconds),
             pin_workers: self.pin_workers,
+            listen_tcp,
+            listen_tls,
+            tls,
+            streams,
         })
     }
+}
+
+/// Parses a list of listen addresses (`key[i]` in errors): specific IPs, non-zero ports, no duplicates.
+fn listen_addrs(name: &str, list: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
+    let mut listen: Vec<SocketAddr> = Vec::with_capacity(list.len());
+    for (i, s) in list.iter().enumerate() {
+        let key = format!("{name}[{i}]");
+        let addr = SocketAddr::from_str(s).map_err(|_| {
+            ConfigError::new(
+                &key,
+                format!("{s:?} is not an IP:port address (e.g. \"192.0.2.1:3478\" or \"[2001:db8::1]:3478\")"),
+            )
+        })?;
+        if addr.ip().is_unspecified() {
+            return Err(ConfigError::new(
+                key,
+                format!(
+                    "unspecified addresses are not supported yet; list each address (got {addr})"
+                ),
+            ));
+        }
+        if addr.port() == 0 {
+            return Err(ConfigError::new(
+                key,
+                format!("port 0 is not allowed; give the port clients send to, usually 3478 (got {addr})"),
+            ));
+        }
+        if listen.contains(&addr) {
+            return Err(ConfigError::new(key, format!("{addr} is listed twice")));
+        }
+        listen.push(addr);
+    }
+    Ok(listen)
 }
 
 /// Turns a toml error into a [`ConfigError`]: the key it points at (when the text parses as TOML
@@ -845,6 +1016,53 @@ secrets = ["s3cret"]
         );
         assert_eq!(policy.check(sa("8.8.8.8:53")), Ok(()));
         assert_eq!(policy.check(sa("192.0.2.1:3478")), Err(Denied::ServicePort));
+    }
+
+    #[test]
+    fn stream_listeners_tls_and_limits() {
+        let c = RelayConfig::from_toml(&operator_with(
+            r#"listen_tcp = ["192.0.2.1:3478"]
+listen_tls = ["192.0.2.1:443", "[2001:db8::1]:443"]
+tls.cert = "/c.pem"
+tls.key = "/k.pem"
+streams.max_connections = 5
+streams.max_connections_per_ip = 2
+streams.idle_timeout_seconds = 7
+streams.tls_handshake_timeout_seconds = 3
+streams.write_queue_bytes = 100000
+"#,
+        ))
+        .unwrap();
+        assert_eq!(c.listen_tcp, [sa("192.0.2.1:3478")]);
+        assert_eq!(c.listen_tls.len(), 2);
+        assert_eq!(c.tls.unwrap().key, std::path::PathBuf::from("/k.pem"));
+        assert_eq!(c.streams.max_connections_per_ip, 2);
+        assert_eq!(c.streams.idle_timeout, Duration::from_secs(7));
+        // The stream listeners are service ports too.
+        assert_eq!(
+            c.server.peer_policy.check(sa("192.0.2.1:443")),
+            Err(crate::policy::Denied::ServicePort)
+        );
+        assert_error(
+            &operator_with("listen_tls = [\"192.0.2.1:443\"]"),
+            "tls.cert",
+            "needs [tls]",
+        );
+        assert_error(
+            &operator_with("listen_tls = [\"192.0.2.1:443\"]\ntls.cert = \"/c\""),
+            "tls.key",
+            "missing",
+        );
+        assert_error(
+            &operator_with("listen_tcp = [\"nope\"]"),
+            "listen_tcp[0]",
+            "not an IP:port",
+        );
+        assert_error(
+            &operator_with("streams.idle_timeout_seconds = 0"),
+            "streams.idle_timeout_seconds",
+            "at least 1",
+        );
     }
 
     #[test]

@@ -6,8 +6,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use turnpike::auth::{long_term_key_md5, RestSecrets};
+use turnpike::config::TlsFiles;
 use turnpike::config::{Backend, RelayConfig, DEFAULT_CONFIG};
-use turnpike::control::{self, Settings};
+use turnpike::control::{self, Settings, StreamSettings};
+use turnpike::dataplane::stream::{tls_config, StreamLimits};
 use turnpike::dataplane::{BackendKind, ToControl};
 
 /// turnpike: a STUN/TURN relay (RFC 8489, RFC 8656, RFC 6156).
@@ -165,6 +167,13 @@ fn run(config: RelayConfig, demo: bool) -> ExitCode {
         .with_max_level(level)
         .with_target(false)
         .init();
+    let tls = match config.tls.as_ref().map(load_tls).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("turnpike: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let settings = Settings {
         server: config.server.clone(),
         listen: config.listen.clone(),
@@ -179,7 +188,18 @@ fn run(config: RelayConfig, demo: bool) -> ExitCode {
         pin_workers: config.pin_workers,
         drain: config.drain,
         usage_sink: None,
-        stream: Default::default(),
+        stream: StreamSettings {
+            listen_tcp: config.listen_tcp.clone(),
+            listen_tls: config.listen_tls.clone(),
+            tls,
+            limits: StreamLimits {
+                max_connections: config.streams.max_connections,
+                max_per_ip: config.streams.max_connections_per_ip,
+                idle_timeout: config.streams.idle_timeout,
+                tls_handshake_timeout: config.streams.tls_handshake_timeout,
+                write_queue: config.streams.write_queue_bytes,
+            },
+        },
     };
     let mut relay = match control::start(settings) {
         Ok(r) => r,
@@ -213,6 +233,28 @@ fn run(config: RelayConfig, demo: bool) -> ExitCode {
         }
         Err(e) => tracing::warn!("cannot install signal handlers: {e}"),
     }
+    // SIGHUP: reload the TLS certificate and key; established sessions keep theirs.
+    if let Some(files) = config.tls.clone() {
+        let streams = relay.streams().clone();
+        match signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]) {
+            Ok(mut signals) => {
+                std::thread::spawn(move || {
+                    for _ in signals.forever() {
+                        match load_tls(&files) {
+                            Ok(cfg) => {
+                                streams.set_tls(cfg);
+                                tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
+                            }
+                            Err(e) => tracing::error!(
+                                "TLS reload failed, keeping the old certificate: {e}"
+                            ),
+                        }
+                    }
+                });
+            }
+            Err(e) => tracing::warn!("cannot install the SIGHUP handler: {e}"),
+        }
+    }
     match relay.join() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -220,4 +262,19 @@ fn run(config: RelayConfig, demo: bool) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Read and check the TLS certificate chain and key; errors name the key (`tls.cert`, `tls.key`).
+fn load_tls(files: &TlsFiles) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
+    let cert = std::fs::read(&files.cert)
+        .map_err(|e| format!("tls.cert: cannot read {}: {e}", files.cert.display()))?;
+    let key = std::fs::read(&files.key)
+        .map_err(|e| format!("tls.key: cannot read {}: {e}", files.key.display()))?;
+    tls_config(&cert, &key).map_err(|e| {
+        if e.starts_with("key") {
+            format!("tls.key: {e} ({})", files.key.display())
+        } else {
+            format!("tls.cert: {e} ({})", files.cert.display())
+        }
+    })
 }
