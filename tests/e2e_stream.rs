@@ -529,3 +529,79 @@ fn limits_and_timeouts() {
         relay.stop().unwrap();
     }
 }
+
+#[test]
+fn ipv6_listeners_and_dual_stack_allocations_relay_to_both_families() {
+    let (cert_pem, key_pem, der) = cert();
+    for (i, backend) in backends().into_iter().enumerate() {
+        let mut s = stream_settings(backend, 56000 + 1000 * i as u16, &cert_pem, &key_pem);
+        s.stream.listen_tcp = vec!["[::1]:0".parse().unwrap()];
+        s.stream.listen_tls = vec!["[::1]:0".parse().unwrap()];
+        s.server.relay_ips = vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
+        s.server.peer_policy = turnpike::policy::PeerPolicy::new().with_allow(vec![
+            "127.0.0.0/8".parse().unwrap(),
+            "::1/128".parse().unwrap(),
+        ]);
+        let relay = common::start(s);
+        for tr in [Tr::Tcp, Tr::Tls] {
+            let what = format!("{backend:?}/{tr:?}/IPv6");
+            let mut c = StreamClient::connect(&relay, tr, &der, "alice", "alice-pass");
+            let resp = c.transact(Method::BINDING, &[], false);
+            let mapped = Message::parse(&resp)
+                .unwrap()
+                .attrs
+                .xor_mapped_address
+                .unwrap();
+            assert!(mapped.is_ipv6(), "{what}: {mapped}");
+            // RFC 8656 §7.1 / RFC 6156: an IPv4 relayed address plus an IPv6 one (ADDITIONAL-ADDRESS-FAMILY).
+            let resp = c.authed(
+                Method::ALLOCATE,
+                &[
+                    Attribute::RequestedTransport(17),
+                    Attribute::AdditionalAddressFamily(turnpike::wire::family::IPV6),
+                ],
+            );
+            let m = Message::parse(&resp).unwrap();
+            assert_eq!(
+                m.message_type().class,
+                Class::Success,
+                "{what}: {:?}",
+                m.attrs.error_code
+            );
+            let relayed: Vec<SocketAddr> = m
+                .attributes()
+                .filter_map(|a| match a {
+                    Attribute::XorRelayedAddress(r) => Some(r),
+                    _ => None,
+                })
+                .collect();
+            let v4 = *relayed
+                .iter()
+                .find(|a| a.is_ipv4())
+                .expect("an IPv4 relayed address");
+            let v6 = *relayed
+                .iter()
+                .find(|a| a.is_ipv6())
+                .expect("an IPv6 relayed address");
+            let p4 = peer();
+            let p6 = UdpSocket::bind("[::1]:0").unwrap();
+            p6.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            c.bind(0x4000, p4.local_addr().unwrap());
+            c.bind(0x4001, p6.local_addr().unwrap());
+            let mut buf = vec![0u8; 2048];
+            for (ch, p, relayed) in [(0x4000u16, &p4, v4), (0x4001, &p6, v6)] {
+                for k in 0..10u8 {
+                    let payload = vec![k; 3 + usize::from(k)];
+                    c.send_channel(ch, &payload);
+                    let (n, from) = p.recv_retry(&mut buf).unwrap();
+                    assert_eq!((&buf[..n], from), (&payload[..], relayed), "{what}");
+                    p.send_to(&payload, relayed).unwrap();
+                    let back = c.recv();
+                    let cd = ChannelData::parse(&back).unwrap();
+                    assert_eq!((cd.channel(), cd.payload()), (ch, &payload[..]), "{what}");
+                }
+            }
+        }
+        relay.stop().unwrap();
+    }
+}
