@@ -605,3 +605,90 @@ fn ipv6_listeners_and_dual_stack_allocations_relay_to_both_families() {
         relay.stop().unwrap();
     }
 }
+
+/// A quick measurement, not a pass/fail test: round-trip latency (sequential) and delivered packets/s
+/// (64 in flight) through the relay with an echo peer, over UDP, TCP and TLS. Run with
+/// `cargo test --release --test e2e_stream -- --ignored --nocapture measure`.
+#[test]
+#[ignore]
+fn measure_udp_tcp_tls() {
+    let (cert_pem, key_pem, der) = cert();
+    let backend = *backends().last().unwrap();
+    let relay = common::start(stream_settings(backend, 58000, &cert_pem, &key_pem));
+    let echo = peer();
+    echo.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let pa = echo.local_addr().unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let echo_thread = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((n, from)) = echo.recv_from(&mut buf) {
+                let _ = echo.send_to(&buf[..n], from);
+            }
+        }
+    });
+    let payload = vec![0x5Au8; 100];
+    for name in ["udp", "tcp", "tls"] {
+        let mut send: Box<dyn FnMut()>;
+        let mut recv: Box<dyn FnMut() -> bool>;
+        if name == "udp" {
+            let mut c = Client::new(relay.listen_addrs()[0], "alice", "alice-pass");
+            c.allocate();
+            c.bind(0x4000, pa);
+            c.sock
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let c = Arc::new(c);
+            let (c1, c2, p) = (c.clone(), c, payload.clone());
+            send = Box::new(move || c1.send_channel(0x4000, &p));
+            recv = Box::new(move || {
+                let mut b = [0u8; 2048];
+                c2.sock.recv_from(&mut b).is_ok()
+            });
+        } else {
+            let tr = if name == "tcp" { Tr::Tcp } else { Tr::Tls };
+            let mut c = StreamClient::connect(&relay, tr, &der, "alice", "alice-pass");
+            c.allocate();
+            c.bind(0x4000, pa);
+            let c = Arc::new(std::sync::Mutex::new(c));
+            let (c1, c2, p) = (c.clone(), c, payload.clone());
+            send = Box::new(move || c1.lock().unwrap().send_channel(0x4000, &p));
+            recv = Box::new(move || c2.lock().unwrap().read_msg().is_ok());
+        }
+        let mut rtts = Vec::with_capacity(5000);
+        for _ in 0..5000 {
+            let t = Instant::now();
+            send();
+            if recv() {
+                rtts.push(t.elapsed());
+            }
+        }
+        rtts.sort();
+        let (p50, p99) = (rtts[rtts.len() / 2], rtts[rtts.len() * 99 / 100]);
+        let (mut delivered, mut in_flight, mut lost) = (0u64, 0u32, 0u64);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(2) {
+            while in_flight < 64 {
+                send();
+                in_flight += 1;
+            }
+            if recv() {
+                delivered += 1;
+                in_flight -= 1;
+            } else {
+                lost += u64::from(in_flight);
+                in_flight = 0;
+            }
+        }
+        let pps = delivered as f64 / t.elapsed().as_secs_f64();
+        eprintln!(
+            "{backend:?} {name}: rtt p50 {p50:?} p99 {p99:?} ({} of 5000); {pps:.0} packets/s delivered with 64 in flight, {lost} lost",
+            rtts.len()
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    echo_thread.join().unwrap();
+    relay.stop().unwrap();
+}

@@ -199,6 +199,8 @@ struct Conn {
 pub struct Streams {
     poll: Poll,
     events: Events,
+    /// The ready list of one poll (kept to reuse its allocation).
+    ready: Vec<(Token, bool)>,
     listeners: Vec<(mio::net::TcpListener, ListenerId, bool)>,
     first_id: ListenerId,
     conns: Vec<Option<Conn>>,
@@ -232,6 +234,7 @@ impl Streams {
         Ok(Streams {
             poll,
             events: Events::with_capacity(256),
+            ready: Vec::with_capacity(256),
             listeners: ls,
             first_id,
             conns: Vec::new(),
@@ -273,12 +276,15 @@ impl Streams {
                 }
                 return;
             }
-            let mut ready = Vec::new();
-            let n = self.events.iter().count();
-            for ev in self.events.iter() {
-                ready.push((ev.token(), ev.is_writable() || ev.is_write_closed()));
-            }
-            for (token, writable) in ready {
+            let mut ready = std::mem::take(&mut self.ready);
+            ready.clear();
+            ready.extend(
+                self.events
+                    .iter()
+                    .map(|ev| (ev.token(), ev.is_writable() || ev.is_write_closed())),
+            );
+            let n = ready.len();
+            for &(token, writable) in &ready {
                 if token.0 < CONN_BASE {
                     self.accept(token.0);
                 } else {
@@ -289,6 +295,7 @@ impl Streams {
                     self.read(core, slot, send_relay);
                 }
             }
+            self.ready = ready;
             if n < self.events.capacity() {
                 break;
             }
