@@ -59,14 +59,23 @@ struct StreamClient {
     stash: std::collections::VecDeque<Vec<u8>>,
 }
 
+/// TLS versions the test clients offer (one at a time, to test both).
+static TLS_VERSION: std::sync::Mutex<Option<&'static rustls::SupportedProtocolVersion>> =
+    std::sync::Mutex::new(None);
+
 fn tls_client(der: &[u8]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(der.to_vec().into()).unwrap();
+    let versions: Vec<&'static rustls::SupportedProtocolVersion> =
+        match *TLS_VERSION.lock().unwrap() {
+            Some(v) => vec![v],
+            None => vec![&rustls::version::TLS13, &rustls::version::TLS12],
+        };
     Arc::new(
         rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(&versions)
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth(),
@@ -613,82 +622,105 @@ fn ipv6_listeners_and_dual_stack_allocations_relay_to_both_families() {
 #[ignore]
 fn measure_udp_tcp_tls() {
     let (cert_pem, key_pem, der) = cert();
-    let backend = *backends().last().unwrap();
-    let relay = common::start(stream_settings(backend, 58000, &cert_pem, &key_pem));
-    let echo = peer();
-    echo.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let pa = echo.local_addr().unwrap();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let echo_thread = std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-            if let Ok((n, from)) = echo.recv_from(&mut buf) {
-                let _ = echo.send_to(&buf[..n], from);
+    for (i, backend) in backends().into_iter().enumerate() {
+        let relay = common::start(stream_settings(
+            backend,
+            58000 + 500 * i as u16,
+            &cert_pem,
+            &key_pem,
+        ));
+        let echo = peer();
+        echo.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let pa = echo.local_addr().unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let echo_thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((n, from)) = echo.recv_from(&mut buf) {
+                    let _ = echo.send_to(&buf[..n], from);
+                }
             }
-        }
-    });
-    let payload = vec![0x5Au8; 100];
-    for name in ["udp", "tcp", "tls"] {
-        let mut send: Box<dyn FnMut()>;
-        let mut recv: Box<dyn FnMut() -> bool>;
-        if name == "udp" {
-            let mut c = Client::new(relay.listen_addrs()[0], "alice", "alice-pass");
-            c.allocate();
-            c.bind(0x4000, pa);
-            c.sock
-                .set_read_timeout(Some(Duration::from_millis(200)))
-                .unwrap();
-            let c = Arc::new(c);
-            let (c1, c2, p) = (c.clone(), c, payload.clone());
-            send = Box::new(move || c1.send_channel(0x4000, &p));
-            recv = Box::new(move || {
-                let mut b = [0u8; 2048];
-                c2.sock.recv_from(&mut b).is_ok()
-            });
-        } else {
-            let tr = if name == "tcp" { Tr::Tcp } else { Tr::Tls };
-            let mut c = StreamClient::connect(&relay, tr, &der, "alice", "alice-pass");
-            c.allocate();
-            c.bind(0x4000, pa);
-            let c = Arc::new(std::sync::Mutex::new(c));
-            let (c1, c2, p) = (c.clone(), c, payload.clone());
-            send = Box::new(move || c1.lock().unwrap().send_channel(0x4000, &p));
-            recv = Box::new(move || c2.lock().unwrap().read_msg().is_ok());
-        }
-        let mut rtts = Vec::with_capacity(5000);
-        for _ in 0..5000 {
-            let t = Instant::now();
-            send();
-            if recv() {
-                rtts.push(t.elapsed());
-            }
-        }
-        rtts.sort();
-        let (p50, p99) = (rtts[rtts.len() / 2], rtts[rtts.len() * 99 / 100]);
-        let (mut delivered, mut in_flight, mut lost) = (0u64, 0u32, 0u64);
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(2) {
-            while in_flight < 64 {
-                send();
-                in_flight += 1;
-            }
-            if recv() {
-                delivered += 1;
-                in_flight -= 1;
+        });
+        let payload = vec![0x5Au8; 100];
+        for name in ["udp", "tcp", "tls"] {
+            let mut send: Box<dyn FnMut()>;
+            let mut recv: Box<dyn FnMut() -> bool>;
+            if name == "udp" {
+                let mut c = Client::new(relay.listen_addrs()[0], "alice", "alice-pass");
+                c.allocate();
+                c.bind(0x4000, pa);
+                c.sock
+                    .set_read_timeout(Some(Duration::from_millis(200)))
+                    .unwrap();
+                let c = Arc::new(c);
+                let (c1, c2, p) = (c.clone(), c, payload.clone());
+                send = Box::new(move || c1.send_channel(0x4000, &p));
+                recv = Box::new(move || {
+                    let mut b = [0u8; 2048];
+                    c2.sock.recv_from(&mut b).is_ok()
+                });
             } else {
-                lost += u64::from(in_flight);
-                in_flight = 0;
+                let tr = if name == "tcp" { Tr::Tcp } else { Tr::Tls };
+                let mut c = StreamClient::connect(&relay, tr, &der, "alice", "alice-pass");
+                c.allocate();
+                c.bind(0x4000, pa);
+                let c = Arc::new(std::sync::Mutex::new(c));
+                let (c1, c2, p) = (c.clone(), c, payload.clone());
+                send = Box::new(move || c1.lock().unwrap().send_channel(0x4000, &p));
+                recv = Box::new(move || c2.lock().unwrap().read_msg().is_ok());
             }
-        }
-        let pps = delivered as f64 / t.elapsed().as_secs_f64();
-        eprintln!(
+            let mut rtts = Vec::with_capacity(5000);
+            for _ in 0..5000 {
+                let t = Instant::now();
+                send();
+                if recv() {
+                    rtts.push(t.elapsed());
+                }
+            }
+            rtts.sort();
+            let (p50, p99) = (rtts[rtts.len() / 2], rtts[rtts.len() * 99 / 100]);
+            let (mut delivered, mut in_flight, mut lost) = (0u64, 0u32, 0u64);
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(2) {
+                while in_flight < 64 {
+                    send();
+                    in_flight += 1;
+                }
+                if recv() {
+                    delivered += 1;
+                    in_flight -= 1;
+                } else {
+                    lost += u64::from(in_flight);
+                    in_flight = 0;
+                }
+            }
+            let pps = delivered as f64 / t.elapsed().as_secs_f64();
+            eprintln!(
             "{backend:?} {name}: rtt p50 {p50:?} p99 {p99:?} ({} of 5000); {pps:.0} packets/s delivered with 64 in flight, {lost} lost",
             rtts.len()
         );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        echo_thread.join().unwrap();
+        relay.stop().unwrap();
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    echo_thread.join().unwrap();
+}
+
+#[test]
+fn tls_1_2_and_1_3_both_relay() {
+    let (cert_pem, key_pem, der) = cert();
+    let backend = *backends().last().unwrap();
+    let relay = common::start(stream_settings(backend, 59000, &cert_pem, &key_pem));
+    for v in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        *TLS_VERSION.lock().unwrap() = Some(v);
+        let mut c = StreamClient::connect(&relay, Tr::Tls, &der, "alice", "alice-pass");
+        *TLS_VERSION.lock().unwrap() = None;
+        let relayed = c.allocate();
+        let p = peer();
+        c.bind(0x4000, p.local_addr().unwrap());
+        relay_both_ways(&mut c, &p, relayed, &format!("{:?}", v.version));
+    }
     relay.stop().unwrap();
 }
