@@ -1038,3 +1038,50 @@ fn stream_clients_get_answers_on_their_connection() {
         "the UDP and TCP 5-tuples are different allocations"
     );
 }
+
+/// RFC 8656 §3.1: over TCP or TLS the 5-tuple is the connection, so closing it ends the allocation, and
+/// only that one: an allocation of the same client address over UDP stays.
+#[test]
+fn closing_a_stream_connection_ends_its_allocation_only() {
+    let mut h = Harness::new();
+    let ports = h.server.free_ports();
+    let alice = Creds::alice();
+    let tcp = FiveTuple {
+        transport: Transport::Tcp,
+        ..client(1)
+    };
+    let (relay, id) = h.allocate(tcp, &alice);
+    let (_, udp_id) = h.allocate(client(1), &alice);
+    assert_ne!(id, udp_id);
+    // A connection without an allocation: nothing happens.
+    h.server.handle_connection_closed(
+        h.now,
+        FiveTuple {
+            transport: Transport::Tls,
+            ..client(2)
+        },
+    );
+    assert!(h.drain().commands.is_empty());
+    h.server.handle_connection_closed(h.now, tcp);
+    assert_eq!(
+        h.drain().commands,
+        vec![
+            Command::CloseRelay {
+                allocation: id,
+                relay
+            },
+            Command::AllocationEnded {
+                allocation: id,
+                identity: "alice".into(),
+                usage: Usage::default()
+            },
+        ]
+    );
+    assert_eq!(h.server.free_ports(), ports - 1, "the UDP allocation stays");
+    assert_eq!(
+        h.request(client(1), Method::REFRESH, &[], Some(&alice))
+            .one()
+            .class(),
+        Class::Success
+    );
+}
