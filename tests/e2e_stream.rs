@@ -724,3 +724,44 @@ fn tls_1_2_and_1_3_both_relay() {
     }
     relay.stop().unwrap();
 }
+
+#[test]
+fn a_flooding_client_does_not_starve_another_on_the_same_worker() {
+    let (cert_pem, key_pem, der) = cert();
+    for (i, backend) in backends().into_iter().enumerate() {
+        let mut s = stream_settings(backend, 60000 + 1000 * i as u16, &cert_pem, &key_pem);
+        s.workers = 1;
+        let relay = common::start(s);
+        let mut flood = StreamClient::connect(&relay, Tr::Tcp, &der, "alice", "alice-pass");
+        flood.allocate();
+        let sink = peer();
+        flood.bind(0x4000, sink.local_addr().unwrap());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let flooder = std::thread::spawn(move || {
+            let mut frame = vec![0u8; 4 + 1000];
+            ChannelData::write_header(&mut frame, 0x4000, 1000).unwrap();
+            let burst: Vec<u8> = frame.repeat(64);
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                if flood.conn.write_all(&burst).is_err() {
+                    break;
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let mut other = StreamClient::connect(&relay, Tr::Tcp, &der, "bob", "bob-pass");
+        for _ in 0..20 {
+            let t = Instant::now();
+            Client::expect_success(&other.transact(Method::BINDING, &[], false));
+            assert!(
+                t.elapsed() < Duration::from_millis(500),
+                "{backend:?}: a Binding took {:?} beside a flood",
+                t.elapsed()
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        flooder.join().unwrap();
+        drop(sink);
+        relay.stop().unwrap();
+    }
+}

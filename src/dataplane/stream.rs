@@ -39,6 +39,9 @@ use crate::wire::{self, ChannelRange};
 
 /// Tokens below this are listeners; from it upward, connections by slot.
 const CONN_BASE: usize = 1 << 16;
+/// Reads from one connection per readiness event; a connection with more is looked at again after the
+/// others (so one busy client cannot starve the rest of the worker).
+const READ_BUDGET: usize = 16;
 /// How often idle and handshake timeouts are checked.
 pub const SWEEP: Duration = Duration::from_millis(500);
 
@@ -439,6 +442,7 @@ impl Streams {
         }
         let mut close = false;
         let mut wrote_tls = false;
+        let mut budget = READ_BUDGET;
         loop {
             let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
                 return;
@@ -494,6 +498,21 @@ impl Streams {
                 }
             }
             if close || !more {
+                break;
+            }
+            budget -= 1;
+            if budget == 0 {
+                // More may be waiting: re-arming the registration queues a new readiness event (edge
+                // triggered, nothing else would), served after the connections already ready.
+                let interest = if c.want_write {
+                    Interest::READABLE | Interest::WRITABLE
+                } else {
+                    Interest::READABLE
+                };
+                let _ =
+                    self.poll
+                        .registry()
+                        .reregister(&mut c.sock, Token(CONN_BASE + slot), interest);
                 break;
             }
         }
