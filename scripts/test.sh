@@ -13,7 +13,8 @@ fi
 # fails the test, so install it here.
 if ! command -v chromium >/dev/null 2>&1; then
   echo "== installing chromium (apt-get)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  ${SUDO:-} env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  ${SUDO:-} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 
 echo "== cargo fmt --check"
