@@ -447,30 +447,29 @@ fn uclient(test: &str, backend: Backend, mode: Mode, slot: u16) {
     let mut turnpike = start_turnpike(dir, backend, ports);
     let _peer = start_peer(dir, ports.peer);
 
-    let mut args: Vec<String> = Vec::new();
-    match mode {
-        Mode::Channels => args.extend(["-u", USER, "-w", PASSWORD].map(String::from)),
-        Mode::SendIndications => args.extend(["-s", "-u", USER, "-w", PASSWORD].map(String::from)),
-        Mode::Rest => args.extend(["-W", SECRET, "-u", "someuser"].map(String::from)),
-    }
-    args.extend(
-        [
-            "-e".to_string(),
-            "127.0.0.1".into(),
-            "-r".into(),
-            ports.peer.to_string(),
-            "-p".into(),
-            ports.listen.to_string(),
-            "-n".into(),
-            MESSAGES.to_string(),
-            "-m".into(),
-            CLIENTS.to_string(),
-            "-l".into(),
-            "160".into(),
-            "127.0.0.1".into(),
-        ]
-        .into_iter(),
-    );
+    let credentials: &[&str] = match mode {
+        Mode::Channels => &["-u", USER, "-w", PASSWORD],
+        Mode::SendIndications => &["-s", "-u", USER, "-w", PASSWORD],
+        Mode::Rest => &["-W", SECRET, "-u", "someuser"],
+    };
+    let (peer, port) = (ports.peer.to_string(), ports.listen.to_string());
+    let (messages, clients) = (MESSAGES.to_string(), CLIENTS.to_string());
+    let mut args: Vec<&str> = credentials.to_vec();
+    args.extend([
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &peer,
+        "-p",
+        &port,
+        "-n",
+        &messages,
+        "-m",
+        &clients,
+        "-l",
+        "160",
+        "127.0.0.1",
+    ]);
     let started = Instant::now();
     let mut client = Proc::spawn(
         "turnutils_uclient",

@@ -53,7 +53,7 @@ class Records(logging.Handler):
         self.messages = []
 
     def emit(self, record):
-        self.messages.append(record.getMessage())
+        self.messages.append(f"{record.created:.3f} {record.levelname} {record.getMessage()}")
 
 
 def payloads():
@@ -66,18 +66,25 @@ def payloads():
     return out
 
 
-async def receive_all(inbox, count, what):
+async def receive_all(inbox, count, what, sender):
     got = []
     try:
         for _ in range(count):
             got.append(await asyncio.wait_for(inbox.queue.get(), TIMEOUT))
     except asyncio.TimeoutError:
-        raise Failure(f"{what}: received {len(got)} of {count} datagrams within {TIMEOUT} s")
+        raise Failure(
+            f"{what}: received {len(got)} of {count} datagrams within {TIMEOUT} s"
+            f" (sender's errors: {sender.errors or 'none'})"
+        )
     return got
 
 
+RECORDS = None
+
+
 async def main(host, port, user, password, relay_min, relay_max):
-    records = Records()
+    global RECORDS
+    records = RECORDS = Records()
     turn_logger = logging.getLogger("aioice.turn")
     turn_logger.setLevel(logging.DEBUG)
     turn_logger.addHandler(records)
@@ -109,7 +116,7 @@ async def main(host, port, user, password, relay_min, relay_max):
         # Client -> peer: the first sendto binds a channel, the rest go as ChannelData.
         for p in sent:
             transport.sendto(p, peer_addr)
-        got = await receive_all(peer, len(sent), "client -> peer")
+        got = await receive_all(peer, len(sent), "client -> peer", client)
         for data, addr in got:
             check(addr == relayed, f"client -> peer: datagram from {addr}, expected the relayed address {relayed}")
         check(
@@ -123,7 +130,7 @@ async def main(host, port, user, password, relay_min, relay_max):
         back = [b"back:" + p for p in sent]
         for p in back:
             peer_transport.sendto(p, relayed)
-        got = await receive_all(client, len(back), "peer -> client")
+        got = await receive_all(client, len(back), "peer -> client", peer)
         for data, addr in got:
             check(addr == peer_addr, f"peer -> client: datagram attributed to {addr}, expected the peer {peer_addr}")
         check(
@@ -149,6 +156,14 @@ async def main(host, port, user, password, relay_min, relay_max):
     print("closed: allocation deleted")
 
 
+def show_log():
+    """aioice's own log of the TURN exchange, for a failure's evidence."""
+    if RECORDS is not None:
+        print("aioice.turn log:", file=sys.stderr)
+        for m in RECORDS.messages:
+            print(f"  {m}", file=sys.stderr)
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 7:
         sys.exit(f"usage: {sys.argv[0]} HOST PORT USER PASSWORD RELAY_PORT_MIN RELAY_PORT_MAX")
@@ -158,11 +173,14 @@ if __name__ == "__main__":
         asyncio.run(asyncio.wait_for(main(host, port, user, password, relay_min, relay_max), 4 * TIMEOUT))
     except Failure as e:
         print(f"FAILED: {e}", file=sys.stderr)
+        show_log()
         sys.exit(1)
     except asyncio.TimeoutError:
         print(f"FAILED: timed out after {4 * TIMEOUT} s", file=sys.stderr)
+        show_log()
         sys.exit(1)
     except Exception as e:
         print(f"FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        show_log()
         sys.exit(1)
     print("ok")
