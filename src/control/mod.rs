@@ -208,6 +208,10 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         drain_deadline: None,
         usage: HashMap::new(),
         usage_sink: settings.usage_sink.clone(),
+        stats: stats.clone(),
+        backend,
+        permissions: 0,
+        channels: 0,
     };
     let thread = std::thread::Builder::new()
         .name("turnpike-control".into())
@@ -254,6 +258,12 @@ struct Control {
     /// Usage of allocations until both the server's end report and every relay's final counters are in.
     usage: HashMap<u64, PendingUsage>,
     usage_sink: Option<Sender<UsageRecord>>,
+    /// Every worker's counters (for metrics).
+    stats: Vec<Arc<WorkerStats>>,
+    backend: BackendKind,
+    /// Installed permissions and channels (for metrics).
+    permissions: u64,
+    channels: u64,
 }
 
 /// An allocation's usage being assembled from the server's report and its relay sockets' counters.
@@ -261,19 +271,36 @@ struct Control {
 struct PendingUsage {
     client: Option<FiveTuple>,
     identity: Option<Box<str>>,
+    /// When its first relay socket opened (Unix milliseconds).
+    started_ms: u64,
+    /// The server has ended it (its own usage is in `usage`).
+    ended: bool,
+    /// The server's usage once ended, plus the final counters of closed relay sockets.
     usage: server::Usage,
     /// Relay sockets whose final counters have not arrived.
     open_relays: usize,
+    /// What the last checkpoint recorded (to skip unchanged ones).
+    checkpointed: Option<server::Usage>,
 }
 
-/// Final usage of one allocation: what the server relayed itself plus every relay socket's counters.
+/// Usage of one allocation: what the server relayed itself plus every relay socket's counters. An
+/// allocation gets interim records (`done == false`, cumulative, each replacing the previous one) on
+/// checkpoints while it lives, and one final record (`done == true`) when it ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRecord {
-    /// The allocation.
+    /// The allocation (unique within this process).
     pub allocation: u64,
     /// Who it is billed to.
     pub identity: Box<str>,
-    /// Bytes and packets per direction.
+    /// The client's 5-tuple.
+    pub client: Option<FiveTuple>,
+    /// When the allocation started (Unix milliseconds).
+    pub started_ms: u64,
+    /// When this record was taken: the end for a final record (Unix milliseconds).
+    pub at_ms: u64,
+    /// Whether this is the final record.
+    pub done: bool,
+    /// Bytes and packets per direction, cumulative.
     pub usage: server::Usage,
 }
 
@@ -313,6 +340,19 @@ impl Control {
                     allocation,
                     counters,
                 }) => self.relay_closed(allocation, counters),
+                Ok(ToControl::Counters { counters, .. }) => self.checkpoint(&counters, false),
+                Ok(ToControl::Revoke { identity, until }) => {
+                    tracing::info!(%identity, until, "credentials revoked");
+                    self.server.revoke(&identity, until);
+                }
+                Ok(ToControl::Checkpoint) => {
+                    for w in &self.workers {
+                        w.send(WorkerMsg::Route(RouteUpdate::ReportCounters));
+                    }
+                }
+                Ok(ToControl::Metrics(reply)) => {
+                    let _ = reply.send(self.metrics());
+                }
                 Ok(ToControl::Shutdown) => {
                     if self.drain_deadline.is_none() {
                         tracing::info!(drain = ?self.drain, "shutting down: refusing new allocations while existing ones drain");
@@ -320,10 +360,10 @@ impl Control {
                         self.drain_deadline = Some(now + self.drain);
                     }
                 }
-                Ok(ToControl::Stop) | Err(RecvTimeoutError::Disconnected) => return self.stop(),
+                Ok(ToControl::Stop) | Err(RecvTimeoutError::Disconnected) => return self.stop(&rx),
                 Err(RecvTimeoutError::Timeout) => {
                     if self.drain_deadline.is_some_and(|d| d <= now) {
-                        return self.stop();
+                        return self.stop(&rx);
                     }
                     self.server.handle_timeout(now);
                 }
@@ -388,8 +428,15 @@ impl Control {
                         self.next_relay = self.next_relay.wrapping_add(1);
                         self.relays.insert(relay.0, (worker, id));
                         self.owners.insert(client, worker);
+                        let identity = self.server.allocation_identity(allocation);
                         let pending = self.usage.entry(allocation.0).or_default();
+                        if pending.client.is_none() {
+                            pending.started_ms = unix_ms();
+                        }
                         pending.client = Some(client);
+                        if pending.identity.is_none() {
+                            pending.identity = identity.map(Box::from);
+                        }
                         pending.open_relays += 1;
                         let update = RouteUpdate::AddRelay {
                             id,
@@ -415,9 +462,11 @@ impl Control {
                 }
             }
             Command::InstallPermission { relay, peer, .. } => {
+                self.permissions += 1;
                 self.route(relay.0, |id| RouteUpdate::AddPermission { relay: id, peer });
             }
             Command::RemovePermission { relay, peer, .. } => {
+                self.permissions = self.permissions.saturating_sub(1);
                 self.route(relay.0, |id| RouteUpdate::RemovePermission {
                     relay: id,
                     peer,
@@ -429,6 +478,7 @@ impl Control {
                 peer,
                 ..
             } => {
+                self.channels += 1;
                 self.route(relay.0, |id| RouteUpdate::AddChannel {
                     relay: id,
                     channel: channel.get(),
@@ -441,6 +491,7 @@ impl Control {
                 peer,
                 ..
             } => {
+                self.channels = self.channels.saturating_sub(1);
                 self.route(relay.0, |id| RouteUpdate::RemoveChannel {
                     relay: id,
                     channel: channel.get(),
@@ -454,6 +505,7 @@ impl Control {
             } => {
                 let pending = self.usage.entry(allocation.0).or_default();
                 pending.identity = Some(identity);
+                pending.ended = true;
                 add_usage(&mut pending.usage, usage);
                 if let Some(client) = pending.client {
                     self.owners.remove(&client);
@@ -478,15 +530,7 @@ impl Control {
 
     fn relay_closed(&mut self, allocation: u64, c: crate::route::Counters) {
         let pending = self.usage.entry(allocation).or_default();
-        add_usage(
-            &mut pending.usage,
-            server::Usage {
-                to_peer_bytes: c.to_peer_bytes,
-                to_peer_packets: c.to_peer_packets,
-                to_client_bytes: c.to_client_bytes,
-                to_client_packets: c.to_client_packets,
-            },
-        );
+        add_usage(&mut pending.usage, usage_of(c));
         pending.open_relays = pending.open_relays.saturating_sub(1);
         self.finish_usage(allocation);
     }
@@ -496,16 +540,24 @@ impl Control {
         let done = self
             .usage
             .get(&allocation)
-            .is_some_and(|p| p.identity.is_some() && p.open_relays == 0);
+            .is_some_and(|p| p.ended && p.open_relays == 0);
         if !done {
             return;
         }
         let Some(p) = self.usage.remove(&allocation) else {
             return;
         };
+        if p.client.is_none() {
+            // Never opened a relay socket (refused or failed): nothing to bill.
+            return;
+        }
         let record = UsageRecord {
             allocation,
             identity: p.identity.unwrap_or_default(),
+            client: p.client,
+            started_ms: p.started_ms,
+            at_ms: unix_ms(),
+            done: true,
             usage: p.usage,
         };
         tracing::info!(
@@ -522,7 +574,125 @@ impl Control {
         }
     }
 
-    fn stop(mut self) -> io::Result<()> {
+    /// Interim records from one worker's counter snapshot: for each of its allocations, what closed relay
+    /// sockets reported plus the live ones' counters. With `last`, they are final records (the relay
+    /// is stopping with these allocations still live).
+    fn checkpoint(&mut self, counters: &[(u64, crate::route::Counters)], last: bool) {
+        let mut live: HashMap<u64, server::Usage> = HashMap::new();
+        for (allocation, c) in counters {
+            add_usage(live.entry(*allocation).or_default(), usage_of(*c));
+        }
+        let at_ms = unix_ms();
+        for (allocation, relays) in live {
+            let Some(p) = self.usage.get_mut(&allocation) else {
+                continue;
+            };
+            let mut usage = p.usage;
+            add_usage(&mut usage, relays);
+            if !last && p.checkpointed == Some(usage) {
+                continue;
+            }
+            p.checkpointed = Some(usage);
+            let record = UsageRecord {
+                allocation,
+                identity: p.identity.clone().unwrap_or_default(),
+                client: p.client,
+                started_ms: p.started_ms,
+                at_ms,
+                done: last,
+                usage,
+            };
+            if let Some(sink) = &self.usage_sink {
+                let _ = sink.send(record);
+            }
+        }
+    }
+
+    fn metrics(&self) -> crate::metrics::Snapshot {
+        use crate::metrics::{Relayed, ServerSnapshot, Snapshot, WorkerSnapshot};
+        let s = self.server.stats();
+        let bad_credentials = s.auth_failures.saturating_sub(s.stale_nonces + s.revoked);
+        Snapshot {
+            backend: match self.backend {
+                BackendKind::Epoll => "epoll",
+                BackendKind::IoUring => "io_uring",
+            },
+            draining: self.drain_deadline.is_some(),
+            workers: self
+                .stats
+                .iter()
+                .map(|w| {
+                    let [a, b, c, d] = w.relayed();
+                    WorkerSnapshot {
+                        rx: w.rx(),
+                        tx: w.tx(),
+                        drops: dataplane::Drop::ALL
+                            .iter()
+                            .map(|why| (why.as_str(), w.drops(*why)))
+                            .collect(),
+                        relayed: Relayed {
+                            to_peer_bytes: a,
+                            to_peer_packets: b,
+                            to_client_bytes: c,
+                            to_client_packets: d,
+                        },
+                    }
+                })
+                .collect(),
+            server: ServerSnapshot {
+                allocations: self.server.allocation_count() as u64,
+                allocations_created: s.allocations_created,
+                allocation_errors: server::ErrorCode::ALL
+                    .iter()
+                    .zip(s.allocate_errors)
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(code, n)| (code.code(), n))
+                    .collect(),
+                permissions: self.permissions,
+                channels: self.channels,
+                challenges: s.challenges,
+                auth_failures: vec![
+                    ("bad_credentials", bad_credentials),
+                    ("stale_nonce", s.stale_nonces),
+                    ("revoked", s.revoked),
+                ],
+                drops: vec![
+                    ("malformed", s.malformed),
+                    ("unexpected_class", s.unexpected_class),
+                    ("no_allocation", s.no_allocation),
+                    ("no_permission", s.no_permission),
+                    ("no_channel", s.no_channel),
+                    ("unknown_relay", s.unknown_relay),
+                    ("bad_indication", s.bad_indication),
+                    ("outbox_overflow", s.outbox_overflow),
+                ],
+            },
+        }
+    }
+
+    fn stop(mut self, rx: &Receiver<ToControl>) -> io::Result<()> {
+        // Allocations still live get final usage records from the workers' last counters.
+        if self.usage_sink.is_some() && !self.usage.is_empty() {
+            for w in &self.workers {
+                w.send(WorkerMsg::Route(RouteUpdate::ReportCounters));
+            }
+            let mut waiting = self.workers.len();
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while waiting > 0 {
+                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(ToControl::Counters { counters, .. }) => {
+                        self.checkpoint(&counters, true);
+                        waiting -= 1;
+                    }
+                    Ok(ToControl::RelayClosed {
+                        allocation,
+                        counters,
+                    }) => self.relay_closed(allocation, counters),
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        }
         for w in &self.workers {
             w.send(WorkerMsg::Stop);
         }
@@ -544,6 +714,22 @@ fn add_usage(total: &mut server::Usage, more: server::Usage) {
     total.to_peer_packets += more.to_peer_packets;
     total.to_client_bytes += more.to_client_bytes;
     total.to_client_packets += more.to_client_packets;
+}
+
+fn usage_of(c: crate::route::Counters) -> server::Usage {
+    server::Usage {
+        to_peer_bytes: c.to_peer_bytes,
+        to_peer_packets: c.to_peer_packets,
+        to_client_bytes: c.to_client_bytes,
+        to_client_packets: c.to_client_packets,
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn unix_now() -> u64 {
