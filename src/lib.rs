@@ -10,8 +10,11 @@
 //! - [`dataplane`]: the workers' packet logic and event loops (epoll, io_uring).
 //! - [`control`]: the control thread: drives the server, programs the workers.
 //! - [`metrics`]: snapshots of the relay's counters and their Prometheus text rendering.
+//! - [`usage`]: metering: durable per-allocation usage records (SQLite) and revocations.
+//! - [`api`]: the HTTP API: relay tokens, revocation, usage, `/metrics`, health.
 //! - [`config`]: the TOML configuration file: defaults, validation, and errors that name the key.
 
+pub mod api;
 pub mod auth;
 pub mod config;
 pub mod control;
@@ -22,4 +25,5 @@ pub mod route;
 pub mod server;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod usage;
 pub mod wire;
