@@ -12,6 +12,7 @@
 //! - [`metrics`]: snapshots of the relay's counters and their Prometheus text rendering.
 //! - [`usage`]: metering: durable per-allocation usage records (SQLite) and revocations.
 //! - [`api`]: the HTTP API: relay tokens, revocation, usage, `/metrics`, health.
+//! - [`service`]: a whole relay process wired together: relay, metering writer, HTTP API.
 //! - [`config`]: the TOML configuration file: defaults, validation, and errors that name the key.
 
 pub mod api;
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod policy;
 pub mod route;
 pub mod server;
+pub mod service;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod usage;

@@ -268,43 +268,23 @@ impl Api {
                 )
             }
         };
-        let unix_now = unix(now);
-        let Some(cred) = self.secrets.mint(id, unix_now, ttl) else {
-            return Response::error(
+        let region = self.region_of(peer);
+        match relay_configuration(
+            &self.config.fleet,
+            region,
+            &self.secrets,
+            id,
+            route,
+            ttl,
+            now,
+        ) {
+            Some(v) => Response::json(200, &v),
+            None => Response::error(
                 500,
                 "NotConfigured",
                 "the relay has no REST secret to mint with",
-            );
-        };
-        let region = self.region_of(peer);
-        let entry = |route: &str| {
-            let urls: Vec<String> = self
-                .config
-                .fleet
-                .iter()
-                .filter(|r| route == "any" || r.region == region)
-                .flat_map(|r| &r.addresses)
-                .flat_map(|a| [format!("stun:{a}"), format!("turn:{a}?transport=udp")])
-                .collect();
-            json!({
-                "urls": urls,
-                "username": cred.username,
-                "credential": cred.password,
-                "routeType": route,
-            })
-        };
-        let servers: Vec<Value> = match route {
-            Some(r) => vec![entry(r)],
-            None => vec![entry("any"), entry("nearest")],
-        };
-        let expires = UNIX_EPOCH + Duration::from_secs(cred.expiry);
-        Response::json(
-            200,
-            &json!({
-                "expiresOn": humantime::format_rfc3339_seconds(expires).to_string(),
-                "iceServers": servers,
-            }),
-        )
+            ),
+        }
     }
 
     fn region_of(&self, peer: Option<IpAddr>) -> &str {
@@ -405,6 +385,44 @@ impl Api {
             Err(e) => Response::error(500, "StorageError", &e.to_string()),
         }
     }
+}
+
+/// The token endpoint's answer: credentials for `id` valid `ttl` seconds from `now`, minted with the
+/// current REST secret, and the relays of `fleet` for `route` (`None`: one entry per route type;
+/// `nearest`: the relays of `region`). `None` when there is no secret.
+pub fn relay_configuration(
+    fleet: &[FleetRelay],
+    region: &str,
+    secrets: &RestSecrets,
+    id: &str,
+    route: Option<&str>,
+    ttl: u64,
+    now: SystemTime,
+) -> Option<Value> {
+    let cred = secrets.mint(id, unix(now), ttl)?;
+    let entry = |route: &str| {
+        let urls: Vec<String> = fleet
+            .iter()
+            .filter(|r| route == "any" || r.region == region)
+            .flat_map(|r| &r.addresses)
+            .flat_map(|a| [format!("stun:{a}"), format!("turn:{a}?transport=udp")])
+            .collect();
+        json!({
+            "urls": urls,
+            "username": cred.username,
+            "credential": cred.password,
+            "routeType": route,
+        })
+    };
+    let servers: Vec<Value> = match route {
+        Some(r) => vec![entry(r)],
+        None => vec![entry("any"), entry("nearest")],
+    };
+    let expires = UNIX_EPOCH + Duration::from_secs(cred.expiry);
+    Some(json!({
+        "expiresOn": humantime::format_rfc3339_seconds(expires).to_string(),
+        "iceServers": servers,
+    }))
 }
 
 fn parse_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, Response> {
