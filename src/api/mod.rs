@@ -68,12 +68,17 @@ pub struct Config {
     pub usage_db: Option<PathBuf>,
 }
 
+/// Applies a revocation (identity, horizon in Unix seconds; 0 lifts it) to the relay.
+pub type RevokeHook = Box<dyn Fn(&str, u64) + Send + Sync>;
+/// Asks the relay for a metrics snapshot (`None` if it does not answer).
+pub type MetricsHook = Box<dyn Fn() -> Option<metrics::Snapshot> + Send + Sync>;
+
 /// Hooks into the running relay.
 pub struct Hooks {
-    /// Apply a revocation (identity, horizon in Unix seconds; 0 lifts it) to the relay.
-    pub revoke: Box<dyn Fn(&str, u64) + Send + Sync>,
-    /// A metrics snapshot, if the relay answers.
-    pub metrics: Box<dyn Fn() -> Option<metrics::Snapshot> + Send + Sync>,
+    /// Apply a revocation.
+    pub revoke: RevokeHook,
+    /// A metrics snapshot.
+    pub metrics: MetricsHook,
 }
 
 impl std::fmt::Debug for Hooks {
