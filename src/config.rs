@@ -648,6 +648,11 @@ impl RawConfig {
             .api
             .map(|raw| service::api(raw, &relay_id, &listen, usage.as_ref()))
             .transpose()?;
+        let mut server = server;
+        if let Some(api) = &api {
+            // The HTTP API is a service port too: no allocation may relay to it (CVE-2020-26262).
+            server.peer_policy = server.peer_policy.with_service_ports(vec![api.listen]);
+        }
         Ok(RelayConfig {
             server,
             listen,

@@ -362,14 +362,9 @@ impl Api {
         };
         let mut since = 0u64;
         let mut until = u64::MAX;
-        for pair in url.split_once('?').map(|(_, q)| q).unwrap_or("").split('&') {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = v
-                .replace("%3A", ":")
-                .replace("%3a", ":")
-                .replace("%2B", "+")
-                .replace("%2b", "+");
-            let slot = match k {
+        let query = url.split_once('?').map_or("", |(_, q)| q);
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            let slot = match &*k {
                 "since" => &mut since,
                 "until" => &mut until,
                 _ => continue,

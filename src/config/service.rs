@@ -263,6 +263,12 @@ mod tests {
         );
         assert_eq!(c.usage.unwrap().checkpoint.as_secs(), 5);
         assert!(RelayConfig::from_toml(BASE).unwrap().api.is_none());
+        let policy = &c.server.peer_policy;
+        assert_eq!(
+            policy.check("127.0.0.1:8080".parse().unwrap()),
+            Err(crate::policy::Denied::ServicePort),
+            "the API is a service port"
+        );
     }
 
     #[test]
