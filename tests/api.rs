@@ -58,11 +58,22 @@ fn temp_dir(name: &str) -> PathBuf {
 
 /// A configuration with the API and metering on, relaying on loopback with ports `base..base+999`.
 fn config_text(listen: u16, api: u16, base: u16, db: &Path, extra_api: &str) -> String {
+    config_on("epoll", listen, api, base, db, extra_api)
+}
+
+fn config_on(
+    backend: &str,
+    listen: u16,
+    api: u16,
+    base: u16,
+    db: &Path,
+    extra_api: &str,
+) -> String {
     format!(
         r#"listen = ["127.0.0.1:{listen}"]
 workers = 2
 pin_workers = false
-backend = "epoll"
+backend = "{backend}"
 drain_seconds = 0
 relay_id = "test-relay"
 [relay]
@@ -247,10 +258,20 @@ fn signed_post(api: SocketAddr, url: &str, body: &str) -> Result<serde_json::Val
 
 #[test]
 fn usage_rows_match_the_bytes_relayed_exactly_with_checkpoints_and_final_records() {
-    let dir = temp_dir("exact");
+    for (i, backend) in backends().into_iter().enumerate() {
+        let name = match backend {
+            turnpike::dataplane::BackendKind::Epoll => "epoll",
+            turnpike::dataplane::BackendKind::IoUring => "io_uring",
+        };
+        exact_usage(name, 41000 + 1000 * i as u16);
+    }
+}
+
+fn exact_usage(backend: &str, base: u16) {
+    let dir = temp_dir(&format!("exact-{backend}"));
     let db = dir.join("usage.db");
     let api_port = free_tcp_port();
-    let text = config_text(free_udp_port(), api_port, 41000, &db, "");
+    let text = config_on(backend, free_udp_port(), api_port, base, &db, "");
     let config = RelayConfig::from_toml(&text).unwrap();
     let service = turnpike::service::start(&config).unwrap();
     let server = service.relay().listen_addrs()[0];
@@ -338,7 +359,7 @@ fn sigkill_loses_at_most_one_checkpoint_interval_and_restart_counts_nothing_twic
     let db = dir.join("usage.db");
     let cfg = dir.join("turnpike.toml");
     let (listen, api_port) = (free_udp_port(), free_tcp_port());
-    std::fs::write(&cfg, config_text(listen, api_port, 42000, &db, "")).unwrap();
+    std::fs::write(&cfg, config_text(listen, api_port, 46000, &db, "")).unwrap();
     let server: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
     let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
 
@@ -382,6 +403,62 @@ fn sigkill_loses_at_most_one_checkpoint_interval_and_restart_counts_nothing_twic
     let sum = store.summary(0, u64::MAX).unwrap();
     assert_eq!(sum[0].to_peer_packets, packets + 7);
     assert_eq!(sum[0].allocations, 2);
+}
+
+#[test]
+fn credentials_command_mints_what_the_relays_accept() {
+    let dir = temp_dir("cli");
+    let cfg = dir.join("turnpike.toml");
+    std::fs::write(
+        &cfg,
+        config_text(3478, 8080, 47000, &dir.join("usage.db"), ""),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args([
+            "credentials",
+            "--id",
+            "script-user",
+            "--ttl",
+            "600",
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = &v["iceServers"][0];
+    assert_eq!(
+        s["urls"],
+        serde_json::json!(["stun:127.0.0.1:3478", "turn:127.0.0.1:3478?transport=udp"])
+    );
+    let username = s["username"].as_str().unwrap();
+    let expiry = turnpike::auth::parse_rest_username(username).unwrap();
+    assert_eq!(expiry.user, "script-user");
+    assert!((unix_now() + 590..=unix_now() + 600).contains(&expiry.expiry));
+    let secrets = RestSecrets::new(vec![SECRET.as_bytes().to_vec()]);
+    assert!(secrets
+        .passwords(username, unix_now())
+        .unwrap()
+        .any(|p| p == s["credential"]));
+    let bad = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args([
+            "credentials",
+            "--id",
+            "x",
+            "--route-type",
+            "fastest",
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
 }
 
 #[test]
