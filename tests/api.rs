@@ -26,12 +26,20 @@ fn key() -> Vec<u8> {
         .unwrap()
 }
 
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A UDP port for a relay's listener, held (with SO_REUSEPORT, as the relay binds it) until the relay
+/// has bound it too: a port merely found free could be handed to a concurrent test's relay as well, and
+/// two relays sharing a port through SO_REUSEPORT would split each other's traffic. Drop it once the
+/// relay is up and before any client sends.
+struct Reserved(#[allow(dead_code)] socket2::Socket, u16);
+
+fn reserve_udp() -> Reserved {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, None).unwrap();
+    s.set_reuse_port(true).unwrap();
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    let port = s.local_addr().unwrap().as_socket().unwrap().port();
+    Reserved(s, port)
 }
 
 fn free_tcp_port() -> u16 {
@@ -90,10 +98,11 @@ access_keys = ["{KEY_B64}"]
 {extra_api}
 [usage]
 database = "{db}"
-checkpoint_seconds = 1
+checkpoint_seconds = {checkpoint}
 "#,
         max = base + 999,
-        db = db.display()
+        db = db.display(),
+        checkpoint = std::env::var("TP_CHECKPOINT").unwrap_or("1".into())
     )
 }
 
@@ -271,9 +280,11 @@ fn exact_usage(backend: &str, base: u16) {
     let dir = temp_dir(&format!("exact-{backend}"));
     let db = dir.join("usage.db");
     let api_port = free_tcp_port();
-    let text = config_on(backend, free_udp_port(), api_port, base, &db, "");
+    let reserved = reserve_udp();
+    let text = config_on(backend, reserved.1, api_port, base, &db, "");
     let config = RelayConfig::from_toml(&text).unwrap();
     let service = turnpike::service::start(&config).unwrap();
+    drop(reserved);
     let server = service.relay().listen_addrs()[0];
     let api = service.api_addr().unwrap();
 
@@ -358,12 +369,14 @@ fn sigkill_loses_at_most_one_checkpoint_interval_and_restart_counts_nothing_twic
     let dir = temp_dir("sigkill");
     let db = dir.join("usage.db");
     let cfg = dir.join("turnpike.toml");
-    let (listen, api_port) = (free_udp_port(), free_tcp_port());
+    let reserved = reserve_udp();
+    let (listen, api_port) = (reserved.1, free_tcp_port());
     std::fs::write(&cfg, config_text(listen, api_port, 46000, &db, "")).unwrap();
     let server: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
     let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
 
     let relay = Relay::spawn(&cfg, api);
+    drop(reserved);
     let (c, p, relayed) = rest_client(server, "erin");
     exchange(&c, &p, relayed, 20, 50);
     // Two checkpoint intervals: the 20 packets each way are checkpointed.
@@ -465,9 +478,11 @@ fn credentials_command_mints_what_the_relays_accept() {
 fn revocation_through_the_api_refuses_the_next_request_and_survives_restart() {
     let dir = temp_dir("revoke");
     let db = dir.join("usage.db");
-    let text = config_text(free_udp_port(), free_tcp_port(), 43000, &db, "");
+    let reserved = reserve_udp();
+    let text = config_text(reserved.1, free_tcp_port(), 43000, &db, "");
     let config = RelayConfig::from_toml(&text).unwrap();
     let service = turnpike::service::start(&config).unwrap();
+    drop(reserved);
     let server = service.relay().listen_addrs()[0];
     let api = service.api_addr().unwrap();
 
@@ -600,10 +615,12 @@ fn python_sdk_gets_a_relay_configuration_and_allocates_with_it() {
     let dir = temp_dir("sdk");
     let db = dir.join("usage.db");
     let cfg = dir.join("turnpike.toml");
-    let (listen, api_port) = (free_udp_port(), free_tcp_port());
+    let reserved = reserve_udp();
+    let (listen, api_port) = (reserved.1, free_tcp_port());
     std::fs::write(&cfg, config_text(listen, api_port, 44000, &db, "")).unwrap();
     let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
     let relay = Relay::spawn(&cfg, api);
+    drop(reserved);
     let v = run_sdk(&format!("http://{api}"), None);
     check_sdk_result(&v, format!("127.0.0.1:{listen}").parse().unwrap());
     relay.terminate();
@@ -629,10 +646,12 @@ fn python_sdk_over_tls_with_a_certificate_made_by_the_test() {
         cert_pem.display(),
         key_pem.display()
     );
-    let (listen, api_port) = (free_udp_port(), free_tcp_port());
+    let reserved = reserve_udp();
+    let (listen, api_port) = (reserved.1, free_tcp_port());
     let text = config_text(listen, api_port, 45000, &dir.join("usage.db"), &tls);
     let config = RelayConfig::from_toml(&text).unwrap();
     let service = turnpike::service::start(&config).unwrap();
+    drop(reserved);
     let v = run_sdk(&format!("https://localhost:{api_port}"), Some(&cert_pem));
     check_sdk_result(&v, format!("127.0.0.1:{listen}").parse().unwrap());
     // Plain HTTP to the TLS port gets nowhere.

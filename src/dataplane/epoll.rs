@@ -42,39 +42,15 @@ pub(super) fn run(setup: WorkerSetup) -> io::Result<()> {
     let mut io = Io {
         slab: vec![0u8; BATCH * SLOT],
         meta: [RecvMeta::default(); BATCH],
+        received: 0,
+        icmp: false,
         pending: Vec::with_capacity(BATCH),
     };
 
     loop {
         // Routes first: updates queued before a response went out must apply before anything that follows it.
-        while let Ok(msg) = mailbox.try_recv() {
-            match msg {
-                WorkerMsg::AddRelay { socket, update } => {
-                    if let RouteUpdate::AddRelay { id, .. } = update {
-                        let token = Token(RELAY_BASE + id.0 as usize);
-                        poll.registry().register(
-                            &mut SourceFd(&socket.as_raw_fd()),
-                            token,
-                            Interest::READABLE,
-                        )?;
-                        relays.insert(id, socket);
-                        // Datagrams may have arrived before registration: look at it once.
-                        hot.push_back(token);
-                    }
-                    core.apply(update);
-                }
-                WorkerMsg::Route(update) => {
-                    if let RouteUpdate::RemoveRelay { id } = update {
-                        if let Some(socket) = relays.remove(&id) {
-                            let _ = poll
-                                .registry()
-                                .deregister(&mut SourceFd(&socket.as_raw_fd()));
-                        }
-                    }
-                    core.apply(update);
-                }
-                WorkerMsg::Stop => return Ok(()),
-            }
+        if !apply_mailbox(&mut core, &mailbox, &poll, &mut relays, &mut hot)? {
+            return Ok(());
         }
         let timeout = if hot.is_empty() {
             None
@@ -96,55 +72,126 @@ pub(super) fn run(setup: WorkerSetup) -> io::Result<()> {
         // Serve each ready socket one batch at a time, round robin.
         for _ in 0..hot.len() {
             let Some(token) = hot.pop_front() else { break };
-            let full = io.serve(&mut core, &listeners, &relays, token)?;
-            if full {
+            let Some(source) = io.recv(&listeners, &relays, token)? else {
+                continue;
+            };
+            // A client may answer a response (e.g. send data right after CreatePermission succeeded) before
+            // this thread has seen the wake-up that came with the response's routes. Those routes were
+            // queued before the response was sent, so before any datagram reacting to it was received:
+            // applying the mailbox after the receive and before the packet logic never misses them (an
+            // empty mailbox costs one atomic load per batch).
+            if !apply_mailbox(&mut core, &mailbox, &poll, &mut relays, &mut hot)? {
+                return Ok(());
+            }
+            if io.process(&mut core, &listeners, &relays, source) {
                 hot.push_back(token);
             }
         }
     }
 }
 
+/// Apply every queued mailbox message. False when told to stop.
+fn apply_mailbox(
+    core: &mut Core,
+    mailbox: &crossbeam_channel::Receiver<WorkerMsg>,
+    poll: &Poll,
+    relays: &mut HashMap<RelayId, UdpSocket>,
+    hot: &mut VecDeque<Token>,
+) -> io::Result<bool> {
+    while let Ok(msg) = mailbox.try_recv() {
+        match msg {
+            WorkerMsg::AddRelay { socket, update } => {
+                if let RouteUpdate::AddRelay { id, .. } = update {
+                    let token = Token(RELAY_BASE + id.0 as usize);
+                    poll.registry().register(
+                        &mut SourceFd(&socket.as_raw_fd()),
+                        token,
+                        Interest::READABLE,
+                    )?;
+                    relays.insert(id, socket);
+                    // Datagrams may have arrived before registration: look at it once.
+                    hot.push_back(token);
+                }
+                core.apply(update);
+            }
+            WorkerMsg::Route(update) => {
+                if let RouteUpdate::RemoveRelay { id } = update {
+                    if let Some(socket) = relays.remove(&id) {
+                        let _ = poll
+                            .registry()
+                            .deregister(&mut SourceFd(&socket.as_raw_fd()));
+                    }
+                }
+                core.apply(update);
+            }
+            WorkerMsg::Stop => return Ok(false),
+        }
+    }
+    Ok(true)
+}
+
 struct Io {
     slab: Vec<u8>,
     meta: [RecvMeta; BATCH],
+    /// Datagrams in the slab from the last [`Io::recv`].
+    received: usize,
+    /// The last receive reported an ICMP error instead of datagrams.
+    icmp: bool,
     pending: Vec<(Out, SocketAddr, usize, usize)>,
 }
 
 impl Io {
-    /// Receive one batch on `token`'s socket, run the packet logic, send the forwards. True if the batch was
-    /// full (more may be waiting).
-    fn serve(
+    /// Receive one batch on `token`'s socket. Its source, or `None` if the socket is gone.
+    fn recv(
         &mut self,
-        core: &mut Core,
         listeners: &[UdpSocket],
         relays: &HashMap<RelayId, UdpSocket>,
         token: Token,
-    ) -> io::Result<bool> {
+    ) -> io::Result<Option<Out>> {
+        self.received = 0;
         let (fd, source) = if token.0 < RELAY_BASE {
             let Some(l) = listeners.get(token.0) else {
-                return Ok(false);
+                return Ok(None);
             };
             (l.as_raw_fd(), Out::Listener(token.0 as u16))
         } else {
             let id = RelayId((token.0 - RELAY_BASE) as u32);
             let Some(s) = relays.get(&id) else {
-                return Ok(false);
+                return Ok(None);
             };
             (s.as_raw_fd(), Out::Relay(id))
         };
-        let n = match recv_batch(fd, &mut self.slab, SLOT, HEADROOM, &mut self.meta) {
+        self.received = match recv_batch(fd, &mut self.slab, SLOT, HEADROOM, &mut self.meta) {
             Ok(n) => n,
-            // ICMP errors surface as recv errors on UDP sockets; they concern one earlier send only.
+            // ICMP errors surface as recv errors on UDP sockets; they concern one earlier send only, and
+            // more may be waiting (reported as a full batch).
             Err(e)
                 if matches!(
                     e.raw_os_error(),
                     Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH)
                 ) =>
             {
-                return Ok(true)
+                self.icmp = true;
+                0
             }
             Err(e) => return Err(e),
         };
+        Ok(Some(source))
+    }
+
+    /// Run the packet logic on the batch [`Io::recv`] received from `source` and send the forwards. True
+    /// if the batch was full (more may be waiting).
+    fn process(
+        &mut self,
+        core: &mut Core,
+        listeners: &[UdpSocket],
+        relays: &HashMap<RelayId, UdpSocket>,
+        source: Out,
+    ) -> bool {
+        let n = self.received;
+        if std::mem::take(&mut self.icmp) {
+            return true;
+        }
         self.pending.clear();
         for i in 0..n {
             let meta = self.meta[i];
@@ -164,7 +211,7 @@ impl Io {
             }
         }
         self.flush(core, listeners, relays);
-        Ok(n == BATCH)
+        n == BATCH
     }
 
     /// Send the forwards, one `sendmmsg` per run of the same outgoing socket.

@@ -2,7 +2,7 @@
 //! text format (prometheus-client).
 //!
 //! The counters themselves live where they are counted: per-worker relaxed atomics on the workers' own
-//! cache lines (the data plane) and the server core's [`Stats`](crate) (the control thread). Whoever
+//! cache lines (the data plane) and the server core's `Stats` (the control thread). Whoever
 //! owns them fills a [`Snapshot`]; [`render`] builds a fresh registry from it for each scrape, so nothing
 //! here is shared with the fast path. There are no per-identity labels (their number is unbounded):
 //! identities belong in usage records.
