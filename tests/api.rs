@@ -98,11 +98,10 @@ access_keys = ["{KEY_B64}"]
 {extra_api}
 [usage]
 database = "{db}"
-checkpoint_seconds = {checkpoint}
+checkpoint_seconds = 1
 "#,
         max = base + 999,
-        db = db.display(),
-        checkpoint = std::env::var("TP_CHECKPOINT").unwrap_or("1".into())
+        db = db.display()
     )
 }
 
