@@ -32,6 +32,12 @@ if ! python3 -c "import aioice" >/dev/null 2>&1; then
   python3 -m pip install --quiet aioice ||
     python3 -m pip install --quiet --break-system-packages aioice
 fi
+# --- Python packages for tests/api.rs (token API: the official SDK, aioice for TURN, the metrics parser) ---
+if ! python3 -c "import azure.communication.networktraversal, aioice, prometheus_client" 2>/dev/null; then
+  python3 -m pip install --quiet "azure-communication-networktraversal==1.1.0b2" prometheus_client aioice ||
+    python3 -m pip install --quiet --break-system-packages "azure-communication-networktraversal==1.1.0b2" prometheus_client aioice
+fi
+# --- end of the token API block ---
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -10,7 +10,10 @@
 //! the relay's own listeners are always service ports that no allocation may relay to
 //! (CVE-2020-26262).
 //!
-//! May use: `wire`, `auth`, `policy`, `server`. No IO besides [`RelayConfig::load`] reading the file.
+//! May use: `wire`, `auth`, `policy`, `server`, `api`, `usage`. No IO besides [`RelayConfig::load`] reading
+//! the file.
+
+mod service;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -83,6 +86,10 @@ challenge_rate = 100
 # demo: on, because coturn's turnutils_uclient picks channel numbers up to 0x7FFF.
 legacy_channel_numbers = true
 
+# This relay's id in usage records and in the token API's fleet (records from many relays can be
+# merged by it).
+relay_id = "turnpike"
+
 [relay]
 # Addresses that relayed transport addresses are allocated on: IPv4 and/or IPv6, several allowed.
 # Required. demo: loopback.
@@ -133,6 +140,35 @@ max_permissions_per_allocation = 1024
 # loopback on a relay others can reach (CVE-2020-26262).
 allow = ["127.0.0.0/8", "::1/128"]
 deny = []
+
+# The relay token API (the cloud network-traversal API, self-hosted), admin revocation, usage
+# summaries, Prometheus /metrics, /healthz and /readyz. Off unless this section is present.
+# [api]
+# listen = "127.0.0.1:8080"
+# Access keys (base64, e.g. `head -c 32 /dev/urandom | base64`); any of them may sign requests.
+# access_keys = ["c2VjcmV0LWtleS1mb3ItdGhlLWFwaQ=="]
+# TLS (PEM files). Without them the API is plain HTTP: use that on loopback only, an access key
+# must never cross a network in clear text.
+# tls_cert = "/etc/turnpike/api.crt"
+# tls_key = "/etc/turnpike/api.key"
+# This relay's region, and the addresses clients reach it at (default: the listen addresses).
+# region = "default"
+# public_addresses = ["203.0.113.5:3478"]
+# Other relays sharing the REST secret, handed out too ("any": all; "nearest": the client's region).
+# [[api.fleet]]
+# id = "relay-2"
+# region = "us-east"
+# addresses = ["198.51.100.2:3478"]
+# Client CIDR -> region rules for "nearest" (first match; otherwise this relay's region).
+# [[api.client_regions]]
+# cidr = "198.51.100.0/24"
+# region = "us-east"
+
+# Metering: per-allocation usage records in SQLite. Off unless this section is present.
+# [usage]
+# database = "/var/lib/turnpike/usage.db"
+# Live allocations are checkpointed this often: the most a crash can lose.
+# checkpoint_seconds = 60
 "#;
 
 /// The relay's whole configuration, validated.
@@ -156,6 +192,12 @@ pub struct RelayConfig {
     pub drain: Duration,
     /// Pin worker k to core k.
     pub pin_workers: bool,
+    /// This relay's id in usage records and the token API's fleet.
+    pub relay_id: String,
+    /// The HTTP API (`[api]`), if enabled.
+    pub api: Option<crate::api::Config>,
+    /// Metering (`[usage]`), if enabled.
+    pub usage: Option<crate::usage::Config>,
 }
 
 /// Which packet I/O backend the data plane uses.
@@ -279,6 +321,9 @@ struct RawConfig {
     lifetimes: RawLifetimes,
     quotas: RawQuotas,
     peers: RawPeers,
+    relay_id: String,
+    api: Option<service::RawApi>,
+    usage: Option<service::RawUsage>,
 }
 
 #[derive(Deserialize)]
@@ -351,6 +396,9 @@ impl Default for RawConfig {
             lifetimes: RawLifetimes::default(),
             quotas: RawQuotas::default(),
             peers: RawPeers::default(),
+            relay_id: "turnpike".into(),
+            api: None,
+            usage: None,
         }
     }
 }
@@ -601,6 +649,17 @@ impl RawConfig {
             ConfigError::new(key, e.problem)
         })?;
 
+        let relay_id = service::relay_id(self.relay_id)?;
+        let usage = self.usage.map(service::usage).transpose()?;
+        let api = self
+            .api
+            .map(|raw| service::api(raw, &relay_id, &listen, usage.as_ref()))
+            .transpose()?;
+        let mut server = server;
+        if let Some(api) = &api {
+            // The HTTP API is a service port too: no allocation may relay to it (CVE-2020-26262).
+            server.peer_policy = server.peer_policy.with_service_ports(vec![api.listen]);
+        }
         Ok(RelayConfig {
             server,
             listen,
@@ -611,6 +670,9 @@ impl RawConfig {
             log_level: self.log_level,
             drain: Duration::from_secs(self.drain_seconds),
             pin_workers: self.pin_workers,
+            relay_id,
+            api,
+            usage,
         })
     }
 }

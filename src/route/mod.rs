@@ -97,6 +97,9 @@ pub enum RouteUpdate {
         /// The peer transport address.
         peer: SocketAddr,
     },
+    /// Report every relay socket's counters to the control thread (metering checkpoints); changes
+    /// nothing in the table.
+    ReportCounters,
 }
 
 /// One relay socket's routing state.
@@ -203,6 +206,7 @@ impl RouteTable {
                         .insert((r.client, channel), ChannelRoute { relay, peer });
                 }
             }
+            RouteUpdate::ReportCounters => {}
             RouteUpdate::RemoveChannel {
                 relay,
                 channel,
@@ -257,6 +261,11 @@ impl RouteTable {
     #[inline]
     pub fn relay_mut(&mut self, id: RelayId) -> Option<&mut Relay> {
         self.relays.get_mut(&id)
+    }
+
+    /// (allocation, counters) of every relay socket.
+    pub fn counters(&self) -> impl Iterator<Item = (u64, Counters)> + '_ {
+        self.relays.values().map(|r| (r.allocation, r.counters))
     }
 
     /// Number of relay sockets.

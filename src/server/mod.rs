@@ -87,6 +87,14 @@ pub struct Stats {
     pub retransmits: u64,
     /// Unauthenticated answers not sent because their source was over its rate.
     pub rate_limited: u64,
+    /// Of `auth_failures`: 438 Stale Nonce answers.
+    pub stale_nonces: u64,
+    /// Of `auth_failures`: requests refused because the identity's credentials were revoked.
+    pub revoked: u64,
+    /// Allocations that became active (their relay sockets open, success sent).
+    pub allocations_created: u64,
+    /// Allocate requests refused after authentication, by error code, in [`ErrorCode::ALL`] order.
+    pub allocate_errors: [u64; ErrorCode::ALL.len()],
 }
 
 /// The TURN server core. `R` is the source of randomness (relay ports, reservation tokens, nonce key).
@@ -102,6 +110,8 @@ pub struct Server<R> {
     by_client: HashMap<FiveTuple, AllocationId>,
     by_relay: HashMap<RelayAddr, AllocationId>,
     per_identity: HashMap<Box<str>, usize>,
+    /// identity → revocation horizon: its REST credentials expiring at or before it are refused.
+    revoked: HashMap<Box<str>, u64>,
     reservations: HashMap<u64, Reservation>,
     timers: BTreeSet<(Instant, Timer)>,
     next_id: u64,
@@ -144,6 +154,7 @@ impl<R: RngCore> Server<R> {
             by_client: HashMap::new(),
             by_relay: HashMap::new(),
             per_identity: HashMap::new(),
+            revoked: HashMap::new(),
             reservations: HashMap::new(),
             timers: BTreeSet::new(),
             next_id: 1,
@@ -320,6 +331,7 @@ impl<R: RngCore> Server<R> {
             None => {
                 let (five, tid, signer) = (alloc.five_tuple, alloc.allocate_tid, alloc.signer());
                 self.free_allocation(allocation);
+                self.count_allocate_error(ErrorCode::InsufficientCapacity);
                 self.reply_to(
                     five,
                     MessageType::new(Method::ALLOCATE, Class::Error),
@@ -397,6 +409,23 @@ impl<R: RngCore> Server<R> {
     /// is configured, else 508. Existing allocations keep working.
     pub fn set_draining(&mut self, draining: bool) {
         self.draining = draining;
+    }
+
+    /// Revoke the REST credentials of `identity` (the user id in "<expiry>:<user-id>") that expire at or
+    /// before `until_unix`: from now on every authenticated request made with one of them, Refresh
+    /// included, gets 401, so existing allocations end at their next Refresh at the latest. A horizon at
+    /// or before the credential expiries still in use (e.g. 0) lifts the revocation.
+    pub fn revoke(&mut self, identity: &str, until_unix: u64) {
+        if until_unix == 0 {
+            self.revoked.remove(identity);
+        } else {
+            self.revoked.insert(identity.into(), until_unix);
+        }
+    }
+
+    /// The identity usage of allocation `id` is billed to, while it lives.
+    pub fn allocation_identity(&self, id: AllocationId) -> Option<&str> {
+        self.allocations.get(&id).map(|a| &*a.identity)
     }
 
     /// The next message to send, if any. Borrowed until the next `handle_*` call.
@@ -531,10 +560,13 @@ impl<R: RngCore> Server<R> {
         };
         if self.draining || self.allocations.len() >= self.config.max_allocations {
             return match self.config.alternate_server {
-                Some(alt) => self.reply(five, msg, Class::Error, s, |w| {
-                    error_code(w, ErrorCode::TryAlternate)?;
-                    w.add(&Attribute::AlternateServer(alt))
-                }),
+                Some(alt) => {
+                    self.count_allocate_error(ErrorCode::TryAlternate);
+                    self.reply(five, msg, Class::Error, s, |w| {
+                        error_code(w, ErrorCode::TryAlternate)?;
+                        w.add(&Attribute::AlternateServer(alt))
+                    })
+                }
                 None => refuse(self, ErrorCode::InsufficientCapacity),
             };
         }
@@ -995,6 +1027,7 @@ impl<R: RngCore> Server<R> {
             return;
         }
         alloc.active = true;
+        self.stats.allocations_created += 1;
         let expires = now + secs(alloc.lifetime);
         self.timers.remove(&(alloc.expires, Timer::Allocation(id)));
         alloc.expires = expires;
@@ -1144,10 +1177,16 @@ impl<R: RngCore> Server<R> {
             let Some(key) = found else {
                 return Err(Reject::Unauthenticated);
             };
-            let identity = auth::parse_rest_username(username)
+            let parsed = auth::parse_rest_username(username);
+            let identity = parsed
                 .map(|r| r.user)
                 .filter(|u| !u.is_empty())
                 .unwrap_or(username);
+            if let (Some(horizon), Some(p)) = (self.revoked.get(identity), parsed) {
+                if p.expiry <= *horizon {
+                    return Err(Reject::Revoked);
+                }
+            }
             return Ok(Authenticated {
                 username: username.into(),
                 identity: identity.into(),
@@ -1198,7 +1237,13 @@ impl<R: RngCore> Server<R> {
             }
             Reject::StaleNonce => {
                 self.stats.auth_failures += 1;
+                self.stats.stale_nonces += 1;
                 ErrorCode::StaleNonce
+            }
+            Reject::Revoked => {
+                self.stats.auth_failures += 1;
+                self.stats.revoked += 1;
+                ErrorCode::Unauthenticated
             }
         };
         let features = if self.config.password_algorithms {
@@ -1289,7 +1334,14 @@ impl<R: RngCore> Server<R> {
         signer: Option<&Signer>,
         code: ErrorCode,
     ) {
+        if req.message_type().method == Method::ALLOCATE {
+            self.count_allocate_error(code);
+        }
         self.reply(five, req, Class::Error, signer, |w| error_code(w, code));
+    }
+
+    fn count_allocate_error(&mut self, code: ErrorCode) {
+        self.stats.allocate_errors[code.index()] += 1;
     }
 
     /// A message of an explicit type to `five` (used for answers not tied to a parsed request).
@@ -1450,6 +1502,8 @@ enum Reject {
     Unauthenticated,
     /// Nonce expired or not ours: 438 with a fresh one.
     StaleNonce,
+    /// A REST credential of a revoked identity: 401.
+    Revoked,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
