@@ -26,20 +26,20 @@ fn key() -> Vec<u8> {
         .unwrap()
 }
 
-/// A UDP port for a relay's listener, held (with SO_REUSEPORT, as the relay binds it) until the relay
-/// has bound it too: a port merely found free could be handed to a concurrent test's relay as well, and
-/// two relays sharing a port through SO_REUSEPORT would split each other's traffic. Drop it once the
-/// relay is up and before any client sends.
-struct Reserved(#[allow(dead_code)] socket2::Socket, u16);
+/// A free UDP port for a relay's listener. The relay refuses to start on a port another socket holds
+/// (it probes before binding with SO_REUSEPORT), so two concurrent tests can never silently share one;
+/// the port is released here before the relay binds it.
+struct Reserved(u16);
+
+impl Reserved {
+    fn port(&self) -> u16 {
+        self.0
+    }
+}
 
 fn reserve_udp() -> Reserved {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, None).unwrap();
-    s.set_reuse_port(true).unwrap();
-    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-        .unwrap();
-    let port = s.local_addr().unwrap().as_socket().unwrap().port();
-    Reserved(s, port)
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    Reserved(s.local_addr().unwrap().port())
 }
 
 fn free_tcp_port() -> u16 {
@@ -280,7 +280,7 @@ fn exact_usage(backend: &str, base: u16) {
     let db = dir.join("usage.db");
     let api_port = free_tcp_port();
     let reserved = reserve_udp();
-    let text = config_on(backend, reserved.1, api_port, base, &db, "");
+    let text = config_on(backend, reserved.port(), api_port, base, &db, "");
     let config = RelayConfig::from_toml(&text).unwrap();
     let service = turnpike::service::start(&config).unwrap();
     drop(reserved);
@@ -369,7 +369,7 @@ fn sigkill_loses_at_most_one_checkpoint_interval_and_restart_counts_nothing_twic
     let db = dir.join("usage.db");
     let cfg = dir.join("turnpike.toml");
     let reserved = reserve_udp();
-    let (listen, api_port) = (reserved.1, free_tcp_port());
+    let (listen, api_port) = (reserved.port(), free_tcp_port());
     std::fs::write(&cfg, config_text(listen, api_port, 46000, &db, "")).unwrap();
     let server: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
     let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
@@ -478,7 +478,7 @@ fn revocation_through_the_api_refuses_the_next_request_and_survives_restart() {
     let dir = temp_dir("revoke");
     let db = dir.join("usage.db");
     let reserved = reserve_udp();
-    let text = config_text(reserved.1, free_tcp_port(), 43000, &db, "");
+    let text = config_text(reserved.port(), free_tcp_port(), 43000, &db, "");
     let config = RelayConfig::from_toml(&text).unwrap();
     let service = turnpike::service::start(&config).unwrap();
     drop(reserved);
@@ -615,7 +615,7 @@ fn python_sdk_gets_a_relay_configuration_and_allocates_with_it() {
     let db = dir.join("usage.db");
     let cfg = dir.join("turnpike.toml");
     let reserved = reserve_udp();
-    let (listen, api_port) = (reserved.1, free_tcp_port());
+    let (listen, api_port) = (reserved.port(), free_tcp_port());
     std::fs::write(&cfg, config_text(listen, api_port, 44000, &db, "")).unwrap();
     let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
     let relay = Relay::spawn(&cfg, api);
@@ -646,7 +646,7 @@ fn python_sdk_over_tls_with_a_certificate_made_by_the_test() {
         key_pem.display()
     );
     let reserved = reserve_udp();
-    let (listen, api_port) = (reserved.1, free_tcp_port());
+    let (listen, api_port) = (reserved.port(), free_tcp_port());
     let text = config_text(listen, api_port, 45000, &dir.join("usage.db"), &tls);
     let config = RelayConfig::from_toml(&text).unwrap();
     let service = turnpike::service::start(&config).unwrap();
