@@ -283,7 +283,6 @@ fn exact_usage(backend: &str, base: u16) {
     let text = config_on(backend, reserved.port(), api_port, base, &db, "");
     let config = RelayConfig::from_toml(&text).unwrap();
     let service = turnpike::service::start(&config).unwrap();
-    drop(reserved);
     let server = service.relay().listen_addrs()[0];
     let api = service.api_addr().unwrap();
 
@@ -375,7 +374,6 @@ fn sigkill_loses_at_most_one_checkpoint_interval_and_restart_counts_nothing_twic
     let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
 
     let relay = Relay::spawn(&cfg, api);
-    drop(reserved);
     let (c, p, relayed) = rest_client(server, "erin");
     exchange(&c, &p, relayed, 20, 50);
     // Two checkpoint intervals: the 20 packets each way are checkpointed.
@@ -481,7 +479,6 @@ fn revocation_through_the_api_refuses_the_next_request_and_survives_restart() {
     let text = config_text(reserved.port(), free_tcp_port(), 43000, &db, "");
     let config = RelayConfig::from_toml(&text).unwrap();
     let service = turnpike::service::start(&config).unwrap();
-    drop(reserved);
     let server = service.relay().listen_addrs()[0];
     let api = service.api_addr().unwrap();
 
@@ -619,7 +616,6 @@ fn python_sdk_gets_a_relay_configuration_and_allocates_with_it() {
     std::fs::write(&cfg, config_text(listen, api_port, 44000, &db, "")).unwrap();
     let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
     let relay = Relay::spawn(&cfg, api);
-    drop(reserved);
     let v = run_sdk(&format!("http://{api}"), None);
     check_sdk_result(&v, format!("127.0.0.1:{listen}").parse().unwrap());
     relay.terminate();
@@ -650,7 +646,6 @@ fn python_sdk_over_tls_with_a_certificate_made_by_the_test() {
     let text = config_text(listen, api_port, 45000, &dir.join("usage.db"), &tls);
     let config = RelayConfig::from_toml(&text).unwrap();
     let service = turnpike::service::start(&config).unwrap();
-    drop(reserved);
     let v = run_sdk(&format!("https://localhost:{api_port}"), Some(&cert_pem));
     check_sdk_result(&v, format!("127.0.0.1:{listen}").parse().unwrap());
     // Plain HTTP to the TLS port gets nowhere.
