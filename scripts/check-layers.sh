@@ -10,13 +10,14 @@ declare -A allowed=(
   [policy]=""
   [route]="wire"
   [server]="wire auth route policy"
-  [config]="wire auth policy server"
+  [config]="wire auth policy server api usage"
   [sys]=""
   [metrics]=""
   [dataplane]="wire route sys metrics"
   [control]="server route sys metrics dataplane wire auth policy config"
   [usage]="metrics"
-  [api]="auth metrics usage"
+  [api]="auth metrics usage policy"
+  [service]="wire auth policy route server sys metrics dataplane control config usage api"
 )
 
 status=0

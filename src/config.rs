@@ -10,7 +10,10 @@
 //! the relay's own listeners are always service ports that no allocation may relay to
 //! (CVE-2020-26262).
 //!
-//! May use: `wire`, `auth`, `policy`, `server`. No IO besides [`RelayConfig::load`] reading the file.
+//! May use: `wire`, `auth`, `policy`, `server`, `api`, `usage`. No IO besides [`RelayConfig::load`] reading
+//! the file.
+
+mod service;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -78,10 +81,18 @@ password_algorithms = false
 # When this relay is full or draining, send clients here instead (300 Try Alternate).
 # alternate_server = "198.51.100.2:3478"
 
+# Unauthenticated answers (401, 438) per second per source IP, burst twice that; beyond it the
+# relay stays silent so that it cannot reflect a flood. 0 = unlimited.
+challenge_rate = 100
+
 # Accept RFC 5766's channel numbers 0x4000-0x7FFF instead of RFC 8656's 0x4000-0x4FFF. Off by
 # default (first bytes 0x50-0x7F belong to other protocols under RFC 7983/9443).
 # demo: on, because coturn's turnutils_uclient picks channel numbers up to 0x7FFF.
 legacy_channel_numbers = true
+
+# This relay's id in usage records and in the token API's fleet (records from many relays can be
+# merged by it).
+relay_id = "turnpike"
 
 # [tls]
 # PEM certificate chain and private key for listen_tls. Reloaded on SIGHUP: new connections use
@@ -150,6 +161,35 @@ max_permissions_per_allocation = 1024
 # loopback on a relay others can reach (CVE-2020-26262).
 allow = ["127.0.0.0/8", "::1/128"]
 deny = []
+
+# The relay token API (the cloud network-traversal API, self-hosted), admin revocation, usage
+# summaries, Prometheus /metrics, /healthz and /readyz. Off unless this section is present.
+# [api]
+# listen = "127.0.0.1:8080"
+# Access keys (base64, e.g. `head -c 32 /dev/urandom | base64`); any of them may sign requests.
+# access_keys = ["c2VjcmV0LWtleS1mb3ItdGhlLWFwaQ=="]
+# TLS (PEM files). Without them the API is plain HTTP: use that on loopback only, an access key
+# must never cross a network in clear text.
+# tls_cert = "/etc/turnpike/api.crt"
+# tls_key = "/etc/turnpike/api.key"
+# This relay's region, and the addresses clients reach it at (default: the listen addresses).
+# region = "default"
+# public_addresses = ["203.0.113.5:3478"]
+# Other relays sharing the REST secret, handed out too ("any": all; "nearest": the client's region).
+# [[api.fleet]]
+# id = "relay-2"
+# region = "us-east"
+# addresses = ["198.51.100.2:3478"]
+# Client CIDR -> region rules for "nearest" (first match; otherwise this relay's region).
+# [[api.client_regions]]
+# cidr = "198.51.100.0/24"
+# region = "us-east"
+
+# Metering: per-allocation usage records in SQLite. Off unless this section is present.
+# [usage]
+# database = "/var/lib/turnpike/usage.db"
+# Live allocations are checkpointed this often: the most a crash can lose.
+# checkpoint_seconds = 60
 "#;
 
 /// The relay's whole configuration, validated.
@@ -182,6 +222,12 @@ pub struct RelayConfig {
     pub tls: Option<TlsFiles>,
     /// Limits on TCP/TLS connections.
     pub streams: StreamConfig,
+    /// This relay's id in usage records and the token API's fleet.
+    pub relay_id: String,
+    /// The HTTP API (`[api]`), if enabled.
+    pub api: Option<crate::api::Config>,
+    /// Metering (`[usage]`), if enabled.
+    pub usage: Option<crate::usage::Config>,
 }
 
 /// The TLS certificate chain and private key files (`[tls]`).
@@ -331,12 +377,16 @@ struct RawConfig {
     password_algorithms: bool,
     alternate_server: Option<String>,
     legacy_channel_numbers: bool,
+    challenge_rate: u32,
     relay: RawRelay,
     users: Vec<RawUser>,
     rest: RawRest,
     lifetimes: RawLifetimes,
     quotas: RawQuotas,
     peers: RawPeers,
+    relay_id: String,
+    api: Option<service::RawApi>,
+    usage: Option<service::RawUsage>,
 }
 
 #[derive(Deserialize)]
@@ -435,12 +485,16 @@ impl Default for RawConfig {
             password_algorithms: d.password_algorithms,
             alternate_server: None,
             legacy_channel_numbers: false,
+            challenge_rate: d.challenge_rate,
             relay: RawRelay::default(),
             users: Vec::new(),
             rest: RawRest::default(),
             lifetimes: RawLifetimes::default(),
             quotas: RawQuotas::default(),
             peers: RawPeers::default(),
+            relay_id: "turnpike".into(),
+            api: None,
+            usage: None,
         }
     }
 }
@@ -706,6 +760,7 @@ impl RawConfig {
             password_algorithms: self.password_algorithms,
             peer_policy,
             alternate_server,
+            challenge_rate: self.challenge_rate,
             channel_range: if self.legacy_channel_numbers {
                 crate::wire::ChannelRange::Rfc5766
             } else {
@@ -728,6 +783,17 @@ impl RawConfig {
             ConfigError::new(key, e.problem)
         })?;
 
+        let relay_id = service::relay_id(self.relay_id)?;
+        let usage = self.usage.map(service::usage).transpose()?;
+        let api = self
+            .api
+            .map(|raw| service::api(raw, &relay_id, &listen, usage.as_ref()))
+            .transpose()?;
+        let mut server = server;
+        if let Some(api) = &api {
+            // The HTTP API is a service port too: no allocation may relay to it (CVE-2020-26262).
+            server.peer_policy = server.peer_policy.with_service_ports(vec![api.listen]);
+        }
         Ok(RelayConfig {
             server,
             listen,
@@ -742,6 +808,9 @@ impl RawConfig {
             listen_tls,
             tls,
             streams,
+            relay_id,
+            api,
+            usage,
         })
     }
 }

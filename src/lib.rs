@@ -5,19 +5,27 @@
 //! - [`auth`]: long-term keys, TURN REST credentials, stateless nonces; time comes in as an argument.
 //! - [`policy`]: which peer addresses may be relayed to (deny by default).
 //! - [`route`]: the per-worker fast-path lookup tables and their updates.
-//! - [`sys`]: every syscall and every `unsafe` block.
+//! - [`sys`]: every syscall, and the only place allowed `unsafe_code`.
 //! - [`server`]: the sans-IO TURN core: every decision, no sockets, clocks or randomness of its own.
 //! - [`dataplane`]: the workers' packet logic and event loops (epoll, io_uring).
 //! - [`control`]: the control thread: drives the server, programs the workers.
+//! - [`metrics`]: snapshots of the relay's counters and their Prometheus text rendering.
+//! - [`usage`]: metering: durable per-allocation usage records (SQLite) and revocations.
+//! - [`api`]: the HTTP API: relay tokens, revocation, usage, `/metrics`, health.
+//! - [`service`]: a whole relay process wired together: relay, metering writer, HTTP API.
 //! - [`config`]: the TOML configuration file: defaults, validation, and errors that name the key.
 
+pub mod api;
 pub mod auth;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod metrics;
 pub mod policy;
 pub mod route;
 pub mod server;
+pub mod service;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod usage;
 pub mod wire;

@@ -8,9 +8,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use turnpike::auth::{long_term_key_md5, RestSecrets};
 use turnpike::config::TlsFiles;
 use turnpike::config::{Backend, RelayConfig, DEFAULT_CONFIG};
-use turnpike::control::{self, Settings, StreamSettings};
-use turnpike::dataplane::stream::{tls_config, StreamLimits};
-use turnpike::dataplane::{BackendKind, ToControl};
+use turnpike::dataplane::stream::tls_config;
+use turnpike::dataplane::ToControl;
 
 /// turnpike: a STUN/TURN relay (RFC 8489, RFC 8656, RFC 6156).
 ///
@@ -19,7 +18,7 @@ use turnpike::dataplane::{BackendKind, ToControl};
 #[command(version, about)]
 struct Cli {
     /// Configuration file (TOML). Without it, the embedded loopback demo configuration.
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     config: Option<PathBuf>,
     /// Override the configured packet I/O backend.
     #[arg(long, value_enum)]
@@ -37,6 +36,8 @@ struct Cli {
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum BackendArg {
     Auto,
+    /// Spelled as in the configuration file; `io-uring` works too.
+    #[value(name = "io_uring", alias = "io-uring")]
     IoUring,
     Epoll,
 }
@@ -58,6 +59,31 @@ enum Command {
         /// Validity in seconds.
         #[arg(long, default_value_t = 86_400)]
         ttl: u64,
+    },
+    /// Mint relay credentials offline from the configuration's REST secret, and print the relay
+    /// configuration the token API would answer (JSON: expiresOn, iceServers).
+    Credentials {
+        /// The identity (user id) the credentials carry; usage is billed to it.
+        #[arg(long)]
+        id: String,
+        /// Validity in seconds (at most 172800).
+        #[arg(long, default_value_t = turnpike::api::MAX_TTL)]
+        ttl: u64,
+        /// "any" or "nearest" (default: one entry for each).
+        #[arg(long)]
+        route_type: Option<String>,
+    },
+    /// Print a per-identity usage summary from the metering database ([usage] database).
+    Usage {
+        /// From this time (RFC 3339, e.g. 2026-11-01T00:00:00Z); default: the beginning.
+        #[arg(long)]
+        since: Option<String>,
+        /// Until this time (RFC 3339, exclusive); default: now.
+        #[arg(long)]
+        until: Option<String>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the RFC 8489 long-term key MD5(user:realm:password) in hex, as coturn's turnadmin -k does.
     LongTermKey {
@@ -107,6 +133,16 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Some(Command::Credentials {
+            ref id,
+            ttl,
+            ref route_type,
+        }) => credentials(&cli, id, ttl, route_type.as_deref()),
+        Some(Command::Usage {
+            ref since,
+            ref until,
+            json,
+        }) => usage(&cli, since.as_deref(), until.as_deref(), json),
         Some(Command::PrintConfig) => {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
@@ -166,48 +202,24 @@ fn run(config: RelayConfig, demo: bool) -> ExitCode {
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
-    let tls = match config.tls.as_ref().map(load_tls).transpose() {
-        Ok(t) => t,
+    let mut settings = turnpike::service::settings(&config);
+    match config.tls.as_ref().map(load_tls).transpose() {
+        Ok(t) => settings.stream.tls = t,
         Err(e) => {
             eprintln!("turnpike: configuration error: {e}");
             return ExitCode::from(2);
         }
-    };
-    let settings = Settings {
-        server: config.server.clone(),
-        listen: config.listen.clone(),
-        workers: config.workers,
-        backend: match config.backend {
-            Backend::Auto => None,
-            Backend::IoUring => Some(BackendKind::IoUring),
-            Backend::Epoll => Some(BackendKind::Epoll),
-        },
-        recv_buffer: config.recv_buffer,
-        send_buffer: config.send_buffer,
-        pin_workers: config.pin_workers,
-        drain: config.drain,
-        usage_sink: None,
-        stream: StreamSettings {
-            listen_tcp: config.listen_tcp.clone(),
-            listen_tls: config.listen_tls.clone(),
-            tls,
-            limits: StreamLimits {
-                max_connections: config.streams.max_connections,
-                max_per_ip: config.streams.max_connections_per_ip,
-                idle_timeout: config.streams.idle_timeout,
-                tls_handshake_timeout: config.streams.tls_handshake_timeout,
-                write_queue: config.streams.write_queue_bytes,
-            },
-        },
-    };
-    let mut relay = match control::start(settings) {
-        Ok(r) => r,
+    }
+    let service = match turnpike::service::start_with(&config, settings) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("turnpike: cannot start: {e}");
             return ExitCode::from(1);
         }
     };
+    let relay = service.relay();
     if demo {
         let addr = relay.listen_addrs()[0];
         println!(
@@ -235,7 +247,7 @@ fn run(config: RelayConfig, demo: bool) -> ExitCode {
     }
     // SIGHUP: reload the TLS certificate and key; established sessions keep theirs.
     if let Some(files) = config.tls.clone() {
-        let streams = relay.streams().clone();
+        let streams = service.relay().streams().clone();
         match signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]) {
             Ok(mut signals) => {
                 std::thread::spawn(move || {
@@ -255,10 +267,111 @@ fn run(config: RelayConfig, demo: bool) -> ExitCode {
             Err(e) => tracing::warn!("cannot install the SIGHUP handler: {e}"),
         }
     }
-    match relay.join() {
+    match service.join() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("turnpike: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn credentials(cli: &Cli, id: &str, ttl: u64, route: Option<&str>) -> ExitCode {
+    let config = match load(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("turnpike: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if id.is_empty() || id.chars().any(char::is_control) {
+        eprintln!("error: --id must be a non-empty printable string");
+        return ExitCode::from(2);
+    }
+    let route = match route {
+        None => None,
+        Some(r @ ("any" | "nearest")) => Some(r),
+        Some(r) => {
+            eprintln!("error: --route-type must be \"any\" or \"nearest\" (got {r:?})");
+            return ExitCode::from(2);
+        }
+    };
+    let (fleet, region) = match &config.api {
+        Some(a) => (a.fleet.clone(), a.region.clone()),
+        None => (
+            vec![turnpike::api::FleetRelay {
+                id: config.relay_id.clone(),
+                region: "default".into(),
+                addresses: config.listen.iter().map(ToString::to_string).collect(),
+            }],
+            "default".into(),
+        ),
+    };
+    let ttl = ttl.min(turnpike::api::MAX_TTL);
+    match turnpike::api::relay_configuration(
+        &fleet,
+        &region,
+        &config.server.rest_secrets,
+        id,
+        route,
+        ttl,
+        SystemTime::now(),
+    ) {
+        Some(v) => {
+            println!("{v:#}");
+            ExitCode::SUCCESS
+        }
+        None => {
+            eprintln!("error: the configuration has no REST secret ([rest] secrets) to mint with");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn usage(cli: &Cli, since: Option<&str>, until: Option<&str>, json: bool) -> ExitCode {
+    let config = match load(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("turnpike: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(u) = &config.usage else {
+        eprintln!("error: metering is not configured (no [usage] section)");
+        return ExitCode::from(2);
+    };
+    let time = |flag: &str, v: Option<&str>, default: SystemTime| match v {
+        None => Ok(default),
+        Some(s) => humantime::parse_rfc3339_weak(s)
+            .map_err(|e| format!("{flag}: {s:?} is not an RFC 3339 date-time ({e})")),
+    };
+    let ms = |t: SystemTime| {
+        t.duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    };
+    let range = time("--since", since, UNIX_EPOCH)
+        .and_then(|s| Ok((s, time("--until", until, SystemTime::now())?)));
+    let (since, until) = match range {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rows = turnpike::usage::Store::open_reader(&u.database)
+        .and_then(|s| s.summary(ms(since), ms(until)));
+    match rows {
+        Ok(rows) if json => {
+            println!("{}", serde_json::json!({ "identities": rows }));
+            ExitCode::SUCCESS
+        }
+        Ok(rows) => {
+            print!("{}", turnpike::usage::render_table(&rows));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("turnpike: {}: {e}", u.database.display());
             ExitCode::from(1)
         }
     }

@@ -24,6 +24,9 @@ use crate::dataplane::{self, BackendKind, Core, ToControl, WorkerMsg, WorkerSetu
 use crate::route::{ClientKey, ListenerId, RelayId, RouteUpdate};
 use crate::server::{self, Command, FiveTuple, Server, Transport};
 use crate::sys::{self, EventFd, UdpOptions};
+use metering::{unix_ms, usage_of};
+
+mod metering;
 
 /// Queue depth from the workers to the control thread; beyond it STUN requests are dropped and counted.
 const CONTROL_QUEUE: usize = 16 * 1024;
@@ -160,6 +163,17 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         send_buffer: settings.send_buffer,
         dont_fragment: false,
     };
+    // SO_REUSEPORT would let a second relay on the same port start silently and share its clients: make
+    // sure nobody holds a fixed listen port before the workers bind it with SO_REUSEPORT.
+    for addr in settings.listen.iter().filter(|a| a.port() != 0) {
+        let probe = sys::bind_udp(*addr, UdpOptions::default());
+        if let Err(e) = probe {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("listen {addr}: {e} (is another relay running?)"),
+            ));
+        }
+    }
     // Worker 0 binds first so that a port 0 resolves once and the others share it.
     let mut listen = settings.listen.clone();
     let mut sockets: Vec<Vec<UdpSocket>> = Vec::with_capacity(workers);
@@ -287,6 +301,10 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         drain_deadline: None,
         usage: HashMap::new(),
         usage_sink: settings.usage_sink.clone(),
+        stats: stats.clone(),
+        backend,
+        permissions: 0,
+        channels: 0,
     };
     let thread = std::thread::Builder::new()
         .name("turnpike-control".into())
@@ -339,6 +357,12 @@ struct Control {
     /// Usage of allocations until both the server's end report and every relay's final counters are in.
     usage: HashMap<u64, PendingUsage>,
     usage_sink: Option<Sender<UsageRecord>>,
+    /// Every worker's counters (for metrics).
+    stats: Vec<Arc<WorkerStats>>,
+    backend: BackendKind,
+    /// Installed permissions and channels (for metrics).
+    permissions: u64,
+    channels: u64,
 }
 
 /// An allocation's usage being assembled from the server's report and its relay sockets' counters.
@@ -346,19 +370,36 @@ struct Control {
 struct PendingUsage {
     client: Option<FiveTuple>,
     identity: Option<Box<str>>,
+    /// When its first relay socket opened (Unix milliseconds).
+    started_ms: u64,
+    /// The server has ended it (its own usage is in `usage`).
+    ended: bool,
+    /// The server's usage once ended, plus the final counters of closed relay sockets.
     usage: server::Usage,
     /// Relay sockets whose final counters have not arrived.
     open_relays: usize,
+    /// What the last checkpoint recorded (to skip unchanged ones).
+    checkpointed: Option<server::Usage>,
 }
 
-/// Final usage of one allocation: what the server relayed itself plus every relay socket's counters.
+/// Usage of one allocation: what the server relayed itself plus every relay socket's counters. An
+/// allocation gets interim records (`done == false`, cumulative, each replacing the previous one) on
+/// checkpoints while it lives, and one final record (`done == true`) when it ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRecord {
-    /// The allocation.
+    /// The allocation (unique within this process).
     pub allocation: u64,
     /// Who it is billed to.
     pub identity: Box<str>,
-    /// Bytes and packets per direction.
+    /// The client's 5-tuple.
+    pub client: Option<FiveTuple>,
+    /// When the allocation started (Unix milliseconds).
+    pub started_ms: u64,
+    /// When this record was taken: the end for a final record (Unix milliseconds).
+    pub at_ms: u64,
+    /// Whether this is the final record.
+    pub done: bool,
+    /// Bytes and packets per direction, cumulative.
     pub usage: server::Usage,
 }
 
@@ -417,6 +458,19 @@ impl Control {
                     allocation,
                     counters,
                 }) => self.relay_closed(allocation, counters),
+                Ok(ToControl::Counters { counters, .. }) => self.checkpoint(&counters, false),
+                Ok(ToControl::Revoke { identity, until }) => {
+                    tracing::info!(%identity, until, "credentials revoked");
+                    self.server.revoke(&identity, until);
+                }
+                Ok(ToControl::Checkpoint) => {
+                    for w in &self.workers {
+                        w.send(WorkerMsg::Route(RouteUpdate::ReportCounters));
+                    }
+                }
+                Ok(ToControl::Metrics(reply)) => {
+                    let _ = reply.send(self.metrics());
+                }
                 Ok(ToControl::Shutdown) => {
                     if self.drain_deadline.is_none() {
                         tracing::info!(drain = ?self.drain, "shutting down: refusing new allocations while existing ones drain");
@@ -424,10 +478,10 @@ impl Control {
                         self.drain_deadline = Some(now + self.drain);
                     }
                 }
-                Ok(ToControl::Stop) | Err(RecvTimeoutError::Disconnected) => return self.stop(),
+                Ok(ToControl::Stop) | Err(RecvTimeoutError::Disconnected) => return self.stop(&rx),
                 Err(RecvTimeoutError::Timeout) => {
                     if self.drain_deadline.is_some_and(|d| d <= now) {
-                        return self.stop();
+                        return self.stop(&rx);
                     }
                     self.server.handle_timeout(now);
                 }
@@ -512,8 +566,15 @@ impl Control {
                         self.next_relay = self.next_relay.wrapping_add(1);
                         self.relays.insert(relay.0, (worker, id));
                         self.owners.insert(client, worker);
+                        let identity = self.server.allocation_identity(allocation);
                         let pending = self.usage.entry(allocation.0).or_default();
+                        if pending.client.is_none() {
+                            pending.started_ms = unix_ms();
+                        }
                         pending.client = Some(client);
+                        if pending.identity.is_none() {
+                            pending.identity = identity.map(Box::from);
+                        }
                         pending.open_relays += 1;
                         let update = RouteUpdate::AddRelay {
                             id,
@@ -539,9 +600,11 @@ impl Control {
                 }
             }
             Command::InstallPermission { relay, peer, .. } => {
+                self.permissions += 1;
                 self.route(relay.0, |id| RouteUpdate::AddPermission { relay: id, peer });
             }
             Command::RemovePermission { relay, peer, .. } => {
+                self.permissions = self.permissions.saturating_sub(1);
                 self.route(relay.0, |id| RouteUpdate::RemovePermission {
                     relay: id,
                     peer,
@@ -553,6 +616,7 @@ impl Control {
                 peer,
                 ..
             } => {
+                self.channels += 1;
                 self.route(relay.0, |id| RouteUpdate::AddChannel {
                     relay: id,
                     channel: channel.get(),
@@ -565,6 +629,7 @@ impl Control {
                 peer,
                 ..
             } => {
+                self.channels = self.channels.saturating_sub(1);
                 self.route(relay.0, |id| RouteUpdate::RemoveChannel {
                     relay: id,
                     channel: channel.get(),
@@ -578,6 +643,7 @@ impl Control {
             } => {
                 let pending = self.usage.entry(allocation.0).or_default();
                 pending.identity = Some(identity);
+                pending.ended = true;
                 add_usage(&mut pending.usage, usage);
                 if let Some(client) = pending.client {
                     self.owners.remove(&client);
@@ -602,15 +668,7 @@ impl Control {
 
     fn relay_closed(&mut self, allocation: u64, c: crate::route::Counters) {
         let pending = self.usage.entry(allocation).or_default();
-        add_usage(
-            &mut pending.usage,
-            server::Usage {
-                to_peer_bytes: c.to_peer_bytes,
-                to_peer_packets: c.to_peer_packets,
-                to_client_bytes: c.to_client_bytes,
-                to_client_packets: c.to_client_packets,
-            },
-        );
+        add_usage(&mut pending.usage, usage_of(c));
         pending.open_relays = pending.open_relays.saturating_sub(1);
         self.finish_usage(allocation);
     }
@@ -620,16 +678,24 @@ impl Control {
         let done = self
             .usage
             .get(&allocation)
-            .is_some_and(|p| p.identity.is_some() && p.open_relays == 0);
+            .is_some_and(|p| p.ended && p.open_relays == 0);
         if !done {
             return;
         }
         let Some(p) = self.usage.remove(&allocation) else {
             return;
         };
+        if p.client.is_none() {
+            // Never opened a relay socket (refused or failed): nothing to bill.
+            return;
+        }
         let record = UsageRecord {
             allocation,
             identity: p.identity.unwrap_or_default(),
+            client: p.client,
+            started_ms: p.started_ms,
+            at_ms: unix_ms(),
+            done: true,
             usage: p.usage,
         };
         tracing::info!(
@@ -646,7 +712,8 @@ impl Control {
         }
     }
 
-    fn stop(mut self) -> io::Result<()> {
+    fn stop(mut self, rx: &Receiver<ToControl>) -> io::Result<()> {
+        self.final_usage(rx);
         for w in &self.workers {
             w.send(WorkerMsg::Stop);
         }

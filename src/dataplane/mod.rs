@@ -87,6 +87,25 @@ pub enum ToControl {
         /// What its fast path relayed.
         counters: Counters,
     },
+    /// A snapshot of every relay socket's counters, answering [`RouteUpdate::ReportCounters`].
+    Counters {
+        /// The worker.
+        worker: usize,
+        /// (allocation, counters) per relay socket.
+        counters: Vec<(u64, Counters)>,
+    },
+    /// Refuse the REST credentials of `identity` expiring at or before `until` (Unix seconds; 0 lifts
+    /// the revocation).
+    Revoke {
+        /// The identity (user id of the REST username).
+        identity: Box<str>,
+        /// The revocation horizon.
+        until: u64,
+    },
+    /// Write interim usage checkpoints: ask every worker for its counters.
+    Checkpoint,
+    /// Answer with a metrics snapshot.
+    Metrics(Sender<crate::metrics::Snapshot>),
     /// Begin a graceful shutdown (signal received).
     Shutdown,
     /// Stop now.
@@ -172,6 +191,15 @@ impl Core {
 
     /// Apply a route update; a removed relay's counters go to the control thread.
     pub fn apply(&mut self, update: RouteUpdate) {
+        if update == RouteUpdate::ReportCounters {
+            // Metering checkpoints only (one message per checkpoint interval, off the per-packet path).
+            let counters = self.table.counters().collect();
+            let _ = self.to_control.send(ToControl::Counters {
+                worker: self.worker,
+                counters,
+            });
+            return;
+        }
         if let Some((allocation, counters)) = self.table.apply(update) {
             // Accounting must not be lost: this send blocks only if the control thread is far behind.
             let _ = self.to_control.send(ToControl::RelayClosed {
@@ -212,6 +240,7 @@ impl Core {
                     return self.drop(Drop::NoChannel);
                 };
                 let n = cd.payload().len();
+                self.stats.count_relayed(true, n);
                 if let Some(r) = self.table.relay_mut(route.relay) {
                     r.counters.to_peer_bytes += n as u64;
                     r.counters.to_peer_packets += 1;
@@ -249,6 +278,7 @@ impl Core {
                 return self.drop(Drop::NoPermission);
             };
             let start = HEADROOM + (payload.as_ptr() as usize - data.as_ptr() as usize);
+            self.stats.count_relayed(true, payload.len());
             if let Some(r) = self.table.relay_mut(relay) {
                 r.counters.to_peer_bytes += payload.len() as u64;
                 r.counters.to_peer_packets += 1;
@@ -291,6 +321,7 @@ impl Core {
         }
         r.counters.to_client_bytes += len as u64;
         r.counters.to_client_packets += 1;
+        self.stats.count_relayed(false, len);
         let client = r.client;
         let range = match r.channels.get(&from) {
             Some(&channel) => {

@@ -63,6 +63,8 @@ pub struct WorkerStats {
     rx: CachePadded<AtomicU64>,
     tx: CachePadded<AtomicU64>,
     drops: CachePadded<[AtomicU64; Drop::ALL.len()]>,
+    /// Relayed bytes/packets: to-peer bytes, to-peer packets, to-client bytes, to-client packets.
+    relayed: CachePadded<[AtomicU64; 4]>,
 }
 
 impl WorkerStats {
@@ -85,6 +87,22 @@ impl WorkerStats {
     pub(crate) fn count_drops(&self, why: Drop, n: usize) {
         let i = Drop::ALL.iter().position(|d| *d == why).unwrap_or(0);
         self.drops[i].fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// One datagram of `bytes` payload bytes relayed towards the peer (`to_peer`) or the client.
+    #[inline]
+    pub(crate) fn count_relayed(&self, to_peer: bool, bytes: usize) {
+        let i = if to_peer { 0 } else { 2 };
+        // Only this worker writes these: a load and a store, no read-modify-write bus lock.
+        let add = |a: &AtomicU64, n: u64| a.store(a.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+        add(&self.relayed[i], bytes as u64);
+        add(&self.relayed[i + 1], 1);
+    }
+
+    /// (to-peer bytes, to-peer packets, to-client bytes, to-client packets) relayed by the fast path.
+    pub fn relayed(&self) -> [u64; 4] {
+        let r = &self.relayed;
+        [0, 1, 2, 3].map(|i| r[i].load(Ordering::Relaxed))
     }
 
     /// Datagrams received.

@@ -97,6 +97,9 @@ pub enum RouteUpdate {
         /// The peer transport address.
         peer: SocketAddr,
     },
+    /// Report every relay socket's counters to the control thread (metering checkpoints); changes
+    /// nothing in the table.
+    ReportCounters,
 }
 
 /// One relay socket's routing state.
@@ -203,6 +206,7 @@ impl RouteTable {
                         .insert((r.client, channel), ChannelRoute { relay, peer });
                 }
             }
+            RouteUpdate::ReportCounters => {}
             RouteUpdate::RemoveChannel {
                 relay,
                 channel,
@@ -262,6 +266,11 @@ impl RouteTable {
     /// Whether `client` has a relay socket (an allocation) in this worker.
     pub fn has_client(&self, client: ClientKey) -> bool {
         self.clients.contains_key(&client)
+    }
+
+    /// (allocation, counters) of every relay socket.
+    pub fn counters(&self) -> impl Iterator<Item = (u64, Counters)> + '_ {
+        self.relays.values().map(|r| (r.allocation, r.counters))
     }
 
     /// Number of relay sockets.

@@ -23,6 +23,7 @@
 //! May use: wire, auth, policy, and its own config.
 
 mod config;
+mod limit;
 mod ports;
 mod types;
 
@@ -44,6 +45,7 @@ use crate::wire::{
     self, family, password_algorithm, Attribute, ChannelData, Class, Kind, Message, MessageType,
     MessageWriter, Method,
 };
+use limit::SourceLimiter;
 use ports::PortPool;
 
 /// UDP's protocol number, the only REQUESTED-TRANSPORT a UDP relay serves (RFC 8656 §7.2).
@@ -83,6 +85,16 @@ pub struct Stats {
     pub auth_failures: u64,
     /// Retransmitted Allocate requests answered again (or ignored while pending).
     pub retransmits: u64,
+    /// Unauthenticated answers not sent because their source was over its rate.
+    pub rate_limited: u64,
+    /// Of `auth_failures`: 438 Stale Nonce answers.
+    pub stale_nonces: u64,
+    /// Of `auth_failures`: requests refused because the identity's credentials were revoked.
+    pub revoked: u64,
+    /// Allocations that became active (their relay sockets open, success sent).
+    pub allocations_created: u64,
+    /// Allocate requests refused after authentication, by error code, in [`ErrorCode::ALL`] order.
+    pub allocate_errors: [u64; ErrorCode::ALL.len()],
 }
 
 /// The TURN server core. `R` is the source of randomness (relay ports, reservation tokens, nonce key).
@@ -98,6 +110,8 @@ pub struct Server<R> {
     by_client: HashMap<FiveTuple, AllocationId>,
     by_relay: HashMap<RelayAddr, AllocationId>,
     per_identity: HashMap<Box<str>, usize>,
+    /// identity → revocation horizon: its REST credentials expiring at or before it are refused.
+    revoked: HashMap<Box<str>, u64>,
     reservations: HashMap<u64, Reservation>,
     timers: BTreeSet<(Instant, Timer)>,
     next_id: u64,
@@ -105,6 +119,7 @@ pub struct Server<R> {
     outbox: Outbox,
     commands: VecDeque<Command>,
     stats: Stats,
+    limiter: SourceLimiter,
 }
 
 impl<R: RngCore> Server<R> {
@@ -112,6 +127,7 @@ impl<R: RngCore> Server<R> {
     pub fn new(config: Config, mut rng: R) -> Result<Self, ConfigError> {
         config.validate()?;
         let nonce_key = NonceKey::random(&mut rng);
+        let limiter = SourceLimiter::new(config.challenge_rate, [rng.next_u64(), rng.next_u64()]);
         let mut users = HashMap::new();
         let mut userhashes = HashMap::new();
         for (name, password) in &config.users {
@@ -138,6 +154,7 @@ impl<R: RngCore> Server<R> {
             by_client: HashMap::new(),
             by_relay: HashMap::new(),
             per_identity: HashMap::new(),
+            revoked: HashMap::new(),
             reservations: HashMap::new(),
             timers: BTreeSet::new(),
             next_id: 1,
@@ -145,6 +162,7 @@ impl<R: RngCore> Server<R> {
             outbox: Outbox::default(),
             commands: VecDeque::new(),
             stats: Stats::default(),
+            limiter,
         })
     }
 
@@ -313,6 +331,7 @@ impl<R: RngCore> Server<R> {
             None => {
                 let (five, tid, signer) = (alloc.five_tuple, alloc.allocate_tid, alloc.signer());
                 self.free_allocation(allocation);
+                self.count_allocate_error(ErrorCode::InsufficientCapacity);
                 self.reply_to(
                     five,
                     MessageType::new(Method::ALLOCATE, Class::Error),
@@ -401,6 +420,23 @@ impl<R: RngCore> Server<R> {
         self.draining = draining;
     }
 
+    /// Revoke the REST credentials of `identity` (the user id in "<expiry>:<user-id>") that expire at or
+    /// before `until_unix`: from now on every authenticated request made with one of them, Refresh
+    /// included, gets 401, so existing allocations end at their next Refresh at the latest. A horizon at
+    /// or before the credential expiries still in use (e.g. 0) lifts the revocation.
+    pub fn revoke(&mut self, identity: &str, until_unix: u64) {
+        if until_unix == 0 {
+            self.revoked.remove(identity);
+        } else {
+            self.revoked.insert(identity.into(), until_unix);
+        }
+    }
+
+    /// The identity usage of allocation `id` is billed to, while it lives.
+    pub fn allocation_identity(&self, id: AllocationId) -> Option<&str> {
+        self.allocations.get(&id).map(|a| &*a.identity)
+    }
+
     /// The next message to send, if any. Borrowed until the next `handle_*` call.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Transmit<'_>> {
@@ -447,7 +483,7 @@ impl<R: RngCore> Server<R> {
     fn client_stun(&mut self, now: Instant, unix_now: u64, five: FiveTuple, msg: &Message<'_>) {
         let typ = msg.message_type();
         match (typ.class, typ.method) {
-            (Class::Request, Method::BINDING) => self.binding(unix_now, five, msg),
+            (Class::Request, Method::BINDING) => self.binding(now, unix_now, five, msg),
             (Class::Request, Method::ALLOCATE) => self.allocate(now, unix_now, five, msg),
             (Class::Request, Method::REFRESH) => self.refresh(now, unix_now, five, msg),
             (Class::Request, Method::CREATE_PERMISSION) => {
@@ -461,11 +497,11 @@ impl<R: RngCore> Server<R> {
         }
     }
 
-    fn binding(&mut self, unix_now: u64, five: FiveTuple, msg: &Message<'_>) {
+    fn binding(&mut self, now: Instant, unix_now: u64, five: FiveTuple, msg: &Message<'_>) {
         let signer = if self.config.binding_requires_auth {
             match self.authenticate(unix_now, five, msg) {
                 Ok(auth) => Some(auth.signer),
-                Err(reject) => return self.reject(unix_now, five, msg, reject),
+                Err(reject) => return self.reject(now, unix_now, five, msg, reject),
             }
         } else {
             None
@@ -481,7 +517,7 @@ impl<R: RngCore> Server<R> {
     fn allocate(&mut self, now: Instant, unix_now: u64, five: FiveTuple, msg: &Message<'_>) {
         let auth = match self.authenticate(unix_now, five, msg) {
             Ok(auth) => auth,
-            Err(reject) => return self.reject(unix_now, five, msg, reject),
+            Err(reject) => return self.reject(now, unix_now, five, msg, reject),
         };
         let s = Some(&auth.signer);
         if let Some(existing) = self
@@ -533,10 +569,13 @@ impl<R: RngCore> Server<R> {
         };
         if self.draining || self.allocations.len() >= self.config.max_allocations {
             return match self.config.alternate_server {
-                Some(alt) => self.reply(five, msg, Class::Error, s, |w| {
-                    error_code(w, ErrorCode::TryAlternate)?;
-                    w.add(&Attribute::AlternateServer(alt))
-                }),
+                Some(alt) => {
+                    self.count_allocate_error(ErrorCode::TryAlternate);
+                    self.reply(five, msg, Class::Error, s, |w| {
+                        error_code(w, ErrorCode::TryAlternate)?;
+                        w.add(&Attribute::AlternateServer(alt))
+                    })
+                }
                 None => refuse(self, ErrorCode::InsufficientCapacity),
             };
         }
@@ -864,7 +903,7 @@ impl<R: RngCore> Server<R> {
         let auth = match self.authenticate(unix_now, five, msg) {
             Ok(auth) => auth,
             Err(reject) => {
-                self.reject(unix_now, five, msg, reject);
+                self.reject(now, unix_now, five, msg, reject);
                 return None;
             }
         };
@@ -997,6 +1036,7 @@ impl<R: RngCore> Server<R> {
             return;
         }
         alloc.active = true;
+        self.stats.allocations_created += 1;
         let expires = now + secs(alloc.lifetime);
         self.timers.remove(&(alloc.expires, Timer::Allocation(id)));
         alloc.expires = expires;
@@ -1146,10 +1186,16 @@ impl<R: RngCore> Server<R> {
             let Some(key) = found else {
                 return Err(Reject::Unauthenticated);
             };
-            let identity = auth::parse_rest_username(username)
+            let parsed = auth::parse_rest_username(username);
+            let identity = parsed
                 .map(|r| r.user)
                 .filter(|u| !u.is_empty())
                 .unwrap_or(username);
+            if let (Some(horizon), Some(p)) = (self.revoked.get(identity), parsed) {
+                if p.expiry <= *horizon {
+                    return Err(Reject::Revoked);
+                }
+            }
             return Ok(Authenticated {
                 username: username.into(),
                 identity: identity.into(),
@@ -1175,7 +1221,19 @@ impl<R: RngCore> Server<R> {
     /// Answer a request that failed authentication. Unauthenticated answers carry only what RFC 8489
     /// §9.2.4 requires (ERROR-CODE, REALM, NONCE and, when advertised, PASSWORD-ALGORITHMS), so that a
     /// spoofed request cannot be amplified.
-    fn reject(&mut self, unix_now: u64, five: FiveTuple, msg: &Message<'_>, reject: Reject) {
+    fn reject(
+        &mut self,
+        now: Instant,
+        unix_now: u64,
+        five: FiveTuple,
+        msg: &Message<'_>,
+        reject: Reject,
+    ) {
+        // Rate-limited per source, so that the relay cannot be used to reflect a flood (design §3).
+        if !self.limiter.allow(five.client.ip(), now) {
+            self.stats.rate_limited += 1;
+            return;
+        }
         let code = match reject {
             Reject::BadRequest => return self.reply_error(five, msg, None, ErrorCode::BadRequest),
             Reject::Challenge => {
@@ -1188,7 +1246,13 @@ impl<R: RngCore> Server<R> {
             }
             Reject::StaleNonce => {
                 self.stats.auth_failures += 1;
+                self.stats.stale_nonces += 1;
                 ErrorCode::StaleNonce
+            }
+            Reject::Revoked => {
+                self.stats.auth_failures += 1;
+                self.stats.revoked += 1;
+                ErrorCode::Unauthenticated
             }
         };
         let features = if self.config.password_algorithms {
@@ -1279,7 +1343,14 @@ impl<R: RngCore> Server<R> {
         signer: Option<&Signer>,
         code: ErrorCode,
     ) {
+        if req.message_type().method == Method::ALLOCATE {
+            self.count_allocate_error(code);
+        }
         self.reply(five, req, Class::Error, signer, |w| error_code(w, code));
+    }
+
+    fn count_allocate_error(&mut self, code: ErrorCode) {
+        self.stats.allocate_errors[code.index()] += 1;
     }
 
     /// A message of an explicit type to `five` (used for answers not tied to a parsed request).
@@ -1440,6 +1511,8 @@ enum Reject {
     Unauthenticated,
     /// Nonce expired or not ours: 438 with a fresh one.
     StaleNonce,
+    /// A REST credential of a revoked identity: 401.
+    Revoked,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

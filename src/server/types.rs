@@ -225,6 +225,28 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in [`Stats::allocate_errors`](super::Stats) order.
+    pub const ALL: [ErrorCode; 13] = [
+        ErrorCode::TryAlternate,
+        ErrorCode::BadRequest,
+        ErrorCode::Unauthenticated,
+        ErrorCode::Forbidden,
+        ErrorCode::UnknownAttribute,
+        ErrorCode::AllocationMismatch,
+        ErrorCode::StaleNonce,
+        ErrorCode::AddressFamilyNotSupported,
+        ErrorCode::WrongCredentials,
+        ErrorCode::UnsupportedTransport,
+        ErrorCode::PeerAddressFamilyMismatch,
+        ErrorCode::AllocationQuotaReached,
+        ErrorCode::InsufficientCapacity,
+    ];
+
+    /// Position in [`ErrorCode::ALL`].
+    pub fn index(self) -> usize {
+        ErrorCode::ALL.iter().position(|c| *c == self).unwrap_or(0)
+    }
+
     /// The numeric code.
     pub fn code(self) -> u16 {
         match self {

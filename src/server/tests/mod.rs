@@ -4,6 +4,7 @@
 
 mod allocate;
 mod relay;
+mod revoke;
 
 use core::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};

@@ -1,0 +1,152 @@
+//! Metering and metrics of the control thread: usage checkpoints from the workers' counter snapshots,
+//! final records for allocations still live at stop, and metrics snapshots.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::Receiver;
+
+use super::{add_usage, Control, UsageRecord};
+use crate::dataplane::{self, BackendKind, ToControl, WorkerMsg};
+use crate::route::RouteUpdate;
+use crate::server;
+
+impl Control {
+    /// Interim records from one worker's counter snapshot: for each of its allocations, what closed relay
+    /// sockets reported plus the live ones' counters. With `last`, they are final records (the relay
+    /// is stopping with these allocations still live).
+    pub(super) fn checkpoint(&mut self, counters: &[(u64, crate::route::Counters)], last: bool) {
+        let mut live: HashMap<u64, server::Usage> = HashMap::new();
+        for (allocation, c) in counters {
+            add_usage(live.entry(*allocation).or_default(), usage_of(*c));
+        }
+        let at_ms = unix_ms();
+        for (allocation, relays) in live {
+            let Some(p) = self.usage.get_mut(&allocation) else {
+                continue;
+            };
+            let mut usage = p.usage;
+            add_usage(&mut usage, relays);
+            if !last && p.checkpointed == Some(usage) {
+                continue;
+            }
+            p.checkpointed = Some(usage);
+            let record = UsageRecord {
+                allocation,
+                identity: p.identity.clone().unwrap_or_default(),
+                client: p.client,
+                started_ms: p.started_ms,
+                at_ms,
+                done: last,
+                usage,
+            };
+            if let Some(sink) = &self.usage_sink {
+                let _ = sink.send(record);
+            }
+        }
+    }
+
+    pub(super) fn metrics(&self) -> crate::metrics::Snapshot {
+        use crate::metrics::{Relayed, ServerSnapshot, Snapshot, WorkerSnapshot};
+        let s = self.server.stats();
+        let bad_credentials = s.auth_failures.saturating_sub(s.stale_nonces + s.revoked);
+        Snapshot {
+            backend: match self.backend {
+                BackendKind::Epoll => "epoll",
+                BackendKind::IoUring => "io_uring",
+            },
+            draining: self.drain_deadline.is_some(),
+            workers: self
+                .stats
+                .iter()
+                .map(|w| {
+                    let [a, b, c, d] = w.relayed();
+                    WorkerSnapshot {
+                        rx: w.rx(),
+                        tx: w.tx(),
+                        drops: dataplane::Drop::ALL
+                            .iter()
+                            .map(|why| (why.as_str(), w.drops(*why)))
+                            .collect(),
+                        relayed: Relayed {
+                            to_peer_bytes: a,
+                            to_peer_packets: b,
+                            to_client_bytes: c,
+                            to_client_packets: d,
+                        },
+                    }
+                })
+                .collect(),
+            server: ServerSnapshot {
+                allocations: self.server.allocation_count() as u64,
+                allocations_created: s.allocations_created,
+                allocation_errors: server::ErrorCode::ALL
+                    .iter()
+                    .zip(s.allocate_errors)
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(code, n)| (code.code(), n))
+                    .collect(),
+                permissions: self.permissions,
+                channels: self.channels,
+                challenges: s.challenges,
+                auth_failures: vec![
+                    ("bad_credentials", bad_credentials),
+                    ("stale_nonce", s.stale_nonces),
+                    ("revoked", s.revoked),
+                ],
+                drops: vec![
+                    ("malformed", s.malformed),
+                    ("unexpected_class", s.unexpected_class),
+                    ("no_allocation", s.no_allocation),
+                    ("no_permission", s.no_permission),
+                    ("no_channel", s.no_channel),
+                    ("unknown_relay", s.unknown_relay),
+                    ("bad_indication", s.bad_indication),
+                    ("outbox_overflow", s.outbox_overflow),
+                ],
+            },
+        }
+    }
+
+    /// Allocations still live at stop get final usage records from the workers' last counters.
+    pub(super) fn final_usage(&mut self, rx: &Receiver<ToControl>) {
+        if self.usage_sink.is_none() || self.usage.is_empty() {
+            return;
+        }
+        for w in &self.workers {
+            w.send(WorkerMsg::Route(RouteUpdate::ReportCounters));
+        }
+        let mut waiting = self.workers.len();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while waiting > 0 {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(ToControl::Counters { counters, .. }) => {
+                    self.checkpoint(&counters, true);
+                    waiting -= 1;
+                }
+                Ok(ToControl::RelayClosed {
+                    allocation,
+                    counters,
+                }) => self.relay_closed(allocation, counters),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+pub(super) fn usage_of(c: crate::route::Counters) -> server::Usage {
+    server::Usage {
+        to_peer_bytes: c.to_peer_bytes,
+        to_peer_packets: c.to_peer_packets,
+        to_client_bytes: c.to_client_bytes,
+        to_client_packets: c.to_client_packets,
+    }
+}
+
+pub(super) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

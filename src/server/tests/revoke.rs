@@ -1,0 +1,95 @@
+//! Revocation: REST credentials of a revoked identity are refused on their next authenticated request,
+//! Refresh included, while other identities and later credentials keep working.
+
+use super::*;
+
+const RT_UDP: Attribute<'static> = Attribute::RequestedTransport(17);
+
+fn s(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+#[test]
+fn revoked_identity_gets_401_on_its_next_request_and_on_refresh() {
+    let mut h = Harness::new();
+    let carol = Creds::rest(SECRET_NEW, "carol", UNIX0 + 3600);
+    let dave = Creds::rest(SECRET_NEW, "dave", UNIX0 + 3600);
+    h.allocate(client(1), &carol);
+    h.allocate(client(2), &dave);
+
+    h.server.revoke("carol", UNIX0 + 172_800);
+    let out = h.request(client(1), Method::REFRESH, &[], Some(&carol));
+    assert_eq!(out.error(), Some(401), "Refresh of a revoked identity");
+    assert!(out.commands.is_empty(), "a refused request changes nothing");
+    let out = h.request(
+        client(1),
+        Method::CREATE_PERMISSION,
+        &[Attribute::XorPeerAddress(peer(1))],
+        Some(&carol),
+    );
+    assert_eq!(out.error(), Some(401));
+    // A new allocation with the same credential, or a fresh one minted before the horizon, is refused too.
+    h.challenge(client(3));
+    let out = h.request(client(3), Method::ALLOCATE, &[RT_UDP], Some(&carol));
+    assert_eq!(out.error(), Some(401));
+    assert_eq!(h.server.stats().revoked, 3);
+    assert_eq!(
+        h.server.allocation_count(),
+        2,
+        "nothing was allocated for client 3"
+    );
+
+    // Other identities are unaffected.
+    h.challenge(client(2));
+    let out = h.request(client(2), Method::REFRESH, &[], Some(&dave));
+    assert_eq!(out.one().class(), Class::Success);
+
+    // A credential expiring after the horizon is not covered by the revocation.
+    let later = Creds::rest(SECRET_NEW, "carol", UNIX0 + 172_801);
+    h.allocate(client(4), &later);
+
+    // The revoked allocation is never refreshed again and ends at its lifetime.
+    let out = h.advance(s(601));
+    assert!(
+        out.commands.iter().any(
+            |c| matches!(c, Command::AllocationEnded { identity, .. } if &**identity == "carol")
+        ),
+        "{:?}",
+        out.commands
+    );
+}
+
+#[test]
+fn lifting_a_revocation_restores_access_and_static_users_are_not_affected() {
+    let mut h = Harness::new();
+    let carol = Creds::rest(SECRET_NEW, "carol", UNIX0 + 3600);
+    h.server.revoke("carol", UNIX0 + 3600);
+    h.challenge(client(1));
+    let out = h.request(client(1), Method::ALLOCATE, &[RT_UDP], Some(&carol));
+    assert_eq!(
+        out.error(),
+        Some(401),
+        "expiry equal to the horizon is revoked"
+    );
+    h.server.revoke("carol", 0);
+    h.allocate(client(1), &carol);
+
+    // Revocation applies to REST credentials (they carry the identity and an expiry), not static users.
+    h.server.revoke("alice", u64::MAX);
+    h.allocate(client(2), &Creds::alice());
+    assert_eq!(h.server.stats().revoked, 1);
+}
+
+#[test]
+fn allocation_identity_and_creation_and_error_counters() {
+    let mut h = Harness::new();
+    let (_, id) = h.allocate(client(1), &Creds::rest(SECRET_NEW, "erin", UNIX0 + 60));
+    assert_eq!(h.server.allocation_identity(id), Some("erin"));
+    assert_eq!(h.server.stats().allocations_created, 1);
+    h.challenge(client(2));
+    let out = h.request(client(2), Method::ALLOCATE, &[], Some(&Creds::alice()));
+    assert_eq!(out.error(), Some(400));
+    let stats = h.server.stats();
+    assert_eq!(stats.allocate_errors[ErrorCode::BadRequest.index()], 1);
+    assert_eq!(stats.allocate_errors.iter().sum::<u64>(), 1);
+}

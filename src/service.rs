@@ -1,0 +1,246 @@
+//! Wiring of a whole relay process: the relay (workers and control thread), the metering writer and its
+//! checkpoint timer, and the HTTP API, from one [`RelayConfig`]. `main` and the end-to-end tests use it.
+//!
+//! ```text
+//!  workers ──counters──▶ control ──UsageRecord──▶ usage writer ──▶ SQLite ◀── api (/usage, revoke)
+//!                           ▲  ▲                                                 │
+//!          Checkpoint tick ─┘  └────────── Revoke / Metrics requests ────────────┘
+//! ```
+//!
+//! May use: every module.
+
+use std::io;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
+
+use crate::api::{self, Api, ApiHandle, Hooks};
+use crate::config::{Backend, RelayConfig};
+use crate::control::{self, RelayHandle, Settings, UsageRecord};
+use crate::dataplane::{BackendKind, ToControl};
+use crate::server::Transport;
+use crate::usage;
+
+/// Records written per SQLite transaction at most.
+const WRITE_BATCH: usize = 4096;
+
+/// A running relay process.
+#[derive(Debug)]
+pub struct Service {
+    relay: RelayHandle,
+    api: Option<ApiHandle>,
+    writer: Option<JoinHandle<()>>,
+    ticker: Option<(Sender<()>, JoinHandle<()>)>,
+}
+
+/// The relay's [`Settings`] for `config` (without a usage sink).
+pub fn settings(config: &RelayConfig) -> Settings {
+    Settings {
+        server: config.server.clone(),
+        listen: config.listen.clone(),
+        workers: config.workers,
+        backend: match config.backend {
+            Backend::Auto => None,
+            Backend::IoUring => Some(BackendKind::IoUring),
+            Backend::Epoll => Some(BackendKind::Epoll),
+        },
+        recv_buffer: config.recv_buffer,
+        send_buffer: config.send_buffer,
+        pin_workers: config.pin_workers,
+        drain: config.drain,
+        usage_sink: None,
+        stream: control::StreamSettings {
+            listen_tcp: config.listen_tcp.clone(),
+            listen_tls: config.listen_tls.clone(),
+            // Read from the PEM files by the caller (`main`), which reports file errors.
+            tls: None,
+            limits: crate::dataplane::stream::StreamLimits {
+                max_connections: config.streams.max_connections,
+                max_per_ip: config.streams.max_connections_per_ip,
+                idle_timeout: config.streams.idle_timeout,
+                tls_handshake_timeout: config.streams.tls_handshake_timeout,
+                write_queue: config.streams.write_queue_bytes,
+            },
+        },
+    }
+}
+
+/// Start everything `config` enables.
+pub fn start(config: &RelayConfig) -> io::Result<Service> {
+    start_with(config, settings(config))
+}
+
+/// Start with explicit relay settings (tests adjust them); `config` supplies the API and metering.
+pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Service> {
+    let mut store = None;
+    let mut writer = None;
+    if let Some(u) = &config.usage {
+        let s = usage::Store::open(&u.database, &config.relay_id, unix_ms())
+            .map_err(|e| io::Error::other(format!("{}: {e}", u.database.display())))?;
+        let (tx, rx) = unbounded();
+        settings.usage_sink = Some(tx);
+        store = Some(s);
+        writer = Some(rx);
+    }
+    let relay = control::start(settings)?;
+    let to_control = relay.shutdown_sender();
+
+    let mut ticker = None;
+    let writer = match (store, writer, &config.usage) {
+        (Some(store), Some(rx), Some(u)) => {
+            // Revocations survive restarts.
+            match store.revocations(unix_ms() / 1000) {
+                Ok(list) => {
+                    for (identity, until) in list {
+                        let _ = to_control.send(ToControl::Revoke {
+                            identity: identity.into(),
+                            until,
+                        });
+                    }
+                }
+                Err(e) => tracing::warn!("cannot load revocations: {e}"),
+            }
+            let (stop, stopped) = bounded::<()>(1);
+            let every = u.checkpoint;
+            let tick = to_control.clone();
+            let t = std::thread::Builder::new()
+                .name("turnpike-checkpoint".into())
+                .spawn(move || loop {
+                    match stopped.recv_timeout(every) {
+                        Err(RecvTimeoutError::Timeout) => {
+                            if tick.send(ToControl::Checkpoint).is_err() {
+                                return;
+                            }
+                        }
+                        _ => return,
+                    }
+                })?;
+            ticker = Some((stop, t));
+            Some(
+                std::thread::Builder::new()
+                    .name("turnpike-usage".into())
+                    .spawn(move || write_usage(store, &rx))?,
+            )
+        }
+        _ => None,
+    };
+
+    let api = match &config.api {
+        Some(a) => {
+            let revoke_tx = to_control.clone();
+            let metrics_tx = to_control.clone();
+            let hooks = Hooks {
+                revoke: Box::new(move |identity, until| {
+                    let _ = revoke_tx.send(ToControl::Revoke {
+                        identity: identity.into(),
+                        until,
+                    });
+                }),
+                metrics: Box::new(move || {
+                    let (tx, rx) = bounded(1);
+                    metrics_tx.send(ToControl::Metrics(tx)).ok()?;
+                    rx.recv_timeout(Duration::from_secs(2)).ok()
+                }),
+            };
+            let api = Api::new(a.clone(), config.server.rest_secrets.clone(), hooks);
+            Some(api::serve(api)?)
+        }
+        None => None,
+    };
+    Ok(Service {
+        relay,
+        api,
+        writer,
+        ticker,
+    })
+}
+
+impl Service {
+    /// The relay.
+    pub fn relay(&self) -> &RelayHandle {
+        &self.relay
+    }
+
+    /// The API's address, if it runs.
+    pub fn api_addr(&self) -> Option<std::net::SocketAddr> {
+        self.api.as_ref().map(ApiHandle::local_addr)
+    }
+
+    /// Begin the graceful shutdown (drain, then stop).
+    pub fn shutdown(&self) {
+        self.relay.shutdown();
+    }
+
+    /// Wait until the relay has stopped, then flush the usage records and stop the API.
+    pub fn join(mut self) -> io::Result<()> {
+        let res = self.relay.join();
+        self.finish();
+        res
+    }
+
+    /// Stop now (live allocations get final usage records) and wait for everything.
+    pub fn stop(self) -> io::Result<()> {
+        self.relay.shutdown_sender().send(ToControl::Stop).ok();
+        self.join()
+    }
+
+    fn finish(&mut self) {
+        if let Some((stop, t)) = self.ticker.take() {
+            let _ = stop.send(());
+            let _ = t.join();
+        }
+        // The control thread has exited and dropped the sink: the writer drains and ends.
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        if let Some(api) = self.api.take() {
+            api.stop();
+        }
+    }
+}
+
+fn write_usage(mut store: usage::Store, rx: &Receiver<UsageRecord>) {
+    let mut batch = Vec::with_capacity(64);
+    while let Ok(first) = rx.recv() {
+        batch.push(record(first));
+        while batch.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(record(r)),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = store.record(&batch) {
+            tracing::error!("usage records lost: {e}");
+        }
+        batch.clear();
+    }
+}
+
+fn record(r: UsageRecord) -> usage::Record {
+    usage::Record {
+        allocation: r.allocation,
+        identity: r.identity.into(),
+        transport: match r.client.map(|c| c.transport) {
+            Some(Transport::Tcp) => "tcp",
+            Some(Transport::Tls) => "tls",
+            _ => "udp",
+        },
+        client: r.client.map(|c| c.client),
+        server: r.client.map(|c| c.server),
+        started_ms: r.started_ms,
+        at_ms: r.at_ms,
+        done: r.done,
+        to_peer_bytes: r.usage.to_peer_bytes,
+        to_peer_packets: r.usage.to_peer_packets,
+        to_client_bytes: r.usage.to_client_bytes,
+        to_client_packets: r.usage.to_client_packets,
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

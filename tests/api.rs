@@ -1,0 +1,657 @@
+//! The token API, metering and metrics end to end: the official Python SDK against the real binary
+//! (plain HTTP and TLS), exact usage rows in SQLite after relaying known traffic, a SIGKILL mid-run,
+//! revocation through the admin API, and a Prometheus scrape parsed by prometheus_client.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use turnpike::api::sign;
+use turnpike::auth::RestSecrets;
+use turnpike::config::RelayConfig;
+use turnpike::wire::{Attribute, Method};
+
+const KEY_B64: &str = "dHVybnBpa2UtdGVzdC1hY2Nlc3Mta2V5";
+const SECRET: &str = "secret";
+
+fn key() -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(KEY_B64)
+        .unwrap()
+}
+
+/// A free UDP port for a relay's listener. The relay refuses to start on a port another socket holds
+/// (it probes before binding with SO_REUSEPORT), so two concurrent tests can never silently share one;
+/// the port is released here before the relay binds it.
+struct Reserved(u16);
+
+impl Reserved {
+    fn port(&self) -> u16 {
+        self.0
+    }
+}
+
+fn reserve_udp() -> Reserved {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    Reserved(s.local_addr().unwrap().port())
+}
+
+fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("turnpike-api-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A configuration with the API and metering on, relaying on loopback with ports `base..base+999`.
+fn config_text(listen: u16, api: u16, base: u16, db: &Path, extra_api: &str) -> String {
+    config_on("epoll", listen, api, base, db, extra_api)
+}
+
+fn config_on(
+    backend: &str,
+    listen: u16,
+    api: u16,
+    base: u16,
+    db: &Path,
+    extra_api: &str,
+) -> String {
+    format!(
+        r#"listen = ["127.0.0.1:{listen}"]
+workers = 2
+pin_workers = false
+backend = "{backend}"
+drain_seconds = 0
+relay_id = "test-relay"
+[relay]
+addresses = ["127.0.0.1"]
+port_min = {base}
+port_max = {max}
+[rest]
+secrets = ["{SECRET}"]
+[peers]
+allow = ["127.0.0.0/8"]
+[api]
+listen = "127.0.0.1:{api}"
+access_keys = ["{KEY_B64}"]
+{extra_api}
+[usage]
+database = "{db}"
+checkpoint_seconds = 1
+"#,
+        max = base + 999,
+        db = db.display()
+    )
+}
+
+/// Python and the packages the SDK test needs; with CI=true their absence is a failure.
+fn python_ready() -> bool {
+    let ok = Command::new("python3")
+        .args([
+            "-c",
+            "import azure.communication.networktraversal, aioice, prometheus_client",
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "python3 with azure-communication-networktraversal, aioice and prometheus_client is required in CI \
+             (scripts/test.sh installs them)"
+        );
+        eprintln!("skipping: python3 packages missing (run scripts/test.sh to install them)");
+    }
+    ok
+}
+
+struct Relay {
+    child: Child,
+}
+
+impl Relay {
+    fn spawn(config: &Path, api: SocketAddr) -> Relay {
+        let child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+            .args(["--config", config.to_str().unwrap(), "--log-level", "warn"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("turnpike starts");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ureq::get(&format!("http://{api}/healthz")).call().is_err() {
+            assert!(Instant::now() < deadline, "the API did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Relay { child }
+    }
+
+    /// SIGTERM and wait (drain_seconds = 0: live allocations get final records).
+    fn terminate(mut self) {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "{status:?}");
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    fn sigkill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// (identity, to_peer_bytes, to_peer_packets, to_client_bytes, to_client_packets, end_reason) per row.
+type Row = (String, u64, u64, u64, u64, Option<String>);
+
+fn rows(db: &Path) -> Vec<Row> {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let mut s = c
+        .prepare(
+            "SELECT identity, to_peer_bytes, to_peer_packets, to_client_bytes, to_client_packets, end_reason
+             FROM allocations ORDER BY run_id, allocation",
+        )
+        .unwrap();
+    let r = s
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, i64>(3)? as u64,
+                r.get::<_, i64>(4)? as u64,
+                r.get(5)?,
+            ))
+        })
+        .unwrap();
+    r.map(Result::unwrap).collect()
+}
+
+/// Poll until `f` holds (records travel control → writer → SQLite asynchronously).
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A REST-credential client on `server`, allocated, with a channel to a fresh peer.
+fn rest_client(server: SocketAddr, id: &str) -> (Client, UdpSocket, SocketAddr) {
+    let cred = RestSecrets::new(vec![SECRET.as_bytes().to_vec()])
+        .mint(id, unix_now(), 3600)
+        .unwrap();
+    let mut c = Client::new(server, &cred.username, &cred.password);
+    let relayed = c.allocate();
+    let p = peer();
+    c.bind(0x4000, p.local_addr().unwrap());
+    (c, p, relayed)
+}
+
+/// `n` ChannelData packets of `size` bytes each way; returns when all have arrived.
+fn exchange(c: &Client, p: &UdpSocket, relayed: SocketAddr, n: usize, size: usize) {
+    let payload = vec![0x5A; size];
+    let mut buf = [0u8; 2048];
+    for _ in 0..n {
+        c.send_channel(0x4000, &payload);
+        let (len, from) = p.recv_from(&mut buf).unwrap();
+        assert_eq!((len, from), (size, relayed));
+        p.send_to(&payload, relayed).unwrap();
+        assert_eq!(c.recv().len(), 4 + size);
+    }
+}
+
+fn signed_get(api: SocketAddr, url: &str) -> serde_json::Value {
+    let host = api.to_string();
+    let (date, hash, auth) = sign::sign(&key(), "GET", url, &host, b"", SystemTime::now());
+    ureq::get(&format!("http://{host}{url}"))
+        .set("x-ms-date", &date)
+        .set("x-ms-content-sha256", &hash)
+        .set("Authorization", &auth)
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap()
+}
+
+fn signed_post(api: SocketAddr, url: &str, body: &str) -> Result<serde_json::Value, u16> {
+    let host = api.to_string();
+    let (date, hash, auth) = sign::sign(
+        &key(),
+        "POST",
+        url,
+        &host,
+        body.as_bytes(),
+        SystemTime::now(),
+    );
+    match ureq::post(&format!("http://{host}{url}"))
+        .set("x-ms-date", &date)
+        .set("x-ms-content-sha256", &hash)
+        .set("Authorization", &auth)
+        .set("Content-Type", "application/json")
+        .send_string(body)
+    {
+        Ok(r) => Ok(r.into_json().unwrap()),
+        Err(ureq::Error::Status(code, _)) => Err(code),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn usage_rows_match_the_bytes_relayed_exactly_with_checkpoints_and_final_records() {
+    for (i, backend) in backends().into_iter().enumerate() {
+        let name = match backend {
+            turnpike::dataplane::BackendKind::Epoll => "epoll",
+            turnpike::dataplane::BackendKind::IoUring => "io_uring",
+        };
+        exact_usage(name, 41000 + 1000 * i as u16);
+    }
+}
+
+fn exact_usage(backend: &str, base: u16) {
+    let dir = temp_dir(&format!("exact-{backend}"));
+    let db = dir.join("usage.db");
+    let api_port = free_tcp_port();
+    let reserved = reserve_udp();
+    let text = config_on(backend, reserved.port(), api_port, base, &db, "");
+    let config = RelayConfig::from_toml(&text).unwrap();
+    let service = turnpike::service::start(&config).unwrap();
+    let server = service.relay().listen_addrs()[0];
+    let api = service.api_addr().unwrap();
+
+    let (mut c, p, relayed) = rest_client(server, "carol");
+    // Send indications and Data indications count too (payload bytes only, not headers).
+    let peer_addr = p.local_addr().unwrap();
+    c.send_indication(peer_addr, &[1u8; 33]);
+    let mut buf = [0u8; 2048];
+    assert_eq!(p.recv_from(&mut buf).unwrap().0, 33);
+    exchange(&c, &p, relayed, 25, 100);
+
+    // A checkpoint of the live allocation carries its exact counters so far.
+    eventually("a checkpoint", || {
+        rows(&db) == [("carol".into(), 33 + 2500, 26, 2500, 25, None)]
+    });
+
+    exchange(&c, &p, relayed, 10, 7);
+    let r = c.authed(Method::REFRESH, &[Attribute::Lifetime(0)]);
+    Client::expect_success(&r);
+    let carol: Row = (
+        "carol".into(),
+        33 + 2500 + 70,
+        36,
+        2570,
+        35,
+        Some("ended".into()),
+    );
+    eventually("the final record", || rows(&db) == [carol.clone()]);
+
+    // An allocation still live at stop gets its final record from the workers' last counters.
+    let (d, pd, relayed_d) = rest_client(server, "dave");
+    exchange(&d, &pd, relayed_d, 3, 1000);
+    // The usage summary over the API (same as `turnpike usage --json`).
+    eventually("dave's checkpoint", || rows(&db).len() == 2);
+    let v = signed_get(api, "/usage?since=2020-01-01T00:00:00Z");
+    let ids = v["identities"].as_array().unwrap();
+    assert_eq!(ids[0]["identity"], "carol");
+    assert_eq!(ids[0]["to_peer_bytes"], 2603);
+    assert_eq!(ids[0]["to_client_packets"], 35);
+    assert_eq!(ids[1]["identity"], "dave");
+
+    service.stop().unwrap();
+    assert_eq!(
+        rows(&db),
+        [
+            carol,
+            ("dave".into(), 3000, 3, 3000, 3, Some("ended".into()))
+        ]
+    );
+
+    // `turnpike usage` reads the same.
+    let cfg = dir.join("turnpike.toml");
+    std::fs::write(&cfg, &text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args(["usage", "--json", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["identities"][1]["to_client_bytes"], 3000);
+    let table = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args([
+            "usage",
+            "--since",
+            "2020-01-01T00:00:00Z",
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("carol") && l.contains("2603")),
+        "{table}"
+    );
+}
+
+#[test]
+fn sigkill_loses_at_most_one_checkpoint_interval_and_restart_counts_nothing_twice() {
+    let dir = temp_dir("sigkill");
+    let db = dir.join("usage.db");
+    let cfg = dir.join("turnpike.toml");
+    let reserved = reserve_udp();
+    let (listen, api_port) = (reserved.port(), free_tcp_port());
+    std::fs::write(&cfg, config_text(listen, api_port, 46000, &db, "")).unwrap();
+    let server: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
+    let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
+
+    let relay = Relay::spawn(&cfg, api);
+    let (c, p, relayed) = rest_client(server, "erin");
+    exchange(&c, &p, relayed, 20, 50);
+    // Two checkpoint intervals: the 20 packets each way are checkpointed.
+    std::thread::sleep(Duration::from_millis(2500));
+    exchange(&c, &p, relayed, 10, 50);
+    relay.sigkill();
+
+    let before = rows(&db);
+    assert_eq!(before.len(), 1);
+    let (_, bytes, packets, cbytes, cpackets, reason) = before[0].clone();
+    assert_eq!(reason, None, "still open: the process died");
+    assert!((20..=30).contains(&packets), "{packets}");
+    assert_eq!(
+        (bytes, cbytes),
+        (packets * 50, cpackets * 50),
+        "consistent counters"
+    );
+    assert!((20..=30).contains(&cpackets));
+
+    // Restart: the open row is closed at its checkpoint, unchanged.
+    let relay = Relay::spawn(&cfg, api);
+    let after = rows(&db);
+    assert_eq!(after[0].5.as_deref(), Some("lost"));
+    assert_eq!(after[0].1..=after[0].4, bytes..=cpackets);
+    // New traffic of the same identity goes to a new row, and the summary adds both exactly once.
+    let (c, p, relayed) = rest_client(server, "erin");
+    exchange(&c, &p, relayed, 7, 50);
+    relay.terminate();
+    let all = rows(&db);
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0], after[0], "a closed row never changes");
+    assert_eq!(
+        all[1],
+        ("erin".into(), 350, 7, 350, 7, Some("ended".into()))
+    );
+    let store = turnpike::usage::Store::open_reader(&db).unwrap();
+    let sum = store.summary(0, u64::MAX).unwrap();
+    assert_eq!(sum[0].to_peer_packets, packets + 7);
+    assert_eq!(sum[0].allocations, 2);
+}
+
+#[test]
+fn credentials_command_mints_what_the_relays_accept() {
+    let dir = temp_dir("cli");
+    let cfg = dir.join("turnpike.toml");
+    std::fs::write(
+        &cfg,
+        config_text(3478, 8080, 47000, &dir.join("usage.db"), ""),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args([
+            "credentials",
+            "--id",
+            "script-user",
+            "--ttl",
+            "600",
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = &v["iceServers"][0];
+    assert_eq!(
+        s["urls"],
+        serde_json::json!(["stun:127.0.0.1:3478", "turn:127.0.0.1:3478?transport=udp"])
+    );
+    let username = s["username"].as_str().unwrap();
+    let expiry = turnpike::auth::parse_rest_username(username).unwrap();
+    assert_eq!(expiry.user, "script-user");
+    assert!((unix_now() + 590..=unix_now() + 600).contains(&expiry.expiry));
+    let secrets = RestSecrets::new(vec![SECRET.as_bytes().to_vec()]);
+    assert!(secrets
+        .passwords(username, unix_now())
+        .unwrap()
+        .any(|p| p == s["credential"]));
+    let bad = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args([
+            "credentials",
+            "--id",
+            "x",
+            "--route-type",
+            "fastest",
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+#[test]
+fn revocation_through_the_api_refuses_the_next_request_and_survives_restart() {
+    let dir = temp_dir("revoke");
+    let db = dir.join("usage.db");
+    let reserved = reserve_udp();
+    let text = config_text(reserved.port(), free_tcp_port(), 43000, &db, "");
+    let config = RelayConfig::from_toml(&text).unwrap();
+    let service = turnpike::service::start(&config).unwrap();
+    let server = service.relay().listen_addrs()[0];
+    let api = service.api_addr().unwrap();
+
+    // Credentials from the token endpoint itself.
+    let v = signed_post(
+        api,
+        "/networkTraversal/:issueRelayConfiguration?api-version=2022-03-01-preview",
+        r#"{"id": "mallory", "routeType": "any", "ttl": 600}"#,
+    )
+    .unwrap();
+    let s = &v["iceServers"][0];
+    assert_eq!(s["urls"][1], format!("turn:{server}?transport=udp"));
+    let mut m = Client::new(
+        server,
+        s["username"].as_str().unwrap(),
+        s["credential"].as_str().unwrap(),
+    );
+    m.allocate();
+    let (mut ok, _, _) = rest_client(server, "trent");
+
+    let revoked = signed_post(
+        api,
+        "/admin/revoke?api-version=2022-03-01-preview",
+        r#"{"id": "mallory"}"#,
+    );
+    assert_eq!(revoked.unwrap()["revoked"], true);
+    assert_eq!(
+        signed_post(
+            api,
+            "/admin/revoke",
+            r#"{"id": "x"}"#.replace('x', "").as_str()
+        ),
+        Err(400)
+    );
+    eventually("the revocation to reach the relay", || {
+        Client::error_code(&m.authed(Method::REFRESH, &[])) == Some(401)
+    });
+    Client::expect_success(&ok.authed(Method::REFRESH, &[]));
+    service.stop().unwrap();
+
+    // After a restart (same database) the revocation still holds.
+    let service = turnpike::service::start(&config).unwrap();
+    let server = service.relay().listen_addrs()[0];
+    m.server = server;
+    m.nonce = None;
+    let resp = m.authed(Method::ALLOCATE, &[Attribute::RequestedTransport(17)]);
+    assert_eq!(Client::error_code(&resp), Some(401));
+    let metrics = ureq::get(&format!("http://{}/metrics", service.api_addr().unwrap()))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "turnpike_auth_failures_total{kind=\"revoked\"} 1"),
+        "{metrics}"
+    );
+    service.stop().unwrap();
+}
+
+fn run_sdk(endpoint: &str, ca: Option<&Path>) -> serde_json::Value {
+    let mut cmd = Command::new("python3");
+    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api_sdk.py"))
+        .args([endpoint, KEY_B64]);
+    if let Some(ca) = ca {
+        cmd.arg(ca);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "api_sdk.py failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn check_sdk_result(v: &serde_json::Value, server: SocketAddr) {
+    let servers = v["ice_servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 2);
+    assert_eq!(servers[0]["route_type"], "any");
+    assert_eq!(servers[1]["route_type"], "nearest");
+    assert!(servers[0]["username"]
+        .as_str()
+        .unwrap()
+        .ends_with(":8:acs:sdk-user"));
+    assert_eq!(
+        servers[0]["urls"],
+        serde_json::json!([
+            format!("stun:{server}"),
+            format!("turn:{server}?transport=udp")
+        ])
+    );
+    assert_eq!(v["nearest_route_types"], serde_json::json!(["nearest"]));
+    assert_eq!(v["bad_key_status"], 401);
+    assert_eq!(v["turn"]["peer_got"], "hello from the sdk client");
+    assert_eq!(v["turn"]["client_got"], "hello back");
+    assert_eq!(v["allocations_created"], 1.0);
+    assert_eq!(v["relayed_bytes"]["to_peer"], 25.0);
+    assert_eq!(v["relayed_bytes"]["to_client"], 10.0);
+    for family in [
+        "turnpike_allocations",
+        "turnpike_allocations_failed",
+        "turnpike_permissions",
+        "turnpike_channels",
+        "turnpike_relayed_packets",
+        "turnpike_dropped_packets",
+        "turnpike_auth_failures",
+        "turnpike_worker_received_packets",
+        "turnpike_backend",
+        "turnpike_build",
+    ] {
+        assert!(
+            v["metric_families"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f == family),
+            "{family} missing"
+        );
+    }
+}
+
+#[test]
+fn python_sdk_gets_a_relay_configuration_and_allocates_with_it() {
+    if !python_ready() {
+        return;
+    }
+    let dir = temp_dir("sdk");
+    let db = dir.join("usage.db");
+    let cfg = dir.join("turnpike.toml");
+    let reserved = reserve_udp();
+    let (listen, api_port) = (reserved.port(), free_tcp_port());
+    std::fs::write(&cfg, config_text(listen, api_port, 44000, &db, "")).unwrap();
+    let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
+    let relay = Relay::spawn(&cfg, api);
+    let v = run_sdk(&format!("http://{api}"), None);
+    check_sdk_result(&v, format!("127.0.0.1:{listen}").parse().unwrap());
+    relay.terminate();
+    // The SDK's identity is billed exactly what aioice relayed.
+    assert_eq!(
+        rows(&db),
+        [("8:acs:sdk-user".into(), 25, 1, 10, 1, Some("ended".into()))]
+    );
+}
+
+#[test]
+fn python_sdk_over_tls_with_a_certificate_made_by_the_test() {
+    if !python_ready() {
+        return;
+    }
+    let dir = temp_dir("tls");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_pem, key_pem) = (dir.join("api.crt"), dir.join("api.key"));
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
+    let tls = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"",
+        cert_pem.display(),
+        key_pem.display()
+    );
+    let reserved = reserve_udp();
+    let (listen, api_port) = (reserved.port(), free_tcp_port());
+    let text = config_text(listen, api_port, 45000, &dir.join("usage.db"), &tls);
+    let config = RelayConfig::from_toml(&text).unwrap();
+    let service = turnpike::service::start(&config).unwrap();
+    let v = run_sdk(&format!("https://localhost:{api_port}"), Some(&cert_pem));
+    check_sdk_result(&v, format!("127.0.0.1:{listen}").parse().unwrap());
+    // Plain HTTP to the TLS port gets nowhere.
+    assert!(ureq::get(&format!("http://127.0.0.1:{api_port}/healthz"))
+        .timeout(Duration::from_secs(2))
+        .call()
+        .is_err());
+    service.stop().unwrap();
+}
