@@ -175,11 +175,17 @@ deny = []
 # This relay's region, and the addresses clients reach it at (default: the listen addresses).
 # region = "default"
 # public_addresses = ["203.0.113.5:3478"]
+# TURN over TCP and TLS addresses announced as turn:…?transport=tcp and turns:… URLs (default:
+# listen_tcp and listen_tls).
+# public_tcp_addresses = ["203.0.113.5:3478"]
+# public_tls_addresses = ["203.0.113.5:443"]
 # Other relays sharing the REST secret, handed out too ("any": all; "nearest": the client's region).
 # [[api.fleet]]
 # id = "relay-2"
 # region = "us-east"
 # addresses = ["198.51.100.2:3478"]
+# tcp_addresses = ["198.51.100.2:3478"]
+# tls_addresses = ["198.51.100.2:443"]
 # Client CIDR -> region rules for "nearest" (first match; otherwise this relay's region).
 # [[api.client_regions]]
 # cidr = "198.51.100.0/24"
@@ -787,7 +793,15 @@ impl RawConfig {
         let usage = self.usage.map(service::usage).transpose()?;
         let api = self
             .api
-            .map(|raw| service::api(raw, &relay_id, &listen, usage.as_ref()))
+            .map(|raw| {
+                service::api(
+                    raw,
+                    &relay_id,
+                    &listen,
+                    (&listen_tcp, &listen_tls),
+                    usage.as_ref(),
+                )
+            })
             .transpose()?;
         let mut server = server;
         if let Some(api) = &api {

@@ -303,6 +303,8 @@ fn credentials(cli: &Cli, id: &str, ttl: u64, route: Option<&str>) -> ExitCode {
                 id: config.relay_id.clone(),
                 region: "default".into(),
                 addresses: config.listen.iter().map(ToString::to_string).collect(),
+                tcp_addresses: config.listen_tcp.iter().map(ToString::to_string).collect(),
+                tls_addresses: config.listen_tls.iter().map(ToString::to_string).collect(),
             }],
             "default".into(),
         ),

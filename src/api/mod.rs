@@ -47,6 +47,10 @@ pub struct FleetRelay {
     pub region: String,
     /// Public `host:port` addresses clients reach it at (IPv6 in brackets).
     pub addresses: Vec<String>,
+    /// Public `host:port` addresses of its TURN-over-TCP listeners (`turn:…?transport=tcp`).
+    pub tcp_addresses: Vec<String>,
+    /// Public `host:port` addresses of its TURN-over-TLS listeners (`turns:…?transport=tcp`).
+    pub tls_addresses: Vec<String>,
 }
 
 /// API settings.
@@ -404,8 +408,21 @@ pub fn relay_configuration(
         let urls: Vec<String> = fleet
             .iter()
             .filter(|r| route == "any" || r.region == region)
-            .flat_map(|r| &r.addresses)
-            .flat_map(|a| [format!("stun:{a}"), format!("turn:{a}?transport=udp")])
+            .flat_map(|r| {
+                let udp = r
+                    .addresses
+                    .iter()
+                    .flat_map(|a| [format!("stun:{a}"), format!("turn:{a}?transport=udp")]);
+                let tcp = r
+                    .tcp_addresses
+                    .iter()
+                    .map(|a| format!("turn:{a}?transport=tcp"));
+                let tls = r
+                    .tls_addresses
+                    .iter()
+                    .map(|a| format!("turns:{a}?transport=tcp"));
+                udp.chain(tcp).chain(tls).collect::<Vec<_>>()
+            })
             .collect();
         json!({
             "urls": urls,

@@ -23,11 +23,15 @@ fn api(revoked: Arc<Mutex<Vec<(String, u64)>>>, draining: bool) -> Api {
                 id: "eu-1".into(),
                 region: "eu".into(),
                 addresses: vec!["192.0.2.1:3478".into(), "[2001:db8::1]:3478".into()],
+                tcp_addresses: Vec::new(),
+                tls_addresses: Vec::new(),
             },
             FleetRelay {
                 id: "us-1".into(),
                 region: "us".into(),
                 addresses: vec!["198.51.100.1:3478".into()],
+                tcp_addresses: vec!["198.51.100.1:3478".into()],
+                tls_addresses: vec!["198.51.100.1:443".into()],
             },
         ],
         region: "eu".into(),
@@ -96,7 +100,9 @@ fn issues_credentials_for_every_route_type_that_the_relays_accept() {
             "stun:[2001:db8::1]:3478",
             "turn:[2001:db8::1]:3478?transport=udp",
             "stun:198.51.100.1:3478",
-            "turn:198.51.100.1:3478?transport=udp"
+            "turn:198.51.100.1:3478?transport=udp",
+            "turn:198.51.100.1:3478?transport=tcp",
+            "turns:198.51.100.1:443?transport=tcp"
         ])
     );
     assert_eq!(servers[1]["routeType"], "nearest");
@@ -129,7 +135,9 @@ fn issues_credentials_for_every_route_type_that_the_relays_accept() {
         v["iceServers"][0]["urls"],
         json!([
             "stun:198.51.100.1:3478",
-            "turn:198.51.100.1:3478?transport=udp"
+            "turn:198.51.100.1:3478?transport=udp",
+            "turn:198.51.100.1:3478?transport=tcp",
+            "turns:198.51.100.1:443?transport=tcp"
         ])
     );
     assert!(v["iceServers"][0]["username"]

@@ -27,6 +27,10 @@ pub(super) struct RawApi {
     #[serde(default)]
     public_addresses: Vec<String>,
     #[serde(default)]
+    public_tcp_addresses: Vec<String>,
+    #[serde(default)]
+    public_tls_addresses: Vec<String>,
+    #[serde(default)]
     fleet: Vec<RawFleetRelay>,
     #[serde(default)]
     client_regions: Vec<RawClientRegion>,
@@ -38,6 +42,10 @@ struct RawFleetRelay {
     id: String,
     region: String,
     addresses: Vec<String>,
+    #[serde(default)]
+    tcp_addresses: Vec<String>,
+    #[serde(default)]
+    tls_addresses: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -98,6 +106,7 @@ pub(super) fn api(
     raw: RawApi,
     relay_id: &str,
     listen: &[SocketAddr],
+    streams: (&[SocketAddr], &[SocketAddr]),
     usage: Option<&usage::Config>,
 ) -> Result<api::Config, ConfigError> {
     let addr = SocketAddr::from_str(&raw.listen).map_err(|_| {
@@ -156,10 +165,26 @@ pub(super) fn api(
             .map(|(i, a)| check_address(&format!("api.public_addresses[{i}]"), a))
             .collect::<Result<_, _>>()?
     };
+    // TCP and TLS listeners are announced too (default: the listen_tcp / listen_tls addresses).
+    let public = |key: &str, given: &[String], listen: &[SocketAddr]| {
+        if given.is_empty() {
+            Ok(listen.iter().map(ToString::to_string).collect())
+        } else {
+            given
+                .iter()
+                .enumerate()
+                .map(|(i, a)| check_address(&format!("api.{key}[{i}]"), a))
+                .collect::<Result<Vec<_>, _>>()
+        }
+    };
+    let tcp_addresses = public("public_tcp_addresses", &raw.public_tcp_addresses, streams.0)?;
+    let tls_addresses = public("public_tls_addresses", &raw.public_tls_addresses, streams.1)?;
     let mut fleet = vec![FleetRelay {
         id: relay_id.into(),
         region: raw.region.clone(),
         addresses,
+        tcp_addresses,
+        tls_addresses,
     }];
     for (i, r) in raw.fleet.into_iter().enumerate() {
         if r.addresses.is_empty() {
@@ -174,16 +199,18 @@ pub(super) fn api(
                 format!("relay {:?} is listed twice", r.id),
             ));
         }
-        let addresses = r
-            .addresses
-            .iter()
-            .enumerate()
-            .map(|(j, a)| check_address(&format!("api.fleet[{i}].addresses[{j}]"), a))
-            .collect::<Result<_, _>>()?;
+        let check = |key: &str, list: &[String]| {
+            list.iter()
+                .enumerate()
+                .map(|(j, a)| check_address(&format!("api.fleet[{i}].{key}[{j}]"), a))
+                .collect::<Result<Vec<_>, _>>()
+        };
         fleet.push(FleetRelay {
+            addresses: check("addresses", &r.addresses)?,
+            tcp_addresses: check("tcp_addresses", &r.tcp_addresses)?,
+            tls_addresses: check("tls_addresses", &r.tls_addresses)?,
             id: r.id,
             region: r.region,
-            addresses,
         });
     }
     let client_regions = raw
@@ -269,6 +296,31 @@ mod tests {
             Err(crate::policy::Denied::ServicePort),
             "the API is a service port"
         );
+    }
+
+    #[test]
+    fn tcp_and_tls_listeners_are_announced() {
+        let c = RelayConfig::from_toml(&format!(
+            "listen_tcp = [\"192.0.2.1:3478\"]\nlisten_tls = [\"192.0.2.1:443\"]\n\
+             tls.cert = \"/c\"\ntls.key = \"/k\"\n{BASE}\
+             [api]\nlisten = \"127.0.0.1:8080\"\naccess_keys = [\"{KEY}\"]\n\
+             [[api.fleet]]\nid = \"us-1\"\nregion = \"us\"\naddresses = [\"turn.example.org:3478\"]\n\
+             tls_addresses = [\"turn.example.org:443\"]\n"
+        ))
+        .unwrap();
+        let api = c.api.unwrap();
+        assert_eq!(
+            api.fleet[0].tcp_addresses,
+            ["192.0.2.1:3478"],
+            "default: listen_tcp"
+        );
+        assert_eq!(
+            api.fleet[0].tls_addresses,
+            ["192.0.2.1:443"],
+            "default: listen_tls"
+        );
+        assert!(api.fleet[1].tcp_addresses.is_empty());
+        assert_eq!(api.fleet[1].tls_addresses, ["turn.example.org:443"]);
     }
 
     #[test]
