@@ -47,7 +47,8 @@ mod tests {
 
     #[test]
     fn parses_stat_with_awkward_command_names() {
-        let stat = "4242 (turn pike) (x)) S 1 4242 4242 0 -1 4194560 1000 0 0 0 1234 567 0 0 20 0 3 0 \
+        let stat =
+            "4242 (turn pike) (x)) S 1 4242 4242 0 -1 4194560 1000 0 0 0 1234 567 0 0 20 0 3 0 \
                     100 1000000 500 18446744073709551615";
         assert_eq!(parse_cpu_ticks(stat), Some(1234 + 567));
         assert_eq!(parse_cpu_ticks("garbage"), None);

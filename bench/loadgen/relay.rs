@@ -48,6 +48,8 @@ pub struct Traffic {
     start: Instant,
     /// Print a progress line to stderr every second.
     pub progress: bool,
+    /// Packets a flow sends back to back (one sendmmsg); 1 spreads every packet over the flows.
+    pub burst: usize,
 }
 
 /// What one step (one offered rate for one duration) measured.
@@ -116,8 +118,11 @@ impl Traffic {
     ) -> io::Result<Self> {
         let poll = Poll::new()?;
         for (i, c) in clients.iter().enumerate() {
-            poll.registry()
-                .register(&mut SourceFd(&c.as_raw_fd()), Token(i), Interest::READABLE)?;
+            poll.registry().register(
+                &mut SourceFd(&c.as_raw_fd()),
+                Token(i),
+                Interest::READABLE,
+            )?;
         }
         poll.registry()
             .register(&mut SourceFd(&echo.as_raw_fd()), ECHO, Interest::READABLE)?;
@@ -137,11 +142,17 @@ impl Traffic {
             server_pid,
             start: Instant::now(),
             progress: false,
+            burst: 1,
         })
     }
 
     /// Offer `rate` packets/s for `duration`, then wait `drain` for stragglers.
-    pub fn step(&mut self, rate: f64, duration: Duration, drain: Duration) -> io::Result<StepResult> {
+    pub fn step(
+        &mut self,
+        rate: f64,
+        duration: Duration,
+        drain: Duration,
+    ) -> io::Result<StepResult> {
         self.epoch = self.epoch.wrapping_add(1);
         let mut rx = vec![FlowRx::default(); self.clients.len()];
         let mut r = StepResult {
@@ -166,12 +177,16 @@ impl Traffic {
         let mut next_progress = 1_000_000_000u64;
         let mut last = (0u64, 0u64);
         let mut cpu_end = None;
+        let burst = self.burst.max(1);
+        let mut owed = 0usize;
         loop {
             let now = self.now_ns() - t0_ns;
             if now < send_end {
-                let due = pacer.due(now);
-                if due > 0 {
-                    let (ok, failed) = self.send(due as usize)?;
+                owed += pacer.due(now) as usize;
+                if owed >= burst {
+                    let bursts = owed / burst;
+                    owed -= bursts * burst;
+                    let (ok, failed) = self.send(bursts, burst)?;
                     r.sent += ok;
                     r.send_failed += failed;
                 }
@@ -220,8 +235,9 @@ impl Traffic {
         self.start.elapsed().as_nanos() as u64
     }
 
-    /// Send `n` packets spread round robin over the flows, one sendmmsg per flow. Returns (sent, refused).
-    fn send(&mut self, n: usize) -> io::Result<(u64, u64)> {
+    /// Send `n` bursts of `burst` packets, spread round robin over the flows, one sendmmsg per flow.
+    /// Returns (sent, refused).
+    fn send(&mut self, n: usize, burst: usize) -> io::Result<(u64, u64)> {
         let flows = self.clients.len();
         let hdr = if self.channel.is_some() { 4 } else { 0 };
         let len = hdr + self.size;
@@ -229,7 +245,7 @@ impl Traffic {
         let (mut ok, mut failed) = (0u64, 0u64);
         for k in 0..n.min(flows) {
             let f = (self.rr + k) % flows;
-            let mut count = n / flows + usize::from(k < n % flows);
+            let mut count = (n / flows + usize::from(k < n % flows)) * burst;
             while count > 0 {
                 let batch = count.min(MAX_BATCH);
                 for j in 0..batch {
@@ -265,7 +281,13 @@ impl Traffic {
     fn echo(&mut self) -> io::Result<u64> {
         let mut failed = 0;
         loop {
-            let n = recv_batch(self.echo.as_raw_fd(), &mut self.slab, SLOT, 0, &mut self.meta)?;
+            let n = recv_batch(
+                self.echo.as_raw_fd(),
+                &mut self.slab,
+                SLOT,
+                0,
+                &mut self.meta,
+            )?;
             if n == 0 {
                 return Ok(failed);
             }

@@ -15,7 +15,9 @@ use mio::{Events, Interest, Poll, Token};
 use turnpike::auth::{long_term_key_md5, rest_password};
 use turnpike::sys::mmsg::{recv_batch, send_batch, RecvMeta, MAX_BATCH};
 use turnpike::sys::{bind_udp, UdpOptions};
-use turnpike::wire::{Attribute, Class, Message, MessageType, MessageWriter, Method, TransactionId};
+use turnpike::wire::{
+    Attribute, Class, Message, MessageType, MessageWriter, Method, TransactionId,
+};
 
 /// Retransmission timeout for control requests.
 pub const RTO: Duration = Duration::from_millis(500);
@@ -68,6 +70,8 @@ pub struct Client {
     pub sock: UdpSocket,
     /// Its relayed address once allocated.
     pub relayed: Option<SocketAddr>,
+    bind: SocketAddr,
+    buffers: Option<usize>,
     username: String,
     password: String,
     realm: Option<String>,
@@ -82,8 +86,10 @@ pub struct Client {
 }
 
 /// What a control run did.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct CtlStats {
+    /// Error responses by code (0: an error response without ERROR-CODE).
+    pub codes: std::collections::BTreeMap<u16, u64>,
     /// Successful Allocates (each after its 401 round).
     pub allocations: u64,
     /// Successful deletes (Refresh with LIFETIME 0).
@@ -154,6 +160,8 @@ pub fn open_clients(
         )?;
         let (username, password) = auth.credentials(i);
         out.push(Client {
+            bind: SocketAddr::new(ip, 0),
+            buffers,
             sock,
             relayed: None,
             username,
@@ -173,6 +181,27 @@ pub fn open_clients(
 }
 
 impl Client {
+    /// Replace the socket with a fresh one (a new 5-tuple): coturn keeps a deleted allocation's 5-tuple
+    /// busy (437) for a while, and real churn comes from new clients anyway.
+    fn reopen(&mut self, poll: &Poll, token: Token) -> io::Result<()> {
+        let _ = poll
+            .registry()
+            .deregister(&mut SourceFd(&self.sock.as_raw_fd()));
+        self.sock = bind_udp(
+            self.bind,
+            UdpOptions {
+                recv_buffer: self.buffers,
+                send_buffer: self.buffers,
+                ..UdpOptions::default()
+            },
+        )?;
+        poll.registry().register(
+            &mut SourceFd(&self.sock.as_raw_fd()),
+            token,
+            Interest::READABLE,
+        )
+    }
+
     /// Whether set-up finished with an allocation (and channel, if asked).
     pub fn is_ready(&self) -> bool {
         self.step == Step::Ready
@@ -368,7 +397,8 @@ pub fn drive(
                         (Step::Delete, _) => {
                             st.deletes += 1;
                             c.relayed = None;
-                            // The next cycle pays the 401 round again.
+                            // The next cycle is a new client: new 5-tuple, and the 401 round again.
+                            c.reopen(poll, ev.token())?;
                             c.nonce = None;
                             c.step = Step::Allocate;
                             c.send_request(target, peer, true);
@@ -377,6 +407,10 @@ pub fn drive(
                     },
                     _ => {
                         st.errors += 1;
+                        *st.codes.entry(code.unwrap_or(0)).or_default() += 1;
+                        if matches!(plan, Plan::Churn { .. }) {
+                            c.reopen(poll, ev.token())?;
+                        }
                         fail_or_restart(c, plan, target, &mut active, &mut finished);
                     }
                 }
