@@ -49,17 +49,28 @@ run_server() {
   echo "== round $r: $s"
   bench_check_quiet
   start_server "$s"
+  # A server that died (or was killed) mid-round is restarted before the next test and reported.
+  alive() {
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+      echo "   $s (pid $SERVER_PID) is gone: restarting it" | tee -a "$OUT/host.txt"
+      start_server "$s"
+    fi
+    sleep 1
+  }
   for p in "${profiles[@]}"; do
     IFS=: read -r pname flows size <<<"$p"
     gen "$OUT/raw/$s-sweep-${pname}_${flows}x${size}B-r$r.json" --clients "$flows" --size "$size" \
       --sweep --rate 20000 --sweep-factor 1.25 --duration "$STEP" --label "$s" ||
       echo "   sweep $pname failed on $s"
   done
+  alive
   gen "$OUT/raw/$s-fixed-${FIXED_RATE}pps-r$r.json" --clients 50 --size 160 --rate "$FIXED_RATE" \
     --duration 5 --label "$s" || echo "   fixed-rate run failed on $s"
   if [ "$s" != bare ]; then
+    alive
     gen "$OUT/raw/$s-binding-r$r.json" --scenario binding --clients 4 --window 32 --duration 3 \
       --label "$s" || echo "   binding failed on $s"
+    alive
     gen "$OUT/raw/$s-alloc-r$r.json" --scenario alloc --clients 64 --duration 3 --label "$s" ||
       echo "   alloc failed on $s"
   fi

@@ -2,7 +2,7 @@
 //! loop through Allocate (with the 401 round), ChannelBind, Refresh-to-delete and Binding.
 //!
 //! A client holds at most one transaction at a time; concurrency comes from running many clients. Lost
-//! requests are retransmitted after [`RTO`], three times, then the client fails (set-up) or starts over
+//! requests are retransmitted every [`RTO`], up to [`MAX_TRIES`] transmissions, then the client fails (set-up) or starts over
 //! (churn).
 
 use std::io;
@@ -21,6 +21,8 @@ use turnpike::wire::{
 
 /// Retransmission timeout for control requests.
 pub const RTO: Duration = Duration::from_millis(500);
+/// Transmissions of one request before the client gives up on it (4 s of silence).
+pub const MAX_TRIES: u8 = 8;
 /// The channel number every client binds (each client has its own allocation, so one number serves all;
 /// 0x4000 is valid for both RFC 8656 and RFC 5766 servers).
 pub const CHANNEL: u16 = 0x4000;
@@ -424,7 +426,7 @@ pub fn drive(
                 {
                     continue;
                 }
-                if c.tries >= 4 {
+                if c.tries >= MAX_TRIES {
                     st.timeouts += 1;
                     fail_or_restart(c, plan, target, &mut active, &mut finished);
                 } else {
