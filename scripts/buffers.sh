@@ -13,7 +13,7 @@ mkdir -p "$OUT/raw" "$OUT/logs"
 bench_build
 bench_check_quiet
 trap stop_server EXIT
-rcvbuf_errors() { awk '/^Udp:/ { if (h) print $7; h = 1 }' /proc/net/snmp; }
+rcvbuf_errors() { awk '/^Udp:/ { if (h) print $6; h = 1 }' /proc/net/snmp; }
 echo "| SO_RCVBUF/SO_SNDBUF asked | offered pkt/s | loss % | UDP RcvbufErrors | p99 µs |" | tee "$OUT/results.md"
 echo "|---:|---:|---:|---:|---:|" | tee -a "$OUT/results.md"
 for size in 212992 1048576 4194304; do
