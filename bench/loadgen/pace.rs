@@ -144,8 +144,8 @@ impl Sweep {
         }
         self.next = match (self.best, self.fail) {
             (_, None) => {
-                let r = rate * self.factor;
-                (r <= self.max * 1.0001).then_some(r.min(self.max))
+                // Step up, trying `max` itself last.
+                (rate < self.max).then_some((rate * self.factor).min(self.max))
             }
             (best, Some(fail)) => {
                 if self.bisections_left == 0 {
