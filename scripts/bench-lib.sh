@@ -20,6 +20,17 @@ TP_PORT=${TP_PORT:-3478}
 CT_PORT=${CT_PORT:-3488}
 BARE_PORT=${BARE_PORT:-3498}
 ECHO_PORT=${ECHO_PORT:-39999}
+# RT=1 runs the server and the generator SCHED_FIFO (chrt -f 50): on a machine where other work is
+# running, ordinary tasks can then no longer preempt them, which otherwise turns into milliseconds of
+# latency and spurious loss. It starves other work on those CPUs for the length of the run (the kernel's
+# RT throttling still leaves it 5%), so use it only on a machine you may monopolise.
+RT_PREFIX=()
+GEN_RT_ARGS=()
+if [ "${RT:-0}" = 1 ]; then
+  RT_PREFIX=(chrt -f 50)
+  # A spinning SCHED_FIFO generator would be throttled 50 ms of every second: sleep when idle instead.
+  GEN_RT_ARGS=(--idle-sleep-us 10)
+fi
 SERVER_PID=""
 SERVER_ADDR=""
 SERVER_ARGS=()
@@ -102,7 +113,7 @@ start_server() {
   case $name in
     turnpike)
       [ -f "$config" ] || bench_turnpike_config "$config"
-      taskset -c "$cpus" "$BIN/turnpike" --config "$config" --workers "$workers" \
+      "${RT_PREFIX[@]}" taskset -c "$cpus" "$BIN/turnpike" --config "$config" --workers "$workers" \
         >"$OUT/logs/turnpike.log" 2>&1 &
       SERVER_PID=$!
       SERVER_ADDR=127.0.0.1:$TP_PORT
@@ -110,7 +121,7 @@ start_server() {
       wait_udp_listen "$TP_PORT"
       ;;
     coturn)
-      taskset -c "$cpus" turnserver -n --listening-ip=127.0.0.1 --listening-port="$CT_PORT" \
+      "${RT_PREFIX[@]}" taskset -c "$cpus" turnserver -n --listening-ip=127.0.0.1 --listening-port="$CT_PORT" \
         --relay-ip=127.0.0.1 --min-port=40000 --max-port=48999 --user=bench:bench-pass --realm=turnpike \
         --lt-cred-mech --allow-loopback-peers --no-cli --no-tls --no-dtls --relay-threads="$workers" \
         --no-software-attribute --log-file=stdout --simple-log >"$OUT/logs/coturn.log" 2>&1 &
@@ -120,7 +131,7 @@ start_server() {
       wait_udp_listen "$CT_PORT"
       ;;
     bare)
-      taskset -c "$cpus" "$BIN/turnpike-bench" --bare-forwarder --listen "127.0.0.1:$BARE_PORT" \
+      "${RT_PREFIX[@]}" taskset -c "$cpus" "$BIN/turnpike-bench" --bare-forwarder --listen "127.0.0.1:$BARE_PORT" \
         --peer "127.0.0.1:$ECHO_PORT" --duration 0 >"$OUT/logs/bare.log" 2>&1 &
       SERVER_PID=$!
       SERVER_ADDR=127.0.0.1:$BARE_PORT
@@ -144,8 +155,8 @@ stop_server() {
 gen() {
   local outfile=$1
   shift
-  taskset -c "$GEN_CPUS" "$BIN/turnpike-bench" --server "$SERVER_ADDR" --server-pid "$SERVER_PID" \
-    "${SERVER_ARGS[@]}" --json -q "$@" >"$outfile"
+  "${RT_PREFIX[@]}" taskset -c "$GEN_CPUS" "$BIN/turnpike-bench" --server "$SERVER_ADDR" --server-pid "$SERVER_PID" \
+    "${SERVER_ARGS[@]}" "${GEN_RT_ARGS[@]}" --json -q "$@" >"$outfile"
 }
 
 # Warn when something else is using the CPUs: measurements on a busy machine are noise.

@@ -3,6 +3,7 @@
 #
 #   scripts/compare.sh                 # ~6 minutes on a 2-core machine
 #   ROUNDS=1 scripts/compare.sh        # quicker, noisier
+#   RT=1 scripts/compare.sh            # server and generator SCHED_FIFO: for a machine shared with other work
 #   PROFILES=all scripts/compare.sh    # also 1 flow × 100 B and 10 flows × 1200 B sweeps (longer)
 #
 # Each round starts turnpike (1 worker, epoll unless BACKEND=io_uring), coturn (1 relay thread) and the
@@ -35,7 +36,7 @@ bench_turnpike_config "$OUT/turnpike.toml" 127.0.0.1 "$BACKEND"
 {
   echo "host: $(uname -sr), $NCPU CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
   echo "generator CPUs: $GEN_CPUS, server CPU: $SRV_ONE_CPU, turnpike backend: $BACKEND"
-  echo "command: $0 (ROUNDS=$ROUNDS STEP_SECONDS=$STEP FIXED_RATE=$FIXED_RATE PROFILES=$PROFILES)"
+  echo "command: $0 (ROUNDS=$ROUNDS STEP_SECONDS=$STEP FIXED_RATE=$FIXED_RATE PROFILES=$PROFILES RT=${RT:-0})"
   echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 } | tee "$OUT/host.txt"
 

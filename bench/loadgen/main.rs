@@ -72,6 +72,10 @@ struct Cli {
     /// traffic for the server); 1 spreads packets evenly.
     #[arg(long, default_value_t = 1)]
     burst: usize,
+    /// Sleep this many µs when the traffic loop finds nothing to do (0: spin). Use it when the generator
+    /// runs SCHED_FIFO (scripts with RT=1), where spinning triggers RT throttling.
+    #[arg(long, default_value_t = 0)]
+    idle_sleep_us: u64,
     /// Step the rate up from --rate by --sweep-factor until loss reaches --max-loss, then bisect.
     #[arg(long)]
     sweep: bool,
@@ -293,6 +297,7 @@ fn relay_scenario(cli: &Cli) -> io::Result<Value> {
     let mut traffic = Traffic::new(clients, cli.server, echo, channel, cli.size, cli.server_pid)?;
     traffic.progress = !cli.quiet;
     traffic.burst = cli.burst.clamp(1, 64);
+    traffic.idle_sleep = Duration::from_micros(cli.idle_sleep_us);
     let drain = Duration::from_millis(300);
     // Warm-up: caches, route tables, socket buffers.
     traffic.step(cli.rate.min(10_000.0), Duration::from_millis(300), drain)?;

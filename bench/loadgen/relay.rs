@@ -50,6 +50,9 @@ pub struct Traffic {
     pub progress: bool,
     /// Packets a flow sends back to back (one sendmmsg); 1 spreads every packet over the flows.
     pub burst: usize,
+    /// Sleep this long when an iteration found nothing to do (zero: spin). A real-time (SCHED_FIFO)
+    /// generator must sleep, or the kernel's RT throttling stops it for 50 ms every second.
+    pub idle_sleep: Duration,
 }
 
 /// What one step (one offered rate for one duration) measured.
@@ -143,6 +146,7 @@ impl Traffic {
             start: Instant::now(),
             progress: false,
             burst: 1,
+            idle_sleep: Duration::ZERO,
         })
     }
 
@@ -181,11 +185,13 @@ impl Traffic {
         let mut owed = 0usize;
         loop {
             let now = self.now_ns() - t0_ns;
+            let mut idle = true;
             if now < send_end {
                 owed += pacer.due(now) as usize;
                 if owed >= burst {
                     let bursts = owed / burst;
                     owed -= bursts * burst;
+                    idle = false;
                     let (ok, failed) = self.send(bursts, burst)?;
                     r.sent += ok;
                     r.send_failed += failed;
@@ -201,11 +207,15 @@ impl Traffic {
                 Err(e) => return Err(e),
             }
             for ev in events.iter() {
+                idle = false;
                 if ev.token() == ECHO {
                     r.echo_failed += self.echo()?;
                 } else {
                     self.receive(ev.token().0, &mut rx, &mut r)?;
                 }
+            }
+            if idle && !self.idle_sleep.is_zero() {
+                std::thread::sleep(self.idle_sleep);
             }
             if self.progress && now >= next_progress && now < send_end {
                 next_progress += 1_000_000_000;
