@@ -277,10 +277,12 @@ fn relay_scenario(cli: &Cli) -> io::Result<Value> {
         let ready = cs.iter().filter(|c| c.is_ready()).count();
         if ready < cs.len() {
             return Err(io::Error::other(format!(
-                "only {ready} of {} clients allocated and bound a channel ({} errors, {} timeouts): check \
-                 the credentials, the server's peer policy (loopback peers must be allowed) and its quotas",
+                "only {ready} of {} clients allocated and bound a channel ({} errors {:?}, {} timeouts): \
+                 check the credentials, the server's peer policy (loopback peers must be allowed) and its \
+                 quotas",
                 cs.len(),
                 st.errors,
+                st.codes,
                 st.timeouts
             )));
         }
@@ -323,9 +325,21 @@ fn relay_scenario(cli: &Cli) -> io::Result<Value> {
                 break;
             }
         }
-        let best = sweep
+        let mut best = sweep
             .best()
             .and_then(|b| steps.iter().find(|s| s.offered == b));
+        // A last step the generator could not fully offer, but which the server delivered without loss,
+        // shows the server does at least that much: report it, marked as a lower bound.
+        if let Some(last) = steps.last() {
+            let limited = out.get("generator_limited").is_some();
+            if limited
+                && last.loss() < cli.max_loss
+                && best.map_or(true, |b| last.delivered_pps() > b.delivered_pps())
+            {
+                best = Some(last);
+                out["best_is_lower_bound"] = json!(true);
+            }
+        }
         out["best"] = best.map_or(Value::Null, |s| step_json(s, cli));
         out["best_pps"] = json!(best.map(StepResult::delivered_pps));
     } else {
@@ -480,7 +494,9 @@ fn print_table(v: &Value) {
                 println!(
                     "highest delivered rate with loss < 0.1%: {} pkt/s{}",
                     f(&v["best_pps"]),
-                    if v.get("generator_limited").is_some() {
+                    if v.get("best_is_lower_bound").is_some() {
+                        " or more (the generator could not offer more, and the server lost nothing)"
+                    } else if v.get("generator_limited").is_some() {
                         " (generator-limited: the generator could not offer more)"
                     } else {
                         ""

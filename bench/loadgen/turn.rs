@@ -126,8 +126,10 @@ pub enum Plan {
     },
 }
 
-/// Open `n` client sockets, from `first_ip` (spilling onto 127.0.1.x, 127.0.2.x… every 16 000 sockets on
-/// loopback so that ephemeral ports never run out), registered with `poll` as tokens `token_base..`.
+/// Open `n` client sockets registered with `poll` as tokens `token_base..`. Against a loopback server
+/// they bind 127.0.1.1, then 127.0.2.1… (16 000 sockets each, so ephemeral ports never run out), never
+/// 127.0.0.x: that is where relay addresses live in the benches, and a client socket must not take a port
+/// the relay wants.
 pub fn open_clients(
     n: usize,
     target: SocketAddr,
@@ -140,10 +142,9 @@ pub fn open_clients(
     let now = Instant::now();
     for i in 0..n {
         let ip = match target {
-            SocketAddr::V4(t) if t.ip().is_loopback() && i >= 16_000 => {
-                std::net::IpAddr::from([127, 0, (i / 16_000) as u8, 1])
+            SocketAddr::V4(t) if t.ip().is_loopback() => {
+                std::net::IpAddr::from([127, 0, (1 + i / 16_000) as u8, 1])
             }
-            SocketAddr::V4(t) if t.ip().is_loopback() => (*t.ip()).into(),
             SocketAddr::V4(_) => std::net::IpAddr::from([0, 0, 0, 0]),
             SocketAddr::V6(_) => std::net::IpAddr::from([0u16; 8]),
         };
