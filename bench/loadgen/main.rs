@@ -88,6 +88,9 @@ struct Cli {
     /// Bisection steps after the first failing rate.
     #[arg(long, default_value_t = 3)]
     bisect: u32,
+    /// How often a failing sweep step is repeated before it counts as failed.
+    #[arg(long, default_value_t = 1)]
+    retries: u32,
     /// Loss at or above which a sweep step fails (fraction).
     #[arg(long, default_value_t = 0.001)]
     max_loss: f64,
@@ -307,8 +310,23 @@ fn relay_scenario(cli: &Cli) -> io::Result<Value> {
     if cli.sweep {
         let mut sweep = Sweep::new(cli.rate, cli.sweep_factor, cli.sweep_max, cli.bisect);
         while let Some(rate) = sweep.next_rate() {
-            let r = traffic.step(rate, Duration::from_secs_f64(cli.duration), drain)?;
-            let pass = r.passes(cli.max_loss);
+            let mut r = traffic.step(rate, Duration::from_secs_f64(cli.duration), drain)?;
+            let mut pass = r.passes(cli.max_loss);
+            // One transient stall (another process, a page fault storm) must not end the sweep: a failing
+            // step is run again, and fails only if it fails twice.
+            let mut retries = cli.retries;
+            while !pass && retries > 0 && r.sent as f64 > 0.97 * rate * r.seconds {
+                retries -= 1;
+                if !cli.quiet {
+                    eprintln!(
+                        "step {rate:>9.0}/s: loss {:.4}%, trying again",
+                        100.0 * r.loss()
+                    );
+                }
+                steps.push(r);
+                r = traffic.step(rate, Duration::from_secs_f64(cli.duration), drain)?;
+                pass = r.passes(cli.max_loss);
+            }
             if !cli.quiet {
                 eprintln!(
                     "step {rate:>9.0}/s: delivered {:>9.0}/s loss {:.4}% {}",
@@ -325,9 +343,12 @@ fn relay_scenario(cli: &Cli) -> io::Result<Value> {
                 break;
             }
         }
-        let mut best = sweep
-            .best()
-            .and_then(|b| steps.iter().find(|s| s.offered == b));
+        let mut best = sweep.best().and_then(|b| {
+            steps
+                .iter()
+                .rev()
+                .find(|s| s.offered == b && s.passes(cli.max_loss))
+        });
         // A last step the generator could not fully offer, but which the server delivered without loss,
         // shows the server does at least that much: report it, marked as a lower bound.
         if let Some(last) = steps.last() {
