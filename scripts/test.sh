@@ -9,6 +9,30 @@ if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 
   rustup component add rustfmt clippy
 fi
 
+# Interop test tools (tests/interop.rs): coturn's turnutils_uclient/turnutils_peer (Debian) and
+# aioice (PyPI). Each is installed only when missing.
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+if ! command -v turnutils_uclient >/dev/null 2>&1 || ! command -v turnutils_peer >/dev/null 2>&1; then
+  echo "== installing coturn (turnutils_uclient, turnutils_peer)"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends coturn >/dev/null
+  # The package may start a turnserver on 3478; the tests use other ports, but keep it out of the way.
+  $SUDO systemctl disable --now coturn >/dev/null 2>&1 || true
+  $SUDO service coturn stop >/dev/null 2>&1 || true
+fi
+if ! command -v python3 >/dev/null 2>&1; then
+  echo "== installing python3"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 python3-pip >/dev/null
+fi
+if ! python3 -c "import aioice" >/dev/null 2>&1; then
+  echo "== installing aioice"
+  # A Debian system Python refuses pip installs (PEP 668) unless told otherwise.
+  python3 -m pip install --quiet aioice ||
+    python3 -m pip install --quiet --break-system-packages aioice
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 

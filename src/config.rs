@@ -74,6 +74,10 @@ password_algorithms = false
 # When this relay is full or draining, send clients here instead (300 Try Alternate).
 # alternate_server = "198.51.100.2:3478"
 
+# Unauthenticated answers (401, 438) per second per source IP, burst twice that; beyond it the
+# relay stays silent so that it cannot reflect a flood. 0 = unlimited.
+challenge_rate = 100
+
 # Accept RFC 5766's channel numbers 0x4000-0x7FFF instead of RFC 8656's 0x4000-0x4FFF. Off by
 # default (first bytes 0x50-0x7F belong to other protocols under RFC 7983/9443).
 # demo: on, because coturn's turnutils_uclient picks channel numbers up to 0x7FFF.
@@ -268,6 +272,7 @@ struct RawConfig {
     password_algorithms: bool,
     alternate_server: Option<String>,
     legacy_channel_numbers: bool,
+    challenge_rate: u32,
     relay: RawRelay,
     users: Vec<RawUser>,
     rest: RawRest,
@@ -339,6 +344,7 @@ impl Default for RawConfig {
             password_algorithms: d.password_algorithms,
             alternate_server: None,
             legacy_channel_numbers: false,
+            challenge_rate: d.challenge_rate,
             relay: RawRelay::default(),
             users: Vec::new(),
             rest: RawRest::default(),
@@ -572,6 +578,7 @@ impl RawConfig {
             password_algorithms: self.password_algorithms,
             peer_policy,
             alternate_server,
+            challenge_rate: self.challenge_rate,
             channel_range: if self.legacy_channel_numbers {
                 crate::wire::ChannelRange::Rfc5766
             } else {

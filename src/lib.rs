@@ -5,7 +5,7 @@
 //! - [`auth`]: long-term keys, TURN REST credentials, stateless nonces; time comes in as an argument.
 //! - [`policy`]: which peer addresses may be relayed to (deny by default).
 //! - [`route`]: the per-worker fast-path lookup tables and their updates.
-//! - [`sys`]: every syscall and every `unsafe` block.
+//! - [`sys`]: every syscall, and the only place allowed `unsafe_code`.
 //! - [`server`]: the sans-IO TURN core: every decision, no sockets, clocks or randomness of its own.
 //! - [`dataplane`]: the workers' packet logic and event loops (epoll, io_uring).
 //! - [`control`]: the control thread: drives the server, programs the workers.

@@ -35,6 +35,8 @@ struct Cli {
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum BackendArg {
     Auto,
+    /// Spelled as in the configuration file; `io-uring` works too.
+    #[value(name = "io_uring", alias = "io-uring")]
     IoUring,
     Epoll,
 }
@@ -164,6 +166,7 @@ fn run(config: RelayConfig, demo: bool) -> ExitCode {
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let settings = Settings {
         server: config.server.clone(),

@@ -11,6 +11,7 @@ use turnpike::wire::{Attribute, Class, Message, Method};
 fn binding_allocate_permission_channel_and_data_both_ways() {
     for (i, backend) in backends().into_iter().enumerate() {
         let relay = start(settings(backend, 2, 20000 + 1000 * i as u16));
+        assert_eq!(relay.backend(), backend);
         let server = relay.listen_addrs()[0];
         let mut c = Client::new(server, "alice", "alice-pass");
 
@@ -26,7 +27,7 @@ fn binding_allocate_permission_channel_and_data_both_ways() {
         // Send indication → peer, from the relayed address.
         c.send_indication(p.local_addr().unwrap(), b"via send");
         let mut buf = [0u8; 2048];
-        let (n, from) = p.recv_from(&mut buf).unwrap();
+        let (n, from) = p.recv_retry(&mut buf).unwrap();
         assert_eq!((&buf[..n], from), (&b"via send"[..], relayed));
         // Peer → client without a channel: a Data indication.
         p.send_to(b"back as data", relayed).unwrap();
@@ -43,7 +44,7 @@ fn binding_allocate_permission_channel_and_data_both_ways() {
         for k in 0..50u8 {
             let payload = vec![k; 1 + usize::from(k) * 7];
             c.send_channel(0x4000, &payload);
-            let (n, from) = p.recv_from(&mut buf).unwrap();
+            let (n, from) = p.recv_retry(&mut buf).unwrap();
             assert_eq!(
                 (&buf[..n], from),
                 (&payload[..], relayed),
@@ -59,6 +60,11 @@ fn binding_allocate_permission_channel_and_data_both_ways() {
         }
         let r = c.authed(Method::REFRESH, &[Attribute::Lifetime(0)]);
         Client::expect_success(&r);
+        // The allocation is gone: its routes too.
+        c.send_channel(0x4000, b"after delete");
+        p.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+            .unwrap();
+        assert!(p.recv_retry(&mut buf).is_err(), "relayed after Refresh 0");
         relay.stop().unwrap();
     }
 }
@@ -106,13 +112,13 @@ fn rest_credentials_allocate_and_denied_peers_get_403_and_nothing() {
         p.set_read_timeout(Some(std::time::Duration::from_millis(300)))
             .unwrap();
         let mut buf = [0u8; 64];
-        assert!(p.recv_from(&mut buf).is_err(), "denied peer received data");
+        assert!(p.recv_retry(&mut buf).is_err(), "denied peer received data");
         // And datagrams from that peer to the relayed address go nowhere.
         p.send_to(b"unsolicited", relayed).unwrap();
         c.sock
             .set_read_timeout(Some(std::time::Duration::from_millis(300)))
             .unwrap();
-        assert!(c.sock.recv_from(&mut buf).is_err());
+        assert!(c.sock.recv_retry(&mut buf).is_err());
         relay.stop().unwrap();
     }
 }
@@ -130,21 +136,21 @@ fn expiry_removes_routes_and_data_stops() {
         c.bind(0x4000, p.local_addr().unwrap());
         c.send_channel(0x4000, b"before");
         let mut buf = [0u8; 64];
-        let (n, _) = p.recv_from(&mut buf).unwrap();
+        let (n, _) = p.recv_retry(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"before");
         std::thread::sleep(std::time::Duration::from_millis(2600));
         c.send_channel(0x4000, b"after");
         p.set_read_timeout(Some(std::time::Duration::from_millis(400)))
             .unwrap();
         assert!(
-            p.recv_from(&mut buf).is_err(),
+            p.recv_retry(&mut buf).is_err(),
             "relayed after the allocation expired"
         );
         p.send_to(b"after", relayed).unwrap();
         c.sock
             .set_read_timeout(Some(std::time::Duration::from_millis(400)))
             .unwrap();
-        assert!(c.sock.recv_from(&mut buf).is_err());
+        assert!(c.sock.recv_retry(&mut buf).is_err());
         let r = c.authed(Method::REFRESH, &[]);
         assert_eq!(Client::error_code(&r), Some(437));
         relay.stop().unwrap();
@@ -171,7 +177,7 @@ fn many_clients_on_many_workers_all_relay() {
         for (k, (c, relayed)) in clients.iter_mut().enumerate() {
             let msg = (k as u32).to_be_bytes();
             c.send_channel(0x4001, &msg);
-            let (n, from) = p.recv_from(&mut buf).unwrap();
+            let (n, from) = p.recv_retry(&mut buf).unwrap();
             assert_eq!((&buf[..n], from), (&msg[..], *relayed));
             p.send_to(&msg, *relayed).unwrap();
             let back = c.recv();
@@ -208,7 +214,7 @@ fn graceful_shutdown_refuses_new_allocations_and_keeps_relaying_until_the_drain_
         );
         c.send_channel(0x4000, b"still flowing");
         let mut buf = [0u8; 64];
-        let (n, from) = p.recv_from(&mut buf).unwrap();
+        let (n, from) = p.recv_retry(&mut buf).unwrap();
         assert_eq!((&buf[..n], from), (&b"still flowing"[..], relayed));
         let started = std::time::Instant::now();
         relay.join().unwrap();

@@ -37,14 +37,14 @@ fn relaying_channel_data_allocates_nothing() {
                     c.sock.send_to(&frame, server).unwrap();
                 }
                 for _ in 0..n {
-                    let (len, from) = p.recv_from(&mut buf).unwrap();
+                    let (len, from) = p.recv_retry(&mut buf).unwrap();
                     assert!(len == 160 && from == relayed);
                 }
                 for _ in 0..n {
                     p.send_to(&payload, relayed).unwrap();
                 }
                 for _ in 0..n {
-                    let (len, _) = c.sock.recv_from(&mut buf).unwrap();
+                    let (len, _) = c.sock.recv_retry(&mut buf).unwrap();
                     assert!(len == 164 && buf[..4] == frame[..4]);
                 }
                 done += n;

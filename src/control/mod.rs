@@ -125,6 +125,17 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         send_buffer: settings.send_buffer,
         dont_fragment: false,
     };
+    // SO_REUSEPORT would let a second relay on the same port start silently and share its clients: make
+    // sure nobody holds a fixed listen port before the workers bind it with SO_REUSEPORT.
+    for addr in settings.listen.iter().filter(|a| a.port() != 0) {
+        let probe = sys::bind_udp(*addr, UdpOptions::default());
+        if let Err(e) = probe {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("listen {addr}: {e} (is another relay running?)"),
+            ));
+        }
+    }
     // Worker 0 binds first so that a port 0 resolves once and the others share it.
     let mut listen = settings.listen.clone();
     let mut sockets: Vec<Vec<UdpSocket>> = Vec::with_capacity(workers);

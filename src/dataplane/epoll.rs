@@ -10,6 +10,7 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 
+use crossbeam_channel::Receiver;
 use hashbrown::HashMap;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -29,16 +30,19 @@ pub(super) fn run(setup: WorkerSetup) -> io::Result<()> {
         mailbox,
         wake,
     } = setup;
-    let mut poll = Poll::new()?;
+    let poll = Poll::new()?;
     for (i, l) in listeners.iter().enumerate() {
         poll.registry()
             .register(&mut SourceFd(&l.as_raw_fd()), Token(i), Interest::READABLE)?;
     }
     poll.registry()
         .register(&mut SourceFd(&wake.as_raw_fd()), WAKE, Interest::READABLE)?;
-    let mut relays: HashMap<RelayId, UdpSocket> = HashMap::new();
+    let mut socks = Sockets {
+        poll,
+        relays: HashMap::new(),
+        hot: VecDeque::with_capacity(1024),
+    };
     let mut events = Events::with_capacity(256);
-    let mut hot: VecDeque<Token> = VecDeque::with_capacity(1024);
     let mut io = Io {
         slab: vec![0u8; BATCH * SLOT],
         meta: [RecvMeta::default(); BATCH],
@@ -46,62 +50,101 @@ pub(super) fn run(setup: WorkerSetup) -> io::Result<()> {
     };
 
     loop {
-        // Routes first: updates queued before a response went out must apply before anything that follows it.
+        let timeout = if socks.hot.is_empty() {
+            None
+        } else {
+            Some(std::time::Duration::ZERO)
+        };
+        match socks.poll.poll(&mut events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        if socks.drain_mailbox(&mailbox, &mut core)? {
+            return Ok(());
+        }
+        for ev in events.iter() {
+            if ev.token() == WAKE {
+                wake.drain();
+            } else {
+                socks.hot.push_back(ev.token());
+            }
+        }
+        // Serve each ready socket one batch at a time, round robin.
+        for _ in 0..socks.hot.len() {
+            let Some(token) = socks.hot.pop_front() else {
+                break;
+            };
+            match io.serve(&mut core, &listeners, &mut socks, &mailbox, token)? {
+                Served::More => socks.hot.push_back(token),
+                Served::Drained => {}
+                Served::Stop => return Ok(()),
+            }
+        }
+    }
+}
+
+/// The worker's relay sockets and readiness bookkeeping.
+struct Sockets {
+    poll: Poll,
+    relays: HashMap<RelayId, UdpSocket>,
+    /// Sockets that may still hold datagrams.
+    hot: VecDeque<Token>,
+}
+
+impl Sockets {
+    /// Apply every queued route update. True if told to stop.
+    ///
+    /// Routes first: the control thread queues the updates for a request before it sends the response,
+    /// so applying the mailbox after datagrams were received and before they are looked up means no
+    /// datagram can overtake an update queued before it arrived.
+    fn drain_mailbox(
+        &mut self,
+        mailbox: &Receiver<WorkerMsg>,
+        core: &mut Core,
+    ) -> io::Result<bool> {
         while let Ok(msg) = mailbox.try_recv() {
             match msg {
                 WorkerMsg::AddRelay { socket, update } => {
                     if let RouteUpdate::AddRelay { id, .. } = update {
                         let token = Token(RELAY_BASE + id.0 as usize);
-                        poll.registry().register(
+                        self.poll.registry().register(
                             &mut SourceFd(&socket.as_raw_fd()),
                             token,
                             Interest::READABLE,
                         )?;
-                        relays.insert(id, socket);
+                        self.relays.insert(id, socket);
                         // Datagrams may have arrived before registration: look at it once.
-                        hot.push_back(token);
+                        self.hot.push_back(token);
                     }
                     core.apply(update);
                 }
                 WorkerMsg::Route(update) => {
                     if let RouteUpdate::RemoveRelay { id } = update {
-                        if let Some(socket) = relays.remove(&id) {
-                            let _ = poll
+                        if let Some(socket) = self.relays.remove(&id) {
+                            let _ = self
+                                .poll
                                 .registry()
                                 .deregister(&mut SourceFd(&socket.as_raw_fd()));
                         }
                     }
                     core.apply(update);
                 }
-                WorkerMsg::Stop => return Ok(()),
+                WorkerMsg::Stop => return Ok(true),
             }
         }
-        let timeout = if hot.is_empty() {
-            None
-        } else {
-            Some(std::time::Duration::ZERO)
-        };
-        match poll.poll(&mut events, timeout) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-        for ev in events.iter() {
-            if ev.token() == WAKE {
-                wake.drain();
-            } else {
-                hot.push_back(ev.token());
-            }
-        }
-        // Serve each ready socket one batch at a time, round robin.
-        for _ in 0..hot.len() {
-            let Some(token) = hot.pop_front() else { break };
-            let full = io.serve(&mut core, &listeners, &relays, token)?;
-            if full {
-                hot.push_back(token);
-            }
-        }
+        Ok(false)
     }
+}
+
+/// What serving one socket found.
+enum Served {
+    /// A full batch: more may be waiting.
+    More,
+    /// The socket is drained.
+    Drained,
+    /// The mailbox said stop.
+    Stop,
 }
 
 struct Io {
@@ -117,18 +160,19 @@ impl Io {
         &mut self,
         core: &mut Core,
         listeners: &[UdpSocket],
-        relays: &HashMap<RelayId, UdpSocket>,
+        socks: &mut Sockets,
+        mailbox: &Receiver<WorkerMsg>,
         token: Token,
-    ) -> io::Result<bool> {
+    ) -> io::Result<Served> {
         let (fd, source) = if token.0 < RELAY_BASE {
             let Some(l) = listeners.get(token.0) else {
-                return Ok(false);
+                return Ok(Served::Drained);
             };
             (l.as_raw_fd(), Out::Listener(token.0 as u16))
         } else {
             let id = RelayId((token.0 - RELAY_BASE) as u32);
-            let Some(s) = relays.get(&id) else {
-                return Ok(false);
+            let Some(s) = socks.relays.get(&id) else {
+                return Ok(Served::Drained);
             };
             (s.as_raw_fd(), Out::Relay(id))
         };
@@ -138,13 +182,20 @@ impl Io {
             Err(e)
                 if matches!(
                     e.raw_os_error(),
-                    Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH)
+                    Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EINTR)
                 ) =>
             {
-                return Ok(true)
+                return Ok(Served::More)
             }
             Err(e) => return Err(e),
         };
+        if n == 0 {
+            return Ok(Served::Drained);
+        }
+        // Updates queued before these datagrams arrived are in the mailbox now: apply them first.
+        if socks.drain_mailbox(mailbox, core)? {
+            return Ok(Served::Stop);
+        }
         self.pending.clear();
         for i in 0..n {
             let meta = self.meta[i];
@@ -163,8 +214,12 @@ impl Io {
                     .push((out, dst, slot_start + range.start, range.len()));
             }
         }
-        self.flush(core, listeners, relays);
-        Ok(n == BATCH)
+        self.flush(core, listeners, &socks.relays);
+        Ok(if n == BATCH {
+            Served::More
+        } else {
+            Served::Drained
+        })
     }
 
     /// Send the forwards, one `sendmmsg` per run of the same outgoing socket.

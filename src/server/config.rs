@@ -47,6 +47,9 @@ pub struct Config {
     pub peer_policy: PeerPolicy,
     /// Where to send clients (300 Try Alternate) when this relay is full or draining.
     pub alternate_server: Option<SocketAddr>,
+    /// Unauthenticated answers (401, 438, 400 before authentication) per second per source IP, with a
+    /// burst of twice that; beyond it the server stays silent. 0 = unlimited.
+    pub challenge_rate: u32,
     /// Which channel numbers ChannelBind accepts: RFC 8656's 0x4000–0x4FFF by default, or RFC 5766's
     /// 0x4000–0x7FFF for older clients.
     pub channel_range: crate::wire::ChannelRange,
@@ -74,6 +77,7 @@ impl Default for Config {
             peer_policy: PeerPolicy::new(),
             alternate_server: None,
             channel_range: crate::wire::ChannelRange::Rfc8656,
+            challenge_rate: 100,
         }
     }
 }

@@ -23,6 +23,7 @@
 //! May use: wire, auth, policy, and its own config.
 
 mod config;
+mod limit;
 mod ports;
 mod types;
 
@@ -44,6 +45,7 @@ use crate::wire::{
     self, family, password_algorithm, Attribute, ChannelData, Class, Kind, Message, MessageType,
     MessageWriter, Method,
 };
+use limit::SourceLimiter;
 use ports::PortPool;
 
 /// UDP's protocol number, the only REQUESTED-TRANSPORT a UDP relay serves (RFC 8656 §7.2).
@@ -83,6 +85,8 @@ pub struct Stats {
     pub auth_failures: u64,
     /// Retransmitted Allocate requests answered again (or ignored while pending).
     pub retransmits: u64,
+    /// Unauthenticated answers not sent because their source was over its rate.
+    pub rate_limited: u64,
 }
 
 /// The TURN server core. `R` is the source of randomness (relay ports, reservation tokens, nonce key).
@@ -105,6 +109,7 @@ pub struct Server<R> {
     outbox: Outbox,
     commands: VecDeque<Command>,
     stats: Stats,
+    limiter: SourceLimiter,
 }
 
 impl<R: RngCore> Server<R> {
@@ -112,6 +117,7 @@ impl<R: RngCore> Server<R> {
     pub fn new(config: Config, mut rng: R) -> Result<Self, ConfigError> {
         config.validate()?;
         let nonce_key = NonceKey::random(&mut rng);
+        let limiter = SourceLimiter::new(config.challenge_rate, [rng.next_u64(), rng.next_u64()]);
         let mut users = HashMap::new();
         let mut userhashes = HashMap::new();
         for (name, password) in &config.users {
@@ -145,6 +151,7 @@ impl<R: RngCore> Server<R> {
             outbox: Outbox::default(),
             commands: VecDeque::new(),
             stats: Stats::default(),
+            limiter,
         })
     }
 
@@ -438,7 +445,7 @@ impl<R: RngCore> Server<R> {
     fn client_stun(&mut self, now: Instant, unix_now: u64, five: FiveTuple, msg: &Message<'_>) {
         let typ = msg.message_type();
         match (typ.class, typ.method) {
-            (Class::Request, Method::BINDING) => self.binding(unix_now, five, msg),
+            (Class::Request, Method::BINDING) => self.binding(now, unix_now, five, msg),
             (Class::Request, Method::ALLOCATE) => self.allocate(now, unix_now, five, msg),
             (Class::Request, Method::REFRESH) => self.refresh(now, unix_now, five, msg),
             (Class::Request, Method::CREATE_PERMISSION) => {
@@ -452,11 +459,11 @@ impl<R: RngCore> Server<R> {
         }
     }
 
-    fn binding(&mut self, unix_now: u64, five: FiveTuple, msg: &Message<'_>) {
+    fn binding(&mut self, now: Instant, unix_now: u64, five: FiveTuple, msg: &Message<'_>) {
         let signer = if self.config.binding_requires_auth {
             match self.authenticate(unix_now, five, msg) {
                 Ok(auth) => Some(auth.signer),
-                Err(reject) => return self.reject(unix_now, five, msg, reject),
+                Err(reject) => return self.reject(now, unix_now, five, msg, reject),
             }
         } else {
             None
@@ -472,7 +479,7 @@ impl<R: RngCore> Server<R> {
     fn allocate(&mut self, now: Instant, unix_now: u64, five: FiveTuple, msg: &Message<'_>) {
         let auth = match self.authenticate(unix_now, five, msg) {
             Ok(auth) => auth,
-            Err(reject) => return self.reject(unix_now, five, msg, reject),
+            Err(reject) => return self.reject(now, unix_now, five, msg, reject),
         };
         let s = Some(&auth.signer);
         if let Some(existing) = self
@@ -855,7 +862,7 @@ impl<R: RngCore> Server<R> {
         let auth = match self.authenticate(unix_now, five, msg) {
             Ok(auth) => auth,
             Err(reject) => {
-                self.reject(unix_now, five, msg, reject);
+                self.reject(now, unix_now, five, msg, reject);
                 return None;
             }
         };
@@ -1166,7 +1173,19 @@ impl<R: RngCore> Server<R> {
     /// Answer a request that failed authentication. Unauthenticated answers carry only what RFC 8489
     /// §9.2.4 requires (ERROR-CODE, REALM, NONCE and, when advertised, PASSWORD-ALGORITHMS), so that a
     /// spoofed request cannot be amplified.
-    fn reject(&mut self, unix_now: u64, five: FiveTuple, msg: &Message<'_>, reject: Reject) {
+    fn reject(
+        &mut self,
+        now: Instant,
+        unix_now: u64,
+        five: FiveTuple,
+        msg: &Message<'_>,
+        reject: Reject,
+    ) {
+        // Rate-limited per source, so that the relay cannot be used to reflect a flood (design §3).
+        if !self.limiter.allow(five.client.ip(), now) {
+            self.stats.rate_limited += 1;
+            return;
+        }
         let code = match reject {
             Reject::BadRequest => return self.reply_error(five, msg, None, ErrorCode::BadRequest),
             Reject::Challenge => {

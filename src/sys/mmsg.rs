@@ -118,12 +118,17 @@ pub fn send_batch(fd: RawFd, msgs: &[(SocketAddr, &[u8])]) -> io::Result<usize> 
         }
         // SAFETY (inside the macro): each header points at a live iovec over a borrowed `&[u8]` the kernel only
         // reads, and at a live sockaddr of the given length; `n <= MAX_BATCH`.
-        let res = syscall!(sendmmsg(
-            fd,
-            hdrs.as_mut_ptr(),
-            n as libc::c_uint,
-            libc::MSG_DONTWAIT
-        ));
+        let res = loop {
+            match syscall!(sendmmsg(
+                fd,
+                hdrs.as_mut_ptr(),
+                n as libc::c_uint,
+                libc::MSG_DONTWAIT
+            )) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
         match res {
             Ok(k) => {
                 sent += k as usize;

@@ -8,7 +8,7 @@
 //!   buffers that keep 4 bytes of headroom.
 //! - [`classify`] demultiplexes on the first byte (RFC 7983).
 //!
-//! Nothing here allocates, does IO, uses `unsafe` or panics on any input: every length is checked once at
+//! Nothing here allocates, does IO, opts out of memory safety or panics on any input: every length is checked once at
 //! parse time and every accessor afterwards is infallible. May use: hmac, sha1, sha2, crc32fast.
 
 mod attr;

@@ -127,7 +127,7 @@ impl Client {
         let mut buf = vec![0u8; 65536];
         let (n, from) = self
             .sock
-            .recv_from(&mut buf)
+            .recv_retry(&mut buf)
             .expect("a datagram from the relay");
         assert_eq!(
             from, self.server,
@@ -145,7 +145,7 @@ impl Client {
             let deadline = std::time::Instant::now() + Duration::from_secs(2);
             while std::time::Instant::now() < deadline {
                 let mut buf = vec![0u8; 65536];
-                let Ok((n, _)) = self.sock.recv_from(&mut buf) else {
+                let Ok((n, _)) = self.sock.recv_retry(&mut buf) else {
                     break;
                 };
                 buf.truncate(n);
@@ -242,4 +242,20 @@ pub fn peer() -> UdpSocket {
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     s
+}
+
+/// `recv_from` that retries when a signal interrupts it (EINTR), as a real client would.
+pub trait RecvRetry {
+    fn recv_retry(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)>;
+}
+
+impl RecvRetry for UdpSocket {
+    fn recv_retry(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        loop {
+            match self.recv_from(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => return other,
+            }
+        }
+    }
 }

@@ -1038,3 +1038,47 @@ fn stream_clients_get_answers_on_their_connection() {
         "the UDP and TCP 5-tuples are different allocations"
     );
 }
+
+/// Design §3: unauthenticated answers are rate-limited per source, so the relay cannot reflect a flood.
+#[test]
+fn unauthenticated_answers_are_rate_limited_per_source() {
+    let mut h = Harness::with(Config {
+        challenge_rate: 2,
+        ..config()
+    });
+    let answered = (0..6)
+        .filter(|_| {
+            !h.request(client(1), Method::ALLOCATE, &[RT_UDP], None)
+                .sent
+                .is_empty()
+        })
+        .count();
+    assert_eq!(answered, 4, "a burst of twice the rate, then silence");
+    assert_eq!(h.server.stats().rate_limited, 2);
+    let other = FiveTuple {
+        client: "192.0.2.77:5000".parse().unwrap(),
+        ..client(1)
+    };
+    assert_eq!(
+        h.request(other, Method::ALLOCATE, &[RT_UDP], None).error(),
+        Some(401),
+        "other sources unaffected"
+    );
+    h.at(ms(499));
+    assert!(h
+        .request(client(1), Method::ALLOCATE, &[RT_UDP], None)
+        .sent
+        .is_empty());
+    h.at(ms(500));
+    assert_eq!(
+        h.request(client(1), Method::ALLOCATE, &[RT_UDP], None)
+            .error(),
+        Some(401),
+        "one token per 500 ms at 2/s"
+    );
+    assert_eq!(
+        h.server.allocation_count() + h.server.timer_count(),
+        0,
+        "and no state either way"
+    );
+}

@@ -1,0 +1,121 @@
+//! Per-source rate limit for unauthenticated answers (401, 438, 400): a fixed table of token buckets
+//! indexed by a keyed hash of the source IP. Its memory never grows, so a flood of spoofed sources costs
+//! nothing but shared buckets; the key comes from the server's RNG so that an attacker cannot aim
+//! collisions at a victim's bucket.
+
+use core::net::IpAddr;
+use std::time::Instant;
+
+/// Buckets in the table (64 KiB of state).
+const SLOTS: usize = 4096;
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    /// Tokens × 1000 (so refill needs no floating point).
+    milli_tokens: u64,
+    last: Option<Instant>,
+}
+
+/// The table.
+#[derive(Debug)]
+pub(crate) struct SourceLimiter {
+    buckets: Box<[Bucket]>,
+    /// Answers per second per source; 0 = unlimited.
+    rate: u64,
+    /// Bucket size in answers.
+    burst: u64,
+    key: [u64; 2],
+}
+
+impl SourceLimiter {
+    pub(crate) fn new(rate: u32, key: [u64; 2]) -> Self {
+        let rate = u64::from(rate);
+        SourceLimiter {
+            buckets: vec![
+                Bucket {
+                    milli_tokens: 0,
+                    last: None
+                };
+                SLOTS
+            ]
+            .into_boxed_slice(),
+            rate,
+            burst: rate.saturating_mul(2).max(1),
+            key,
+        }
+    }
+
+    /// Take one answer from `ip`'s bucket at `now`. False: over the limit, stay silent.
+    pub(crate) fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
+        let i = (self.hash(ip) % SLOTS as u64) as usize;
+        let full = self.burst * 1000;
+        let (rate, b) = (self.rate, &mut self.buckets[i]);
+        b.milli_tokens = match b.last {
+            None => full,
+            Some(last) => {
+                let ms = now
+                    .saturating_duration_since(last)
+                    .as_millis()
+                    .min(u128::from(u32::MAX)) as u64;
+                (b.milli_tokens + ms * rate).min(full)
+            }
+        };
+        b.last = Some(now);
+        if b.milli_tokens >= 1000 {
+            b.milli_tokens -= 1000;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn hash(&self, ip: IpAddr) -> u64 {
+        let bits: u128 = match ip.to_canonical() {
+            IpAddr::V4(v4) => u128::from(u32::from(v4)),
+            IpAddr::V6(v6) => u128::from(v6),
+        };
+        let mut h = self.key[0];
+        for word in [bits as u64, (bits >> 64) as u64, self.key[1]] {
+            h ^= word;
+            h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29) ^ (h >> 32);
+        }
+        h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn burst_then_rate_per_source() {
+        let mut l = SourceLimiter::new(10, [1, 2]);
+        let t0 = Instant::now();
+        let a: IpAddr = "198.51.100.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let b: IpAddr = "198.51.100.2".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        assert_eq!(
+            (0..25).filter(|_| l.allow(a, t0)).count(),
+            20,
+            "burst is twice the rate"
+        );
+        assert!(l.allow(b, t0) || l.hash(a) % SLOTS as u64 == l.hash(b) % SLOTS as u64);
+        assert!(
+            !l.allow(a, t0 + Duration::from_millis(50)),
+            "half a token after 50 ms at 10/s"
+        );
+        assert!(l.allow(a, t0 + Duration::from_millis(150)));
+        assert_eq!(
+            (0..100)
+                .filter(|_| l.allow(a, t0 + Duration::from_secs(60)))
+                .count(),
+            20,
+            "refill caps at the burst"
+        );
+        let mut off = SourceLimiter::new(0, [0, 0]);
+        assert!((0..10_000).all(|_| off.allow(a, t0)));
+    }
+}
