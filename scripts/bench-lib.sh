@@ -74,6 +74,8 @@ pin_workers = true
 recv_buffer = ${RECV_BUFFER:-4194304}
 send_buffer = ${SEND_BUFFER:-4194304}
 legacy_channel_numbers = true
+# bench only: every generator client shares one source IP, which the per-source limit on 401s would cap.
+challenge_rate = 0
 [relay]
 addresses = [${list%, }]
 port_min = 49152
