@@ -48,11 +48,12 @@ pub fn recv_batch(
     if n == 0 || headroom >= stride {
         return Ok(0);
     }
-    // SAFETY: all-zero is a valid value for these plain C structs.
-    let mut hdrs: [libc::mmsghdr; MAX_BATCH] = unsafe { std::mem::zeroed() };
+    // Only the first `n` entries are initialised (zeroing all 64 every call showed up in profiles).
+    let mut hdrs: [MaybeUninit<libc::mmsghdr>; MAX_BATCH] =
+        [const { MaybeUninit::uninit() }; MAX_BATCH];
     let mut iovs: [MaybeUninit<libc::iovec>; MAX_BATCH] = [MaybeUninit::uninit(); MAX_BATCH];
-    // SAFETY: as above.
-    let mut addrs: [libc::sockaddr_storage; MAX_BATCH] = unsafe { std::mem::zeroed() };
+    let mut addrs: [MaybeUninit<libc::sockaddr_storage>; MAX_BATCH] =
+        [const { MaybeUninit::uninit() }; MAX_BATCH];
     let base = slab.as_mut_ptr();
     for i in 0..n {
         // SAFETY: `i * stride + headroom < n * stride <= slab.len()`, so the pointer stays inside `slab`.
@@ -61,17 +62,20 @@ pub fn recv_batch(
             iov_base: start.cast(),
             iov_len: stride - headroom,
         });
-        hdrs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
-        hdrs[i].msg_hdr.msg_namelen =
-            std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        hdrs[i].msg_hdr.msg_iov = iovs[i].as_mut_ptr();
-        hdrs[i].msg_hdr.msg_iovlen = 1;
+        // SAFETY: all-zero is a valid sockaddr_storage and a valid mmsghdr (null pointers, zero lengths).
+        let (addr, mut h) = unsafe { (std::mem::zeroed(), std::mem::zeroed::<libc::mmsghdr>()) };
+        addrs[i].write(addr);
+        h.msg_hdr.msg_name = addrs[i].as_mut_ptr().cast();
+        h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        h.msg_hdr.msg_iov = iovs[i].as_mut_ptr();
+        h.msg_hdr.msg_iovlen = 1;
+        hdrs[i].write(h);
     }
     // SAFETY (inside the macro): every header points at a live iovec into `slab` (borrowed mutably for the
     // call) and at a live sockaddr_storage; `n <= MAX_BATCH` headers are passed.
     let got = match syscall!(recvmmsg(
         fd,
-        hdrs.as_mut_ptr(),
+        hdrs.as_mut_ptr().cast::<libc::mmsghdr>(),
         n as libc::c_uint,
         libc::MSG_DONTWAIT,
         std::ptr::null_mut()
@@ -80,9 +84,10 @@ pub fn recv_batch(
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
         Err(e) => return Err(e),
     };
-    for i in 0..got {
-        let h = &hdrs[i];
-        let addr = sockaddr_to_std(&addrs[i], h.msg_hdr.msg_namelen);
+    for i in 0..got.min(n) {
+        // SAFETY: entries below `n` were initialised above, and the kernel only wrote into them.
+        let (h, a) = unsafe { (hdrs[i].assume_init_ref(), addrs[i].assume_init_ref()) };
+        let addr = sockaddr_to_std(a, h.msg_hdr.msg_namelen);
         meta[i] = RecvMeta {
             len: h.msg_len as usize,
             addr: addr.unwrap_or(RecvMeta::default().addr),
@@ -99,29 +104,33 @@ pub fn send_batch(fd: RawFd, msgs: &[(SocketAddr, &[u8])]) -> io::Result<usize> 
     let mut sent = 0;
     for chunk in msgs.chunks(MAX_BATCH) {
         let n = chunk.len();
-        // SAFETY: all-zero is a valid value for these plain C structs.
-        let mut hdrs: [libc::mmsghdr; MAX_BATCH] = unsafe { std::mem::zeroed() };
+        // Only the first `n` entries are initialised.
+        let mut hdrs: [MaybeUninit<libc::mmsghdr>; MAX_BATCH] =
+            [const { MaybeUninit::uninit() }; MAX_BATCH];
         let mut iovs: [MaybeUninit<libc::iovec>; MAX_BATCH] = [MaybeUninit::uninit(); MAX_BATCH];
-        // SAFETY: as above.
-        let mut addrs: [libc::sockaddr_storage; MAX_BATCH] = unsafe { std::mem::zeroed() };
+        let mut addrs: [MaybeUninit<libc::sockaddr_storage>; MAX_BATCH] =
+            [const { MaybeUninit::uninit() }; MAX_BATCH];
         for (i, (dst, data)) in chunk.iter().enumerate() {
             let (storage, len) = std_to_sockaddr(*dst);
-            addrs[i] = storage;
+            addrs[i].write(storage);
             iovs[i] = MaybeUninit::new(libc::iovec {
                 iov_base: data.as_ptr() as *mut libc::c_void,
                 iov_len: data.len(),
             });
-            hdrs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
-            hdrs[i].msg_hdr.msg_namelen = len;
-            hdrs[i].msg_hdr.msg_iov = iovs[i].as_mut_ptr();
-            hdrs[i].msg_hdr.msg_iovlen = 1;
+            // SAFETY: all-zero is a valid mmsghdr (null pointers, zero lengths).
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_name = addrs[i].as_mut_ptr().cast();
+            h.msg_hdr.msg_namelen = len;
+            h.msg_hdr.msg_iov = iovs[i].as_mut_ptr();
+            h.msg_hdr.msg_iovlen = 1;
+            hdrs[i].write(h);
         }
         // SAFETY (inside the macro): each header points at a live iovec over a borrowed `&[u8]` the kernel only
         // reads, and at a live sockaddr of the given length; `n <= MAX_BATCH`.
         let res = loop {
             match syscall!(sendmmsg(
                 fd,
-                hdrs.as_mut_ptr(),
+                hdrs.as_mut_ptr().cast::<libc::mmsghdr>(),
                 n as libc::c_uint,
                 libc::MSG_DONTWAIT
             )) {

@@ -1,0 +1,553 @@
+//! `turnpike-bench`: a load generator for TURN servers (turnpike, coturn, anything RFC 8656), and the bare
+//! forwarder that serves as the physical-limit yardstick.
+//!
+//! Scenarios:
+//! - `relay` (default): N clients allocate, bind channel 0x4000 to the generator's own UDP echo peer, and
+//!   send ChannelData of `--size` bytes at an open-loop, paced `--rate`; the echo reflects every payload.
+//!   Reports delivered packets/s and Mbit/s, loss, reordering and round-trip percentiles. `--sweep` steps
+//!   the rate up and reports the highest with less than `--max-loss` loss. `--bare` sends raw datagrams to
+//!   a bare forwarder instead (no TURN).
+//! - `alloc`: every client loops Allocate (401 round, then authenticated) and delete (Refresh LIFETIME 0).
+//! - `binding`: STUN Binding requests in windows of `--window` per socket.
+//!
+//! `--bare-forwarder` runs the forwarder instead of the generator. All timing is bounded by `--duration`
+//! (and `--count` where it applies). Only point it at servers you run, on loopback or a test namespace.
+
+mod forwarder;
+mod pace;
+mod proc;
+mod relay;
+mod turn;
+
+use std::io;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+use pace::Sweep;
+use proc::ProcSample;
+use relay::{StepResult, Traffic};
+use turn::{Auth, Plan, CHANNEL};
+use turnpike::sys::{bind_udp, UdpOptions};
+
+/// Load generator for TURN servers, and the bare forwarder yardstick.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The server (TURN listener, or the bare forwarder with --bare).
+    #[arg(long, default_value = "127.0.0.1:3478")]
+    server: SocketAddr,
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = Scenario::Relay)]
+    scenario: Scenario,
+    /// Static long-term user.
+    #[arg(long, default_value = "bench")]
+    user: String,
+    /// Its password.
+    #[arg(long, default_value = "bench-pass")]
+    password: String,
+    /// Use TURN REST credentials minted from this shared secret instead of --user (one user id per client).
+    #[arg(long)]
+    rest_secret: Option<String>,
+    /// Clients (flows for relay, concurrent clients for alloc, sockets for binding).
+    #[arg(long, default_value_t = 10)]
+    clients: usize,
+    /// Payload bytes per packet (at least 20: the probe).
+    #[arg(long, default_value_t = 160)]
+    size: usize,
+    /// Offered rate, packets/s from clients to the server, all flows together (the sweep's start).
+    #[arg(long, default_value_t = 10_000.0)]
+    rate: f64,
+    /// Seconds of measurement (per step with --sweep).
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Stop after this many packets (relay) or allocations (alloc).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Packets each flow sends back to back in one sendmmsg (fewer syscalls for the generator, burstier
+    /// traffic for the server); 1 spreads packets evenly.
+    #[arg(long, default_value_t = 1)]
+    burst: usize,
+    /// Sleep this many µs when the traffic loop finds nothing to do (0: spin). Use it when the generator
+    /// runs SCHED_FIFO (scripts with RT=1), where spinning triggers RT throttling.
+    #[arg(long, default_value_t = 0)]
+    idle_sleep_us: u64,
+    /// Step the rate up from --rate by --sweep-factor until loss reaches --max-loss, then bisect.
+    #[arg(long)]
+    sweep: bool,
+    /// Rate multiplier between sweep steps.
+    #[arg(long, default_value_t = 1.25)]
+    sweep_factor: f64,
+    /// Highest rate a sweep tries.
+    #[arg(long, default_value_t = 2_000_000.0)]
+    sweep_max: f64,
+    /// Bisection steps after the first failing rate.
+    #[arg(long, default_value_t = 3)]
+    bisect: u32,
+    /// How often a failing sweep step is repeated before it counts as failed.
+    #[arg(long, default_value_t = 1)]
+    retries: u32,
+    /// Loss at or above which a sweep step fails (fraction).
+    #[arg(long, default_value_t = 0.001)]
+    max_loss: f64,
+    /// The target is a bare forwarder: send raw datagrams, no TURN.
+    #[arg(long)]
+    bare: bool,
+    /// Bind address of the built-in echo peer (a bare forwarder must be told this address as --peer).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    echo: SocketAddr,
+    /// Server pid: CPU seconds and RSS are read from /proc.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Before the traffic, open this many extra allocations (no channel) and hold them; reports the
+    /// server's RSS growth per allocation.
+    #[arg(long, default_value_t = 0)]
+    idle_allocations: usize,
+    /// Transactions in flight during set-up; Binding requests in flight per socket.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// Socket buffer size of the generator's sockets, bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    buffers: usize,
+    /// Print JSON on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// A label carried into the output (e.g. the server's name).
+    #[arg(long, default_value = "")]
+    label: String,
+    /// No progress line.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Run the bare forwarder: listen on --listen, relay to --peer.
+    #[arg(long)]
+    bare_forwarder: bool,
+    /// Forwarder listen address.
+    #[arg(long, default_value = "127.0.0.1:3479")]
+    listen: SocketAddr,
+    /// Forwarder peer address (the generator's --echo).
+    #[arg(long, default_value = "127.0.0.1:40000")]
+    peer: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Relay,
+    Alloc,
+    Binding,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = if cli.bare_forwarder {
+        let d = (cli.duration > 0.0).then(|| Duration::from_secs_f64(cli.duration));
+        forwarder::run(cli.listen, cli.peer, cli.buffers, d).map(|c| {
+            eprintln!(
+                "bare forwarder: {} to peer, {} to clients, {} send failures",
+                c.to_peer, c.to_client, c.send_failed
+            );
+        })
+    } else {
+        let out = match cli.scenario {
+            Scenario::Relay => relay_scenario(&cli),
+            Scenario::Alloc => alloc_scenario(&cli),
+            Scenario::Binding => binding_scenario(&cli),
+        };
+        out.map(|v| {
+            if cli.json {
+                println!("{v:#}");
+            } else {
+                print_table(&v);
+            }
+        })
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("turnpike-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn auth(cli: &Cli) -> Auth {
+    match &cli.rest_secret {
+        Some(s) => Auth::Rest(s.clone()),
+        None => Auth::Static(cli.user.clone(), cli.password.clone()),
+    }
+}
+
+fn relay_scenario(cli: &Cli) -> io::Result<Value> {
+    if cli.clients == 0 || cli.clients > usize::from(u16::MAX) {
+        return Err(io::Error::other("--clients must be 1 to 65535"));
+    }
+    let echo = bind_udp(
+        cli.echo,
+        UdpOptions {
+            recv_buffer: Some(cli.buffers),
+            send_buffer: Some(cli.buffers),
+            ..UdpOptions::default()
+        },
+    )?;
+    let peer = echo.local_addr()?;
+    let mut out = json!({
+        "scenario": "relay", "label": cli.label, "server": cli.server.to_string(), "bare": cli.bare,
+        "clients": cli.clients, "size": cli.size, "burst": cli.burst,
+    });
+    let mut poll = mio::Poll::new()?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // Idle allocations first, so the measured flows see a server holding them.
+    let mut _idle = Vec::new();
+    if cli.idle_allocations > 0 && !cli.bare {
+        let before = cli.server_pid.and_then(ProcSample::read);
+        let mut idle = turn::open_clients(
+            cli.idle_allocations,
+            cli.server,
+            &auth(cli),
+            &poll,
+            1 << 24,
+            None,
+        )?;
+        let st = turn::drive(
+            &mut idle,
+            &mut poll,
+            1 << 24,
+            cli.server,
+            Plan::Setup {
+                peer: None,
+                window: cli.window,
+            },
+            deadline,
+        )?;
+        let ok = idle.iter().filter(|c| c.is_ready()).count();
+        std::thread::sleep(Duration::from_millis(500));
+        let after = cli.server_pid.and_then(ProcSample::read);
+        if !cli.quiet {
+            eprintln!(
+                "idle allocations: {ok}/{} in {:.2}s ({:.0}/s)",
+                cli.idle_allocations,
+                st.seconds,
+                ok as f64 / st.seconds
+            );
+        }
+        out["idle"] = json!({
+            "requested": cli.idle_allocations, "allocated": ok, "seconds": st.seconds,
+            "errors": st.errors, "timeouts": st.timeouts,
+            "rss_before_kib": before.map(|s| s.rss_kib), "rss_after_kib": after.map(|s| s.rss_kib),
+            "bytes_per_allocation": match (before, after) {
+                (Some(b), Some(a)) if ok > 0 => Some((a.rss_kib as f64 - b.rss_kib as f64) * 1024.0 / ok as f64),
+                _ => None,
+            },
+        });
+        _idle = idle;
+    }
+    let clients = if cli.bare {
+        let mut v = Vec::new();
+        for _ in 0..cli.clients {
+            v.push(bind_udp(
+                SocketAddr::new(cli.server.ip(), 0),
+                UdpOptions {
+                    recv_buffer: Some(cli.buffers),
+                    send_buffer: Some(cli.buffers),
+                    ..UdpOptions::default()
+                },
+            )?);
+        }
+        v
+    } else {
+        let mut cs = turn::open_clients(
+            cli.clients,
+            cli.server,
+            &auth(cli),
+            &poll,
+            0,
+            Some(cli.buffers),
+        )?;
+        let st = turn::drive(
+            &mut cs,
+            &mut poll,
+            0,
+            cli.server,
+            Plan::Setup {
+                peer: Some(peer),
+                window: cli.window,
+            },
+            deadline,
+        )?;
+        let ready = cs.iter().filter(|c| c.is_ready()).count();
+        if ready < cs.len() {
+            return Err(io::Error::other(format!(
+                "only {ready} of {} clients allocated and bound a channel ({} errors {:?}, {} timeouts): \
+                 check the credentials, the server's peer policy (loopback peers must be allowed) and its \
+                 quotas",
+                cs.len(),
+                st.errors,
+                st.codes,
+                st.timeouts
+            )));
+        }
+        // Deregister from the set-up poll; Traffic has its own.
+        for c in &cs {
+            use std::os::fd::AsRawFd;
+            let _ = poll
+                .registry()
+                .deregister(&mut mio::unix::SourceFd(&c.sock.as_raw_fd()));
+        }
+        cs.into_iter().map(|c| c.sock).collect()
+    };
+    let channel = (!cli.bare).then_some(CHANNEL);
+    let mut traffic = Traffic::new(clients, cli.server, echo, channel, cli.size, cli.server_pid)?;
+    traffic.progress = !cli.quiet;
+    traffic.burst = cli.burst.clamp(1, 64);
+    traffic.idle_sleep = Duration::from_micros(cli.idle_sleep_us);
+    let drain = Duration::from_millis(300);
+    // Warm-up: caches, route tables, socket buffers.
+    traffic.step(cli.rate.min(10_000.0), Duration::from_millis(300), drain)?;
+    let mut steps = Vec::new();
+    if cli.sweep {
+        let mut sweep = Sweep::new(cli.rate, cli.sweep_factor, cli.sweep_max, cli.bisect);
+        while let Some(rate) = sweep.next_rate() {
+            let mut r = traffic.step(rate, Duration::from_secs_f64(cli.duration), drain)?;
+            let mut pass = r.passes(cli.max_loss);
+            // One transient stall (another process, a page fault storm) must not end the sweep: a failing
+            // step is run again, and fails only if it fails twice.
+            let mut retries = cli.retries;
+            while !pass && retries > 0 && r.sent as f64 > 0.97 * rate * r.seconds {
+                retries -= 1;
+                if !cli.quiet {
+                    eprintln!(
+                        "step {rate:>9.0}/s: loss {:.4}%, trying again",
+                        100.0 * r.loss()
+                    );
+                }
+                steps.push(r);
+                r = traffic.step(rate, Duration::from_secs_f64(cli.duration), drain)?;
+                pass = r.passes(cli.max_loss);
+            }
+            if !cli.quiet {
+                eprintln!(
+                    "step {rate:>9.0}/s: delivered {:>9.0}/s loss {:.4}% {}",
+                    r.delivered_pps(),
+                    100.0 * r.loss(),
+                    if pass { "pass" } else { "FAIL" }
+                );
+            }
+            let generator_limited = r.sent as f64 <= 0.97 * rate * r.seconds;
+            sweep.record(rate, pass);
+            steps.push(r);
+            if generator_limited {
+                out["generator_limited"] = json!(true);
+                break;
+            }
+        }
+        let mut best = sweep.best().and_then(|b| {
+            steps
+                .iter()
+                .rev()
+                .find(|s| s.offered == b && s.passes(cli.max_loss))
+        });
+        // A last step the generator could not fully offer, but which the server delivered without loss,
+        // shows the server does at least that much: report it, marked as a lower bound.
+        if let Some(last) = steps.last() {
+            let limited = out.get("generator_limited").is_some();
+            if limited
+                && last.loss() < cli.max_loss
+                && best.map_or(true, |b| last.delivered_pps() > b.delivered_pps())
+            {
+                best = Some(last);
+                out["best_is_lower_bound"] = json!(true);
+            }
+        }
+        out["best"] = best.map_or(Value::Null, |s| step_json(s, cli));
+        out["best_pps"] = json!(best.map(StepResult::delivered_pps));
+    } else {
+        let mut d = Duration::from_secs_f64(cli.duration);
+        if let Some(n) = cli.count {
+            d = d.min(Duration::from_secs_f64(n as f64 / cli.rate.max(1.0)));
+        }
+        steps.push(traffic.step(cli.rate, d, drain)?);
+    }
+    out["steps"] = steps.iter().map(|s| step_json(s, cli)).collect();
+    Ok(out)
+}
+
+fn percentiles(h: &Histogram<u64>) -> Value {
+    let us = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
+    json!({
+        "p50": us(0.5), "p90": us(0.9), "p99": us(0.99), "p999": us(0.999), "max": h.max() as f64 / 1e3,
+        "samples": h.len(),
+    })
+}
+
+fn step_json(s: &StepResult, cli: &Cli) -> Value {
+    let wire = if cli.bare { cli.size } else { cli.size + 4 };
+    json!({
+        "offered_pps": s.offered, "seconds": s.seconds, "sent": s.sent, "send_failed": s.send_failed,
+        "received": s.received, "loss": s.loss(), "reordered": s.reordered, "late": s.late,
+        "echo_failed": s.echo_failed,
+        "delivered_pps": s.delivered_pps(),
+        "delivered_mbps": s.delivered_pps() * (wire * 8) as f64 / 1e6,
+        "rtt_us": percentiles(&s.rtt),
+        "server_cpu_s": s.server_cpu,
+        "cpu_us_per_packet": s.cpu_us_per_packet(),
+    })
+}
+
+fn alloc_scenario(cli: &Cli) -> io::Result<Value> {
+    let mut poll = mio::Poll::new()?;
+    let mut cs = turn::open_clients(cli.clients, cli.server, &auth(cli), &poll, 0, None)?;
+    let cpu0 = cli.server_pid.and_then(ProcSample::read);
+    let st = turn::drive(
+        &mut cs,
+        &mut poll,
+        0,
+        cli.server,
+        Plan::Churn {
+            max: cli.count.unwrap_or(u64::MAX),
+        },
+        Instant::now() + Duration::from_secs_f64(cli.duration),
+    )?;
+    let cpu1 = cli.server_pid.and_then(ProcSample::read);
+    let cpu = match (cpu0, cpu1) {
+        (Some(a), Some(b)) => Some(b.cpu_seconds - a.cpu_seconds),
+        _ => None,
+    };
+    Ok(json!({
+        "scenario": "alloc", "label": cli.label, "server": cli.server.to_string(), "clients": cli.clients,
+        "seconds": st.seconds, "allocations": st.allocations, "deletes": st.deletes,
+        "allocations_per_s": st.allocations as f64 / st.seconds.max(1e-9),
+        "errors": st.errors, "timeouts": st.timeouts, "retransmits": st.retransmits,
+        "error_codes": st.codes.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        "server_cpu_s": cpu,
+    }))
+}
+
+fn binding_scenario(cli: &Cli) -> io::Result<Value> {
+    let cpu0 = cli.server_pid.and_then(ProcSample::read);
+    let st = turn::binding(
+        cli.server,
+        cli.clients,
+        cli.window,
+        Duration::from_secs_f64(cli.duration),
+    )?;
+    let cpu1 = cli.server_pid.and_then(ProcSample::read);
+    let cpu = match (cpu0, cpu1) {
+        (Some(a), Some(b)) => Some(b.cpu_seconds - a.cpu_seconds),
+        _ => None,
+    };
+    Ok(json!({
+        "scenario": "binding", "label": cli.label, "server": cli.server.to_string(),
+        "clients": cli.clients, "window": cli.window.min(64),
+        "seconds": st.seconds, "sent": st.sent, "responses": st.responses,
+        "bindings_per_s": st.responses as f64 / st.seconds.max(1e-9),
+        "rtt_us": percentiles(&st.rtt),
+        "server_cpu_s": cpu,
+        "cpu_us_per_request": cpu.filter(|_| st.responses > 0).map(|c| c * 1e6 / st.responses as f64),
+    }))
+}
+
+fn print_table(v: &Value) {
+    let f = |v: &Value| match v {
+        Value::Number(n) => {
+            let x = n.as_f64().unwrap_or(0.0);
+            if x.fract() == 0.0 || x.abs() >= 100.0 {
+                format!("{x:.0}")
+            } else {
+                format!("{x:.3}")
+            }
+        }
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    println!(
+        "{} {} {}",
+        v["scenario"].as_str().unwrap_or(""),
+        v["server"].as_str().unwrap_or(""),
+        v["label"].as_str().unwrap_or("")
+    );
+    match v["scenario"].as_str() {
+        Some("relay") => {
+            if let Some(idle) = v.get("idle") {
+                println!(
+                    "idle allocations {} in {}s, RSS {} → {} KiB, {} B/allocation",
+                    f(&idle["allocated"]),
+                    f(&idle["seconds"]),
+                    f(&idle["rss_before_kib"]),
+                    f(&idle["rss_after_kib"]),
+                    f(&idle["bytes_per_allocation"])
+                );
+            }
+            println!(
+                "{:>10} {:>10} {:>10} {:>8} {:>6} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
+                "offered/s",
+                "deliv/s",
+                "Mbit/s",
+                "loss%",
+                "reord",
+                "p50µs",
+                "p90µs",
+                "p99µs",
+                "p99.9µs",
+                "maxµs",
+                "cpuµs/pkt"
+            );
+            for s in v["steps"].as_array().into_iter().flatten() {
+                let r = &s["rtt_us"];
+                println!(
+                    "{:>10} {:>10} {:>10} {:>8.4} {:>6} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
+                    f(&s["offered_pps"]),
+                    f(&s["delivered_pps"]),
+                    f(&s["delivered_mbps"]),
+                    100.0 * s["loss"].as_f64().unwrap_or(0.0),
+                    f(&s["reordered"]),
+                    f(&r["p50"]),
+                    f(&r["p90"]),
+                    f(&r["p99"]),
+                    f(&r["p999"]),
+                    f(&r["max"]),
+                    f(&s["cpu_us_per_packet"])
+                );
+            }
+            if v.get("best_pps").is_some() {
+                println!(
+                    "highest delivered rate with loss < 0.1%: {} pkt/s{}",
+                    f(&v["best_pps"]),
+                    if v.get("best_is_lower_bound").is_some() {
+                        " or more (the generator could not offer more, and the server lost nothing)"
+                    } else if v.get("generator_limited").is_some() {
+                        " (generator-limited: the generator could not offer more)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        Some("alloc") => println!(
+            "{} allocations in {}s: {} allocations/s (401 round + Allocate + delete); {} errors {}, {} timeouts, \
+             server CPU {} s",
+            f(&v["allocations"]),
+            f(&v["seconds"]),
+            f(&v["allocations_per_s"]),
+            f(&v["errors"]),
+            v["error_codes"],
+            f(&v["timeouts"]),
+            f(&v["server_cpu_s"])
+        ),
+        _ => {
+            let r = &v["rtt_us"];
+            println!(
+                "{} Binding responses in {}s: {} /s; rtt p50 {} p99 {} max {} µs; server CPU {} µs/request",
+                f(&v["responses"]),
+                f(&v["seconds"]),
+                f(&v["bindings_per_s"]),
+                f(&r["p50"]),
+                f(&r["p99"]),
+                f(&r["max"]),
+                f(&v["cpu_us_per_request"])
+            );
+        }
+    }
+}
