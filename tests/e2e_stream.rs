@@ -16,10 +16,7 @@ use turnpike::control::{RelayHandle, Settings};
 use turnpike::dataplane::framing::Framer;
 use turnpike::dataplane::stream::tls_config;
 use turnpike::dataplane::{BackendKind, Drop};
-use turnpike::wire::{
-    Attribute, ChannelData, ChannelRange, Class, Message, MessageType, MessageWriter, Method,
-    TransactionId,
-};
+use turnpike::wire::{Attribute, ChannelData, ChannelRange, Class, Message, Method, TransactionId};
 
 /// A self-signed certificate for "localhost": (cert PEM, key PEM, cert DER).
 fn cert() -> (String, String, Vec<u8>) {
@@ -122,21 +119,12 @@ impl StreamClient {
         let mut t = [9u8; 12];
         t[4..].copy_from_slice(&self.tid.to_be_bytes());
         let tid = TransactionId(t);
-        let mut buf = vec![0u8; 1500];
-        let mut w = MessageWriter::new(&mut buf, MessageType::new(method, class), tid).unwrap();
-        for a in attrs {
-            w.add(a).unwrap();
-        }
-        if auth {
-            w.add(&Attribute::Username(&self.username)).unwrap();
-            w.add(&Attribute::Realm(REALM)).unwrap();
-            w.add(&Attribute::Nonce(self.nonce.as_deref().unwrap_or("")))
-                .unwrap();
-            w.add_integrity(&self.key).unwrap();
-        }
-        let n = w.finish();
-        buf.truncate(n);
-        (tid, buf)
+        let auth = auth.then(|| Credentials {
+            username: &self.username,
+            nonce: self.nonce.as_deref().unwrap_or(""),
+            key: &self.key,
+        });
+        (tid, build_request(method, class, tid, attrs, auth))
     }
 
     /// The next message from the relay (ChannelData without its padding).

@@ -106,21 +106,12 @@ impl Client {
         auth: bool,
     ) -> (TransactionId, Vec<u8>) {
         let tid = self.next_tid();
-        let mut buf = vec![0u8; 1500];
-        let mut w = MessageWriter::new(&mut buf, MessageType::new(method, class), tid).unwrap();
-        for a in attrs {
-            w.add(a).unwrap();
-        }
-        if auth {
-            w.add(&Attribute::Username(&self.username)).unwrap();
-            w.add(&Attribute::Realm(REALM)).unwrap();
-            w.add(&Attribute::Nonce(self.nonce.as_deref().unwrap_or("")))
-                .unwrap();
-            w.add_integrity(&self.key).unwrap();
-        }
-        let n = w.finish();
-        buf.truncate(n);
-        (tid, buf)
+        let auth = auth.then(|| Credentials {
+            username: &self.username,
+            nonce: self.nonce.as_deref().unwrap_or(""),
+            key: &self.key,
+        });
+        (tid, build_request(method, class, tid, attrs, auth))
     }
 
     /// Receive the next datagram from the server (skipping nothing).
@@ -259,4 +250,35 @@ impl RecvRetry for UdpSocket {
             }
         }
     }
+}
+
+/// What an authenticated test request carries: USERNAME, REALM, NONCE and the key for MESSAGE-INTEGRITY.
+pub struct Credentials<'a> {
+    pub username: &'a str,
+    pub nonce: &'a str,
+    pub key: &'a [u8],
+}
+
+/// A STUN message of `method`/`class` with `attrs`, signed with long-term `auth` when given.
+pub fn build_request(
+    method: Method,
+    class: Class,
+    tid: TransactionId,
+    attrs: &[Attribute<'_>],
+    auth: Option<Credentials<'_>>,
+) -> Vec<u8> {
+    let mut buf = vec![0u8; 1500];
+    let mut w = MessageWriter::new(&mut buf, MessageType::new(method, class), tid).unwrap();
+    for a in attrs {
+        w.add(a).unwrap();
+    }
+    if let Some(c) = auth {
+        w.add(&Attribute::Username(c.username)).unwrap();
+        w.add(&Attribute::Realm(REALM)).unwrap();
+        w.add(&Attribute::Nonce(c.nonce)).unwrap();
+        w.add_integrity(c.key).unwrap();
+    }
+    let n = w.finish();
+    buf.truncate(n);
+    buf
 }
