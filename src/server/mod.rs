@@ -263,15 +263,12 @@ impl<R: RngCore> Server<R> {
         let Some(alloc) = self.allocations.get_mut(&allocation) else {
             return;
         };
-        let Some(slot) = alloc
-            .relays
-            .iter_mut()
-            .flatten()
-            .find(|r| r.addr == relay && !r.open)
-        else {
+        let Some(i) = alloc.pending_relay(relay) else {
             return;
         };
-        slot.open = true;
+        if let Some(slot) = alloc.relays[i].as_mut() {
+            slot.open = true;
+        }
         self.activate_if_open(now, allocation);
     }
 
@@ -287,11 +284,7 @@ impl<R: RngCore> Server<R> {
         let Some(alloc) = self.allocations.get_mut(&allocation) else {
             return;
         };
-        let Some(i) = alloc
-            .relays
-            .iter()
-            .position(|r| r.is_some_and(|r| r.addr == relay && !r.open))
-        else {
+        let Some(i) = alloc.pending_relay(relay) else {
             return;
         };
         self.by_relay.remove(&relay);
@@ -1567,6 +1560,13 @@ struct Allocation {
 }
 
 impl Allocation {
+    /// Which relay slot is `relay`, still waiting for the data plane to bind it.
+    fn pending_relay(&self, relay: RelayAddr) -> Option<usize> {
+        self.relays
+            .iter()
+            .position(|r| r.is_some_and(|r| r.addr == relay && !r.open))
+    }
+
     fn signer(&self) -> Signer {
         self.signer
     }
