@@ -725,6 +725,10 @@ impl<R: RngCore> Server<R> {
             return;
         };
         let s = Some(&signer);
+        // RFC 8656 §10.2: a malformed XOR-PEER-ADDRESS is a bad request.
+        if msg.attrs.malformed_peer_address {
+            return self.reply_error(five, msg, s, ErrorCode::BadRequest);
+        }
         // RFC 8656 §9.2: all or nothing. Check every peer first, then install them all.
         let alloc = self.allocations.get(&id).expect_alloc();
         let mut new = 0usize;
@@ -757,8 +761,11 @@ impl<R: RngCore> Server<R> {
         };
         let s = Some(&signer);
         let alloc = self.allocations.get(&id).expect_alloc();
-        let (Some(number), Some(peer)) = (msg.attrs.channel_number, msg.attrs.xor_peer_address)
-        else {
+        let (Some(number), Some(peer), false) = (
+            msg.attrs.channel_number,
+            msg.attrs.xor_peer_address,
+            msg.attrs.malformed_peer_address,
+        ) else {
             return self.reply_error(five, msg, s, ErrorCode::BadRequest);
         };
         let Some(channel) = ChannelNumber::new_in(number, self.config.channel_range) else {
