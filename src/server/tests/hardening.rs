@@ -3,7 +3,7 @@
 //! refusal here is for the reason the test names.
 
 use super::*;
-use crate::wire::attr_type;
+use crate::wire::{attr_type, family};
 
 /// Relay addresses outside every built-in deny range.
 fn public_config() -> Config {
@@ -145,5 +145,46 @@ fn well_formed_peer_of_a_missing_family_gets_443() {
     assert_eq!(
         h.bind(client(1), &alice, 0x4000, peer(1)).one().class(),
         Class::Success
+    );
+}
+
+// Finding 3: an allow entry on the IPv6 form does not open the IPv4 address embedded in it.
+
+#[test]
+fn allowed_nat64_prefix_does_not_open_embedded_private_ipv4() {
+    let mut h = Harness::with(Config {
+        peer_policy: PeerPolicy::new().with_allow(vec!["64:ff9b::/96".parse::<Cidr>().unwrap()]),
+        ..public_config()
+    });
+    let alice = Creds::alice();
+    let (relay, _) = h.allocate_with(
+        client(1),
+        &alice,
+        &[
+            Attribute::RequestedTransport(17),
+            Attribute::RequestedAddressFamily(family::IPV6),
+        ],
+    );
+    assert!(relay.0.is_ipv6());
+    for embedded_private in ["[64:ff9b::a01:203]:5000", "[64:ff9b::a9fe:a9fe]:80"] {
+        let p: SocketAddr = embedded_private.parse().unwrap();
+        let out = h.request(
+            client(1),
+            Method::CREATE_PERMISSION,
+            &[Attribute::XorPeerAddress(p)],
+            Some(&alice),
+        );
+        assert_eq!(out.error(), Some(403), "{p}");
+        assert_eq!(
+            h.bind(client(1), &alice, 0x4001, p).error(),
+            Some(403),
+            "{p}"
+        );
+    }
+    // A public IPv4 address behind the allowed prefix is fine.
+    h.permit(
+        client(1),
+        &alice,
+        &["[64:ff9b::808:808]:53".parse().unwrap()],
     );
 }
