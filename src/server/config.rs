@@ -38,6 +38,12 @@ pub struct Config {
     pub max_allocations_per_user: usize,
     /// Permissions per allocation; beyond it CreatePermission/ChannelBind get 508.
     pub max_permissions_per_allocation: usize,
+    /// Channel bindings per allocation (cooling-down ones included); beyond it ChannelBind gets 508.
+    pub max_channels_per_allocation: usize,
+    /// Permissions per identity over all its allocations; beyond it CreatePermission/ChannelBind get 508.
+    pub max_permissions_per_identity: usize,
+    /// Channel bindings per identity over all its allocations; beyond it ChannelBind gets 508.
+    pub max_channels_per_identity: usize,
     /// Whether Binding requests need long-term credentials.
     pub binding_requires_auth: bool,
     /// Advertise PASSWORD-ALGORITHMS (MD5, SHA-256) with the RFC 8489 nonce cookie. Off by default: it
@@ -72,6 +78,9 @@ impl Default for Config {
             max_allocations: 100_000,
             max_allocations_per_user: 1_000,
             max_permissions_per_allocation: 1_024,
+            max_channels_per_allocation: 512,
+            max_permissions_per_identity: 16_384,
+            max_channels_per_identity: 16_384,
             binding_requires_auth: false,
             password_algorithms: false,
             peer_policy: PeerPolicy::new(),
@@ -136,6 +145,21 @@ impl Config {
         ] {
             if v == 0 {
                 return err(key, "must be at least 1 second");
+            }
+        }
+        for (key, v) in [
+            (
+                "max_channels_per_allocation",
+                self.max_channels_per_allocation,
+            ),
+            (
+                "max_permissions_per_identity",
+                self.max_permissions_per_identity,
+            ),
+            ("max_channels_per_identity", self.max_channels_per_identity),
+        ] {
+            if v == 0 {
+                return err(key, "must be at least 1");
             }
         }
         if self.max_lifetime < self.default_lifetime {

@@ -109,7 +109,8 @@ pub struct Server<R> {
     allocations: HashMap<AllocationId, Allocation>,
     by_client: HashMap<FiveTuple, AllocationId>,
     by_relay: HashMap<RelayAddr, AllocationId>,
-    per_identity: HashMap<Box<str>, usize>,
+    /// What each identity holds, for its quotas; an identity holding nothing has no entry.
+    per_identity: HashMap<Box<str>, Holdings>,
     /// identity → revocation horizon: its REST credentials expiring at or before it are refused.
     revoked: HashMap<Box<str>, u64>,
     reservations: HashMap<u64, Reservation>,
@@ -358,7 +359,11 @@ impl<R: RngCore> Server<R> {
                     let Some(alloc) = self.allocations.get_mut(&id) else {
                         continue;
                     };
-                    alloc.permissions.remove(&ip);
+                    if alloc.permissions.remove(&ip).is_some() {
+                        hold(&mut self.per_identity, &alloc.identity, |h| {
+                            h.permissions = h.permissions.saturating_sub(1)
+                        });
+                    }
                     if let Some(relay) = alloc.relay_for(ip) {
                         self.commands.push_back(Command::RemovePermission {
                             allocation: id,
@@ -396,11 +401,17 @@ impl<R: RngCore> Server<R> {
                         let peer = binding.peer;
                         alloc.channels.remove(&number);
                         alloc.peer_channels.remove(&peer);
+                        hold(&mut self.per_identity, &alloc.identity, |h| {
+                            h.channels = h.channels.saturating_sub(1)
+                        });
                     }
                 }
                 Timer::Reservation(token) => {
                     if let Some(r) = self.reservations.remove(&token) {
                         release_port(&mut self.pools, r.relay);
+                        hold(&mut self.per_identity, &r.identity, |h| {
+                            h.reservations = h.reservations.saturating_sub(1)
+                        });
                     }
                 }
             }
@@ -468,7 +479,7 @@ impl<R: RngCore> Server<R> {
         self.timers.len()
     }
 
-    /// Number of identities with at least one allocation.
+    /// Number of identities holding anything (an allocation, a port reservation).
     pub fn identity_count(&self) -> usize {
         self.per_identity.len()
     }
@@ -572,9 +583,19 @@ impl<R: RngCore> Server<R> {
                 None => refuse(self, ErrorCode::InsufficientCapacity),
             };
         }
-        if self.per_identity.get(&*auth.identity).copied().unwrap_or(0)
-            >= self.config.max_allocations_per_user
-        {
+        // Reservations count toward the identity's quota (design §3): an EVEN-PORT R=1 request takes
+        // two slots, redeeming one's own reservation none more.
+        let reserve = a.reservation_token.is_none() && a.even_port == Some(true);
+        let redeeming_own = a
+            .reservation_token
+            .and_then(|t| self.reservations.get(&t))
+            .is_some_and(|r| *r.identity == *auth.identity);
+        let needed = 1 + usize::from(reserve) - usize::from(redeeming_own);
+        let held = self
+            .per_identity
+            .get(&*auth.identity)
+            .map_or(0, |h| h.allocations + h.reservations);
+        if held + needed > self.config.max_allocations_per_user {
             return refuse(self, ErrorCode::AllocationQuotaReached);
         }
 
@@ -584,6 +605,9 @@ impl<R: RngCore> Server<R> {
             match self.reservations.remove(&token) {
                 Some(r) => {
                     self.timers.remove(&(r.expires, Timer::Reservation(token)));
+                    hold(&mut self.per_identity, &r.identity, |h| {
+                        h.reservations = h.reservations.saturating_sub(1)
+                    });
                     r.relay
                 }
                 None => return refuse(self, ErrorCode::InsufficientCapacity),
@@ -592,7 +616,6 @@ impl<R: RngCore> Server<R> {
             if !self.pools.iter().any(|p| p.ip().is_ipv4() == want_v4) {
                 return refuse(self, ErrorCode::AddressFamilyNotSupported);
             }
-            let reserve = a.even_port == Some(true);
             match take_port(
                 &mut self.pools,
                 &mut self.rng,
@@ -610,6 +633,7 @@ impl<R: RngCore> Server<R> {
                             Reservation {
                                 relay: next,
                                 expires,
+                                identity: auth.identity.clone(),
                             },
                         );
                         self.timers.insert((expires, Timer::Reservation(token)));
@@ -666,7 +690,10 @@ impl<R: RngCore> Server<R> {
             peer_channels: HashMap::new(),
             usage: Usage::default(),
         };
-        *self.per_identity.entry_ref(&*alloc.identity).or_insert(0) += 1;
+        hold(&mut self.per_identity, &alloc.identity, |h| {
+            h.allocations += 1;
+            h.reservations += usize::from(token_out.is_some());
+        });
         self.by_client.insert(five, id);
         for slot in alloc.relays.iter().flatten() {
             self.by_relay.insert(slot.addr, id);
@@ -746,7 +773,10 @@ impl<R: RngCore> Server<R> {
         if !any {
             return self.reply_error(five, msg, s, ErrorCode::BadRequest);
         }
-        if alloc.permissions.len() + new > self.config.max_permissions_per_allocation {
+        let held = self.holdings(&alloc.identity);
+        if alloc.permissions.len() + new > self.config.max_permissions_per_allocation
+            || held.permissions + new > self.config.max_permissions_per_identity
+        {
             return self.reply_error(five, msg, s, ErrorCode::InsufficientCapacity);
         }
         for peer in msg.peer_addresses() {
@@ -781,8 +811,17 @@ impl<R: RngCore> Server<R> {
         if conflict {
             return self.reply_error(five, msg, s, ErrorCode::BadRequest);
         }
+        let held = self.holdings(&alloc.identity);
         let new_permission = !alloc.permissions.contains_key(&peer.ip());
-        if new_permission && alloc.permissions.len() >= self.config.max_permissions_per_allocation {
+        let new_channel = !alloc.channels.contains_key(&number);
+        let c = &self.config;
+        if new_permission
+            && (alloc.permissions.len() >= c.max_permissions_per_allocation
+                || held.permissions >= c.max_permissions_per_identity)
+            || new_channel
+                && (alloc.channels.len() >= c.max_channels_per_allocation
+                    || held.channels >= c.max_channels_per_identity)
+        {
             return self.reply_error(five, msg, s, ErrorCode::InsufficientCapacity);
         }
         let expires = now + secs(self.config.channel_lifetime);
@@ -797,6 +836,9 @@ impl<R: RngCore> Server<R> {
             },
         );
         alloc.peer_channels.insert(peer, number);
+        if previous.is_none() {
+            hold(&mut self.per_identity, &alloc.identity, |h| h.channels += 1);
+        }
         if let Some(old) = previous {
             self.timers
                 .remove(&(old.expires, Timer::Channel(id, number)));
@@ -923,6 +965,11 @@ impl<R: RngCore> Server<R> {
         Some((id, auth.signer))
     }
 
+    /// What `identity` holds now (nothing when it has no entry).
+    fn holdings(&self, identity: &str) -> Holdings {
+        self.per_identity.get(identity).copied().unwrap_or_default()
+    }
+
     /// An active allocation on `five` that has not expired (even if its timer has not run yet).
     fn live_allocation(&self, now: Instant, five: FiveTuple) -> Option<&Allocation> {
         let alloc = self
@@ -956,6 +1003,9 @@ impl<R: RngCore> Server<R> {
                 self.timers.remove(&(old, Timer::Permission(id, ip)));
             }
             None => {
+                hold(&mut self.per_identity, &alloc.identity, |h| {
+                    h.permissions += 1
+                });
                 if let Some(relay) = alloc.relay_for(ip) {
                     self.commands.push_back(Command::InstallPermission {
                         allocation: id,
@@ -1015,12 +1065,22 @@ impl<R: RngCore> Server<R> {
         if self.by_client.get(&alloc.five_tuple) == Some(&id) {
             self.by_client.remove(&alloc.five_tuple);
         }
-        if let Some(n) = self.per_identity.get_mut(&*alloc.identity) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_identity.remove(&*alloc.identity);
-            }
+        // A port reserved by this allocation's EVEN-PORT ends with it.
+        if let Some((token, r)) = alloc
+            .reservation_token
+            .and_then(|t| self.reservations.remove(&t).map(|r| (t, r)))
+        {
+            self.timers.remove(&(r.expires, Timer::Reservation(token)));
+            release_port(&mut self.pools, r.relay);
+            hold(&mut self.per_identity, &r.identity, |h| {
+                h.reservations = h.reservations.saturating_sub(1)
+            });
         }
+        hold(&mut self.per_identity, &alloc.identity, |h| {
+            h.allocations = h.allocations.saturating_sub(1);
+            h.permissions = h.permissions.saturating_sub(alloc.permissions.len());
+            h.channels = h.channels.saturating_sub(alloc.channels.len());
+        });
         self.commands.push_back(Command::AllocationEnded {
             allocation: id,
             identity: alloc.identity,
@@ -1523,10 +1583,34 @@ enum Timer {
     Reservation(u64),
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Reservation {
     relay: RelayAddr,
     expires: Instant,
+    /// Who reserved it: the port counts toward that identity's allocation quota until it is redeemed,
+    /// expires, or the allocation that reserved it ends.
+    identity: Box<str>,
+}
+
+/// What one identity holds, for its quotas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Holdings {
+    allocations: usize,
+    reservations: usize,
+    /// Permissions over all its allocations.
+    permissions: usize,
+    /// Channel bindings over all its allocations, those cooling down included (RFC 8656 §12).
+    channels: usize,
+}
+
+/// Change what `identity` holds; an identity left holding nothing loses its entry, so the map stays as
+/// small as the set of identities with state.
+fn hold(map: &mut HashMap<Box<str>, Holdings>, identity: &str, f: impl FnOnce(&mut Holdings)) {
+    let h = map.entry_ref(identity).or_default();
+    f(h);
+    if *h == Holdings::default() {
+        map.remove(identity);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

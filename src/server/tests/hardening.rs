@@ -188,3 +188,208 @@ fn allowed_nat64_prefix_does_not_open_embedded_private_ipv4() {
         &["[64:ff9b::808:808]:53".parse().unwrap()],
     );
 }
+
+// Finding 7: authenticated state is bounded; reservations count toward the identity.
+
+/// Public peers on distinct IPs (permissions are per IP, RFC 8656 §9).
+fn far(n: u8) -> SocketAddr {
+    SocketAddr::new(IpAddr::from([8, 8, 4, n]), 6000)
+}
+
+#[test]
+fn state_caps_default_to_the_documented_values() {
+    let c = Config::default();
+    assert_eq!(
+        (
+            c.max_channels_per_allocation,
+            c.max_permissions_per_identity,
+            c.max_channels_per_identity
+        ),
+        (512, 16_384, 16_384)
+    );
+}
+
+#[test]
+fn channels_per_allocation_are_capped_with_508() {
+    let mut h = Harness::with(Config {
+        max_channels_per_allocation: 3,
+        ..public_config()
+    });
+    let alice = Creds::alice();
+    h.allocate(client(1), &alice);
+    for i in 0..3 {
+        let out = h.bind(client(1), &alice, 0x4000 + i, peer(i));
+        assert_eq!(out.one().class(), Class::Success, "channel {i}");
+    }
+    let out = h.bind(client(1), &alice, 0x4003, peer(3));
+    assert_eq!(out.error(), Some(508));
+    assert!(out.commands.is_empty(), "{:?}", out.commands);
+    // Refreshing a bound channel is not a new one.
+    assert_eq!(
+        h.bind(client(1), &alice, 0x4001, peer(1)).one().class(),
+        Class::Success
+    );
+}
+
+#[test]
+fn permissions_and_channels_per_identity_are_capped_with_508() {
+    let mut h = Harness::with(Config {
+        max_permissions_per_identity: 3,
+        max_channels_per_identity: 2,
+        ..public_config()
+    });
+    let alice = Creds::alice();
+    h.allocate(client(1), &alice);
+    h.allocate(client(2), &alice);
+    h.permit(client(1), &alice, &[far(1), far(2)]);
+    // Two more on the other allocation would make 4 > 3 for the identity: all or nothing.
+    let out = h.request(
+        client(2),
+        Method::CREATE_PERMISSION,
+        &[
+            Attribute::XorPeerAddress(far(3)),
+            Attribute::XorPeerAddress(far(4)),
+        ],
+        Some(&alice),
+    );
+    assert_eq!(out.error(), Some(508));
+    assert!(out.commands.is_empty());
+    h.permit(client(2), &alice, &[far(3)]);
+    // A ChannelBind that would add a fourth permission is refused too; one on a permitted peer is not.
+    assert_eq!(h.bind(client(2), &alice, 0x4000, far(4)).error(), Some(508));
+    assert_eq!(
+        h.bind(client(2), &alice, 0x4000, far(3)).one().class(),
+        Class::Success
+    );
+    assert_eq!(
+        h.bind(client(1), &alice, 0x4000, far(1)).one().class(),
+        Class::Success
+    );
+    // Two channels for the identity: a third on either allocation is refused.
+    assert_eq!(h.bind(client(1), &alice, 0x4001, far(2)).error(), Some(508));
+    // Another identity has its own budget.
+    let bob = Creds::bob();
+    h.allocate(client(3), &bob);
+    h.permit(client(3), &bob, &[far(1), far(2), far(3)]);
+
+    // Ending an allocation gives its permissions and channels back to the identity.
+    let out = h.request(
+        client(1),
+        Method::REFRESH,
+        &[Attribute::Lifetime(0)],
+        Some(&alice),
+    );
+    assert_eq!(out.one().class(), Class::Success);
+    assert_eq!(
+        h.bind(client(2), &alice, 0x4001, far(4)).one().class(),
+        Class::Success
+    );
+}
+
+/// An Allocate with EVEN-PORT R=1, returning the RESERVATION-TOKEN of its success.
+fn allocate_reserving(h: &mut Harness, five: FiveTuple, creds: &Creds) -> Out {
+    h.challenge(five);
+    let out = h.request(
+        five,
+        Method::ALLOCATE,
+        &[Attribute::RequestedTransport(17), Attribute::EvenPort(true)],
+        Some(creds),
+    );
+    if !out.sent.is_empty() {
+        return out;
+    }
+    let (id, relays) = opened(&out.commands);
+    h.server.handle_relay_opened(h.now, id, relays[0]);
+    h.drain()
+}
+
+#[test]
+fn even_port_reservation_counts_toward_the_identity_quota() {
+    let mut h = Harness::with(Config {
+        max_allocations_per_user: 2,
+        ..public_config()
+    });
+    let ports = h.server.free_ports();
+    let alice = Creds::alice();
+    let out = allocate_reserving(&mut h, client(1), &alice);
+    assert!(out.one().msg().attrs.reservation_token.is_some());
+    // One allocation and one reserved port: the quota of 2 is used up.
+    h.challenge(client(2));
+    let out = h.request(
+        client(2),
+        Method::ALLOCATE,
+        &[Attribute::RequestedTransport(17)],
+        Some(&alice),
+    );
+    assert_eq!(out.error(), Some(486));
+    // A reserving Allocate needs two slots.
+    h.allocate(client(3), &Creds::bob());
+    let out = allocate_reserving(&mut h, client(4), &Creds::bob());
+    assert_eq!(out.error(), Some(486));
+
+    // When the reservation times out, the slot comes back.
+    h.advance(Duration::from_secs(31));
+    h.allocate(client(2), &alice);
+    for (five, who) in [
+        (client(1), &alice),
+        (client(2), &alice),
+        (client(3), &Creds::bob()),
+    ] {
+        let out = h.request(five, Method::REFRESH, &[Attribute::Lifetime(0)], Some(who));
+        assert_eq!(out.one().class(), Class::Success);
+    }
+    h.assert_empty(ports);
+}
+
+#[test]
+fn even_port_reservation_is_freed_with_its_allocation() {
+    let mut h = Harness::with(Config {
+        max_allocations_per_user: 2,
+        ..public_config()
+    });
+    let ports = h.server.free_ports();
+    let alice = Creds::alice();
+    let out = allocate_reserving(&mut h, client(1), &alice);
+    let token = out.one().msg().attrs.reservation_token.unwrap();
+    let out = h.request(
+        client(1),
+        Method::REFRESH,
+        &[Attribute::Lifetime(0)],
+        Some(&alice),
+    );
+    assert_eq!(out.one().class(), Class::Success);
+    // Port, timer and quota are all back at once, not after the reservation's 30 seconds.
+    h.assert_empty(ports);
+    h.challenge(client(2));
+    let out = h.request(
+        client(2),
+        Method::ALLOCATE,
+        &[
+            Attribute::RequestedTransport(17),
+            Attribute::ReservationToken(token),
+        ],
+        Some(&alice),
+    );
+    assert_eq!(out.error(), Some(508), "the token died with its allocation");
+}
+
+#[test]
+fn redeeming_ones_own_reservation_needs_no_extra_slot() {
+    let mut h = Harness::with(Config {
+        max_allocations_per_user: 2,
+        ..public_config()
+    });
+    let alice = Creds::alice();
+    let out = allocate_reserving(&mut h, client(1), &alice);
+    let first = out.one().msg().attrs.xor_relayed_address.unwrap();
+    let token = out.one().msg().attrs.reservation_token.unwrap();
+    let (relay, _) = h.allocate_with(
+        client(2),
+        &alice,
+        &[
+            Attribute::RequestedTransport(17),
+            Attribute::ReservationToken(token),
+        ],
+    );
+    assert_eq!(relay.0.port(), first.port() + 1);
+}
