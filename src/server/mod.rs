@@ -45,7 +45,7 @@ use crate::wire::{
     self, family, password_algorithm, Attribute, ChannelData, Class, Kind, Message, MessageType,
     MessageWriter, Method,
 };
-use limit::SourceLimiter;
+use limit::{SourceLimiter, MAX_AMPLIFICATION};
 use ports::PortPool;
 
 /// UDP's protocol number, the only REQUESTED-TRANSPORT a UDP relay serves (RFC 8656 §7.2).
@@ -85,8 +85,10 @@ pub struct Stats {
     pub auth_failures: u64,
     /// Retransmitted Allocate requests answered again (or ignored while pending).
     pub retransmits: u64,
-    /// Unauthenticated answers not sent because their source was over its rate.
+    /// Unauthenticated answers not sent because their source (/32, /64) was over its rate.
     pub rate_limited: u64,
+    /// Unauthenticated UDP answers not sent because they would be more than 3× their request.
+    pub amplification_refused: u64,
     /// Of `auth_failures`: 438 Stale Nonce answers.
     pub stale_nonces: u64,
     /// Of `auth_failures`: requests refused because the identity's credentials were revoked.
@@ -496,7 +498,12 @@ impl<R: RngCore> Server<R> {
             (Class::Request, Method::CHANNEL_BIND) => self.channel_bind(now, unix_now, five, msg),
             (Class::Indication, Method::SEND) => self.send_indication(now, five, msg),
             // RFC 8489 §6.3.1: a request for a method the server does not know gets 400.
-            (Class::Request, _) => self.reply_error(five, msg, None, ErrorCode::BadRequest),
+            (Class::Request, _) => self.reply_error(
+                five,
+                msg,
+                Answer::Unauthenticated(now),
+                ErrorCode::BadRequest,
+            ),
             _ => self.stats.unexpected_class += 1,
         }
     }
@@ -510,10 +517,13 @@ impl<R: RngCore> Server<R> {
         } else {
             None
         };
-        if self.unknown_attributes(five, msg, signer.as_ref()) {
+        let answer = signer
+            .as_ref()
+            .map_or(Answer::Unauthenticated(now), Answer::Signed);
+        if self.unknown_attributes(five, msg, answer) {
             return;
         }
-        self.reply(five, msg, Class::Success, signer.as_ref(), |w| {
+        self.reply(five, msg, Class::Success, answer, |w| {
             w.add(&Attribute::XorMappedAddress(five.client))
         });
     }
@@ -523,7 +533,7 @@ impl<R: RngCore> Server<R> {
             Ok(auth) => auth,
             Err(reject) => return self.reject(now, unix_now, five, msg, reject),
         };
-        let s = Some(&auth.signer);
+        let s = Answer::Signed(&auth.signer);
         if let Some(existing) = self
             .by_client
             .get(&five)
@@ -578,7 +588,7 @@ impl<R: RngCore> Server<R> {
                     self.reply(five, msg, Class::Error, s, |w| {
                         error_code(w, ErrorCode::TryAlternate)?;
                         w.add(&Attribute::AlternateServer(alt))
-                    })
+                    });
                 }
                 None => refuse(self, ErrorCode::InsufficientCapacity),
             };
@@ -712,7 +722,7 @@ impl<R: RngCore> Server<R> {
         let Some((id, signer)) = self.authorize(now, unix_now, five, msg) else {
             return;
         };
-        let s = Some(&signer);
+        let s = Answer::Signed(&signer);
         let alloc = self.allocations.get_mut(&id).expect_alloc();
         // RFC 8656 §7.3: REQUESTED-ADDRESS-FAMILY must name a family the allocation has.
         if let Some(f) = msg.attrs.requested_address_family {
@@ -751,7 +761,7 @@ impl<R: RngCore> Server<R> {
         let Some((id, signer)) = self.authorize(now, unix_now, five, msg) else {
             return;
         };
-        let s = Some(&signer);
+        let s = Answer::Signed(&signer);
         // RFC 8656 §10.2: a malformed XOR-PEER-ADDRESS is a bad request.
         if msg.attrs.malformed_peer_address {
             return self.reply_error(five, msg, s, ErrorCode::BadRequest);
@@ -789,7 +799,7 @@ impl<R: RngCore> Server<R> {
         let Some((id, signer)) = self.authorize(now, unix_now, five, msg) else {
             return;
         };
-        let s = Some(&signer);
+        let s = Answer::Signed(&signer);
         let alloc = self.allocations.get(&id).expect_alloc();
         let (Some(number), Some(peer), false) = (
             msg.attrs.channel_number,
@@ -949,7 +959,7 @@ impl<R: RngCore> Server<R> {
                 return None;
             }
         };
-        let s = Some(&auth.signer);
+        let s = Answer::Signed(&auth.signer);
         let Some(alloc) = self.live_allocation(now, five) else {
             self.reply_error(five, msg, s, ErrorCode::AllocationMismatch);
             return None;
@@ -1279,8 +1289,8 @@ impl<R: RngCore> Server<R> {
     }
 
     /// Answer a request that failed authentication. Unauthenticated answers carry only what RFC 8489
-    /// §9.2.4 requires (ERROR-CODE, REALM, NONCE and, when advertised, PASSWORD-ALGORITHMS), so that a
-    /// spoofed request cannot be amplified.
+    /// §9.2.4 requires (ERROR-CODE, REALM, NONCE and, when advertised, PASSWORD-ALGORITHMS), and share
+    /// the per-source budget and the 3× size bound of every unauthenticated answer (design §3).
     fn reject(
         &mut self,
         now: Instant,
@@ -1289,63 +1299,46 @@ impl<R: RngCore> Server<R> {
         msg: &Message<'_>,
         reject: Reject,
     ) {
-        // Rate-limited per source, so that the relay cannot be used to reflect a flood (design §3).
-        if !self.limiter.allow(five.client.ip(), now) {
-            self.stats.rate_limited += 1;
-            return;
-        }
+        let answer = Answer::Unauthenticated(now);
         let code = match reject {
-            Reject::BadRequest => return self.reply_error(five, msg, None, ErrorCode::BadRequest),
-            Reject::Challenge => {
-                self.stats.challenges += 1;
+            Reject::BadRequest => {
+                return self.reply_error(five, msg, answer, ErrorCode::BadRequest)
+            }
+            Reject::Challenge | Reject::Unauthenticated | Reject::Revoked => {
                 ErrorCode::Unauthenticated
             }
-            Reject::Unauthenticated => {
-                self.stats.auth_failures += 1;
-                ErrorCode::Unauthenticated
-            }
-            Reject::StaleNonce => {
-                self.stats.auth_failures += 1;
-                self.stats.stale_nonces += 1;
-                ErrorCode::StaleNonce
-            }
-            Reject::Revoked => {
-                self.stats.auth_failures += 1;
-                self.stats.revoked += 1;
-                ErrorCode::Unauthenticated
-            }
+            Reject::StaleNonce => ErrorCode::StaleNonce,
         };
-        let features = if self.config.password_algorithms {
+        let algorithms = self.config.password_algorithms;
+        let features = if algorithms {
             FEATURE_PASSWORD_ALGORITHMS
         } else {
             0
         };
         let expiry = unix_now.saturating_add(u64::from(self.config.nonce_lifetime));
         let nonce = self.nonce_key.mint(five.client, features, expiry);
-        let realm = &self.config.realm;
-        let typ = MessageType::new(msg.message_type().method, Class::Error);
-        let sent = self.outbox.push(
-            five.transport,
-            five.server,
-            five.client,
-            MAX_RESPONSE,
-            |buf| {
-                let mut w = MessageWriter::new(buf, typ, msg.transaction_id())?;
-                error_code(&mut w, code)?;
-                w.add(&Attribute::Realm(realm))?;
-                w.add(&Attribute::Nonce(nonce.as_str()))?;
-                if features != 0 {
-                    let mut scratch = [0u8; 8];
-                    w.add(&wire::password_algorithms(
-                        &[password_algorithm::MD5, password_algorithm::SHA256],
-                        &mut scratch,
-                    )?)?;
-                }
-                Ok(w.finish())
-            },
-        );
+        // Lent out for the call (no copy): `reply` borrows the whole server.
+        let realm = core::mem::take(&mut self.config.realm);
+        let sent = self.reply(five, msg, Class::Error, answer, |w| {
+            challenge_body(w, code, &realm, nonce.as_str(), algorithms)
+        });
+        self.config.realm = realm;
         if !sent {
-            self.stats.outbox_overflow += 1;
+            return;
+        }
+        let s = &mut self.stats;
+        match reject {
+            Reject::Challenge => s.challenges += 1,
+            Reject::Unauthenticated => s.auth_failures += 1,
+            Reject::StaleNonce => {
+                s.auth_failures += 1;
+                s.stale_nonces += 1;
+            }
+            Reject::Revoked => {
+                s.auth_failures += 1;
+                s.revoked += 1;
+            }
+            Reject::BadRequest => {}
         }
     }
 
@@ -1354,13 +1347,13 @@ impl<R: RngCore> Server<R> {
         &mut self,
         five: FiveTuple,
         msg: &Message<'_>,
-        signer: Option<&Signer>,
+        answer: Answer<'_>,
     ) -> bool {
         let unknown = msg.unknown_required();
         if unknown.is_empty() {
             return false;
         }
-        self.reply(five, msg, Class::Error, signer, |w| {
+        self.reply(five, msg, Class::Error, answer, |w| {
             error_code(w, ErrorCode::UnknownAttribute)?;
             let mut scratch = [0u8; 2 * wire::MAX_UNKNOWN];
             w.add(&wire::unknown_attributes(unknown, &mut scratch)?)
@@ -1369,17 +1362,32 @@ impl<R: RngCore> Server<R> {
     }
 
     /// A response of `class` to `req`, signed with the request's key when it was authenticated, with
-    /// FINGERPRINT when the request had one.
+    /// FINGERPRINT when the request had one. True when it was queued.
+    ///
+    /// An unauthenticated answer (401, 438, 400, 420, Binding success) over UDP, whose source may be
+    /// spoofed, is sent only if it is at most [`MAX_AMPLIFICATION`]× its request and the source's
+    /// budget has a token left (design §3). TCP and TLS clients cannot spoof their source: exempt.
     fn reply(
         &mut self,
         five: FiveTuple,
         req: &Message<'_>,
         class: Class,
-        signer: Option<&Signer>,
+        answer: Answer<'_>,
         body: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), wire::Error>,
-    ) {
+    ) -> bool {
         let typ = MessageType::new(req.message_type().method, class);
         let fingerprint = req.attrs.fingerprint.is_some();
+        let (signer, budget) = match answer {
+            Answer::Signed(s) => (Some(s), None),
+            Answer::Unauthenticated(_) if five.transport.is_stream() => (None, None),
+            Answer::Unauthenticated(now) => (None, Some(now)),
+        };
+        let max_len = match budget {
+            Some(_) => (MAX_AMPLIFICATION * req.as_bytes().len()).min(MAX_RESPONSE),
+            None => MAX_RESPONSE,
+        };
+        let mut refused = None;
+        let (limiter, client) = (&mut self.limiter, five.client.ip());
         let sent = self.outbox.push(
             five.transport,
             five.server,
@@ -1388,25 +1396,39 @@ impl<R: RngCore> Server<R> {
             |buf| {
                 let mut w = MessageWriter::new(buf, typ, req.transaction_id())?;
                 body(&mut w)?;
-                finish(w, signer, fingerprint)
+                let n = finish(w, signer, fingerprint)?;
+                // Checked once the size is known, so that an answer too large to send spends no token.
+                if n > max_len {
+                    refused = Some(Refused::Amplification);
+                } else if budget.is_some_and(|now| !limiter.allow(client, now)) {
+                    refused = Some(Refused::RateLimited);
+                }
+                match refused {
+                    Some(_) => Err(wire::Error::BufferTooSmall),
+                    None => Ok(n),
+                }
             },
         );
-        if !sent {
-            self.stats.outbox_overflow += 1;
+        match refused {
+            Some(Refused::Amplification) => self.stats.amplification_refused += 1,
+            Some(Refused::RateLimited) => self.stats.rate_limited += 1,
+            None if !sent => self.stats.outbox_overflow += 1,
+            None => {}
         }
+        sent
     }
 
     fn reply_error(
         &mut self,
         five: FiveTuple,
         req: &Message<'_>,
-        signer: Option<&Signer>,
+        answer: Answer<'_>,
         code: ErrorCode,
     ) {
         if req.message_type().method == Method::ALLOCATE {
             self.count_allocate_error(code);
         }
-        self.reply(five, req, Class::Error, signer, |w| error_code(w, code));
+        self.reply(five, req, Class::Error, answer, |w| error_code(w, code));
     }
 
     fn count_allocate_error(&mut self, code: ErrorCode) {
@@ -1456,6 +1478,49 @@ fn finish(
         w.add_fingerprint()?;
     }
     Ok(w.finish())
+}
+
+/// The body of a 401 or 438: ERROR-CODE, REALM, NONCE and, when advertised, PASSWORD-ALGORITHMS; only
+/// what RFC 8489 §9.2.4 requires.
+fn challenge_body(
+    w: &mut MessageWriter<'_>,
+    code: ErrorCode,
+    realm: &str,
+    nonce: &str,
+    algorithms: bool,
+) -> Result<(), wire::Error> {
+    error_code(w, code)?;
+    w.add(&Attribute::Realm(realm))?;
+    w.add(&Attribute::Nonce(nonce))?;
+    if algorithms {
+        let mut scratch = [0u8; 8];
+        w.add(&wire::password_algorithms(
+            &[password_algorithm::MD5, password_algorithm::SHA256],
+            &mut scratch,
+        )?)?;
+    }
+    Ok(())
+}
+
+/// Size of the 401 that a request without FINGERPRINT gets with `realm` and `password_algorithms`: what
+/// config validation holds to [`MAX_AMPLIFICATION`]× a [`MIN_ALLOCATE`]-byte Allocate.
+fn challenge_len(realm: &str, password_algorithms: bool) -> usize {
+    let features = if password_algorithms {
+        FEATURE_PASSWORD_ALGORITHMS
+    } else {
+        0
+    };
+    // Nonce lengths depend only on the feature bits, never on the key, address or expiry.
+    let nonce = NonceKey::new([0; 32]).mint(SocketAddr::from(([0, 0, 0, 0], 0)), features, 0);
+    let mut buf = [0u8; MAX_RESPONSE];
+    let typ = MessageType::new(Method::ALLOCATE, Class::Error);
+    MessageWriter::new(&mut buf, typ, wire::TransactionId::default())
+        .and_then(|mut w| {
+            let code = ErrorCode::Unauthenticated;
+            challenge_body(&mut w, code, realm, nonce.as_str(), password_algorithms)?;
+            Ok(w.finish())
+        })
+        .unwrap_or(usize::MAX)
 }
 
 fn error_code(w: &mut MessageWriter<'_>, code: ErrorCode) -> Result<(), wire::Error> {
@@ -1558,6 +1623,21 @@ struct Authenticated {
     username: Box<str>,
     identity: Box<str>,
     signer: Signer,
+}
+
+/// Who an answer is for: an authenticated request, signed with its key, or an unauthenticated one
+/// (received at the instant given), which is held to the source budget and the 3× bound.
+#[derive(Debug, Clone, Copy)]
+enum Answer<'s> {
+    Signed(&'s Signer),
+    Unauthenticated(Instant),
+}
+
+/// Why an unauthenticated answer was not sent.
+#[derive(Debug, Clone, Copy)]
+enum Refused {
+    Amplification,
+    RateLimited,
 }
 
 /// Why authentication refused a request.

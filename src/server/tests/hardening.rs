@@ -393,3 +393,159 @@ fn redeeming_ones_own_reservation_needs_no_extra_slot() {
     );
     assert_eq!(relay.0.port(), first.port() + 1);
 }
+
+// Finding 6: every unauthenticated answer is within 3× its request or not sent, and all of them share
+// one per-source budget (/32, /64); TCP and TLS are exempt.
+
+fn from(ip_text: &str, transport: Transport) -> FiveTuple {
+    FiveTuple {
+        client: SocketAddr::new(ip(ip_text), 40000),
+        transport,
+        ..client(0)
+    }
+}
+
+#[test]
+fn bare_allocate_gets_no_amplified_401_over_udp() {
+    let mut h = public_harness();
+    let out = h.request(client(1), Method::ALLOCATE, &[], None);
+    assert!(
+        out.sent.is_empty(),
+        "20 bytes must not draw a 401: {:?}",
+        out.sent
+    );
+    assert_eq!(h.server.stats().amplification_refused, 1);
+    assert_eq!(h.server.stats().challenges, 0, "nothing was sent");
+    // The minimal valid Allocate is 28 bytes and its 401 fits in 3× that.
+    let out = h.request(
+        client(1),
+        Method::ALLOCATE,
+        &[Attribute::RequestedTransport(17)],
+        None,
+    );
+    assert_eq!(out.error(), Some(401));
+    assert!(
+        out.one().bytes.len() <= 3 * 28,
+        "{} bytes",
+        out.one().bytes.len()
+    );
+    assert_eq!(h.server.stats().challenges, 1);
+    // A stream client cannot spoof its source: it gets the 401 whatever the request's size.
+    for transport in [Transport::Tcp, Transport::Tls] {
+        let out = h.request(from("198.51.100.9", transport), Method::ALLOCATE, &[], None);
+        assert_eq!(out.error(), Some(401), "{transport:?}");
+    }
+}
+
+/// One unauthenticated request of each kind: Binding (success), an unknown method (400), a Binding with
+/// an unknown comprehension-required attribute (420), a minimal Allocate (401).
+fn each_kind(h: &mut Harness, five: FiveTuple) -> Vec<Option<u16>> {
+    let unknown = [Attribute::Unknown {
+        typ: 0x0041,
+        value: b"abcd",
+    }];
+    let rt = [Attribute::RequestedTransport(17)];
+    let requests: [(Method, &[Attribute<'_>]); 4] = [
+        (Method::BINDING, &[]),
+        (Method(0x0FF), &[]),
+        (Method::BINDING, &unknown),
+        (Method::ALLOCATE, &rt),
+    ];
+    requests
+        .into_iter()
+        .map(|(method, attrs)| {
+            let out = h.request(five, method, attrs, None);
+            assert_eq!(out.sent.len(), 1, "{method:?} is answered within the burst");
+            out.one().error()
+        })
+        .collect()
+}
+
+#[test]
+fn all_unauthenticated_answers_share_one_budget() {
+    let mut h = Harness::with(Config {
+        challenge_rate: 2, // a burst of 4
+        ..public_config()
+    });
+    assert_eq!(
+        each_kind(&mut h, client(1)),
+        [None, Some(400), Some(420), Some(401)]
+    );
+    for method in [Method::BINDING, Method(0x0FF), Method::ALLOCATE] {
+        let out = h.request(
+            client(1),
+            method,
+            &[Attribute::RequestedTransport(17)],
+            None,
+        );
+        assert!(
+            out.sent.is_empty(),
+            "{method:?} past the budget: {:?}",
+            out.sent
+        );
+    }
+    assert_eq!(h.server.stats().rate_limited, 3);
+    // Another IPv4 address has its own budget (/32).
+    let out = h.request(
+        from("198.51.100.8", Transport::Udp),
+        Method::BINDING,
+        &[],
+        None,
+    );
+    assert_eq!(out.one().class(), Class::Success);
+    // An authenticated client is not held to it: its answers are signed, not reflected.
+    let mut h = Harness::with(Config {
+        challenge_rate: 1, // a burst of 2: the 401 round of `allocate` is one
+        ..public_config()
+    });
+    let alice = Creds::alice();
+    h.allocate(client(1), &alice);
+    for _ in 0..5 {
+        let out = h.request(client(1), Method::REFRESH, &[], Some(&alice));
+        assert_eq!(out.one().class(), Class::Success);
+    }
+}
+
+#[test]
+fn the_budget_is_per_ipv6_slash_64() {
+    let mut h = Harness::with(Config {
+        challenge_rate: 1, // a burst of 2
+        ..public_config()
+    });
+    for host in ["2001:db8:1:2::1", "2001:db8:1:2::2"] {
+        let out = h.request(from(host, Transport::Udp), Method::BINDING, &[], None);
+        assert_eq!(out.one().class(), Class::Success, "{host}");
+    }
+    // Rotating through the /64 does not refill it.
+    for host in ["2001:db8:1:2::3", "2001:db8:1:2:ffff:ffff:ffff:ffff"] {
+        let out = h.request(from(host, Transport::Udp), Method::BINDING, &[], None);
+        assert!(out.sent.is_empty(), "{host} shares the /64's budget");
+    }
+    // The next /64 is another subscriber.
+    let out = h.request(
+        from("2001:db8:1:3::1", Transport::Udp),
+        Method::BINDING,
+        &[],
+        None,
+    );
+    assert_eq!(out.one().class(), Class::Success);
+}
+
+#[test]
+fn stream_clients_neither_spend_nor_meet_the_budget() {
+    let mut h = Harness::with(Config {
+        challenge_rate: 1,
+        ..public_config()
+    });
+    for transport in [Transport::Tcp, Transport::Tls] {
+        for _ in 0..10 {
+            let out = h.request(from("198.51.100.9", transport), Method::BINDING, &[], None);
+            assert_eq!(out.one().class(), Class::Success);
+        }
+    }
+    let udp = from("198.51.100.9", Transport::Udp);
+    for _ in 0..2 {
+        assert_eq!(h.request(udp, Method::BINDING, &[], None).sent.len(), 1);
+    }
+    assert!(h.request(udp, Method::BINDING, &[], None).sent.is_empty());
+}
