@@ -1,75 +1,16 @@
-//! The `[api]` and `[usage]` sections and `relay_id`: the token API, metering and metrics.
+//! Validation of the `[api]` and `[usage]` sections and `relay_id`: the token API, metering and metrics.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
-use serde::Deserialize;
-
-use super::ConfigError;
 use crate::api::{self, FleetRelay};
+use crate::config::raw::{RawApi, RawUsage};
+use crate::config::ConfigError;
 use crate::policy::Cidr;
 use crate::usage;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawApi {
-    listen: String,
-    #[serde(default)]
-    access_keys: Vec<String>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    #[serde(default = "default_region")]
-    region: String,
-    #[serde(default)]
-    public_addresses: Vec<String>,
-    #[serde(default)]
-    public_tcp_addresses: Vec<String>,
-    #[serde(default)]
-    public_tls_addresses: Vec<String>,
-    #[serde(default)]
-    fleet: Vec<RawFleetRelay>,
-    #[serde(default)]
-    client_regions: Vec<RawClientRegion>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFleetRelay {
-    id: String,
-    region: String,
-    addresses: Vec<String>,
-    #[serde(default)]
-    tcp_addresses: Vec<String>,
-    #[serde(default)]
-    tls_addresses: Vec<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawClientRegion {
-    cidr: String,
-    region: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawUsage {
-    database: PathBuf,
-    #[serde(default = "default_checkpoint")]
-    checkpoint_seconds: u64,
-}
-
-fn default_region() -> String {
-    "default".into()
-}
-
-fn default_checkpoint() -> u64 {
-    60
-}
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
 
 /// `"host:port"` with a non-empty host and a non-zero port (IPv6 in brackets).
 fn check_address(key: &str, s: &str) -> Result<String, ConfigError> {
@@ -253,7 +194,7 @@ pub(super) fn usage(raw: RawUsage) -> Result<usage::Config, ConfigError> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::super::RelayConfig;
+    use crate::config::RelayConfig;
 
     const BASE: &str = "listen = [\"192.0.2.1:3478\"]\nrelay_id = \"eu-1\"\n[relay]\naddresses = [\"192.0.2.1\"]\n[rest]\nsecrets = [\"s\"]\n";
     const KEY: &str = "a2V5LWtleS1rZXkta2V5LWtleQ==";
