@@ -10,8 +10,15 @@
 //! the relay's own listeners are always service ports that no allocation may relay to
 //! (CVE-2020-26262).
 //!
-//! May use: `wire`, `auth`, `policy`, `server`, `api`, `usage`. No IO besides [`RelayConfig::load`] reading
-//! the file.
+//! The validated [`RelayConfig`] is two parts: [`Fixed`], what takes effect only at start (listeners,
+//! workers, backend, relay addresses and ports, timers, metering), and [`Live`], what a running relay
+//! can take over (credentials, peer ranges, quotas, log level, TLS files, API keys, fleet and regions).
+//!
+//! Modules: `raw` (the serde structs, with the defaults), `validate` (raw → validated, every check),
+//! `locate` (which key a toml error points at), `default.toml` (the demo, [`DEFAULT_CONFIG`]).
+//!
+//! May use: `wire`, `auth`, `policy`, `server`, `api`, `usage`, `dataplane` (for [`StreamLimits`]). No IO
+//! besides [`RelayConfig::load`] reading the file.
 
 mod locate;
 mod raw;
@@ -19,27 +26,46 @@ mod validate;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-#[cfg(doc)]
-use crate::policy::PeerPolicy;
+use crate::api::FleetRelay;
+use crate::auth::RestSecrets;
+pub use crate::dataplane::stream::StreamLimits;
+use crate::policy::{Cidr, PeerPolicy};
 use crate::server;
+use crate::wire::ChannelRange;
 use raw::RawConfig;
 
 /// The embedded loopback demo configuration. `turnpike --print-config` shows it, so each key is
 /// explained; it is also the starting point for a real configuration file.
 pub const DEFAULT_CONFIG: &str = include_str!("config/default.toml");
 
-/// The relay's whole configuration, validated.
+/// The relay's whole configuration, validated: what needs a restart to change ([`Fixed`]) and what a
+/// running relay can take over ([`Live`]). A reload validates the whole file again, swaps in its
+/// `live` part, and reports every difference in `fixed` as left as it was.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    /// TURN core settings. Its `peer_policy` already includes the listeners as service ports.
-    pub server: server::Config,
+    /// Listeners, workers, backend, relay addresses and ports, timers, metering: fixed for the run.
+    pub fixed: Fixed,
+    /// Credentials, peer policy, quotas, log level, TLS files, API keys and fleet: may change live.
+    pub live: Live,
+}
+
+/// The settings that only take effect at start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fixed {
+    /// The REALM: it is part of every long-term key, so changing it invalidates every credential.
+    pub realm: String,
     /// UDP listeners: specific addresses with non-zero ports, no duplicates.
     pub listen: Vec<SocketAddr>,
+    /// TCP listeners.
+    pub listen_tcp: Vec<SocketAddr>,
+    /// TLS listeners.
+    pub listen_tls: Vec<SocketAddr>,
     /// Worker threads, at least 1 (a `0` in the file is resolved to the available cores).
     pub workers: usize,
     /// Packet I/O backend.
@@ -48,51 +74,114 @@ pub struct RelayConfig {
     pub recv_buffer: Option<usize>,
     /// SO_SNDBUF in bytes (default 4 MiB); `None` keeps the kernel default.
     pub send_buffer: Option<usize>,
-    /// One of `"error"`, `"warn"`, `"info"`, `"debug"`, `"trace"`.
-    pub log_level: String,
-    /// Graceful shutdown drain period.
+    /// Graceful shutdown drain period (at most [`MAX_DRAIN`]).
     pub drain: Duration,
     /// Pin worker k to core k.
     pub pin_workers: bool,
-    /// TCP listeners.
-    pub listen_tcp: Vec<SocketAddr>,
-    /// TLS listeners.
-    pub listen_tls: Vec<SocketAddr>,
-    /// PEM certificate chain and key files for the TLS listeners (both set whenever `listen_tls` is
-    /// not empty).
-    pub tls: Option<TlsFiles>,
-    /// Limits on TCP/TLS connections.
-    pub streams: StreamConfig,
+    /// Addresses relayed transport addresses are allocated on (`relay.addresses`).
+    pub relay_ips: Vec<IpAddr>,
+    /// Relay port range, inclusive (`relay.port_min` ..= `relay.port_max`).
+    pub relay_ports: RangeInclusive<u16>,
+    /// `[lifetimes]`.
+    pub lifetimes: Lifetimes,
+    /// Whether Binding requests need credentials.
+    pub binding_requires_auth: bool,
+    /// Advertise PASSWORD-ALGORITHMS.
+    pub password_algorithms: bool,
+    /// Where clients are sent (300 Try Alternate) when this relay is full or draining.
+    pub alternate_server: Option<SocketAddr>,
+    /// Which channel numbers ChannelBind accepts (`legacy_channel_numbers`).
+    pub channel_range: ChannelRange,
+    /// Limits on TCP/TLS connections (`[streams]`).
+    pub streams: StreamLimits,
     /// This relay's id in usage records and the token API's fleet.
     pub relay_id: String,
-    /// The HTTP API (`[api]`), if enabled.
-    pub api: Option<crate::api::Config>,
+    /// Where the HTTP API listens (`api.listen`), if `[api]` is present.
+    pub api_listen: Option<SocketAddr>,
     /// Metering (`[usage]`), if enabled.
     pub usage: Option<crate::usage::Config>,
 }
 
-/// The TLS certificate chain and private key files (`[tls]`).
+/// Allocation, permission, channel and nonce lifetimes in seconds (`[lifetimes]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// `lifetimes.default`.
+    pub default: u32,
+    /// `lifetimes.max`.
+    pub max: u32,
+    /// `lifetimes.permission`.
+    pub permission: u32,
+    /// `lifetimes.channel`.
+    pub channel: u32,
+    /// `lifetimes.nonce`.
+    pub nonce: u32,
+}
+
+/// The settings a running relay can take over without dropping an allocation.
+#[derive(Debug, Clone)]
+pub struct Live {
+    /// Log verbosity.
+    pub log_level: tracing::Level,
+    /// Static long-term users: (name, password), names unique.
+    pub users: Vec<(String, String)>,
+    /// TURN REST secrets; the first mints, all verify.
+    pub rest_secrets: RestSecrets,
+    /// `peers.allow` and `peers.deny`.
+    pub peers: PeerLists,
+    /// `[quotas]` and `challenge_rate`.
+    pub quotas: Quotas,
+    /// PEM certificate chain and key files for the TLS listeners (set whenever `listen_tls` is not
+    /// empty).
+    pub tls: Option<TlsFiles>,
+    /// The HTTP API's keys, certificate files, fleet and regions, if `[api]` is present.
+    pub api: Option<LiveApi>,
+}
+
+/// The operator's peer ranges (`[peers]`); [`RelayConfig::peer_policy`] adds the built-in denials
+/// and the relay's own service ports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerLists {
+    /// `peers.allow`.
+    pub allow: Vec<Cidr>,
+    /// `peers.deny`, which wins over `allow`.
+    pub deny: Vec<Cidr>,
+}
+
+/// Quotas and rate limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    /// `quotas.max_allocations`.
+    pub max_allocations: usize,
+    /// `quotas.max_allocations_per_user`.
+    pub max_allocations_per_user: usize,
+    /// `quotas.max_permissions_per_allocation`.
+    pub max_permissions_per_allocation: usize,
+    /// `challenge_rate`: unauthenticated answers per second per source IP (0 = unlimited).
+    pub challenge_rate: u32,
+}
+
+/// The live part of `[api]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveApi {
+    /// Access keys (decoded from base64).
+    pub access_keys: Vec<Vec<u8>>,
+    /// `api.tls_cert` and `api.tls_key`; plain HTTP without.
+    pub tls: Option<TlsFiles>,
+    /// This relay's region (`api.region`).
+    pub region: String,
+    /// The relays handed out: this one first, then `[[api.fleet]]`.
+    pub fleet: Vec<FleetRelay>,
+    /// `[[api.client_regions]]`: client CIDR → region, first match wins.
+    pub client_regions: Vec<(Cidr, String)>,
+}
+
+/// A PEM certificate chain and private key file pair (`[tls]`, or the API's).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     /// `tls.cert`.
-    pub cert: std::path::PathBuf,
+    pub cert: PathBuf,
     /// `tls.key`.
-    pub key: std::path::PathBuf,
-}
-
-/// Limits on TCP/TLS client connections (`[streams]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StreamConfig {
-    /// Connections open at once over all listeners.
-    pub max_connections: usize,
-    /// Connections open at once from one source IP.
-    pub max_connections_per_ip: usize,
-    /// Idle timeout of a connection without an allocation.
-    pub idle_timeout: Duration,
-    /// TLS handshake timeout.
-    pub tls_handshake_timeout: Duration,
-    /// Bytes queued per client before peer data is dropped.
-    pub write_queue_bytes: usize,
+    pub key: PathBuf,
 }
 
 /// Which packet I/O backend the data plane uses.
@@ -128,6 +217,9 @@ pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 /// More workers than this is a typo, not a machine.
 pub const MAX_WORKERS: usize = 1024;
 
+/// The longest `drain_seconds`: an hour. Longer is a typo, and bounds `now + drain`.
+pub const MAX_DRAIN: Duration = Duration::from_secs(3600);
+
 impl RelayConfig {
     /// Parses and validates configuration text.
     pub fn from_toml(text: &str) -> Result<RelayConfig, ConfigError> {
@@ -151,15 +243,86 @@ impl RelayConfig {
     /// Whether every listen address and every relay address is loopback, so that nothing is
     /// reachable from another host. An IPv4-mapped `::ffff:127.x.y.z` counts as loopback.
     pub fn is_loopback_only(&self) -> bool {
+        let f = &self.fixed;
         let loopback = |ip: IpAddr| ip.to_canonical().is_loopback();
-        !self.listen.is_empty()
-            && self.listen.iter().all(|a| loopback(a.ip()))
-            && self
-                .listen_tcp
+        !f.listen.is_empty()
+            && f.listen
                 .iter()
-                .chain(&self.listen_tls)
+                .chain(&f.listen_tcp)
+                .chain(&f.listen_tls)
                 .all(|a| loopback(a.ip()))
-            && self.server.relay_ips.iter().all(|&ip| loopback(ip))
+            && f.relay_ips.iter().all(|&ip| loopback(ip))
+    }
+
+    /// The relay's own service ports, which no allocation may relay to (CVE-2020-26262): every
+    /// listener and the HTTP API.
+    pub fn service_ports(&self) -> Vec<SocketAddr> {
+        let f = &self.fixed;
+        f.listen
+            .iter()
+            .chain(&f.listen_tcp)
+            .chain(&f.listen_tls)
+            .chain(&f.api_listen)
+            .copied()
+            .collect()
+    }
+
+    /// The peer policy: deny-by-default, the operator's `[peers]` ranges, the service ports.
+    pub fn peer_policy(&self) -> PeerPolicy {
+        PeerPolicy::new()
+            .with_allow(self.live.peers.allow.clone())
+            .with_deny(self.live.peers.deny.clone())
+            .with_service_ports(self.service_ports())
+    }
+
+    /// The TURN core's settings.
+    pub fn server(&self) -> server::Config {
+        let (f, l) = (&self.fixed, &self.live);
+        server::Config {
+            realm: f.realm.clone(),
+            users: l.users.clone(),
+            rest_secrets: l.rest_secrets.clone(),
+            relay_ips: f.relay_ips.clone(),
+            relay_ports: f.relay_ports.clone(),
+            default_lifetime: f.lifetimes.default,
+            max_lifetime: f.lifetimes.max,
+            permission_lifetime: f.lifetimes.permission,
+            channel_lifetime: f.lifetimes.channel,
+            nonce_lifetime: f.lifetimes.nonce,
+            max_allocations: l.quotas.max_allocations,
+            max_allocations_per_user: l.quotas.max_allocations_per_user,
+            max_permissions_per_allocation: l.quotas.max_permissions_per_allocation,
+            binding_requires_auth: f.binding_requires_auth,
+            password_algorithms: f.password_algorithms,
+            peer_policy: self.peer_policy(),
+            alternate_server: f.alternate_server,
+            challenge_rate: l.quotas.challenge_rate,
+            channel_range: f.channel_range,
+            ..server::Config::default()
+        }
+    }
+
+    /// The HTTP API's settings, if `[api]` is present.
+    pub fn api(&self) -> Option<crate::api::Config> {
+        let (listen, live) = (self.fixed.api_listen?, self.live.api.as_ref()?);
+        Some(crate::api::Config {
+            listen,
+            tls: live.tls.clone().map(|t| (t.cert, t.key)),
+            access_keys: live.access_keys.clone(),
+            fleet: live.fleet.clone(),
+            region: live.region.clone(),
+            client_regions: live.client_regions.clone(),
+            usage_db: self.fixed.usage.as_ref().map(|u| u.database.clone()),
+        })
+    }
+}
+
+/// Parses a `log_level` value (one of [`LOG_LEVELS`]).
+pub fn parse_log_level(s: &str) -> Option<tracing::Level> {
+    if LOG_LEVELS.contains(&s) {
+        s.parse().ok()
+    } else {
+        None
     }
 }
 

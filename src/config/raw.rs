@@ -1,12 +1,14 @@
 //! The file as written: serde structs, before validation. Every key is optional; what is left out takes
 //! the default written here (from [`server::Config::default`] where the TURN core has one). Unknown keys
-//! are errors (`deny_unknown_fields`), so a typo is never silently ignored.
+//! are errors (`deny_unknown_fields`), so a typo is never silently ignored. The defaults are the TURN
+//! core's ([`server::Config::default`]) and the stream side's ([`StreamLimits::default`]), written once
+//! there.
 
 use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{Backend, DEFAULT_SOCKET_BUFFER};
+use super::{Backend, StreamLimits, DEFAULT_SOCKET_BUFFER};
 use crate::server;
 
 /// The file as written, before validation. Defaults come from [`server::Config::default`].
@@ -61,12 +63,13 @@ pub(super) struct RawStreams {
 
 impl Default for RawStreams {
     fn default() -> Self {
+        let d = StreamLimits::default();
         RawStreams {
-            max_connections: 10_000,
-            max_connections_per_ip: 100,
-            idle_timeout_seconds: 30,
-            tls_handshake_timeout_seconds: 10,
-            write_queue_bytes: 256 * 1024,
+            max_connections: d.max_connections,
+            max_connections_per_ip: d.max_per_ip,
+            idle_timeout_seconds: d.idle_timeout.as_secs(),
+            tls_handshake_timeout_seconds: d.tls_handshake_timeout.as_secs(),
+            write_queue_bytes: d.write_queue,
         }
     }
 }

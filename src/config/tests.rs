@@ -41,31 +41,31 @@ fn assert_error(text: &str, key: &str, fact: &str) {
 #[test]
 fn embedded_default_is_the_loopback_demo() {
     let c = RelayConfig::embedded_default();
-    assert_eq!(c.listen, [sa("127.0.0.1:3478")]);
-    assert_eq!(c.server.relay_ips, [IpAddr::from([127, 0, 0, 1])]);
-    assert_eq!(c.server.relay_ports, 49152..=49999);
-    assert_eq!(c.server.realm, "turnpike");
+    assert_eq!(c.fixed.listen, [sa("127.0.0.1:3478")]);
+    assert_eq!(c.server().relay_ips, [IpAddr::from([127, 0, 0, 1])]);
+    assert_eq!(c.server().relay_ports, 49152..=49999);
+    assert_eq!(c.server().realm, "turnpike");
     assert_eq!(
-        c.server.users,
+        c.server().users,
         [("demo".to_string(), "demo-pass".to_string())]
     );
-    let minted = c.server.rest_secrets.mint("alice", 0, 60).unwrap();
+    let minted = c.server().rest_secrets.mint("alice", 0, 60).unwrap();
     let expected = RestSecrets::new(vec![b"demo-secret".to_vec()])
         .mint("alice", 0, 60)
         .unwrap();
     assert_eq!(minted, expected);
-    assert_eq!(c.backend, Backend::Auto);
-    assert!(c.workers >= 1);
-    assert_eq!(c.drain, Duration::from_secs(5));
-    assert!(c.pin_workers);
-    assert_eq!(c.log_level, "info");
+    assert_eq!(c.fixed.backend, Backend::Auto);
+    assert!(c.fixed.workers >= 1);
+    assert_eq!(c.fixed.drain, Duration::from_secs(5));
+    assert!(c.fixed.pin_workers);
+    assert_eq!(c.live.log_level, tracing::Level::INFO);
     assert_eq!(
-        (c.recv_buffer, c.send_buffer),
+        (c.fixed.recv_buffer, c.fixed.send_buffer),
         (Some(4 << 20), Some(4 << 20))
     );
     assert!(c.is_loopback_only());
 
-    let policy = &c.server.peer_policy;
+    let policy = &c.peer_policy();
     assert_eq!(policy.check(sa("127.0.0.1:9")), Ok(()));
     assert_eq!(policy.check(sa("[::1]:9")), Ok(()));
     assert_eq!(policy.check(sa("127.0.0.1:3478")), Err(Denied::ServicePort));
@@ -79,11 +79,11 @@ fn embedded_default_is_the_loopback_demo() {
 fn operator_config_keeps_deny_by_default() {
     let c = RelayConfig::from_toml(OPERATOR).unwrap();
     assert!(!c.is_loopback_only());
-    assert_eq!(c.listen, [sa("192.0.2.1:3478")]);
-    assert_eq!(c.server.relay_ports, 49152..=65535);
-    assert!(c.server.users.is_empty());
-    assert!(!c.server.rest_secrets.is_empty());
-    let policy = &c.server.peer_policy;
+    assert_eq!(c.fixed.listen, [sa("192.0.2.1:3478")]);
+    assert_eq!(c.server().relay_ports, 49152..=65535);
+    assert!(c.server().users.is_empty());
+    assert!(!c.server().rest_secrets.is_empty());
+    let policy = &c.peer_policy();
     assert!(matches!(
         policy.check(sa("127.0.0.1:5000")),
         Err(Denied::Builtin(_))
@@ -111,14 +111,17 @@ streams.write_queue_bytes = 100000
 "#,
     ))
     .unwrap();
-    assert_eq!(c.listen_tcp, [sa("192.0.2.1:3478")]);
-    assert_eq!(c.listen_tls.len(), 2);
-    assert_eq!(c.tls.unwrap().key, std::path::PathBuf::from("/k.pem"));
-    assert_eq!(c.streams.max_connections_per_ip, 2);
-    assert_eq!(c.streams.idle_timeout, Duration::from_secs(7));
+    assert_eq!(c.fixed.listen_tcp, [sa("192.0.2.1:3478")]);
+    assert_eq!(c.fixed.listen_tls.len(), 2);
+    assert_eq!(
+        c.live.tls.as_ref().unwrap().key,
+        std::path::PathBuf::from("/k.pem")
+    );
+    assert_eq!(c.fixed.streams.max_per_ip, 2);
+    assert_eq!(c.fixed.streams.idle_timeout, Duration::from_secs(7));
     // The stream listeners are service ports too.
     assert_eq!(
-        c.server.peer_policy.check(sa("192.0.2.1:443")),
+        c.server().peer_policy.check(sa("192.0.2.1:443")),
         Err(crate::policy::Denied::ServicePort)
     );
     assert_error(
@@ -185,21 +188,24 @@ deny = ["8.8.8.0/24"]
 "#,
     )
     .unwrap();
-    assert_eq!(c.server.realm, "example.org");
-    assert_eq!(c.listen.len(), 2);
-    assert_eq!(c.workers, 3);
-    assert_eq!(c.backend, Backend::IoUring);
-    assert_eq!(c.log_level, "debug");
-    assert_eq!(c.drain, Duration::from_secs(30));
-    assert!(!c.pin_workers);
-    assert_eq!((c.recv_buffer, c.send_buffer), (Some(1000), Some(2000)));
-    assert!(c.server.binding_requires_auth && c.server.password_algorithms);
-    assert_eq!(c.server.alternate_server, Some(sa("198.51.100.2:3478")));
-    assert_eq!(c.server.relay_ips.len(), 2);
-    assert_eq!(c.server.relay_ports, 50000..=50100);
-    assert_eq!(c.server.users.len(), 2);
-    assert!(c.server.rest_secrets.is_empty());
-    let s = &c.server;
+    assert_eq!(c.server().realm, "example.org");
+    assert_eq!(c.fixed.listen.len(), 2);
+    assert_eq!(c.fixed.workers, 3);
+    assert_eq!(c.fixed.backend, Backend::IoUring);
+    assert_eq!(c.live.log_level, tracing::Level::DEBUG);
+    assert_eq!(c.fixed.drain, Duration::from_secs(30));
+    assert!(!c.fixed.pin_workers);
+    assert_eq!(
+        (c.fixed.recv_buffer, c.fixed.send_buffer),
+        (Some(1000), Some(2000))
+    );
+    assert!(c.server().binding_requires_auth && c.server().password_algorithms);
+    assert_eq!(c.server().alternate_server, Some(sa("198.51.100.2:3478")));
+    assert_eq!(c.server().relay_ips.len(), 2);
+    assert_eq!(c.server().relay_ports, 50000..=50100);
+    assert_eq!(c.server().users.len(), 2);
+    assert!(c.server().rest_secrets.is_empty());
+    let s = &c.server();
     assert_eq!(
         (
             s.default_lifetime,
@@ -283,7 +289,7 @@ fn toml_syntax_errors_have_line_and_column() {
     let e = error(&operator_with("quotas.max_allocations = \"many\""));
     assert!(e.problem.contains("line 1"), "{e}");
     let c = RelayConfig::from_toml(&operator_with("quotas.max_allocations = 7"));
-    assert_eq!(c.unwrap().server.max_allocations, 7);
+    assert_eq!(c.unwrap().live.quotas.max_allocations, 7);
 }
 
 #[test]
@@ -389,7 +395,7 @@ fn scalar_errors() {
     );
     let c = RelayConfig::from_toml(&operator_with("workers = 1024\nbackend = \"epoll\""));
     let c = c.unwrap();
-    assert_eq!((c.workers, c.backend), (1024, Backend::Epoll));
+    assert_eq!((c.fixed.workers, c.fixed.backend), (1024, Backend::Epoll));
 }
 
 #[test]
@@ -473,13 +479,13 @@ fn load_names_the_path() {
     std::fs::write(&path, DEFAULT_CONFIG).unwrap();
     let loaded = RelayConfig::load(&path);
     std::fs::remove_file(&path).unwrap();
-    assert_eq!(loaded.unwrap().listen, [sa("127.0.0.1:3478")]);
+    assert_eq!(loaded.unwrap().fixed.listen, [sa("127.0.0.1:3478")]);
 }
 
 #[test]
 fn backend_names_round_trip() {
     for b in [Backend::Auto, Backend::IoUring, Backend::Epoll] {
         let c = RelayConfig::from_toml(&operator_with(&format!("backend = \"{b}\""))).unwrap();
-        assert_eq!(c.backend, b);
+        assert_eq!(c.fixed.backend, b);
     }
 }

@@ -8,10 +8,13 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use super::raw::{RawConfig, RawUser};
-use super::{ConfigError, RelayConfig, StreamConfig, TlsFiles, LOG_LEVELS, MAX_WORKERS};
+use super::{
+    parse_log_level, ConfigError, Fixed, Lifetimes, Live, PeerLists, Quotas, RelayConfig,
+    StreamLimits, TlsFiles, LOG_LEVELS, MAX_WORKERS,
+};
 use crate::auth::RestSecrets;
-use crate::policy::{Cidr, PeerPolicy};
-use crate::server;
+use crate::policy::Cidr;
+use crate::wire::ChannelRange;
 
 impl RawConfig {
     /// Checks every key in file order and builds the validated configuration.
@@ -78,16 +81,13 @@ impl RawConfig {
                 ),
             ));
         }
-        let streams = StreamConfig {
+        let streams = StreamLimits {
             max_connections: st.max_connections,
-            max_connections_per_ip: st.max_connections_per_ip,
+            max_per_ip: st.max_connections_per_ip,
             idle_timeout: Duration::from_secs(st.idle_timeout_seconds),
             tls_handshake_timeout: Duration::from_secs(st.tls_handshake_timeout_seconds),
-            write_queue_bytes: st.write_queue_bytes,
+            write_queue: st.write_queue_bytes,
         };
-        let mut service: Vec<SocketAddr> = listen.clone();
-        service.extend(&listen_tcp);
-        service.extend(&listen_tls);
 
         let workers = match self.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -100,16 +100,16 @@ impl RawConfig {
             n => n,
         };
 
-        if !LOG_LEVELS.contains(&self.log_level.as_str()) {
-            return Err(ConfigError::new(
+        let log_level = parse_log_level(&self.log_level).ok_or_else(|| {
+            ConfigError::new(
                 "log_level",
                 format!(
                     "must be one of {} (got {:?})",
                     LOG_LEVELS.map(|l| format!("\"{l}\"")).join(", "),
                     self.log_level
                 ),
-            ));
-        }
+            )
+        })?;
 
         for (key, size) in [
             ("recv_buffer", self.recv_buffer),
@@ -215,39 +215,67 @@ impl RawConfig {
                 })
                 .collect::<Result<Vec<_>, _>>()
         };
-        let peer_policy = PeerPolicy::new()
-            .with_allow(cidrs(&self.peers.allow, "allow")?)
-            .with_deny(cidrs(&self.peers.deny, "deny")?)
-            // The relay's own listeners are never peers (CVE-2020-26262).
-            .with_service_ports(service);
+        let peers = PeerLists {
+            allow: cidrs(&self.peers.allow, "allow")?,
+            deny: cidrs(&self.peers.deny, "deny")?,
+        };
 
-        let server = server::Config {
+        let relay_id = api::relay_id(self.relay_id)?;
+        let mut fixed = Fixed {
             realm: self.realm,
-            users,
-            rest_secrets,
+            listen,
+            listen_tcp,
+            listen_tls,
+            workers,
+            backend: self.backend,
+            recv_buffer: self.recv_buffer,
+            send_buffer: self.send_buffer,
+            drain: Duration::from_secs(self.drain_seconds),
+            pin_workers: self.pin_workers,
             relay_ips,
             relay_ports: port_min..=port_max,
-            default_lifetime: lifetimes.default,
-            max_lifetime: lifetimes.max,
-            permission_lifetime: lifetimes.permission,
-            channel_lifetime: lifetimes.channel,
-            nonce_lifetime: lifetimes.nonce,
-            max_allocations: self.quotas.max_allocations,
-            max_allocations_per_user: self.quotas.max_allocations_per_user,
-            max_permissions_per_allocation: self.quotas.max_permissions_per_allocation,
+            lifetimes: Lifetimes {
+                default: lifetimes.default,
+                max: lifetimes.max,
+                permission: lifetimes.permission,
+                channel: lifetimes.channel,
+                nonce: lifetimes.nonce,
+            },
             binding_requires_auth: self.binding_requires_auth,
             password_algorithms: self.password_algorithms,
-            peer_policy,
             alternate_server,
-            challenge_rate: self.challenge_rate,
             channel_range: if self.legacy_channel_numbers {
-                crate::wire::ChannelRange::Rfc5766
+                ChannelRange::Rfc5766
             } else {
-                crate::wire::ChannelRange::Rfc8656
+                ChannelRange::Rfc8656
             },
-            ..server::Config::default()
+            streams,
+            relay_id,
+            api_listen: None,
+            usage: self.usage.map(api::usage).transpose()?,
         };
-        server.validate().map_err(|e| {
+        let mut live = Live {
+            log_level,
+            users,
+            rest_secrets,
+            peers,
+            quotas: Quotas {
+                max_allocations: self.quotas.max_allocations,
+                max_allocations_per_user: self.quotas.max_allocations_per_user,
+                max_permissions_per_allocation: self.quotas.max_permissions_per_allocation,
+                challenge_rate: self.challenge_rate,
+            },
+            tls,
+            api: None,
+        };
+        // The TURN core's own checks, before [api], as the file reads.
+        RelayConfig {
+            fixed: fixed.clone(),
+            live: live.clone(),
+        }
+        .server()
+        .validate()
+        .map_err(|e| {
             let key = match e.key {
                 "relay_ips" => "relay.addresses",
                 "relay_ports" => "relay.port_min",
@@ -261,44 +289,12 @@ impl RawConfig {
             };
             ConfigError::new(key, e.problem)
         })?;
-
-        let relay_id = api::relay_id(self.relay_id)?;
-        let usage = self.usage.map(api::usage).transpose()?;
-        let api = self
-            .api
-            .map(|raw| {
-                api::api(
-                    raw,
-                    &relay_id,
-                    &listen,
-                    (&listen_tcp, &listen_tls),
-                    usage.as_ref(),
-                )
-            })
-            .transpose()?;
-        let mut server = server;
-        if let Some(api) = &api {
-            // The HTTP API is a service port too: no allocation may relay to it (CVE-2020-26262).
-            server.peer_policy = server.peer_policy.with_service_ports(vec![api.listen]);
+        if let Some(raw) = self.api {
+            let (listen, api) = api::api(raw, &fixed)?;
+            fixed.api_listen = Some(listen);
+            live.api = Some(api);
         }
-        Ok(RelayConfig {
-            server,
-            listen,
-            workers,
-            backend: self.backend,
-            recv_buffer: self.recv_buffer,
-            send_buffer: self.send_buffer,
-            log_level: self.log_level,
-            drain: Duration::from_secs(self.drain_seconds),
-            pin_workers: self.pin_workers,
-            listen_tcp,
-            listen_tls,
-            tls,
-            streams,
-            relay_id,
-            api,
-            usage,
-        })
+        Ok(RelayConfig { fixed, live })
     }
 }
 

@@ -46,7 +46,7 @@ const READ_BUDGET: usize = 16;
 pub const SWEEP: Duration = Duration::from_millis(500);
 
 /// Limits on stream connections (shared by all workers).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamLimits {
     /// Connections open at once, over all workers.
     pub max_connections: usize,

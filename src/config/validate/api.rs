@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::api::{self, FleetRelay};
+use crate::api::FleetRelay;
 use crate::config::raw::{RawApi, RawUsage};
-use crate::config::ConfigError;
+use crate::config::{ConfigError, Fixed, LiveApi, TlsFiles};
 use crate::policy::Cidr;
 use crate::usage;
 use base64::engine::general_purpose::STANDARD;
@@ -43,13 +43,10 @@ pub(super) fn relay_id(id: String) -> Result<String, ConfigError> {
     Ok(id)
 }
 
-pub(super) fn api(
-    raw: RawApi,
-    relay_id: &str,
-    listen: &[SocketAddr],
-    streams: (&[SocketAddr], &[SocketAddr]),
-    usage: Option<&usage::Config>,
-) -> Result<api::Config, ConfigError> {
+/// `[api]`: where it listens (fixed) and its keys, files, fleet and regions (live). The fleet starts
+/// with this relay, at its public addresses (default: its listeners).
+pub(super) fn api(raw: RawApi, fixed: &Fixed) -> Result<(SocketAddr, LiveApi), ConfigError> {
+    let (relay_id, listen) = (fixed.relay_id.as_str(), &fixed.listen);
     let addr = SocketAddr::from_str(&raw.listen).map_err(|_| {
         ConfigError::new(
             "api.listen",
@@ -82,7 +79,7 @@ pub(super) fn api(
         }
     }
     let tls = match (raw.tls_cert, raw.tls_key) {
-        (Some(c), Some(k)) => Some((c, k)),
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
         (None, None) => None,
         (Some(_), None) => {
             return Err(ConfigError::new(
@@ -118,8 +115,16 @@ pub(super) fn api(
                 .collect::<Result<Vec<_>, _>>()
         }
     };
-    let tcp_addresses = public("public_tcp_addresses", &raw.public_tcp_addresses, streams.0)?;
-    let tls_addresses = public("public_tls_addresses", &raw.public_tls_addresses, streams.1)?;
+    let tcp_addresses = public(
+        "public_tcp_addresses",
+        &raw.public_tcp_addresses,
+        &fixed.listen_tcp,
+    )?;
+    let tls_addresses = public(
+        "public_tls_addresses",
+        &raw.public_tls_addresses,
+        &fixed.listen_tls,
+    )?;
     let mut fleet = vec![FleetRelay {
         id: relay_id.into(),
         region: raw.region.clone(),
@@ -164,15 +169,16 @@ pub(super) fn api(
             })
         })
         .collect::<Result<_, _>>()?;
-    Ok(api::Config {
-        listen: addr,
-        tls,
-        access_keys,
-        fleet,
-        region: raw.region,
-        client_regions,
-        usage_db: usage.map(|u| u.database.clone()),
-    })
+    Ok((
+        addr,
+        LiveApi {
+            access_keys,
+            tls,
+            region: raw.region,
+            fleet,
+            client_regions,
+        },
+    ))
 }
 
 pub(super) fn usage(raw: RawUsage) -> Result<usage::Config, ConfigError> {
@@ -215,8 +221,8 @@ mod tests {
              [usage]\ndatabase = \"/tmp/u.db\"\ncheckpoint_seconds = 5\n"
         ))
         .unwrap();
-        let api = c.api.unwrap();
-        assert_eq!(c.relay_id, "eu-1");
+        let api = c.api().unwrap();
+        assert_eq!(c.fixed.relay_id, "eu-1");
         assert_eq!(api.fleet.len(), 2);
         assert_eq!(
             api.fleet[0].addresses,
@@ -229,9 +235,9 @@ mod tests {
             api.usage_db.as_deref(),
             Some(std::path::Path::new("/tmp/u.db"))
         );
-        assert_eq!(c.usage.unwrap().checkpoint.as_secs(), 5);
-        assert!(RelayConfig::from_toml(BASE).unwrap().api.is_none());
-        let policy = &c.server.peer_policy;
+        assert_eq!(c.fixed.usage.as_ref().unwrap().checkpoint.as_secs(), 5);
+        assert!(RelayConfig::from_toml(BASE).unwrap().api().is_none());
+        let policy = &c.peer_policy();
         assert_eq!(
             policy.check("127.0.0.1:8080".parse().unwrap()),
             Err(crate::policy::Denied::ServicePort),
@@ -249,7 +255,7 @@ mod tests {
              tls_addresses = [\"turn.example.org:443\"]\n"
         ))
         .unwrap();
-        let api = c.api.unwrap();
+        let api = c.api().unwrap();
         assert_eq!(
             api.fleet[0].tcp_addresses,
             ["192.0.2.1:3478"],
