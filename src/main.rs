@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -10,7 +11,7 @@ use turnpike::config::TlsFiles;
 use turnpike::config::{
     parse_log_level, Backend, RelayConfig, DEFAULT_CONFIG, LOG_LEVELS, MAX_WORKERS,
 };
-use turnpike::dataplane::stream::tls_config;
+use turnpike::dataplane::stream::{tls_config, TlsFile};
 use turnpike::dataplane::ToControl;
 
 /// turnpike: a STUN/TURN relay (RFC 8489, RFC 8656, RFC 6156).
@@ -206,9 +207,22 @@ fn run(config: RelayConfig, demo: bool) -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let mut settings = turnpike::service::settings(&config);
-    match config.live.tls.as_ref().map(load_tls).transpose() {
+    match config
+        .live
+        .tls
+        .as_ref()
+        .map(|f| load_tls(f, TLS_KEYS))
+        .transpose()
+    {
         Ok(t) => settings.stream.tls = t,
         Err(e) => {
+            eprintln!("turnpike: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    // The API reads its own pair when it starts; check it first, so that a bad file is named here.
+    if let Some(files) = config.live.api.as_ref().and_then(|a| a.tls.as_ref()) {
+        if let Err(e) = load_tls(files, API_TLS_KEYS) {
             eprintln!("turnpike: configuration error: {e}");
             return ExitCode::from(2);
         }
@@ -253,7 +267,7 @@ fn run(config: RelayConfig, demo: bool) -> ExitCode {
             Ok(mut signals) => {
                 std::thread::spawn(move || {
                     for _ in signals.forever() {
-                        match load_tls(&files) {
+                        match load_tls(&files, TLS_KEYS) {
                             Ok(cfg) => {
                                 streams.set_tls(cfg);
                                 tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
@@ -381,17 +395,26 @@ fn usage(cli: &Cli, since: Option<&str>, until: Option<&str>, json: bool) -> Exi
     }
 }
 
-/// Read and check the TLS certificate chain and key; errors name the key (`tls.cert`, `tls.key`).
-fn load_tls(files: &TlsFiles) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
+/// The keys naming the `[tls]` pair in errors.
+const TLS_KEYS: [&str; 2] = ["tls.cert", "tls.key"];
+/// The keys naming the API's pair in errors.
+const API_TLS_KEYS: [&str; 2] = ["api.tls_cert", "api.tls_key"];
+
+/// Read and check a certificate chain and key pair; errors name the key (`keys`: certificate's, key's)
+/// and the file, e.g. `tls.key: not a usable private key: … (/etc/turnpike/key.pem)`.
+fn load_tls(files: &TlsFiles, keys: [&str; 2]) -> Result<Arc<rustls::ServerConfig>, String> {
+    let [cert_key, key_key] = keys;
     let cert = std::fs::read(&files.cert)
-        .map_err(|e| format!("tls.cert: cannot read {}: {e}", files.cert.display()))?;
+        .map_err(|e| format!("{cert_key}: cannot read {}: {e}", files.cert.display()))?;
     let key = std::fs::read(&files.key)
-        .map_err(|e| format!("tls.key: cannot read {}: {e}", files.key.display()))?;
-    tls_config(&cert, &key).map_err(|e| {
-        if e.starts_with("key") {
-            format!("tls.key: {e} ({})", files.key.display())
-        } else {
-            format!("tls.cert: {e} ({})", files.cert.display())
-        }
+        .map_err(|e| format!("{key_key}: cannot read {}: {e}", files.key.display()))?;
+    tls_config(&cert, &key).map_err(|e| match e.file {
+        TlsFile::Cert => format!("{cert_key}: {e} ({})", files.cert.display()),
+        TlsFile::Key => format!("{key_key}: {e} ({})", files.key.display()),
+        TlsFile::Pair => format!(
+            "{key_key}: {e} ({} with {})",
+            files.key.display(),
+            files.cert.display()
+        ),
     })
 }
