@@ -2,6 +2,8 @@
 //! says so. Every case here used to fail late, obscurely or with a panic.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -137,4 +139,48 @@ fn an_unparsable_stream_tls_key_is_named_as_the_key() {
         assert_refused(&out, &["tls.key:", &key.display().to_string()]);
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_huge_drain_is_refused_by_check_config() {
+    let dir = temp_dir("drain");
+    let text = config("").replace("drain_seconds = 0", "drain_seconds = 9223372036854775807");
+    let out = run(&dir, &text, &["check-config"]);
+    assert_refused(&out, &["drain_seconds", "at most 3600"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Settings built in code are not validated like the file: the control thread's `now + drain` at
+/// shutdown must not overflow either (it panicked the control thread, losing every final usage row).
+#[test]
+fn shutdown_with_a_huge_drain_in_code_does_not_panic() {
+    for (i, backend) in common::backends().into_iter().enumerate() {
+        let mut s = common::settings(backend, 1, 33000 + 1000 * i as u16);
+        s.drain = Duration::MAX;
+        let mut relay = common::start(s);
+        relay.shutdown();
+        // Still draining (not stopped at once, nor panicked): a Binding is still answered.
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let req = common::build_request(
+            turnpike::wire::Method::BINDING,
+            turnpike::wire::Class::Request,
+            turnpike::wire::TransactionId([7; 12]),
+            &[],
+            None,
+        );
+        client.send_to(&req, relay.listen_addrs()[0]).unwrap();
+        let mut buf = [0u8; 1500];
+        let (n, _) = client
+            .recv_from(&mut buf)
+            .expect("a Binding answer while draining");
+        assert!(n >= 20);
+        relay
+            .shutdown_sender()
+            .send(turnpike::dataplane::ToControl::Stop)
+            .unwrap();
+        relay.join().expect("the control thread ends cleanly");
+    }
 }

@@ -489,3 +489,36 @@ fn backend_names_round_trip() {
         assert_eq!(c.fixed.backend, b);
     }
 }
+
+#[test]
+fn durations_and_sizes_are_bounded() {
+    // now + drain at SIGTERM must not overflow: an hour at most.
+    assert_error(
+        &operator_with("drain_seconds = 9223372036854775807"),
+        "drain_seconds",
+        "at most 3600",
+    );
+    let c = RelayConfig::from_toml(&operator_with("drain_seconds = 3600")).unwrap();
+    assert_eq!(c.fixed.drain, MAX_DRAIN);
+    for (key, max) in [
+        ("streams.idle_timeout_seconds", 86_400u64),
+        ("streams.tls_handshake_timeout_seconds", 3600),
+        ("streams.write_queue_bytes", 64 << 20),
+        ("recv_buffer", 1 << 30),
+        ("send_buffer", 1 << 30),
+    ] {
+        assert!(RelayConfig::from_toml(&operator_with(&format!("{key} = {max}"))).is_ok());
+        assert_error(
+            &operator_with(&format!("{key} = {}", max + 1)),
+            key,
+            &format!("at most {max}"),
+        );
+    }
+    for key in ["default", "max", "permission", "channel", "nonce"] {
+        assert_error(
+            &format!("{OPERATOR}\n[lifetimes]\n{key} = 86401\n"),
+            &format!("lifetimes.{key}"),
+            "at most 86400",
+        );
+    }
+}
