@@ -156,7 +156,14 @@ pub struct Quotas {
     pub max_allocations_per_user: usize,
     /// `quotas.max_permissions_per_allocation`.
     pub max_permissions_per_allocation: usize,
-    /// `challenge_rate`: unauthenticated answers per second per source IP (0 = unlimited).
+    /// `quotas.max_channels_per_allocation`.
+    pub max_channels_per_allocation: usize,
+    /// `quotas.max_permissions_per_identity`.
+    pub max_permissions_per_identity: usize,
+    /// `quotas.max_channels_per_identity`.
+    pub max_channels_per_identity: usize,
+    /// `challenge_rate`: unauthenticated answers per second per source network, /32 or /64 (0 =
+    /// unlimited).
     pub challenge_rate: u32,
 }
 
@@ -292,6 +299,9 @@ impl RelayConfig {
             max_allocations: l.quotas.max_allocations,
             max_allocations_per_user: l.quotas.max_allocations_per_user,
             max_permissions_per_allocation: l.quotas.max_permissions_per_allocation,
+            max_channels_per_allocation: l.quotas.max_channels_per_allocation,
+            max_permissions_per_identity: l.quotas.max_permissions_per_identity,
+            max_channels_per_identity: l.quotas.max_channels_per_identity,
             binding_requires_auth: f.binding_requires_auth,
             password_algorithms: f.password_algorithms,
             peer_policy: self.peer_policy(),

@@ -111,6 +111,9 @@ pub(super) struct RawQuotas {
     pub(super) max_allocations: usize,
     pub(super) max_allocations_per_user: usize,
     pub(super) max_permissions_per_allocation: usize,
+    pub(super) max_channels_per_allocation: usize,
+    pub(super) max_permissions_per_identity: usize,
+    pub(super) max_channels_per_identity: usize,
 }
 
 #[derive(Deserialize, Default)]
@@ -186,6 +189,9 @@ impl Default for RawQuotas {
             max_allocations: d.max_allocations,
             max_allocations_per_user: d.max_allocations_per_user,
             max_permissions_per_allocation: d.max_permissions_per_allocation,
+            max_channels_per_allocation: d.max_channels_per_allocation,
+            max_permissions_per_identity: d.max_permissions_per_identity,
+            max_channels_per_identity: d.max_channels_per_identity,
         }
     }
 }

@@ -160,7 +160,7 @@ pin_workers = false
 recv_buffer = 1000
 send_buffer = 2000
 binding_requires_auth = true
-password_algorithms = true
+password_algorithms = false
 alternate_server = "198.51.100.2:3478"
 [relay]
 addresses = ["192.0.2.1", "2001:db8::1"]
@@ -182,6 +182,9 @@ nonce = 50
 max_allocations = 10
 max_allocations_per_user = 2
 max_permissions_per_allocation = 3
+max_channels_per_allocation = 4
+max_permissions_per_identity = 5
+max_channels_per_identity = 6
 [peers]
 allow = ["10.1.0.0/16"]
 deny = ["8.8.8.0/24"]
@@ -199,7 +202,8 @@ deny = ["8.8.8.0/24"]
         (c.fixed.recv_buffer, c.fixed.send_buffer),
         (Some(1000), Some(2000))
     );
-    assert!(c.server().binding_requires_auth && c.server().password_algorithms);
+    // `password_algorithms = true` is refused (see `challenge_past_3x_is_refused`), so only false is read.
+    assert!(c.server().binding_requires_auth && !c.server().password_algorithms);
     assert_eq!(c.server().alternate_server, Some(sa("198.51.100.2:3478")));
     assert_eq!(c.server().relay_ips.len(), 2);
     assert_eq!(c.server().relay_ports, 50000..=50100);
@@ -223,6 +227,14 @@ deny = ["8.8.8.0/24"]
             s.max_permissions_per_allocation
         ),
         (10, 2, 3)
+    );
+    assert_eq!(
+        (
+            s.max_channels_per_allocation,
+            s.max_permissions_per_identity,
+            s.max_channels_per_identity
+        ),
+        (4, 5, 6)
     );
     assert_eq!(s.peer_policy.check(sa("10.1.2.3:9")), Ok(()));
     assert_eq!(
@@ -366,6 +378,27 @@ fn credential_errors() {
         "empty",
     );
     assert_error(&operator_with("realm = \"\""), "realm", "1 to 127");
+    assert_error(
+        &format!("{OPERATOR}[quotas]\nmax_channels_per_identity = 0\n"),
+        "quotas.max_channels_per_identity",
+        "at least 1",
+    );
+}
+
+/// Design §3: a 401 past 3× a minimal Allocate would never be sent over UDP, so a realm or
+/// PASSWORD-ALGORITHMS that makes one is refused, naming the key.
+#[test]
+fn challenge_past_3x_is_refused() {
+    assert_error(
+        &operator_with("realm = \"turn.example.org\""),
+        "realm",
+        "at most 12 bytes",
+    );
+    assert_error(
+        &operator_with("password_algorithms = true"),
+        "password_algorithms",
+        "more than 3× a minimal 28-byte Allocate",
+    );
 }
 
 #[test]

@@ -295,6 +295,9 @@ impl RawConfig {
                 max_allocations: self.quotas.max_allocations,
                 max_allocations_per_user: self.quotas.max_allocations_per_user,
                 max_permissions_per_allocation: self.quotas.max_permissions_per_allocation,
+                max_channels_per_allocation: self.quotas.max_channels_per_allocation,
+                max_permissions_per_identity: self.quotas.max_permissions_per_identity,
+                max_channels_per_identity: self.quotas.max_channels_per_identity,
                 challenge_rate: self.challenge_rate,
             },
             tls,
@@ -316,6 +319,9 @@ impl RawConfig {
                 "permission_lifetime" => "lifetimes.permission",
                 "channel_lifetime" => "lifetimes.channel",
                 "nonce_lifetime" => "lifetimes.nonce",
+                "max_channels_per_allocation" => "quotas.max_channels_per_allocation",
+                "max_permissions_per_identity" => "quotas.max_permissions_per_identity",
+                "max_channels_per_identity" => "quotas.max_channels_per_identity",
                 // realm, users, and reservation_lifetime (not configurable, so never wrong).
                 other => other,
             };
