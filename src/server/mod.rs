@@ -1299,6 +1299,12 @@ impl<R: RngCore> Server<R> {
         msg: &Message<'_>,
         reject: Reject,
     ) {
+        // Design §3: an unauthenticated malformed request is dropped silently (it only parsed so that
+        // an authenticated one can get 400).
+        if msg.attrs.malformed_peer_address {
+            self.stats.malformed += 1;
+            return;
+        }
         let answer = Answer::Unauthenticated(now);
         let code = match reject {
             Reject::BadRequest => {

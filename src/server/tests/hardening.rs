@@ -125,6 +125,26 @@ fn channel_bind_with_malformed_peer_gets_400() {
 }
 
 #[test]
+fn unauthenticated_request_with_malformed_peer_is_dropped_silently() {
+    let mut h = public_harness();
+    let alice = Creds::alice();
+    h.allocate(client(1), &alice);
+    let wrong = Creds::static_user("alice", "not-her-password");
+    let before = h.server.stats().malformed;
+    for creds in [None, Some(&wrong)] {
+        for method in [Method::CREATE_PERMISSION, Method::CHANNEL_BIND] {
+            let attrs = [
+                Attribute::ChannelNumber(0x4000),
+                malformed_peer(MALFORMED_PEERS[0]),
+            ];
+            let out = h.request(client(1), method, &attrs, creds);
+            assert!(out.sent.is_empty(), "{method:?}: {:?}", out.sent);
+        }
+    }
+    assert_eq!(h.server.stats().malformed, before + 4);
+}
+
+#[test]
 fn well_formed_peer_of_a_missing_family_gets_443() {
     let mut h = public_harness();
     let alice = Creds::alice();
