@@ -101,7 +101,9 @@ pub struct Message<'a> {
 
 impl<'a> Message<'a> {
     /// Parse a whole datagram (or one framed message from a stream) as a STUN message: the length field
-    /// must match `buf` exactly.
+    /// must match `buf` exactly, and a FINGERPRINT, if present, must be the last attribute and match
+    /// ([`Error::BadFingerprint`] otherwise). A malformed XOR-PEER-ADDRESS does not fail the parse: it
+    /// is reported in [`Attributes::malformed_peer_address`].
     pub fn parse(buf: &'a [u8]) -> Result<Self, Error> {
         let hdr = buf.first_chunk::<HEADER_LEN>().ok_or(Error::Truncated)?;
         let typ =
