@@ -2,13 +2,16 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use turnpike::auth::{long_term_key_md5, RestSecrets};
 use turnpike::config::TlsFiles;
-use turnpike::config::{Backend, RelayConfig, DEFAULT_CONFIG};
-use turnpike::dataplane::stream::tls_config;
+use turnpike::config::{
+    parse_log_level, Backend, RelayConfig, DEFAULT_CONFIG, LOG_LEVELS, MAX_WORKERS,
+};
+use turnpike::dataplane::stream::{tls_config, TlsFile};
 use turnpike::dataplane::ToControl;
 
 /// turnpike: a STUN/TURN relay (RFC 8489, RFC 8656, RFC 6156).
@@ -174,40 +177,52 @@ fn load(cli: &Cli) -> Result<RelayConfig, String> {
         None => RelayConfig::embedded_default(),
     };
     if let Some(b) = cli.backend {
-        config.backend = match b {
+        config.fixed.backend = match b {
             BackendArg::Auto => Backend::Auto,
             BackendArg::IoUring => Backend::IoUring,
             BackendArg::Epoll => Backend::Epoll,
         };
     }
     if let Some(w) = cli.workers {
-        if w == 0 || w > 1024 {
-            return Err(format!("--workers: must be 1 to 1024 (got {w})"));
+        if w == 0 || w > MAX_WORKERS {
+            return Err(format!("--workers: must be 1 to {MAX_WORKERS} (got {w})"));
         }
-        config.workers = w;
+        config.fixed.workers = w;
     }
     if let Some(level) = &cli.log_level {
-        if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
-            return Err(format!(
-                "--log-level: must be one of error, warn, info, debug, trace (got {level:?})"
-            ));
-        }
-        config.log_level = level.clone();
+        config.live.log_level = parse_log_level(level).ok_or_else(|| {
+            format!(
+                "--log-level: must be one of {} (got {level:?})",
+                LOG_LEVELS.join(", ")
+            )
+        })?;
     }
     Ok(config)
 }
 
 fn run(config: RelayConfig, demo: bool) -> ExitCode {
-    let level = config.log_level.parse().unwrap_or(tracing::Level::INFO);
     tracing_subscriber::fmt()
-        .with_max_level(level)
+        .with_max_level(config.live.log_level)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let mut settings = turnpike::service::settings(&config);
-    match config.tls.as_ref().map(load_tls).transpose() {
+    match config
+        .live
+        .tls
+        .as_ref()
+        .map(|f| load_tls(f, TLS_KEYS))
+        .transpose()
+    {
         Ok(t) => settings.stream.tls = t,
         Err(e) => {
+            eprintln!("turnpike: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    // The API reads its own pair when it starts; check it first, so that a bad file is named here.
+    if let Some(files) = config.live.api.as_ref().and_then(|a| a.tls.as_ref()) {
+        if let Err(e) = load_tls(files, API_TLS_KEYS) {
             eprintln!("turnpike: configuration error: {e}");
             return ExitCode::from(2);
         }
@@ -246,13 +261,13 @@ fn run(config: RelayConfig, demo: bool) -> ExitCode {
         Err(e) => tracing::warn!("cannot install signal handlers: {e}"),
     }
     // SIGHUP: reload the TLS certificate and key; established sessions keep theirs.
-    if let Some(files) = config.tls.clone() {
+    if let Some(files) = config.live.tls.clone() {
         let streams = service.relay().streams().clone();
         match signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]) {
             Ok(mut signals) => {
                 std::thread::spawn(move || {
                     for _ in signals.forever() {
-                        match load_tls(&files) {
+                        match load_tls(&files, TLS_KEYS) {
                             Ok(cfg) => {
                                 streams.set_tls(cfg);
                                 tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
@@ -296,15 +311,16 @@ fn credentials(cli: &Cli, id: &str, ttl: u64, route: Option<&str>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let (fleet, region) = match &config.api {
+    let f = &config.fixed;
+    let (fleet, region) = match &config.live.api {
         Some(a) => (a.fleet.clone(), a.region.clone()),
         None => (
             vec![turnpike::api::FleetRelay {
-                id: config.relay_id.clone(),
+                id: f.relay_id.clone(),
                 region: "default".into(),
-                addresses: config.listen.iter().map(ToString::to_string).collect(),
-                tcp_addresses: config.listen_tcp.iter().map(ToString::to_string).collect(),
-                tls_addresses: config.listen_tls.iter().map(ToString::to_string).collect(),
+                addresses: f.listen.iter().map(ToString::to_string).collect(),
+                tcp_addresses: f.listen_tcp.iter().map(ToString::to_string).collect(),
+                tls_addresses: f.listen_tls.iter().map(ToString::to_string).collect(),
             }],
             "default".into(),
         ),
@@ -313,7 +329,7 @@ fn credentials(cli: &Cli, id: &str, ttl: u64, route: Option<&str>) -> ExitCode {
     match turnpike::api::relay_configuration(
         &fleet,
         &region,
-        &config.server.rest_secrets,
+        &config.live.rest_secrets,
         id,
         route,
         ttl,
@@ -338,7 +354,7 @@ fn usage(cli: &Cli, since: Option<&str>, until: Option<&str>, json: bool) -> Exi
             return ExitCode::from(2);
         }
     };
-    let Some(u) = &config.usage else {
+    let Some(u) = &config.fixed.usage else {
         eprintln!("error: metering is not configured (no [usage] section)");
         return ExitCode::from(2);
     };
@@ -379,17 +395,26 @@ fn usage(cli: &Cli, since: Option<&str>, until: Option<&str>, json: bool) -> Exi
     }
 }
 
-/// Read and check the TLS certificate chain and key; errors name the key (`tls.cert`, `tls.key`).
-fn load_tls(files: &TlsFiles) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
+/// The keys naming the `[tls]` pair in errors.
+const TLS_KEYS: [&str; 2] = ["tls.cert", "tls.key"];
+/// The keys naming the API's pair in errors.
+const API_TLS_KEYS: [&str; 2] = ["api.tls_cert", "api.tls_key"];
+
+/// Read and check a certificate chain and key pair; errors name the key (`keys`: certificate's, key's)
+/// and the file, e.g. `tls.key: not a usable private key: … (/etc/turnpike/key.pem)`.
+fn load_tls(files: &TlsFiles, keys: [&str; 2]) -> Result<Arc<rustls::ServerConfig>, String> {
+    let [cert_key, key_key] = keys;
     let cert = std::fs::read(&files.cert)
-        .map_err(|e| format!("tls.cert: cannot read {}: {e}", files.cert.display()))?;
+        .map_err(|e| format!("{cert_key}: cannot read {}: {e}", files.cert.display()))?;
     let key = std::fs::read(&files.key)
-        .map_err(|e| format!("tls.key: cannot read {}: {e}", files.key.display()))?;
-    tls_config(&cert, &key).map_err(|e| {
-        if e.starts_with("key") {
-            format!("tls.key: {e} ({})", files.key.display())
-        } else {
-            format!("tls.cert: {e} ({})", files.cert.display())
-        }
+        .map_err(|e| format!("{key_key}: cannot read {}: {e}", files.key.display()))?;
+    tls_config(&cert, &key).map_err(|e| match e.file {
+        TlsFile::Cert => format!("{cert_key}: {e} ({})", files.cert.display()),
+        TlsFile::Key => format!("{key_key}: {e} ({})", files.key.display()),
+        TlsFile::Pair => format!(
+            "{key_key}: {e} ({} with {})",
+            files.key.display(),
+            files.cert.display()
+        ),
     })
 }

@@ -36,32 +36,27 @@ pub struct Service {
 
 /// The relay's [`Settings`] for `config` (without a usage sink).
 pub fn settings(config: &RelayConfig) -> Settings {
+    let f = &config.fixed;
     Settings {
-        server: config.server.clone(),
-        listen: config.listen.clone(),
-        workers: config.workers,
-        backend: match config.backend {
+        server: config.server(),
+        listen: f.listen.clone(),
+        workers: f.workers,
+        backend: match f.backend {
             Backend::Auto => None,
             Backend::IoUring => Some(BackendKind::IoUring),
             Backend::Epoll => Some(BackendKind::Epoll),
         },
-        recv_buffer: config.recv_buffer,
-        send_buffer: config.send_buffer,
-        pin_workers: config.pin_workers,
-        drain: config.drain,
+        recv_buffer: f.recv_buffer,
+        send_buffer: f.send_buffer,
+        pin_workers: f.pin_workers,
+        drain: f.drain,
         usage_sink: None,
         stream: control::StreamSettings {
-            listen_tcp: config.listen_tcp.clone(),
-            listen_tls: config.listen_tls.clone(),
+            listen_tcp: f.listen_tcp.clone(),
+            listen_tls: f.listen_tls.clone(),
             // Read from the PEM files by the caller (`main`), which reports file errors.
             tls: None,
-            limits: crate::dataplane::stream::StreamLimits {
-                max_connections: config.streams.max_connections,
-                max_per_ip: config.streams.max_connections_per_ip,
-                idle_timeout: config.streams.idle_timeout,
-                tls_handshake_timeout: config.streams.tls_handshake_timeout,
-                write_queue: config.streams.write_queue_bytes,
-            },
+            limits: f.streams.clone(),
         },
     }
 }
@@ -75,8 +70,8 @@ pub fn start(config: &RelayConfig) -> io::Result<Service> {
 pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Service> {
     let mut store = None;
     let mut writer = None;
-    if let Some(u) = &config.usage {
-        let s = usage::Store::open(&u.database, &config.relay_id, unix_ms())
+    if let Some(u) = &config.fixed.usage {
+        let s = usage::Store::open(&u.database, &config.fixed.relay_id, unix_ms())
             .map_err(|e| io::Error::other(format!("{}: {e}", u.database.display())))?;
         let (tx, rx) = unbounded();
         settings.usage_sink = Some(tx);
@@ -87,7 +82,7 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
     let to_control = relay.shutdown_sender();
 
     let mut ticker = None;
-    let writer = match (store, writer, &config.usage) {
+    let writer = match (store, writer, &config.fixed.usage) {
         (Some(store), Some(rx), Some(u)) => {
             // Revocations survive restarts.
             match store.revocations(unix_ms() / 1000) {
@@ -126,7 +121,7 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
         _ => None,
     };
 
-    let api = match &config.api {
+    let api = match config.api() {
         Some(a) => {
             let revoke_tx = to_control.clone();
             let metrics_tx = to_control.clone();
@@ -143,7 +138,7 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
                     rx.recv_timeout(Duration::from_secs(2)).ok()
                 }),
             };
-            let api = Api::new(a.clone(), config.server.rest_secrets.clone(), hooks);
+            let api = Api::new(a, config.live.rest_secrets.clone(), hooks);
             Some(api::serve(api)?)
         }
         None => None,

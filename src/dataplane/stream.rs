@@ -46,7 +46,7 @@ const READ_BUDGET: usize = 16;
 pub const SWEEP: Duration = Duration::from_millis(500);
 
 /// Limits on stream connections (shared by all workers).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamLimits {
     /// Connections open at once, over all workers.
     pub max_connections: usize,
@@ -150,26 +150,69 @@ impl StreamShared {
 }
 
 /// Build a TLS server configuration (TLS 1.2 and 1.3) from a PEM certificate chain and a PEM private key.
-pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::ServerConfig>, String> {
+pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let err = |file, problem: String| TlsError { file, problem };
     let certs = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("certificate: {e}"))?;
+        .map_err(|e| err(TlsFile::Cert, e.to_string()))?;
     if certs.is_empty() {
-        return Err("certificate: no CERTIFICATE block in the PEM file".into());
+        return Err(err(
+            TlsFile::Cert,
+            "no CERTIFICATE block in the PEM file".into(),
+        ));
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("key: {e}"))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| format!("certificate and key: {e}"))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| err(TlsFile::Key, e.to_string()))?;
+    // A PEM block can be well-formed around bytes that are no key: say so of the key file, before the
+    // pair is checked.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    provider
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| err(TlsFile::Key, format!("not a usable private key: {e}")))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| err(TlsFile::Pair, e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| err(TlsFile::Pair, e.to_string()))?;
     Ok(Arc::new(config))
 }
+
+/// Which file of a certificate and key pair a [`TlsError`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFile {
+    /// The PEM certificate chain.
+    Cert,
+    /// The PEM private key.
+    Key,
+    /// Both: each reads, but they do not belong together (or TLS cannot be set up with them).
+    Pair,
+}
+
+/// A certificate chain or private key that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsError {
+    /// The file at fault.
+    pub file: TlsFile,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl std::fmt::Display for TlsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let file = match self.file {
+            TlsFile::Cert => "certificate",
+            TlsFile::Key => "key",
+            TlsFile::Pair => "certificate and key",
+        };
+        write!(f, "{file}: {}", self.problem)
+    }
+}
+
+impl std::error::Error for TlsError {}
 
 /// A stream listener handed to a worker.
 #[derive(Debug)]

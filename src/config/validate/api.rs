@@ -1,75 +1,16 @@
-//! The `[api]` and `[usage]` sections and `relay_id`: the token API, metering and metrics.
+//! Validation of the `[api]` and `[usage]` sections and `relay_id`: the token API, metering and metrics.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
-use serde::Deserialize;
-
-use super::ConfigError;
-use crate::api::{self, FleetRelay};
+use crate::api::FleetRelay;
+use crate::config::raw::{RawApi, RawUsage};
+use crate::config::{ConfigError, Fixed, LiveApi, TlsFiles};
 use crate::policy::Cidr;
 use crate::usage;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawApi {
-    listen: String,
-    #[serde(default)]
-    access_keys: Vec<String>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    #[serde(default = "default_region")]
-    region: String,
-    #[serde(default)]
-    public_addresses: Vec<String>,
-    #[serde(default)]
-    public_tcp_addresses: Vec<String>,
-    #[serde(default)]
-    public_tls_addresses: Vec<String>,
-    #[serde(default)]
-    fleet: Vec<RawFleetRelay>,
-    #[serde(default)]
-    client_regions: Vec<RawClientRegion>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFleetRelay {
-    id: String,
-    region: String,
-    addresses: Vec<String>,
-    #[serde(default)]
-    tcp_addresses: Vec<String>,
-    #[serde(default)]
-    tls_addresses: Vec<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawClientRegion {
-    cidr: String,
-    region: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawUsage {
-    database: PathBuf,
-    #[serde(default = "default_checkpoint")]
-    checkpoint_seconds: u64,
-}
-
-fn default_region() -> String {
-    "default".into()
-}
-
-fn default_checkpoint() -> u64 {
-    60
-}
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
 
 /// `"host:port"` with a non-empty host and a non-zero port (IPv6 in brackets).
 fn check_address(key: &str, s: &str) -> Result<String, ConfigError> {
@@ -102,13 +43,10 @@ pub(super) fn relay_id(id: String) -> Result<String, ConfigError> {
     Ok(id)
 }
 
-pub(super) fn api(
-    raw: RawApi,
-    relay_id: &str,
-    listen: &[SocketAddr],
-    streams: (&[SocketAddr], &[SocketAddr]),
-    usage: Option<&usage::Config>,
-) -> Result<api::Config, ConfigError> {
+/// `[api]`: where it listens (fixed) and its keys, files, fleet and regions (live). The fleet starts
+/// with this relay, at its public addresses (default: its listeners).
+pub(super) fn api(raw: RawApi, fixed: &Fixed) -> Result<(SocketAddr, LiveApi), ConfigError> {
+    let (relay_id, listen) = (fixed.relay_id.as_str(), &fixed.listen);
     let addr = SocketAddr::from_str(&raw.listen).map_err(|_| {
         ConfigError::new(
             "api.listen",
@@ -141,7 +79,7 @@ pub(super) fn api(
         }
     }
     let tls = match (raw.tls_cert, raw.tls_key) {
-        (Some(c), Some(k)) => Some((c, k)),
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
         (None, None) => None,
         (Some(_), None) => {
             return Err(ConfigError::new(
@@ -177,8 +115,16 @@ pub(super) fn api(
                 .collect::<Result<Vec<_>, _>>()
         }
     };
-    let tcp_addresses = public("public_tcp_addresses", &raw.public_tcp_addresses, streams.0)?;
-    let tls_addresses = public("public_tls_addresses", &raw.public_tls_addresses, streams.1)?;
+    let tcp_addresses = public(
+        "public_tcp_addresses",
+        &raw.public_tcp_addresses,
+        &fixed.listen_tcp,
+    )?;
+    let tls_addresses = public(
+        "public_tls_addresses",
+        &raw.public_tls_addresses,
+        &fixed.listen_tls,
+    )?;
     let mut fleet = vec![FleetRelay {
         id: relay_id.into(),
         region: raw.region.clone(),
@@ -223,15 +169,16 @@ pub(super) fn api(
             })
         })
         .collect::<Result<_, _>>()?;
-    Ok(api::Config {
-        listen: addr,
-        tls,
-        access_keys,
-        fleet,
-        region: raw.region,
-        client_regions,
-        usage_db: usage.map(|u| u.database.clone()),
-    })
+    Ok((
+        addr,
+        LiveApi {
+            access_keys,
+            tls,
+            region: raw.region,
+            fleet,
+            client_regions,
+        },
+    ))
 }
 
 pub(super) fn usage(raw: RawUsage) -> Result<usage::Config, ConfigError> {
@@ -253,7 +200,7 @@ pub(super) fn usage(raw: RawUsage) -> Result<usage::Config, ConfigError> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::super::RelayConfig;
+    use crate::config::RelayConfig;
 
     const BASE: &str = "listen = [\"192.0.2.1:3478\"]\nrelay_id = \"eu-1\"\n[relay]\naddresses = [\"192.0.2.1\"]\n[rest]\nsecrets = [\"s\"]\n";
     const KEY: &str = "a2V5LWtleS1rZXkta2V5LWtleQ==";
@@ -274,8 +221,8 @@ mod tests {
              [usage]\ndatabase = \"/tmp/u.db\"\ncheckpoint_seconds = 5\n"
         ))
         .unwrap();
-        let api = c.api.unwrap();
-        assert_eq!(c.relay_id, "eu-1");
+        let api = c.api().unwrap();
+        assert_eq!(c.fixed.relay_id, "eu-1");
         assert_eq!(api.fleet.len(), 2);
         assert_eq!(
             api.fleet[0].addresses,
@@ -288,9 +235,9 @@ mod tests {
             api.usage_db.as_deref(),
             Some(std::path::Path::new("/tmp/u.db"))
         );
-        assert_eq!(c.usage.unwrap().checkpoint.as_secs(), 5);
-        assert!(RelayConfig::from_toml(BASE).unwrap().api.is_none());
-        let policy = &c.server.peer_policy;
+        assert_eq!(c.fixed.usage.as_ref().unwrap().checkpoint.as_secs(), 5);
+        assert!(RelayConfig::from_toml(BASE).unwrap().api().is_none());
+        let policy = &c.peer_policy();
         assert_eq!(
             policy.check("127.0.0.1:8080".parse().unwrap()),
             Err(crate::policy::Denied::ServicePort),
@@ -308,7 +255,7 @@ mod tests {
              tls_addresses = [\"turn.example.org:443\"]\n"
         ))
         .unwrap();
-        let api = c.api.unwrap();
+        let api = c.api().unwrap();
         assert_eq!(
             api.fleet[0].tcp_addresses,
             ["192.0.2.1:3478"],

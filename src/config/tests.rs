@@ -1,0 +1,557 @@
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use crate::auth::RestSecrets;
+use crate::policy::Denied;
+
+const OPERATOR: &str = r#"
+listen = ["192.0.2.1:3478"]
+[relay]
+addresses = ["192.0.2.1"]
+[rest]
+secrets = ["s3cret"]
+"#;
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// Parses `text`, expecting an error; returns it.
+#[track_caller]
+fn error(text: &str) -> ConfigError {
+    match RelayConfig::from_toml(text) {
+        Ok(_) => panic!("expected an error for:\n{text}"),
+        Err(e) => e,
+    }
+}
+
+/// The operator config with `extra` top-level keys in front (so before any table header).
+fn operator_with(extra: &str) -> String {
+    format!("{extra}\n{OPERATOR}")
+}
+
+#[track_caller]
+fn assert_error(text: &str, key: &str, fact: &str) {
+    let e = error(text);
+    assert_eq!(e.key, key, "{e}");
+    assert!(e.problem.contains(fact), "{e:?} should mention {fact:?}");
+    assert_eq!(e.to_string(), format!("{}: {}", e.key, e.problem));
+}
+
+#[test]
+fn embedded_default_is_the_loopback_demo() {
+    let c = RelayConfig::embedded_default();
+    assert_eq!(c.fixed.listen, [sa("127.0.0.1:3478")]);
+    assert_eq!(c.server().relay_ips, [IpAddr::from([127, 0, 0, 1])]);
+    assert_eq!(c.server().relay_ports, 49152..=49999);
+    assert_eq!(c.server().realm, "turnpike");
+    assert_eq!(
+        c.server().users,
+        [("demo".to_string(), "demo-pass".to_string())]
+    );
+    let minted = c.server().rest_secrets.mint("alice", 0, 60).unwrap();
+    let expected = RestSecrets::new(vec![b"demo-secret".to_vec()])
+        .mint("alice", 0, 60)
+        .unwrap();
+    assert_eq!(minted, expected);
+    assert_eq!(c.fixed.backend, Backend::Auto);
+    assert!(c.fixed.workers >= 1);
+    assert_eq!(c.fixed.drain, Duration::from_secs(5));
+    assert!(c.fixed.pin_workers);
+    assert_eq!(c.live.log_level, tracing::Level::INFO);
+    assert_eq!(
+        (c.fixed.recv_buffer, c.fixed.send_buffer),
+        (Some(4 << 20), Some(4 << 20))
+    );
+    assert!(c.is_loopback_only());
+
+    let policy = &c.peer_policy();
+    assert_eq!(policy.check(sa("127.0.0.1:9")), Ok(()));
+    assert_eq!(policy.check(sa("[::1]:9")), Ok(()));
+    assert_eq!(policy.check(sa("127.0.0.1:3478")), Err(Denied::ServicePort));
+    assert_eq!(
+        policy.check(sa("10.0.0.1:9")),
+        Err(Denied::Builtin("rfc1918"))
+    );
+}
+
+#[test]
+fn operator_config_keeps_deny_by_default() {
+    let c = RelayConfig::from_toml(OPERATOR).unwrap();
+    assert!(!c.is_loopback_only());
+    assert_eq!(c.fixed.listen, [sa("192.0.2.1:3478")]);
+    assert_eq!(c.server().relay_ports, 49152..=65535);
+    assert!(c.server().users.is_empty());
+    assert!(!c.server().rest_secrets.is_empty());
+    let policy = &c.peer_policy();
+    assert!(matches!(
+        policy.check(sa("127.0.0.1:5000")),
+        Err(Denied::Builtin(_))
+    ));
+    assert_eq!(
+        policy.check(sa("198.51.100.7:5000")),
+        Err(Denied::Builtin("documentation"))
+    );
+    assert_eq!(policy.check(sa("8.8.8.8:53")), Ok(()));
+    assert_eq!(policy.check(sa("192.0.2.1:3478")), Err(Denied::ServicePort));
+}
+
+#[test]
+fn stream_listeners_tls_and_limits() {
+    let c = RelayConfig::from_toml(&operator_with(
+        r#"listen_tcp = ["192.0.2.1:3478"]
+listen_tls = ["192.0.2.1:443", "[2001:db8::1]:443"]
+tls.cert = "/c.pem"
+tls.key = "/k.pem"
+streams.max_connections = 5
+streams.max_connections_per_ip = 2
+streams.idle_timeout_seconds = 7
+streams.tls_handshake_timeout_seconds = 3
+streams.write_queue_bytes = 100000
+"#,
+    ))
+    .unwrap();
+    assert_eq!(c.fixed.listen_tcp, [sa("192.0.2.1:3478")]);
+    assert_eq!(c.fixed.listen_tls.len(), 2);
+    assert_eq!(
+        c.live.tls.as_ref().unwrap().key,
+        std::path::PathBuf::from("/k.pem")
+    );
+    assert_eq!(c.fixed.streams.max_per_ip, 2);
+    assert_eq!(c.fixed.streams.idle_timeout, Duration::from_secs(7));
+    // The stream listeners are service ports too.
+    assert_eq!(
+        c.server().peer_policy.check(sa("192.0.2.1:443")),
+        Err(crate::policy::Denied::ServicePort)
+    );
+    assert_error(
+        &operator_with("listen_tls = [\"192.0.2.1:443\"]"),
+        "tls.cert",
+        "needs [tls]",
+    );
+    assert_error(
+        &operator_with("listen_tls = [\"192.0.2.1:443\"]\ntls.cert = \"/c\""),
+        "tls.key",
+        "missing",
+    );
+    assert_error(
+        &operator_with("listen_tcp = [\"nope\"]"),
+        "listen_tcp[0]",
+        "not an IP:port",
+    );
+    assert_error(
+        &operator_with("streams.idle_timeout_seconds = 0"),
+        "streams.idle_timeout_seconds",
+        "at least 1",
+    );
+}
+
+#[test]
+fn every_key_is_read() {
+    let c = RelayConfig::from_toml(
+        r#"
+realm = "example.org"
+listen = ["192.0.2.1:3478", "[2001:db8::1]:3479"]
+workers = 3
+backend = "io_uring"
+log_level = "debug"
+drain_seconds = 30
+pin_workers = false
+recv_buffer = 1000
+send_buffer = 2000
+binding_requires_auth = true
+password_algorithms = false
+alternate_server = "198.51.100.2:3478"
+[relay]
+addresses = ["192.0.2.1", "2001:db8::1"]
+port_min = 50000
+port_max = 50100
+[[users]]
+name = "a"
+password = "pa"
+[[users]]
+name = "b"
+password = "pb"
+[lifetimes]
+default = 60
+max = 120
+permission = 30
+channel = 40
+nonce = 50
+[quotas]
+max_allocations = 10
+max_allocations_per_user = 2
+max_permissions_per_allocation = 3
+max_channels_per_allocation = 4
+max_permissions_per_identity = 5
+max_channels_per_identity = 6
+[peers]
+allow = ["10.1.0.0/16"]
+deny = ["8.8.8.0/24"]
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.server().realm, "example.org");
+    assert_eq!(c.fixed.listen.len(), 2);
+    assert_eq!(c.fixed.workers, 3);
+    assert_eq!(c.fixed.backend, Backend::IoUring);
+    assert_eq!(c.live.log_level, tracing::Level::DEBUG);
+    assert_eq!(c.fixed.drain, Duration::from_secs(30));
+    assert!(!c.fixed.pin_workers);
+    assert_eq!(
+        (c.fixed.recv_buffer, c.fixed.send_buffer),
+        (Some(1000), Some(2000))
+    );
+    // `password_algorithms = true` is refused (see `challenge_past_3x_is_refused`), so only false is read.
+    assert!(c.server().binding_requires_auth && !c.server().password_algorithms);
+    assert_eq!(c.server().alternate_server, Some(sa("198.51.100.2:3478")));
+    assert_eq!(c.server().relay_ips.len(), 2);
+    assert_eq!(c.server().relay_ports, 50000..=50100);
+    assert_eq!(c.server().users.len(), 2);
+    assert!(c.server().rest_secrets.is_empty());
+    let s = &c.server();
+    assert_eq!(
+        (
+            s.default_lifetime,
+            s.max_lifetime,
+            s.permission_lifetime,
+            s.channel_lifetime,
+            s.nonce_lifetime
+        ),
+        (60, 120, 30, 40, 50)
+    );
+    assert_eq!(
+        (
+            s.max_allocations,
+            s.max_allocations_per_user,
+            s.max_permissions_per_allocation
+        ),
+        (10, 2, 3)
+    );
+    assert_eq!(
+        (
+            s.max_channels_per_allocation,
+            s.max_permissions_per_identity,
+            s.max_channels_per_identity
+        ),
+        (4, 5, 6)
+    );
+    assert_eq!(s.peer_policy.check(sa("10.1.2.3:9")), Ok(()));
+    assert_eq!(
+        s.peer_policy.check(sa("10.2.2.3:9")),
+        Err(Denied::Builtin("rfc1918"))
+    );
+    assert_eq!(
+        s.peer_policy.check(sa("8.8.8.8:53")),
+        Err(Denied::Configured)
+    );
+    assert_eq!(
+        s.peer_policy.check(sa("[2001:db8::1]:3479")),
+        Err(Denied::ServicePort)
+    );
+}
+
+#[test]
+fn unknown_keys_are_errors_naming_the_key() {
+    assert_error(&operator_with("relam = \"x\""), "relam", "relam");
+    assert_error(
+        "[relay]\naddresses = [\"192.0.2.1\"]\nprot_min = 50000\n",
+        "relay.prot_min",
+        "prot_min",
+    );
+    assert_error(
+        &format!("{OPERATOR}\n[[users]]\nname = \"a\"\npasword = \"b\"\n"),
+        "users[0].pasword",
+        "pasword",
+    );
+    assert_error(&format!("{OPERATOR}\n[relya]\n"), "relya", "relya");
+    assert_error(
+        &format!("{OPERATOR}\n[[usres]]\nname = \"a\"\n"),
+        "usres",
+        "usres",
+    );
+}
+
+#[test]
+fn type_errors_name_the_key() {
+    assert_error(&operator_with("workers = \"four\""), "workers", "string");
+    assert_error(
+        "listen = [\n  \"192.0.2.1:3478\",\n  7,\n]\n[relay]\naddresses = [\"192.0.2.1\"]\n",
+        "listen[1]",
+        "integer",
+    );
+    assert_error(
+        "[relay]\naddresses = [\"192.0.2.1\"]\nport_max = 70000\n",
+        "relay.port_max",
+        "70000",
+    );
+    assert_error(
+        &format!("{OPERATOR}\n[[users]]\nname = \"a\"\n"),
+        "users[0]",
+        "password",
+    );
+}
+
+#[test]
+fn toml_syntax_errors_have_line_and_column() {
+    let e = error("realm = \"x\"\nlisten = [\n");
+    assert_eq!(e.key, "config");
+    assert!(e.problem.contains("line"), "{e}");
+    // Dotted keys parse, and their errors still carry a position.
+    let e = error(&operator_with("quotas.max_allocations = \"many\""));
+    assert!(e.problem.contains("line 1"), "{e}");
+    let c = RelayConfig::from_toml(&operator_with("quotas.max_allocations = 7"));
+    assert_eq!(c.unwrap().live.quotas.max_allocations, 7);
+}
+
+#[test]
+fn bad_cidr_names_its_index() {
+    let e = error(&format!(
+        "{OPERATOR}\n[peers]\nallow = [\"10.0.0.0/8\", \"::1/128\", \"10.0.0.0/33\"]\n"
+    ));
+    assert_eq!(e.key, "peers.allow[2]");
+    assert!(e.problem.contains("33"), "{e}");
+    let e = error(&format!("{OPERATOR}\n[peers]\ndeny = [\"not-an-ip\"]\n"));
+    assert_eq!(e.key, "peers.deny[0]");
+    assert!(e.problem.contains("not-an-ip"), "{e}");
+}
+
+#[test]
+fn relay_errors() {
+    assert_error(
+            "[relay]\naddresses = [\"192.0.2.1\"]\nport_min = 60000\nport_max = 50000\n[rest]\nsecrets = [\"s\"]\n",
+            "relay.port_min",
+            "60000 > 50000",
+        );
+    assert_error(
+        "[relay]\naddresses = [\"192.0.2.1\"]\nport_min = 0\n[rest]\nsecrets = [\"s\"]\n",
+        "relay.port_min",
+        "above 0",
+    );
+    assert_error(
+        "[rest]\nsecrets = [\"s\"]\n",
+        "relay.addresses",
+        "relay address",
+    );
+    assert_error(
+        "[relay]\naddresses = [\"192.0.2.1\", \"0.0.0.0\"]\n[rest]\nsecrets = [\"s\"]\n",
+        "relay.addresses",
+        "0.0.0.0",
+    );
+    assert_error(
+        "[relay]\naddresses = [\"192.0.2.1:3478\"]\n",
+        "relay.addresses[0]",
+        "192.0.2.1:3478",
+    );
+}
+
+#[test]
+fn credential_errors() {
+    assert_error(
+        "[relay]\naddresses = [\"192.0.2.1\"]\n",
+        "users",
+        "REST secrets",
+    );
+    assert_error(
+        "[relay]\naddresses = [\"192.0.2.1\"]\n[rest]\nsecrets = []\n",
+        "users",
+        "REST secrets",
+    );
+    assert_error(
+        &format!("{OPERATOR}\n[[users]]\nname = \"a\"\npassword = \"\"\n"),
+        "users[0].password",
+        "empty",
+    );
+    assert_error(
+            &format!("{OPERATOR}\n[[users]]\nname = \"a\"\npassword = \"1\"\n[[users]]\nname = \"a\"\npassword = \"2\"\n"),
+            "users[1].name",
+            "twice",
+        );
+    assert_error(
+        &format!("{OPERATOR}\n[[users]]\nname = \"\"\npassword = \"1\"\n"),
+        "users",
+        "1 to 512",
+    );
+    assert_error(
+        "[relay]\naddresses = [\"192.0.2.1\"]\n[rest]\nsecrets = [\"a\", \"\"]\n",
+        "rest.secrets[1]",
+        "empty",
+    );
+    assert_error(&operator_with("realm = \"\""), "realm", "1 to 127");
+    assert_error(
+        &format!("{OPERATOR}[quotas]\nmax_channels_per_identity = 0\n"),
+        "quotas.max_channels_per_identity",
+        "at least 1",
+    );
+}
+
+/// Design §3: a 401 past 3× a minimal Allocate would never be sent over UDP, so a realm or
+/// PASSWORD-ALGORITHMS that makes one is refused, naming the key.
+#[test]
+fn challenge_past_3x_is_refused() {
+    assert_error(
+        &operator_with("realm = \"turn.example.org\""),
+        "realm",
+        "at most 12 bytes",
+    );
+    assert_error(
+        &operator_with("password_algorithms = true"),
+        "password_algorithms",
+        "more than 3× a minimal 28-byte Allocate",
+    );
+}
+
+#[test]
+fn scalar_errors() {
+    assert_error(&operator_with("backend = \"uring\""), "backend", "io_uring");
+    assert_error(
+        &operator_with("log_level = \"verbose\""),
+        "log_level",
+        "\"trace\"",
+    );
+    assert_error(&operator_with("log_level = \"INFO\""), "log_level", "INFO");
+    assert_error(&operator_with("workers = 5000"), "workers", "5000");
+    assert_error(
+        &operator_with("recv_buffer = 0"),
+        "recv_buffer",
+        "kernel default",
+    );
+    assert_error(
+        &operator_with("alternate_server = \"198.51.100.2\""),
+        "alternate_server",
+        "198.51.100.2",
+    );
+    assert_error(
+        &operator_with("alternate_server = \"0.0.0.0:3478\""),
+        "alternate_server",
+        "0.0.0.0:3478",
+    );
+    let c = RelayConfig::from_toml(&operator_with("workers = 1024\nbackend = \"epoll\""));
+    let c = c.unwrap();
+    assert_eq!((c.fixed.workers, c.fixed.backend), (1024, Backend::Epoll));
+}
+
+#[test]
+fn listen_errors() {
+    let relay = "[relay]\naddresses = [\"192.0.2.1\"]\n[rest]\nsecrets = [\"s\"]\n";
+    assert_error(
+        &format!("listen = [\"192.0.2.1:0\"]\n{relay}"),
+        "listen[0]",
+        "port 0",
+    );
+    assert_error(
+        &format!("listen = [\"192.0.2.1:3478\", \"0.0.0.0:3478\"]\n{relay}"),
+        "listen[1]",
+        "unspecified addresses are not supported yet; list each address",
+    );
+    assert_error(
+        &format!("listen = [\"[::]:3478\"]\n{relay}"),
+        "listen[0]",
+        "unspecified",
+    );
+    assert_error(
+        &format!("listen = [\"192.0.2.1\"]\n{relay}"),
+        "listen[0]",
+        "192.0.2.1",
+    );
+    assert_error(
+        &format!("listen = [\"192.0.2.1:3478\", \"192.0.2.1:3478\"]\n{relay}"),
+        "listen[1]",
+        "twice",
+    );
+    assert_error(&format!("listen = []\n{relay}"), "listen", "at least one");
+}
+
+#[test]
+fn lifetime_errors() {
+    assert_error(
+        &format!("{OPERATOR}\n[lifetimes]\ndefault = 600\nmax = 300\n"),
+        "lifetimes.max",
+        "300 < 600",
+    );
+    assert_error(
+        &format!("{OPERATOR}\n[lifetimes]\npermission = 0\n"),
+        "lifetimes.permission",
+        "at least 1",
+    );
+}
+
+#[test]
+fn is_loopback_only_needs_every_address_on_loopback() {
+    let with = |listen: &str, relay: &str| {
+        RelayConfig::from_toml(&format!(
+            "listen = [{listen}]\n[relay]\naddresses = [{relay}]\n[rest]\nsecrets = [\"s\"]\n"
+        ))
+        .unwrap()
+        .is_loopback_only()
+    };
+    assert!(with(
+        "\"127.0.0.1:3478\", \"[::1]:3478\"",
+        "\"127.0.0.2\", \"::1\""
+    ));
+    assert!(with("\"127.0.0.1:3478\"", "\"::ffff:127.0.0.1\""));
+    assert!(!with("\"127.0.0.1:3478\"", "\"127.0.0.1\", \"192.0.2.1\""));
+    assert!(!with(
+        "\"127.0.0.1:3478\", \"192.0.2.1:3478\"",
+        "\"127.0.0.1\""
+    ));
+}
+
+#[test]
+fn load_names_the_path() {
+    let path = Path::new("/nonexistent/turnpike-test/turnpike.toml");
+    let e = RelayConfig::load(path).unwrap_err();
+    assert_eq!(e.key, "config");
+    assert!(
+        e.problem
+            .contains("/nonexistent/turnpike-test/turnpike.toml"),
+        "{e}"
+    );
+
+    let path = std::env::temp_dir().join(format!("turnpike-config-{}.toml", std::process::id()));
+    std::fs::write(&path, DEFAULT_CONFIG).unwrap();
+    let loaded = RelayConfig::load(&path);
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(loaded.unwrap().fixed.listen, [sa("127.0.0.1:3478")]);
+}
+
+#[test]
+fn backend_names_round_trip() {
+    for b in [Backend::Auto, Backend::IoUring, Backend::Epoll] {
+        let c = RelayConfig::from_toml(&operator_with(&format!("backend = \"{b}\""))).unwrap();
+        assert_eq!(c.fixed.backend, b);
+    }
+}
+
+#[test]
+fn durations_and_sizes_are_bounded() {
+    // now + drain at SIGTERM must not overflow: an hour at most.
+    assert_error(
+        &operator_with("drain_seconds = 9223372036854775807"),
+        "drain_seconds",
+        "at most 3600",
+    );
+    let c = RelayConfig::from_toml(&operator_with("drain_seconds = 3600")).unwrap();
+    assert_eq!(c.fixed.drain, MAX_DRAIN);
+    for (key, max) in [
+        ("streams.idle_timeout_seconds", 86_400u64),
+        ("streams.tls_handshake_timeout_seconds", 3600),
+        ("streams.write_queue_bytes", 64 << 20),
+        ("recv_buffer", 1 << 30),
+        ("send_buffer", 1 << 30),
+    ] {
+        assert!(RelayConfig::from_toml(&operator_with(&format!("{key} = {max}"))).is_ok());
+        assert_error(
+            &operator_with(&format!("{key} = {}", max + 1)),
+            key,
+            &format!("at most {max}"),
+        );
+    }
+    for key in ["default", "max", "permission", "channel", "nonce"] {
+        assert_error(
+            &format!("{OPERATOR}\n[lifetimes]\n{key} = 86401\n"),
+            &format!("lifetimes.{key}"),
+            "at most 86400",
+        );
+    }
+}

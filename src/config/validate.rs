@@ -1,0 +1,391 @@
+//! Validation: [`RawConfig`] → [`RelayConfig`], every key checked in file order, each problem a
+//! [`ConfigError`] naming the key.
+
+mod api;
+
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use super::raw::{RawConfig, RawUser};
+use super::{
+    parse_log_level, ConfigError, Fixed, Lifetimes, Live, PeerLists, Quotas, RelayConfig,
+    StreamLimits, TlsFiles, LOG_LEVELS, MAX_DRAIN, MAX_WORKERS,
+};
+use crate::auth::RestSecrets;
+use crate::policy::Cidr;
+use crate::wire::ChannelRange;
+
+impl RawConfig {
+    /// Checks every key in file order and builds the validated configuration.
+    pub(super) fn validate(self) -> Result<RelayConfig, ConfigError> {
+        if self.listen.is_empty() {
+            return Err(ConfigError::new(
+                "listen",
+                "at least one listen address is needed",
+            ));
+        }
+        let listen = listen_addrs("listen", &self.listen)?;
+        let listen_tcp = listen_addrs("listen_tcp", &self.listen_tcp)?;
+        let listen_tls = listen_addrs("listen_tls", &self.listen_tls)?;
+        if let Some(dup) = listen_tcp.iter().find(|a| listen_tls.contains(a)) {
+            return Err(ConfigError::new(
+                "listen_tls",
+                format!("{dup} is also in listen_tcp; a TCP port serves one of the two"),
+            ));
+        }
+        let tls = match (&self.tls, listen_tls.is_empty()) {
+            (None, true) => None,
+            (None, false) => {
+                return Err(ConfigError::new(
+                    "tls.cert",
+                    "listen_tls needs [tls] cert and key (PEM files)",
+                ))
+            }
+            (Some(t), _) => {
+                let cert = t.cert.clone().ok_or_else(|| {
+                    ConfigError::new("tls.cert", "missing: the PEM certificate chain file")
+                })?;
+                let key = t.key.clone().ok_or_else(|| {
+                    ConfigError::new("tls.key", "missing: the PEM private key file")
+                })?;
+                Some(TlsFiles {
+                    cert: cert.into(),
+                    key: key.into(),
+                })
+            }
+        };
+        let st = &self.streams;
+        for (key, v) in [
+            ("streams.max_connections", st.max_connections as u64),
+            (
+                "streams.max_connections_per_ip",
+                st.max_connections_per_ip as u64,
+            ),
+            ("streams.idle_timeout_seconds", st.idle_timeout_seconds),
+            (
+                "streams.tls_handshake_timeout_seconds",
+                st.tls_handshake_timeout_seconds,
+            ),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::new(key, "must be at least 1"));
+            }
+        }
+        for (key, v, max) in [
+            (
+                "streams.idle_timeout_seconds",
+                st.idle_timeout_seconds,
+                MAX_TIMER_SECONDS,
+            ),
+            (
+                "streams.tls_handshake_timeout_seconds",
+                st.tls_handshake_timeout_seconds,
+                MAX_DRAIN.as_secs(),
+            ),
+            (
+                "streams.write_queue_bytes",
+                st.write_queue_bytes as u64,
+                MAX_WRITE_QUEUE,
+            ),
+        ] {
+            at_most(key, v, max)?;
+        }
+        if st.write_queue_bytes < 70_000 {
+            return Err(ConfigError::new(
+                "streams.write_queue_bytes",
+                format!(
+                    "must be at least 70000, room for the largest message (got {})",
+                    st.write_queue_bytes
+                ),
+            ));
+        }
+        let streams = StreamLimits {
+            max_connections: st.max_connections,
+            max_per_ip: st.max_connections_per_ip,
+            idle_timeout: Duration::from_secs(st.idle_timeout_seconds),
+            tls_handshake_timeout: Duration::from_secs(st.tls_handshake_timeout_seconds),
+            write_queue: st.write_queue_bytes,
+        };
+
+        let workers = match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n if n > MAX_WORKERS => {
+                return Err(ConfigError::new(
+                    "workers",
+                    format!("must be at most {MAX_WORKERS}, or 0 for one per core (got {n})"),
+                ))
+            }
+            n => n,
+        };
+
+        let log_level = parse_log_level(&self.log_level).ok_or_else(|| {
+            ConfigError::new(
+                "log_level",
+                format!(
+                    "must be one of {} (got {:?})",
+                    LOG_LEVELS.map(|l| format!("\"{l}\"")).join(", "),
+                    self.log_level
+                ),
+            )
+        })?;
+
+        at_most("drain_seconds", self.drain_seconds, MAX_DRAIN.as_secs())?;
+
+        for (key, size) in [
+            ("recv_buffer", self.recv_buffer),
+            ("send_buffer", self.send_buffer),
+        ] {
+            if size == Some(0) {
+                return Err(ConfigError::new(
+                    key,
+                    "must be at least 1 byte; leave it out to keep the kernel default",
+                ));
+            }
+            // setsockopt takes a C int; the kernel caps it at net.core.rmem_max / wmem_max anyway.
+            at_most(key, size.unwrap_or(0) as u64, MAX_SOCKET_BUFFER)?;
+        }
+
+        let alternate_server = match &self.alternate_server {
+            None => None,
+            Some(s) => {
+                let addr = SocketAddr::from_str(s).map_err(|_| {
+                    ConfigError::new(
+                        "alternate_server",
+                        format!("{s:?} is not an IP:port address (e.g. \"198.51.100.2:3478\")"),
+                    )
+                })?;
+                if addr.ip().is_unspecified() || addr.port() == 0 {
+                    return Err(ConfigError::new(
+                        "alternate_server",
+                        format!("{addr} is not an address clients can be sent to"),
+                    ));
+                }
+                Some(addr)
+            }
+        };
+
+        let relay_ips = self
+            .relay
+            .addresses
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                IpAddr::from_str(s).map_err(|_| {
+                    ConfigError::new(
+                        format!("relay.addresses[{i}]"),
+                        format!("{s:?} is not an IPv4 or IPv6 address (no port here)"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let (port_min, port_max) = (self.relay.port_min, self.relay.port_max);
+        if port_min > port_max {
+            return Err(ConfigError::new(
+                "relay.port_min",
+                format!("must be ≤ relay.port_max (got {port_min} > {port_max})"),
+            ));
+        }
+
+        let mut users: Vec<(String, String)> = Vec::with_capacity(self.users.len());
+        for (i, RawUser { name, password }) in self.users.into_iter().enumerate() {
+            if password.is_empty() {
+                return Err(ConfigError::new(
+                    format!("users[{i}].password"),
+                    "must not be empty",
+                ));
+            }
+            if users.iter().any(|(n, _)| *n == name) {
+                return Err(ConfigError::new(
+                    format!("users[{i}].name"),
+                    format!("user {name:?} is defined twice"),
+                ));
+            }
+            users.push((name, password));
+        }
+
+        if let Some(i) = self.rest.secrets.iter().position(String::is_empty) {
+            return Err(ConfigError::new(
+                format!("rest.secrets[{i}]"),
+                "must not be empty",
+            ));
+        }
+        let rest_secrets = RestSecrets::new(
+            self.rest
+                .secrets
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+        );
+
+        let lifetimes = &self.lifetimes;
+        for (key, v) in [
+            ("lifetimes.default", lifetimes.default),
+            ("lifetimes.max", lifetimes.max),
+            ("lifetimes.permission", lifetimes.permission),
+            ("lifetimes.channel", lifetimes.channel),
+            ("lifetimes.nonce", lifetimes.nonce),
+        ] {
+            at_most(key, u64::from(v), MAX_TIMER_SECONDS)?;
+        }
+        if lifetimes.max < lifetimes.default {
+            return Err(ConfigError::new(
+                "lifetimes.max",
+                format!(
+                    "must be ≥ lifetimes.default (got {} < {})",
+                    lifetimes.max, lifetimes.default
+                ),
+            ));
+        }
+
+        let cidrs = |list: &[String], key: &str| {
+            list.iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    Cidr::from_str(s)
+                        .map_err(|e| ConfigError::new(format!("peers.{key}[{i}]"), e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let peers = PeerLists {
+            allow: cidrs(&self.peers.allow, "allow")?,
+            deny: cidrs(&self.peers.deny, "deny")?,
+        };
+
+        let relay_id = api::relay_id(self.relay_id)?;
+        let mut fixed = Fixed {
+            realm: self.realm,
+            listen,
+            listen_tcp,
+            listen_tls,
+            workers,
+            backend: self.backend,
+            recv_buffer: self.recv_buffer,
+            send_buffer: self.send_buffer,
+            drain: Duration::from_secs(self.drain_seconds),
+            pin_workers: self.pin_workers,
+            relay_ips,
+            relay_ports: port_min..=port_max,
+            lifetimes: Lifetimes {
+                default: lifetimes.default,
+                max: lifetimes.max,
+                permission: lifetimes.permission,
+                channel: lifetimes.channel,
+                nonce: lifetimes.nonce,
+            },
+            binding_requires_auth: self.binding_requires_auth,
+            password_algorithms: self.password_algorithms,
+            alternate_server,
+            channel_range: if self.legacy_channel_numbers {
+                ChannelRange::Rfc5766
+            } else {
+                ChannelRange::Rfc8656
+            },
+            streams,
+            relay_id,
+            api_listen: None,
+            usage: self.usage.map(api::usage).transpose()?,
+        };
+        let mut live = Live {
+            log_level,
+            users,
+            rest_secrets,
+            peers,
+            quotas: Quotas {
+                max_allocations: self.quotas.max_allocations,
+                max_allocations_per_user: self.quotas.max_allocations_per_user,
+                max_permissions_per_allocation: self.quotas.max_permissions_per_allocation,
+                max_channels_per_allocation: self.quotas.max_channels_per_allocation,
+                max_permissions_per_identity: self.quotas.max_permissions_per_identity,
+                max_channels_per_identity: self.quotas.max_channels_per_identity,
+                challenge_rate: self.challenge_rate,
+            },
+            tls,
+            api: None,
+        };
+        // The TURN core's own checks, before [api], as the file reads.
+        RelayConfig {
+            fixed: fixed.clone(),
+            live: live.clone(),
+        }
+        .server()
+        .validate()
+        .map_err(|e| {
+            let key = match e.key {
+                "relay_ips" => "relay.addresses",
+                "relay_ports" => "relay.port_min",
+                "default_lifetime" => "lifetimes.default",
+                "max_lifetime" => "lifetimes.max",
+                "permission_lifetime" => "lifetimes.permission",
+                "channel_lifetime" => "lifetimes.channel",
+                "nonce_lifetime" => "lifetimes.nonce",
+                "max_channels_per_allocation" => "quotas.max_channels_per_allocation",
+                "max_permissions_per_identity" => "quotas.max_permissions_per_identity",
+                "max_channels_per_identity" => "quotas.max_channels_per_identity",
+                // realm, users, and reservation_lifetime (not configurable, so never wrong).
+                other => other,
+            };
+            ConfigError::new(key, e.problem)
+        })?;
+        if let Some(raw) = self.api {
+            let (listen, api) = api::api(raw, &fixed)?;
+            fixed.api_listen = Some(listen);
+            live.api = Some(api);
+        }
+        Ok(RelayConfig { fixed, live })
+    }
+}
+
+/// Longest timer a key may set (lifetimes, stream idle timeout): a day, in seconds. Beyond it is a
+/// typo, and the bound keeps every `now + timer` far from overflowing.
+const MAX_TIMER_SECONDS: u64 = 86_400;
+
+/// Largest `streams.write_queue_bytes`: 64 MiB queued for one slow client.
+const MAX_WRITE_QUEUE: u64 = 64 << 20;
+
+/// Largest `recv_buffer` / `send_buffer`: 1 GiB (setsockopt takes a C int).
+const MAX_SOCKET_BUFFER: u64 = 1 << 30;
+
+/// `key: must be at most max (got v)`.
+fn at_most(key: &str, v: u64, max: u64) -> Result<(), ConfigError> {
+    if v > max {
+        return Err(ConfigError::new(
+            key,
+            format!("must be at most {max} (got {v})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses a list of listen addresses (`key[i]` in errors): specific IPs, non-zero ports, no duplicates.
+fn listen_addrs(name: &str, list: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
+    let mut listen: Vec<SocketAddr> = Vec::with_capacity(list.len());
+    for (i, s) in list.iter().enumerate() {
+        let key = format!("{name}[{i}]");
+        let addr = SocketAddr::from_str(s).map_err(|_| {
+            ConfigError::new(
+                &key,
+                format!("{s:?} is not an IP:port address (e.g. \"192.0.2.1:3478\" or \"[2001:db8::1]:3478\")"),
+            )
+        })?;
+        if addr.ip().is_unspecified() {
+            return Err(ConfigError::new(
+                key,
+                format!(
+                    "unspecified addresses are not supported yet; list each address (got {addr})"
+                ),
+            ));
+        }
+        if addr.port() == 0 {
+            return Err(ConfigError::new(
+                key,
+                format!("port 0 is not allowed; give the port clients send to, usually 3478 (got {addr})"),
+            ));
+        }
+        if listen.contains(&addr) {
+            return Err(ConfigError::new(key, format!("{addr} is listed twice")));
+        }
+        listen.push(addr);
+    }
+    Ok(listen)
+}
