@@ -415,6 +415,54 @@ fn sigkill_loses_at_most_one_checkpoint_interval_and_restart_counts_nothing_twic
     assert_eq!(sum[0].allocations, 2);
 }
 
+/// Issue 14: a second `turnpike` on the same database refuses to start, before it writes anything; the
+/// first one's open rows stay open and are finished by the first one, exactly.
+#[test]
+fn a_second_instance_on_the_same_database_refuses_and_leaves_the_first_ones_rows_alone() {
+    let dir = temp_dir("second");
+    let db = dir.join("usage.db");
+    let cfg = dir.join("turnpike.toml");
+    let reserved = reserve_udp();
+    let (listen, api_port) = (reserved.port(), free_tcp_port());
+    std::fs::write(&cfg, config_text(listen, api_port, 49000, &db, "")).unwrap();
+    let server: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
+    let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
+
+    let relay = Relay::spawn(&cfg, api);
+    let (c, p, relayed) = rest_client(server, "fay");
+    exchange(&c, &p, relayed, 5, 40);
+    eventually("a checkpointed row", || rows(&db).len() == 1);
+
+    let mut second = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args(["--config", cfg.to_str().unwrap(), "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while second.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("the second instance did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = second.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("in use by another turnpike"), "{stderr}");
+    assert!(stderr.contains("usage.db.lock"), "{stderr}");
+    assert_eq!(rows(&db)[0].5, None, "the live run's row is still open");
+
+    // The first instance carries on and closes its row itself, with everything it relayed.
+    exchange(&c, &p, relayed, 5, 40);
+    relay.terminate();
+    assert_eq!(
+        rows(&db),
+        [("fay".into(), 400, 10, 400, 10, Some("ended".into()))]
+    );
+}
+
 #[test]
 fn credentials_command_mints_what_the_relays_accept() {
     let dir = temp_dir("cli");

@@ -14,14 +14,18 @@
 //! relayed after the last checkpoint (at most one checkpoint interval) is lost and nothing is counted
 //! twice.
 //!
-//! May use: metrics, rusqlite.
+//! One process writes a database: [`Store::open`] holds an exclusive lock on a file beside it.
+//!
+//! May use: metrics, sys (the lock), rusqlite.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
+
+use crate::sys::file::{FileLock, LockError};
 
 /// Metering settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,11 +84,37 @@ pub struct IdentityUsage {
 
 /// A metering database error.
 #[derive(Debug)]
-pub struct Error(rusqlite::Error);
+pub enum Error {
+    /// SQLite said no.
+    Db(rusqlite::Error),
+    /// Another process writes this database: its lock file is held (by this pid, when known).
+    InUse {
+        /// The lock file ([`lock_path`]).
+        lock: PathBuf,
+        /// The holder's pid, as it wrote it there.
+        pid: Option<u32>,
+    },
+    /// The lock file could not be opened or locked.
+    Lock(PathBuf, std::io::Error),
+}
 
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "usage database: {}", self.0)
+        match self {
+            Error::Db(e) => write!(f, "usage database: {e}"),
+            Error::InUse { lock, pid } => {
+                write!(f, "usage database in use by another turnpike")?;
+                if let Some(pid) = pid {
+                    write!(f, " (pid {pid})")?;
+                }
+                write!(
+                    f,
+                    ": {} is locked; one relay writes one database (give each its own [usage] database)",
+                    lock.display()
+                )
+            }
+            Error::Lock(lock, e) => write!(f, "usage database lock {}: {e}", lock.display()),
+        }
     }
 }
 
@@ -92,8 +122,17 @@ impl std::error::Error for Error {}
 
 impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Self {
-        Error(e)
+        Error::Db(e)
     }
+}
+
+/// The lock file next to the database (`usage.db` → `usage.db.lock`) that its one writer holds with
+/// an exclusive `flock`. SQLite's own locks on the database file are left alone: an fcntl lock on it
+/// would break them, and EXCLUSIVE mode would lock out the readers (API, `turnpike usage`).
+pub fn lock_path(database: &Path) -> PathBuf {
+    let mut name = database.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
 }
 
 const SCHEMA: &str = "
@@ -134,12 +173,26 @@ pub struct Store {
     conn: Connection,
     relay_id: String,
     run_id: i64,
+    /// The writer's lock ([`lock_path`]); `None` for readers.
+    _lock: Option<FileLock>,
 }
 
 impl Store {
     /// Open (creating it if needed) the database at `path` for the relay `relay_id`, start a new run,
     /// and close the rows a previous run of this relay left open (it died) at their last checkpoint.
+    ///
+    /// The writer first takes the lock next to the database ([`lock_path`]), before anything is
+    /// written: while another process holds it, this fails with [`Error::InUse`] and the other's open
+    /// rows stay open (a second start must not close a live run's rows as lost).
     pub fn open(path: &Path, relay_id: &str, now_ms: u64) -> Result<Store, Error> {
+        let lock_file = lock_path(path);
+        let lock = FileLock::try_exclusive(&lock_file).map_err(|e| match e {
+            LockError::Held(pid) => Error::InUse {
+                lock: lock_file.clone(),
+                pid,
+            },
+            LockError::Io(e) => Error::Lock(lock_file.clone(), e),
+        })?;
         let conn = Self::connect(path)?;
         conn.execute_batch(SCHEMA)?;
         conn.execute(
@@ -162,6 +215,7 @@ impl Store {
             conn,
             relay_id: relay_id.into(),
             run_id,
+            _lock: Some(lock),
         })
     }
 
@@ -173,6 +227,7 @@ impl Store {
             conn,
             relay_id: String::new(),
             run_id: 0,
+            _lock: None,
         })
     }
 
