@@ -78,7 +78,7 @@ enum Command {
     },
     /// Print a per-identity usage summary from the metering database ([usage] database).
     Usage {
-        /// From this time (RFC 3339, e.g. 2026-11-01T00:00:00Z); default: the beginning.
+        /// From this time (RFC 3339, e.g. 2026-11-01T00:00:00Z); default: 31 days before --until.
         #[arg(long)]
         since: Option<String>,
         /// Until this time (RFC 3339, exclusive); default: now.
@@ -358,27 +358,27 @@ fn usage(cli: &Cli, since: Option<&str>, until: Option<&str>, json: bool) -> Exi
         eprintln!("error: metering is not configured (no [usage] section)");
         return ExitCode::from(2);
     };
-    let time = |flag: &str, v: Option<&str>, default: SystemTime| match v {
-        None => Ok(default),
-        Some(s) => humantime::parse_rfc3339_weak(s)
-            .map_err(|e| format!("{flag}: {s:?} is not an RFC 3339 date-time ({e})")),
-    };
     let ms = |t: SystemTime| {
         t.duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0)
     };
-    let range = time("--since", since, UNIX_EPOCH)
-        .and_then(|s| Ok((s, time("--until", until, SystemTime::now())?)));
+    let time = |flag: &str, v: Option<&str>| match v {
+        None => Ok(None),
+        Some(s) => humantime::parse_rfc3339_weak(s)
+            .map(|t| Some(ms(t)))
+            .map_err(|e| format!("{flag}: {s:?} is not an RFC 3339 date-time ({e})")),
+    };
+    let range = time("--since", since).and_then(|s| Ok((s, time("--until", until)?)));
     let (since, until) = match range {
-        Ok(r) => r,
+        Ok((since, until)) => turnpike::usage::summary_range(since, until, ms(SystemTime::now())),
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
-    let rows = turnpike::usage::Store::open_reader(&u.database)
-        .and_then(|s| s.summary(ms(since), ms(until)));
+    let rows =
+        turnpike::usage::Store::open_reader(&u.database).and_then(|s| s.summary(since, until));
     match rows {
         Ok(rows) if json => {
             println!("{}", serde_json::json!({ "identities": rows }));

@@ -463,6 +463,79 @@ fn a_second_instance_on_the_same_database_refuses_and_leaves_the_first_ones_rows
     );
 }
 
+/// Issue 14: rows closed longer ago than `[usage] retention_days` (default 90) are pruned by the running
+/// relay; open rows are kept whatever their age; `/usage` and `turnpike usage` without bounds cover the
+/// last 31 days, not everything ever recorded.
+#[test]
+fn old_closed_rows_are_pruned_and_usage_defaults_to_a_bounded_range() {
+    let dir = temp_dir("retention");
+    let db = dir.join("usage.db");
+    let cfg = dir.join("turnpike.toml");
+    let reserved = reserve_udp();
+    let (listen, api_port) = (reserved.port(), free_tcp_port());
+    std::fs::write(&cfg, config_text(listen, api_port, 50000, &db, "")).unwrap();
+    let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
+
+    let day = 86_400_000u64;
+    let now = unix_now() * 1000;
+    let row = |allocation, identity: &str, started_ms, at_ms, done| turnpike::usage::Record {
+        allocation,
+        identity: identity.into(),
+        transport: "udp",
+        client: None,
+        server: None,
+        started_ms,
+        at_ms,
+        done,
+        to_peer_bytes: 100,
+        to_peer_packets: 1,
+        to_client_bytes: 100,
+        to_client_packets: 1,
+    };
+    {
+        // Another relay's run, so that this relay's start does not close its open row as lost.
+        let mut store = turnpike::usage::Store::open(&db, "other-relay", now - 200 * day).unwrap();
+        store
+            .record(&[
+                row(1, "ancient", now - 200 * day, now - 199 * day, true),
+                row(2, "last-month", now - 41 * day, now - 40 * day, true),
+                row(3, "still-open", now - 200 * day, now - 199 * day, false),
+                row(4, "yesterday", now - 2 * day, now - day, true),
+            ])
+            .unwrap();
+    }
+    let identities = || rows(&db).into_iter().map(|r| r.0).collect::<Vec<_>>();
+    assert_eq!(identities().len(), 4);
+
+    let relay = Relay::spawn(&cfg, api);
+    eventually("the prune at start", || {
+        identities() == ["last-month", "still-open", "yesterday"]
+    });
+    let listed = |url: &str| {
+        signed_get(api, url)["identities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["identity"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(listed("/usage"), ["yesterday"], "default: the last 31 days");
+    assert_eq!(
+        listed("/usage?since=2020-01-01T00:00:00Z"),
+        ["last-month", "still-open", "yesterday"]
+    );
+    relay.terminate();
+
+    let cli = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args(["usage", "--json", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(cli.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap();
+    assert_eq!(v["identities"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["identities"][0]["identity"], "yesterday");
+}
+
 #[test]
 fn credentials_command_mints_what_the_relays_accept() {
     let dir = temp_dir("cli");
