@@ -184,3 +184,79 @@ fn shutdown_with_a_huge_drain_in_code_does_not_panic() {
         relay.join().expect("the control thread ends cleanly");
     }
 }
+
+/// Runs `turnpike --config <file>` under `ulimit -n <nofile>` (soft and hard), output to files in `dir`.
+fn spawn_limited(dir: &Path, text: &str, nofile: u32) -> std::process::Child {
+    let path = dir.join("turnpike.toml");
+    std::fs::write(&path, text).unwrap();
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n {nofile} && exec \"$0\" --config \"$1\" --log-level warn"
+        ))
+        .arg(env!("CARGO_BIN_EXE_turnpike"))
+        .arg(&path)
+        .stdout(std::fs::File::create(dir.join("stdout")).unwrap())
+        .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Issue 14: caps that cannot fit under RLIMIT_NOFILE are lowered at start, with a warning naming the
+/// keys and the limit, so that Allocate beyond them gets 508 instead of the relay running out of
+/// descriptors; below what the relay needs to run at all, it refuses to start.
+#[test]
+fn caps_are_fitted_under_the_open_file_limit() {
+    let dir = temp_dir("nofile");
+    let udp = free_udp_port();
+    let text = format!(
+        "listen = [\"127.0.0.1:{udp}\"]\nworkers = 1\npin_workers = false\ndrain_seconds = 0\n\
+         backend = \"epoll\"\n\
+         [relay]\naddresses = [\"127.0.0.1\"]\nport_min = 61100\nport_max = 61199\n\
+         [[users]]\nname = \"alice\"\npassword = \"alice-pass\"\n"
+    );
+    // One worker and one listener: 138 descriptors kept, so 140 leaves room for two allocations.
+    let mut child = spawn_limited(&dir, &text, 140);
+    let server = format!("127.0.0.1:{udp}").parse().unwrap();
+    let mut clients: Vec<_> = (0..3)
+        .map(|_| common::Client::new(server, "alice", "alice-pass"))
+        .collect();
+    // The client retransmits (bounded) while the relay starts.
+    clients[0].allocate();
+    clients[1].allocate();
+    let third = clients[2].authed(
+        turnpike::wire::Method::ALLOCATE,
+        &[turnpike::wire::Attribute::RequestedTransport(17)],
+    );
+    assert_eq!(common::Client::error_code(&third), Some(508));
+    let _ = child.kill();
+    child.wait().unwrap();
+    let log = std::fs::read_to_string(dir.join("stdout")).unwrap();
+    for fact in [
+        "RLIMIT_NOFILE",
+        "is 140",
+        "quotas.max_allocations",
+        "lowered to 2",
+    ] {
+        assert!(
+            log.contains(fact),
+            "the log should mention {fact:?}:\n{log}"
+        );
+    }
+
+    // Too few for even one allocation: refused, naming the limit.
+    let mut child = spawn_limited(&dir, &text, 100);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let status = child.wait().unwrap();
+    let stderr = std::fs::read_to_string(dir.join("stderr")).unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("quotas.max_allocations") && stderr.contains("RLIMIT_NOFILE) is 100"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

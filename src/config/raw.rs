@@ -243,6 +243,8 @@ pub(super) struct RawUsage {
     pub(super) database: PathBuf,
     #[serde(default = "default_checkpoint")]
     pub(super) checkpoint_seconds: u64,
+    #[serde(default = "default_retention")]
+    pub(super) retention_days: u64,
 }
 
 fn default_region() -> String {
@@ -251,4 +253,8 @@ fn default_region() -> String {
 
 fn default_checkpoint() -> u64 {
     60
+}
+
+fn default_retention() -> u64 {
+    90
 }

@@ -555,3 +555,35 @@ fn durations_and_sizes_are_bounded() {
         );
     }
 }
+
+#[test]
+fn caps_are_fitted_under_the_open_file_limit() {
+    // UDP only: the allocations take what is left beside the reserve.
+    let mut c = RelayConfig::from_toml(&operator_with("workers = 2")).unwrap();
+    let fit = c.fit_open_files(20_000).unwrap();
+    assert_eq!(fit.reserve, 2 * (8 + 2) + 128);
+    assert_eq!(fit.configured, (100_000, 10_000));
+    assert_eq!(fit.fitted, (20_000 - 148, 10_000), "no stream listeners");
+    assert!(fit.lowered());
+    assert_eq!(c.live.quotas.max_allocations, 20_000 - 148);
+    assert_eq!(c.server().max_allocations, 20_000 - 148);
+
+    // With stream listeners both caps come down in proportion, and add up to what is available.
+    let mut c = RelayConfig::from_toml(&operator_with(
+        "workers = 1\nlisten_tcp = [\"192.0.2.1:3478\"]\nquotas.max_allocations = 30000",
+    ))
+    .unwrap();
+    let fit = c.fit_open_files(10_000).unwrap();
+    let available = 10_000 - fit.reserve;
+    assert_eq!(fit.fitted.0 + fit.fitted.1, available as usize);
+    assert_eq!(fit.fitted.0, (available * 3 / 4) as usize);
+    assert_eq!(c.fixed.streams.max_connections, fit.fitted.1);
+
+    // Caps that fit are left alone; a limit below the reserve is an error naming the key and limit.
+    let mut c =
+        RelayConfig::from_toml(&operator_with("workers = 1\nquotas.max_allocations = 10")).unwrap();
+    assert!(!c.fit_open_files(1024).unwrap().lowered());
+    let e = c.fit_open_files(64).unwrap_err();
+    assert_eq!(e.key, "quotas.max_allocations");
+    assert!(e.problem.contains("RLIMIT_NOFILE) is 64"), "{e}");
+}
