@@ -27,6 +27,7 @@ pub mod framing;
 mod stats;
 pub mod stream;
 pub mod uring;
+mod worker;
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};

@@ -21,15 +21,20 @@ pub enum Drop {
     Truncated,
     /// The control thread's queue was full.
     ControlBusy,
-    /// The kernel did not take the datagram (full socket buffer, unreachable).
+    /// The kernel refused the datagram for another reason (unreachable, not permitted), or its socket
+    /// is gone.
     SendFailed,
+    /// The outgoing socket's buffer (or the io_uring submission queue) was full.
+    SendBufferFull,
+    /// The datagram was too big for the path (`EMSGSIZE`, e.g. with DONT-FRAGMENT).
+    TooBig,
     /// A TCP/TLS client's bounded write queue was full (a slow reader), or its connection is gone.
     StreamQueueFull,
 }
 
 impl Drop {
     /// All reasons, in counter order.
-    pub const ALL: [Drop; 9] = [
+    pub const ALL: [Drop; 11] = [
         Drop::NotTurn,
         Drop::Malformed,
         Drop::NoChannel,
@@ -38,6 +43,8 @@ impl Drop {
         Drop::Truncated,
         Drop::ControlBusy,
         Drop::SendFailed,
+        Drop::SendBufferFull,
+        Drop::TooBig,
         Drop::StreamQueueFull,
     ];
 
@@ -52,6 +59,8 @@ impl Drop {
             Drop::Truncated => "truncated",
             Drop::ControlBusy => "control_busy",
             Drop::SendFailed => "send_failed",
+            Drop::SendBufferFull => "send_buffer_full",
+            Drop::TooBig => "too_big",
             Drop::StreamQueueFull => "stream_queue_full",
         }
     }
