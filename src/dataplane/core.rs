@@ -17,15 +17,44 @@ use crate::wire::{self, ChannelData, Class, Kind, Message, Method};
 pub enum Action {
     /// Nothing (dropped and counted, or handed to the control thread).
     Done,
-    /// Send `range` of the same buffer slot to `dst` from `out`.
-    Forward {
-        /// The socket to send from.
-        out: Out,
-        /// The destination.
-        dst: SocketAddr,
-        /// The bytes, within the slot.
-        range: Range<usize>,
-    },
+    /// Send part of the same buffer slot; once the kernel (or a stream's write queue) took it, call
+    /// [`Core::sent`] with its [`Bill`].
+    Forward(Forward),
+}
+
+/// A datagram to send: everything a backend needs, so that it never looks the relay up again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// The socket to send from.
+    pub out: Out,
+    /// The destination.
+    pub dst: SocketAddr,
+    /// The bytes to send, within the slot (header included).
+    pub range: Range<usize>,
+    /// What to credit when the send succeeded.
+    pub bill: Bill,
+}
+
+/// The billing facts of one forwarded datagram, credited by [`Core::sent`] only after a send succeeded
+/// (usage counts what was sent, not what was queued). `Copy` and small, so that a backend can keep it
+/// beside a send in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bill {
+    /// The relay socket (allocation) the datagram went through.
+    pub relay: RelayId,
+    /// Which way it went.
+    pub dir: Direction,
+    /// Payload bytes (the application data, without ChannelData or Data indication framing).
+    pub payload: u32,
+}
+
+/// Which way a relayed datagram goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client → peer (ChannelData or a Send indication from the client).
+    ToPeer,
+    /// Peer → client (ChannelData or a Data indication to the client).
+    ToClient,
 }
 
 /// A worker socket.
@@ -117,17 +146,17 @@ impl Core {
                     return self.drop(Drop::NoChannel);
                 };
                 let n = cd.payload().len();
-                self.stats.count_relayed(true, n);
-                if let Some(r) = self.table.relay_mut(route.relay) {
-                    r.counters.to_peer_bytes += n as u64;
-                    r.counters.to_peer_packets += 1;
-                }
                 let start = HEADROOM + wire::CHANNEL_HEADER_LEN;
-                Action::Forward {
+                Action::Forward(Forward {
                     out: Out::Relay(route.relay),
                     dst: route.peer,
                     range: start..start + n,
-                }
+                    bill: Bill {
+                        relay: route.relay,
+                        dir: Direction::ToPeer,
+                        payload: n as u32,
+                    },
+                })
             }
             Some(Kind::Stun) => self.on_client_stun(listener, from, key, data),
             _ => self.drop(Drop::NotTurn),
@@ -155,16 +184,16 @@ impl Core {
                 return self.drop(Drop::NoPermission);
             };
             let start = HEADROOM + (payload.as_ptr() as usize - data.as_ptr() as usize);
-            self.stats.count_relayed(true, payload.len());
-            if let Some(r) = self.table.relay_mut(relay) {
-                r.counters.to_peer_bytes += payload.len() as u64;
-                r.counters.to_peer_packets += 1;
-            }
-            return Action::Forward {
+            return Action::Forward(Forward {
                 out: Out::Relay(relay),
                 dst: peer,
                 range: start..start + payload.len(),
-            };
+                bill: Bill {
+                    relay,
+                    dir: Direction::ToPeer,
+                    payload: payload.len() as u32,
+                },
+            });
         }
         let msg = ToControl::Stun {
             worker: self.worker,
@@ -196,9 +225,6 @@ impl Core {
         if !r.permissions.contains(&from.ip()) {
             return self.drop(Drop::NoPermission);
         }
-        r.counters.to_client_bytes += len as u64;
-        r.counters.to_client_packets += 1;
-        self.stats.count_relayed(false, len);
         let client = r.client;
         let range = match r.channels.get(&from) {
             Some(&channel) => {
@@ -226,10 +252,34 @@ impl Core {
                 }
             }
         };
-        Action::Forward {
+        Action::Forward(Forward {
             out: Out::Listener(client.listener),
             dst: client.client,
             range,
+            bill: Bill {
+                relay,
+                dir: Direction::ToClient,
+                payload: len as u32,
+            },
+        })
+    }
+
+    /// Credit a forward whose send succeeded: the relay's usage counters and the worker's relayed
+    /// totals. A relay removed meanwhile (its final counters already reported) credits the worker only.
+    #[inline]
+    pub fn sent(&mut self, bill: Bill) {
+        let n = u64::from(bill.payload);
+        let to_peer = bill.dir == Direction::ToPeer;
+        self.stats.count_relayed(to_peer, n as usize);
+        if let Some(r) = self.table.relay_mut(bill.relay) {
+            let c = &mut r.counters;
+            if to_peer {
+                c.to_peer_bytes += n;
+                c.to_peer_packets += 1;
+            } else {
+                c.to_client_bytes += n;
+                c.to_client_packets += 1;
+            }
         }
     }
 
@@ -251,5 +301,92 @@ impl Core {
     /// The worker's counters.
     pub fn stats(&self) -> &WorkerStats {
         &self.stats
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::route::Counters;
+
+    const RELAY: RelayId = RelayId(7);
+
+    fn core() -> (Core, crossbeam_channel::Receiver<ToControl>) {
+        let (tx, rx) = crossbeam_channel::bounded(16);
+        let core = Core::new(0, tx, Arc::default(), wire::ChannelRange::Rfc8656);
+        (core, rx)
+    }
+
+    #[test]
+    fn a_forward_is_billed_only_when_sent() {
+        let (mut core, _rx) = core();
+        let client = ClientKey {
+            client: "198.51.100.1:4000".parse().unwrap(),
+            listener: 0,
+        };
+        let peer: SocketAddr = "8.8.8.8:53".parse().unwrap();
+        core.apply(RouteUpdate::AddRelay {
+            id: RELAY,
+            allocation: 1,
+            addr: "192.0.2.1:50000".parse().unwrap(),
+            client,
+        });
+        core.apply(RouteUpdate::AddPermission {
+            relay: RELAY,
+            peer: peer.ip(),
+        });
+        core.apply(RouteUpdate::AddChannel {
+            relay: RELAY,
+            channel: 0x4000,
+            peer,
+        });
+        let mut slot = [0u8; 256];
+        slot[HEADROOM..HEADROOM + 8].copy_from_slice(&[0x40, 0x00, 0, 4, 1, 2, 3, 4]);
+        let Action::Forward(f) = core.on_client(0, client.client, &mut slot, 8) else {
+            panic!("not forwarded");
+        };
+        assert_eq!(
+            f,
+            Forward {
+                out: Out::Relay(RELAY),
+                dst: peer,
+                range: HEADROOM + 4..HEADROOM + 8,
+                bill: Bill {
+                    relay: RELAY,
+                    dir: Direction::ToPeer,
+                    payload: 4,
+                },
+            }
+        );
+        let counters = |core: &Core| core.table().relay(RELAY).unwrap().counters;
+        assert_eq!(
+            counters(&core),
+            Counters::default(),
+            "nothing billed before the send"
+        );
+        assert_eq!(core.stats().relayed(), [0; 4]);
+
+        slot[HEADROOM..HEADROOM + 3].copy_from_slice(b"abc");
+        let Action::Forward(back) = core.on_peer(RELAY, peer, &mut slot, 3) else {
+            panic!("not forwarded");
+        };
+        assert_eq!(back.bill.dir, Direction::ToClient);
+        assert_eq!(back.bill.payload, 3);
+        assert_eq!(back.dst, client.client);
+        // Only the first send succeeds: only it is billed.
+        core.sent(f.bill);
+        assert_eq!(
+            counters(&core),
+            Counters {
+                to_peer_bytes: 4,
+                to_peer_packets: 1,
+                ..Counters::default()
+            }
+        );
+        assert_eq!(core.stats().relayed(), [4, 1, 0, 0]);
+        core.sent(back.bill);
+        assert_eq!(core.stats().relayed(), [4, 1, 3, 1]);
+        assert_eq!(counters(&core).to_client_packets, 1);
     }
 }

@@ -16,7 +16,9 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use super::stream::{Streams, SWEEP};
-use super::{Action, Core, Drop, Out, WorkerMsg, WorkerSetup, BATCH, HEADROOM, SLOT};
+use super::{
+    Action, Bill, Core, Drop, Forward, Out, WorkerMsg, WorkerSetup, BATCH, HEADROOM, SLOT,
+};
 use crate::route::{ClientKey, RelayId, RouteUpdate};
 use crate::sys::mmsg::{recv_batch, send_batch, RecvMeta};
 
@@ -153,7 +155,9 @@ impl Sockets {
                     }
                     core.apply(update);
                 }
-                WorkerMsg::SendStream { client, bytes } => self.streams.send(core, client, &bytes),
+                WorkerMsg::SendStream { client, bytes } => {
+                    self.streams.send(core, client, &bytes);
+                }
                 WorkerMsg::Stop => return Ok(true),
             }
         }
@@ -174,7 +178,8 @@ enum Served {
 struct Io {
     slab: Vec<u8>,
     meta: [RecvMeta; BATCH],
-    pending: Vec<(Out, SocketAddr, usize, usize)>,
+    /// Forwards of the batch: (socket, destination, start in the slab, length, what to credit once sent).
+    pending: Vec<(Out, SocketAddr, usize, usize, Bill)>,
 }
 
 impl Io {
@@ -233,9 +238,15 @@ impl Io {
                 Out::Listener(l) => core.on_client(l, meta.addr, slot, meta.len),
                 Out::Relay(r) => core.on_peer(r, meta.addr, slot, meta.len),
             };
-            if let Action::Forward { out, dst, range } = action {
+            if let Action::Forward(Forward {
+                out,
+                dst,
+                range,
+                bill,
+            }) = action
+            {
                 self.pending
-                    .push((out, dst, slot_start + range.start, range.len()));
+                    .push((out, dst, slot_start + range.start, range.len(), bill));
             }
         }
         self.flush(core, listeners, &socks.relays, &mut socks.streams);
@@ -249,7 +260,7 @@ impl Io {
     /// Send the forwards, one `sendmmsg` per run of the same outgoing socket.
     fn flush(
         &mut self,
-        core: &Core,
+        core: &mut Core,
         listeners: &[UdpSocket],
         relays: &HashMap<RelayId, UdpSocket>,
         streams: &mut Streams,
@@ -260,21 +271,24 @@ impl Io {
             if let Out::Listener(l) = out {
                 if streams.is_stream(l) {
                     // Peer data for a TCP/TLS client: into its connection's write queue.
-                    let (_, dst, start, len) = self.pending[i];
+                    let (_, dst, start, len, bill) = self.pending[i];
                     let client = ClientKey {
                         client: dst,
                         listener: l,
                     };
-                    streams.send(core, client, &self.slab[start..start + len]);
+                    if streams.send(core, client, &self.slab[start..start + len]) {
+                        core.sent(bill);
+                    }
                     i += 1;
                     continue;
                 }
             }
             let mut group: [(SocketAddr, &[u8]); BATCH] =
                 [(SocketAddr::from(([0, 0, 0, 0], 0)), &[]); BATCH];
+            let first = i;
             let mut k = 0;
             while i < self.pending.len() && self.pending[i].0 == out && k < BATCH {
-                let (_, dst, start, len) = self.pending[i];
+                let (_, dst, start, len, _) = self.pending[i];
                 group[k] = (dst, &self.slab[start..start + len]);
                 k += 1;
                 i += 1;
@@ -288,6 +302,10 @@ impl Io {
                 None => 0,
             };
             core.stats().count_tx(sent);
+            // sendmmsg sends in order: the first `sent` of the group went out.
+            for p in &self.pending[first..first + sent] {
+                core.sent(p.4);
+            }
             if sent < k {
                 core.stats().count_drops(Drop::SendFailed, k - sent);
             }

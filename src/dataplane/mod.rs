@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 
-pub use self::core::{Action, Core, Out};
+pub use self::core::{Action, Bill, Core, Direction, Forward, Out};
 pub use stats::{Drop, WorkerStats};
 
 use crate::route::{ClientKey, Counters, ListenerId, RouteUpdate};

@@ -33,7 +33,7 @@ use hashbrown::HashMap;
 use mio::{Events, Interest, Poll, Token};
 
 use super::framing::{Framer, MAX_FRAME};
-use super::{Action, Core, Drop, Out, HEADROOM};
+use super::{Action, Core, Drop, Forward, Out, HEADROOM};
 use crate::route::{ClientKey, ListenerId, RelayId};
 use crate::wire::{self, ChannelRange};
 
@@ -307,19 +307,20 @@ impl Streams {
     }
 
     /// Queue `msg` (a STUN message or ChannelData) for the client `key`, padded to 4 bytes, and try to
-    /// write it. Dropped and counted if the client's queue is full or it has no connection here.
-    pub fn send(&mut self, core: &Core, key: ClientKey, msg: &[u8]) {
+    /// write it. Dropped and counted if the client's queue is full or it has no connection here. True if
+    /// queued (what a relayed datagram is billed on).
+    pub fn send(&mut self, core: &Core, key: ClientKey, msg: &[u8]) -> bool {
         let Some(&slot) = self.by_key.get(&key) else {
             core.drop(Drop::StreamQueueFull);
-            return;
+            return false;
         };
         let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
-            return;
+            return false;
         };
         let padded = wire::pad4(msg.len());
         if c.out.len() - c.out_at + padded > self.shared.limits.write_queue {
             core.drop(Drop::StreamQueueFull);
-            return;
+            return false;
         }
         if c.out_at > 0 && c.out_at == c.out.len() {
             c.out.clear();
@@ -329,6 +330,7 @@ impl Streams {
         c.out.resize(c.out.len() + padded - msg.len(), 0);
         core.stats().count_tx(1);
         self.flush(core, slot);
+        true
     }
 
     /// Close connections past their idle or handshake timeout (at most every [`SWEEP`]).
@@ -484,14 +486,16 @@ impl Streams {
                 };
                 let len = msg.len();
                 self.scratch[HEADROOM..HEADROOM + len].copy_from_slice(msg);
-                if let Action::Forward {
+                if let Action::Forward(Forward {
                     out: Out::Relay(relay),
                     dst,
                     range,
-                } = core.on_client(key.listener, key.client, &mut self.scratch, len)
+                    bill,
+                }) = core.on_client(key.listener, key.client, &mut self.scratch, len)
                 {
                     if send_relay(relay, dst, &self.scratch[range]) {
                         core.stats().count_tx(1);
+                        core.sent(bill);
                     } else {
                         core.drop(Drop::SendFailed);
                     }

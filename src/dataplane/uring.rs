@@ -30,7 +30,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use hashbrown::HashMap;
 
 use super::stream::{Streams, SWEEP};
-use super::{Action, Core, Drop, Out, WorkerMsg, WorkerSetup, HEADROOM, MAX_DATAGRAM, SLOT};
+use super::{
+    Action, Bill, Core, Drop, Forward, Out, WorkerMsg, WorkerSetup, HEADROOM, MAX_DATAGRAM, SLOT,
+};
 use crate::route::{ClientKey, RelayId, RouteUpdate};
 use crate::sys::uring::{Buf, Completion, Ring, RingConfig};
 
@@ -63,6 +65,7 @@ pub(super) fn run(setup: WorkerSetup) -> io::Result<()> {
         socks: Sockets::default(),
         ring,
         retry: Vec::with_capacity(64),
+        bills: vec![None; usize::from(BUFFERS)],
         wake: wake.as_raw_fd(),
         streams,
     };
@@ -117,6 +120,8 @@ struct Worker {
     ring: Ring,
     /// Receives that could not be armed or cancelled (full submission queue): retried every iteration.
     retry: Vec<(u32, Retry)>,
+    /// Per receive buffer: what to credit when its send in flight completes successfully.
+    bills: Vec<Option<Bill>>,
     wake: RawFd,
     /// TCP/TLS listeners and connections, served when their epoll set is readable.
     streams: Streams,
@@ -169,7 +174,9 @@ impl Worker {
                 }
                 core.apply(update);
             }
-            WorkerMsg::SendStream { client, bytes } => streams.send(core, client, &bytes),
+            WorkerMsg::SendStream { client, bytes } => {
+                streams.send(core, client, &bytes);
+            }
             WorkerMsg::Stop => return Ok(false),
         }
         Ok(true)
@@ -181,6 +188,7 @@ impl Worker {
             socks,
             ring,
             retry,
+            bills,
             wake,
             streams,
         } = self;
@@ -214,21 +222,29 @@ impl Worker {
                         Out::Relay(r) => core.on_peer(r, from, ring.buf_mut(&buf), len),
                     };
                     match action {
-                        Action::Forward {
+                        Action::Forward(Forward {
                             out: Out::Listener(l),
                             dst,
                             range,
-                        } if streams.is_stream(l) => {
+                            bill,
+                        }) if streams.is_stream(l) => {
                             // Peer data for a TCP/TLS client: into its connection's write queue.
                             let client = ClientKey {
                                 client: dst,
                                 listener: l,
                             };
-                            streams.send(core, client, &ring.buf_mut(&buf)[range]);
+                            if streams.send(core, client, &ring.buf_mut(&buf)[range]) {
+                                core.sent(bill);
+                            }
                             ring.release(buf);
                         }
-                        Action::Forward { out, dst, range } => {
-                            socks.forward(ring, core, buf, out, dst, range);
+                        Action::Forward(f) => {
+                            let i = buf.index();
+                            if socks.forward(ring, core, buf, f.out, f.dst, f.range) {
+                                if let Some(b) = bills.get_mut(i) {
+                                    *b = Some(f.bill);
+                                }
+                            }
                         }
                         Action::Done => ring.release(buf),
                     }
@@ -244,9 +260,13 @@ impl Worker {
                 }
                 socks.ended(ring, tag, errno, retry)?;
             }
-            Completion::Sent { tag, result } => {
+            Completion::Sent { tag, buf, result } => {
+                let bill = bills.get_mut(buf).and_then(Option::take);
                 if result >= 0 {
                     core.stats().count_tx(1);
+                    if let Some(bill) = bill {
+                        core.sent(bill);
+                    }
                 } else {
                     core.stats().count_drop(Drop::SendFailed);
                 }
@@ -445,7 +465,7 @@ impl Sockets {
         self.arm(ring, tag, retry)
     }
 
-    /// Send `range` of `buf` to `dst` from `out`, counting a failure to queue it.
+    /// Send `range` of `buf` to `dst` from `out`, counting a failure to queue it. True if queued.
     fn forward(
         &mut self,
         ring: &mut Ring,
@@ -454,19 +474,23 @@ impl Sockets {
         out: Out,
         dst: SocketAddr,
         range: Range<usize>,
-    ) {
+    ) -> bool {
         let Some((fd, tag)) = self.out(out) else {
             ring.release(buf);
             core.stats().count_drop(Drop::SendFailed);
-            return;
+            return false;
         };
         match ring.send(buf, fd, tag, range, dst) {
             Ok(()) => {
                 if let Some(s) = self.get_mut(tag) {
                     s.inflight += 1;
                 }
+                true
             }
-            Err(_) => core.stats().count_drop(Drop::SendFailed),
+            Err(_) => {
+                core.stats().count_drop(Drop::SendFailed);
+                false
+            }
         }
     }
 }
