@@ -33,7 +33,7 @@ use hashbrown::HashMap;
 use mio::{Events, Interest, Poll, Token};
 
 use super::framing::{Framer, MAX_FRAME};
-use super::{Action, Core, Drop, Out, HEADROOM};
+use super::{Action, Core, Drop, Forward, Out, HEADROOM};
 use crate::route::{ClientKey, ListenerId, RelayId};
 use crate::wire::{self, ChannelRange};
 
@@ -307,7 +307,7 @@ impl Streams {
 
     /// Queue `msg` (a STUN message or ChannelData) for the client `key`, padded to 4 bytes, and try to
     /// write it. Dropped and counted if the client's queue is full or it has no connection here. True if
-    /// it was queued.
+    /// queued (what a relayed datagram is billed on).
     pub fn send(&mut self, core: &Core, key: ClientKey, msg: &[u8]) -> bool {
         let Some(&slot) = self.by_key.get(&key) else {
             core.drop(Drop::StreamQueueFull);
@@ -481,15 +481,19 @@ impl Streams {
                 };
                 let len = msg.len();
                 self.scratch[HEADROOM..HEADROOM + len].copy_from_slice(msg);
-                if let Action::Forward {
+                if let Action::Forward(Forward {
                     out: Out::Relay(relay),
                     dst,
                     range,
-                } = core.on_client(key.listener, key.client, &mut self.scratch, len)
+                    bill,
+                }) = core.on_client(key.listener, key.client, &mut self.scratch, len)
                 {
                     match self.scratch.get(range) {
                         Some(bytes) => match send_relay(relay, dst, bytes) {
-                            Ok(()) => core.stats().count_tx(1),
+                            Ok(()) => {
+                                core.stats().count_tx(1);
+                                core.sent(bill);
+                            }
                             Err(why) => {
                                 core.drop(why);
                             }

@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 
 use super::stream::{Streams, SWEEP};
-use super::{Action, Core, Drop, Out, WorkerMsg, WorkerSetup};
+pub(super) use super::Bill;
+use super::{Action, Core, Drop, Forward, Out, WorkerMsg, WorkerSetup};
 use crate::route::{ClientKey, RelayId, RouteUpdate};
 
 /// One received datagram of the current batch; its bytes are in the backend's slot `i`
@@ -55,9 +56,6 @@ impl Default for Datagram {
         }
     }
 }
-
-/// What a send is billed as once the kernel has taken it.
-pub(super) type Bill = ();
 
 /// The outcome of one send: taken by the kernel, or dropped for a reason.
 pub(super) type Sent = (Bill, Result<(), Drop>);
@@ -171,7 +169,13 @@ pub(super) fn run<I: Io>(setup: WorkerSetup, mut io: I) -> io::Result<()> {
                     Out::Listener(l) => core.on_client(l, d.from, slot, d.len),
                     Out::Relay(r) => core.on_peer(r, d.from, slot, d.len),
                 };
-                let Action::Forward { out, dst, range } = action else {
+                let Action::Forward(Forward {
+                    out,
+                    dst,
+                    range,
+                    bill,
+                }) = action
+                else {
                     continue;
                 };
                 match out {
@@ -182,11 +186,15 @@ pub(super) fn run<I: Io>(setup: WorkerSetup, mut io: I) -> io::Result<()> {
                             listener: l,
                         };
                         let slot = io.slot_mut(i);
-                        if let Some(bytes) = slot.get(range) {
-                            streams.send(&core, client, bytes);
+                        // Billed once queued: the connection's bounded queue is the send buffer.
+                        if slot
+                            .get(range)
+                            .is_some_and(|bytes| streams.send(&core, client, bytes))
+                        {
+                            core.sent(bill);
                         }
                     }
-                    _ => io.send(i, out, dst, range, (), &mut notes.sent),
+                    _ => io.send(i, out, dst, range, bill, &mut notes.sent),
                 }
             }
             io.flush(&mut notes.sent);
@@ -225,11 +233,14 @@ fn drain_mailbox<I: Io>(
     Ok(false)
 }
 
-/// Count the outcomes of sends.
+/// Count the outcomes of sends, and bill what the kernel took.
 fn settle(core: &mut Core, sent: &mut Vec<Sent>) {
-    for (_bill, result) in sent.drain(..) {
+    for (bill, result) in sent.drain(..) {
         match result {
-            Ok(()) => core.stats().count_tx(1),
+            Ok(()) => {
+                core.stats().count_tx(1);
+                core.sent(bill);
+            }
             Err(why) => {
                 core.drop(why);
             }
