@@ -279,3 +279,55 @@ impl Io for Epoll {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::dataplane::{Bill, Direction};
+
+    /// Finding 8: one `sendmmsg` whose second datagram the kernel refuses still sends the third, and
+    /// reports each outcome with its own bill.
+    #[test]
+    fn a_refused_datagram_in_the_middle_of_a_batch_drops_only_itself() {
+        let wake = Arc::new(EventFd::new().unwrap());
+        let streams = EventFd::new().unwrap();
+        let mut io = Epoll::new(wake, streams.as_raw_fd()).unwrap();
+        let relay =
+            crate::sys::bind_udp("127.0.0.1:0".parse().unwrap(), Default::default()).unwrap();
+        let id = RelayId(7);
+        io.register(relay, Out::Relay(id)).unwrap();
+        let p = UdpSocket::bind("127.0.0.1:0").unwrap();
+        p.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let good = p.local_addr().unwrap();
+        let refused: SocketAddr = "255.255.255.255:9".parse().unwrap();
+        let mut sent = Vec::new();
+        for (i, dst) in [good, refused, good].into_iter().enumerate() {
+            io.slot_mut(i)[HEADROOM..HEADROOM + 10].fill(i as u8);
+            let bill = Bill {
+                relay: id,
+                dir: Direction::ToPeer,
+                payload: i as u32 + 1,
+            };
+            io.send(
+                i,
+                Out::Relay(id),
+                dst,
+                HEADROOM..HEADROOM + 10,
+                bill,
+                &mut sent,
+            );
+        }
+        assert!(sent.is_empty(), "queued until the flush");
+        io.flush(&mut sent);
+        let mut outcomes: Vec<(u32, bool)> =
+            sent.iter().map(|(b, r)| (b.payload, r.is_ok())).collect();
+        outcomes.sort_unstable();
+        assert_eq!(outcomes, [(1, true), (2, false), (3, true)]);
+        let mut buf = [0u8; 64];
+        for i in [0u8, 2] {
+            let (n, _) = p.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &[i; 10]);
+        }
+    }
+}

@@ -228,6 +228,28 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_datagram_is_reported_and_the_rest_are_sent() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        b.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let good = b.local_addr().unwrap();
+        // Without SO_BROADCAST the kernel refuses the limited broadcast address (or has no route to it).
+        let refused: SocketAddr = "255.255.255.255:9".parse().unwrap();
+        let msgs: [(SocketAddr, &[u8]); 4] =
+            [(good, b"1"), (refused, b"2"), (good, b"3"), (good, b"4")];
+        let mut outcomes = Vec::new();
+        let sent = send_batch(a.as_raw_fd(), &msgs, |i, r| outcomes.push((i, r.is_ok())));
+        assert_eq!(sent, 3);
+        assert_eq!(outcomes, [(0, true), (1, false), (2, true), (3, true)]);
+        let mut buf = [0u8; 8];
+        for want in [b"1", b"3", b"4"] {
+            let n = b.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], want);
+        }
+    }
+
+    #[test]
     fn oversized_datagrams_are_flagged_truncated() {
         let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
