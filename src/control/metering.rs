@@ -56,6 +56,12 @@ impl Control {
                 BackendKind::IoUring => "io_uring",
             },
             draining: self.drain_deadline.is_some(),
+            workers_lost: self.workers_lost,
+            control_queue: {
+                let (m, b) = self.stun_queue.depth();
+                (m as u64, b as u64)
+            },
+            mailbox_full: self.mailbox_full,
             workers: self
                 .stats
                 .iter()

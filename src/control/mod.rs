@@ -15,12 +15,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::dataplane::stream::{StreamLimits, StreamListener, StreamShared, Streams};
-use crate::dataplane::{self, BackendKind, Core, ToControl, WorkerMsg, WorkerSetup, WorkerStats};
+use crate::dataplane::{
+    self, BackendKind, ControlTx, Core, StunQueue, ToControl, WorkerMsg, WorkerSetup, WorkerStats,
+};
 use crate::route::{ClientKey, ListenerId, RelayId, RouteUpdate};
 use crate::server::{self, Command, FiveTuple, Server, Transport};
 use crate::sys::{self, EventFd, UdpOptions};
@@ -28,8 +30,16 @@ use metering::{unix_ms, usage_of};
 
 mod metering;
 
-/// Queue depth from the workers to the control thread; beyond it STUN requests are dropped and counted.
+/// STUN copies queued from the workers to the control thread at most; beyond it they are dropped and
+/// counted (accounting messages are not bounded by it: see [`ControlTx`]).
 const CONTROL_QUEUE: usize = 16 * 1024;
+/// Bytes of STUN copies queued at most (a stream message may be 64 KiB: the count alone would allow
+/// about 1 GiB).
+const CONTROL_QUEUE_BYTES: usize = 8 << 20;
+/// Messages queued from the control thread to one worker at most. Route updates wait for room (the
+/// worker never waits for the control thread, so it always makes room); replies to stream clients are
+/// dropped and counted.
+const MAILBOX: usize = 4096;
 
 /// What the relay needs to start.
 #[derive(Debug, Clone)]
@@ -229,12 +239,14 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
     let server = Server::new(server_config, StdRng::from_entropy())
         .map_err(|e| io::Error::other(e.to_string()))?;
 
-    let (to_control, from_workers) = bounded(CONTROL_QUEUE);
+    let (to_control, from_workers) = unbounded();
+    let stun_queue = Arc::new(StunQueue::new(CONTROL_QUEUE, CONTROL_QUEUE_BYTES));
+    let worker_tx = ControlTx::new(to_control.clone(), stun_queue.clone());
     let mut handles = Vec::with_capacity(workers);
     let mut stats = Vec::with_capacity(workers);
     let mut replies = Vec::with_capacity(workers);
     for (k, (mine, tcp)) in sockets.into_iter().zip(tcp_sockets).enumerate() {
-        let (tx, mailbox) = unbounded();
+        let (tx, mailbox) = bounded(MAILBOX);
         let wake = Arc::new(EventFd::new()?);
         let worker_stats = Arc::new(WorkerStats::default());
         replies.push(
@@ -245,7 +257,7 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         let setup = WorkerSetup {
             core: Core::new(
                 k,
-                to_control.clone(),
+                worker_tx.clone(),
                 worker_stats.clone(),
                 settings.server.channel_range,
             ),
@@ -260,18 +272,12 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
             wake: wake.clone(),
         };
         let pin = settings.pin_workers;
-        let thread = std::thread::Builder::new()
-            .name(format!("turnpike-worker-{k}"))
-            .spawn(move || {
-                if pin && !sys::pin_to_core(k) {
-                    tracing::warn!(worker = k, "could not pin worker to a core");
-                }
-                let res = dataplane::run(setup, backend);
-                if let Err(e) = &res {
-                    tracing::error!(worker = k, "worker stopped: {e}");
-                }
-                res
-            })?;
+        let thread = spawn_worker(k, worker_tx.clone(), move || {
+            if pin && !sys::pin_to_core(k) {
+                tracing::warn!(worker = k, "could not pin worker to a core");
+            }
+            dataplane::run(setup, backend)
+        })?;
         handles.push(Worker {
             tx,
             wake,
@@ -305,6 +311,10 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         backend,
         permissions: 0,
         channels: 0,
+        stun_queue,
+        workers_lost: 0,
+        failure: None,
+        mailbox_full: 0,
     };
     let thread = std::thread::Builder::new()
         .name("turnpike-control".into())
@@ -329,11 +339,70 @@ struct Worker {
 }
 
 impl Worker {
+    /// Queue a message that must arrive (a route update), waiting for room in the bounded mailbox. The
+    /// wait is short: the worker never waits for the control thread, and every message already queued
+    /// has rung its eventfd. A worker that has exited refuses at once.
     fn send(&self, msg: WorkerMsg) {
         if self.tx.send(msg).is_ok() {
             let _ = self.wake.notify();
         }
     }
+
+    /// Queue a message that may be dropped (a reply to a stream client). False if the mailbox was full.
+    fn try_send(&self, msg: WorkerMsg) -> bool {
+        match self.tx.try_send(msg) {
+            Ok(()) => {
+                let _ = self.wake.notify();
+                true
+            }
+            Err(TrySendError::Full(_)) => false,
+            Err(TrySendError::Disconnected(_)) => true,
+        }
+    }
+}
+
+/// Start worker `k`'s thread running `body`. However the thread ends (returned, failed or panicked), it
+/// tells the control thread with [`ToControl::WorkerExited`] on its way out, so that a dead worker is
+/// never silent.
+fn spawn_worker(
+    k: usize,
+    to_control: ControlTx,
+    body: impl FnOnce() -> io::Result<()> + Send + 'static,
+) -> io::Result<JoinHandle<io::Result<()>>> {
+    /// Sends the exit notice when dropped: after `body` returned, or while it unwinds.
+    struct Exit {
+        worker: usize,
+        to_control: ControlTx,
+        error: Option<String>,
+    }
+    impl std::ops::Drop for Exit {
+        fn drop(&mut self) {
+            let error = match self.error.take() {
+                Some(e) => Some(e),
+                None if std::thread::panicking() => Some("panicked".into()),
+                None => None,
+            };
+            let _ = self.to_control.send(ToControl::WorkerExited {
+                worker: self.worker,
+                error,
+            });
+        }
+    }
+    std::thread::Builder::new()
+        .name(format!("turnpike-worker-{k}"))
+        .spawn(move || {
+            let mut exit = Exit {
+                worker: k,
+                to_control,
+                error: None,
+            };
+            let res = body();
+            if let Err(e) = &res {
+                tracing::error!(worker = k, "worker stopped: {e}");
+                exit.error = Some(e.to_string());
+            }
+            res
+        })
 }
 
 struct Control {
@@ -363,6 +432,14 @@ struct Control {
     /// Installed permissions and channels (for metrics).
     permissions: u64,
     channels: u64,
+    /// The bounds and depth of the workers' STUN copies.
+    stun_queue: Arc<StunQueue>,
+    /// Workers whose loop ended while the relay was running.
+    workers_lost: u64,
+    /// Why the relay is stopping with an error (a worker was lost).
+    failure: Option<String>,
+    /// Replies to stream clients dropped because the owning worker's mailbox was full.
+    mailbox_full: u64,
 }
 
 /// An allocation's usage being assembled from the server's report and its relay sockets' counters.
@@ -423,6 +500,7 @@ impl Control {
                     client,
                     bytes,
                 }) => {
+                    self.stun_queue.taken(bytes.len());
                     let Some((server_addr, transport)) =
                         self.listeners.get(usize::from(listener)).copied()
                     else {
@@ -471,12 +549,9 @@ impl Control {
                 Ok(ToControl::Metrics(reply)) => {
                     let _ = reply.send(self.metrics());
                 }
-                Ok(ToControl::Shutdown) => {
-                    if self.drain_deadline.is_none() {
-                        tracing::info!(drain = ?self.drain, "shutting down: refusing new allocations while existing ones drain");
-                        self.server.set_draining(true);
-                        self.drain_deadline = Some(now + self.drain);
-                    }
+                Ok(ToControl::Shutdown) => self.begin_drain(now),
+                Ok(ToControl::WorkerExited { worker, error }) => {
+                    self.worker_lost(now, worker, error)
                 }
                 Ok(ToControl::Stop) | Err(RecvTimeoutError::Disconnected) => return self.stop(&rx),
                 Err(RecvTimeoutError::Timeout) => {
@@ -516,10 +591,13 @@ impl Control {
                         listener,
                     };
                     if let Some(&worker) = self.stream_owners.get(&key) {
-                        self.workers[worker].send(WorkerMsg::SendStream {
+                        let msg = WorkerMsg::SendStream {
                             client: key,
                             bytes: t.payload.to_vec(),
-                        });
+                        };
+                        if !self.workers[worker].try_send(msg) {
+                            self.mailbox_full += 1;
+                        }
                     }
                     continue;
                 }
@@ -533,7 +611,13 @@ impl Control {
                     .get(&five)
                     .copied()
                     .unwrap_or(self.current_worker);
-                if let Some(sock) = self.replies.get(worker).and_then(|w| w.get(listener)) {
+                // A lost worker's sockets are closed: any other worker's socket on the listener will do.
+                let sock = self
+                    .replies
+                    .get(worker)
+                    .and_then(|w| w.get(listener))
+                    .or_else(|| self.replies.iter().find_map(|w| w.get(listener)));
+                if let Some(sock) = sock {
                     let _ = sock.send_to(t.payload, t.dst);
                 }
             }
@@ -653,6 +737,31 @@ impl Control {
         }
     }
 
+    /// Refuse new allocations and stop once the drain period is over.
+    fn begin_drain(&mut self, now: Instant) {
+        if self.drain_deadline.is_none() {
+            tracing::info!(drain = ?self.drain, "shutting down: refusing new allocations while existing ones drain");
+            self.server.set_draining(true);
+            self.drain_deadline = Some(now + self.drain);
+        }
+    }
+
+    /// A worker's loop ended on its own: the relay is no longer whole. Its listener sockets leave their
+    /// SO_REUSEPORT groups (so that the kernel stops handing it a share of the clients), the relay turns
+    /// not ready and drains, and it ends with an error.
+    fn worker_lost(&mut self, now: Instant, worker: usize, error: Option<String>) {
+        let why = error.unwrap_or_else(|| "its loop returned".into());
+        tracing::error!(worker, "worker exited: {why}; the relay drains and stops");
+        self.workers_lost += 1;
+        self.failure
+            .get_or_insert_with(|| format!("worker {worker} exited: {why}"));
+        if let Some(r) = self.replies.get_mut(worker) {
+            // The worker's own clones closed with it; these were the last.
+            r.clear();
+        }
+        self.begin_drain(now);
+    }
+
     fn route(&self, relay: SocketAddr, update: impl FnOnce(RelayId) -> RouteUpdate) {
         if let Some((worker, id)) = self.relays.get(&relay) {
             self.workers[*worker].send(WorkerMsg::Route(update(*id)));
@@ -726,7 +835,10 @@ impl Control {
             }
         }
         tracing::info!("relay stopped");
-        result
+        match self.failure.take() {
+            Some(f) => Err(io::Error::other(f)),
+            None => result,
+        }
     }
 }
 
@@ -742,4 +854,40 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod worker_exit_tests {
+    use super::*;
+
+    fn exit_of(body: impl FnOnce() -> io::Result<()> + Send + 'static) -> ToControl {
+        let (tx, rx) = unbounded();
+        let t = spawn_worker(3, ControlTx::from(tx), body).unwrap();
+        let _ = t.join();
+        rx.recv_timeout(Duration::from_secs(2)).unwrap()
+    }
+
+    #[test]
+    fn a_worker_that_fails_or_panics_tells_the_control_thread() {
+        match exit_of(|| Err(io::Error::other("ring gone"))) {
+            ToControl::WorkerExited { worker: 3, error } => {
+                assert_eq!(error.as_deref(), Some("ring gone"))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match exit_of(|| panic!("boom")) {
+            ToControl::WorkerExited { worker: 3, error } => {
+                assert_eq!(error.as_deref(), Some("panicked"))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            exit_of(|| Ok(())),
+            ToControl::WorkerExited {
+                worker: 3,
+                error: None
+            }
+        ));
+    }
 }

@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::Arc;
 
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::TrySendError;
 
-use super::{Drop, ToControl, WorkerStats, HEADROOM};
+use super::{ControlTx, Drop, ToControl, WorkerStats, HEADROOM};
 use crate::route::{ClientKey, ListenerId, RelayId, RouteTable, RouteUpdate};
 use crate::wire::{self, ChannelData, Class, Kind, Message, Method};
 
@@ -71,7 +71,7 @@ pub enum Out {
 pub struct Core {
     worker: usize,
     table: RouteTable,
-    to_control: Sender<ToControl>,
+    to_control: ControlTx,
     stats: Arc<WorkerStats>,
     tid_state: u64,
     channel_range: wire::ChannelRange,
@@ -81,14 +81,14 @@ impl Core {
     /// The core of worker `worker`.
     pub fn new(
         worker: usize,
-        to_control: Sender<ToControl>,
+        to_control: impl Into<ControlTx>,
         stats: Arc<WorkerStats>,
         channel_range: wire::ChannelRange,
     ) -> Self {
         Core {
             worker,
             table: RouteTable::new(),
-            to_control,
+            to_control: to_control.into(),
             stats,
             tid_state: 0x9E37_79B9_7F4A_7C15 ^ worker as u64,
             channel_range,
@@ -107,7 +107,7 @@ impl Core {
             return;
         }
         if let Some((allocation, counters)) = self.table.apply(update) {
-            // Accounting must not be lost: this send blocks only if the control thread is far behind.
+            // Accounting must not be lost: this send is never refused and never blocks (`ControlTx`).
             let _ = self.to_control.send(ToControl::RelayClosed {
                 allocation,
                 counters,

@@ -34,7 +34,10 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crossbeam_channel::{Receiver, SendError, Sender, TrySendError};
+use crossbeam_utils::CachePadded;
 
 pub use self::core::{Action, Bill, Core, Direction, Forward, Out};
 pub use stats::{Drop, WorkerStats};
@@ -111,6 +114,115 @@ pub enum ToControl {
     Shutdown,
     /// Stop now.
     Stop,
+    /// A worker's loop ended (returned, failed or panicked) while the relay was not stopping it. Sent by
+    /// the worker thread itself on the way out.
+    WorkerExited {
+        /// The worker.
+        worker: usize,
+        /// Why, if it failed.
+        error: Option<String>,
+    },
+}
+
+/// The workers' end of the control queue: one FIFO for everything (so that a STUN message and the
+/// `StreamClosed` after it arrive in that order), with an admission bound for STUN copies only.
+///
+/// - [`ControlTx::try_send`] of a [`ToControl::Stun`] is admitted only while the queued STUN messages
+///   stay within [`StunQueue`]'s count and byte bounds; otherwise it is refused at once and the worker
+///   drops and counts it ([`Drop::ControlBusy`]). A worker never waits for the control thread.
+/// - [`ControlTx::send`] (accounting: `RelayClosed`, `StreamClosed`, `Counters`, `WorkerExited`) is
+///   never refused and never blocks. Its volume is bounded by construction: at most one `RelayClosed`
+///   per relay socket and one `StreamClosed` per connection the control thread has opened or admitted,
+///   and one `Counters` per checkpoint the control thread asked for.
+#[derive(Debug, Clone)]
+pub struct ControlTx {
+    tx: Sender<ToControl>,
+    stun: Arc<StunQueue>,
+}
+
+/// The bounds on STUN copies waiting for the control thread, and what is queued now.
+#[derive(Debug)]
+pub struct StunQueue {
+    max_messages: usize,
+    max_bytes: usize,
+    messages: CachePadded<AtomicUsize>,
+    bytes: CachePadded<AtomicUsize>,
+}
+
+impl StunQueue {
+    /// At most `max_messages` STUN copies and `max_bytes` of them queued at once.
+    pub fn new(max_messages: usize, max_bytes: usize) -> Self {
+        StunQueue {
+            max_messages,
+            max_bytes,
+            messages: CachePadded::new(AtomicUsize::new(0)),
+            bytes: CachePadded::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The control thread took a STUN message of `len` bytes off the queue.
+    pub fn taken(&self, len: usize) {
+        self.messages.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(len, Ordering::Relaxed);
+    }
+
+    /// (messages, bytes) queued now.
+    pub fn depth(&self) -> (usize, usize) {
+        (
+            self.messages.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    fn admit(&self, len: usize) -> bool {
+        if self.messages.fetch_add(1, Ordering::Relaxed) >= self.max_messages {
+            self.messages.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        if self
+            .bytes
+            .fetch_add(len, Ordering::Relaxed)
+            .saturating_add(len)
+            > self.max_bytes
+        {
+            self.taken(len);
+            return false;
+        }
+        true
+    }
+}
+
+impl ControlTx {
+    /// The sending end of `tx` (unbounded: the bounds are `stun`'s), whose receiver releases STUN
+    /// messages with [`StunQueue::taken`].
+    pub fn new(tx: Sender<ToControl>, stun: Arc<StunQueue>) -> Self {
+        ControlTx { tx, stun }
+    }
+
+    /// Queue a message that must arrive (accounting). Never blocks on an unbounded channel, which
+    /// [`ControlTx::new`] is given; fails only if the control thread is gone.
+    pub fn send(&self, msg: ToControl) -> Result<(), SendError<ToControl>> {
+        self.tx.send(msg)
+    }
+
+    /// Queue a message that may be refused: a STUN copy beyond the bounds is refused with `Full`.
+    pub fn try_send(&self, msg: ToControl) -> Result<(), TrySendError<ToControl>> {
+        let len = match &msg {
+            ToControl::Stun { bytes, .. } => bytes.len(),
+            _ => return self.tx.try_send(msg),
+        };
+        if !self.stun.admit(len) {
+            return Err(TrySendError::Full(msg));
+        }
+        self.tx.try_send(msg).inspect_err(|_| self.stun.taken(len))
+    }
+}
+
+/// A sender without STUN bounds (tests and benches that drive `Core` alone).
+impl From<Sender<ToControl>> for ControlTx {
+    fn from(tx: Sender<ToControl>) -> Self {
+        ControlTx::new(tx, Arc::new(StunQueue::new(usize::MAX, usize::MAX)))
+    }
 }
 
 /// From the control thread to a worker.
@@ -182,5 +294,92 @@ pub fn choose_backend(
                 Some(format!("io_uring unavailable ({why}); using epoll")),
             )),
         },
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::route::RelayId;
+
+    const CLIENT: ClientKey = ClientKey {
+        client: SocketAddr::V4(std::net::SocketAddrV4::new(
+            std::net::Ipv4Addr::new(198, 51, 100, 1),
+            4000,
+        )),
+        listener: 0,
+    };
+
+    /// A Binding request (20 bytes) followed by an unknown comprehension-optional attribute of `pad`
+    /// bytes: what a client may send, and what `Core` hands to the control thread as is.
+    fn stun(pad: u16) -> Vec<u8> {
+        let mut m = vec![0x00, 0x01];
+        m.extend_from_slice(&(pad + 4).to_be_bytes());
+        m.extend_from_slice(&0x2112_A442u32.to_be_bytes());
+        m.extend_from_slice(&[7; 12]);
+        m.extend_from_slice(&0x8123u16.to_be_bytes());
+        m.extend_from_slice(&pad.to_be_bytes());
+        m.resize(m.len() + usize::from(pad), 0);
+        m
+    }
+
+    fn on_client(core: &mut Core, msg: &[u8]) {
+        let mut slot = [0u8; SLOT];
+        slot[HEADROOM..HEADROOM + msg.len()].copy_from_slice(msg);
+        let _ = core.on_client(0, CLIENT.client, &mut slot, msg.len());
+    }
+
+    /// Back-pressure: beyond the STUN bounds (count, then bytes) copies are refused and counted, while
+    /// RelayClosed and StreamClosed from the same worker still go through, in order, without blocking.
+    #[test]
+    fn a_full_stun_queue_refuses_stun_copies_and_never_accounting() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let queue = Arc::new(StunQueue::new(3, 1000));
+        let stats = Arc::new(WorkerStats::default());
+        let mut core = Core::new(
+            0,
+            ControlTx::new(tx, queue.clone()),
+            stats.clone(),
+            crate::wire::ChannelRange::Rfc8656,
+        );
+        core.apply(RouteUpdate::AddRelay {
+            id: RelayId(1),
+            allocation: 9,
+            addr: "203.0.113.1:50000".parse().unwrap(),
+            client: CLIENT,
+        });
+        // Bytes first: 400 + 400 fit in 1000, a third of 400 does not.
+        for _ in 0..3 {
+            on_client(&mut core, &stun(376));
+        }
+        assert_eq!(queue.depth(), (2, 800));
+        assert_eq!(stats.drops(Drop::ControlBusy), 1);
+        // Count next: one small message fits, the fourth message does not.
+        on_client(&mut core, &stun(0));
+        on_client(&mut core, &stun(0));
+        assert_eq!(queue.depth(), (3, 824));
+        assert_eq!(stats.drops(Drop::ControlBusy), 2);
+        // Accounting under the full queue.
+        core.apply(RouteUpdate::RemoveRelay { id: RelayId(1) });
+        core.stream_closed(CLIENT);
+        let got: Vec<ToControl> = rx.try_iter().collect();
+        assert_eq!(got.len(), 5, "{got:?}");
+        assert!(got[..3].iter().all(|m| matches!(m, ToControl::Stun { .. })));
+        assert!(matches!(
+            got[3],
+            ToControl::RelayClosed { allocation: 9, .. }
+        ));
+        assert!(matches!(got[4], ToControl::StreamClosed { .. }));
+        // The control thread takes them off: room again.
+        for m in &got[..3] {
+            if let ToControl::Stun { bytes, .. } = m {
+                queue.taken(bytes.len());
+            }
+        }
+        assert_eq!(queue.depth(), (0, 0));
+        on_client(&mut core, &stun(376));
+        assert_eq!(queue.depth(), (1, 400));
+        assert_eq!(stats.drops(Drop::ControlBusy), 2);
     }
 }

@@ -72,6 +72,13 @@ pub struct Snapshot {
     pub draining: bool,
     /// Per worker, in worker order.
     pub workers: Vec<WorkerSnapshot>,
+    /// Workers whose loop ended while the relay ran (the relay is then draining to an error exit).
+    pub workers_lost: u64,
+    /// STUN copies queued from the workers to the control thread now: (messages, bytes). Beyond its
+    /// bounds they are dropped (`dropped_packets{reason="control_busy"}`).
+    pub control_queue: (u64, u64),
+    /// Replies to TCP/TLS clients dropped because their worker's mailbox was full.
+    pub mailbox_full: u64,
     /// The TURN core.
     pub server: ServerSnapshot,
 }
@@ -114,6 +121,30 @@ pub fn render(snap: &Snapshot) -> String {
         "draining",
         "1 while draining (refusing new allocations)",
         i64::from(snap.draining),
+    );
+    gauge(
+        &mut r,
+        "workers_lost",
+        "Workers whose loop ended while the relay ran (not ready; the relay drains and exits non-zero)",
+        snap.workers_lost as i64,
+    );
+    gauge(
+        &mut r,
+        "control_queue_messages",
+        "STUN messages queued for the control thread",
+        snap.control_queue.0 as i64,
+    );
+    gauge(
+        &mut r,
+        "control_queue_bytes",
+        "Bytes of STUN messages queued for the control thread",
+        snap.control_queue.1 as i64,
+    );
+    counter(
+        &mut r,
+        "mailbox_full_dropped",
+        "Replies to TCP/TLS clients dropped because their worker's mailbox was full",
+        snap.mailbox_full,
     );
     let s = &snap.server;
     gauge(
@@ -276,6 +307,9 @@ mod tests {
                     ..WorkerSnapshot::default()
                 },
             ],
+            workers_lost: 1,
+            control_queue: (2, 300),
+            mailbox_full: 0,
             server: ServerSnapshot {
                 allocations: 3,
                 allocations_created: 4,
@@ -296,6 +330,9 @@ mod tests {
             "turnpike_dropped_packets_total{worker=\"0\",reason=\"malformed\"} 1",
             "turnpike_backend_info{backend=\"epoll\"} 1",
             "turnpike_draining 0",
+            "turnpike_workers_lost 1",
+            "turnpike_control_queue_bytes 300",
+            "turnpike_mailbox_full_dropped_total 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
