@@ -651,7 +651,6 @@ fn refresh_zero_deletes_and_returns_everything() {
             Command::AllocationEnded {
                 allocation: id,
                 identity: "alice".into(),
-                usage: Usage::default()
             },
         ]
     );
@@ -682,7 +681,6 @@ fn allocation_expires_exactly_on_schedule() {
             Command::AllocationEnded {
                 allocation: id,
                 identity: "alice".into(),
-                usage: Usage::default()
             },
         ]
     );
@@ -934,7 +932,6 @@ fn relay_bind_failure_retries_then_508() {
         vec![Command::AllocationEnded {
             allocation: id,
             identity: "alice".into(),
-            usage: Usage::default()
         }]
     );
     h.assert_empty(ports);
@@ -1073,7 +1070,6 @@ fn closing_a_stream_connection_ends_its_allocation_only() {
             Command::AllocationEnded {
                 allocation: id,
                 identity: "alice".into(),
-                usage: Usage::default()
             },
         ]
     );

@@ -17,14 +17,14 @@ use crate::auth::{long_term_key_md5, RestSecrets};
 use crate::policy::{Cidr, PeerPolicy};
 use crate::wire::{Attribute, Class, Message, MessageType, MessageWriter, Method, TransactionId};
 
-pub(super) const REALM: &str = "turnpike";
-pub(super) const UNIX0: u64 = 1_800_000_000;
-pub(super) const SECRET_NEW: &[u8] = b"new-secret";
-pub(super) const SECRET_OLD: &[u8] = b"old-secret";
+pub(crate) const REALM: &str = "turnpike";
+pub(crate) const UNIX0: u64 = 1_800_000_000;
+pub(crate) const SECRET_NEW: &[u8] = b"new-secret";
+pub(crate) const SECRET_OLD: &[u8] = b"old-secret";
 
 /// A transmit copied out of the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Sent {
+pub(crate) struct Sent {
     pub transport: Transport,
     pub src: SocketAddr,
     pub dst: SocketAddr,
@@ -47,7 +47,7 @@ impl Sent {
 
 /// Everything that came out of one input.
 #[derive(Debug, Default)]
-pub(super) struct Out {
+pub(crate) struct Out {
     pub sent: Vec<Sent>,
     pub commands: Vec<Command>,
 }
@@ -70,7 +70,7 @@ impl Out {
     }
 }
 
-pub(super) fn config() -> Config {
+pub(crate) fn config() -> Config {
     Config {
         realm: REALM.into(),
         users: vec![
@@ -87,7 +87,7 @@ pub(super) fn config() -> Config {
     }
 }
 
-pub(super) fn client(n: u16) -> FiveTuple {
+pub(crate) fn client(n: u16) -> FiveTuple {
     FiveTuple {
         client: SocketAddr::new("198.51.100.7".parse().unwrap(), 40000 + n),
         server: "192.0.2.1:3478".parse().unwrap(),
@@ -96,13 +96,13 @@ pub(super) fn client(n: u16) -> FiveTuple {
 }
 
 /// A public peer address.
-pub(super) fn peer(n: u16) -> SocketAddr {
+pub(crate) fn peer(n: u16) -> SocketAddr {
     SocketAddr::new("8.8.4.4".parse().unwrap(), 6000 + n)
 }
 
 /// Credentials a test client signs with.
 #[derive(Debug, Clone)]
-pub(super) struct Creds {
+pub(crate) struct Creds {
     pub username: String,
     pub key: [u8; 16],
 }
@@ -134,7 +134,7 @@ impl Creds {
     }
 }
 
-pub(super) struct Harness {
+pub(crate) struct Harness {
     pub server: Server<StdRng>,
     pub t0: Instant,
     pub now: Instant,
@@ -182,9 +182,9 @@ impl Harness {
         let mut out = Out::default();
         while let Some(t) = self.server.poll_transmit() {
             out.sent.push(Sent {
-                transport: t.transport,
-                src: t.src,
-                dst: t.dst,
+                transport: t.to.transport,
+                src: t.to.server,
+                dst: t.to.client,
                 bytes: t.payload.to_vec(),
             });
         }
@@ -336,11 +336,6 @@ impl Harness {
         )
     }
 
-    pub fn peer_data(&mut self, relay: RelayAddr, from: SocketAddr, payload: &[u8]) -> Out {
-        self.server.handle_peer_data(self.now, relay, from, payload);
-        self.drain()
-    }
-
     /// Assert the server holds nothing: no allocations, timers, identities, and every port free.
     pub fn assert_empty(&self, ports: usize) {
         assert_eq!(self.server.allocation_count(), 0);
@@ -351,7 +346,7 @@ impl Harness {
 }
 
 /// The allocation id and relay addresses of the OpenRelay commands in `commands`.
-pub(super) fn opened(commands: &[Command]) -> (AllocationId, Vec<RelayAddr>) {
+pub(crate) fn opened(commands: &[Command]) -> (AllocationId, Vec<RelayAddr>) {
     let mut id = None;
     let mut relays = Vec::new();
     for c in commands {
@@ -367,13 +362,13 @@ pub(super) fn opened(commands: &[Command]) -> (AllocationId, Vec<RelayAddr>) {
 }
 
 /// A config that lets tests relay to loopback peers (the operator's explicit allow knob).
-pub(super) fn loopback_config() -> Config {
+pub(crate) fn loopback_config() -> Config {
     Config {
         peer_policy: PeerPolicy::new().with_allow(vec!["127.0.0.0/8".parse::<Cidr>().unwrap()]),
         ..config()
     }
 }
 
-pub(super) fn ip(s: &str) -> IpAddr {
+pub(crate) fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
