@@ -250,6 +250,7 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
                 to_control.clone(),
                 worker_stats.clone(),
                 settings.server.channel_range,
+                server.own_addresses().clone(),
             ),
             listeners: mine,
             streams: Streams::new(

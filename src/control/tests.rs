@@ -59,9 +59,11 @@ impl Relay {
     fn with(config: Config) -> Self {
         let range = config.channel_range;
         let (tx, rx) = crossbeam_channel::bounded(64);
+        let h = Harness::with(config);
+        let own = h.server.own_addresses().clone();
         Relay {
-            h: Harness::with(config),
-            core: Core::new(0, tx, Arc::default(), range),
+            h,
+            core: Core::new(0, tx, Arc::default(), range, own),
             from_worker: rx,
             relays: HashMap::new(),
             next_relay: 1,
@@ -448,4 +450,49 @@ fn no_server_output_addresses_a_peer() {
         }
     }
     assert!(replies >= 4, "{events:?}");
+}
+
+/// Finding 1 of issue 10: a permission for another allocation's relayed address is per IP, so the data
+/// plane has to check the exact address (IP and port) per packet, both ways, for Send indications and
+/// channels, and only while that allocation lives.
+#[test]
+fn relay_to_relay_reaches_only_the_exact_live_relayed_address() {
+    let mut r = Relay::new();
+    let (alice, bob) = (Creds::alice(), Creds::bob());
+    let bob_relay = r.allocate(client(2), &bob);
+    let alice_relay = r.allocate(client(1), &alice);
+    assert!(success(&r.permit(client(1), &alice, bob_relay)));
+    assert!(success(&r.bind(client(1), &alice, 0x4000, bob_relay)));
+    r.allocate(client(3), &bob); // a third relay socket on the same IP
+    assert!(success(&r.permit(client(2), &bob, alice_relay)));
+
+    // The exact relayed address: relayed both ways.
+    assert_eq!(
+        r.send(client(1), bob_relay, b"hi bob"),
+        vec![relayed(alice_relay, bob_relay, b"hi bob")]
+    );
+    assert_eq!(r.client(client(1), &channel_data(0x4000, b"cd")).len(), 1);
+    assert_eq!(r.peer(alice_relay, bob_relay, b"hi alice").len(), 1);
+
+    // Other ports of the relay IP: inside the relay port range without an allocation, and outside it
+    // (an ordinary local service). Dropped both ways, although the IP is permitted.
+    for port in [50099, 53, 11211] {
+        let other = SocketAddr::new(bob_relay.ip(), port);
+        assert!(r.send(client(1), other, b"no").is_empty(), "{other}");
+        assert!(r.peer(alice_relay, other, b"no").is_empty(), "{other}");
+    }
+
+    // Once bob's allocation is gone, his address is no relayed address any more: alice's permission and
+    // channel for it still exist in her table, but nothing goes through.
+    r.request(
+        client(2),
+        Method::REFRESH,
+        &[Attribute::Lifetime(0)],
+        Some(&bob),
+    );
+    assert!(r.send(client(1), bob_relay, b"gone").is_empty());
+    assert!(r
+        .client(client(1), &channel_data(0x4000, b"gone"))
+        .is_empty());
+    assert!(r.peer(alice_relay, bob_relay, b"gone").is_empty());
 }

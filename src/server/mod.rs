@@ -29,6 +29,7 @@ mod types;
 
 use core::net::{IpAddr, SocketAddr};
 use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
@@ -41,6 +42,7 @@ pub use types::{
 };
 
 use crate::auth::{self, NonceCheck, NonceKey, RestError, FEATURE_PASSWORD_ALGORITHMS};
+use crate::policy::OwnAddresses;
 use crate::wire::{
     self, family, password_algorithm, Attribute, Class, Kind, Message, MessageType, MessageWriter,
     Method,
@@ -111,6 +113,8 @@ pub struct Server<R> {
     commands: VecDeque<Command>,
     stats: Stats,
     limiter: SourceLimiter,
+    /// The relay's own addresses and which relayed addresses are live, shared with the workers.
+    own: Arc<OwnAddresses>,
 }
 
 impl<R: RngCore> Server<R> {
@@ -134,6 +138,12 @@ impl<R: RngCore> Server<R> {
             .iter()
             .map(|ip| PortPool::new(*ip, config.relay_ports.clone()))
             .collect();
+        let own = Arc::new(OwnAddresses::new(
+            &config.peer_policy,
+            config.own_ips.iter().copied(),
+            &config.relay_ips,
+            config.relay_ports.clone(),
+        ));
         Ok(Server {
             config,
             rng,
@@ -154,6 +164,7 @@ impl<R: RngCore> Server<R> {
             commands: VecDeque::new(),
             stats: Stats::default(),
             limiter,
+            own,
         })
     }
 
@@ -196,6 +207,7 @@ impl<R: RngCore> Server<R> {
         };
         if let Some(slot) = alloc.relays[i].as_mut() {
             slot.open = true;
+            self.own.set_live(relay.0, true);
         }
         self.activate_if_open(now, allocation);
     }
@@ -351,6 +363,12 @@ impl<R: RngCore> Server<R> {
         } else {
             self.revoked.insert(identity.into(), until_unix);
         }
+    }
+
+    /// The relay's own addresses, with the live relayed addresses the server marks as relay sockets open
+    /// and close: the data plane checks every peer against them per packet.
+    pub fn own_addresses(&self) -> &Arc<OwnAddresses> {
+        &self.own
     }
 
     /// The identity usage of allocation `id` is billed to, while it lives.
@@ -784,10 +802,10 @@ impl<R: RngCore> Server<R> {
         if alloc.relay_for(peer.ip()).is_none() {
             return Err(ErrorCode::PeerAddressFamilyMismatch);
         }
-        // Another allocation's relayed address on this relay is always allowed (two relayed clients on
-        // one server is the most common relayed call).
-        if self.by_relay.contains_key(&RelayAddr(peer)) {
-            return Ok(());
+        // The relay's own addresses: only another allocation's exact live relayed address (two relayed
+        // clients on one server is the most common relayed call), or what an explicit allow opens.
+        if let Some(verdict) = self.own.check(peer) {
+            return verdict.map_err(|_| ErrorCode::Forbidden);
         }
         self.config
             .peer_policy
@@ -853,6 +871,7 @@ impl<R: RngCore> Server<R> {
             self.by_relay.remove(&slot.addr);
             release_port(&mut self.pools, slot.addr);
             if slot.open {
+                self.own.set_live(slot.addr.0, false);
                 self.commands.push_back(Command::CloseRelay {
                     allocation: id,
                     relay: slot.addr,

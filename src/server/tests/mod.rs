@@ -18,6 +18,10 @@ use crate::policy::{Cidr, PeerPolicy};
 use crate::wire::{Attribute, Class, Message, MessageType, MessageWriter, Method, TransactionId};
 
 pub(crate) const REALM: &str = "turnpike";
+/// The fixture's relay IPs: public addresses the built-in peer table allows, so that a test refusing
+/// them fails for the reason it names (they are the relay's own), not because of a documentation range.
+pub(crate) const RELAY_V4: &str = "203.0.114.10";
+pub(crate) const RELAY_V6: &str = "2a02:1::10";
 pub(crate) const UNIX0: u64 = 1_800_000_000;
 pub(crate) const SECRET_NEW: &[u8] = b"new-secret";
 pub(crate) const SECRET_OLD: &[u8] = b"old-secret";
@@ -78,10 +82,7 @@ pub(crate) fn config() -> Config {
             ("bob".into(), "bob-pass".into()),
         ],
         rest_secrets: RestSecrets::new(vec![SECRET_NEW.to_vec(), SECRET_OLD.to_vec()]),
-        relay_ips: vec![
-            "203.0.113.10".parse().unwrap(),
-            "2001:db8::10".parse().unwrap(),
-        ],
+        relay_ips: vec![RELAY_V4.parse().unwrap(), RELAY_V6.parse().unwrap()],
         relay_ports: 50000..=50099,
         ..Config::default()
     }
