@@ -111,6 +111,7 @@ fn bench_forward_step(c: &mut Criterion) {
         tx,
         Arc::new(WorkerStats::default()),
         ChannelRange::Rfc8656,
+        Arc::default(),
     );
     for u in updates(n) {
         core.apply(u);
@@ -126,7 +127,7 @@ fn bench_forward_step(c: &mut Criterion) {
             let i = idx[k];
             slot[HEADROOM..HEADROOM + 4].copy_from_slice(&[0x40, 0x00, 0x00, payload as u8]);
             let a = core.on_client(0, client(i), &mut slot, 4 + payload);
-            debug_assert!(matches!(a, Action::Forward { .. }));
+            debug_assert!(matches!(a, Action::Forward(_)));
             black_box(a)
         })
     });
@@ -135,7 +136,7 @@ fn bench_forward_step(c: &mut Criterion) {
             k = (k + 1) & 4095;
             let i = idx[k];
             let a = core.on_peer(RelayId(i), peer(i), &mut slot, payload);
-            debug_assert!(matches!(a, Action::Forward { .. }));
+            debug_assert!(matches!(a, Action::Forward(_)));
             black_box(a)
         })
     });

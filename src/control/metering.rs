@@ -6,19 +6,19 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Receiver;
 
-use super::{add_usage, Control, UsageRecord};
+use super::{Control, UsageRecord};
 use crate::dataplane::{self, BackendKind, ToControl, WorkerMsg};
-use crate::route::RouteUpdate;
+use crate::route::{Counters, RouteUpdate};
 use crate::server;
 
 impl Control {
     /// Interim records from one worker's counter snapshot: for each of its allocations, what closed relay
     /// sockets reported plus the live ones' counters. With `last`, they are final records (the relay
     /// is stopping with these allocations still live).
-    pub(super) fn checkpoint(&mut self, counters: &[(u64, crate::route::Counters)], last: bool) {
-        let mut live: HashMap<u64, server::Usage> = HashMap::new();
+    pub(super) fn checkpoint(&mut self, counters: &[(u64, Counters)], last: bool) {
+        let mut live: HashMap<u64, Counters> = HashMap::new();
         for (allocation, c) in counters {
-            add_usage(live.entry(*allocation).or_default(), usage_of(*c));
+            live.entry(*allocation).or_default().add(*c);
         }
         let at_ms = unix_ms();
         for (allocation, relays) in live {
@@ -26,7 +26,7 @@ impl Control {
                 continue;
             };
             let mut usage = p.usage;
-            add_usage(&mut usage, relays);
+            usage.add(relays);
             if !last && p.checkpointed == Some(usage) {
                 continue;
             }
@@ -103,11 +103,6 @@ impl Control {
                 drops: vec![
                     ("malformed", s.malformed),
                     ("unexpected_class", s.unexpected_class),
-                    ("no_allocation", s.no_allocation),
-                    ("no_permission", s.no_permission),
-                    ("no_channel", s.no_channel),
-                    ("unknown_relay", s.unknown_relay),
-                    ("bad_indication", s.bad_indication),
                     ("outbox_overflow", s.outbox_overflow),
                 ],
             },
@@ -138,15 +133,6 @@ impl Control {
                 Err(_) => break,
             }
         }
-    }
-}
-
-pub(super) fn usage_of(c: crate::route::Counters) -> server::Usage {
-    server::Usage {
-        to_peer_bytes: c.to_peer_bytes,
-        to_peer_packets: c.to_peer_packets,
-        to_client_bytes: c.to_client_bytes,
-        to_client_packets: c.to_client_packets,
     }
 }
 

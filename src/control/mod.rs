@@ -23,12 +23,14 @@ use crate::dataplane::stream::{StreamLimits, StreamListener, StreamShared, Strea
 use crate::dataplane::{
     self, BackendKind, ControlTx, Core, StunQueue, ToControl, WorkerMsg, WorkerSetup, WorkerStats,
 };
-use crate::route::{ClientKey, ListenerId, RelayId, RouteUpdate};
+use crate::route::{ClientKey, Counters, ListenerId, RelayId, RouteUpdate};
 use crate::server::{self, Command, FiveTuple, Server, Transport};
 use crate::sys::{self, EventFd, UdpOptions};
-use metering::{unix_ms, usage_of};
+use metering::unix_ms;
 
 mod metering;
+#[cfg(test)]
+mod tests;
 
 /// STUN copies queued from the workers to the control thread at most; beyond it they are dropped and
 /// counted (accounting messages are not bounded by it: see [`ControlTx`]).
@@ -260,6 +262,7 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
                 worker_tx.clone(),
                 worker_stats.clone(),
                 settings.server.channel_range,
+                server.own_addresses().clone(),
             ),
             listeners: mine,
             streams: Streams::new(
@@ -449,17 +452,17 @@ struct PendingUsage {
     identity: Option<Box<str>>,
     /// When its first relay socket opened (Unix milliseconds).
     started_ms: u64,
-    /// The server has ended it (its own usage is in `usage`).
+    /// The server has ended it.
     ended: bool,
-    /// The server's usage once ended, plus the final counters of closed relay sockets.
-    usage: server::Usage,
+    /// The final counters of its closed relay sockets.
+    usage: Counters,
     /// Relay sockets whose final counters have not arrived.
     open_relays: usize,
     /// What the last checkpoint recorded (to skip unchanged ones).
-    checkpointed: Option<server::Usage>,
+    checkpointed: Option<Counters>,
 }
 
-/// Usage of one allocation: what the server relayed itself plus every relay socket's counters. An
+/// Usage of one allocation: the sum of its relay sockets' counters. An
 /// allocation gets interim records (`done == false`, cumulative, each replacing the previous one) on
 /// checkpoints while it lives, and one final record (`done == true`) when it ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -477,7 +480,7 @@ pub struct UsageRecord {
     /// Whether this is the final record.
     pub done: bool,
     /// Bytes and packets per direction, cumulative.
-    pub usage: server::Usage,
+    pub usage: Counters,
 }
 
 impl Control {
@@ -575,19 +578,20 @@ impl Control {
             }
             while let Some(t) = self.server.poll_transmit() {
                 busy = true;
+                let five = t.to;
                 let Some(listener) = self
                     .listeners
                     .iter()
-                    .position(|l| *l == (t.src, t.transport))
+                    .position(|l| *l == (five.server, five.transport))
                 else {
                     continue;
                 };
-                if t.transport.is_stream() {
+                if five.transport.is_stream() {
                     let Ok(listener) = ListenerId::try_from(listener) else {
                         continue;
                     };
                     let key = ClientKey {
-                        client: t.dst,
+                        client: five.client,
                         listener,
                     };
                     if let Some(&worker) = self.stream_owners.get(&key) {
@@ -601,11 +605,6 @@ impl Control {
                     }
                     continue;
                 }
-                let five = FiveTuple {
-                    client: t.dst,
-                    server: t.src,
-                    transport: t.transport,
-                };
                 let worker = self
                     .owners
                     .get(&five)
@@ -618,7 +617,7 @@ impl Control {
                     .and_then(|w| w.get(listener))
                     .or_else(|| self.replies.iter().find_map(|w| w.get(listener)));
                 if let Some(sock) = sock {
-                    let _ = sock.send_to(t.payload, t.dst);
+                    let _ = sock.send_to(t.payload, five.client);
                 }
             }
             if !busy {
@@ -680,55 +679,36 @@ impl Control {
             }
             Command::CloseRelay { relay, .. } => {
                 if let Some((worker, id)) = self.relays.remove(&relay.0) {
-                    self.workers[worker].send(WorkerMsg::Route(RouteUpdate::RemoveRelay { id }));
+                    if let Some(update) = table_update(&cmd, id) {
+                        self.workers[worker].send(WorkerMsg::Route(update));
+                    }
                 }
             }
-            Command::InstallPermission { relay, peer, .. } => {
-                self.permissions += 1;
-                self.route(relay.0, |id| RouteUpdate::AddPermission { relay: id, peer });
-            }
-            Command::RemovePermission { relay, peer, .. } => {
-                self.permissions = self.permissions.saturating_sub(1);
-                self.route(relay.0, |id| RouteUpdate::RemovePermission {
-                    relay: id,
-                    peer,
-                });
-            }
-            Command::InstallChannel {
-                relay,
-                channel,
-                peer,
-                ..
-            } => {
-                self.channels += 1;
-                self.route(relay.0, |id| RouteUpdate::AddChannel {
-                    relay: id,
-                    channel: channel.get(),
-                    peer: peer.0,
-                });
-            }
-            Command::RemoveChannel {
-                relay,
-                channel,
-                peer,
-                ..
-            } => {
-                self.channels = self.channels.saturating_sub(1);
-                self.route(relay.0, |id| RouteUpdate::RemoveChannel {
-                    relay: id,
-                    channel: channel.get(),
-                    peer: peer.0,
-                });
+            Command::InstallPermission { relay, .. }
+            | Command::RemovePermission { relay, .. }
+            | Command::InstallChannel { relay, .. }
+            | Command::RemoveChannel { relay, .. } => {
+                match cmd {
+                    Command::InstallPermission { .. } => self.permissions += 1,
+                    Command::RemovePermission { .. } => {
+                        self.permissions = self.permissions.saturating_sub(1)
+                    }
+                    Command::InstallChannel { .. } => self.channels += 1,
+                    _ => self.channels = self.channels.saturating_sub(1),
+                }
+                if let Some((worker, id)) = self.relays.get(&relay.0) {
+                    if let Some(update) = table_update(&cmd, *id) {
+                        self.workers[*worker].send(WorkerMsg::Route(update));
+                    }
+                }
             }
             Command::AllocationEnded {
                 allocation,
                 identity,
-                usage,
             } => {
                 let pending = self.usage.entry(allocation.0).or_default();
                 pending.identity = Some(identity);
                 pending.ended = true;
-                add_usage(&mut pending.usage, usage);
                 if let Some(client) = pending.client {
                     self.owners.remove(&client);
                 }
@@ -762,12 +742,6 @@ impl Control {
         self.begin_drain(now);
     }
 
-    fn route(&self, relay: SocketAddr, update: impl FnOnce(RelayId) -> RouteUpdate) {
-        if let Some((worker, id)) = self.relays.get(&relay) {
-            self.workers[*worker].send(WorkerMsg::Route(update(*id)));
-        }
-    }
-
     fn listener_of(&self, client: FiveTuple) -> Option<ListenerId> {
         self.listeners
             .iter()
@@ -775,9 +749,9 @@ impl Control {
             .and_then(|i| ListenerId::try_from(i).ok())
     }
 
-    fn relay_closed(&mut self, allocation: u64, c: crate::route::Counters) {
+    fn relay_closed(&mut self, allocation: u64, c: Counters) {
         let pending = self.usage.entry(allocation).or_default();
-        add_usage(&mut pending.usage, usage_of(c));
+        pending.usage.add(c);
         pending.open_relays = pending.open_relays.saturating_sub(1);
         self.finish_usage(allocation);
     }
@@ -842,11 +816,26 @@ impl Control {
     }
 }
 
-fn add_usage(total: &mut server::Usage, more: server::Usage) {
-    total.to_peer_bytes += more.to_peer_bytes;
-    total.to_peer_packets += more.to_peer_packets;
-    total.to_client_bytes += more.to_client_bytes;
-    total.to_client_packets += more.to_client_packets;
+/// The change to a worker's table that `cmd` makes, once its relay socket is known to be `id` in that
+/// worker: the one translation from the server's commands to route updates (the tests' harness uses it
+/// too). `None` for commands that do not change a table by themselves (OpenRelay, AllocationEnded).
+pub(crate) fn table_update(cmd: &Command, id: RelayId) -> Option<RouteUpdate> {
+    Some(match *cmd {
+        Command::CloseRelay { .. } => RouteUpdate::RemoveRelay { id },
+        Command::InstallPermission { peer, .. } => RouteUpdate::AddPermission { relay: id, peer },
+        Command::RemovePermission { peer, .. } => RouteUpdate::RemovePermission { relay: id, peer },
+        Command::InstallChannel { channel, peer, .. } => RouteUpdate::AddChannel {
+            relay: id,
+            channel: channel.get(),
+            peer: peer.0,
+        },
+        Command::RemoveChannel { channel, peer, .. } => RouteUpdate::RemoveChannel {
+            relay: id,
+            channel: channel.get(),
+            peer: peer.0,
+        },
+        Command::OpenRelay { .. } | Command::AllocationEnded { .. } => return None,
+    })
 }
 
 fn unix_now() -> u64 {

@@ -1,6 +1,6 @@
 //! A worker's packet logic, independent of the event loop: every per-packet decision, sans-IO.
 //!
-//! May use: wire, route, metrics.
+//! May use: wire, route, policy, metrics.
 
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crossbeam_channel::TrySendError;
 
 use super::{ControlTx, Drop, ToControl, WorkerStats, HEADROOM};
+use crate::policy::OwnAddresses;
 use crate::route::{ClientKey, ListenerId, RelayId, RouteTable, RouteUpdate};
 use crate::wire::{self, ChannelData, Class, Kind, Message, Method};
 
@@ -75,6 +76,8 @@ pub struct Core {
     stats: Arc<WorkerStats>,
     tid_state: u64,
     channel_range: wire::ChannelRange,
+    /// The relay's own addresses and the live relayed ones (shared with the control thread).
+    own: Arc<OwnAddresses>,
 }
 
 impl Core {
@@ -84,6 +87,7 @@ impl Core {
         to_control: impl Into<ControlTx>,
         stats: Arc<WorkerStats>,
         channel_range: wire::ChannelRange,
+        own: Arc<OwnAddresses>,
     ) -> Self {
         Core {
             worker,
@@ -92,6 +96,7 @@ impl Core {
             stats,
             tid_state: 0x9E37_79B9_7F4A_7C15 ^ worker as u64,
             channel_range,
+            own,
         }
     }
 
@@ -145,6 +150,9 @@ impl Core {
                 let Some(route) = self.table.channel(key, cd.channel()) else {
                     return self.drop(Drop::NoChannel);
                 };
+                if !self.peer_allowed(route.peer) {
+                    return self.drop(Drop::OwnAddress);
+                }
                 let n = cd.payload().len();
                 let start = HEADROOM + wire::CHANNEL_HEADER_LEN;
                 Action::Forward(Forward {
@@ -183,6 +191,9 @@ impl Core {
             let Some(relay) = self.table.send_route(key, peer) else {
                 return self.drop(Drop::NoPermission);
             };
+            if !self.peer_allowed(peer) {
+                return self.drop(Drop::OwnAddress);
+            }
             let start = HEADROOM + (payload.as_ptr() as usize - data.as_ptr() as usize);
             return Action::Forward(Forward {
                 out: Out::Relay(relay),
@@ -224,6 +235,9 @@ impl Core {
         };
         if !r.permissions.contains(&from.ip()) {
             return self.drop(Drop::NoPermission);
+        }
+        if matches!(self.own.check(from), Some(Err(_))) {
+            return self.drop(Drop::OwnAddress);
         }
         let client = r.client;
         let range = match r.channels.get(&from) {
@@ -283,6 +297,13 @@ impl Core {
         }
     }
 
+    /// Permissions are per IP (RFC 8656 §9), so on one of the relay's own IPs the exact address decides,
+    /// per packet: only another allocation's live relayed address, or a port an explicit allow opens.
+    #[inline]
+    fn peer_allowed(&self, peer: SocketAddr) -> bool {
+        !matches!(self.own.check(peer), Some(Err(_)))
+    }
+
     /// A stream connection closed: tell the control thread (never lost: its allocation must end).
     pub fn stream_closed(&self, key: ClientKey) {
         let _ = self.to_control.send(ToControl::StreamClosed {
@@ -314,7 +335,13 @@ mod tests {
 
     fn core() -> (Core, crossbeam_channel::Receiver<ToControl>) {
         let (tx, rx) = crossbeam_channel::bounded(16);
-        let core = Core::new(0, tx, Arc::default(), wire::ChannelRange::Rfc8656);
+        let core = Core::new(
+            0,
+            tx,
+            Arc::default(),
+            wire::ChannelRange::Rfc8656,
+            Arc::default(),
+        );
         (core, rx)
     }
 

@@ -20,7 +20,7 @@
 //! [`RouteTable`](crate::route::RouteTable), counters are relaxed atomics on the worker's own cache lines,
 //! and STUN requests (the control path) are copied to the control thread over a bounded channel.
 //!
-//! May use: wire, route, sys, metrics.
+//! May use: wire, route, policy, sys, metrics.
 
 mod core;
 mod epoll;
@@ -342,6 +342,7 @@ mod tests {
             ControlTx::new(tx, queue.clone()),
             stats.clone(),
             crate::wire::ChannelRange::Rfc8656,
+            Arc::default(),
         );
         core.apply(RouteUpdate::AddRelay {
             id: RelayId(1),

@@ -15,6 +15,9 @@ pub enum Drop {
     NoChannel,
     /// No permission for the peer.
     NoPermission,
+    /// The peer is one of the relay's own addresses and not another allocation's live relayed address
+    /// (or a port an explicit allow cannot open).
+    OwnAddress,
     /// A relay socket the table does not know.
     NoRelay,
     /// Did not fit a buffer slot.
@@ -34,11 +37,12 @@ pub enum Drop {
 
 impl Drop {
     /// All reasons, in counter order.
-    pub const ALL: [Drop; 11] = [
+    pub const ALL: [Drop; 12] = [
         Drop::NotTurn,
         Drop::Malformed,
         Drop::NoChannel,
         Drop::NoPermission,
+        Drop::OwnAddress,
         Drop::NoRelay,
         Drop::Truncated,
         Drop::ControlBusy,
@@ -55,6 +59,7 @@ impl Drop {
             Drop::Malformed => "malformed",
             Drop::NoChannel => "no_channel",
             Drop::NoPermission => "no_permission",
+            Drop::OwnAddress => "own_address",
             Drop::NoRelay => "no_relay",
             Drop::Truncated => "truncated",
             Drop::ControlBusy => "control_busy",

@@ -33,7 +33,9 @@ pub struct ClientKey {
     pub listener: ListenerId,
 }
 
-/// Bytes and packets relayed through one relay socket, per direction.
+/// Bytes and packets relayed, per direction: the four usage numbers, for one relay socket or summed over
+/// an allocation's. Bytes are application data (the payload), not headers, so that billing does not
+/// depend on the client's framing choice.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
     /// Payload bytes client → peer.
@@ -44,6 +46,16 @@ pub struct Counters {
     pub to_client_bytes: u64,
     /// Datagrams peer → client.
     pub to_client_packets: u64,
+}
+
+impl Counters {
+    /// Add `more` to these.
+    pub fn add(&mut self, more: Counters) {
+        self.to_peer_bytes += more.to_peer_bytes;
+        self.to_peer_packets += more.to_peer_packets;
+        self.to_client_bytes += more.to_client_bytes;
+        self.to_client_packets += more.to_client_packets;
+    }
 }
 
 /// A change to a worker's table, sent by the control thread.
