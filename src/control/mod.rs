@@ -6,6 +6,18 @@
 //! to. Commands are executed before the transmits of the same step, so that the route a response
 //! announces is installed in the worker before the client can use it.
 //!
+//! Queues, both ways bounded:
+//! - workers → control: one FIFO ([`ControlTx`]). STUN copies are admitted within a count and a byte
+//!   bound and dropped (counted per worker, `control_busy`) beyond it; accounting (`RelayClosed`,
+//!   `StreamClosed`, `Counters`, `WorkerExited`) is never refused and never blocks a worker.
+//! - control → worker: a bounded mailbox per worker. Route updates wait for room, which the worker
+//!   always makes (it never waits for the control thread); replies to stream clients are dropped and
+//!   counted when it is full.
+//!
+//! A worker whose loop ends while the relay runs (an error or a panic) is reported by its own thread:
+//! the relay closes that worker's listeners (so the kernel's SO_REUSEPORT groups stop handing it
+//! clients), turns not ready, drains, and ends with an error (a non-zero exit status).
+//!
 //! May use: server, route, sys, dataplane, wire, auth, policy, config.
 
 use std::collections::HashMap;

@@ -124,6 +124,8 @@ impl Epoll {
 
 impl Io for Epoll {
     const BATCH: usize = BATCH;
+    /// One flush reports each datagram of the batch once.
+    const MAX_SENT: usize = BATCH;
 
     fn register(&mut self, socket: UdpSocket, source: Out) -> io::Result<()> {
         let token = match source {

@@ -18,7 +18,11 @@
 //!
 //! Nothing here allocates, locks or logs per packet: lookups go to the worker's own
 //! [`RouteTable`](crate::route::RouteTable), counters are relaxed atomics on the worker's own cache lines,
-//! and STUN requests (the control path) are copied to the control thread over a bounded channel.
+//! and STUN requests (the control path) are copied to the control thread within the count and byte
+//! bounds of [`ControlTx`], which never makes a worker wait.
+//!
+//! The event loop is written once (`worker.rs`), over two I/O backends that only register sockets,
+//! receive a batch and send a batch: `epoll` (`recvmmsg`/`sendmmsg`) and `uring` (io_uring).
 //!
 //! May use: wire, route, policy, sys, metrics.
 

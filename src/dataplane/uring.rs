@@ -1,15 +1,15 @@
-//! The io_uring backend of the [worker loop](super::worker): one [`Ring`] per worker, with one multishot
+//! The io_uring backend of the worker loop (`worker.rs`): one [`Ring`] per worker, with one multishot
 //! receive armed on every socket the worker owns, all fed from one provided buffer ring (see
 //! [`crate::sys::uring`]).
 //!
-//! [`Io::wait`] submits everything queued and waits for at least one completion in one `io_uring_enter`;
-//! [`Io::recv`] then hands the completions over in batches (the loop drains its mailbox after each, so
+//! `Io::wait` submits everything queued and waits for at least one completion in one `io_uring_enter`;
+//! `Io::recv` then hands the completions over in batches (the loop drains its mailbox after each, so
 //! that route updates apply before any datagram that follows them; a wake-up read completes with every
 //! message):
 //!
 //! - a datagram goes through `Core` in its buffer; a forward sends *that* buffer with `SendMsg` from the
 //!   outgoing socket (no copy), and the buffer returns to the kernel's ring when the send completes,
-//!   whose result is the send's outcome; anything else returns it at [`Io::flush`];
+//!   whose result is the send's outcome; anything else returns it at `Io::flush`;
 //! - a receive that ended (out of buffers, an ICMP error, a completion queue overflow) is armed again;
 //! - a wake-up read of the worker's eventfd is armed again (the mailbox was drained before the batch).
 //!
@@ -113,6 +113,8 @@ impl Uring {
 
 impl Io for Uring {
     const BATCH: usize = BATCH;
+    /// Every send in flight holds a buffer; the batch's own failures come on top.
+    const MAX_SENT: usize = BUFFERS as usize + BATCH;
 
     fn register(&mut self, socket: UdpSocket, source: Out) -> io::Result<()> {
         let Uring {

@@ -74,6 +74,8 @@ pub(super) struct Notes {
 pub(super) trait Io {
     /// Datagrams per receive batch at most.
     const BATCH: usize;
+    /// Send outcomes reported between two settles at most (the loop reserves room for them once).
+    const MAX_SENT: usize;
 
     /// Own `socket` and receive on it; its datagrams come with `source`.
     fn register(&mut self, socket: UdpSocket, source: Out) -> io::Result<()>;
@@ -136,7 +138,7 @@ pub(super) fn run<I: Io>(setup: WorkerSetup, mut io: I) -> io::Result<()> {
     let mut meta = vec![Datagram::default(); I::BATCH];
     let mut notes = Notes {
         streams: false,
-        sent: Vec::with_capacity(2 * I::BATCH),
+        sent: Vec::with_capacity(I::MAX_SENT),
     };
     loop {
         io.wait(streams.has_connections().then_some(SWEEP))?;
