@@ -14,7 +14,7 @@
 //! and counted ([`Drop::StreamQueueFull`]), so memory stays bounded and no other flow waits.
 //!
 //! A malformed frame closes that connection only. Closing a connection tells the control thread
-//! ([`ToControl::StreamClosed`]), which ends its allocation.
+//! ([`ToControl::StreamClosed`](super::ToControl::StreamClosed)), which ends its allocation.
 //!
 //! Limits ([`StreamLimits`]) are shared by every worker: connections in total and per source IP, an idle
 //! timeout for connections without an allocation, and a TLS handshake timeout.

@@ -2,7 +2,7 @@
 //! eventfd wake-ups, CPU pinning and the io_uring ring.
 //!
 //! Each `unsafe` block carries a `// SAFETY:` comment; each `unsafe fn` a `# Safety` section. Raw calls go
-//! through [`syscall!`], which turns a libc return value into `io::Result`.
+//! through `syscall!`, which turns a libc return value into `io::Result`.
 //!
 //! May use: libc, socket2, io-uring, core_affinity.
 
