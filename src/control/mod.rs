@@ -228,6 +228,15 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
     server_config.peer_policy = server_config
         .peer_policy
         .with_service_ports(listeners.iter().map(|l| l.0).collect());
+    // The relay's own addresses are denied peers (design §3): its listen IPs and every address on the
+    // host's interfaces, besides the relay IPs and the configured public addresses.
+    server_config
+        .own_ips
+        .extend(listeners.iter().map(|l| l.0.ip()));
+    match sys::interface_addrs() {
+        Ok(addrs) => server_config.own_ips.extend(addrs),
+        Err(e) => tracing::warn!("cannot list the interface addresses (getifaddrs): {e}"),
+    }
     let server = Server::new(server_config, StdRng::from_entropy())
         .map_err(|e| io::Error::other(e.to_string()))?;
 

@@ -13,8 +13,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use socket2::{Domain, Protocol, Socket, Type};
 
 pub mod alloc;
+mod ifaddrs;
 pub mod mmsg;
 pub mod uring;
+
+pub use ifaddrs::interface_addrs;
 
 /// Call a libc function and turn `-1` into the thread's `errno` as an `io::Error`.
 macro_rules! syscall {

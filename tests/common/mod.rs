@@ -231,7 +231,9 @@ impl Client {
 
 /// A UDP peer.
 pub fn peer() -> UdpSocket {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // Not the relay IP 127.0.0.1: its relay port range is closed to peers (only live relayed addresses
+    // are open there), and an ephemeral port could fall inside it.
+    let s = UdpSocket::bind("127.0.0.2:0").unwrap();
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     s
 }
