@@ -2,11 +2,12 @@
 //! final records for allocations still live at stop, and metrics snapshots.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
 use super::{Control, UsageRecord};
+use crate::clock::unix_ms;
 use crate::dataplane::{self, BackendKind, ToControl, WorkerMsg};
 use crate::route::{Counters, RouteUpdate};
 use crate::server;
@@ -128,11 +129,4 @@ impl Control {
             }
         }
     }
-}
-
-pub(super) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
