@@ -9,15 +9,15 @@ use crossbeam_channel::Receiver;
 use super::{Control, UsageRecord};
 use crate::clock::unix_ms;
 use crate::dataplane::{self, BackendKind, ToControl, WorkerMsg};
-use crate::route::{Counters, RouteUpdate};
+use crate::route::{AllocationId, Counters, RouteUpdate};
 use crate::server;
 
 impl Control {
     /// Interim records from one worker's counter snapshot: for each of its allocations, what closed relay
     /// sockets reported plus the live ones' counters. With `last`, they are final records (the relay
     /// is stopping with these allocations still live).
-    pub(super) fn checkpoint(&mut self, counters: &[(u64, Counters)], last: bool) {
-        let mut live: HashMap<u64, Counters> = HashMap::new();
+    pub(super) fn checkpoint(&mut self, counters: &[(AllocationId, Counters)], last: bool) {
+        let mut live: HashMap<AllocationId, Counters> = HashMap::new();
         for (allocation, c) in counters {
             live.entry(*allocation).or_default().add(*c);
         }
@@ -33,7 +33,7 @@ impl Control {
             }
             p.checkpointed = Some(usage);
             let record = UsageRecord {
-                allocation,
+                allocation: allocation.0,
                 identity: p.identity.clone().unwrap_or_default(),
                 client: p.client,
                 started_ms: p.started_ms,

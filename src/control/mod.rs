@@ -22,7 +22,7 @@ use rand::SeedableRng;
 use crate::clock::{unix_ms, unix_now};
 use crate::dataplane::stream::{StreamLimits, StreamListener, StreamShared, Streams};
 use crate::dataplane::{self, BackendKind, Core, ToControl, WorkerMsg, WorkerSetup, WorkerStats};
-use crate::route::{ClientKey, Counters, ListenerId, RelayId, RouteUpdate};
+use crate::route::{AllocationId, ClientKey, Counters, ListenerId, RelayId, RouteUpdate};
 use crate::server::{self, Command, FiveTuple, Server, Transport};
 use crate::sys::{self, EventFd, UdpOptions};
 
@@ -367,7 +367,7 @@ struct Control {
     drain: Duration,
     drain_deadline: Option<Instant>,
     /// Usage of allocations until both the server's end report and every relay's final counters are in.
-    usage: HashMap<u64, PendingUsage>,
+    usage: HashMap<AllocationId, PendingUsage>,
     usage_sink: Option<Sender<UsageRecord>>,
     /// Every worker's counters (for metrics).
     stats: Vec<Arc<WorkerStats>>,
@@ -575,7 +575,7 @@ impl Control {
                         self.relays.insert(relay.0, (worker, id));
                         self.owners.insert(client, worker);
                         let identity = self.server.allocation_identity(allocation);
-                        let pending = self.usage.entry(allocation.0).or_default();
+                        let pending = self.usage.entry(allocation).or_default();
                         if pending.client.is_none() {
                             pending.started_ms = unix_ms();
                         }
@@ -586,7 +586,7 @@ impl Control {
                         pending.open_relays += 1;
                         let update = RouteUpdate::AddRelay {
                             id,
-                            allocation: allocation.0,
+                            allocation,
                             addr: relay.0,
                             client: ClientKey {
                                 client: client.client,
@@ -631,13 +631,13 @@ impl Control {
                 allocation,
                 identity,
             } => {
-                let pending = self.usage.entry(allocation.0).or_default();
+                let pending = self.usage.entry(allocation).or_default();
                 pending.identity = Some(identity);
                 pending.ended = true;
                 if let Some(client) = pending.client {
                     self.owners.remove(&client);
                 }
-                self.finish_usage(allocation.0);
+                self.finish_usage(allocation);
             }
         }
     }
@@ -649,7 +649,7 @@ impl Control {
             .and_then(|i| ListenerId::try_from(i).ok())
     }
 
-    fn relay_closed(&mut self, allocation: u64, c: Counters) {
+    fn relay_closed(&mut self, allocation: AllocationId, c: Counters) {
         let pending = self.usage.entry(allocation).or_default();
         pending.usage.add(c);
         pending.open_relays = pending.open_relays.saturating_sub(1);
@@ -657,7 +657,7 @@ impl Control {
     }
 
     /// Emit an allocation's usage once the server has ended it and every relay socket has reported.
-    fn finish_usage(&mut self, allocation: u64) {
+    fn finish_usage(&mut self, allocation: AllocationId) {
         let done = self
             .usage
             .get(&allocation)
@@ -673,7 +673,7 @@ impl Control {
             return;
         }
         let record = UsageRecord {
-            allocation,
+            allocation: allocation.0,
             identity: p.identity.unwrap_or_default(),
             client: p.client,
             started_ms: p.started_ms,
@@ -682,7 +682,7 @@ impl Control {
             usage: p.usage,
         };
         tracing::info!(
-            allocation,
+            allocation = record.allocation,
             identity = %record.identity,
             to_peer_bytes = record.usage.to_peer_bytes,
             to_peer_packets = record.usage.to_peer_packets,
@@ -723,12 +723,12 @@ pub(crate) fn table_update(cmd: &Command, id: RelayId) -> Option<RouteUpdate> {
         Command::RemovePermission { peer, .. } => RouteUpdate::RemovePermission { relay: id, peer },
         Command::InstallChannel { channel, peer, .. } => RouteUpdate::AddChannel {
             relay: id,
-            channel: channel.get(),
+            channel,
             peer: peer.0,
         },
         Command::RemoveChannel { channel, peer, .. } => RouteUpdate::RemoveChannel {
             relay: id,
-            channel: channel.get(),
+            channel,
             peer: peer.0,
         },
         Command::OpenRelay { .. } | Command::AllocationEnded { .. } => return None,

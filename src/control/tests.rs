@@ -169,7 +169,7 @@ impl Relay {
                 self.relays.insert(relay.0, id);
                 let update = RouteUpdate::AddRelay {
                     id,
-                    allocation: allocation.0,
+                    allocation: *allocation,
                     addr: relay.0,
                     client: ClientKey {
                         client: client.client,
@@ -303,9 +303,9 @@ fn channel_bind_is_routed_before_it_is_answered_and_channel_data_flows_both_ways
     let events = r.bind(client(1), &alice, 0x4000, peer(1));
     assert!(matches!(&events[..], [
         Event::Route(RouteUpdate::AddPermission { relay: a, peer: p }),
-        Event::Route(RouteUpdate::AddChannel { relay: b, channel: 0x4000, peer: q }),
+        Event::Route(RouteUpdate::AddChannel { relay: b, channel: c, peer: q }),
         Event::Reply { to, .. },
-    ] if *a == id && *b == id && *p == peer(1).ip() && *q == peer(1) && *to == client(1)));
+    ] if *a == id && *b == id && c.get() == 0x4000 && *p == peer(1).ip() && *q == peer(1) && *to == client(1)));
     assert!(success(&events));
 
     // ChannelData right after the success finds its route.

@@ -38,7 +38,7 @@ use crossbeam_channel::{Receiver, Sender};
 pub use self::core::{Action, Bill, Core, Direction, Forward, Out};
 pub use stats::{Drop, WorkerStats};
 
-use crate::route::{ClientKey, Counters, ListenerId, RouteUpdate};
+use crate::route::{AllocationId, ClientKey, Counters, ListenerId, RouteUpdate};
 use crate::sys::EventFd;
 
 /// Bytes in front of every received datagram (see the module doc).
@@ -83,7 +83,7 @@ pub enum ToControl {
     /// A relay socket was closed; these are its final counters.
     RelayClosed {
         /// The allocation.
-        allocation: u64,
+        allocation: AllocationId,
         /// What its fast path relayed.
         counters: Counters,
     },
@@ -92,7 +92,7 @@ pub enum ToControl {
         /// The worker.
         worker: usize,
         /// (allocation, counters) per relay socket.
-        counters: Vec<(u64, Counters)>,
+        counters: Vec<(AllocationId, Counters)>,
     },
     /// Refuse the REST credentials of `identity` expiring at or before `until` (Unix seconds; 0 lifts
     /// the revocation).

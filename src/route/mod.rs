@@ -24,6 +24,36 @@ pub type ListenerId = u16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RelayId(pub u32);
 
+/// A channel number, always within the configured range once constructed (RFC 8656 §12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChannelNumber(u16);
+
+impl ChannelNumber {
+    /// A channel number if `n` is in 0x4000–0x4FFF.
+    pub fn new(n: u16) -> Option<Self> {
+        Self::new_in(n, crate::wire::ChannelRange::Rfc8656)
+    }
+
+    /// A channel number if `n` is in `range`.
+    pub fn new_in(n: u16, range: crate::wire::ChannelRange) -> Option<Self> {
+        range.contains(n).then_some(ChannelNumber(n))
+    }
+
+    /// A number the server already validated when it was bound.
+    pub(crate) fn bound(n: u16) -> Self {
+        ChannelNumber(n)
+    }
+
+    /// The number.
+    pub fn get(self) -> u16 {
+        self.0
+    }
+}
+
+/// A server-assigned allocation id: never reused within one `Server`'s life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllocationId(pub u64);
+
 /// A client's 5-tuple as the data plane sees it: its address and the listener it talks to (UDP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ClientKey {
@@ -66,7 +96,7 @@ pub enum RouteUpdate {
         /// Its slot.
         id: RelayId,
         /// The server's allocation id, echoed in reports.
-        allocation: u64,
+        allocation: AllocationId,
         /// Its address.
         addr: SocketAddr,
         /// The client it serves.
@@ -96,7 +126,7 @@ pub enum RouteUpdate {
         /// The relay.
         relay: RelayId,
         /// The channel number (0x4000–0x4FFF).
-        channel: u16,
+        channel: ChannelNumber,
         /// The peer transport address.
         peer: SocketAddr,
     },
@@ -105,7 +135,7 @@ pub enum RouteUpdate {
         /// The relay.
         relay: RelayId,
         /// The channel number.
-        channel: u16,
+        channel: ChannelNumber,
         /// The peer transport address.
         peer: SocketAddr,
     },
@@ -118,7 +148,7 @@ pub enum RouteUpdate {
 #[derive(Debug)]
 pub struct Relay {
     /// The allocation.
-    pub allocation: u64,
+    pub allocation: AllocationId,
     /// The relay socket's address.
     pub addr: SocketAddr,
     /// The client it serves.
@@ -126,7 +156,7 @@ pub struct Relay {
     /// Peer IPs with a permission.
     pub permissions: HashSet<IpAddr>,
     /// Peer → channel number, for peer → client ChannelData.
-    pub channels: HashMap<SocketAddr, u16>,
+    pub channels: HashMap<SocketAddr, ChannelNumber>,
     /// What was relayed.
     pub counters: Counters,
 }
@@ -145,7 +175,7 @@ pub struct ChannelRoute {
 pub struct RouteTable {
     relays: HashMap<RelayId, Relay>,
     /// (client, channel) → route, for client → peer ChannelData.
-    channels: HashMap<(ClientKey, u16), ChannelRoute>,
+    channels: HashMap<(ClientKey, ChannelNumber), ChannelRoute>,
     /// client → its relay sockets (one per family), for Send indications.
     clients: HashMap<ClientKey, [Option<RelayId>; 2]>,
 }
@@ -157,7 +187,7 @@ impl RouteTable {
     }
 
     /// Apply an update. Returns the final counters of a removed relay.
-    pub fn apply(&mut self, update: RouteUpdate) -> Option<(u64, Counters)> {
+    pub fn apply(&mut self, update: RouteUpdate) -> Option<(AllocationId, Counters)> {
         match update {
             RouteUpdate::AddRelay {
                 id,
@@ -244,7 +274,9 @@ impl RouteTable {
     /// Client ChannelData: where channel `channel` of `client` goes, if bound and permitted.
     #[inline]
     pub fn channel(&self, client: ClientKey, channel: u16) -> Option<ChannelRoute> {
-        let route = *self.channels.get(&(client, channel))?;
+        let route = *self
+            .channels
+            .get(&(client, ChannelNumber::bound(channel)))?;
         let relay = self.relays.get(&route.relay)?;
         relay
             .permissions
@@ -281,7 +313,7 @@ impl RouteTable {
     }
 
     /// (allocation, counters) of every relay socket.
-    pub fn counters(&self) -> impl Iterator<Item = (u64, Counters)> + '_ {
+    pub fn counters(&self) -> impl Iterator<Item = (AllocationId, Counters)> + '_ {
         self.relays.values().map(|r| (r.allocation, r.counters))
     }
 
@@ -315,13 +347,13 @@ mod tests {
         let id = RelayId(1);
         t.apply(RouteUpdate::AddRelay {
             id,
-            allocation: 9,
+            allocation: AllocationId(9),
             addr: "203.0.113.1:50000".parse().unwrap(),
             client: client(),
         });
         t.apply(RouteUpdate::AddChannel {
             relay: id,
-            channel: 0x4000,
+            channel: ChannelNumber::new(0x4000).unwrap(),
             peer,
         });
         assert_eq!(t.channel(client(), 0x4000), None, "no permission yet");
@@ -353,7 +385,7 @@ mod tests {
             peer: peer.ip(),
         });
         let (alloc, counters) = t.apply(RouteUpdate::RemoveRelay { id }).unwrap();
-        assert_eq!((alloc, counters.to_peer_packets), (9, 3));
+        assert_eq!((alloc, counters.to_peer_packets), (AllocationId(9), 3));
         assert_eq!((t.relay_count(), t.channel_count()), (0, 0));
         assert_eq!(t.channel(client(), 0x4000), None);
     }
@@ -366,7 +398,7 @@ mod tests {
             ("8.8.8.8:1".parse().unwrap(), "8.8.8.8:2".parse().unwrap());
         t.apply(RouteUpdate::AddRelay {
             id,
-            allocation: 1,
+            allocation: AllocationId(1),
             addr: "203.0.113.1:50000".parse().unwrap(),
             client: client(),
         });
@@ -376,12 +408,12 @@ mod tests {
         });
         t.apply(RouteUpdate::AddChannel {
             relay: id,
-            channel: 0x4001,
+            channel: ChannelNumber::new(0x4001).unwrap(),
             peer: p1,
         });
         t.apply(RouteUpdate::RemoveChannel {
             relay: id,
-            channel: 0x4001,
+            channel: ChannelNumber::new(0x4001).unwrap(),
             peer: p2,
         });
         assert!(
@@ -390,7 +422,7 @@ mod tests {
         );
         t.apply(RouteUpdate::RemoveChannel {
             relay: id,
-            channel: 0x4001,
+            channel: ChannelNumber::new(0x4001).unwrap(),
             peer: p1,
         });
         assert!(t.channel(client(), 0x4001).is_none());
