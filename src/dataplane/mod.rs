@@ -6,15 +6,19 @@
 //! of a payload is written in place, never copied:
 //!
 //! ```text
-//! slot: [ 0 ............ 44 | 45 46 47 48 | payload ............ | pad | ...free... ]
-//!         Data indication header (36/48 B) ends at 48
-//!                            ChannelData header (4 B) at 44..48
+//! offset: 0          12                    44        48                       48 + len
+//! slot:   [ Data indication header, IPv6 peer: 0..48 | received datagram ......... | pad 0-3 | free ]
+//!                    [ IPv4 peer: 12..48 ............ ]
+//!                                          [ CD 44..48 ]
 //! ```
 //!
-//! - client → peer ChannelData: the payload is sent from `48 + 4` as is;
-//! - peer → client with a channel: the 4-byte ChannelData header is written at 44..48;
-//! - peer → client with only a permission: the Data indication header (RFC 8656 §11.4) is written just in
-//!   front of the payload and up to 3 bytes of zero padding after it.
+//! - client → peer ChannelData: received at 48 with its header at 48..52; the payload is sent from 52
+//!   as is;
+//! - client → peer Send indication: the DATA value is sent where it lies in the received message;
+//! - peer → client with a channel: the 4-byte ChannelData header (CD) is written at 44..48;
+//! - peer → client with only a permission: the Data indication header (RFC 8656 §11.4: 36 bytes for an
+//!   IPv4 peer, 48 for IPv6) is written so that it ends at 48, and up to 3 bytes of zero padding after
+//!   the payload.
 //!
 //! Nothing here allocates, locks or logs per packet: lookups go to the worker's own
 //! [`RouteTable`](crate::route::RouteTable), counters are relaxed atomics on the worker's own cache lines,
