@@ -48,7 +48,7 @@ impl Control {
     }
 
     pub(super) fn metrics(&self) -> crate::metrics::Snapshot {
-        use crate::metrics::{Relayed, ServerSnapshot, Snapshot, WorkerSnapshot};
+        use crate::metrics::{ServerSnapshot, Snapshot, WorkerSnapshot};
         let s = self.server.stats();
         let bad_credentials = s.auth_failures.saturating_sub(s.stale_nonces + s.revoked);
         Snapshot {
@@ -60,22 +60,14 @@ impl Control {
             workers: self
                 .stats
                 .iter()
-                .map(|w| {
-                    let [a, b, c, d] = w.relayed();
-                    WorkerSnapshot {
-                        rx: w.rx(),
-                        tx: w.tx(),
-                        drops: dataplane::Drop::ALL
-                            .iter()
-                            .map(|why| (why.as_str(), w.drops(*why)))
-                            .collect(),
-                        relayed: Relayed {
-                            to_peer_bytes: a,
-                            to_peer_packets: b,
-                            to_client_bytes: c,
-                            to_client_packets: d,
-                        },
-                    }
+                .map(|w| WorkerSnapshot {
+                    rx: w.rx(),
+                    tx: w.tx(),
+                    drops: dataplane::Drop::ALL
+                        .iter()
+                        .map(|why| (why.as_str(), w.drops(*why)))
+                        .collect(),
+                    relayed: w.relayed(),
                 })
                 .collect(),
             server: ServerSnapshot {

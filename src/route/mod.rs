@@ -11,11 +11,13 @@
 //! A relay socket, and everything routed through it, belongs to the worker that owns the allocation's
 //! client 5-tuple (the one whose SO_REUSEPORT listener the kernel hashes that client to).
 //!
-//! May use: wire, hashbrown.
+//! May use: wire, metrics (the counters type), hashbrown.
 
 use core::net::{IpAddr, SocketAddr};
 
 use hashbrown::{HashMap, HashSet};
+
+pub use crate::metrics::Counters;
 
 /// Index of a listener within a worker (the same index in every worker: the config's `listen` order).
 pub type ListenerId = u16;
@@ -61,31 +63,6 @@ pub struct ClientKey {
     pub client: SocketAddr,
     /// The listener.
     pub listener: ListenerId,
-}
-
-/// Bytes and packets relayed, per direction: the four usage numbers, for one relay socket or summed over
-/// an allocation's. Bytes are application data (the payload), not headers, so that billing does not
-/// depend on the client's framing choice.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counters {
-    /// Payload bytes client → peer.
-    pub to_peer_bytes: u64,
-    /// Datagrams client → peer.
-    pub to_peer_packets: u64,
-    /// Payload bytes peer → client.
-    pub to_client_bytes: u64,
-    /// Datagrams peer → client.
-    pub to_client_packets: u64,
-}
-
-impl Counters {
-    /// Add `more` to these.
-    pub fn add(&mut self, more: Counters) {
-        self.to_peer_bytes += more.to_peer_bytes;
-        self.to_peer_packets += more.to_peer_packets;
-        self.to_client_bytes += more.to_client_bytes;
-        self.to_client_packets += more.to_client_packets;
-    }
 }
 
 /// A change to a worker's table, sent by the control thread.
