@@ -151,6 +151,17 @@ impl EventFd {
     }
 }
 
+/// Move the calling thread into the network namespace `name`, as `ip netns add` made it
+/// (`/run/netns/NAME`). Threads it spawns afterwards inherit it; other threads are not affected. Needs
+/// CAP_SYS_ADMIN. For tests that build their own network.
+pub fn enter_netns(name: &str) -> io::Result<()> {
+    let ns = std::fs::File::open(format!("/run/netns/{name}"))?;
+    // SAFETY: `ns` is an open namespace file descriptor for the duration of the call; setns only reads
+    // it and changes the calling thread's namespace, touching no memory of ours.
+    syscall!(setns(ns.as_raw_fd(), libc::CLONE_NEWNET))?;
+    Ok(())
+}
+
 /// Pin the calling thread to core `index` (modulo the available cores). False if pinning failed.
 pub fn pin_to_core(index: usize) -> bool {
     match core_affinity::get_core_ids() {

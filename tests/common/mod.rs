@@ -75,7 +75,12 @@ pub struct Client {
 
 impl Client {
     pub fn new(server: SocketAddr, user: &str, password: &str) -> Self {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        Self::new_on("127.0.0.1", server, user, password)
+    }
+
+    /// A client whose socket is bound on `ip`.
+    pub fn new_on(ip: &str, server: SocketAddr, user: &str, password: &str) -> Self {
+        let sock = UdpSocket::bind((ip, 0)).unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         Client {
             sock,
