@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use turnpike::dataplane::{Action, Core, WorkerStats, HEADROOM, SLOT};
-use turnpike::route::{ClientKey, RelayId, RouteTable, RouteUpdate};
+use turnpike::route::{AllocationId, ChannelNumber, ClientKey, RelayId, RouteTable, RouteUpdate};
 use turnpike::wire::{classify, ChannelData, ChannelRange, Kind};
 
 const CHANNEL: u16 = 0x4000;
@@ -39,7 +39,7 @@ fn updates(n: u32) -> impl Iterator<Item = RouteUpdate> {
         [
             RouteUpdate::AddRelay {
                 id,
-                allocation: u64::from(i),
+                allocation: AllocationId(u64::from(i)),
                 addr: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 49152)),
                 client: ClientKey {
                     client: client(i),
@@ -52,7 +52,7 @@ fn updates(n: u32) -> impl Iterator<Item = RouteUpdate> {
             },
             RouteUpdate::AddChannel {
                 relay: id,
-                channel: CHANNEL,
+                channel: ChannelNumber::new(CHANNEL).expect("in range"),
                 peer: peer(i),
             },
         ]

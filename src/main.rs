@@ -103,10 +103,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::RestCredential { secret, user, ttl }) => {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
+            let now = turnpike::clock::unix_now();
             match RestSecrets::new(vec![secret.into_bytes()]).mint(&user, now, ttl) {
                 Some(c) => {
                     println!(
@@ -347,11 +344,7 @@ fn usage(cli: &Cli, since: Option<&str>, until: Option<&str>, json: bool) -> Exi
         Some(s) => humantime::parse_rfc3339_weak(s)
             .map_err(|e| format!("{flag}: {s:?} is not an RFC 3339 date-time ({e})")),
     };
-    let ms = |t: SystemTime| {
-        t.duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
-    };
+    let ms = turnpike::clock::unix_ms_at;
     let range = time("--since", since, UNIX_EPOCH)
         .and_then(|s| Ok((s, time("--until", until, SystemTime::now())?)));
     let (since, until) = match range {

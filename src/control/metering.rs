@@ -2,21 +2,22 @@
 //! final records for allocations still live at stop, and metrics snapshots.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
 use super::{Control, UsageRecord};
+use crate::clock::unix_ms;
 use crate::dataplane::{self, BackendKind, ToControl, WorkerMsg};
-use crate::route::{Counters, RouteUpdate};
+use crate::route::{AllocationId, Counters, RouteUpdate};
 use crate::server;
 
 impl Control {
     /// Interim records from one worker's counter snapshot: for each of its allocations, what closed relay
     /// sockets reported plus the live ones' counters. With `last`, they are final records (the relay
     /// is stopping with these allocations still live).
-    pub(super) fn checkpoint(&mut self, counters: &[(u64, Counters)], last: bool) {
-        let mut live: HashMap<u64, Counters> = HashMap::new();
+    pub(super) fn checkpoint(&mut self, counters: &[(AllocationId, Counters)], last: bool) {
+        let mut live: HashMap<AllocationId, Counters> = HashMap::new();
         for (allocation, c) in counters {
             live.entry(*allocation).or_default().add(*c);
         }
@@ -32,7 +33,7 @@ impl Control {
             }
             p.checkpointed = Some(usage);
             let record = UsageRecord {
-                allocation,
+                allocation: allocation.0,
                 identity: p.identity.clone().unwrap_or_default(),
                 client: p.client,
                 started_ms: p.started_ms,
@@ -47,7 +48,7 @@ impl Control {
     }
 
     pub(super) fn metrics(&self) -> crate::metrics::Snapshot {
-        use crate::metrics::{Relayed, ServerSnapshot, Snapshot, WorkerSnapshot};
+        use crate::metrics::{ServerSnapshot, Snapshot, WorkerSnapshot};
         let s = self.server.stats();
         let bad_credentials = s.auth_failures.saturating_sub(s.stale_nonces + s.revoked);
         Snapshot {
@@ -65,22 +66,14 @@ impl Control {
             workers: self
                 .stats
                 .iter()
-                .map(|w| {
-                    let [a, b, c, d] = w.relayed();
-                    WorkerSnapshot {
-                        rx: w.rx(),
-                        tx: w.tx(),
-                        drops: dataplane::Drop::ALL
-                            .iter()
-                            .map(|why| (why.as_str(), w.drops(*why)))
-                            .collect(),
-                        relayed: Relayed {
-                            to_peer_bytes: a,
-                            to_peer_packets: b,
-                            to_client_bytes: c,
-                            to_client_packets: d,
-                        },
-                    }
+                .map(|w| WorkerSnapshot {
+                    rx: w.rx(),
+                    tx: w.tx(),
+                    drops: dataplane::Drop::ALL
+                        .iter()
+                        .map(|why| (why.as_str(), w.drops(*why)))
+                        .collect(),
+                    relayed: w.relayed(),
                 })
                 .collect(),
             server: ServerSnapshot {
@@ -134,11 +127,4 @@ impl Control {
             }
         }
     }
-}
-
-pub(super) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -25,20 +25,20 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use crate::clock::{unix_ms, unix_now};
 use crate::dataplane::stream::{StreamLimits, StreamListener, StreamShared, Streams};
 use crate::dataplane::{
     self, BackendKind, ControlTx, Core, StunQueue, ToControl, WorkerMsg, WorkerSetup, WorkerStats,
 };
-use crate::route::{ClientKey, Counters, ListenerId, RelayId, RouteUpdate};
+use crate::route::{AllocationId, ClientKey, Counters, ListenerId, RelayId, RouteUpdate};
 use crate::server::{self, Command, FiveTuple, Server, Transport};
 use crate::sys::{self, EventFd, UdpOptions};
-use metering::unix_ms;
 
 mod metering;
 #[cfg(test)]
@@ -250,6 +250,15 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
     server_config.peer_policy = server_config
         .peer_policy
         .with_service_ports(listeners.iter().map(|l| l.0).collect());
+    // The relay's own addresses are denied peers (design §3): its listen IPs and every address on the
+    // host's interfaces, besides the relay IPs and the configured public addresses.
+    server_config
+        .own_ips
+        .extend(listeners.iter().map(|l| l.0.ip()));
+    match sys::interface_addrs() {
+        Ok(addrs) => server_config.own_ips.extend(addrs),
+        Err(e) => tracing::warn!("cannot list the interface addresses (getifaddrs): {e}"),
+    }
     let server = Server::new(server_config, StdRng::from_entropy())
         .map_err(|e| io::Error::other(e.to_string()))?;
 
@@ -439,7 +448,7 @@ struct Control {
     drain: Duration,
     drain_deadline: Option<Instant>,
     /// Usage of allocations until both the server's end report and every relay's final counters are in.
-    usage: HashMap<u64, PendingUsage>,
+    usage: HashMap<AllocationId, PendingUsage>,
     usage_sink: Option<Sender<UsageRecord>>,
     /// Every worker's counters (for metrics).
     stats: Vec<Arc<WorkerStats>>,
@@ -662,7 +671,7 @@ impl Control {
                         self.relays.insert(relay.0, (worker, id));
                         self.owners.insert(client, worker);
                         let identity = self.server.allocation_identity(allocation);
-                        let pending = self.usage.entry(allocation.0).or_default();
+                        let pending = self.usage.entry(allocation).or_default();
                         if pending.client.is_none() {
                             pending.started_ms = unix_ms();
                         }
@@ -673,7 +682,7 @@ impl Control {
                         pending.open_relays += 1;
                         let update = RouteUpdate::AddRelay {
                             id,
-                            allocation: allocation.0,
+                            allocation,
                             addr: relay.0,
                             client: ClientKey {
                                 client: client.client,
@@ -718,13 +727,13 @@ impl Control {
                 allocation,
                 identity,
             } => {
-                let pending = self.usage.entry(allocation.0).or_default();
+                let pending = self.usage.entry(allocation).or_default();
                 pending.identity = Some(identity);
                 pending.ended = true;
                 if let Some(client) = pending.client {
                     self.owners.remove(&client);
                 }
-                self.finish_usage(allocation.0);
+                self.finish_usage(allocation);
             }
         }
     }
@@ -761,7 +770,7 @@ impl Control {
             .and_then(|i| ListenerId::try_from(i).ok())
     }
 
-    fn relay_closed(&mut self, allocation: u64, c: Counters) {
+    fn relay_closed(&mut self, allocation: AllocationId, c: Counters) {
         let pending = self.usage.entry(allocation).or_default();
         pending.usage.add(c);
         pending.open_relays = pending.open_relays.saturating_sub(1);
@@ -769,7 +778,7 @@ impl Control {
     }
 
     /// Emit an allocation's usage once the server has ended it and every relay socket has reported.
-    fn finish_usage(&mut self, allocation: u64) {
+    fn finish_usage(&mut self, allocation: AllocationId) {
         let done = self
             .usage
             .get(&allocation)
@@ -785,7 +794,7 @@ impl Control {
             return;
         }
         let record = UsageRecord {
-            allocation,
+            allocation: allocation.0,
             identity: p.identity.unwrap_or_default(),
             client: p.client,
             started_ms: p.started_ms,
@@ -794,7 +803,7 @@ impl Control {
             usage: p.usage,
         };
         tracing::info!(
-            allocation,
+            allocation = record.allocation,
             identity = %record.identity,
             to_peer_bytes = record.usage.to_peer_bytes,
             to_peer_packets = record.usage.to_peer_packets,
@@ -838,23 +847,16 @@ pub(crate) fn table_update(cmd: &Command, id: RelayId) -> Option<RouteUpdate> {
         Command::RemovePermission { peer, .. } => RouteUpdate::RemovePermission { relay: id, peer },
         Command::InstallChannel { channel, peer, .. } => RouteUpdate::AddChannel {
             relay: id,
-            channel: channel.get(),
+            channel,
             peer: peer.0,
         },
         Command::RemoveChannel { channel, peer, .. } => RouteUpdate::RemoveChannel {
             relay: id,
-            channel: channel.get(),
+            channel,
             peer: peer.0,
         },
         Command::OpenRelay { .. } | Command::AllocationEnded { .. } => return None,
     })
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

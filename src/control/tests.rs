@@ -169,7 +169,7 @@ impl Relay {
                 self.relays.insert(relay.0, id);
                 let update = RouteUpdate::AddRelay {
                     id,
-                    allocation: allocation.0,
+                    allocation: *allocation,
                     addr: relay.0,
                     client: ClientKey {
                         client: client.client,
@@ -303,9 +303,9 @@ fn channel_bind_is_routed_before_it_is_answered_and_channel_data_flows_both_ways
     let events = r.bind(client(1), &alice, 0x4000, peer(1));
     assert!(matches!(&events[..], [
         Event::Route(RouteUpdate::AddPermission { relay: a, peer: p }),
-        Event::Route(RouteUpdate::AddChannel { relay: b, channel: 0x4000, peer: q }),
+        Event::Route(RouteUpdate::AddChannel { relay: b, channel: c, peer: q }),
         Event::Reply { to, .. },
-    ] if *a == id && *b == id && *p == peer(1).ip() && *q == peer(1) && *to == client(1)));
+    ] if *a == id && *b == id && c.get() == 0x4000 && *p == peer(1).ip() && *q == peer(1) && *to == client(1)));
     assert!(success(&events));
 
     // ChannelData right after the success finds its route.
@@ -495,4 +495,92 @@ fn relay_to_relay_reaches_only_the_exact_live_relayed_address() {
         .client(client(1), &channel_data(0x4000, b"gone"))
         .is_empty());
     assert!(r.peer(alice_relay, bob_relay, b"gone").is_empty());
+}
+
+/// Finding 2 of issue 10: the relay's own addresses (relay IPs, public addresses, listen and interface
+/// addresses) are denied peers by default, like loopback. The fixture's relay IP is public, so these
+/// refusals are about it being the relay's own address, not about a documentation range.
+#[test]
+fn the_relays_own_addresses_are_denied_peers() {
+    let public: SocketAddr = sa("203.0.114.20:0");
+    let mut r = Relay::with(Config {
+        own_ips: vec![public.ip()],
+        ..config()
+    });
+    let alice = Creds::alice();
+    let relay = r.allocate(client(1), &alice);
+    assert!(
+        crate::policy::PeerPolicy::new().check(relay).is_ok(),
+        "a public relay IP"
+    );
+    for ip in [relay.ip(), public.ip()] {
+        for port in [53, 123, 161, 11211] {
+            let peer = SocketAddr::new(ip, port);
+            assert_eq!(
+                reply(&r.permit(client(1), &alice, peer))
+                    .attrs
+                    .error_code
+                    .map(|e| e.0),
+                Some(403),
+                "{peer}"
+            );
+            let events = r.bind(client(1), &alice, 0x4000, peer);
+            assert_eq!(
+                reply(&events).attrs.error_code.map(|e| e.0),
+                Some(403),
+                "{peer}"
+            );
+            assert!(
+                !events.iter().any(|e| matches!(e, Event::Route(_))),
+                "{events:?}"
+            );
+        }
+    }
+}
+
+/// An explicit allow may open the relay's own IP, but never its service ports nor the relay port range
+/// (except exact live relayed addresses), checked at request time and per packet.
+#[test]
+fn an_explicit_allow_opens_the_relays_own_ip_but_not_its_service_ports_or_relay_range() {
+    use crate::policy::{Cidr, PeerPolicy};
+    let base = config();
+    let r_ip = base.relay_ips[0];
+    let mut r = Relay::with(Config {
+        peer_policy: PeerPolicy::new()
+            .with_allow(vec![Cidr::new(r_ip, 32).unwrap()])
+            .with_service_ports(vec![SocketAddr::new(r_ip, 3478), sa("0.0.0.0:9090")]),
+        ..base
+    });
+    let alice = Creds::alice();
+    let relay = r.allocate(client(1), &alice);
+    let open = SocketAddr::new(r_ip, 5353);
+    assert!(success(&r.permit(client(1), &alice, open)));
+    let closed = [
+        SocketAddr::new(r_ip, 3478),  // a listener
+        SocketAddr::new(r_ip, 9090),  // metrics on 0.0.0.0
+        SocketAddr::new(r_ip, 50050), // the relay port range, no allocation there
+        SocketAddr::new(r_ip, 0),
+    ];
+    for peer in closed {
+        let events = r.bind(client(1), &alice, 0x4000, peer);
+        assert_eq!(
+            reply(&events).attrs.error_code.map(|e| e.0),
+            Some(403),
+            "{peer}"
+        );
+    }
+    // The permission covers the IP; the data plane still judges the port of every packet.
+    assert_eq!(
+        r.send(client(1), open, b"ok"),
+        vec![relayed(relay, open, b"ok")]
+    );
+    assert_eq!(r.peer(relay, open, b"ok").len(), 1);
+    for peer in closed {
+        assert!(r.send(client(1), peer, b"no").is_empty(), "{peer}");
+        assert!(r.peer(relay, peer, b"no").is_empty(), "{peer}");
+    }
+    assert_eq!(
+        r.core.stats().drops(Drop::OwnAddress),
+        2 * closed.len() as u64
+    );
 }

@@ -243,7 +243,7 @@ impl Core {
         let range = match r.channels.get(&from) {
             Some(&channel) => {
                 let start = HEADROOM - wire::CHANNEL_HEADER_LEN;
-                match ChannelData::write_header(&mut slot[start..], channel, len) {
+                match ChannelData::write_header(&mut slot[start..], channel.get(), len) {
                     Ok(n) => start..start + n,
                     Err(_) => return self.drop(Drop::Malformed),
                 }
@@ -329,7 +329,7 @@ impl Core {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::route::Counters;
+    use crate::route::{AllocationId, ChannelNumber, Counters};
 
     const RELAY: RelayId = RelayId(7);
 
@@ -355,7 +355,7 @@ mod tests {
         let peer: SocketAddr = "8.8.8.8:53".parse().unwrap();
         core.apply(RouteUpdate::AddRelay {
             id: RELAY,
-            allocation: 1,
+            allocation: AllocationId(1),
             addr: "192.0.2.1:50000".parse().unwrap(),
             client,
         });
@@ -365,7 +365,7 @@ mod tests {
         });
         core.apply(RouteUpdate::AddChannel {
             relay: RELAY,
-            channel: 0x4000,
+            channel: ChannelNumber::new(0x4000).unwrap(),
             peer,
         });
         let mut slot = [0u8; 256];
@@ -392,7 +392,7 @@ mod tests {
             Counters::default(),
             "nothing billed before the send"
         );
-        assert_eq!(core.stats().relayed(), [0; 4]);
+        assert_eq!(core.stats().relayed(), Counters::default());
 
         slot[HEADROOM..HEADROOM + 3].copy_from_slice(b"abc");
         let Action::Forward(back) = core.on_peer(RELAY, peer, &mut slot, 3) else {
@@ -411,9 +411,9 @@ mod tests {
                 ..Counters::default()
             }
         );
-        assert_eq!(core.stats().relayed(), [4, 1, 0, 0]);
+        assert_eq!(core.stats().relayed(), counters(&core));
         core.sent(back.bill);
-        assert_eq!(core.stats().relayed(), [4, 1, 3, 1]);
+        assert_eq!(core.stats().relayed(), counters(&core));
         assert_eq!(counters(&core).to_client_packets, 1);
     }
 }

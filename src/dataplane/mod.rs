@@ -6,15 +6,19 @@
 //! of a payload is written in place, never copied:
 //!
 //! ```text
-//! slot: [ 0 ............ 44 | 45 46 47 48 | payload ............ | pad | ...free... ]
-//!         Data indication header (36/48 B) ends at 48
-//!                            ChannelData header (4 B) at 44..48
+//! offset: 0          12                    44        48                       48 + len
+//! slot:   [ Data indication header, IPv6 peer: 0..48 | received datagram ......... | pad 0-3 | free ]
+//!                    [ IPv4 peer: 12..48 ............ ]
+//!                                          [ CD 44..48 ]
 //! ```
 //!
-//! - client → peer ChannelData: the payload is sent from `48 + 4` as is;
-//! - peer → client with a channel: the 4-byte ChannelData header is written at 44..48;
-//! - peer → client with only a permission: the Data indication header (RFC 8656 §11.4) is written just in
-//!   front of the payload and up to 3 bytes of zero padding after it.
+//! - client → peer ChannelData: received at 48 with its header at 48..52; the payload is sent from 52
+//!   as is;
+//! - client → peer Send indication: the DATA value is sent where it lies in the received message;
+//! - peer → client with a channel: the 4-byte ChannelData header (CD) is written at 44..48;
+//! - peer → client with only a permission: the Data indication header (RFC 8656 §11.4: 36 bytes for an
+//!   IPv4 peer, 48 for IPv6) is written so that it ends at 48, and up to 3 bytes of zero padding after
+//!   the payload.
 //!
 //! Nothing here allocates, locks or logs per packet: lookups go to the worker's own
 //! [`RouteTable`](crate::route::RouteTable), counters are relaxed atomics on the worker's own cache lines,
@@ -46,7 +50,7 @@ use crossbeam_utils::CachePadded;
 pub use self::core::{Action, Bill, Core, Direction, Forward, Out};
 pub use stats::{Drop, WorkerStats};
 
-use crate::route::{ClientKey, Counters, ListenerId, RouteUpdate};
+use crate::route::{AllocationId, ClientKey, Counters, ListenerId, RouteUpdate};
 use crate::sys::EventFd;
 
 /// Bytes in front of every received datagram (see the module doc).
@@ -91,7 +95,7 @@ pub enum ToControl {
     /// A relay socket was closed; these are its final counters.
     RelayClosed {
         /// The allocation.
-        allocation: u64,
+        allocation: AllocationId,
         /// What its fast path relayed.
         counters: Counters,
     },
@@ -100,7 +104,7 @@ pub enum ToControl {
         /// The worker.
         worker: usize,
         /// (allocation, counters) per relay socket.
-        counters: Vec<(u64, Counters)>,
+        counters: Vec<(AllocationId, Counters)>,
     },
     /// Refuse the REST credentials of `identity` expiring at or before `until` (Unix seconds; 0 lifts
     /// the revocation).
@@ -350,7 +354,7 @@ mod tests {
         );
         core.apply(RouteUpdate::AddRelay {
             id: RelayId(1),
-            allocation: 9,
+            allocation: crate::route::AllocationId(9),
             addr: "203.0.113.1:50000".parse().unwrap(),
             client: CLIENT,
         });
@@ -373,7 +377,10 @@ mod tests {
         assert!(got[..3].iter().all(|m| matches!(m, ToControl::Stun { .. })));
         assert!(matches!(
             got[3],
-            ToControl::RelayClosed { allocation: 9, .. }
+            ToControl::RelayClosed {
+                allocation: crate::route::AllocationId(9),
+                ..
+            }
         ));
         assert!(matches!(got[4], ToControl::StreamClosed { .. }));
         // The control thread takes them off: room again.

@@ -4,6 +4,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_utils::CachePadded;
 
+use crate::metrics::Counters;
+
 /// Why a datagram was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Drop {
@@ -113,10 +115,15 @@ impl WorkerStats {
         add(&self.relayed[i + 1], 1);
     }
 
-    /// (to-peer bytes, to-peer packets, to-client bytes, to-client packets) relayed by the fast path.
-    pub fn relayed(&self) -> [u64; 4] {
-        let r = &self.relayed;
-        [0, 1, 2, 3].map(|i| r[i].load(Ordering::Relaxed))
+    /// What the fast path relayed (sent successfully).
+    pub fn relayed(&self) -> Counters {
+        let r = |i: usize| self.relayed[i].load(Ordering::Relaxed);
+        Counters {
+            to_peer_bytes: r(0),
+            to_peer_packets: r(1),
+            to_client_bytes: r(2),
+            to_client_packets: r(3),
+        }
     }
 
     /// Datagrams received.

@@ -16,9 +16,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
-/// Bytes and packets relayed, per direction.
+/// Bytes and packets relayed, per direction: the four usage numbers, for one relay socket, one
+/// allocation, one worker or the whole relay (the one type for them; `route` re-exports it). Bytes are
+/// application data (the payload), not headers, so that billing does not depend on the client's framing
+/// choice.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Relayed {
+pub struct Counters {
     /// Payload bytes client → peer.
     pub to_peer_bytes: u64,
     /// Datagrams client → peer.
@@ -27,6 +30,16 @@ pub struct Relayed {
     pub to_client_bytes: u64,
     /// Datagrams peer → client.
     pub to_client_packets: u64,
+}
+
+impl Counters {
+    /// Add `more` to these.
+    pub fn add(&mut self, more: Counters) {
+        self.to_peer_bytes += more.to_peer_bytes;
+        self.to_peer_packets += more.to_peer_packets;
+        self.to_client_bytes += more.to_client_bytes;
+        self.to_client_packets += more.to_client_packets;
+    }
 }
 
 /// One worker's counters.
@@ -39,7 +52,7 @@ pub struct WorkerSnapshot {
     /// Drops by reason.
     pub drops: Vec<(&'static str, u64)>,
     /// What its fast path relayed.
-    pub relayed: Relayed,
+    pub relayed: Counters,
 }
 
 /// The TURN core's state and counters.
@@ -85,13 +98,10 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// What every worker relayed, summed.
-    pub fn relayed(&self) -> Relayed {
-        let mut t = Relayed::default();
+    pub fn relayed(&self) -> Counters {
+        let mut t = Counters::default();
         for w in &self.workers {
-            t.to_peer_bytes += w.relayed.to_peer_bytes;
-            t.to_peer_packets += w.relayed.to_peer_packets;
-            t.to_client_bytes += w.relayed.to_client_bytes;
-            t.to_client_packets += w.relayed.to_client_packets;
+            t.add(w.relayed);
         }
         t
     }
@@ -295,7 +305,7 @@ mod tests {
                     rx: 10,
                     tx: 9,
                     drops: vec![("malformed", 1)],
-                    relayed: Relayed {
+                    relayed: Counters {
                         to_peer_bytes: 100,
                         to_peer_packets: 2,
                         to_client_bytes: 50,

@@ -3,6 +3,8 @@
 
 use core::net::{IpAddr, SocketAddr};
 
+pub use crate::route::{AllocationId, ChannelNumber};
+
 /// The transport between a client and the relay (RFC 8656 §3.1). The relayed side is always UDP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Transport {
@@ -40,36 +42,6 @@ pub struct RelayAddr(pub SocketAddr);
 /// A peer's transport address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerAddr(pub SocketAddr);
-
-/// A channel number, always within the configured range once constructed (RFC 8656 §12).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ChannelNumber(u16);
-
-impl ChannelNumber {
-    /// A channel number if `n` is in 0x4000–0x4FFF.
-    pub fn new(n: u16) -> Option<Self> {
-        Self::new_in(n, crate::wire::ChannelRange::Rfc8656)
-    }
-
-    /// A channel number if `n` is in `range`.
-    pub fn new_in(n: u16, range: crate::wire::ChannelRange) -> Option<Self> {
-        range.contains(n).then_some(ChannelNumber(n))
-    }
-
-    /// A number the server already validated when it was bound.
-    pub(crate) fn bound(n: u16) -> Self {
-        ChannelNumber(n)
-    }
-
-    /// The number.
-    pub fn get(self) -> u16 {
-        self.0
-    }
-}
-
-/// A server-assigned allocation id: never reused within one `Server`'s life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AllocationId(pub u64);
 
 /// What the data plane must do. Emitted by [`Server::poll_command`](super::Server::poll_command), in the
 /// order the server decided them; execute them in that order.

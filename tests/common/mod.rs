@@ -75,7 +75,12 @@ pub struct Client {
 
 impl Client {
     pub fn new(server: SocketAddr, user: &str, password: &str) -> Self {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        Self::new_on("127.0.0.1", server, user, password)
+    }
+
+    /// A client whose socket is bound on `ip`.
+    pub fn new_on(ip: &str, server: SocketAddr, user: &str, password: &str) -> Self {
+        let sock = UdpSocket::bind((ip, 0)).unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         Client {
             sock,
@@ -229,9 +234,13 @@ impl Client {
     }
 }
 
-/// A UDP peer on 127.0.0.1.
+/// A UDP peer.
 pub fn peer() -> UdpSocket {
-    peer_on("127.0.0.1".parse().unwrap())
+    // Not the relay IP 127.0.0.1: its relay port range is closed to peers (only live relayed addresses
+    // are open there), and an ephemeral port could fall inside it.
+    let s = UdpSocket::bind("127.0.0.2:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s
 }
 
 /// A UDP peer on `ip`, on a port above every test's relay port range (those end at 61999) and above the
