@@ -223,7 +223,11 @@ impl Io for Uring {
                         }
                         socks.ended(ring, tag, errno, retry)?;
                     }
-                    Completion::Sent { tag, index, result } => {
+                    Completion::Sent {
+                        tag,
+                        buf: index,
+                        result,
+                    } => {
                         // Every send in flight has its bill; its buffer index is free again now.
                         if let Some(bill) = bills.get_mut(index).and_then(Option::take) {
                             let outcome = if result >= 0 {

@@ -213,8 +213,8 @@ pub enum Completion {
     Sent {
         /// The tag given to [`Ring::send`].
         tag: u32,
-        /// The index of the buffer it sent ([`Buf::index`]).
-        index: usize,
+        /// The index ([`Buf::index`]) of the buffer that was sent.
+        buf: usize,
         /// Bytes sent, or `-errno`.
         result: i32,
     },
@@ -698,7 +698,7 @@ impl Ring {
                 }
                 Some(Completion::Sent {
                     tag,
-                    index: usize::from(i),
+                    buf: usize::from(i),
                     result: res,
                 })
             }
