@@ -218,11 +218,19 @@ impl Relay {
 
     /// The 401 round and an Allocate; returns the relayed address.
     fn allocate(&mut self, five: FiveTuple, creds: &Creds) -> SocketAddr {
-        let attrs = [Attribute::RequestedTransport(17)];
-        let events = self.request(five, Method::ALLOCATE, &attrs, None);
+        self.allocate_with(five, creds, &[Attribute::RequestedTransport(17)])
+    }
+
+    fn allocate_with(
+        &mut self,
+        five: FiveTuple,
+        creds: &Creds,
+        attrs: &[Attribute<'_>],
+    ) -> SocketAddr {
+        let events = self.request(five, Method::ALLOCATE, attrs, None);
         let nonce = reply(&events).attrs.nonce.unwrap().to_string();
         self.h.nonces.insert(five.client, nonce);
-        let events = self.request(five, Method::ALLOCATE, &attrs, Some(creds));
+        let events = self.request(five, Method::ALLOCATE, attrs, Some(creds));
         let msg = reply(&events);
         assert_eq!(msg.message_type().class, Class::Success);
         msg.attrs.xor_relayed_address.unwrap()
@@ -582,5 +590,101 @@ fn an_explicit_allow_opens_the_relays_own_ip_but_not_its_service_ports_or_relay_
     assert_eq!(
         r.core.stats().drops(Drop::OwnAddress),
         2 * closed.len() as u64
+    );
+}
+
+#[test]
+fn an_expired_channel_stops_relaying_but_its_permission_may_outlive_it() {
+    let mut r = Relay::new();
+    let alice = Creds::alice();
+    let relay = r.allocate(client(1), &alice);
+    r.bind(client(1), &alice, 0x4000, peer(1));
+    // Refresh the allocation and the permission (not the channel) before the channel's 600 s run out.
+    for _ in 0..2 {
+        r.advance(Duration::from_secs(290));
+        let events = r.request(client(1), Method::REFRESH, &[], Some(&alice));
+        assert!(success(&events));
+        assert!(success(&r.permit(client(1), &alice, peer(1))));
+    }
+    let events = r.advance(Duration::from_secs(30));
+    assert!(
+        events.iter().any(|e| matches!(e,
+        Event::Route(RouteUpdate::RemoveChannel { peer: p, .. }) if *p == peer(1))),
+        "{events:?}"
+    );
+    assert!(r.client(client(1), &channel_data(0x4000, b"x")).is_empty());
+    assert_eq!(r.core.stats().drops(Drop::NoChannel), 1);
+    // Peer data now comes as a Data indication (the permission still holds).
+    let events = r.peer(relay, peer(1), b"y");
+    let [Event::Relayed { bytes, .. }] = &events[..] else {
+        panic!("{events:?}");
+    };
+    assert_eq!(Message::parse(bytes).unwrap().attrs.data, Some(&b"y"[..]));
+}
+
+#[test]
+fn an_ipv6_allocation_relays_ipv6_peers_with_the_48_byte_data_indication_header() {
+    let mut r = Relay::new();
+    let alice = Creds::alice();
+    let attrs = [
+        Attribute::RequestedTransport(17),
+        Attribute::RequestedAddressFamily(crate::wire::family::IPV6),
+    ];
+    let relay = r.allocate_with(client(1), &alice, &attrs);
+    assert!(relay.is_ipv6());
+    let v6_peer = sa("[2606:4700::1111]:443");
+    assert_eq!(
+        reply(&r.permit(client(1), &alice, peer(1)))
+            .attrs
+            .error_code
+            .map(|e| e.0),
+        Some(443),
+        "an IPv4 peer for an IPv6 relay"
+    );
+    assert!(success(&r.permit(client(1), &alice, v6_peer)));
+    assert_eq!(
+        r.send(client(1), v6_peer, b"six"),
+        vec![relayed(relay, v6_peer, b"six")]
+    );
+    let events = r.peer(relay, v6_peer, b"back");
+    let [Event::Relayed { bytes, .. }] = &events[..] else {
+        panic!("{events:?}");
+    };
+    let msg = Message::parse(bytes).unwrap();
+    assert_eq!(msg.attrs.xor_peer_address, Some(v6_peer));
+    assert_eq!(msg.attrs.data, Some(&b"back"[..]));
+    assert_eq!(
+        bytes.len(),
+        48 + 4,
+        "20 header + 24 XOR-PEER-ADDRESS + 4 DATA header + 4 payload"
+    );
+}
+
+#[test]
+fn nothing_is_relayed_once_the_allocation_is_gone() {
+    let mut r = Relay::new();
+    let alice = Creds::alice();
+    let relay = r.allocate(client(1), &alice);
+    let id = r.relays[&relay];
+    r.bind(client(1), &alice, 0x4000, peer(1));
+    r.request(
+        client(1),
+        Method::REFRESH,
+        &[Attribute::Lifetime(0)],
+        Some(&alice),
+    );
+    assert_eq!(r.core.table().relay_count(), 0);
+    assert!(r.client(client(1), &channel_data(0x4000, b"x")).is_empty());
+    assert!(r.send(client(1), peer(1), b"x").is_empty());
+    let mut slot = vec![0u8; SLOT];
+    assert_eq!(r.core.on_peer(id, peer(1), &mut slot, 1), Action::Done);
+    let s = r.core.stats();
+    assert_eq!(
+        (
+            s.drops(Drop::NoChannel),
+            s.drops(Drop::NoPermission),
+            s.drops(Drop::NoRelay)
+        ),
+        (1, 1, 1)
     );
 }
