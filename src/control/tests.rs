@@ -688,3 +688,114 @@ fn nothing_is_relayed_once_the_allocation_is_gone() {
         (1, 1, 1)
     );
 }
+
+mod random {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Permit(usize),
+        Bind(u16, usize),
+        Send(usize, u8),
+        ChannelData(u16, u8),
+        Peer(usize, u8),
+        Advance(u64),
+        Refresh,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let peer = 0usize..6;
+        let channel = 0x4000u16..0x4003;
+        prop_oneof![
+            2 => peer.clone().prop_map(Op::Permit),
+            2 => (channel.clone(), peer.clone()).prop_map(|(c, p)| Op::Bind(c, p)),
+            4 => (peer.clone(), any::<u8>()).prop_map(|(p, n)| Op::Send(p, n)),
+            3 => (channel, any::<u8>()).prop_map(|(c, n)| Op::ChannelData(c, n)),
+            4 => (peer, any::<u8>()).prop_map(|(p, n)| Op::Peer(p, n)),
+            1 => (0u64..400).prop_map(Op::Advance),
+            1 => Just(Op::Refresh),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Whatever a client does: data reaches only peers it permitted, never an own address but
+        /// the live relayed one, and the relay's final counters are exactly what was relayed.
+        #[test]
+        fn data_goes_only_where_permitted_and_is_billed_exactly(
+            ops in prop::collection::vec(op(), 1..=40)
+        ) {
+            let mut r = Relay::new();
+            let (alice, bob) = (Creds::alice(), Creds::bob());
+            let bob_relay = r.allocate(client(2), &bob);
+            let relay = r.allocate(client(1), &alice);
+            let own = |port| SocketAddr::new(relay.ip(), port);
+            let peers = [peer(1), peer(2), sa("8.8.8.8:53"), own(12345), own(50050), bob_relay];
+            let mut permitted = std::collections::HashSet::new();
+            let mut billed = Counters::default();
+            let alloc = r.core.table().relay(r.relays[&relay]).unwrap().allocation;
+            for op in ops {
+                let events = match op {
+                    Op::Permit(p) => r.permit(client(1), &alice, peers[p]),
+                    Op::Bind(c, p) => r.bind(client(1), &alice, c, peers[p]),
+                    Op::Send(p, n) => r.send(client(1), peers[p], &vec![n; usize::from(n)]),
+                    Op::ChannelData(c, n) => {
+                        r.client(client(1), &channel_data(c, &vec![n; usize::from(n)]))
+                    }
+                    Op::Peer(p, n) if r.relays.contains_key(&relay) => {
+                        let events = r.peer(relay, peers[p], &vec![n; usize::from(n)]);
+                        if !events.is_empty() {
+                            billed.to_client_bytes += u64::from(n);
+                            billed.to_client_packets += 1;
+                        }
+                        events
+                    }
+                    Op::Peer(..) => Vec::new(),
+                    Op::Advance(s) => r.advance(Duration::from_secs(s)),
+                    Op::Refresh => r.request(client(1), Method::REFRESH, &[], Some(&alice)),
+                };
+                if let Op::Permit(p) | Op::Bind(_, p) = op {
+                    let ok = events.iter().any(|e| matches!(e, Event::Reply { bytes, .. }
+                        if Message::parse(bytes).is_ok_and(|m| m.message_type().class == Class::Success)));
+                    if ok {
+                        permitted.insert(peers[p].ip());
+                    }
+                }
+                for e in &events {
+                    match e {
+                        Event::Relayed { src, dst, bytes } if *src == relay => {
+                            prop_assert!(permitted.contains(&dst.ip()), "{e:?}");
+                            prop_assert!(
+                                dst.ip() != relay.ip() || *dst == bob_relay,
+                                "to an own address: {e:?}"
+                            );
+                            billed.to_peer_bytes += bytes.len() as u64;
+                            billed.to_peer_packets += 1;
+                        }
+                        Event::Relayed { dst, .. } => prop_assert_eq!(*dst, client(1).client),
+                        Event::Reply { to, .. } => prop_assert_eq!(*to, client(1)),
+                        Event::Route(_) => {}
+                    }
+                }
+            }
+            r.request(client(1), Method::REFRESH, &[Attribute::Lifetime(0)], Some(&alice));
+            r.advance(Duration::from_secs(3600));
+            let rest: Vec<ToControl> = r.from_worker.try_iter().collect();
+            r.reports.extend(rest);
+            let closed: Vec<Counters> = r
+                .reports
+                .iter()
+                .filter_map(|m| match m {
+                    ToControl::RelayClosed { allocation, counters } if *allocation == alloc => {
+                        Some(*counters)
+                    }
+                    _ => None,
+                })
+                .collect();
+            prop_assert_eq!(closed, vec![billed]);
+        }
+    }
+}
