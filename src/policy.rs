@@ -354,7 +354,16 @@ impl OwnAddresses {
     #[inline]
     pub fn check(&self, peer: SocketAddr) -> Option<Result<(), Denied>> {
         let ip = canonical(peer.ip());
-        let own = self.own.iter().find(|o| o.ip == ip)?;
+        let Some(own) = self.own.iter().find(|o| o.ip == ip) else {
+            // A NAT64 or 6to4 encoding of an own IPv4 address reaches it through a translator: refused,
+            // whatever the port (the relay-to-relay exemption is for exact addresses only).
+            let embedded = match ip {
+                IpAddr::V6(v6) => embedded_v4(v6),
+                IpAddr::V4(_) => None,
+            };
+            let own = embedded.is_some_and(|v4| self.own.iter().any(|o| o.ip == IpAddr::V4(v4)));
+            return own.then_some(Err(Denied::OwnAddress));
+        };
         let port = peer.port();
         if self.relay_ports.as_ref().is_some_and(|r| r.contains(&port)) {
             let live = self
@@ -532,6 +541,19 @@ fn builtin_v4(ip: Ipv4Addr) -> Option<&'static str> {
         .map(|&(_, _, name)| name)
 }
 
+/// The IPv4 address a NAT64 (well-known prefix) or 6to4 address delivers to.
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let bits = u128::from(ip);
+    // Truncating casts pick the embedded 32 bits out of the 128.
+    if in_v6(bits, NAT64_WKP, 96) {
+        Some(Ipv4Addr::from(bits as u32))
+    } else if in_v6(bits, SIX_TO_FOUR, 16) {
+        Some(Ipv4Addr::from((bits >> 80) as u32))
+    } else {
+        None
+    }
+}
+
 fn classify_v6(ip: Ipv6Addr) -> V6Class {
     if let Some(v4) = ip.to_ipv4_mapped() {
         return V6Class::Embeds(v4);
@@ -543,12 +565,8 @@ fn classify_v6(ip: Ipv6Addr) -> V6Class {
     {
         return V6Class::Denied(name);
     }
-    // Truncating casts pick the embedded 32 bits out of the 128.
-    if in_v6(bits, NAT64_WKP, 96) {
-        return V6Class::Embeds(Ipv4Addr::from(bits as u32));
-    }
-    if in_v6(bits, SIX_TO_FOUR, 16) {
-        return V6Class::Embeds(Ipv4Addr::from((bits >> 80) as u32));
+    if let Some(v4) = embedded_v4(ip) {
+        return V6Class::Embeds(v4);
     }
     if !in_v6(bits, GLOBAL_UNICAST, 3) {
         return V6Class::Denied("reserved");
@@ -562,6 +580,49 @@ mod tests {
 
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn own_addresses_live_bits_service_ports_and_encodings() {
+        let relay: IpAddr = "203.0.114.10".parse().unwrap();
+        let public: IpAddr = "203.0.114.20".parse().unwrap();
+        let policy = PeerPolicy::new()
+            .with_allow(vec![Cidr::new(public, 32).unwrap()])
+            .with_service_ports(vec!["0.0.0.0:3478".parse().unwrap()]);
+        let own = OwnAddresses::new(&policy, [public], &[relay], 50000..=50099);
+        let at = |ip: IpAddr, port| own.check(SocketAddr::new(ip, port));
+        assert_eq!(
+            at("8.8.8.8".parse().unwrap(), 53),
+            None,
+            "not own: the policy decides"
+        );
+        assert_eq!(at(relay, 53), Some(Err(Denied::OwnAddress)));
+        assert_eq!(at(relay, 50007), Some(Err(Denied::OwnAddress)));
+        own.set_live(SocketAddr::new(relay, 50007), true);
+        assert_eq!(at(relay, 50007), Some(Ok(())));
+        assert_eq!(
+            at(relay, 50008),
+            Some(Err(Denied::OwnAddress)),
+            "exact port only"
+        );
+        own.set_live(SocketAddr::new(relay, 50007), false);
+        assert_eq!(at(relay, 50007), Some(Err(Denied::OwnAddress)));
+        // Explicitly allowed: open except service ports and the relay range.
+        assert_eq!(at(public, 53), Some(Ok(())));
+        assert_eq!(at(public, 3478), Some(Err(Denied::ServicePort)));
+        assert_eq!(at(public, 50050), Some(Err(Denied::OwnAddress)));
+        // Every encoding of an own IPv4 address.
+        for v6 in [
+            "::ffff:203.0.114.10",
+            "64:ff9b::cb00:720a",
+            "2002:cb00:720a::1",
+        ] {
+            assert_eq!(
+                at(v6.parse().unwrap(), 53),
+                Some(Err(Denied::OwnAddress)),
+                "{v6}"
+            );
+        }
+    }
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()

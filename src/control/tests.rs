@@ -218,11 +218,19 @@ impl Relay {
 
     /// The 401 round and an Allocate; returns the relayed address.
     fn allocate(&mut self, five: FiveTuple, creds: &Creds) -> SocketAddr {
-        let attrs = [Attribute::RequestedTransport(17)];
-        let events = self.request(five, Method::ALLOCATE, &attrs, None);
+        self.allocate_with(five, creds, &[Attribute::RequestedTransport(17)])
+    }
+
+    fn allocate_with(
+        &mut self,
+        five: FiveTuple,
+        creds: &Creds,
+        attrs: &[Attribute<'_>],
+    ) -> SocketAddr {
+        let events = self.request(five, Method::ALLOCATE, attrs, None);
         let nonce = reply(&events).attrs.nonce.unwrap().to_string();
         self.h.nonces.insert(five.client, nonce);
-        let events = self.request(five, Method::ALLOCATE, &attrs, Some(creds));
+        let events = self.request(five, Method::ALLOCATE, attrs, Some(creds));
         let msg = reply(&events);
         assert_eq!(msg.message_type().class, Class::Success);
         msg.attrs.xor_relayed_address.unwrap()
@@ -583,4 +591,211 @@ fn an_explicit_allow_opens_the_relays_own_ip_but_not_its_service_ports_or_relay_
         r.core.stats().drops(Drop::OwnAddress),
         2 * closed.len() as u64
     );
+}
+
+#[test]
+fn an_expired_channel_stops_relaying_but_its_permission_may_outlive_it() {
+    let mut r = Relay::new();
+    let alice = Creds::alice();
+    let relay = r.allocate(client(1), &alice);
+    r.bind(client(1), &alice, 0x4000, peer(1));
+    // Refresh the allocation and the permission (not the channel) before the channel's 600 s run out.
+    for _ in 0..2 {
+        r.advance(Duration::from_secs(290));
+        let events = r.request(client(1), Method::REFRESH, &[], Some(&alice));
+        assert!(success(&events));
+        assert!(success(&r.permit(client(1), &alice, peer(1))));
+    }
+    let events = r.advance(Duration::from_secs(30));
+    assert!(
+        events.iter().any(|e| matches!(e,
+        Event::Route(RouteUpdate::RemoveChannel { peer: p, .. }) if *p == peer(1))),
+        "{events:?}"
+    );
+    assert!(r.client(client(1), &channel_data(0x4000, b"x")).is_empty());
+    assert_eq!(r.core.stats().drops(Drop::NoChannel), 1);
+    // Peer data now comes as a Data indication (the permission still holds).
+    let events = r.peer(relay, peer(1), b"y");
+    let [Event::Relayed { bytes, .. }] = &events[..] else {
+        panic!("{events:?}");
+    };
+    assert_eq!(Message::parse(bytes).unwrap().attrs.data, Some(&b"y"[..]));
+}
+
+#[test]
+fn an_ipv6_allocation_relays_ipv6_peers_with_the_48_byte_data_indication_header() {
+    let mut r = Relay::new();
+    let alice = Creds::alice();
+    let attrs = [
+        Attribute::RequestedTransport(17),
+        Attribute::RequestedAddressFamily(crate::wire::family::IPV6),
+    ];
+    let relay = r.allocate_with(client(1), &alice, &attrs);
+    assert!(relay.is_ipv6());
+    let v6_peer = sa("[2606:4700::1111]:443");
+    assert_eq!(
+        reply(&r.permit(client(1), &alice, peer(1)))
+            .attrs
+            .error_code
+            .map(|e| e.0),
+        Some(443),
+        "an IPv4 peer for an IPv6 relay"
+    );
+    assert!(success(&r.permit(client(1), &alice, v6_peer)));
+    assert_eq!(
+        r.send(client(1), v6_peer, b"six"),
+        vec![relayed(relay, v6_peer, b"six")]
+    );
+    let events = r.peer(relay, v6_peer, b"back");
+    let [Event::Relayed { bytes, .. }] = &events[..] else {
+        panic!("{events:?}");
+    };
+    let msg = Message::parse(bytes).unwrap();
+    assert_eq!(msg.attrs.xor_peer_address, Some(v6_peer));
+    assert_eq!(msg.attrs.data, Some(&b"back"[..]));
+    assert_eq!(
+        bytes.len(),
+        48 + 4,
+        "20 header + 24 XOR-PEER-ADDRESS + 4 DATA header + 4 payload"
+    );
+}
+
+#[test]
+fn nothing_is_relayed_once_the_allocation_is_gone() {
+    let mut r = Relay::new();
+    let alice = Creds::alice();
+    let relay = r.allocate(client(1), &alice);
+    let id = r.relays[&relay];
+    r.bind(client(1), &alice, 0x4000, peer(1));
+    r.request(
+        client(1),
+        Method::REFRESH,
+        &[Attribute::Lifetime(0)],
+        Some(&alice),
+    );
+    assert_eq!(r.core.table().relay_count(), 0);
+    assert!(r.client(client(1), &channel_data(0x4000, b"x")).is_empty());
+    assert!(r.send(client(1), peer(1), b"x").is_empty());
+    let mut slot = vec![0u8; SLOT];
+    assert_eq!(r.core.on_peer(id, peer(1), &mut slot, 1), Action::Done);
+    let s = r.core.stats();
+    assert_eq!(
+        (
+            s.drops(Drop::NoChannel),
+            s.drops(Drop::NoPermission),
+            s.drops(Drop::NoRelay)
+        ),
+        (1, 1, 1)
+    );
+}
+
+mod random {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Permit(usize),
+        Bind(u16, usize),
+        Send(usize, u8),
+        ChannelData(u16, u8),
+        Peer(usize, u8),
+        Advance(u64),
+        Refresh,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let peer = 0usize..6;
+        let channel = 0x4000u16..0x4003;
+        prop_oneof![
+            2 => peer.clone().prop_map(Op::Permit),
+            2 => (channel.clone(), peer.clone()).prop_map(|(c, p)| Op::Bind(c, p)),
+            4 => (peer.clone(), any::<u8>()).prop_map(|(p, n)| Op::Send(p, n)),
+            3 => (channel, any::<u8>()).prop_map(|(c, n)| Op::ChannelData(c, n)),
+            4 => (peer, any::<u8>()).prop_map(|(p, n)| Op::Peer(p, n)),
+            1 => (0u64..400).prop_map(Op::Advance),
+            1 => Just(Op::Refresh),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Whatever a client does: data reaches only peers it permitted, never an own address but
+        /// the live relayed one, and the relay's final counters are exactly what was relayed.
+        #[test]
+        fn data_goes_only_where_permitted_and_is_billed_exactly(
+            ops in prop::collection::vec(op(), 1..=40)
+        ) {
+            let mut r = Relay::new();
+            let (alice, bob) = (Creds::alice(), Creds::bob());
+            let bob_relay = r.allocate(client(2), &bob);
+            let relay = r.allocate(client(1), &alice);
+            let own = |port| SocketAddr::new(relay.ip(), port);
+            let peers = [peer(1), peer(2), sa("8.8.8.8:53"), own(12345), own(50050), bob_relay];
+            let mut permitted = std::collections::HashSet::new();
+            let mut billed = Counters::default();
+            let alloc = r.core.table().relay(r.relays[&relay]).unwrap().allocation;
+            for op in ops {
+                let events = match op {
+                    Op::Permit(p) => r.permit(client(1), &alice, peers[p]),
+                    Op::Bind(c, p) => r.bind(client(1), &alice, c, peers[p]),
+                    Op::Send(p, n) => r.send(client(1), peers[p], &vec![n; usize::from(n)]),
+                    Op::ChannelData(c, n) => {
+                        r.client(client(1), &channel_data(c, &vec![n; usize::from(n)]))
+                    }
+                    Op::Peer(p, n) if r.relays.contains_key(&relay) => {
+                        let events = r.peer(relay, peers[p], &vec![n; usize::from(n)]);
+                        if !events.is_empty() {
+                            billed.to_client_bytes += u64::from(n);
+                            billed.to_client_packets += 1;
+                        }
+                        events
+                    }
+                    Op::Peer(..) => Vec::new(),
+                    Op::Advance(s) => r.advance(Duration::from_secs(s)),
+                    Op::Refresh => r.request(client(1), Method::REFRESH, &[], Some(&alice)),
+                };
+                if let Op::Permit(p) | Op::Bind(_, p) = op {
+                    let ok = events.iter().any(|e| matches!(e, Event::Reply { bytes, .. }
+                        if Message::parse(bytes).is_ok_and(|m| m.message_type().class == Class::Success)));
+                    if ok {
+                        permitted.insert(peers[p].ip());
+                    }
+                }
+                for e in &events {
+                    match e {
+                        Event::Relayed { src, dst, bytes } if *src == relay => {
+                            prop_assert!(permitted.contains(&dst.ip()), "{e:?}");
+                            prop_assert!(
+                                dst.ip() != relay.ip() || *dst == bob_relay,
+                                "to an own address: {e:?}"
+                            );
+                            billed.to_peer_bytes += bytes.len() as u64;
+                            billed.to_peer_packets += 1;
+                        }
+                        Event::Relayed { dst, .. } => prop_assert_eq!(*dst, client(1).client),
+                        Event::Reply { to, .. } => prop_assert_eq!(*to, client(1)),
+                        Event::Route(_) => {}
+                    }
+                }
+            }
+            r.request(client(1), Method::REFRESH, &[Attribute::Lifetime(0)], Some(&alice));
+            r.advance(Duration::from_secs(3600));
+            let rest: Vec<ToControl> = r.from_worker.try_iter().collect();
+            r.reports.extend(rest);
+            let closed: Vec<Counters> = r
+                .reports
+                .iter()
+                .filter_map(|m| match m {
+                    ToControl::RelayClosed { allocation, counters } if *allocation == alloc => {
+                        Some(*counters)
+                    }
+                    _ => None,
+                })
+                .collect();
+            prop_assert_eq!(closed, vec![billed]);
+        }
+    }
 }

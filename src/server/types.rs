@@ -1,5 +1,6 @@
-//! The nouns of the TURN core: newtypes for addresses, the commands and transmits it emits, usage
-//! counters and protocol error codes.
+//! The nouns of the TURN core: newtypes for addresses (the allocation id and channel number live in
+//! `route`, which carries them to the data plane), the commands and transmits it emits, and protocol
+//! error codes.
 
 use core::net::{IpAddr, SocketAddr};
 
