@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use turnpike::dataplane::{Action, Core, WorkerStats, HEADROOM, SLOT};
-use turnpike::route::{ClientKey, RelayId, RouteTable, RouteUpdate};
+use turnpike::route::{AllocationId, ChannelNumber, ClientKey, RelayId, RouteTable, RouteUpdate};
 use turnpike::wire::{classify, ChannelData, ChannelRange, Kind};
 
 const CHANNEL: u16 = 0x4000;
@@ -39,7 +39,7 @@ fn updates(n: u32) -> impl Iterator<Item = RouteUpdate> {
         [
             RouteUpdate::AddRelay {
                 id,
-                allocation: u64::from(i),
+                allocation: AllocationId(u64::from(i)),
                 addr: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 49152)),
                 client: ClientKey {
                     client: client(i),
@@ -52,7 +52,7 @@ fn updates(n: u32) -> impl Iterator<Item = RouteUpdate> {
             },
             RouteUpdate::AddChannel {
                 relay: id,
-                channel: CHANNEL,
+                channel: ChannelNumber::new(CHANNEL).expect("in range"),
                 peer: peer(i),
             },
         ]
@@ -111,6 +111,7 @@ fn bench_forward_step(c: &mut Criterion) {
         tx,
         Arc::new(WorkerStats::default()),
         ChannelRange::Rfc8656,
+        Arc::default(),
     );
     for u in updates(n) {
         core.apply(u);
@@ -126,7 +127,7 @@ fn bench_forward_step(c: &mut Criterion) {
             let i = idx[k];
             slot[HEADROOM..HEADROOM + 4].copy_from_slice(&[0x40, 0x00, 0x00, payload as u8]);
             let a = core.on_client(0, client(i), &mut slot, 4 + payload);
-            debug_assert!(matches!(a, Action::Forward { .. }));
+            debug_assert!(matches!(a, Action::Forward(_)));
             black_box(a)
         })
     });
@@ -135,7 +136,7 @@ fn bench_forward_step(c: &mut Criterion) {
             k = (k + 1) & 4095;
             let i = idx[k];
             let a = core.on_peer(RelayId(i), peer(i), &mut slot, payload);
-            debug_assert!(matches!(a, Action::Forward { .. }));
+            debug_assert!(matches!(a, Action::Forward(_)));
             black_box(a)
         })
     });

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use turnpike::auth::{long_term_key_md5, RestSecrets};
@@ -107,10 +107,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::RestCredential { secret, user, ttl }) => {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
+            let now = turnpike::clock::unix_now();
             match RestSecrets::new(vec![secret.into_bytes()]).mint(&user, now, ttl) {
                 Some(c) => {
                     println!(
@@ -363,11 +360,7 @@ fn usage(cli: &Cli, since: Option<&str>, until: Option<&str>, json: bool) -> Exi
         eprintln!("error: metering is not configured (no [usage] section)");
         return ExitCode::from(2);
     };
-    let ms = |t: SystemTime| {
-        t.duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
-    };
+    let ms = turnpike::clock::unix_ms_at;
     let time = |flag: &str, v: Option<&str>| match v {
         None => Ok(None),
         Some(s) => humantime::parse_rfc3339_weak(s)

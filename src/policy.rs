@@ -34,7 +34,9 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// An IPv4 or IPv6 CIDR block, such as `10.0.0.0/8` or `::1/128`.
 ///
@@ -62,6 +64,9 @@ pub enum Denied {
     ServicePort,
     /// Port 0, which is never a valid destination.
     PortZero,
+    /// One of the relay's own addresses ([`OwnAddresses`]): not another allocation's live relayed
+    /// address, and not opened by an explicit allow (or in the relay port range, which no allow opens).
+    OwnAddress,
 }
 
 /// Decides whether a peer transport address may be relayed to.
@@ -180,6 +185,7 @@ impl Denied {
             Denied::Configured => "configured",
             Denied::ServicePort => "service-port",
             Denied::PortZero => "port-zero",
+            Denied::OwnAddress => "own-address",
         }
     }
 }
@@ -260,6 +266,146 @@ impl PeerPolicy {
             }
         }
         Ok(())
+    }
+}
+
+/// The relay's own addresses as peers (design §3): relay IPs, listen IPs, public addresses and the
+/// addresses on the host's interfaces. Like loopback they are denied by default, because services bound
+/// to `0.0.0.0` answer on them (CVE-2020-26262 class). An explicit `allow` may open such an IP, but never
+/// its service ports (listeners, HTTP API, metrics) nor the relay port range. The one exception is
+/// relay to relay: another allocation's *exact* live relayed transport address (IP and port) stays
+/// allowed, so that two relayed clients on one server can talk.
+///
+/// Which relayed addresses are live is a bitmap per relay IP over the relay port range: the control
+/// thread sets a bit when a relay socket is bound and clears it when the socket closes; every worker
+/// reads it per packet. Lookups take no lock and allocate nothing: a scan of the (few) own IPs and one
+/// relaxed atomic load.
+#[derive(Debug, Default)]
+pub struct OwnAddresses {
+    own: Vec<OwnIp>,
+    relay_ports: Option<RangeInclusive<u16>>,
+    /// Canonical service addresses (from the policy); an unspecified IP matches every own address.
+    services: Vec<(IpAddr, u16)>,
+}
+
+#[derive(Debug)]
+struct OwnIp {
+    ip: IpAddr,
+    /// An explicit allow (and no deny) covers it.
+    allowed: bool,
+    /// One bit per port of the relay range: a relay socket is bound there. Empty if no relay IP.
+    live: Box<[AtomicU64]>,
+}
+
+impl OwnAddresses {
+    /// The own addresses `ips` (duplicates and unspecified addresses are ignored), of which `relay_ips`
+    /// hold relay sockets in `relay_ports`. Service ports and explicit allows come from `policy`.
+    pub fn new(
+        policy: &PeerPolicy,
+        ips: impl IntoIterator<Item = IpAddr>,
+        relay_ips: &[IpAddr],
+        relay_ports: RangeInclusive<u16>,
+    ) -> Self {
+        let words = (usize::from(*relay_ports.end()) + 1)
+            .saturating_sub(usize::from(*relay_ports.start()))
+            .div_ceil(64);
+        let mut own: Vec<OwnIp> = Vec::new();
+        for ip in relay_ips.iter().copied().chain(ips).map(canonical) {
+            if ip.is_unspecified() || own.iter().any(|o| o.ip == ip) {
+                continue;
+            }
+            let relay = relay_ips.iter().any(|r| canonical(*r) == ip);
+            let listed = |list: &[Cidr]| list.iter().any(|c| c.contains(ip));
+            own.push(OwnIp {
+                ip,
+                allowed: listed(&policy.allow) && !listed(&policy.deny),
+                live: (0..if relay { words } else { 0 })
+                    .map(|_| AtomicU64::new(0))
+                    .collect(),
+            });
+        }
+        OwnAddresses {
+            own,
+            relay_ports: Some(relay_ports),
+            services: policy.services.clone(),
+        }
+    }
+
+    /// Whether `ip` is one of the relay's own addresses.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.own.iter().any(|o| o.ip == ip)
+    }
+
+    /// Mark the relayed transport address `addr` live (a relay socket is bound there) or not. Called by
+    /// the control thread only; an address outside the relay IPs and ports is ignored.
+    pub fn set_live(&self, addr: SocketAddr, live: bool) {
+        let Some((word, bit)) = self.bit(addr) else {
+            return;
+        };
+        if live {
+            word.fetch_or(bit, Ordering::Release);
+        } else {
+            word.fetch_and(!bit, Ordering::Release);
+        }
+    }
+
+    /// The verdict for a peer on one of the relay's own IPs, `None` if `peer` is not on one (then the
+    /// [`PeerPolicy`] decides). Allocation-free and lock-free: safe per packet.
+    #[inline]
+    pub fn check(&self, peer: SocketAddr) -> Option<Result<(), Denied>> {
+        let ip = canonical(peer.ip());
+        let Some(own) = self.own.iter().find(|o| o.ip == ip) else {
+            // A NAT64, 6to4, Teredo or IPv4-compatible encoding of an own IPv4 address reaches it through a translator: refused,
+            // whatever the port (the relay-to-relay exemption is for exact addresses only).
+            let embedded = match ip {
+                IpAddr::V6(v6) => classify_v6(v6).1,
+                IpAddr::V4(_) => [None; 2],
+            };
+            let own = embedded
+                .iter()
+                .flatten()
+                .any(|v4| self.own.iter().any(|o| o.ip == IpAddr::V4(*v4)));
+            return own.then_some(Err(Denied::OwnAddress));
+        };
+        let port = peer.port();
+        if self.relay_ports.as_ref().is_some_and(|r| r.contains(&port)) {
+            let live = self
+                .bit(SocketAddr::new(ip, port))
+                .is_some_and(|(word, bit)| word.load(Ordering::Acquire) & bit != 0);
+            return Some(if live {
+                Ok(())
+            } else {
+                Err(Denied::OwnAddress)
+            });
+        }
+        if port == 0 {
+            return Some(Err(Denied::PortZero));
+        }
+        if self
+            .services
+            .iter()
+            .any(|&(s, p)| p == port && (s.is_unspecified() || s == ip))
+        {
+            return Some(Err(Denied::ServicePort));
+        }
+        Some(if own.allowed {
+            Ok(())
+        } else {
+            Err(Denied::OwnAddress)
+        })
+    }
+
+    /// The word and bit of a relayed address's live flag.
+    fn bit(&self, addr: SocketAddr) -> Option<(&AtomicU64, u64)> {
+        let ip = canonical(addr.ip());
+        let range = self.relay_ports.as_ref()?;
+        if !range.contains(&addr.port()) {
+            return None;
+        }
+        let i = usize::from(addr.port() - range.start());
+        let own = self.own.iter().find(|o| o.ip == ip)?;
+        Some((own.live.get(i / 64)?, 1u64 << (i % 64)))
     }
 }
 
@@ -437,6 +583,49 @@ mod tests {
 
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn own_addresses_live_bits_service_ports_and_encodings() {
+        let relay: IpAddr = "203.0.114.10".parse().unwrap();
+        let public: IpAddr = "203.0.114.20".parse().unwrap();
+        let policy = PeerPolicy::new()
+            .with_allow(vec![Cidr::new(public, 32).unwrap()])
+            .with_service_ports(vec!["0.0.0.0:3478".parse().unwrap()]);
+        let own = OwnAddresses::new(&policy, [public], &[relay], 50000..=50099);
+        let at = |ip: IpAddr, port| own.check(SocketAddr::new(ip, port));
+        assert_eq!(
+            at("8.8.8.8".parse().unwrap(), 53),
+            None,
+            "not own: the policy decides"
+        );
+        assert_eq!(at(relay, 53), Some(Err(Denied::OwnAddress)));
+        assert_eq!(at(relay, 50007), Some(Err(Denied::OwnAddress)));
+        own.set_live(SocketAddr::new(relay, 50007), true);
+        assert_eq!(at(relay, 50007), Some(Ok(())));
+        assert_eq!(
+            at(relay, 50008),
+            Some(Err(Denied::OwnAddress)),
+            "exact port only"
+        );
+        own.set_live(SocketAddr::new(relay, 50007), false);
+        assert_eq!(at(relay, 50007), Some(Err(Denied::OwnAddress)));
+        // Explicitly allowed: open except service ports and the relay range.
+        assert_eq!(at(public, 53), Some(Ok(())));
+        assert_eq!(at(public, 3478), Some(Err(Denied::ServicePort)));
+        assert_eq!(at(public, 50050), Some(Err(Denied::OwnAddress)));
+        // Every encoding of an own IPv4 address.
+        for v6 in [
+            "::ffff:203.0.114.10",
+            "64:ff9b::cb00:720a",
+            "2002:cb00:720a::1",
+        ] {
+            assert_eq!(
+                at(v6.parse().unwrap(), 53),
+                Some(Err(Denied::OwnAddress)),
+                "{v6}"
+            );
+        }
+    }
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()

@@ -11,11 +11,12 @@
 
 use std::io;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 
 use crate::api::{self, Api, ApiHandle, Hooks};
+use crate::clock::unix_ms;
 use crate::config::{Backend, RelayConfig};
 use crate::control::{self, RelayHandle, Settings, UsageRecord};
 use crate::dataplane::{BackendKind, ToControl};
@@ -250,11 +251,4 @@ fn record(r: UsageRecord) -> usage::Record {
         to_client_bytes: r.usage.to_client_bytes,
         to_client_packets: r.usage.to_client_packets,
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

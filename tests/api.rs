@@ -8,11 +8,12 @@ mod common;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 use turnpike::api::sign;
 use turnpike::auth::RestSecrets;
+use turnpike::clock::unix_now;
 use turnpike::config::RelayConfig;
 use turnpike::wire::{Attribute, Method};
 
@@ -48,13 +49,6 @@ fn free_tcp_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 fn temp_dir(name: &str) -> PathBuf {

@@ -581,7 +581,7 @@ fn ipv6_listeners_and_dual_stack_allocations_relay_to_both_families() {
                 .find(|a| a.is_ipv6())
                 .expect("an IPv6 relayed address");
             let p4 = peer();
-            let p6 = UdpSocket::bind("[::1]:0").unwrap();
+            let p6 = peer_on("::1".parse().unwrap());
             p6.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
             c.bind(0x4000, p4.local_addr().unwrap());
             c.bind(0x4001, p6.local_addr().unwrap());

@@ -532,7 +532,7 @@ pub fn binding(
             let _ = build(r, Method::BINDING, TransactionId(t), |_| Ok(()), None);
         }
         let msgs: Vec<(SocketAddr, &[u8])> = reqs[..k].iter().map(|r| (target, &r[..])).collect();
-        send_batch(fd, &msgs).unwrap_or(0)
+        send_batch(fd, &msgs, |_, _| {})
     };
     for (i, s) in socks.iter().enumerate() {
         let n = send_window(s.as_raw_fd(), window, &mut reqs, start);

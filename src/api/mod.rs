@@ -24,6 +24,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::clock::{unix_ms_at as unix_ms, unix_secs as unix};
+
 use serde_json::{json, Value};
 
 use crate::auth::RestSecrets;
@@ -458,18 +460,6 @@ fn parse_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, Response>
 
 fn valid_identity(s: &str) -> bool {
     !s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control)
-}
-
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// A running API server.

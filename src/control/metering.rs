@@ -2,23 +2,24 @@
 //! final records for allocations still live at stop, and metrics snapshots.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
-use super::{add_usage, Control, UsageRecord};
+use super::{Control, UsageRecord};
+use crate::clock::unix_ms;
 use crate::dataplane::{self, BackendKind, ToControl, WorkerMsg};
-use crate::route::RouteUpdate;
+use crate::route::{AllocationId, Counters, RouteUpdate};
 use crate::server;
 
 impl Control {
     /// Interim records from one worker's counter snapshot: for each of its allocations, what closed relay
     /// sockets reported plus the live ones' counters. With `last`, they are final records (the relay
     /// is stopping with these allocations still live).
-    pub(super) fn checkpoint(&mut self, counters: &[(u64, crate::route::Counters)], last: bool) {
-        let mut live: HashMap<u64, server::Usage> = HashMap::new();
+    pub(super) fn checkpoint(&mut self, counters: &[(AllocationId, Counters)], last: bool) {
+        let mut live: HashMap<AllocationId, Counters> = HashMap::new();
         for (allocation, c) in counters {
-            add_usage(live.entry(*allocation).or_default(), usage_of(*c));
+            live.entry(*allocation).or_default().add(*c);
         }
         let at_ms = unix_ms();
         for (allocation, relays) in live {
@@ -26,13 +27,13 @@ impl Control {
                 continue;
             };
             let mut usage = p.usage;
-            add_usage(&mut usage, relays);
+            usage.add(relays);
             if !last && p.checkpointed == Some(usage) {
                 continue;
             }
             p.checkpointed = Some(usage);
             let record = UsageRecord {
-                allocation,
+                allocation: allocation.0,
                 identity: p.identity.clone().unwrap_or_default(),
                 client: p.client,
                 started_ms: p.started_ms,
@@ -47,7 +48,7 @@ impl Control {
     }
 
     pub(super) fn metrics(&self) -> crate::metrics::Snapshot {
-        use crate::metrics::{Relayed, ServerSnapshot, Snapshot, WorkerSnapshot};
+        use crate::metrics::{ServerSnapshot, Snapshot, WorkerSnapshot};
         let s = self.server.stats();
         let bad_credentials = s.auth_failures.saturating_sub(s.stale_nonces + s.revoked);
         Snapshot {
@@ -56,25 +57,23 @@ impl Control {
                 BackendKind::IoUring => "io_uring",
             },
             draining: self.drain_deadline.is_some(),
+            workers_lost: self.workers_lost,
+            control_queue: {
+                let (m, b) = self.stun_queue.depth();
+                (m as u64, b as u64)
+            },
+            mailbox_full: self.mailbox_full,
             workers: self
                 .stats
                 .iter()
-                .map(|w| {
-                    let [a, b, c, d] = w.relayed();
-                    WorkerSnapshot {
-                        rx: w.rx(),
-                        tx: w.tx(),
-                        drops: dataplane::Drop::ALL
-                            .iter()
-                            .map(|why| (why.as_str(), w.drops(*why)))
-                            .collect(),
-                        relayed: Relayed {
-                            to_peer_bytes: a,
-                            to_peer_packets: b,
-                            to_client_bytes: c,
-                            to_client_packets: d,
-                        },
-                    }
+                .map(|w| WorkerSnapshot {
+                    rx: w.rx(),
+                    tx: w.tx(),
+                    drops: dataplane::Drop::ALL
+                        .iter()
+                        .map(|why| (why.as_str(), w.drops(*why)))
+                        .collect(),
+                    relayed: w.relayed(),
                 })
                 .collect(),
             server: ServerSnapshot {
@@ -97,11 +96,6 @@ impl Control {
                 drops: vec![
                     ("malformed", s.malformed),
                     ("unexpected_class", s.unexpected_class),
-                    ("no_allocation", s.no_allocation),
-                    ("no_permission", s.no_permission),
-                    ("no_channel", s.no_channel),
-                    ("unknown_relay", s.unknown_relay),
-                    ("bad_indication", s.bad_indication),
                     ("outbox_overflow", s.outbox_overflow),
                     ("rate_limited", s.rate_limited),
                     ("amplification_refused", s.amplification_refused),
@@ -135,20 +129,4 @@ impl Control {
             }
         }
     }
-}
-
-pub(super) fn usage_of(c: crate::route::Counters) -> server::Usage {
-    server::Usage {
-        to_peer_bytes: c.to_peer_bytes,
-        to_peer_packets: c.to_peer_packets,
-        to_client_bytes: c.to_client_bytes,
-        to_client_packets: c.to_client_packets,
-    }
-}
-
-pub(super) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -6,6 +6,18 @@
 //! to. Commands are executed before the transmits of the same step, so that the route a response
 //! announces is installed in the worker before the client can use it.
 //!
+//! Queues, both ways bounded:
+//! - workers → control: one FIFO ([`ControlTx`]). STUN copies are admitted within a count and a byte
+//!   bound and dropped (counted per worker, `control_busy`) beyond it; accounting (`RelayClosed`,
+//!   `StreamClosed`, `Counters`, `WorkerExited`) is never refused and never blocks a worker.
+//! - control → worker: a bounded mailbox per worker. Route updates wait for room, which the worker
+//!   always makes (it never waits for the control thread); replies to stream clients are dropped and
+//!   counted when it is full.
+//!
+//! A worker whose loop ends while the relay runs (an error or a panic) is reported by its own thread:
+//! the relay closes that worker's listeners (so the kernel's SO_REUSEPORT groups stop handing it
+//! clients), turns not ready, drains, and ends with an error (a non-zero exit status).
+//!
 //! May use: server, route, sys, dataplane, wire, auth, policy, config.
 
 use std::collections::HashMap;
@@ -13,23 +25,35 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use crate::clock::{unix_ms, unix_now};
 use crate::dataplane::stream::{StreamLimits, StreamListener, StreamShared, Streams};
-use crate::dataplane::{self, BackendKind, Core, ToControl, WorkerMsg, WorkerSetup, WorkerStats};
-use crate::route::{ClientKey, ListenerId, RelayId, RouteUpdate};
+use crate::dataplane::{
+    self, BackendKind, ControlTx, Core, StunQueue, ToControl, WorkerMsg, WorkerSetup, WorkerStats,
+};
+use crate::route::{AllocationId, ClientKey, Counters, ListenerId, RelayId, RouteUpdate};
 use crate::server::{self, Command, FiveTuple, Server, Transport};
 use crate::sys::{self, EventFd, UdpOptions};
-use metering::{unix_ms, usage_of};
 
 mod metering;
+#[cfg(test)]
+mod tests;
 
-/// Queue depth from the workers to the control thread; beyond it STUN requests are dropped and counted.
+/// STUN copies queued from the workers to the control thread at most; beyond it they are dropped and
+/// counted (accounting messages are not bounded by it: see [`ControlTx`]).
 const CONTROL_QUEUE: usize = 16 * 1024;
+/// Bytes of STUN copies queued at most (a stream message may be 64 KiB: the count alone would allow
+/// about 1 GiB).
+const CONTROL_QUEUE_BYTES: usize = 8 << 20;
+/// Messages queued from the control thread to one worker at most. Route updates wait for room (the
+/// worker never waits for the control thread, so it always makes room); replies to stream clients are
+/// dropped and counted.
+const MAILBOX: usize = 4096;
 
 /// What the relay needs to start.
 #[derive(Debug, Clone)]
@@ -226,15 +250,26 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
     server_config.peer_policy = server_config
         .peer_policy
         .with_service_ports(listeners.iter().map(|l| l.0).collect());
+    // The relay's own addresses are denied peers (design §3): its listen IPs and every address on the
+    // host's interfaces, besides the relay IPs and the configured public addresses.
+    server_config
+        .own_ips
+        .extend(listeners.iter().map(|l| l.0.ip()));
+    match sys::interface_addrs() {
+        Ok(addrs) => server_config.own_ips.extend(addrs),
+        Err(e) => tracing::warn!("cannot list the interface addresses (getifaddrs): {e}"),
+    }
     let server = Server::new(server_config, StdRng::from_entropy())
         .map_err(|e| io::Error::other(e.to_string()))?;
 
-    let (to_control, from_workers) = bounded(CONTROL_QUEUE);
+    let (to_control, from_workers) = unbounded();
+    let stun_queue = Arc::new(StunQueue::new(CONTROL_QUEUE, CONTROL_QUEUE_BYTES));
+    let worker_tx = ControlTx::new(to_control.clone(), stun_queue.clone());
     let mut handles = Vec::with_capacity(workers);
     let mut stats = Vec::with_capacity(workers);
     let mut replies = Vec::with_capacity(workers);
     for (k, (mine, tcp)) in sockets.into_iter().zip(tcp_sockets).enumerate() {
-        let (tx, mailbox) = unbounded();
+        let (tx, mailbox) = bounded(MAILBOX);
         let wake = Arc::new(EventFd::new()?);
         let worker_stats = Arc::new(WorkerStats::default());
         replies.push(
@@ -245,9 +280,10 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         let setup = WorkerSetup {
             core: Core::new(
                 k,
-                to_control.clone(),
+                worker_tx.clone(),
                 worker_stats.clone(),
                 settings.server.channel_range,
+                server.own_addresses().clone(),
             ),
             listeners: mine,
             streams: Streams::new(
@@ -260,18 +296,12 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
             wake: wake.clone(),
         };
         let pin = settings.pin_workers;
-        let thread = std::thread::Builder::new()
-            .name(format!("turnpike-worker-{k}"))
-            .spawn(move || {
-                if pin && !sys::pin_to_core(k) {
-                    tracing::warn!(worker = k, "could not pin worker to a core");
-                }
-                let res = dataplane::run(setup, backend);
-                if let Err(e) = &res {
-                    tracing::error!(worker = k, "worker stopped: {e}");
-                }
-                res
-            })?;
+        let thread = spawn_worker(k, worker_tx.clone(), move || {
+            if pin && !sys::pin_to_core(k) {
+                tracing::warn!(worker = k, "could not pin worker to a core");
+            }
+            dataplane::run(setup, backend)
+        })?;
         handles.push(Worker {
             tx,
             wake,
@@ -305,6 +335,10 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         backend,
         permissions: 0,
         channels: 0,
+        stun_queue,
+        workers_lost: 0,
+        failure: None,
+        mailbox_full: 0,
     };
     let thread = std::thread::Builder::new()
         .name("turnpike-control".into())
@@ -329,11 +363,70 @@ struct Worker {
 }
 
 impl Worker {
+    /// Queue a message that must arrive (a route update), waiting for room in the bounded mailbox. The
+    /// wait is short: the worker never waits for the control thread, and every message already queued
+    /// has rung its eventfd. A worker that has exited refuses at once.
     fn send(&self, msg: WorkerMsg) {
         if self.tx.send(msg).is_ok() {
             let _ = self.wake.notify();
         }
     }
+
+    /// Queue a message that may be dropped (a reply to a stream client). False if the mailbox was full.
+    fn try_send(&self, msg: WorkerMsg) -> bool {
+        match self.tx.try_send(msg) {
+            Ok(()) => {
+                let _ = self.wake.notify();
+                true
+            }
+            Err(TrySendError::Full(_)) => false,
+            Err(TrySendError::Disconnected(_)) => true,
+        }
+    }
+}
+
+/// Start worker `k`'s thread running `body`. However the thread ends (returned, failed or panicked), it
+/// tells the control thread with [`ToControl::WorkerExited`] on its way out, so that a dead worker is
+/// never silent.
+fn spawn_worker(
+    k: usize,
+    to_control: ControlTx,
+    body: impl FnOnce() -> io::Result<()> + Send + 'static,
+) -> io::Result<JoinHandle<io::Result<()>>> {
+    /// Sends the exit notice when dropped: after `body` returned, or while it unwinds.
+    struct Exit {
+        worker: usize,
+        to_control: ControlTx,
+        error: Option<String>,
+    }
+    impl std::ops::Drop for Exit {
+        fn drop(&mut self) {
+            let error = match self.error.take() {
+                Some(e) => Some(e),
+                None if std::thread::panicking() => Some("panicked".into()),
+                None => None,
+            };
+            let _ = self.to_control.send(ToControl::WorkerExited {
+                worker: self.worker,
+                error,
+            });
+        }
+    }
+    std::thread::Builder::new()
+        .name(format!("turnpike-worker-{k}"))
+        .spawn(move || {
+            let mut exit = Exit {
+                worker: k,
+                to_control,
+                error: None,
+            };
+            let res = body();
+            if let Err(e) = &res {
+                tracing::error!(worker = k, "worker stopped: {e}");
+                exit.error = Some(e.to_string());
+            }
+            res
+        })
 }
 
 struct Control {
@@ -355,7 +448,7 @@ struct Control {
     drain: Duration,
     drain_deadline: Option<Instant>,
     /// Usage of allocations until both the server's end report and every relay's final counters are in.
-    usage: HashMap<u64, PendingUsage>,
+    usage: HashMap<AllocationId, PendingUsage>,
     usage_sink: Option<Sender<UsageRecord>>,
     /// Every worker's counters (for metrics).
     stats: Vec<Arc<WorkerStats>>,
@@ -363,6 +456,14 @@ struct Control {
     /// Installed permissions and channels (for metrics).
     permissions: u64,
     channels: u64,
+    /// The bounds and depth of the workers' STUN copies.
+    stun_queue: Arc<StunQueue>,
+    /// Workers whose loop ended while the relay was running.
+    workers_lost: u64,
+    /// Why the relay is stopping with an error (a worker was lost).
+    failure: Option<String>,
+    /// Replies to stream clients dropped because the owning worker's mailbox was full.
+    mailbox_full: u64,
 }
 
 /// An allocation's usage being assembled from the server's report and its relay sockets' counters.
@@ -372,17 +473,17 @@ struct PendingUsage {
     identity: Option<Box<str>>,
     /// When its first relay socket opened (Unix milliseconds).
     started_ms: u64,
-    /// The server has ended it (its own usage is in `usage`).
+    /// The server has ended it.
     ended: bool,
-    /// The server's usage once ended, plus the final counters of closed relay sockets.
-    usage: server::Usage,
+    /// The final counters of its closed relay sockets.
+    usage: Counters,
     /// Relay sockets whose final counters have not arrived.
     open_relays: usize,
     /// What the last checkpoint recorded (to skip unchanged ones).
-    checkpointed: Option<server::Usage>,
+    checkpointed: Option<Counters>,
 }
 
-/// Usage of one allocation: what the server relayed itself plus every relay socket's counters. An
+/// Usage of one allocation: the sum of its relay sockets' counters. An
 /// allocation gets interim records (`done == false`, cumulative, each replacing the previous one) on
 /// checkpoints while it lives, and one final record (`done == true`) when it ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -400,7 +501,7 @@ pub struct UsageRecord {
     /// Whether this is the final record.
     pub done: bool,
     /// Bytes and packets per direction, cumulative.
-    pub usage: server::Usage,
+    pub usage: Counters,
 }
 
 impl Control {
@@ -423,6 +524,7 @@ impl Control {
                     client,
                     bytes,
                 }) => {
+                    self.stun_queue.taken(bytes.len());
                     let Some((server_addr, transport)) =
                         self.listeners.get(usize::from(listener)).copied()
                     else {
@@ -471,14 +573,9 @@ impl Control {
                 Ok(ToControl::Metrics(reply)) => {
                     let _ = reply.send(self.metrics());
                 }
-                Ok(ToControl::Shutdown) => {
-                    if self.drain_deadline.is_none() {
-                        tracing::info!(drain = ?self.drain, "shutting down: refusing new allocations while existing ones drain");
-                        self.server.set_draining(true);
-                        // Settings may come from code as well as from the (bounded) config file.
-                        let drain = self.drain.min(crate::config::MAX_DRAIN);
-                        self.drain_deadline = now.checked_add(drain).or(Some(now));
-                    }
+                Ok(ToControl::Shutdown) => self.begin_drain(now),
+                Ok(ToControl::WorkerExited { worker, error }) => {
+                    self.worker_lost(now, worker, error)
                 }
                 Ok(ToControl::Stop) | Err(RecvTimeoutError::Disconnected) => return self.stop(&rx),
                 Err(RecvTimeoutError::Timeout) => {
@@ -502,41 +599,46 @@ impl Control {
             }
             while let Some(t) = self.server.poll_transmit() {
                 busy = true;
+                let five = t.to;
                 let Some(listener) = self
                     .listeners
                     .iter()
-                    .position(|l| *l == (t.src, t.transport))
+                    .position(|l| *l == (five.server, five.transport))
                 else {
                     continue;
                 };
-                if t.transport.is_stream() {
+                if five.transport.is_stream() {
                     let Ok(listener) = ListenerId::try_from(listener) else {
                         continue;
                     };
                     let key = ClientKey {
-                        client: t.dst,
+                        client: five.client,
                         listener,
                     };
                     if let Some(&worker) = self.stream_owners.get(&key) {
-                        self.workers[worker].send(WorkerMsg::SendStream {
+                        let msg = WorkerMsg::SendStream {
                             client: key,
                             bytes: t.payload.to_vec(),
-                        });
+                        };
+                        if !self.workers[worker].try_send(msg) {
+                            self.mailbox_full += 1;
+                        }
                     }
                     continue;
                 }
-                let five = FiveTuple {
-                    client: t.dst,
-                    server: t.src,
-                    transport: t.transport,
-                };
                 let worker = self
                     .owners
                     .get(&five)
                     .copied()
                     .unwrap_or(self.current_worker);
-                if let Some(sock) = self.replies.get(worker).and_then(|w| w.get(listener)) {
-                    let _ = sock.send_to(t.payload, t.dst);
+                // A lost worker's sockets are closed: any other worker's socket on the listener will do.
+                let sock = self
+                    .replies
+                    .get(worker)
+                    .and_then(|w| w.get(listener))
+                    .or_else(|| self.replies.iter().find_map(|w| w.get(listener)));
+                if let Some(sock) = sock {
+                    let _ = sock.send_to(t.payload, five.client);
                 }
             }
             if !busy {
@@ -569,7 +671,7 @@ impl Control {
                         self.relays.insert(relay.0, (worker, id));
                         self.owners.insert(client, worker);
                         let identity = self.server.allocation_identity(allocation);
-                        let pending = self.usage.entry(allocation.0).or_default();
+                        let pending = self.usage.entry(allocation).or_default();
                         if pending.client.is_none() {
                             pending.started_ms = unix_ms();
                         }
@@ -580,7 +682,7 @@ impl Control {
                         pending.open_relays += 1;
                         let update = RouteUpdate::AddRelay {
                             id,
-                            allocation: allocation.0,
+                            allocation,
                             addr: relay.0,
                             client: ClientKey {
                                 client: client.client,
@@ -598,67 +700,69 @@ impl Control {
             }
             Command::CloseRelay { relay, .. } => {
                 if let Some((worker, id)) = self.relays.remove(&relay.0) {
-                    self.workers[worker].send(WorkerMsg::Route(RouteUpdate::RemoveRelay { id }));
+                    if let Some(update) = table_update(&cmd, id) {
+                        self.workers[worker].send(WorkerMsg::Route(update));
+                    }
                 }
             }
-            Command::InstallPermission { relay, peer, .. } => {
-                self.permissions += 1;
-                self.route(relay.0, |id| RouteUpdate::AddPermission { relay: id, peer });
-            }
-            Command::RemovePermission { relay, peer, .. } => {
-                self.permissions = self.permissions.saturating_sub(1);
-                self.route(relay.0, |id| RouteUpdate::RemovePermission {
-                    relay: id,
-                    peer,
-                });
-            }
-            Command::InstallChannel {
-                relay,
-                channel,
-                peer,
-                ..
-            } => {
-                self.channels += 1;
-                self.route(relay.0, |id| RouteUpdate::AddChannel {
-                    relay: id,
-                    channel: channel.get(),
-                    peer: peer.0,
-                });
-            }
-            Command::RemoveChannel {
-                relay,
-                channel,
-                peer,
-                ..
-            } => {
-                self.channels = self.channels.saturating_sub(1);
-                self.route(relay.0, |id| RouteUpdate::RemoveChannel {
-                    relay: id,
-                    channel: channel.get(),
-                    peer: peer.0,
-                });
+            Command::InstallPermission { relay, .. }
+            | Command::RemovePermission { relay, .. }
+            | Command::InstallChannel { relay, .. }
+            | Command::RemoveChannel { relay, .. } => {
+                match cmd {
+                    Command::InstallPermission { .. } => self.permissions += 1,
+                    Command::RemovePermission { .. } => {
+                        self.permissions = self.permissions.saturating_sub(1)
+                    }
+                    Command::InstallChannel { .. } => self.channels += 1,
+                    _ => self.channels = self.channels.saturating_sub(1),
+                }
+                if let Some((worker, id)) = self.relays.get(&relay.0) {
+                    if let Some(update) = table_update(&cmd, *id) {
+                        self.workers[*worker].send(WorkerMsg::Route(update));
+                    }
+                }
             }
             Command::AllocationEnded {
                 allocation,
                 identity,
-                usage,
             } => {
-                let pending = self.usage.entry(allocation.0).or_default();
+                let pending = self.usage.entry(allocation).or_default();
                 pending.identity = Some(identity);
                 pending.ended = true;
-                add_usage(&mut pending.usage, usage);
                 if let Some(client) = pending.client {
                     self.owners.remove(&client);
                 }
-                self.finish_usage(allocation.0);
+                self.finish_usage(allocation);
             }
         }
     }
 
-    fn route(&self, relay: SocketAddr, update: impl FnOnce(RelayId) -> RouteUpdate) {
-        if let Some((worker, id)) = self.relays.get(&relay) {
-            self.workers[*worker].send(WorkerMsg::Route(update(*id)));
+    /// Refuse new allocations and stop once the drain period is over.
+    fn begin_drain(&mut self, now: Instant) {
+        if self.drain_deadline.is_none() {
+            tracing::info!(drain = ?self.drain, "shutting down: refusing new allocations while existing ones drain");
+            self.server.set_draining(true);
+            // Settings may come from code as well as from the (bounded) config file.
+            let drain = self.drain.min(crate::config::MAX_DRAIN);
+            self.drain_deadline = now.checked_add(drain).or(Some(now));
         }
+    }
+
+    /// A worker's loop ended on its own: the relay is no longer whole. Its listener sockets leave their
+    /// SO_REUSEPORT groups (so that the kernel stops handing it a share of the clients), the relay turns
+    /// not ready and drains, and it ends with an error.
+    fn worker_lost(&mut self, now: Instant, worker: usize, error: Option<String>) {
+        let why = error.unwrap_or_else(|| "its loop returned".into());
+        tracing::error!(worker, "worker exited: {why}; the relay drains and stops");
+        self.workers_lost += 1;
+        self.failure
+            .get_or_insert_with(|| format!("worker {worker} exited: {why}"));
+        if let Some(r) = self.replies.get_mut(worker) {
+            // The worker's own clones closed with it; these were the last.
+            r.clear();
+        }
+        self.begin_drain(now);
     }
 
     fn listener_of(&self, client: FiveTuple) -> Option<ListenerId> {
@@ -668,15 +772,15 @@ impl Control {
             .and_then(|i| ListenerId::try_from(i).ok())
     }
 
-    fn relay_closed(&mut self, allocation: u64, c: crate::route::Counters) {
+    fn relay_closed(&mut self, allocation: AllocationId, c: Counters) {
         let pending = self.usage.entry(allocation).or_default();
-        add_usage(&mut pending.usage, usage_of(c));
+        pending.usage.add(c);
         pending.open_relays = pending.open_relays.saturating_sub(1);
         self.finish_usage(allocation);
     }
 
     /// Emit an allocation's usage once the server has ended it and every relay socket has reported.
-    fn finish_usage(&mut self, allocation: u64) {
+    fn finish_usage(&mut self, allocation: AllocationId) {
         let done = self
             .usage
             .get(&allocation)
@@ -692,7 +796,7 @@ impl Control {
             return;
         }
         let record = UsageRecord {
-            allocation,
+            allocation: allocation.0,
             identity: p.identity.unwrap_or_default(),
             client: p.client,
             started_ms: p.started_ms,
@@ -701,7 +805,7 @@ impl Control {
             usage: p.usage,
         };
         tracing::info!(
-            allocation,
+            allocation = record.allocation,
             identity = %record.identity,
             to_peer_bytes = record.usage.to_peer_bytes,
             to_peer_packets = record.usage.to_peer_packets,
@@ -728,20 +832,67 @@ impl Control {
             }
         }
         tracing::info!("relay stopped");
-        result
+        match self.failure.take() {
+            Some(f) => Err(io::Error::other(f)),
+            None => result,
+        }
     }
 }
 
-fn add_usage(total: &mut server::Usage, more: server::Usage) {
-    total.to_peer_bytes += more.to_peer_bytes;
-    total.to_peer_packets += more.to_peer_packets;
-    total.to_client_bytes += more.to_client_bytes;
-    total.to_client_packets += more.to_client_packets;
+/// The change to a worker's table that `cmd` makes, once its relay socket is known to be `id` in that
+/// worker: the one translation from the server's commands to route updates (the tests' harness uses it
+/// too). `None` for commands that do not change a table by themselves (OpenRelay, AllocationEnded).
+pub(crate) fn table_update(cmd: &Command, id: RelayId) -> Option<RouteUpdate> {
+    Some(match *cmd {
+        Command::CloseRelay { .. } => RouteUpdate::RemoveRelay { id },
+        Command::InstallPermission { peer, .. } => RouteUpdate::AddPermission { relay: id, peer },
+        Command::RemovePermission { peer, .. } => RouteUpdate::RemovePermission { relay: id, peer },
+        Command::InstallChannel { channel, peer, .. } => RouteUpdate::AddChannel {
+            relay: id,
+            channel,
+            peer: peer.0,
+        },
+        Command::RemoveChannel { channel, peer, .. } => RouteUpdate::RemoveChannel {
+            relay: id,
+            channel,
+            peer: peer.0,
+        },
+        Command::OpenRelay { .. } | Command::AllocationEnded { .. } => return None,
+    })
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod worker_exit_tests {
+    use super::*;
+
+    fn exit_of(body: impl FnOnce() -> io::Result<()> + Send + 'static) -> ToControl {
+        let (tx, rx) = unbounded();
+        let t = spawn_worker(3, ControlTx::from(tx), body).unwrap();
+        let _ = t.join();
+        rx.recv_timeout(Duration::from_secs(2)).unwrap()
+    }
+
+    #[test]
+    fn a_worker_that_fails_or_panics_tells_the_control_thread() {
+        match exit_of(|| Err(io::Error::other("ring gone"))) {
+            ToControl::WorkerExited { worker: 3, error } => {
+                assert_eq!(error.as_deref(), Some("ring gone"))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match exit_of(|| panic!("boom")) {
+            ToControl::WorkerExited { worker: 3, error } => {
+                assert_eq!(error.as_deref(), Some("panicked"))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            exit_of(|| Ok(())),
+            ToControl::WorkerExited {
+                worker: 3,
+                error: None
+            }
+        ));
+    }
 }

@@ -6,40 +6,52 @@
 //! of a payload is written in place, never copied:
 //!
 //! ```text
-//! slot: [ 0 ............ 44 | 45 46 47 48 | payload ............ | pad | ...free... ]
-//!         Data indication header (36/48 B) ends at 48
-//!                            ChannelData header (4 B) at 44..48
+//! offset: 0          12                    44        48                       48 + len
+//! slot:   [ Data indication header, IPv6 peer: 0..48 | received datagram ......... | pad 0-3 | free ]
+//!                    [ IPv4 peer: 12..48 ............ ]
+//!                                          [ CD 44..48 ]
 //! ```
 //!
-//! - client → peer ChannelData: the payload is sent from `48 + 4` as is;
-//! - peer → client with a channel: the 4-byte ChannelData header is written at 44..48;
-//! - peer → client with only a permission: the Data indication header (RFC 8656 §11.4) is written just in
-//!   front of the payload and up to 3 bytes of zero padding after it.
+//! - client → peer ChannelData: received at 48 with its header at 48..52; the payload is sent from 52
+//!   as is;
+//! - client → peer Send indication: the DATA value is sent where it lies in the received message;
+//! - peer → client with a channel: the 4-byte ChannelData header (CD) is written at 44..48;
+//! - peer → client with only a permission: the Data indication header (RFC 8656 §11.4: 36 bytes for an
+//!   IPv4 peer, 48 for IPv6) is written so that it ends at 48, and up to 3 bytes of zero padding after
+//!   the payload.
 //!
 //! Nothing here allocates, locks or logs per packet: lookups go to the worker's own
 //! [`RouteTable`](crate::route::RouteTable), counters are relaxed atomics on the worker's own cache lines,
-//! and STUN requests (the control path) are copied to the control thread over a bounded channel.
+//! and STUN requests (the control path) are copied to the control thread within the count and byte
+//! bounds of [`ControlTx`], which never makes a worker wait.
 //!
-//! May use: wire, route, sys, metrics.
+//! The event loop is written once (`worker.rs`), over two I/O backends that only register sockets,
+//! receive a batch and send a batch: `epoll` (`recvmmsg`/`sendmmsg`) and `uring` (io_uring).
+//!
+//! May use: wire, route, policy, sys, metrics.
 
+mod core;
 mod epoll;
 pub mod framing;
 mod stats;
 pub mod stream;
 pub mod uring;
+mod worker;
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::ops::Range;
 use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crossbeam_channel::{Receiver, SendError, Sender, TrySendError};
+use crossbeam_utils::CachePadded;
+
+pub use self::core::{Action, Bill, Core, Direction, Forward, Out};
 pub use stats::{Drop, WorkerStats};
 
-use crate::route::{ClientKey, Counters, ListenerId, RelayId, RouteTable, RouteUpdate};
+use crate::route::{AllocationId, ClientKey, Counters, ListenerId, RouteUpdate};
 use crate::sys::EventFd;
-use crate::wire::{self, ChannelData, Class, Kind, Message, Method};
 
 /// Bytes in front of every received datagram (see the module doc).
 pub const HEADROOM: usize = 48;
@@ -83,7 +95,7 @@ pub enum ToControl {
     /// A relay socket was closed; these are its final counters.
     RelayClosed {
         /// The allocation.
-        allocation: u64,
+        allocation: AllocationId,
         /// What its fast path relayed.
         counters: Counters,
     },
@@ -92,7 +104,7 @@ pub enum ToControl {
         /// The worker.
         worker: usize,
         /// (allocation, counters) per relay socket.
-        counters: Vec<(u64, Counters)>,
+        counters: Vec<(AllocationId, Counters)>,
     },
     /// Refuse the REST credentials of `identity` expiring at or before `until` (Unix seconds; 0 lifts
     /// the revocation).
@@ -110,6 +122,115 @@ pub enum ToControl {
     Shutdown,
     /// Stop now.
     Stop,
+    /// A worker's loop ended (returned, failed or panicked) while the relay was not stopping it. Sent by
+    /// the worker thread itself on the way out.
+    WorkerExited {
+        /// The worker.
+        worker: usize,
+        /// Why, if it failed.
+        error: Option<String>,
+    },
+}
+
+/// The workers' end of the control queue: one FIFO for everything (so that a STUN message and the
+/// `StreamClosed` after it arrive in that order), with an admission bound for STUN copies only.
+///
+/// - [`ControlTx::try_send`] of a [`ToControl::Stun`] is admitted only while the queued STUN messages
+///   stay within [`StunQueue`]'s count and byte bounds; otherwise it is refused at once and the worker
+///   drops and counts it ([`Drop::ControlBusy`]). A worker never waits for the control thread.
+/// - [`ControlTx::send`] (accounting: `RelayClosed`, `StreamClosed`, `Counters`, `WorkerExited`) is
+///   never refused and never blocks. Its volume is bounded by construction: at most one `RelayClosed`
+///   per relay socket and one `StreamClosed` per connection the control thread has opened or admitted,
+///   and one `Counters` per checkpoint the control thread asked for.
+#[derive(Debug, Clone)]
+pub struct ControlTx {
+    tx: Sender<ToControl>,
+    stun: Arc<StunQueue>,
+}
+
+/// The bounds on STUN copies waiting for the control thread, and what is queued now.
+#[derive(Debug)]
+pub struct StunQueue {
+    max_messages: usize,
+    max_bytes: usize,
+    messages: CachePadded<AtomicUsize>,
+    bytes: CachePadded<AtomicUsize>,
+}
+
+impl StunQueue {
+    /// At most `max_messages` STUN copies and `max_bytes` of them queued at once.
+    pub fn new(max_messages: usize, max_bytes: usize) -> Self {
+        StunQueue {
+            max_messages,
+            max_bytes,
+            messages: CachePadded::new(AtomicUsize::new(0)),
+            bytes: CachePadded::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The control thread took a STUN message of `len` bytes off the queue.
+    pub fn taken(&self, len: usize) {
+        self.messages.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(len, Ordering::Relaxed);
+    }
+
+    /// (messages, bytes) queued now.
+    pub fn depth(&self) -> (usize, usize) {
+        (
+            self.messages.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    fn admit(&self, len: usize) -> bool {
+        if self.messages.fetch_add(1, Ordering::Relaxed) >= self.max_messages {
+            self.messages.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        if self
+            .bytes
+            .fetch_add(len, Ordering::Relaxed)
+            .saturating_add(len)
+            > self.max_bytes
+        {
+            self.taken(len);
+            return false;
+        }
+        true
+    }
+}
+
+impl ControlTx {
+    /// The sending end of `tx` (unbounded: the bounds are `stun`'s), whose receiver releases STUN
+    /// messages with [`StunQueue::taken`].
+    pub fn new(tx: Sender<ToControl>, stun: Arc<StunQueue>) -> Self {
+        ControlTx { tx, stun }
+    }
+
+    /// Queue a message that must arrive (accounting). Never blocks on an unbounded channel, which
+    /// [`ControlTx::new`] is given; fails only if the control thread is gone.
+    pub fn send(&self, msg: ToControl) -> Result<(), SendError<ToControl>> {
+        self.tx.send(msg)
+    }
+
+    /// Queue a message that may be refused: a STUN copy beyond the bounds is refused with `Full`.
+    pub fn try_send(&self, msg: ToControl) -> Result<(), TrySendError<ToControl>> {
+        let len = match &msg {
+            ToControl::Stun { bytes, .. } => bytes.len(),
+            _ => return self.tx.try_send(msg),
+        };
+        if !self.stun.admit(len) {
+            return Err(TrySendError::Full(msg));
+        }
+        self.tx.try_send(msg).inspect_err(|_| self.stun.taken(len))
+    }
+}
+
+/// A sender without STUN bounds (tests and benches that drive `Core` alone).
+impl From<Sender<ToControl>> for ControlTx {
+    fn from(tx: Sender<ToControl>) -> Self {
+        ControlTx::new(tx, Arc::new(StunQueue::new(usize::MAX, usize::MAX)))
+    }
 }
 
 /// From the control thread to a worker.
@@ -133,254 +254,6 @@ pub enum WorkerMsg {
     },
     /// Exit the loop.
     Stop,
-}
-
-/// What to do with a received datagram.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    /// Nothing (dropped and counted, or handed to the control thread).
-    Done,
-    /// Send `range` of the same buffer slot to `dst` from `out`.
-    Forward {
-        /// The socket to send from.
-        out: Out,
-        /// The destination.
-        dst: SocketAddr,
-        /// The bytes, within the slot.
-        range: Range<usize>,
-    },
-}
-
-/// A worker socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Out {
-    /// A listener (client side).
-    Listener(ListenerId),
-    /// A relay socket (peer side).
-    Relay(RelayId),
-}
-
-/// A worker's packet logic, independent of the event loop.
-#[derive(Debug)]
-pub struct Core {
-    worker: usize,
-    table: RouteTable,
-    to_control: Sender<ToControl>,
-    stats: Arc<WorkerStats>,
-    tid_state: u64,
-    channel_range: wire::ChannelRange,
-}
-
-impl Core {
-    /// The core of worker `worker`.
-    pub fn new(
-        worker: usize,
-        to_control: Sender<ToControl>,
-        stats: Arc<WorkerStats>,
-        channel_range: wire::ChannelRange,
-    ) -> Self {
-        Core {
-            worker,
-            table: RouteTable::new(),
-            to_control,
-            stats,
-            tid_state: 0x9E37_79B9_7F4A_7C15 ^ worker as u64,
-            channel_range,
-        }
-    }
-
-    /// Apply a route update; a removed relay's counters go to the control thread.
-    pub fn apply(&mut self, update: RouteUpdate) {
-        if update == RouteUpdate::ReportCounters {
-            // Metering checkpoints only (one message per checkpoint interval, off the per-packet path).
-            let counters = self.table.counters().collect();
-            let _ = self.to_control.send(ToControl::Counters {
-                worker: self.worker,
-                counters,
-            });
-            return;
-        }
-        if let Some((allocation, counters)) = self.table.apply(update) {
-            // Accounting must not be lost: this send blocks only if the control thread is far behind.
-            let _ = self.to_control.send(ToControl::RelayClosed {
-                allocation,
-                counters,
-            });
-        }
-    }
-
-    /// The worker's lookup table.
-    pub fn table(&self) -> &RouteTable {
-        &self.table
-    }
-
-    /// A datagram from a client on `listener`, at `slot[HEADROOM..HEADROOM + len]`.
-    #[inline]
-    pub fn on_client(
-        &mut self,
-        listener: ListenerId,
-        from: SocketAddr,
-        slot: &mut [u8],
-        len: usize,
-    ) -> Action {
-        self.stats.count_rx();
-        let Some(data) = slot.get(HEADROOM..HEADROOM + len) else {
-            return self.drop(Drop::Malformed);
-        };
-        let key = ClientKey {
-            client: from,
-            listener,
-        };
-        match data.first().map(|b| self.channel_range.classify(*b)) {
-            Some(Kind::ChannelData) => {
-                let Ok(cd) = ChannelData::parse_in(data, self.channel_range) else {
-                    return self.drop(Drop::Malformed);
-                };
-                let Some(route) = self.table.channel(key, cd.channel()) else {
-                    return self.drop(Drop::NoChannel);
-                };
-                let n = cd.payload().len();
-                self.stats.count_relayed(true, n);
-                if let Some(r) = self.table.relay_mut(route.relay) {
-                    r.counters.to_peer_bytes += n as u64;
-                    r.counters.to_peer_packets += 1;
-                }
-                let start = HEADROOM + wire::CHANNEL_HEADER_LEN;
-                Action::Forward {
-                    out: Out::Relay(route.relay),
-                    dst: route.peer,
-                    range: start..start + n,
-                }
-            }
-            Some(Kind::Stun) => self.on_client_stun(listener, from, key, data),
-            _ => self.drop(Drop::NotTurn),
-        }
-    }
-
-    fn on_client_stun(
-        &mut self,
-        listener: ListenerId,
-        from: SocketAddr,
-        key: ClientKey,
-        data: &[u8],
-    ) -> Action {
-        let Ok(msg) = Message::parse(data) else {
-            return self.drop(Drop::Malformed);
-        };
-        let typ = msg.message_type();
-        if (typ.class, typ.method) == (Class::Indication, Method::SEND) {
-            // Send indications stay in the worker (RFC 8656 §11.2): permission check, then send the DATA
-            // bytes where they lie.
-            // A malformed XOR-PEER-ADDRESS no longer fails `Message::parse` (the server answers 400 to
-            // one in a request); an indication carrying one is dropped as malformed.
-            let (Some(peer), Some(payload), false) = (
-                msg.attrs.xor_peer_address,
-                msg.attrs.data,
-                msg.attrs.malformed_peer_address,
-            ) else {
-                return self.drop(Drop::Malformed);
-            };
-            let Some(relay) = self.table.send_route(key, peer) else {
-                return self.drop(Drop::NoPermission);
-            };
-            let start = HEADROOM + (payload.as_ptr() as usize - data.as_ptr() as usize);
-            self.stats.count_relayed(true, payload.len());
-            if let Some(r) = self.table.relay_mut(relay) {
-                r.counters.to_peer_bytes += payload.len() as u64;
-                r.counters.to_peer_packets += 1;
-            }
-            return Action::Forward {
-                out: Out::Relay(relay),
-                dst: peer,
-                range: start..start + payload.len(),
-            };
-        }
-        let msg = ToControl::Stun {
-            worker: self.worker,
-            listener,
-            client: from,
-            bytes: data.to_vec(),
-        };
-        match self.to_control.try_send(msg) {
-            Ok(()) => Action::Done,
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.drop(Drop::ControlBusy)
-            }
-        }
-    }
-
-    /// A datagram from `from` on relay socket `relay`, at `slot[HEADROOM..HEADROOM + len]`.
-    #[inline]
-    pub fn on_peer(
-        &mut self,
-        relay: RelayId,
-        from: SocketAddr,
-        slot: &mut [u8],
-        len: usize,
-    ) -> Action {
-        self.stats.count_rx();
-        let Some(r) = self.table.relay_mut(relay) else {
-            return self.drop(Drop::NoRelay);
-        };
-        if !r.permissions.contains(&from.ip()) {
-            return self.drop(Drop::NoPermission);
-        }
-        r.counters.to_client_bytes += len as u64;
-        r.counters.to_client_packets += 1;
-        self.stats.count_relayed(false, len);
-        let client = r.client;
-        let range = match r.channels.get(&from) {
-            Some(&channel) => {
-                let start = HEADROOM - wire::CHANNEL_HEADER_LEN;
-                match ChannelData::write_header(&mut slot[start..], channel, len) {
-                    Ok(n) => start..start + n,
-                    Err(_) => return self.drop(Drop::Malformed),
-                }
-            }
-            None => {
-                self.tid_state ^= self.tid_state << 13;
-                self.tid_state ^= self.tid_state >> 7;
-                self.tid_state ^= self.tid_state << 17;
-                let mut tid = [0u8; 12];
-                tid[4..].copy_from_slice(&self.tid_state.to_le_bytes());
-                match wire::data_indication_in_place(
-                    slot,
-                    HEADROOM,
-                    len,
-                    from,
-                    wire::TransactionId(tid),
-                ) {
-                    Ok(range) => range,
-                    Err(_) => return self.drop(Drop::Malformed),
-                }
-            }
-        };
-        Action::Forward {
-            out: Out::Listener(client.listener),
-            dst: client.client,
-            range,
-        }
-    }
-
-    /// A stream connection closed: tell the control thread (never lost: its allocation must end).
-    pub fn stream_closed(&self, key: ClientKey) {
-        let _ = self.to_control.send(ToControl::StreamClosed {
-            listener: key.listener,
-            client: key.client,
-        });
-    }
-
-    /// Count a drop.
-    #[inline]
-    pub fn drop(&self, why: Drop) -> Action {
-        self.stats.count_drop(why);
-        Action::Done
-    }
-
-    /// The worker's counters.
-    pub fn stats(&self) -> &WorkerStats {
-        &self.stats
-    }
 }
 
 /// What a worker thread needs to run.
@@ -429,5 +302,96 @@ pub fn choose_backend(
                 Some(format!("io_uring unavailable ({why}); using epoll")),
             )),
         },
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::route::RelayId;
+
+    const CLIENT: ClientKey = ClientKey {
+        client: SocketAddr::V4(std::net::SocketAddrV4::new(
+            std::net::Ipv4Addr::new(198, 51, 100, 1),
+            4000,
+        )),
+        listener: 0,
+    };
+
+    /// A Binding request (20 bytes) followed by an unknown comprehension-optional attribute of `pad`
+    /// bytes: what a client may send, and what `Core` hands to the control thread as is.
+    fn stun(pad: u16) -> Vec<u8> {
+        let mut m = vec![0x00, 0x01];
+        m.extend_from_slice(&(pad + 4).to_be_bytes());
+        m.extend_from_slice(&0x2112_A442u32.to_be_bytes());
+        m.extend_from_slice(&[7; 12]);
+        m.extend_from_slice(&0x8123u16.to_be_bytes());
+        m.extend_from_slice(&pad.to_be_bytes());
+        m.resize(m.len() + usize::from(pad), 0);
+        m
+    }
+
+    fn on_client(core: &mut Core, msg: &[u8]) {
+        let mut slot = [0u8; SLOT];
+        slot[HEADROOM..HEADROOM + msg.len()].copy_from_slice(msg);
+        let _ = core.on_client(0, CLIENT.client, &mut slot, msg.len());
+    }
+
+    /// Back-pressure: beyond the STUN bounds (count, then bytes) copies are refused and counted, while
+    /// RelayClosed and StreamClosed from the same worker still go through, in order, without blocking.
+    #[test]
+    fn a_full_stun_queue_refuses_stun_copies_and_never_accounting() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let queue = Arc::new(StunQueue::new(3, 1000));
+        let stats = Arc::new(WorkerStats::default());
+        let mut core = Core::new(
+            0,
+            ControlTx::new(tx, queue.clone()),
+            stats.clone(),
+            crate::wire::ChannelRange::Rfc8656,
+            Arc::default(),
+        );
+        core.apply(RouteUpdate::AddRelay {
+            id: RelayId(1),
+            allocation: crate::route::AllocationId(9),
+            addr: "203.0.113.1:50000".parse().unwrap(),
+            client: CLIENT,
+        });
+        // Bytes first: 400 + 400 fit in 1000, a third of 400 does not.
+        for _ in 0..3 {
+            on_client(&mut core, &stun(376));
+        }
+        assert_eq!(queue.depth(), (2, 800));
+        assert_eq!(stats.drops(Drop::ControlBusy), 1);
+        // Count next: one small message fits, the fourth message does not.
+        on_client(&mut core, &stun(0));
+        on_client(&mut core, &stun(0));
+        assert_eq!(queue.depth(), (3, 824));
+        assert_eq!(stats.drops(Drop::ControlBusy), 2);
+        // Accounting under the full queue.
+        core.apply(RouteUpdate::RemoveRelay { id: RelayId(1) });
+        core.stream_closed(CLIENT);
+        let got: Vec<ToControl> = rx.try_iter().collect();
+        assert_eq!(got.len(), 5, "{got:?}");
+        assert!(got[..3].iter().all(|m| matches!(m, ToControl::Stun { .. })));
+        assert!(matches!(
+            got[3],
+            ToControl::RelayClosed {
+                allocation: crate::route::AllocationId(9),
+                ..
+            }
+        ));
+        assert!(matches!(got[4], ToControl::StreamClosed { .. }));
+        // The control thread takes them off: room again.
+        for m in &got[..3] {
+            if let ToControl::Stun { bytes, .. } = m {
+                queue.taken(bytes.len());
+            }
+        }
+        assert_eq!(queue.depth(), (0, 0));
+        on_client(&mut core, &stun(376));
+        assert_eq!(queue.depth(), (1, 400));
+        assert_eq!(stats.drops(Drop::ControlBusy), 2);
     }
 }

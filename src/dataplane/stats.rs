@@ -4,6 +4,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_utils::CachePadded;
 
+use crate::metrics::Counters;
+
 /// Why a datagram was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Drop {
@@ -15,29 +17,40 @@ pub enum Drop {
     NoChannel,
     /// No permission for the peer.
     NoPermission,
+    /// The peer is one of the relay's own addresses and not another allocation's live relayed address
+    /// (or a port an explicit allow cannot open).
+    OwnAddress,
     /// A relay socket the table does not know.
     NoRelay,
     /// Did not fit a buffer slot.
     Truncated,
     /// The control thread's queue was full.
     ControlBusy,
-    /// The kernel did not take the datagram (full socket buffer, unreachable).
+    /// The kernel refused the datagram for another reason (unreachable, not permitted), or its socket
+    /// is gone.
     SendFailed,
+    /// The outgoing socket's buffer (or the io_uring submission queue) was full.
+    SendBufferFull,
+    /// The datagram was too big for the path (`EMSGSIZE`, e.g. with DONT-FRAGMENT).
+    TooBig,
     /// A TCP/TLS client's bounded write queue was full (a slow reader), or its connection is gone.
     StreamQueueFull,
 }
 
 impl Drop {
     /// All reasons, in counter order.
-    pub const ALL: [Drop; 9] = [
+    pub const ALL: [Drop; 12] = [
         Drop::NotTurn,
         Drop::Malformed,
         Drop::NoChannel,
         Drop::NoPermission,
+        Drop::OwnAddress,
         Drop::NoRelay,
         Drop::Truncated,
         Drop::ControlBusy,
         Drop::SendFailed,
+        Drop::SendBufferFull,
+        Drop::TooBig,
         Drop::StreamQueueFull,
     ];
 
@@ -48,10 +61,13 @@ impl Drop {
             Drop::Malformed => "malformed",
             Drop::NoChannel => "no_channel",
             Drop::NoPermission => "no_permission",
+            Drop::OwnAddress => "own_address",
             Drop::NoRelay => "no_relay",
             Drop::Truncated => "truncated",
             Drop::ControlBusy => "control_busy",
             Drop::SendFailed => "send_failed",
+            Drop::SendBufferFull => "send_buffer_full",
+            Drop::TooBig => "too_big",
             Drop::StreamQueueFull => "stream_queue_full",
         }
     }
@@ -99,10 +115,15 @@ impl WorkerStats {
         add(&self.relayed[i + 1], 1);
     }
 
-    /// (to-peer bytes, to-peer packets, to-client bytes, to-client packets) relayed by the fast path.
-    pub fn relayed(&self) -> [u64; 4] {
-        let r = &self.relayed;
-        [0, 1, 2, 3].map(|i| r[i].load(Ordering::Relaxed))
+    /// What the fast path relayed (sent successfully).
+    pub fn relayed(&self) -> Counters {
+        let r = |i: usize| self.relayed[i].load(Ordering::Relaxed);
+        Counters {
+            to_peer_bytes: r(0),
+            to_peer_packets: r(1),
+            to_client_bytes: r(2),
+            to_client_packets: r(3),
+        }
     }
 
     /// Datagrams received.

@@ -14,7 +14,7 @@
 //! and counted ([`Drop::StreamQueueFull`]), so memory stays bounded and no other flow waits.
 //!
 //! A malformed frame closes that connection only. Closing a connection tells the control thread
-//! ([`ToControl::StreamClosed`]), which ends its allocation.
+//! ([`ToControl::StreamClosed`](super::ToControl::StreamClosed)), which ends its allocation.
 //!
 //! Limits ([`StreamLimits`]) are shared by every worker: connections in total and per source IP, an idle
 //! timeout for connections without an allocation, and a TLS handshake timeout.
@@ -33,7 +33,7 @@ use hashbrown::HashMap;
 use mio::{Events, Interest, Poll, Token};
 
 use super::framing::{Framer, MAX_FRAME};
-use super::{Action, Core, Drop, Out, HEADROOM};
+use super::{Action, Core, Drop, Forward, Out, HEADROOM};
 use crate::route::{ClientKey, ListenerId, RelayId};
 use crate::wire::{self, ChannelRange};
 
@@ -214,6 +214,9 @@ impl std::fmt::Display for TlsError {
 
 impl std::error::Error for TlsError {}
 
+/// How messages of stream clients reach peers: send `bytes` to the peer from a relay socket, now.
+pub type SendRelay<'a> = dyn FnMut(RelayId, SocketAddr, &[u8]) -> Result<(), Drop> + 'a;
+
 /// A stream listener handed to a worker.
 #[derive(Debug)]
 pub struct StreamListener {
@@ -310,11 +313,7 @@ impl Streams {
     }
 
     /// Serve every ready listener and connection. Messages for peers are sent with `send_relay`.
-    pub fn service(
-        &mut self,
-        core: &mut Core,
-        send_relay: &mut dyn FnMut(RelayId, SocketAddr, &[u8]) -> bool,
-    ) {
+    pub fn service(&mut self, core: &mut Core, send_relay: &mut SendRelay<'_>) {
         loop {
             if let Err(e) = self.poll.poll(&mut self.events, Some(Duration::ZERO)) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -350,19 +349,21 @@ impl Streams {
     }
 
     /// Queue `msg` (a STUN message or ChannelData) for the client `key`, padded to 4 bytes, and try to
-    /// write it. Dropped and counted if the client's queue is full or it has no connection here.
-    pub fn send(&mut self, core: &Core, key: ClientKey, msg: &[u8]) {
+    /// write it. Dropped and counted if the client's queue is full or it has no connection here. True if
+    /// queued (what a relayed datagram is billed on).
+    pub fn send(&mut self, core: &Core, key: ClientKey, msg: &[u8]) -> bool {
         let Some(&slot) = self.by_key.get(&key) else {
             core.drop(Drop::StreamQueueFull);
-            return;
+            return false;
         };
         let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
-            return;
+            core.drop(Drop::StreamQueueFull);
+            return false;
         };
         let padded = wire::pad4(msg.len());
         if c.out.len() - c.out_at + padded > self.shared.limits.write_queue {
             core.drop(Drop::StreamQueueFull);
-            return;
+            return false;
         }
         if c.out_at > 0 && c.out_at == c.out.len() {
             c.out.clear();
@@ -372,6 +373,7 @@ impl Streams {
         c.out.resize(c.out.len() + padded - msg.len(), 0);
         core.stats().count_tx(1);
         self.flush(core, slot);
+        true
     }
 
     /// Close connections past their idle or handshake timeout (at most every [`SWEEP`]).
@@ -474,12 +476,7 @@ impl Streams {
         }
     }
 
-    fn read(
-        &mut self,
-        core: &mut Core,
-        slot: usize,
-        send_relay: &mut dyn FnMut(RelayId, SocketAddr, &[u8]) -> bool,
-    ) {
+    fn read(&mut self, core: &mut Core, slot: usize, send_relay: &mut SendRelay<'_>) {
         if self.scratch.len() < HEADROOM + MAX_FRAME + 4 {
             self.scratch.resize(HEADROOM + MAX_FRAME + 4, 0);
         }
@@ -527,16 +524,26 @@ impl Streams {
                 };
                 let len = msg.len();
                 self.scratch[HEADROOM..HEADROOM + len].copy_from_slice(msg);
-                if let Action::Forward {
+                if let Action::Forward(Forward {
                     out: Out::Relay(relay),
                     dst,
                     range,
-                } = core.on_client(key.listener, key.client, &mut self.scratch, len)
+                    bill,
+                }) = core.on_client(key.listener, key.client, &mut self.scratch, len)
                 {
-                    if send_relay(relay, dst, &self.scratch[range]) {
-                        core.stats().count_tx(1);
-                    } else {
-                        core.drop(Drop::SendFailed);
+                    match self.scratch.get(range) {
+                        Some(bytes) => match send_relay(relay, dst, bytes) {
+                            Ok(()) => {
+                                core.stats().count_tx(1);
+                                core.sent(bill);
+                            }
+                            Err(why) => {
+                                core.drop(why);
+                            }
+                        },
+                        None => {
+                            core.drop(Drop::Malformed);
+                        }
                     }
                 }
             }

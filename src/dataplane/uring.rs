@@ -1,14 +1,15 @@
-//! The io_uring backend: one [`Ring`] per worker, with one multishot receive armed on every socket the
-//! worker owns, all fed from one provided buffer ring (see [`crate::sys::uring`]).
+//! The io_uring backend of the worker loop (`worker.rs`): one [`Ring`] per worker, with one multishot
+//! receive armed on every socket the worker owns, all fed from one provided buffer ring (see
+//! [`crate::sys::uring`]).
 //!
-//! Each loop iteration submits everything queued and waits for at least one completion in one
-//! `io_uring_enter`, then takes the completions in batches. Before each batch it drains the mailbox, so that
-//! route updates apply before any datagram that follows them (a wake-up read completes with every message).
-//! Then:
+//! `Io::wait` submits everything queued and waits for at least one completion in one `io_uring_enter`;
+//! `Io::recv` then hands the completions over in batches (the loop drains its mailbox after each, so
+//! that route updates apply before any datagram that follows them; a wake-up read completes with every
+//! message):
 //!
-//! - a datagram goes through [`Core`] in its buffer; a forward sends *that* buffer with `SendMsg` from the
-//!   outgoing socket (no copy), and the buffer returns to the kernel's ring when the send completes;
-//!   anything else returns it at once;
+//! - a datagram goes through `Core` in its buffer; a forward sends *that* buffer with `SendMsg` from the
+//!   outgoing socket (no copy), and the buffer returns to the kernel's ring when the send completes,
+//!   whose result is the send's outcome; anything else returns it at `Io::flush`;
 //! - a receive that ended (out of buffers, an ICMP error, a completion queue overflow) is armed again;
 //! - a wake-up read of the worker's eventfd is armed again (the mailbox was drained before the batch).
 //!
@@ -26,13 +27,16 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
 
 use hashbrown::HashMap;
 
-use super::stream::{Streams, SWEEP};
-use super::{Action, Core, Drop, Out, WorkerMsg, WorkerSetup, HEADROOM, MAX_DATAGRAM, SLOT};
-use crate::route::{ClientKey, RelayId, RouteUpdate};
+use super::worker::{send_error, Bill, Datagram, Io, Notes, Sent};
+use super::{Drop, Out, WorkerSetup, HEADROOM, MAX_DATAGRAM, SLOT};
+use crate::route::RelayId;
 use crate::sys::uring::{Buf, Completion, Ring, RingConfig};
+use crate::sys::EventFd;
 
 /// Whether this backend is implemented.
 pub const IMPLEMENTED: bool = true;
@@ -42,93 +46,61 @@ pub const IMPLEMENTED: bool = true;
 const BUFFERS: u16 = 512;
 /// Submission queue entries (a full queue is submitted and reused at once).
 const ENTRIES: u32 = 256;
+/// Datagrams handed to the loop per batch.
+const BATCH: usize = 64;
 
 pub(super) fn run(setup: WorkerSetup) -> io::Result<()> {
-    let WorkerSetup {
-        core,
-        listeners,
-        streams,
-        mailbox,
-        wake,
-    } = setup;
-    let ring = Ring::new(RingConfig {
-        entries: ENTRIES,
-        buffers: BUFFERS,
-        slot_size: SLOT,
-        headroom: HEADROOM,
-        max_payload: MAX_DATAGRAM,
-    })?;
-    let mut w = Worker {
-        core,
-        socks: Sockets::default(),
-        ring,
-        retry: Vec::with_capacity(64),
-        wake: wake.as_raw_fd(),
-        streams,
-    };
-    for (i, l) in listeners.into_iter().enumerate() {
-        let tag = w.socks.insert(l, Out::Listener(i as u16));
-        w.socks.arm(&mut w.ring, tag, &mut w.retry)?;
-    }
-    w.ring.read_eventfd(w.wake)?;
-    w.ring.poll_readable(w.streams.fd(), STREAMS_TAG)?;
-
-    loop {
-        let n = w.retry.len();
-        for i in 0..n {
-            let (tag, what) = w.retry[i];
-            match what {
-                Retry::Arm => w.socks.arm(&mut w.ring, tag, &mut w.retry)?,
-                Retry::Cancel => w.socks.cancel(&mut w.ring, tag, &mut w.retry)?,
-                Retry::PollStreams => w.poll_streams()?,
-            }
-        }
-        w.retry.drain(..n);
-
-        // Interrupted waits return Ok: the loop just goes round again.
-        if w.streams.has_connections() {
-            w.ring.submit_and_wait_timeout(1, SWEEP)?;
-            w.streams.sweep(&w.core, std::time::Instant::now());
-        } else {
-            w.ring.submit_and_wait(1)?;
-        }
-
-        while w.ring.reap() > 0 {
-            // Routes first: updates queued before a response went out must apply before anything that
-            // follows it. Every datagram of this batch arrived before the batch was taken, so whatever was
-            // queued before it is in the mailbox now.
-            while let Ok(msg) = mailbox.try_recv() {
-                if !w.on_message(msg)? {
-                    return Ok(());
-                }
-            }
-            while let Some(c) = w.ring.next_completion() {
-                w.on_completion(c)?;
-            }
-        }
-    }
+    let io = Uring::new(setup.wake.clone(), setup.streams.fd())?;
+    super::worker::run(setup, io)
 }
 
-/// A worker's state besides its mailbox. (`wake` is kept open by the caller's `Arc<EventFd>`.)
+/// The io_uring backend's state (see the module doc).
 #[derive(Debug)]
-struct Worker {
-    core: Core,
+pub(super) struct Uring {
     socks: Sockets,
     ring: Ring,
     /// Receives that could not be armed or cancelled (full submission queue): retried every iteration.
     retry: Vec<(u32, Retry)>,
-    wake: RawFd,
-    /// TCP/TLS listeners and connections, served when their epoll set is readable.
-    streams: Streams,
+    /// The worker's eventfd.
+    wake: Arc<EventFd>,
+    /// The worker's stream epoll set.
+    streams: RawFd,
+    /// The buffers of the current batch (taken by a send, or given back at flush).
+    bufs: Vec<Option<Buf>>,
+    /// What each buffer's send in flight is billed as, by buffer index.
+    bills: Box<[Option<Bill>]>,
 }
 
 /// The tag of the readiness poll on the worker's stream epoll set.
 const STREAMS_TAG: u32 = u32::MAX;
 
-impl Worker {
+impl Uring {
+    /// A backend woken by `wake`, watching the stream epoll set `streams` beside its UDP sockets.
+    pub(super) fn new(wake: Arc<EventFd>, streams: RawFd) -> io::Result<Self> {
+        let ring = Ring::new(RingConfig {
+            entries: ENTRIES,
+            buffers: BUFFERS,
+            slot_size: SLOT,
+            headroom: HEADROOM,
+            max_payload: MAX_DATAGRAM,
+        })?;
+        let mut u = Uring {
+            socks: Sockets::default(),
+            ring,
+            retry: Vec::with_capacity(64),
+            wake,
+            streams,
+            bufs: (0..BATCH).map(|_| None).collect(),
+            bills: vec![None; usize::from(BUFFERS)].into_boxed_slice(),
+        };
+        u.ring.read_eventfd(u.wake.as_raw_fd())?;
+        u.ring.poll_readable(u.streams, STREAMS_TAG)?;
+        Ok(u)
+    }
+
     /// Arm the readiness poll of the stream epoll set (again later if the submission queue is full).
     fn poll_streams(&mut self) -> io::Result<()> {
-        match self.ring.poll_readable(self.streams.fd(), STREAMS_TAG) {
+        match self.ring.poll_readable(self.streams, STREAMS_TAG) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.retry.push((STREAMS_TAG, Retry::PollStreams));
@@ -137,135 +109,212 @@ impl Worker {
             Err(e) => Err(e),
         }
     }
+}
 
-    /// Apply a message from the control thread. False: stop.
-    fn on_message(&mut self, msg: WorkerMsg) -> io::Result<bool> {
-        let Worker {
-            core,
-            socks,
-            ring,
-            retry,
-            streams,
-            ..
+impl Io for Uring {
+    const BATCH: usize = BATCH;
+    /// Every send in flight holds a buffer; the batch's own failures come on top.
+    const MAX_SENT: usize = BUFFERS as usize + BATCH;
+
+    fn register(&mut self, socket: UdpSocket, source: Out) -> io::Result<()> {
+        let Uring {
+            socks, ring, retry, ..
         } = self;
-        match msg {
-            WorkerMsg::AddRelay { socket, update } => {
-                if let RouteUpdate::AddRelay { id, .. } = update {
-                    if let Some(old) = socks.relays.get(&id).copied() {
-                        socks.close(ring, old, retry)?;
-                    }
-                    let tag = socks.insert(socket, Out::Relay(id));
-                    socks.relays.insert(id, tag);
-                    // Datagrams that arrived before this are picked up by the first receive.
-                    socks.arm(ring, tag, retry)?;
-                }
-                core.apply(update);
+        if let Out::Relay(id) = source {
+            if let Some(old) = socks.relays.get(&id).copied() {
+                socks.close(ring, old, retry)?;
             }
-            WorkerMsg::Route(update) => {
-                if let RouteUpdate::RemoveRelay { id } = update {
-                    if let Some(tag) = socks.relays.get(&id).copied() {
-                        socks.close(ring, tag, retry)?;
-                    }
-                }
-                core.apply(update);
-            }
-            WorkerMsg::SendStream { client, bytes } => streams.send(core, client, &bytes),
-            WorkerMsg::Stop => return Ok(false),
         }
-        Ok(true)
+        let tag = socks.insert(socket, source);
+        if let Out::Relay(id) = source {
+            socks.relays.insert(id, tag);
+        }
+        // Datagrams that arrived before this are picked up by the first receive.
+        socks.arm(ring, tag, retry)
     }
 
-    fn on_completion(&mut self, c: Completion) -> io::Result<()> {
-        let Worker {
-            core,
-            socks,
-            ring,
-            retry,
-            wake,
-            streams,
+    fn deregister(&mut self, id: RelayId) -> io::Result<()> {
+        let Uring {
+            socks, ring, retry, ..
         } = self;
-        match c {
-            Completion::Recv {
-                tag,
-                buf,
-                from,
-                len,
-                truncated,
-                more,
-            } => {
-                let Some(s) = socks.get_mut(tag) else {
-                    ring.release(buf);
-                    return Ok(());
-                };
-                let source = s.source;
-                let live = !s.closing;
-                if !more {
-                    s.armed = false;
-                    s.inflight -= 1;
-                }
-                if !live {
-                    ring.release(buf);
-                } else if truncated {
-                    core.drop(Drop::Truncated);
-                    ring.release(buf);
-                } else {
-                    let action = match source {
-                        Out::Listener(l) => core.on_client(l, from, ring.buf_mut(&buf), len),
-                        Out::Relay(r) => core.on_peer(r, from, ring.buf_mut(&buf), len),
-                    };
-                    match action {
-                        Action::Forward {
-                            out: Out::Listener(l),
-                            dst,
-                            range,
-                        } if streams.is_stream(l) => {
-                            // Peer data for a TCP/TLS client: into its connection's write queue.
-                            let client = ClientKey {
-                                client: dst,
-                                listener: l,
-                            };
-                            streams.send(core, client, &ring.buf_mut(&buf)[range]);
-                            ring.release(buf);
-                        }
-                        Action::Forward { out, dst, range } => {
-                            socks.forward(ring, core, buf, out, dst, range);
-                        }
-                        Action::Done => ring.release(buf),
-                    }
-                }
-                if !more {
-                    socks.ended(ring, tag, 0, retry)?;
-                }
-            }
-            Completion::RecvEnded { tag, errno } => {
-                if let Some(s) = socks.get_mut(tag) {
-                    s.armed = false;
-                    s.inflight -= 1;
-                }
-                socks.ended(ring, tag, errno, retry)?;
-            }
-            Completion::Sent { tag, result } => {
-                if result >= 0 {
-                    core.stats().count_tx(1);
-                } else {
-                    core.stats().count_drop(Drop::SendFailed);
-                }
-                if let Some(s) = socks.get_mut(tag) {
-                    s.inflight -= 1;
-                }
-                socks.close_if_idle(tag);
-            }
-            Completion::Wake => ring.read_eventfd(*wake)?,
-            Completion::Ready { .. } => {
-                streams.service(core, &mut |relay, dst, bytes| {
-                    socks
-                        .udp(Out::Relay(relay))
-                        .is_some_and(|s| s.send_to(bytes, dst).is_ok())
-                });
-                return self.poll_streams();
+        match socks.relays.get(&id).copied() {
+            Some(tag) => socks.close(ring, tag, retry),
+            None => Ok(()),
+        }
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let n = self.retry.len();
+        for i in 0..n {
+            let (tag, what) = self.retry[i];
+            let Uring {
+                socks, ring, retry, ..
+            } = self;
+            match what {
+                Retry::Arm => socks.arm(ring, tag, retry)?,
+                Retry::Cancel => socks.cancel(ring, tag, retry)?,
+                Retry::PollStreams => self.poll_streams()?,
             }
         }
-        Ok(())
+        self.retry.drain(..n);
+        // Interrupted waits return Ok: the loop just goes round again.
+        match timeout {
+            Some(t) => self.ring.submit_and_wait_timeout(1, t),
+            None => self.ring.submit_and_wait(1),
+        }
+    }
+
+    fn recv(&mut self, meta: &mut [Datagram], notes: &mut Notes) -> io::Result<usize> {
+        let mut n = 0;
+        let cap = meta.len().min(BATCH);
+        // Every completion handed over here was posted before `reap` took it, so the mailbox the loop
+        // drains after this call holds whatever was queued before these datagrams arrived.
+        while n < cap && self.ring.reap() > 0 {
+            while n < cap {
+                let Some(c) = self.ring.next_completion() else {
+                    break;
+                };
+                let Uring {
+                    socks,
+                    ring,
+                    retry,
+                    wake,
+                    bills,
+                    ..
+                } = self;
+                match c {
+                    Completion::Recv {
+                        tag,
+                        buf,
+                        from,
+                        len,
+                        truncated,
+                        more,
+                    } => {
+                        let Some(s) = socks.get_mut(tag) else {
+                            ring.release(buf);
+                            continue;
+                        };
+                        let (source, live) = (s.source, !s.closing);
+                        if !more {
+                            s.armed = false;
+                            s.inflight -= 1;
+                        }
+                        if live {
+                            meta[n] = Datagram {
+                                source,
+                                from,
+                                len,
+                                truncated,
+                            };
+                            self.bufs[n] = Some(buf);
+                            n += 1;
+                        } else {
+                            ring.release(buf);
+                        }
+                        if !more {
+                            socks.ended(ring, tag, 0, retry)?;
+                        }
+                    }
+                    Completion::RecvEnded { tag, errno } => {
+                        if let Some(s) = socks.get_mut(tag) {
+                            s.armed = false;
+                            s.inflight -= 1;
+                        }
+                        socks.ended(ring, tag, errno, retry)?;
+                    }
+                    Completion::Sent {
+                        tag,
+                        buf: index,
+                        result,
+                    } => {
+                        // Every send in flight has its bill; its buffer index is free again now.
+                        if let Some(bill) = bills.get_mut(index).and_then(Option::take) {
+                            let outcome = if result >= 0 {
+                                Ok(())
+                            } else {
+                                Err(send_error(-result))
+                            };
+                            notes.sent.push((bill, outcome));
+                        }
+                        if let Some(s) = socks.get_mut(tag) {
+                            s.inflight -= 1;
+                        }
+                        socks.close_if_idle(tag);
+                    }
+                    Completion::Wake => ring.read_eventfd(wake.as_raw_fd())?,
+                    Completion::Ready { .. } => {
+                        // Armed again now, submitted at the next wait: after the loop served the set.
+                        notes.streams = true;
+                        self.poll_streams()?;
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn slot_mut(&mut self, i: usize) -> &mut [u8] {
+        match self.bufs.get(i).and_then(Option::as_ref) {
+            Some(buf) => self.ring.buf_mut(buf),
+            None => &mut [],
+        }
+    }
+
+    fn send(
+        &mut self,
+        i: usize,
+        out: Out,
+        dst: SocketAddr,
+        range: Range<usize>,
+        bill: Bill,
+        sent: &mut Vec<Sent>,
+    ) {
+        let Some(buf) = self.bufs.get_mut(i).and_then(Option::take) else {
+            sent.push((bill, Err(Drop::SendFailed)));
+            return;
+        };
+        let Some((fd, tag)) = self.socks.out(out) else {
+            self.ring.release(buf);
+            sent.push((bill, Err(Drop::SendFailed)));
+            return;
+        };
+        let index = buf.index();
+        // The buffer returns to the kernel's ring when the send completes (or at once if it fails).
+        match self.ring.send(buf, fd, tag, range, dst) {
+            Ok(()) => {
+                if let Some(b) = self.bills.get_mut(index) {
+                    *b = Some(bill);
+                }
+                if let Some(s) = self.socks.get_mut(tag) {
+                    s.inflight += 1;
+                }
+            }
+            Err(e) => sent.push((
+                bill,
+                Err(match e.kind() {
+                    io::ErrorKind::WouldBlock => Drop::SendBufferFull,
+                    _ => Drop::SendFailed,
+                }),
+            )),
+        }
+    }
+
+    fn flush(&mut self, _sent: &mut Vec<Sent>) {
+        // Sends were queued by `send` and are submitted with the next wait; give back the rest.
+        for b in &mut self.bufs {
+            if let Some(buf) = b.take() {
+                self.ring.release(buf);
+            }
+        }
+    }
+
+    fn send_to(&mut self, out: Out, dst: SocketAddr, bytes: &[u8]) -> Result<(), Drop> {
+        match self.socks.udp(out).map(|s| s.send_to(bytes, dst)) {
+            Some(Ok(_)) => Ok(()),
+            Some(Err(e)) => Err(send_error(e.raw_os_error().unwrap_or(0))),
+            None => Err(Drop::SendFailed),
+        }
     }
 }
 
@@ -443,30 +492,5 @@ impl Sockets {
             _ => return Err(io::Error::from_raw_os_error(errno)),
         }
         self.arm(ring, tag, retry)
-    }
-
-    /// Send `range` of `buf` to `dst` from `out`, counting a failure to queue it.
-    fn forward(
-        &mut self,
-        ring: &mut Ring,
-        core: &Core,
-        buf: Buf,
-        out: Out,
-        dst: SocketAddr,
-        range: Range<usize>,
-    ) {
-        let Some((fd, tag)) = self.out(out) else {
-            ring.release(buf);
-            core.stats().count_drop(Drop::SendFailed);
-            return;
-        };
-        match ring.send(buf, fd, tag, range, dst) {
-            Ok(()) => {
-                if let Some(s) = self.get_mut(tag) {
-                    s.inflight += 1;
-                }
-            }
-            Err(_) => core.stats().count_drop(Drop::SendFailed),
-        }
     }
 }

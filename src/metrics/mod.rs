@@ -16,9 +16,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
-/// Bytes and packets relayed, per direction.
+/// Bytes and packets relayed, per direction: the four usage numbers, for one relay socket, one
+/// allocation, one worker or the whole relay (the one type for them; `route` re-exports it). Bytes are
+/// application data (the payload), not headers, so that billing does not depend on the client's framing
+/// choice.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Relayed {
+pub struct Counters {
     /// Payload bytes client → peer.
     pub to_peer_bytes: u64,
     /// Datagrams client → peer.
@@ -27,6 +30,16 @@ pub struct Relayed {
     pub to_client_bytes: u64,
     /// Datagrams peer → client.
     pub to_client_packets: u64,
+}
+
+impl Counters {
+    /// Add `more` to these.
+    pub fn add(&mut self, more: Counters) {
+        self.to_peer_bytes += more.to_peer_bytes;
+        self.to_peer_packets += more.to_peer_packets;
+        self.to_client_bytes += more.to_client_bytes;
+        self.to_client_packets += more.to_client_packets;
+    }
 }
 
 /// One worker's counters.
@@ -39,7 +52,7 @@ pub struct WorkerSnapshot {
     /// Drops by reason.
     pub drops: Vec<(&'static str, u64)>,
     /// What its fast path relayed.
-    pub relayed: Relayed,
+    pub relayed: Counters,
 }
 
 /// The TURN core's state and counters.
@@ -72,19 +85,23 @@ pub struct Snapshot {
     pub draining: bool,
     /// Per worker, in worker order.
     pub workers: Vec<WorkerSnapshot>,
+    /// Workers whose loop ended while the relay ran (the relay is then draining to an error exit).
+    pub workers_lost: u64,
+    /// STUN copies queued from the workers to the control thread now: (messages, bytes). Beyond its
+    /// bounds they are dropped (`dropped_packets{reason="control_busy"}`).
+    pub control_queue: (u64, u64),
+    /// Replies to TCP/TLS clients dropped because their worker's mailbox was full.
+    pub mailbox_full: u64,
     /// The TURN core.
     pub server: ServerSnapshot,
 }
 
 impl Snapshot {
     /// What every worker relayed, summed.
-    pub fn relayed(&self) -> Relayed {
-        let mut t = Relayed::default();
+    pub fn relayed(&self) -> Counters {
+        let mut t = Counters::default();
         for w in &self.workers {
-            t.to_peer_bytes += w.relayed.to_peer_bytes;
-            t.to_peer_packets += w.relayed.to_peer_packets;
-            t.to_client_bytes += w.relayed.to_client_bytes;
-            t.to_client_packets += w.relayed.to_client_packets;
+            t.add(w.relayed);
         }
         t
     }
@@ -114,6 +131,30 @@ pub fn render(snap: &Snapshot) -> String {
         "draining",
         "1 while draining (refusing new allocations)",
         i64::from(snap.draining),
+    );
+    gauge(
+        &mut r,
+        "workers_lost",
+        "Workers whose loop ended while the relay ran (not ready; the relay drains and exits non-zero)",
+        snap.workers_lost as i64,
+    );
+    gauge(
+        &mut r,
+        "control_queue_messages",
+        "STUN messages queued for the control thread",
+        snap.control_queue.0 as i64,
+    );
+    gauge(
+        &mut r,
+        "control_queue_bytes",
+        "Bytes of STUN messages queued for the control thread",
+        snap.control_queue.1 as i64,
+    );
+    counter(
+        &mut r,
+        "mailbox_full_dropped",
+        "Replies to TCP/TLS clients dropped because their worker's mailbox was full",
+        snap.mailbox_full,
     );
     let s = &snap.server;
     gauge(
@@ -264,7 +305,7 @@ mod tests {
                     rx: 10,
                     tx: 9,
                     drops: vec![("malformed", 1)],
-                    relayed: Relayed {
+                    relayed: Counters {
                         to_peer_bytes: 100,
                         to_peer_packets: 2,
                         to_client_bytes: 50,
@@ -276,6 +317,9 @@ mod tests {
                     ..WorkerSnapshot::default()
                 },
             ],
+            workers_lost: 1,
+            control_queue: (2, 300),
+            mailbox_full: 0,
             server: ServerSnapshot {
                 allocations: 3,
                 allocations_created: 4,
@@ -296,6 +340,9 @@ mod tests {
             "turnpike_dropped_packets_total{worker=\"0\",reason=\"malformed\"} 1",
             "turnpike_backend_info{backend=\"epoll\"} 1",
             "turnpike_draining 0",
+            "turnpike_workers_lost 1",
+            "turnpike_control_queue_bytes 300",
+            "turnpike_mailbox_full_dropped_total 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -11,11 +11,13 @@
 //! A relay socket, and everything routed through it, belongs to the worker that owns the allocation's
 //! client 5-tuple (the one whose SO_REUSEPORT listener the kernel hashes that client to).
 //!
-//! May use: wire, hashbrown.
+//! May use: wire, metrics (the counters type), hashbrown.
 
 use core::net::{IpAddr, SocketAddr};
 
 use hashbrown::{HashMap, HashSet};
+
+pub use crate::metrics::Counters;
 
 /// Index of a listener within a worker (the same index in every worker: the config's `listen` order).
 pub type ListenerId = u16;
@@ -23,6 +25,36 @@ pub type ListenerId = u16;
 /// Slot of a relay socket within its worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RelayId(pub u32);
+
+/// A channel number, always within the configured range once constructed (RFC 8656 §12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChannelNumber(u16);
+
+impl ChannelNumber {
+    /// A channel number if `n` is in 0x4000–0x4FFF.
+    pub fn new(n: u16) -> Option<Self> {
+        Self::new_in(n, crate::wire::ChannelRange::Rfc8656)
+    }
+
+    /// A channel number if `n` is in `range`.
+    pub fn new_in(n: u16, range: crate::wire::ChannelRange) -> Option<Self> {
+        range.contains(n).then_some(ChannelNumber(n))
+    }
+
+    /// A number the server already validated when it was bound.
+    pub(crate) fn bound(n: u16) -> Self {
+        ChannelNumber(n)
+    }
+
+    /// The number.
+    pub fn get(self) -> u16 {
+        self.0
+    }
+}
+
+/// A server-assigned allocation id: never reused within one `Server`'s life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllocationId(pub u64);
 
 /// A client's 5-tuple as the data plane sees it: its address and the listener it talks to (UDP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -33,19 +65,6 @@ pub struct ClientKey {
     pub listener: ListenerId,
 }
 
-/// Bytes and packets relayed through one relay socket, per direction.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counters {
-    /// Payload bytes client → peer.
-    pub to_peer_bytes: u64,
-    /// Datagrams client → peer.
-    pub to_peer_packets: u64,
-    /// Payload bytes peer → client.
-    pub to_client_bytes: u64,
-    /// Datagrams peer → client.
-    pub to_client_packets: u64,
-}
-
 /// A change to a worker's table, sent by the control thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteUpdate {
@@ -54,7 +73,7 @@ pub enum RouteUpdate {
         /// Its slot.
         id: RelayId,
         /// The server's allocation id, echoed in reports.
-        allocation: u64,
+        allocation: AllocationId,
         /// Its address.
         addr: SocketAddr,
         /// The client it serves.
@@ -84,7 +103,7 @@ pub enum RouteUpdate {
         /// The relay.
         relay: RelayId,
         /// The channel number (0x4000–0x4FFF).
-        channel: u16,
+        channel: ChannelNumber,
         /// The peer transport address.
         peer: SocketAddr,
     },
@@ -93,7 +112,7 @@ pub enum RouteUpdate {
         /// The relay.
         relay: RelayId,
         /// The channel number.
-        channel: u16,
+        channel: ChannelNumber,
         /// The peer transport address.
         peer: SocketAddr,
     },
@@ -106,7 +125,7 @@ pub enum RouteUpdate {
 #[derive(Debug)]
 pub struct Relay {
     /// The allocation.
-    pub allocation: u64,
+    pub allocation: AllocationId,
     /// The relay socket's address.
     pub addr: SocketAddr,
     /// The client it serves.
@@ -114,7 +133,7 @@ pub struct Relay {
     /// Peer IPs with a permission.
     pub permissions: HashSet<IpAddr>,
     /// Peer → channel number, for peer → client ChannelData.
-    pub channels: HashMap<SocketAddr, u16>,
+    pub channels: HashMap<SocketAddr, ChannelNumber>,
     /// What was relayed.
     pub counters: Counters,
 }
@@ -133,7 +152,7 @@ pub struct ChannelRoute {
 pub struct RouteTable {
     relays: HashMap<RelayId, Relay>,
     /// (client, channel) → route, for client → peer ChannelData.
-    channels: HashMap<(ClientKey, u16), ChannelRoute>,
+    channels: HashMap<(ClientKey, ChannelNumber), ChannelRoute>,
     /// client → its relay sockets (one per family), for Send indications.
     clients: HashMap<ClientKey, [Option<RelayId>; 2]>,
 }
@@ -145,7 +164,7 @@ impl RouteTable {
     }
 
     /// Apply an update. Returns the final counters of a removed relay.
-    pub fn apply(&mut self, update: RouteUpdate) -> Option<(u64, Counters)> {
+    pub fn apply(&mut self, update: RouteUpdate) -> Option<(AllocationId, Counters)> {
         match update {
             RouteUpdate::AddRelay {
                 id,
@@ -232,7 +251,9 @@ impl RouteTable {
     /// Client ChannelData: where channel `channel` of `client` goes, if bound and permitted.
     #[inline]
     pub fn channel(&self, client: ClientKey, channel: u16) -> Option<ChannelRoute> {
-        let route = *self.channels.get(&(client, channel))?;
+        let route = *self
+            .channels
+            .get(&(client, ChannelNumber::bound(channel)))?;
         let relay = self.relays.get(&route.relay)?;
         relay
             .permissions
@@ -269,7 +290,7 @@ impl RouteTable {
     }
 
     /// (allocation, counters) of every relay socket.
-    pub fn counters(&self) -> impl Iterator<Item = (u64, Counters)> + '_ {
+    pub fn counters(&self) -> impl Iterator<Item = (AllocationId, Counters)> + '_ {
         self.relays.values().map(|r| (r.allocation, r.counters))
     }
 
@@ -303,13 +324,13 @@ mod tests {
         let id = RelayId(1);
         t.apply(RouteUpdate::AddRelay {
             id,
-            allocation: 9,
+            allocation: AllocationId(9),
             addr: "203.0.113.1:50000".parse().unwrap(),
             client: client(),
         });
         t.apply(RouteUpdate::AddChannel {
             relay: id,
-            channel: 0x4000,
+            channel: ChannelNumber::new(0x4000).unwrap(),
             peer,
         });
         assert_eq!(t.channel(client(), 0x4000), None, "no permission yet");
@@ -341,7 +362,7 @@ mod tests {
             peer: peer.ip(),
         });
         let (alloc, counters) = t.apply(RouteUpdate::RemoveRelay { id }).unwrap();
-        assert_eq!((alloc, counters.to_peer_packets), (9, 3));
+        assert_eq!((alloc, counters.to_peer_packets), (AllocationId(9), 3));
         assert_eq!((t.relay_count(), t.channel_count()), (0, 0));
         assert_eq!(t.channel(client(), 0x4000), None);
     }
@@ -354,7 +375,7 @@ mod tests {
             ("8.8.8.8:1".parse().unwrap(), "8.8.8.8:2".parse().unwrap());
         t.apply(RouteUpdate::AddRelay {
             id,
-            allocation: 1,
+            allocation: AllocationId(1),
             addr: "203.0.113.1:50000".parse().unwrap(),
             client: client(),
         });
@@ -364,12 +385,12 @@ mod tests {
         });
         t.apply(RouteUpdate::AddChannel {
             relay: id,
-            channel: 0x4001,
+            channel: ChannelNumber::new(0x4001).unwrap(),
             peer: p1,
         });
         t.apply(RouteUpdate::RemoveChannel {
             relay: id,
-            channel: 0x4001,
+            channel: ChannelNumber::new(0x4001).unwrap(),
             peer: p2,
         });
         assert!(
@@ -378,7 +399,7 @@ mod tests {
         );
         t.apply(RouteUpdate::RemoveChannel {
             relay: id,
-            channel: 0x4001,
+            channel: ChannelNumber::new(0x4001).unwrap(),
             peer: p1,
         });
         assert!(t.channel(client(), 0x4001).is_none());

@@ -55,6 +55,10 @@ pub struct Config {
     pub password_algorithms: bool,
     /// Which peers may be relayed to.
     pub peer_policy: PeerPolicy,
+    /// The relay's own addresses besides `relay_ips` (listen IPs, public addresses, the host's interface
+    /// addresses): denied peers like loopback unless an explicit allow opens them, and never at a service
+    /// port or in the relay port range ([`crate::policy::OwnAddresses`]). The relay IPs always are.
+    pub own_ips: Vec<IpAddr>,
     /// Where to send clients (300 Try Alternate) when this relay is full or draining.
     pub alternate_server: Option<SocketAddr>,
     /// Unauthenticated answers (401, 438, 400, 420, Binding success) per second per source network
@@ -89,6 +93,7 @@ impl Default for Config {
             binding_requires_auth: false,
             password_algorithms: false,
             peer_policy: PeerPolicy::new(),
+            own_ips: Vec::new(),
             alternate_server: None,
             channel_range: crate::wire::ChannelRange::Rfc8656,
             challenge_rate: 100,

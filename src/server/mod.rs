@@ -16,9 +16,9 @@
 //! # What the fast path needs
 //! The commands program the data plane's lookup tables: a relay socket per allocation and family, a
 //! permission per (relay, peer IP), a channel per (client 5-tuple, channel number) ↔ (relay, peer). The
-//! same decisions are available here for the slow path: [`Server::handle_client_message`] relays Send
-//! indications and ChannelData, and [`Server::handle_peer_data`] relays peer datagrams as ChannelData or
-//! Data indications, so that the core can be tested end to end without sockets.
+//! server never relays: every per-packet decision is made once, in the data plane's `Core` over the
+//! route table these commands program. Its transmits go to clients only (responses,
+//! from a listener address); nothing it emits can address a peer.
 //!
 //! May use: wire, auth, policy, and its own config.
 
@@ -29,6 +29,7 @@ mod types;
 
 use core::net::{IpAddr, SocketAddr};
 use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
@@ -37,13 +38,14 @@ use rand::RngCore;
 pub use config::{Config, ConfigError};
 pub use types::{
     AllocationId, ChannelNumber, Command, ErrorCode, FiveTuple, PeerAddr, RelayAddr, Transmit,
-    Transport, Usage,
+    Transport,
 };
 
 use crate::auth::{self, NonceCheck, NonceKey, RestError, FEATURE_PASSWORD_ALGORITHMS};
+use crate::policy::OwnAddresses;
 use crate::wire::{
-    self, family, password_algorithm, Attribute, ChannelData, Class, Kind, Message, MessageType,
-    MessageWriter, Method,
+    self, family, password_algorithm, Attribute, Class, Kind, Message, MessageType, MessageWriter,
+    Method,
 };
 use limit::{SourceLimiter, MAX_AMPLIFICATION};
 use ports::PortPool;
@@ -65,18 +67,9 @@ const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
 pub struct Stats {
     /// Datagrams that were neither STUN nor ChannelData, or failed to parse (dropped silently).
     pub malformed: u64,
-    /// Responses and unexpected indications from clients.
+    /// Responses, indications and ChannelData from clients (the data plane relays Send indications and
+    /// ChannelData; none of them is for the server).
     pub unexpected_class: u64,
-    /// Send indications or ChannelData on a 5-tuple without an allocation.
-    pub no_allocation: u64,
-    /// Data to or from a peer without a permission.
-    pub no_permission: u64,
-    /// ChannelData on an unbound channel.
-    pub no_channel: u64,
-    /// Peer datagrams on a relay address without an allocation.
-    pub unknown_relay: u64,
-    /// Send indications without XOR-PEER-ADDRESS or DATA.
-    pub bad_indication: u64,
     /// Transmits dropped because the caller did not drain the outbox.
     pub outbox_overflow: u64,
     /// Challenges (401) sent.
@@ -123,6 +116,8 @@ pub struct Server<R> {
     commands: VecDeque<Command>,
     stats: Stats,
     limiter: SourceLimiter,
+    /// The relay's own addresses and which relayed addresses are live, shared with the workers.
+    own: Arc<OwnAddresses>,
 }
 
 impl<R: RngCore> Server<R> {
@@ -146,6 +141,12 @@ impl<R: RngCore> Server<R> {
             .iter()
             .map(|ip| PortPool::new(*ip, config.relay_ports.clone()))
             .collect();
+        let own = Arc::new(OwnAddresses::new(
+            &config.peer_policy,
+            config.own_ips.iter().copied(),
+            &config.relay_ips,
+            config.relay_ports.clone(),
+        ));
         Ok(Server {
             config,
             rng,
@@ -166,10 +167,13 @@ impl<R: RngCore> Server<R> {
             commands: VecDeque::new(),
             stats: Stats::default(),
             limiter,
+            own,
         })
     }
 
-    /// A message from a client on its 5-tuple: a STUN request or indication, or ChannelData.
+    /// A STUN message from a client on its 5-tuple (the data plane relays ChannelData and Send
+    /// indications itself, in its `Core`; they are never handed here, and are counted as
+    /// unexpected if they are).
     pub fn handle_client_message(
         &mut self,
         now: Instant,
@@ -181,78 +185,13 @@ impl<R: RngCore> Server<R> {
             .first()
             .map(|b| self.config.channel_range.classify(*b))
         {
-            Some(Kind::ChannelData) => self.client_channel_data(now, client, bytes),
             Some(Kind::Stun) => match Message::parse(bytes) {
                 Ok(msg) => self.client_stun(now, unix_now, client, &msg),
                 // RFC 8489 §6.3: a message that is not well-formed STUN is discarded silently.
                 Err(_) => self.stats.malformed += 1,
             },
+            Some(Kind::ChannelData) => self.stats.unexpected_class += 1,
             _ => self.stats.malformed += 1,
-        }
-    }
-
-    /// A datagram from `peer` arrived on the relay socket `relay`: relay it to the client as ChannelData
-    /// when a channel is bound, as a Data indication when only a permission exists, or drop it.
-    pub fn handle_peer_data(
-        &mut self,
-        now: Instant,
-        relay: RelayAddr,
-        peer: SocketAddr,
-        payload: &[u8],
-    ) {
-        let Some(alloc) = self
-            .by_relay
-            .get(&relay)
-            .and_then(|id| self.allocations.get_mut(id))
-        else {
-            self.stats.unknown_relay += 1;
-            return;
-        };
-        if !alloc.active || !alloc.permitted(now, peer.ip()) {
-            self.stats.no_permission += 1;
-            return;
-        }
-        let five = alloc.five_tuple;
-        let channel = alloc
-            .peer_channels
-            .get(&peer)
-            .and_then(|c| alloc.channels.get(c).map(|b| (*c, b.active)));
-        let sent = match channel {
-            Some((channel, true)) => self.outbox.push(
-                five.transport,
-                five.server,
-                five.client,
-                payload.len() + 8,
-                |buf| {
-                    let n = ChannelData::write_header(buf, channel, payload.len())?;
-                    buf.get_mut(4..n)
-                        .ok_or(wire::Error::BufferTooSmall)?
-                        .copy_from_slice(payload);
-                    Ok(if five.transport.is_stream() {
-                        wire::pad4(n)
-                    } else {
-                        n
-                    })
-                },
-            ),
-            _ => self.outbox.push(
-                five.transport,
-                five.server,
-                five.client,
-                payload.len() + 64,
-                |buf| {
-                    let typ = MessageType::new(Method::DATA, Class::Indication);
-                    let mut w = MessageWriter::new(buf, typ, random_tid(&mut self.rng))?;
-                    w.add(&Attribute::XorPeerAddress(peer))?;
-                    w.add(&Attribute::Data(payload))?;
-                    Ok(w.finish())
-                },
-            ),
-        };
-        if sent {
-            alloc.usage.add_to_client(payload.len());
-        } else {
-            self.stats.outbox_overflow += 1;
         }
     }
 
@@ -271,6 +210,7 @@ impl<R: RngCore> Server<R> {
         };
         if let Some(slot) = alloc.relays[i].as_mut() {
             slot.open = true;
+            self.own.set_live(relay.0, true);
         }
         self.activate_if_open(now, allocation);
     }
@@ -438,6 +378,12 @@ impl<R: RngCore> Server<R> {
         }
     }
 
+    /// The relay's own addresses, with the live relayed addresses the server marks as relay sockets open
+    /// and close: the data plane checks every peer against them per packet.
+    pub fn own_addresses(&self) -> &Arc<OwnAddresses> {
+        &self.own
+    }
+
     /// The identity usage of allocation `id` is billed to, while it lives.
     pub fn allocation_identity(&self, id: AllocationId) -> Option<&str> {
         self.allocations.get(&id).map(|a| &*a.identity)
@@ -496,7 +442,6 @@ impl<R: RngCore> Server<R> {
                 self.create_permission(now, unix_now, five, msg)
             }
             (Class::Request, Method::CHANNEL_BIND) => self.channel_bind(now, unix_now, five, msg),
-            (Class::Indication, Method::SEND) => self.send_indication(now, five, msg),
             // RFC 8489 §6.3.1: a request for a method the server does not know gets 400.
             (Class::Request, _) => self.reply_error(
                 five,
@@ -698,7 +643,6 @@ impl<R: RngCore> Server<R> {
             permissions: HashMap::new(),
             channels: HashMap::new(),
             peer_channels: HashMap::new(),
-            usage: Usage::default(),
         };
         hold(&mut self.per_identity, &alloc.identity, |h| {
             h.allocations += 1;
@@ -871,78 +815,6 @@ impl<R: RngCore> Server<R> {
         self.reply(five, msg, Class::Success, s, |_| Ok(()));
     }
 
-    fn send_indication(&mut self, now: Instant, five: FiveTuple, msg: &Message<'_>) {
-        let Some(alloc) = self.live_allocation(now, five) else {
-            self.stats.no_allocation += 1;
-            return;
-        };
-        let (Some(peer), Some(data)) = (msg.attrs.xor_peer_address, msg.attrs.data) else {
-            self.stats.bad_indication += 1;
-            return;
-        };
-        let (Some(relay), true) = (alloc.relay_for(peer.ip()), alloc.permitted(now, peer.ip()))
-        else {
-            self.stats.no_permission += 1;
-            return;
-        };
-        // A permission covers an IP, but the policy also judges ports (service ports, port 0) and allows
-        // the relay's own IP only at relayed addresses: discard what it refuses (RFC 8656 §11.2).
-        if self.check_peer(alloc, peer).is_err() {
-            self.stats.no_permission += 1;
-            return;
-        }
-        self.relay_to_peer(five, relay, peer, data);
-    }
-
-    fn client_channel_data(&mut self, now: Instant, five: FiveTuple, bytes: &[u8]) {
-        let Ok(cd) = ChannelData::parse_in(bytes, self.config.channel_range) else {
-            self.stats.malformed += 1;
-            return;
-        };
-        let Some(alloc) = self.live_allocation(now, five) else {
-            self.stats.no_allocation += 1;
-            return;
-        };
-        let Some(peer) = alloc
-            .channels
-            .get(&cd.channel())
-            .filter(|b| b.active)
-            .map(|b| b.peer)
-        else {
-            self.stats.no_channel += 1;
-            return;
-        };
-        let (Some(relay), true) = (alloc.relay_for(peer.ip()), alloc.permitted(now, peer.ip()))
-        else {
-            self.stats.no_permission += 1;
-            return;
-        };
-        self.relay_to_peer(five, relay, peer, cd.payload());
-    }
-
-    fn relay_to_peer(&mut self, five: FiveTuple, relay: RelayAddr, peer: SocketAddr, data: &[u8]) {
-        let sent = self
-            .outbox
-            .push(Transport::Udp, relay.0, peer, data.len(), |buf| {
-                buf.get_mut(..data.len())
-                    .ok_or(wire::Error::BufferTooSmall)?
-                    .copy_from_slice(data);
-                Ok(data.len())
-            });
-        let Some(alloc) = self
-            .by_client
-            .get(&five)
-            .and_then(|id| self.allocations.get_mut(id))
-        else {
-            return;
-        };
-        if sent {
-            alloc.usage.add_to_peer(data.len());
-        } else {
-            self.stats.outbox_overflow += 1;
-        }
-    }
-
     /// Authenticate a non-Allocate request and find the client's allocation. Answers (and returns None)
     /// when the request is refused: 401/438, 437 without a live allocation, 441 for another user's, 420.
     fn authorize(
@@ -994,10 +866,10 @@ impl<R: RngCore> Server<R> {
         if alloc.relay_for(peer.ip()).is_none() {
             return Err(ErrorCode::PeerAddressFamilyMismatch);
         }
-        // Another allocation's relayed address on this relay is always allowed (two relayed clients on
-        // one server is the most common relayed call).
-        if self.by_relay.contains_key(&RelayAddr(peer)) {
-            return Ok(());
+        // The relay's own addresses: only another allocation's exact live relayed address (two relayed
+        // clients on one server is the most common relayed call), or what an explicit allow opens.
+        if let Some(verdict) = self.own.check(peer) {
+            return verdict.map_err(|_| ErrorCode::Forbidden);
         }
         self.config
             .peer_policy
@@ -1066,6 +938,7 @@ impl<R: RngCore> Server<R> {
             self.by_relay.remove(&slot.addr);
             release_port(&mut self.pools, slot.addr);
             if slot.open {
+                self.own.set_live(slot.addr.0, false);
                 self.commands.push_back(Command::CloseRelay {
                     allocation: id,
                     relay: slot.addr,
@@ -1094,7 +967,6 @@ impl<R: RngCore> Server<R> {
         self.commands.push_back(Command::AllocationEnded {
             allocation: id,
             identity: alloc.identity,
-            usage: alloc.usage,
         });
     }
 
@@ -1394,27 +1266,21 @@ impl<R: RngCore> Server<R> {
         };
         let mut refused = None;
         let (limiter, client) = (&mut self.limiter, five.client.ip());
-        let sent = self.outbox.push(
-            five.transport,
-            five.server,
-            five.client,
-            MAX_RESPONSE,
-            |buf| {
-                let mut w = MessageWriter::new(buf, typ, req.transaction_id())?;
-                body(&mut w)?;
-                let n = finish(w, signer, fingerprint)?;
-                // Checked once the size is known, so that an answer too large to send spends no token.
-                if n > max_len {
-                    refused = Some(Refused::Amplification);
-                } else if budget.is_some_and(|now| !limiter.allow(client, now)) {
-                    refused = Some(Refused::RateLimited);
-                }
-                match refused {
-                    Some(_) => Err(wire::Error::BufferTooSmall),
-                    None => Ok(n),
-                }
-            },
-        );
+        let sent = self.outbox.push(five, MAX_RESPONSE, |buf| {
+            let mut w = MessageWriter::new(buf, typ, req.transaction_id())?;
+            body(&mut w)?;
+            let n = finish(w, signer, fingerprint)?;
+            // Checked once the size is known, so that an answer too large to send spends no token.
+            if n > max_len {
+                refused = Some(Refused::Amplification);
+            } else if budget.is_some_and(|now| !limiter.allow(client, now)) {
+                refused = Some(Refused::RateLimited);
+            }
+            match refused {
+                Some(_) => Err(wire::Error::BufferTooSmall),
+                None => Ok(n),
+            }
+        });
         match refused {
             Some(Refused::Amplification) => self.stats.amplification_refused += 1,
             Some(Refused::RateLimited) => self.stats.rate_limited += 1,
@@ -1450,17 +1316,11 @@ impl<R: RngCore> Server<R> {
         signer: Option<&Signer>,
         body: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), wire::Error>,
     ) {
-        let sent = self.outbox.push(
-            five.transport,
-            five.server,
-            five.client,
-            MAX_RESPONSE,
-            |buf| {
-                let mut w = MessageWriter::new(buf, typ, tid)?;
-                body(&mut w)?;
-                finish(w, signer, false)
-            },
-        );
+        let sent = self.outbox.push(five, MAX_RESPONSE, |buf| {
+            let mut w = MessageWriter::new(buf, typ, tid)?;
+            body(&mut w)?;
+            finish(w, signer, false)
+        });
         if !sent {
             self.stats.outbox_overflow += 1;
         }
@@ -1564,12 +1424,6 @@ fn userhash(username: &str, realm: &str) -> [u8; 32] {
     h.update(b":");
     h.update(realm.as_bytes());
     h.finalize().into()
-}
-
-fn random_tid<R: RngCore>(rng: &mut R) -> wire::TransactionId {
-    let mut t = [0u8; 12];
-    rng.fill_bytes(&mut t);
-    wire::TransactionId(t)
 }
 
 /// Take a port from the relay address of the wanted family with the most free ports.
@@ -1733,7 +1587,6 @@ struct Allocation {
     permissions: HashMap<IpAddr, Instant>,
     channels: HashMap<u16, ChannelBinding>,
     peer_channels: HashMap<SocketAddr, u16>,
-    usage: Usage,
 }
 
 impl Allocation {
@@ -1755,11 +1608,6 @@ impl Allocation {
             .flatten()
             .find(|r| r.addr.0.is_ipv4() == peer.is_ipv4())
             .map(|r| r.addr)
-    }
-
-    /// Whether a permission for `ip` is installed and has not expired (RFC 8656 §9).
-    fn permitted(&self, now: Instant, ip: IpAddr) -> bool {
-        self.permissions.get(&ip).is_some_and(|e| *e > now)
     }
 }
 
@@ -1785,9 +1633,7 @@ struct Outbox {
 
 #[derive(Debug, Clone, Copy)]
 struct Queued {
-    transport: Transport,
-    src: SocketAddr,
-    dst: SocketAddr,
+    to: FiveTuple,
     start: usize,
     len: usize,
 }
@@ -1796,9 +1642,7 @@ impl Outbox {
     /// Queue a message written by `write` into at most `max_len` bytes. False if it did not fit or failed.
     fn push(
         &mut self,
-        transport: Transport,
-        src: SocketAddr,
-        dst: SocketAddr,
+        to: FiveTuple,
         max_len: usize,
         write: impl FnOnce(&mut [u8]) -> Result<usize, wire::Error>,
     ) -> bool {
@@ -1813,13 +1657,7 @@ impl Outbox {
         match write(&mut self.buf[start..]) {
             Ok(len) if len <= max_len => {
                 self.buf.truncate(start + len);
-                self.queue.push_back(Queued {
-                    transport,
-                    src,
-                    dst,
-                    start,
-                    len,
-                });
+                self.queue.push_back(Queued { to, start, len });
                 true
             }
             _ => {
@@ -1832,14 +1670,9 @@ impl Outbox {
     fn pop(&mut self) -> Option<Transmit<'_>> {
         let q = self.queue.pop_front()?;
         let payload = self.buf.get(q.start..q.start + q.len)?;
-        Some(Transmit {
-            transport: q.transport,
-            src: q.src,
-            dst: q.dst,
-            payload,
-        })
+        Some(Transmit { to: q.to, payload })
     }
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

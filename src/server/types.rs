@@ -1,7 +1,10 @@
-//! The nouns of the TURN core: newtypes for addresses, the commands and transmits it emits, usage
-//! counters and protocol error codes.
+//! The nouns of the TURN core: newtypes for addresses (the allocation id and channel number live in
+//! `route`, which carries them to the data plane), the commands and transmits it emits, and protocol
+//! error codes.
 
 use core::net::{IpAddr, SocketAddr};
+
+pub use crate::route::{AllocationId, ChannelNumber};
 
 /// The transport between a client and the relay (RFC 8656 §3.1). The relayed side is always UDP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -40,62 +43,6 @@ pub struct RelayAddr(pub SocketAddr);
 /// A peer's transport address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerAddr(pub SocketAddr);
-
-/// A channel number, always within the configured range once constructed (RFC 8656 §12).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ChannelNumber(u16);
-
-impl ChannelNumber {
-    /// A channel number if `n` is in 0x4000–0x4FFF.
-    pub fn new(n: u16) -> Option<Self> {
-        Self::new_in(n, crate::wire::ChannelRange::Rfc8656)
-    }
-
-    /// A channel number if `n` is in `range`.
-    pub fn new_in(n: u16, range: crate::wire::ChannelRange) -> Option<Self> {
-        range.contains(n).then_some(ChannelNumber(n))
-    }
-
-    /// A number the server already validated when it was bound.
-    pub(crate) fn bound(n: u16) -> Self {
-        ChannelNumber(n)
-    }
-
-    /// The number.
-    pub fn get(self) -> u16 {
-        self.0
-    }
-}
-
-/// A server-assigned allocation id: never reused within one `Server`'s life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AllocationId(pub u64);
-
-/// Bytes and packets relayed for one allocation, per direction. Bytes are application data (the
-/// payload), not headers, so that billing does not depend on the client's framing choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Usage {
-    /// Payload bytes sent from the client to peers.
-    pub to_peer_bytes: u64,
-    /// Datagrams sent from the client to peers.
-    pub to_peer_packets: u64,
-    /// Payload bytes sent from peers to the client.
-    pub to_client_bytes: u64,
-    /// Datagrams sent from peers to the client.
-    pub to_client_packets: u64,
-}
-
-impl Usage {
-    pub(crate) fn add_to_peer(&mut self, bytes: usize) {
-        self.to_peer_bytes += bytes as u64;
-        self.to_peer_packets += 1;
-    }
-
-    pub(crate) fn add_to_client(&mut self, bytes: usize) {
-        self.to_client_bytes += bytes as u64;
-        self.to_client_packets += 1;
-    }
-}
 
 /// What the data plane must do. Emitted by [`Server::poll_command`](super::Server::poll_command), in the
 /// order the server decided them; execute them in that order.
@@ -167,28 +114,23 @@ pub enum Command {
         /// The peer's transport address.
         peer: PeerAddr,
     },
-    /// The allocation has ended (expired, deleted or failed); its commands are done. Carries what the
-    /// server itself relayed for it, for metering; the data plane adds what its fast path relayed.
+    /// The allocation has ended (expired, deleted or failed); its commands are done. Its usage is what
+    /// the data plane relayed, reported with its relay sockets' final counters.
     AllocationEnded {
         /// The allocation.
         allocation: AllocationId,
         /// The identity usage is billed to: the user id of a REST credential or the static user name.
         identity: Box<str>,
-        /// Usage relayed through the server.
-        usage: Usage,
     },
 }
 
-/// A datagram (or stream message) to send, borrowed from the server until the next `handle_*` call.
+/// A response (or other STUN message) to a client, borrowed from the server until the next `handle_*`
+/// call. It names the client's 5-tuple and nothing else: no server output can address a peer, because
+/// the server never relays (the data plane does, in its `Core`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transmit<'a> {
-    /// The transport to send on.
-    pub transport: Transport,
-    /// The local address to send from: a listener address for client-bound messages, a relay address
-    /// for peer-bound ones.
-    pub src: SocketAddr,
-    /// The destination.
-    pub dst: SocketAddr,
+    /// The client's 5-tuple: send from `to.server` to `to.client` on `to.transport`.
+    pub to: FiveTuple,
     /// The bytes.
     pub payload: &'a [u8],
 }

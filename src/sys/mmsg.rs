@@ -97,64 +97,84 @@ pub fn recv_batch(
     Ok(got)
 }
 
-/// Send `msgs` (destination, bytes) from non-blocking `fd` with one `sendmmsg` per [`MAX_BATCH`]. Returns
-/// how many were accepted by the kernel; the rest were not sent (full socket buffer: the caller drops and
-/// counts them).
-pub fn send_batch(fd: RawFd, msgs: &[(SocketAddr, &[u8])]) -> io::Result<usize> {
+/// Send `msgs` (destination, bytes) from non-blocking `fd` with as few `sendmmsg` calls as the kernel
+/// allows, and report each datagram's outcome to `outcome(index, result)`. Returns how many were sent.
+///
+/// A datagram the kernel refuses (`EMSGSIZE`, `EACCES`, unreachable…) is reported and skipped; the rest
+/// go on. A full socket buffer (`WouldBlock`) ends the call: every datagram from there on is reported
+/// with that error, since each would meet the same full buffer.
+pub fn send_batch(
+    fd: RawFd,
+    msgs: &[(SocketAddr, &[u8])],
+    mut outcome: impl FnMut(usize, Result<(), &io::Error>),
+) -> usize {
+    let mut at = 0;
     let mut sent = 0;
-    for chunk in msgs.chunks(MAX_BATCH) {
-        let n = chunk.len();
-        // Only the first `n` entries are initialised.
-        let mut hdrs: [MaybeUninit<libc::mmsghdr>; MAX_BATCH] =
-            [const { MaybeUninit::uninit() }; MAX_BATCH];
-        let mut iovs: [MaybeUninit<libc::iovec>; MAX_BATCH] = [MaybeUninit::uninit(); MAX_BATCH];
-        let mut addrs: [MaybeUninit<libc::sockaddr_storage>; MAX_BATCH] =
-            [const { MaybeUninit::uninit() }; MAX_BATCH];
-        for (i, (dst, data)) in chunk.iter().enumerate() {
-            let (storage, len) = std_to_sockaddr(*dst);
-            addrs[i].write(storage);
-            iovs[i] = MaybeUninit::new(libc::iovec {
-                iov_base: data.as_ptr() as *mut libc::c_void,
-                iov_len: data.len(),
-            });
-            // SAFETY: all-zero is a valid mmsghdr (null pointers, zero lengths).
-            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            h.msg_hdr.msg_name = addrs[i].as_mut_ptr().cast();
-            h.msg_hdr.msg_namelen = len;
-            h.msg_hdr.msg_iov = iovs[i].as_mut_ptr();
-            h.msg_hdr.msg_iovlen = 1;
-            hdrs[i].write(h);
-        }
-        // SAFETY (inside the macro): each header points at a live iovec over a borrowed `&[u8]` the kernel only
-        // reads, and at a live sockaddr of the given length; `n <= MAX_BATCH`.
-        let res = loop {
-            match syscall!(sendmmsg(
-                fd,
-                hdrs.as_mut_ptr().cast::<libc::mmsghdr>(),
-                n as libc::c_uint,
-                libc::MSG_DONTWAIT
-            )) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                other => break other,
-            }
-        };
-        match res {
+    while at < msgs.len() {
+        match sendmmsg(fd, &msgs[at..]) {
             Ok(k) => {
-                sent += k as usize;
-                if (k as usize) < n {
-                    break;
+                // k ≥ 1 here; a short count means datagram `at + k` was refused, which the next call
+                // reports.
+                for i in at..at + k.max(1) {
+                    outcome(i, Ok(()));
                 }
+                sent += k.max(1);
+                at += k.max(1);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            // A datagram the kernel refuses (e.g. EMSGSIZE, unreachable): skip it, keep the rest going.
-            Err(_) if n > 0 => {
-                sent += send_batch(fd, &chunk[1..]).unwrap_or(0);
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                for i in at..msgs.len() {
+                    outcome(i, Err(&e));
+                }
                 break;
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                outcome(at, Err(&e));
+                at += 1;
+            }
         }
     }
-    Ok(sent)
+    sent
+}
+
+/// One `sendmmsg` of up to [`MAX_BATCH`] of `msgs` (at least one): how many the kernel took (≥ 1), or the
+/// error of the first.
+fn sendmmsg(fd: RawFd, msgs: &[(SocketAddr, &[u8])]) -> io::Result<usize> {
+    let n = msgs.len().min(MAX_BATCH);
+    // Only the first `n` entries are initialised.
+    let mut hdrs: [MaybeUninit<libc::mmsghdr>; MAX_BATCH] =
+        [const { MaybeUninit::uninit() }; MAX_BATCH];
+    let mut iovs: [MaybeUninit<libc::iovec>; MAX_BATCH] = [MaybeUninit::uninit(); MAX_BATCH];
+    let mut addrs: [MaybeUninit<libc::sockaddr_storage>; MAX_BATCH] =
+        [const { MaybeUninit::uninit() }; MAX_BATCH];
+    for (i, (dst, data)) in msgs[..n].iter().enumerate() {
+        let (storage, len) = std_to_sockaddr(*dst);
+        addrs[i].write(storage);
+        iovs[i] = MaybeUninit::new(libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        });
+        // SAFETY: all-zero is a valid mmsghdr (null pointers, zero lengths).
+        let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+        h.msg_hdr.msg_name = addrs[i].as_mut_ptr().cast();
+        h.msg_hdr.msg_namelen = len;
+        h.msg_hdr.msg_iov = iovs[i].as_mut_ptr();
+        h.msg_hdr.msg_iovlen = 1;
+        hdrs[i].write(h);
+    }
+    loop {
+        // SAFETY (inside the macro): each header points at a live iovec over a borrowed `&[u8]` the
+        // kernel only reads, and at a live sockaddr of the given length; `n <= MAX_BATCH`.
+        match syscall!(sendmmsg(
+            fd,
+            hdrs.as_mut_ptr().cast::<libc::mmsghdr>(),
+            n as libc::c_uint,
+            libc::MSG_DONTWAIT
+        )) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+            Ok(k) => return Ok(k as usize),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -171,7 +191,11 @@ mod tests {
         let dst = b.local_addr().unwrap();
         let payloads: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 100 + usize::from(i)]).collect();
         let msgs: Vec<(SocketAddr, &[u8])> = payloads.iter().map(|p| (dst, &p[..])).collect();
-        assert_eq!(send_batch(a.as_raw_fd(), &msgs).unwrap(), 10);
+        assert_eq!(send_batch(a.as_raw_fd(), &msgs, |_, r| r.unwrap()), 10);
+        assert_eq!(
+            send_batch(a.as_raw_fd(), &[], |_, _| panic!("nothing to send")),
+            0
+        );
         let mut slab = vec![0u8; 16 * 512];
         let mut meta = [RecvMeta::default(); 16];
         let mut got = 0;
@@ -201,6 +225,28 @@ mod tests {
             recv_batch(b.as_raw_fd(), &mut slab, 512, 8, &mut meta).unwrap(),
             0
         );
+    }
+
+    #[test]
+    fn a_refused_datagram_is_reported_and_the_rest_are_sent() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        b.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let good = b.local_addr().unwrap();
+        // Without SO_BROADCAST the kernel refuses the limited broadcast address (or has no route to it).
+        let refused: SocketAddr = "255.255.255.255:9".parse().unwrap();
+        let msgs: [(SocketAddr, &[u8]); 4] =
+            [(good, b"1"), (refused, b"2"), (good, b"3"), (good, b"4")];
+        let mut outcomes = Vec::new();
+        let sent = send_batch(a.as_raw_fd(), &msgs, |i, r| outcomes.push((i, r.is_ok())));
+        assert_eq!(sent, 3);
+        assert_eq!(outcomes, [(0, true), (1, false), (2, true), (3, true)]);
+        let mut buf = [0u8; 8];
+        for want in [b"1", b"3", b"4"] {
+            let n = b.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], want);
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! eventfd wake-ups, CPU pinning, the io_uring ring, file locks and the open-file limit.
 //!
 //! Each `unsafe` block carries a `// SAFETY:` comment; each `unsafe fn` a `# Safety` section. Raw calls go
-//! through [`syscall!`], which turns a libc return value into `io::Result`.
+//! through `syscall!`, which turns a libc return value into `io::Result`.
 //!
 //! May use: libc, socket2, io-uring, core_affinity.
 
@@ -14,8 +14,11 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 pub mod alloc;
 pub mod file;
+mod ifaddrs;
 pub mod mmsg;
 pub mod uring;
+
+pub use ifaddrs::interface_addrs;
 
 /// Call a libc function and turn `-1` into the thread's `errno` as an `io::Error`.
 macro_rules! syscall {
@@ -147,6 +150,17 @@ impl EventFd {
     pub fn as_raw_fd(&self) -> RawFd {
         self.0.as_raw_fd()
     }
+}
+
+/// Move the calling thread into the network namespace `name`, as `ip netns add` made it
+/// (`/run/netns/NAME`). Threads it spawns afterwards inherit it; other threads are not affected. Needs
+/// CAP_SYS_ADMIN. For tests that build their own network.
+pub fn enter_netns(name: &str) -> io::Result<()> {
+    let ns = std::fs::File::open(format!("/run/netns/{name}"))?;
+    // SAFETY: `ns` is an open namespace file descriptor for the duration of the call; setns only reads
+    // it and changes the calling thread's namespace, touching no memory of ours.
+    syscall!(setns(ns.as_raw_fd(), libc::CLONE_NEWNET))?;
+    Ok(())
 }
 
 /// Pin the calling thread to core `index` (modulo the available cores). False if pinning failed.

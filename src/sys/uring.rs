@@ -213,6 +213,8 @@ pub enum Completion {
     Sent {
         /// The tag given to [`Ring::send`].
         tag: u32,
+        /// The index ([`Buf::index`]) of the buffer that was sent.
+        buf: usize,
         /// Bytes sent, or `-errno`.
         result: i32,
     },
@@ -694,7 +696,11 @@ impl Ring {
                 if self.state.get(usize::from(i)) == Some(&State::Send) {
                     self.give_back(i);
                 }
-                Some(Completion::Sent { tag, result: res })
+                Some(Completion::Sent {
+                    tag,
+                    buf: usize::from(i),
+                    result: res,
+                })
             }
             WAKE => {
                 self.ops = self.ops.saturating_sub(1);
@@ -960,7 +966,10 @@ mod tests {
         let mut sent = 0;
         if ring.buffers_held() > 0 {
             reap(&mut ring, |ring, c| {
-                let Completion::Sent { tag: 42, result } = c else {
+                let Completion::Sent {
+                    tag: 42, result, ..
+                } = c
+                else {
                     panic!("unexpected {c:?}");
                 };
                 assert!(result > 0);

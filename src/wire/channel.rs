@@ -9,12 +9,14 @@
 //! |                       ... padding to 4 on TCP/TLS only        |
 //! ```
 //!
-//! The data plane reads peer datagrams 4 bytes into its buffer so that the header is written in front of
-//! the payload in place, with no copy:
+//! The data plane reads peer datagrams 48 bytes into their buffer slot (its `HEADROOM`, room enough for
+//! a Data indication header), so that [`ChannelData::write_header`] writes the header in the 4 bytes just
+//! in front of the payload, in place, with no copy; `buf` starts there:
 //!
 //! ```text
-//! buf: [ h h h h | payload ................ ]
-//!        ^ headroom, filled by write_header
+//! slot: [ ...unused 0..44... | h h h h | payload ................ ]
+//!                            ^ 44: buf, filled by write_header
+//!                                      ^ 48: where the datagram was received
 //! ```
 
 use super::{pad4, Error, CHANNEL_HEADER_LEN};

@@ -75,7 +75,12 @@ pub struct Client {
 
 impl Client {
     pub fn new(server: SocketAddr, user: &str, password: &str) -> Self {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        Self::new_on("127.0.0.1", server, user, password)
+    }
+
+    /// A client whose socket is bound on `ip`.
+    pub fn new_on(ip: &str, server: SocketAddr, user: &str, password: &str) -> Self {
+        let sock = UdpSocket::bind((ip, 0)).unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         Client {
             sock,
@@ -231,9 +236,31 @@ impl Client {
 
 /// A UDP peer.
 pub fn peer() -> UdpSocket {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // Not the relay IP 127.0.0.1: its relay port range is closed to peers (only live relayed addresses
+    // are open there), and an ephemeral port could fall inside it.
+    let s = UdpSocket::bind("127.0.0.2:0").unwrap();
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     s
+}
+
+/// A UDP peer on `ip`, on a port above every test's relay port range (those end at 61999) and above the
+/// kernel's ephemeral range (32768–60999). A peer on the relay's own IP inside its relay port range is
+/// denied unless it is a live relayed address, so an ephemeral port would make a test fail at random.
+pub fn peer_on(ip: std::net::IpAddr) -> UdpSocket {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 62000;
+    const PORTS: u16 = u16::MAX - FIRST + 1;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let offset = (std::process::id() % u32::from(PORTS)) as u16;
+    for _ in 0..PORTS {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = FIRST + ((offset as u32 + k as u32) % u32::from(PORTS)) as u16;
+        if let Ok(s) = UdpSocket::bind(SocketAddr::new(ip, port)) {
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            return s;
+        }
+    }
+    panic!("no free UDP port for a peer on {ip}");
 }
 
 /// `recv_from` that retries when a signal interrupts it (EINTR), as a real client would.

@@ -18,14 +18,18 @@ use crate::auth::{long_term_key_md5, RestSecrets};
 use crate::policy::{Cidr, PeerPolicy};
 use crate::wire::{Attribute, Class, Message, MessageType, MessageWriter, Method, TransactionId};
 
-pub(super) const REALM: &str = "turnpike";
-pub(super) const UNIX0: u64 = 1_800_000_000;
-pub(super) const SECRET_NEW: &[u8] = b"new-secret";
-pub(super) const SECRET_OLD: &[u8] = b"old-secret";
+pub(crate) const REALM: &str = "turnpike";
+/// The fixture's relay IPs: public addresses the built-in peer table allows, so that a test refusing
+/// them fails for the reason it names (they are the relay's own), not because of a documentation range.
+pub(crate) const RELAY_V4: &str = "203.0.114.10";
+pub(crate) const RELAY_V6: &str = "2a02:1::10";
+pub(crate) const UNIX0: u64 = 1_800_000_000;
+pub(crate) const SECRET_NEW: &[u8] = b"new-secret";
+pub(crate) const SECRET_OLD: &[u8] = b"old-secret";
 
 /// A transmit copied out of the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Sent {
+pub(crate) struct Sent {
     pub transport: Transport,
     pub src: SocketAddr,
     pub dst: SocketAddr,
@@ -48,7 +52,7 @@ impl Sent {
 
 /// Everything that came out of one input.
 #[derive(Debug, Default)]
-pub(super) struct Out {
+pub(crate) struct Out {
     pub sent: Vec<Sent>,
     pub commands: Vec<Command>,
 }
@@ -71,7 +75,7 @@ impl Out {
     }
 }
 
-pub(super) fn config() -> Config {
+pub(crate) fn config() -> Config {
     Config {
         realm: REALM.into(),
         users: vec![
@@ -79,16 +83,13 @@ pub(super) fn config() -> Config {
             ("bob".into(), "bob-pass".into()),
         ],
         rest_secrets: RestSecrets::new(vec![SECRET_NEW.to_vec(), SECRET_OLD.to_vec()]),
-        relay_ips: vec![
-            "203.0.113.10".parse().unwrap(),
-            "2001:db8::10".parse().unwrap(),
-        ],
+        relay_ips: vec![RELAY_V4.parse().unwrap(), RELAY_V6.parse().unwrap()],
         relay_ports: 50000..=50099,
         ..Config::default()
     }
 }
 
-pub(super) fn client(n: u16) -> FiveTuple {
+pub(crate) fn client(n: u16) -> FiveTuple {
     FiveTuple {
         client: SocketAddr::new("198.51.100.7".parse().unwrap(), 40000 + n),
         server: "192.0.2.1:3478".parse().unwrap(),
@@ -97,13 +98,13 @@ pub(super) fn client(n: u16) -> FiveTuple {
 }
 
 /// A public peer address.
-pub(super) fn peer(n: u16) -> SocketAddr {
+pub(crate) fn peer(n: u16) -> SocketAddr {
     SocketAddr::new("8.8.4.4".parse().unwrap(), 6000 + n)
 }
 
 /// Credentials a test client signs with.
 #[derive(Debug, Clone)]
-pub(super) struct Creds {
+pub(crate) struct Creds {
     pub username: String,
     pub key: [u8; 16],
 }
@@ -135,7 +136,7 @@ impl Creds {
     }
 }
 
-pub(super) struct Harness {
+pub(crate) struct Harness {
     pub server: Server<StdRng>,
     pub t0: Instant,
     pub now: Instant,
@@ -183,9 +184,9 @@ impl Harness {
         let mut out = Out::default();
         while let Some(t) = self.server.poll_transmit() {
             out.sent.push(Sent {
-                transport: t.transport,
-                src: t.src,
-                dst: t.dst,
+                transport: t.to.transport,
+                src: t.to.server,
+                dst: t.to.client,
                 bytes: t.payload.to_vec(),
             });
         }
@@ -337,11 +338,6 @@ impl Harness {
         )
     }
 
-    pub fn peer_data(&mut self, relay: RelayAddr, from: SocketAddr, payload: &[u8]) -> Out {
-        self.server.handle_peer_data(self.now, relay, from, payload);
-        self.drain()
-    }
-
     /// Assert the server holds nothing: no allocations, timers, identities, and every port free.
     pub fn assert_empty(&self, ports: usize) {
         assert_eq!(self.server.allocation_count(), 0);
@@ -352,7 +348,7 @@ impl Harness {
 }
 
 /// The allocation id and relay addresses of the OpenRelay commands in `commands`.
-pub(super) fn opened(commands: &[Command]) -> (AllocationId, Vec<RelayAddr>) {
+pub(crate) fn opened(commands: &[Command]) -> (AllocationId, Vec<RelayAddr>) {
     let mut id = None;
     let mut relays = Vec::new();
     for c in commands {
@@ -368,13 +364,13 @@ pub(super) fn opened(commands: &[Command]) -> (AllocationId, Vec<RelayAddr>) {
 }
 
 /// A config that lets tests relay to loopback peers (the operator's explicit allow knob).
-pub(super) fn loopback_config() -> Config {
+pub(crate) fn loopback_config() -> Config {
     Config {
         peer_policy: PeerPolicy::new().with_allow(vec!["127.0.0.0/8".parse::<Cidr>().unwrap()]),
         ..config()
     }
 }
 
-pub(super) fn ip(s: &str) -> IpAddr {
+pub(crate) fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }

@@ -1,0 +1,801 @@
+//! Scenario tests of the path that runs: [`Server`] and a worker's [`Core`] driven together the way the
+//! control thread and a worker drive them, with a fake clock and a seeded RNG.
+//!
+//! A client datagram goes into `Core::on_client` first, as on a worker; what the worker hands to the
+//! control thread (`ToControl::Stun`) goes into `Server::handle_client_message`; then the server's output
+//! is drained in the control thread's order ([`Control::pump`](super::Control)): every command is executed
+//! (route updates applied to the worker's table through [`table_update`]) before any transmit. Everything
+//! is recorded in one ordered stream of [`Event`]s, so that a scenario covers request → route update →
+//! datagram and can assert that a route is in place before the response that announces it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use core::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+use hashbrown::HashMap;
+
+use super::table_update;
+use crate::dataplane::{Action, Core, Drop, ToControl, HEADROOM, SLOT};
+use crate::route::{ClientKey, Counters, RelayId, RouteUpdate};
+use crate::server::tests::{client, config, loopback_config, peer, Creds, Harness};
+use crate::server::{Command, Config, FiveTuple, Transport};
+use crate::wire::{Attribute, Class, Message, Method};
+
+/// One thing that happened, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Event {
+    /// A route update the control thread sent to the worker (applied to its table).
+    Route(RouteUpdate),
+    /// A server transmit: always to a client's 5-tuple.
+    Reply { to: FiveTuple, bytes: Vec<u8> },
+    /// A datagram the worker sent: from a relay address to a peer, or from the listener to a client.
+    Relayed {
+        src: SocketAddr,
+        dst: SocketAddr,
+        bytes: Vec<u8>,
+    },
+}
+
+/// A relay of one worker with one UDP listener (`client(_).server`, listener 0).
+struct Relay {
+    /// The server, its clock and a request builder.
+    h: Harness,
+    core: Core,
+    from_worker: Receiver<ToControl>,
+    /// Relay address → relay socket id, as the control thread keeps them.
+    relays: HashMap<SocketAddr, RelayId>,
+    next_relay: u32,
+    /// What the worker reported besides STUN (RelayClosed, counters), in order.
+    reports: Vec<ToControl>,
+}
+
+impl Relay {
+    fn new() -> Self {
+        Self::with(config())
+    }
+
+    fn with(config: Config) -> Self {
+        let range = config.channel_range;
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        let h = Harness::with(config);
+        let own = h.server.own_addresses().clone();
+        Relay {
+            h,
+            core: Core::new(0, tx, Arc::default(), range, own),
+            from_worker: rx,
+            relays: HashMap::new(),
+            next_relay: 1,
+            reports: Vec::new(),
+        }
+    }
+
+    fn listener(&self) -> SocketAddr {
+        client(0).server
+    }
+
+    /// A datagram from `five`'s client on the listener, through the worker and, for a STUN request, the
+    /// control thread.
+    fn client(&mut self, five: FiveTuple, bytes: &[u8]) -> Vec<Event> {
+        assert_eq!(five.server, self.listener());
+        let mut slot = vec![0u8; SLOT];
+        slot[HEADROOM..HEADROOM + bytes.len()].copy_from_slice(bytes);
+        let mut events = Vec::new();
+        if let Action::Forward(f) = self.core.on_client(0, five.client, &mut slot, bytes.len()) {
+            let src = self.core.table().relay(f.bill.relay).unwrap().addr;
+            events.push(Event::Relayed {
+                src,
+                dst: f.dst,
+                bytes: slot[f.range.clone()].to_vec(),
+            });
+            self.core.sent(f.bill);
+        }
+        while let Ok(msg) = self.from_worker.try_recv() {
+            let ToControl::Stun { client, bytes, .. } = msg else {
+                self.reports.push(msg);
+                continue;
+            };
+            let five = FiveTuple {
+                client,
+                server: self.listener(),
+                transport: Transport::Udp,
+            };
+            let (now, unix) = (self.h.now, self.h.unix());
+            self.h.server.handle_client_message(now, unix, five, &bytes);
+            events.extend(self.pump());
+        }
+        events
+    }
+
+    /// A datagram from `from` to the relay address `relay`.
+    fn peer(&mut self, relay: SocketAddr, from: SocketAddr, payload: &[u8]) -> Vec<Event> {
+        let id = self.relays[&relay];
+        let mut slot = vec![0u8; SLOT];
+        slot[HEADROOM..HEADROOM + payload.len()].copy_from_slice(payload);
+        match self.core.on_peer(id, from, &mut slot, payload.len()) {
+            Action::Forward(f) => {
+                self.core.sent(f.bill);
+                vec![Event::Relayed {
+                    src: self.listener(),
+                    dst: f.dst,
+                    bytes: slot[f.range].to_vec(),
+                }]
+            }
+            Action::Done => Vec::new(),
+        }
+    }
+
+    /// Run the server's timers at `now + d`.
+    fn advance(&mut self, d: Duration) -> Vec<Event> {
+        self.h.now += d;
+        self.h.server.handle_timeout(self.h.now);
+        self.pump()
+    }
+
+    /// The control thread's drain: commands (executed) before transmits, until both are empty.
+    fn pump(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
+        loop {
+            let mut busy = false;
+            while let Some(cmd) = self.h.server.poll_command() {
+                busy = true;
+                self.execute(cmd, &mut events);
+            }
+            while let Some(t) = self.h.server.poll_transmit() {
+                busy = true;
+                events.push(Event::Reply {
+                    to: t.to,
+                    bytes: t.payload.to_vec(),
+                });
+            }
+            if !busy {
+                return events;
+            }
+        }
+    }
+
+    /// What `Control::execute` does with a command, with a data plane that binds every relay socket.
+    fn execute(&mut self, cmd: Command, events: &mut Vec<Event>) {
+        let update = match &cmd {
+            Command::OpenRelay {
+                allocation,
+                client,
+                relay,
+                ..
+            } => {
+                let id = RelayId(self.next_relay);
+                self.next_relay += 1;
+                self.relays.insert(relay.0, id);
+                let update = RouteUpdate::AddRelay {
+                    id,
+                    allocation: *allocation,
+                    addr: relay.0,
+                    client: ClientKey {
+                        client: client.client,
+                        listener: 0,
+                    },
+                };
+                self.core.apply(update.clone());
+                events.push(Event::Route(update));
+                let now = self.h.now;
+                self.h.server.handle_relay_opened(now, *allocation, *relay);
+                return;
+            }
+            Command::CloseRelay { relay, .. } => self
+                .relays
+                .remove(&relay.0)
+                .and_then(|id| table_update(&cmd, id)),
+            Command::InstallPermission { relay, .. }
+            | Command::RemovePermission { relay, .. }
+            | Command::InstallChannel { relay, .. }
+            | Command::RemoveChannel { relay, .. } => self
+                .relays
+                .get(&relay.0)
+                .and_then(|id| table_update(&cmd, *id)),
+            Command::AllocationEnded { .. } => None,
+        };
+        if let Some(update) = update {
+            self.core.apply(update.clone());
+            events.push(Event::Route(update));
+        }
+    }
+
+    fn request(
+        &mut self,
+        five: FiveTuple,
+        method: Method,
+        attrs: &[Attribute<'_>],
+        creds: Option<&Creds>,
+    ) -> Vec<Event> {
+        let tid = self.h.next_tid();
+        if let Some(n) = self.h.nonces.get(&five.client) {
+            self.h.nonce = Some(n.clone());
+        }
+        let bytes = self.h.build(method, Class::Request, tid, attrs, creds);
+        self.client(five, &bytes)
+    }
+
+    /// The 401 round and an Allocate; returns the relayed address.
+    fn allocate(&mut self, five: FiveTuple, creds: &Creds) -> SocketAddr {
+        self.allocate_with(five, creds, &[Attribute::RequestedTransport(17)])
+    }
+
+    fn allocate_with(
+        &mut self,
+        five: FiveTuple,
+        creds: &Creds,
+        attrs: &[Attribute<'_>],
+    ) -> SocketAddr {
+        let events = self.request(five, Method::ALLOCATE, attrs, None);
+        let nonce = reply(&events).attrs.nonce.unwrap().to_string();
+        self.h.nonces.insert(five.client, nonce);
+        let events = self.request(five, Method::ALLOCATE, attrs, Some(creds));
+        let msg = reply(&events);
+        assert_eq!(msg.message_type().class, Class::Success);
+        msg.attrs.xor_relayed_address.unwrap()
+    }
+
+    fn permit(&mut self, five: FiveTuple, creds: &Creds, peer: SocketAddr) -> Vec<Event> {
+        let attrs = [Attribute::XorPeerAddress(peer)];
+        self.request(five, Method::CREATE_PERMISSION, &attrs, Some(creds))
+    }
+
+    fn bind(
+        &mut self,
+        five: FiveTuple,
+        creds: &Creds,
+        channel: u16,
+        peer: SocketAddr,
+    ) -> Vec<Event> {
+        let attrs = [
+            Attribute::ChannelNumber(channel),
+            Attribute::XorPeerAddress(peer),
+        ];
+        self.request(five, Method::CHANNEL_BIND, &attrs, Some(creds))
+    }
+
+    fn send(&mut self, five: FiveTuple, peer: SocketAddr, data: &[u8]) -> Vec<Event> {
+        let tid = self.h.next_tid();
+        let attrs = [Attribute::XorPeerAddress(peer), Attribute::Data(data)];
+        let bytes = self
+            .h
+            .build(Method::SEND, Class::Indication, tid, &attrs, None);
+        self.client(five, &bytes)
+    }
+}
+
+/// The single server reply among `events`.
+fn reply(events: &[Event]) -> Message<'_> {
+    let replies: Vec<&Vec<u8>> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Reply { bytes, .. } => Some(bytes),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(replies.len(), 1, "one reply expected: {events:?}");
+    Message::parse(replies[0]).unwrap()
+}
+
+fn success(events: &[Event]) -> bool {
+    reply(events).message_type().class == Class::Success
+}
+
+fn channel_data(channel: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = channel.to_be_bytes().to_vec();
+    v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+fn relayed(src: SocketAddr, dst: SocketAddr, bytes: &[u8]) -> Event {
+    Event::Relayed {
+        src,
+        dst,
+        bytes: bytes.to_vec(),
+    }
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn channel_bind_is_routed_before_it_is_answered_and_channel_data_flows_both_ways() {
+    let mut r = Relay::new();
+    let alice = Creds::alice();
+    let relay = r.allocate(client(1), &alice);
+    let id = r.relays[&relay];
+
+    let events = r.bind(client(1), &alice, 0x4000, peer(1));
+    assert!(matches!(&events[..], [
+        Event::Route(RouteUpdate::AddPermission { relay: a, peer: p }),
+        Event::Route(RouteUpdate::AddChannel { relay: b, channel: c, peer: q }),
+        Event::Reply { to, .. },
+    ] if *a == id && *b == id && c.get() == 0x4000 && *p == peer(1).ip() && *q == peer(1) && *to == client(1)));
+    assert!(success(&events));
+
+    // ChannelData right after the success finds its route.
+    let events = r.client(client(1), &channel_data(0x4000, b"hello"));
+    assert_eq!(events, vec![relayed(relay, peer(1), b"hello")]);
+    // A peer datagram comes back on the channel, from the listener to the client's address.
+    let events = r.peer(relay, peer(1), b"back");
+    assert_eq!(
+        events,
+        vec![relayed(
+            r.listener(),
+            client(1).client,
+            &channel_data(0x4000, b"back")
+        )]
+    );
+    // An unbound channel is dropped and counted.
+    assert!(r.client(client(1), &channel_data(0x4001, b"x")).is_empty());
+    assert_eq!(r.core.stats().drops(Drop::NoChannel), 1);
+}
+
+#[test]
+fn send_needs_a_permission_and_peer_data_without_a_channel_is_a_data_indication() {
+    let mut r = Relay::new();
+    let alice = Creds::alice();
+    let relay = r.allocate(client(1), &alice);
+
+    assert!(r.send(client(1), peer(1), b"early").is_empty());
+    assert!(r.peer(relay, peer(1), b"early").is_empty());
+    assert_eq!(r.core.stats().drops(Drop::NoPermission), 2);
+
+    let events = r.permit(client(1), &alice, peer(1));
+    assert!(matches!(
+        events[0],
+        Event::Route(RouteUpdate::AddPermission { .. })
+    ));
+    assert!(success(&events[1..]));
+    // Permissions are per IP: another port of the peer is reachable too (RFC 8656 §9).
+    let other_port = SocketAddr::new(peer(1).ip(), 9);
+    assert_eq!(
+        r.send(client(1), other_port, b"hi"),
+        vec![relayed(relay, other_port, b"hi")]
+    );
+    let events = r.peer(relay, other_port, b"answer");
+    let [Event::Relayed { src, dst, bytes }] = &events[..] else {
+        panic!("{events:?}");
+    };
+    assert_eq!((*src, *dst), (r.listener(), client(1).client));
+    let msg = Message::parse(bytes).unwrap();
+    assert_eq!(
+        (msg.message_type().method, msg.message_type().class),
+        (Method::DATA, Class::Indication)
+    );
+    assert_eq!(msg.attrs.xor_peer_address, Some(other_port));
+    assert_eq!(msg.attrs.data, Some(&b"answer"[..]));
+
+    // The permission expires after 300 s: the server removes the route, and data stops both ways.
+    let events = r.advance(Duration::from_secs(301));
+    assert!(
+        events.contains(&Event::Route(RouteUpdate::RemovePermission {
+            relay: r.relays[&relay],
+            peer: peer(1).ip(),
+        }))
+    );
+    assert!(r.send(client(1), peer(1), b"late").is_empty());
+    assert!(r.peer(relay, peer(1), b"late").is_empty());
+}
+
+#[test]
+fn usage_is_what_the_worker_sent_and_is_reported_when_the_relay_closes() {
+    let mut r = Relay::new();
+    let alice = Creds::alice();
+    let relay = r.allocate(client(1), &alice);
+    r.bind(client(1), &alice, 0x4000, peer(1));
+    for n in [10, 20] {
+        assert_eq!(
+            r.client(client(1), &channel_data(0x4000, &vec![1; n]))
+                .len(),
+            1
+        );
+    }
+    assert_eq!(r.send(client(1), peer(1), &[2; 5]).len(), 1);
+    assert_eq!(r.peer(relay, peer(1), &[3; 7]).len(), 1);
+    // Dropped datagrams are not billed.
+    assert!(r.send(client(1), sa("8.8.8.8:1"), &[0; 100]).is_empty());
+    assert!(r.peer(relay, sa("8.8.8.8:1"), &[0; 100]).is_empty());
+
+    let events = r.request(
+        client(1),
+        Method::REFRESH,
+        &[Attribute::Lifetime(0)],
+        Some(&alice),
+    );
+    let id = r.relays.get(&relay).copied();
+    assert_eq!(id, None, "the relay socket is closed");
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Route(RouteUpdate::RemoveRelay { .. }))));
+    let [ToControl::RelayClosed { counters, .. }] = &r.reports[..] else {
+        panic!("{:?}", r.reports);
+    };
+    assert_eq!(
+        *counters,
+        Counters {
+            to_peer_bytes: 35,
+            to_peer_packets: 3,
+            to_client_bytes: 7,
+            to_client_packets: 1,
+        }
+    );
+}
+
+#[test]
+fn no_server_output_addresses_a_peer() {
+    // `Transmit` names a client 5-tuple and nothing else; this runs every kind of request, and the
+    // relaying they enable, and checks that what the server sent went to a client, from the listener.
+    let mut r = Relay::with(loopback_config());
+    let (alice, bob) = (Creds::alice(), Creds::bob());
+    let clients = [client(1), client(2)];
+    let relay = r.allocate(clients[0], &alice);
+    r.allocate(clients[1], &bob);
+    let mut events = Vec::new();
+    events.extend(r.permit(clients[0], &alice, peer(1)));
+    events.extend(r.bind(clients[0], &alice, 0x4000, peer(2)));
+    events.extend(r.bind(clients[0], &alice, 0x3000, peer(2)));
+    events.extend(r.send(clients[0], peer(1), b"x"));
+    events.extend(r.client(clients[0], &channel_data(0x4000, b"y")));
+    events.extend(r.peer(relay, peer(2), b"z"));
+    events.extend(r.request(clients[1], Method::BINDING, &[], None));
+    events.extend(r.advance(Duration::from_secs(700)));
+    let mut replies = 0;
+    for e in &events {
+        match e {
+            Event::Reply { to, .. } => {
+                replies += 1;
+                assert!(clients.contains(to), "{e:?}");
+            }
+            Event::Relayed { src, dst, .. } if *src == r.listener() => {
+                assert!(clients.iter().any(|c| c.client == *dst), "{e:?}");
+            }
+            Event::Relayed { dst, .. } => assert!([peer(1), peer(2)].contains(dst), "{e:?}"),
+            Event::Route(_) => {}
+        }
+    }
+    assert!(replies >= 4, "{events:?}");
+}
+
+/// Finding 1 of issue 10: a permission for another allocation's relayed address is per IP, so the data
+/// plane has to check the exact address (IP and port) per packet, both ways, for Send indications and
+/// channels, and only while that allocation lives.
+#[test]
+fn relay_to_relay_reaches_only_the_exact_live_relayed_address() {
+    let mut r = Relay::new();
+    let (alice, bob) = (Creds::alice(), Creds::bob());
+    let bob_relay = r.allocate(client(2), &bob);
+    let alice_relay = r.allocate(client(1), &alice);
+    assert!(success(&r.permit(client(1), &alice, bob_relay)));
+    assert!(success(&r.bind(client(1), &alice, 0x4000, bob_relay)));
+    r.allocate(client(3), &bob); // a third relay socket on the same IP
+    assert!(success(&r.permit(client(2), &bob, alice_relay)));
+
+    // The exact relayed address: relayed both ways.
+    assert_eq!(
+        r.send(client(1), bob_relay, b"hi bob"),
+        vec![relayed(alice_relay, bob_relay, b"hi bob")]
+    );
+    assert_eq!(r.client(client(1), &channel_data(0x4000, b"cd")).len(), 1);
+    assert_eq!(r.peer(alice_relay, bob_relay, b"hi alice").len(), 1);
+
+    // Other ports of the relay IP: inside the relay port range without an allocation, and outside it
+    // (an ordinary local service). Dropped both ways, although the IP is permitted.
+    for port in [50099, 53, 11211] {
+        let other = SocketAddr::new(bob_relay.ip(), port);
+        assert!(r.send(client(1), other, b"no").is_empty(), "{other}");
+        assert!(r.peer(alice_relay, other, b"no").is_empty(), "{other}");
+    }
+
+    // Once bob's allocation is gone, his address is no relayed address any more: alice's permission and
+    // channel for it still exist in her table, but nothing goes through.
+    r.request(
+        client(2),
+        Method::REFRESH,
+        &[Attribute::Lifetime(0)],
+        Some(&bob),
+    );
+    assert!(r.send(client(1), bob_relay, b"gone").is_empty());
+    assert!(r
+        .client(client(1), &channel_data(0x4000, b"gone"))
+        .is_empty());
+    assert!(r.peer(alice_relay, bob_relay, b"gone").is_empty());
+}
+
+/// Finding 2 of issue 10: the relay's own addresses (relay IPs, public addresses, listen and interface
+/// addresses) are denied peers by default, like loopback. The fixture's relay IP is public, so these
+/// refusals are about it being the relay's own address, not about a documentation range.
+#[test]
+fn the_relays_own_addresses_are_denied_peers() {
+    let public: SocketAddr = sa("203.0.114.20:0");
+    let mut r = Relay::with(Config {
+        own_ips: vec![public.ip()],
+        ..config()
+    });
+    let alice = Creds::alice();
+    let relay = r.allocate(client(1), &alice);
+    assert!(
+        crate::policy::PeerPolicy::new().check(relay).is_ok(),
+        "a public relay IP"
+    );
+    for ip in [relay.ip(), public.ip()] {
+        for port in [53, 123, 161, 11211] {
+            let peer = SocketAddr::new(ip, port);
+            assert_eq!(
+                reply(&r.permit(client(1), &alice, peer))
+                    .attrs
+                    .error_code
+                    .map(|e| e.0),
+                Some(403),
+                "{peer}"
+            );
+            let events = r.bind(client(1), &alice, 0x4000, peer);
+            assert_eq!(
+                reply(&events).attrs.error_code.map(|e| e.0),
+                Some(403),
+                "{peer}"
+            );
+            assert!(
+                !events.iter().any(|e| matches!(e, Event::Route(_))),
+                "{events:?}"
+            );
+        }
+    }
+}
+
+/// An explicit allow may open the relay's own IP, but never its service ports nor the relay port range
+/// (except exact live relayed addresses), checked at request time and per packet.
+#[test]
+fn an_explicit_allow_opens_the_relays_own_ip_but_not_its_service_ports_or_relay_range() {
+    use crate::policy::{Cidr, PeerPolicy};
+    let base = config();
+    let r_ip = base.relay_ips[0];
+    let mut r = Relay::with(Config {
+        peer_policy: PeerPolicy::new()
+            .with_allow(vec![Cidr::new(r_ip, 32).unwrap()])
+            .with_service_ports(vec![SocketAddr::new(r_ip, 3478), sa("0.0.0.0:9090")]),
+        ..base
+    });
+    let alice = Creds::alice();
+    let relay = r.allocate(client(1), &alice);
+    let open = SocketAddr::new(r_ip, 5353);
+    assert!(success(&r.permit(client(1), &alice, open)));
+    let closed = [
+        SocketAddr::new(r_ip, 3478),  // a listener
+        SocketAddr::new(r_ip, 9090),  // metrics on 0.0.0.0
+        SocketAddr::new(r_ip, 50050), // the relay port range, no allocation there
+        SocketAddr::new(r_ip, 0),
+    ];
+    for peer in closed {
+        let events = r.bind(client(1), &alice, 0x4000, peer);
+        assert_eq!(
+            reply(&events).attrs.error_code.map(|e| e.0),
+            Some(403),
+            "{peer}"
+        );
+    }
+    // The permission covers the IP; the data plane still judges the port of every packet.
+    assert_eq!(
+        r.send(client(1), open, b"ok"),
+        vec![relayed(relay, open, b"ok")]
+    );
+    assert_eq!(r.peer(relay, open, b"ok").len(), 1);
+    for peer in closed {
+        assert!(r.send(client(1), peer, b"no").is_empty(), "{peer}");
+        assert!(r.peer(relay, peer, b"no").is_empty(), "{peer}");
+    }
+    assert_eq!(
+        r.core.stats().drops(Drop::OwnAddress),
+        2 * closed.len() as u64
+    );
+}
+
+#[test]
+fn an_expired_channel_stops_relaying_but_its_permission_may_outlive_it() {
+    let mut r = Relay::new();
+    let alice = Creds::alice();
+    let relay = r.allocate(client(1), &alice);
+    r.bind(client(1), &alice, 0x4000, peer(1));
+    // Refresh the allocation and the permission (not the channel) before the channel's 600 s run out.
+    for _ in 0..2 {
+        r.advance(Duration::from_secs(290));
+        let events = r.request(client(1), Method::REFRESH, &[], Some(&alice));
+        assert!(success(&events));
+        assert!(success(&r.permit(client(1), &alice, peer(1))));
+    }
+    let events = r.advance(Duration::from_secs(30));
+    assert!(
+        events.iter().any(|e| matches!(e,
+        Event::Route(RouteUpdate::RemoveChannel { peer: p, .. }) if *p == peer(1))),
+        "{events:?}"
+    );
+    assert!(r.client(client(1), &channel_data(0x4000, b"x")).is_empty());
+    assert_eq!(r.core.stats().drops(Drop::NoChannel), 1);
+    // Peer data now comes as a Data indication (the permission still holds).
+    let events = r.peer(relay, peer(1), b"y");
+    let [Event::Relayed { bytes, .. }] = &events[..] else {
+        panic!("{events:?}");
+    };
+    assert_eq!(Message::parse(bytes).unwrap().attrs.data, Some(&b"y"[..]));
+}
+
+#[test]
+fn an_ipv6_allocation_relays_ipv6_peers_with_the_48_byte_data_indication_header() {
+    let mut r = Relay::new();
+    let alice = Creds::alice();
+    let attrs = [
+        Attribute::RequestedTransport(17),
+        Attribute::RequestedAddressFamily(crate::wire::family::IPV6),
+    ];
+    let relay = r.allocate_with(client(1), &alice, &attrs);
+    assert!(relay.is_ipv6());
+    let v6_peer = sa("[2606:4700::1111]:443");
+    assert_eq!(
+        reply(&r.permit(client(1), &alice, peer(1)))
+            .attrs
+            .error_code
+            .map(|e| e.0),
+        Some(443),
+        "an IPv4 peer for an IPv6 relay"
+    );
+    assert!(success(&r.permit(client(1), &alice, v6_peer)));
+    assert_eq!(
+        r.send(client(1), v6_peer, b"six"),
+        vec![relayed(relay, v6_peer, b"six")]
+    );
+    let events = r.peer(relay, v6_peer, b"back");
+    let [Event::Relayed { bytes, .. }] = &events[..] else {
+        panic!("{events:?}");
+    };
+    let msg = Message::parse(bytes).unwrap();
+    assert_eq!(msg.attrs.xor_peer_address, Some(v6_peer));
+    assert_eq!(msg.attrs.data, Some(&b"back"[..]));
+    assert_eq!(
+        bytes.len(),
+        48 + 4,
+        "20 header + 24 XOR-PEER-ADDRESS + 4 DATA header + 4 payload"
+    );
+}
+
+#[test]
+fn nothing_is_relayed_once_the_allocation_is_gone() {
+    let mut r = Relay::new();
+    let alice = Creds::alice();
+    let relay = r.allocate(client(1), &alice);
+    let id = r.relays[&relay];
+    r.bind(client(1), &alice, 0x4000, peer(1));
+    r.request(
+        client(1),
+        Method::REFRESH,
+        &[Attribute::Lifetime(0)],
+        Some(&alice),
+    );
+    assert_eq!(r.core.table().relay_count(), 0);
+    assert!(r.client(client(1), &channel_data(0x4000, b"x")).is_empty());
+    assert!(r.send(client(1), peer(1), b"x").is_empty());
+    let mut slot = vec![0u8; SLOT];
+    assert_eq!(r.core.on_peer(id, peer(1), &mut slot, 1), Action::Done);
+    let s = r.core.stats();
+    assert_eq!(
+        (
+            s.drops(Drop::NoChannel),
+            s.drops(Drop::NoPermission),
+            s.drops(Drop::NoRelay)
+        ),
+        (1, 1, 1)
+    );
+}
+
+mod random {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Permit(usize),
+        Bind(u16, usize),
+        Send(usize, u8),
+        ChannelData(u16, u8),
+        Peer(usize, u8),
+        Advance(u64),
+        Refresh,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let peer = 0usize..6;
+        let channel = 0x4000u16..0x4003;
+        prop_oneof![
+            2 => peer.clone().prop_map(Op::Permit),
+            2 => (channel.clone(), peer.clone()).prop_map(|(c, p)| Op::Bind(c, p)),
+            4 => (peer.clone(), any::<u8>()).prop_map(|(p, n)| Op::Send(p, n)),
+            3 => (channel, any::<u8>()).prop_map(|(c, n)| Op::ChannelData(c, n)),
+            4 => (peer, any::<u8>()).prop_map(|(p, n)| Op::Peer(p, n)),
+            1 => (0u64..400).prop_map(Op::Advance),
+            1 => Just(Op::Refresh),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Whatever a client does: data reaches only peers it permitted, never an own address but
+        /// the live relayed one, and the relay's final counters are exactly what was relayed.
+        #[test]
+        fn data_goes_only_where_permitted_and_is_billed_exactly(
+            ops in prop::collection::vec(op(), 1..=40)
+        ) {
+            let mut r = Relay::new();
+            let (alice, bob) = (Creds::alice(), Creds::bob());
+            let bob_relay = r.allocate(client(2), &bob);
+            let relay = r.allocate(client(1), &alice);
+            let own = |port| SocketAddr::new(relay.ip(), port);
+            let peers = [peer(1), peer(2), sa("8.8.8.8:53"), own(12345), own(50050), bob_relay];
+            let mut permitted = std::collections::HashSet::new();
+            let mut billed = Counters::default();
+            let alloc = r.core.table().relay(r.relays[&relay]).unwrap().allocation;
+            for op in ops {
+                let events = match op {
+                    Op::Permit(p) => r.permit(client(1), &alice, peers[p]),
+                    Op::Bind(c, p) => r.bind(client(1), &alice, c, peers[p]),
+                    Op::Send(p, n) => r.send(client(1), peers[p], &vec![n; usize::from(n)]),
+                    Op::ChannelData(c, n) => {
+                        r.client(client(1), &channel_data(c, &vec![n; usize::from(n)]))
+                    }
+                    Op::Peer(p, n) if r.relays.contains_key(&relay) => {
+                        let events = r.peer(relay, peers[p], &vec![n; usize::from(n)]);
+                        if !events.is_empty() {
+                            billed.to_client_bytes += u64::from(n);
+                            billed.to_client_packets += 1;
+                        }
+                        events
+                    }
+                    Op::Peer(..) => Vec::new(),
+                    Op::Advance(s) => r.advance(Duration::from_secs(s)),
+                    Op::Refresh => r.request(client(1), Method::REFRESH, &[], Some(&alice)),
+                };
+                if let Op::Permit(p) | Op::Bind(_, p) = op {
+                    let ok = events.iter().any(|e| matches!(e, Event::Reply { bytes, .. }
+                        if Message::parse(bytes).is_ok_and(|m| m.message_type().class == Class::Success)));
+                    if ok {
+                        permitted.insert(peers[p].ip());
+                    }
+                }
+                for e in &events {
+                    match e {
+                        Event::Relayed { src, dst, bytes } if *src == relay => {
+                            prop_assert!(permitted.contains(&dst.ip()), "{e:?}");
+                            prop_assert!(
+                                dst.ip() != relay.ip() || *dst == bob_relay,
+                                "to an own address: {e:?}"
+                            );
+                            billed.to_peer_bytes += bytes.len() as u64;
+                            billed.to_peer_packets += 1;
+                        }
+                        Event::Relayed { dst, .. } => prop_assert_eq!(*dst, client(1).client),
+                        Event::Reply { to, .. } => prop_assert_eq!(*to, client(1)),
+                        Event::Route(_) => {}
+                    }
+                }
+            }
+            r.request(client(1), Method::REFRESH, &[Attribute::Lifetime(0)], Some(&alice));
+            r.advance(Duration::from_secs(3600));
+            let rest: Vec<ToControl> = r.from_worker.try_iter().collect();
+            r.reports.extend(rest);
+            let closed: Vec<Counters> = r
+                .reports
+                .iter()
+                .filter_map(|m| match m {
+                    ToControl::RelayClosed { allocation, counters } if *allocation == alloc => {
+                        Some(*counters)
+                    }
+                    _ => None,
+                })
+                .collect();
+            prop_assert_eq!(closed, vec![billed]);
+        }
+    }
+}
