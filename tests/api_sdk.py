@@ -31,7 +31,9 @@ def turn_roundtrip(url, username, password):
     hostport = url.split(":", 1)[1].split("?", 1)[0]
     host, port = hostport.rsplit(":", 1)
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    peer.bind(("127.0.0.1", 0))
+    # Not the relay IP 127.0.0.1: its relay port range is closed to peers, and an ephemeral port may
+    # fall inside it.
+    peer.bind(("127.0.0.2", 0))
     peer.settimeout(5)
 
     async def run():

@@ -108,7 +108,7 @@ async def main(host, port, user, password, relay_min, relay_max):
     )
     check(mapped is not None and mapped[0] == "127.0.0.1", f"mapped address {mapped}: expected 127.0.0.1")
 
-    peer_transport, peer = await loop.create_datagram_endpoint(Inbox, local_addr=("127.0.0.1", 0))
+    peer_transport, peer = await loop.create_datagram_endpoint(Inbox, local_addr=("127.0.0.2", 0))
     try:
         peer_addr = peer_transport.get_extra_info("sockname")[:2]
         sent = payloads()
