@@ -251,7 +251,7 @@ impl RawConfig {
             },
             streams,
             relay_id,
-            api_listen: None,
+            api: None,
             usage: self.usage.map(api::usage).transpose()?,
         };
         let mut live = Live {
@@ -290,8 +290,8 @@ impl RawConfig {
             ConfigError::new(key, e.problem)
         })?;
         if let Some(raw) = self.api {
-            let (listen, api) = api::api(raw, &fixed)?;
-            fixed.api_listen = Some(listen);
+            let (fixed_api, api) = api::api(raw, &fixed)?;
+            fixed.api = Some(fixed_api);
             live.api = Some(api);
         }
         Ok(RelayConfig { fixed, live })
