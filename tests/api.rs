@@ -637,7 +637,7 @@ fn python_sdk_over_tls_with_a_certificate_made_by_the_test() {
     std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
     std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
     let tls = format!(
-        "tls_cert = \"{}\"\ntls_key = \"{}\"",
+        "names = [\"localhost\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"",
         cert_pem.display(),
         key_pem.display()
     );
@@ -653,5 +653,174 @@ fn python_sdk_over_tls_with_a_certificate_made_by_the_test() {
         .timeout(Duration::from_secs(2))
         .call()
         .is_err());
+    service.stop().unwrap();
+}
+
+const TOKEN_PATH: &str =
+    "/networkTraversal/:issueRelayConfiguration?api-version=2022-03-01-preview";
+const REVOKE_PATH: &str = "/admin/revoke?api-version=2022-03-01-preview";
+/// A second key, given the admin role only in the tests that configure `admin_keys`.
+const ADMIN_B64: &str = "dHVybnBpa2UtdGVzdC1hZG1pbi1rZXk=";
+
+/// A signed request's bytes (HTTP/1.1, `Connection: close`), signed with `key` at `at` for `host`.
+fn signed_bytes(host: &str, url: &str, body: &str, key: &[u8], at: SystemTime) -> Vec<u8> {
+    let (date, hash, auth) = sign::sign(key, "POST", url, host, body.as_bytes(), at);
+    format!(
+        "POST {url} HTTP/1.1\r\nHost: {host}\r\nx-ms-date: {date}\r\nx-ms-content-sha256: {hash}\r\n\
+         Authorization: {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Send `req` on a fresh connection and read the answer: (status, body); status 0 when the server
+/// closed without answering.
+fn raw(api: SocketAddr, req: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(api).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(req);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+fn key_of(b64: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap()
+}
+
+#[test]
+fn host_roles_replays_and_stale_lifts_over_http_and_revocations_survive_a_restart_without_usage() {
+    let dir = temp_dir("admin");
+    let reserved = reserve_udp();
+    let api_port = free_tcp_port();
+    // No [usage]: revocations have a store of their own.
+    let text = config_text(reserved.port(), api_port, 46000, &dir.join("unused.db"), "")
+        .replace(
+            &format!("access_keys = [\"{KEY_B64}\"]\n"),
+            &format!(
+                "access_keys = [\"{KEY_B64}\"]\nadmin_keys = [\"{ADMIN_B64}\"]\nrevocations_database = \"{}\"\n",
+                dir.join("revocations.db").display()
+            ),
+        );
+    let text = text.split("[usage]").next().unwrap().to_string();
+    let config = RelayConfig::from_toml(&text).unwrap();
+    assert!(config.fixed.usage.is_none());
+    let service = turnpike::service::start(&config).unwrap();
+    let server = service.relay().listen_addrs()[0];
+    let api = service.api_addr().unwrap();
+    let host = api.to_string();
+    let (mint, admin) = (key(), key_of(ADMIN_B64));
+    let now = SystemTime::now();
+
+    // A token with the access key; a wrong Host is refused even when correctly signed for it.
+    let (status, _) = raw(api, &signed_bytes(&host, TOKEN_PATH, "{}", &mint, now));
+    assert_eq!(status, 200);
+    let (status, body) = raw(
+        api,
+        &signed_bytes("relay-2.example:8080", TOKEN_PATH, "{}", &mint, now),
+    );
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("\"Unauthorized\""), "{body}");
+    // The access key may not revoke; the admin key may not mint.
+    let revoke = r#"{"id": "mallory"}"#;
+    let (status, body) = raw(api, &signed_bytes(&host, REVOKE_PATH, revoke, &mint, now));
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(
+        raw(api, &signed_bytes(&host, TOKEN_PATH, "{}", &admin, now)).0,
+        403
+    );
+
+    // A revoke, then its replay.
+    let (c, _, _) = rest_client(server, "mallory");
+    let mut c = c;
+    let revoke_req = signed_bytes(&host, REVOKE_PATH, revoke, &admin, now);
+    assert_eq!(raw(api, &revoke_req).0, 200);
+    assert_eq!(raw(api, &revoke_req).0, 401, "replayed revoke");
+    // A lift signed before the revoke (a captured old request) is refused; the revocation holds.
+    let lift = r#"{"id": "mallory", "until": "2020-01-01T00:00:00Z"}"#;
+    let old_lift = signed_bytes(
+        &host,
+        REVOKE_PATH,
+        lift,
+        &admin,
+        now - Duration::from_secs(120),
+    );
+    assert_eq!(
+        raw(api, &old_lift).0,
+        401,
+        "older lift after a newer revoke"
+    );
+    eventually("the revocation to reach the relay", || {
+        Client::error_code(&c.authed(Method::REFRESH, &[])) == Some(401)
+    });
+    service.stop().unwrap();
+
+    // After a restart (no [usage]) the revocation still holds, and the replays are still refused.
+    let service = turnpike::service::start(&config).unwrap();
+    let server = service.relay().listen_addrs()[0];
+    let api = service.api_addr().unwrap();
+    let cred = RestSecrets::new(vec![SECRET.as_bytes().to_vec()])
+        .mint("mallory", unix_now(), 600)
+        .unwrap();
+    let mut m = Client::new(server, &cred.username, &cred.password);
+    let resp = m.authed(Method::ALLOCATE, &[Attribute::RequestedTransport(17)]);
+    assert_eq!(Client::error_code(&resp), Some(401));
+    assert_eq!(raw(api, &old_lift).0, 401, "the order survives the restart");
+    // A newer lift applies.
+    let later = SystemTime::now() + Duration::from_secs(2);
+    let new_lift = signed_bytes(&host, REVOKE_PATH, lift, &admin, later);
+    assert_eq!(raw(api, &new_lift).0, 200);
+    service.stop().unwrap();
+}
+
+#[test]
+fn x_forwarded_for_from_an_untrusted_peer_is_ignored() {
+    let dir = temp_dir("xff");
+    let reserved = reserve_udp();
+    let extra = "trusted_proxies = [\"10.0.0.0/8\"]\nregion = \"eu\"\n\
+                 [[api.fleet]]\nid = \"us-1\"\nregion = \"us\"\naddresses = [\"198.51.100.1:3478\"]\n\
+                 [[api.client_regions]]\ncidr = \"203.0.113.0/24\"\nregion = \"us\"";
+    let text = config_text(
+        reserved.port(),
+        free_tcp_port(),
+        47000,
+        &dir.join("u.db"),
+        extra,
+    );
+    let service = turnpike::service::start(&RelayConfig::from_toml(&text).unwrap()).unwrap();
+    let api = service.api_addr().unwrap();
+    let body = r#"{"routeType": "nearest"}"#;
+    let mut req = signed_bytes(
+        &api.to_string(),
+        TOKEN_PATH,
+        body,
+        &key(),
+        SystemTime::now(),
+    );
+    let at = req.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    req.splice(at..at, b"\r\nX-Forwarded-For: 203.0.113.9".iter().copied());
+    let (status, answer) = raw(api, &req);
+    assert_eq!(status, 200, "{answer}");
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    let urls = v["iceServers"][0]["urls"].to_string();
+    assert!(
+        !urls.contains("198.51.100.1") && urls.contains("127.0.0.1"),
+        "the loopback peer is no trusted proxy: its region is the API's own ({urls})"
+    );
     service.stop().unwrap();
 }
