@@ -8,6 +8,7 @@ mod common;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
@@ -823,4 +824,287 @@ fn x_forwarded_for_from_an_untrusted_peer_is_ignored() {
         "the loopback peer is no trusted proxy: its region is the API's own ({urls})"
     );
     service.stop().unwrap();
+}
+
+/// What the server did with a connection: answered with a status, or closed it without one. Panics if
+/// it did neither within `wait` (the limit did not hold).
+fn answered_or_closed(s: &mut std::net::TcpStream, wait: Duration) -> u16 {
+    use std::io::Read;
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                if out.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("neither answered nor closed within {wait:?}: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&out)
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn huge_headers_many_headers_and_trickled_bodies_are_cut_off_while_tokens_are_issued() {
+    use std::io::Write;
+    let dir = temp_dir("limits");
+    let reserved = reserve_udp();
+    let extra = "[api.limits]\nheader_read_timeout_seconds = 2\nrequest_timeout_seconds = 2";
+    let text = config_text(
+        reserved.port(),
+        free_tcp_port(),
+        48000,
+        &dir.join("u.db"),
+        extra,
+    );
+    let service = turnpike::service::start(&RelayConfig::from_toml(&text).unwrap()).unwrap();
+    let api = service.api_addr().unwrap();
+    let wait = Duration::from_secs(2 + 8);
+
+    let huge_line = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(api).unwrap();
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ");
+        let chunk = vec![b'a'; 64 * 1024];
+        for _ in 0..16 {
+            if s.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        answered_or_closed(&mut s, wait)
+    });
+    let many = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(api).unwrap();
+        let mut req = b"GET /healthz HTTP/1.1\r\nHost: x\r\n".to_vec();
+        for i in 0..10_000 {
+            req.extend_from_slice(format!("X-H{i}: v\r\n").as_bytes());
+        }
+        req.extend_from_slice(b"\r\n");
+        let _ = s.write_all(&req);
+        answered_or_closed(&mut s, wait)
+    });
+    let trickle = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(api).unwrap();
+        let head = signed_bytes(
+            &api.to_string(),
+            TOKEN_PATH,
+            &" ".repeat(100),
+            &key(),
+            SystemTime::now(),
+        );
+        let at = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        s.write_all(&head[..at]).unwrap();
+        // One byte a second, at most 12: the server must answer (408) or close long before 100.
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        for _ in 0..12 {
+            if s.write_all(b" ").is_err() {
+                return 0;
+            }
+            let mut b = [0u8; 512];
+            match std::io::Read::read(&mut s, &mut b) {
+                Ok(0) => return 0,
+                Ok(n) => {
+                    let t = String::from_utf8_lossy(&b[..n]).to_string();
+                    return t
+                        .split(' ')
+                        .nth(1)
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or(0);
+                }
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => return 0,
+            }
+        }
+        panic!("a body trickling one byte a second was neither refused nor closed");
+    });
+    // Meanwhile the token endpoint answers (a generous bound for a loaded machine).
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..3 {
+        let mut s = std::net::TcpStream::connect(api).unwrap();
+        s.write_all(&signed_bytes(
+            &api.to_string(),
+            TOKEN_PATH,
+            "{}",
+            &key(),
+            SystemTime::now(),
+        ))
+        .unwrap();
+        assert_eq!(answered_or_closed(&mut s, Duration::from_secs(5)), 200);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let big = huge_line.join().unwrap();
+    assert!(big == 431 || big == 0, "1 MiB header line: {big}");
+    let many = many.join().unwrap();
+    assert!(many == 431 || many == 0, "10,000 headers: {many}");
+    let slow = trickle.join().unwrap();
+    assert!(slow == 408 || slow == 0, "trickled body: {slow}");
+    // A body over the limit gets the API's JSON 413.
+    let (status, body) = raw(
+        api,
+        &signed_bytes(
+            &api.to_string(),
+            TOKEN_PATH,
+            &" ".repeat(70 * 1024),
+            &key(),
+            SystemTime::now(),
+        ),
+    );
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("PayloadTooLarge"), "{body}");
+    service.stop().unwrap();
+}
+
+#[test]
+fn two_thousand_idle_connections_starve_neither_the_api_nor_allocations() {
+    let dir = temp_dir("idle");
+    let reserved = reserve_udp();
+    let text = config_text(
+        reserved.port(),
+        free_tcp_port(),
+        49000,
+        &dir.join("u.db"),
+        "",
+    );
+    let service = turnpike::service::start(&RelayConfig::from_toml(&text).unwrap()).unwrap();
+    let api = service.api_addr().unwrap();
+    let server = service.relay().listen_addrs()[0];
+    // 2,000 here and 2,000 in the server: well inside the 20,000 open-file cap.
+    let idle: Vec<_> = (0..2_000)
+        .map(|_| std::net::TcpStream::connect_timeout(&api, Duration::from_secs(5)).unwrap())
+        .collect();
+    let v = signed_post(api, TOKEN_PATH, r#"{"id": "busy", "ttl": 600}"#).unwrap();
+    assert!(v["iceServers"][0]["username"]
+        .as_str()
+        .unwrap()
+        .ends_with(":busy"));
+    assert_eq!(
+        ureq::get(&format!("http://{api}/healthz"))
+            .timeout(Duration::from_secs(5))
+            .call()
+            .unwrap()
+            .status(),
+        200
+    );
+    let (c, p, relayed) = rest_client(server, "busy");
+    exchange(&c, &p, relayed, 3, 100);
+    drop(idle);
+    service.stop().unwrap();
+}
+
+/// utime + stime of process `pid`, in clock ticks (/proc/PID/stat fields 14 and 15).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name (field 2) may hold spaces: count from the closing parenthesis.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+fn tls_client(ca: &rcgen::CertifiedKey) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.der().clone()).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+#[test]
+fn client_hello_then_close_notify_on_the_api_tls_port_neither_spins_nor_blocks() {
+    use std::io::{Read, Write};
+    let dir = temp_dir("close-notify");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_pem, key_pem) = (dir.join("api.crt"), dir.join("api.key"));
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
+    let tls = format!(
+        "names = [\"localhost\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+        cert_pem.display(),
+        key_pem.display()
+    );
+    let reserved = reserve_udp();
+    let api_port = free_tcp_port();
+    let cfg = dir.join("turnpike.toml");
+    std::fs::write(
+        &cfg,
+        config_text(reserved.port(), api_port, 50000, &dir.join("u.db"), &tls),
+    )
+    .unwrap();
+    let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args(["--config", cfg.to_str().unwrap(), "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let relay = Relay { child };
+    let client = tls_client(&cert);
+    let healthz = || -> String {
+        let conn =
+            rustls::ClientConnection::new(client.clone(), "localhost".try_into().unwrap()).unwrap();
+        let Ok(tcp) = std::net::TcpStream::connect(api) else {
+            return String::new();
+        };
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        let _ =
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).to_string()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !healthz().starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < deadline, "the API did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // RUSTSEC-2024-0336: a ClientHello, then a close_notify alert (a plaintext record before the
+    // handshake is done). 32 such connections stay open.
+    let mut evil = Vec::new();
+    for _ in 0..32 {
+        let mut conn =
+            rustls::ClientConnection::new(client.clone(), "localhost".try_into().unwrap()).unwrap();
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).unwrap();
+        let mut s = std::net::TcpStream::connect(api).unwrap();
+        s.write_all(&hello).unwrap();
+        s.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x01, 0x00])
+            .unwrap();
+        evil.push(s);
+    }
+    let before = cpu_ticks(relay.child.id());
+    let start = Instant::now();
+    let mut answered = 0;
+    while start.elapsed() < Duration::from_secs(5) {
+        assert!(
+            healthz().starts_with("HTTP/1.1 200"),
+            "the API stays responsive"
+        );
+        answered += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let used = cpu_ticks(relay.child.id()) - before;
+    // Clock ticks are 1/100 s on Linux. One spinning thread would burn ~500 ticks; the health checks
+    // and an idle relay use a few. A generous bound: under half a core.
+    assert!(
+        used < 250,
+        "{used} ticks of CPU in 5 s with {answered} health checks"
+    );
+    drop(evil);
+    relay.terminate();
 }
