@@ -373,7 +373,7 @@ impl Api {
     /// name listed without a port matches `name:<listen port>` too).
     fn is_own_name(&self, host: &str) -> bool {
         let host = host.trim().to_ascii_lowercase();
-        if self.config.names.iter().any(|n| *n == host) {
+        if self.config.names.contains(&host) {
             return true;
         }
         match host.rsplit_once(':') {
