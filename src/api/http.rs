@@ -5,7 +5,8 @@
 //!  accept ─▶ connection permit (max_connections; none: close) ─▶ [TLS handshake ≤ header_read_timeout]
 //!    ─▶ hyper http1 (header_read_timeout, max_header_bytes, max_headers; 431 / close)
 //!    ─▶ TimeoutLayer (request_timeout: 408) ─▶ GlobalConcurrencyLimit (max_concurrent_requests)
-//!    ─▶ RequestBodyLimit (max_body_bytes: 413) ─▶ Api::handle on the blocking pool
+//!    ─▶ RequestBodyLimit (max_body_bytes: 413) ─▶ Api::handle (on the blocking pool unless it only
+//!       computes: minting, /healthz)
 //! ```
 //!
 //! The TLS configuration can be replaced while running ([`ApiTls::set`], on SIGHUP); connections
@@ -34,6 +35,8 @@ use super::{Api, Limits, Request, Response};
 
 /// How long [`ApiHandle::stop`] lets requests in flight finish.
 pub const GRACE: Duration = Duration::from_secs(5);
+/// The token endpoint's path.
+const TOKEN_PATH: &str = "/networkTraversal/:issueRelayConfiguration";
 /// Threads answering requests ([`Api::handle`] may wait on SQLite or the control thread).
 const BLOCKING_THREADS: usize = 8;
 
@@ -253,7 +256,7 @@ async fn answer(
         .iter()
         .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
         .collect();
-    let resp = tokio::task::spawn_blocking(move || {
+    let run = move || {
         let r = Request {
             method: &method,
             url: &url,
@@ -266,9 +269,17 @@ async fn answer(
         } else {
             api.handle(&r, SystemTime::now())
         }
-    })
-    .await
-    .unwrap_or_else(|_| Response::error(500, "InternalError", "the request handler failed"));
+    };
+    // Minting and /healthz only compute: answer them here. The rest may wait on SQLite or on the
+    // control thread (/readyz, /metrics): the blocking pool.
+    let path = parts.uri.path();
+    let resp = if !metrics_only && (path == TOKEN_PATH || path == "/healthz") {
+        run()
+    } else {
+        tokio::task::spawn_blocking(run)
+            .await
+            .unwrap_or_else(|_| Response::error(500, "InternalError", "the request handler failed"))
+    };
     to_http(resp)
 }
 
