@@ -67,8 +67,8 @@ enum Command {
         /// The identity (user id) the credentials carry; usage is billed to it.
         #[arg(long)]
         id: String,
-        /// Validity in seconds (at most 172800).
-        #[arg(long, default_value_t = turnpike::api::MAX_TTL)]
+        /// Validity in seconds (at most the configuration's [rest] max_ttl_seconds, 172800 by default).
+        #[arg(long, default_value_t = turnpike::auth::DEFAULT_MAX_TTL)]
         ttl: u64,
         /// "any" or "nearest" (default: one entry for each).
         #[arg(long)]
@@ -108,6 +108,13 @@ fn main() -> ExitCode {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
+            if ttl > turnpike::auth::DEFAULT_MAX_TTL {
+                eprintln!(
+                    "warning: --ttl {ttl} is beyond the relays' default maximum ({} s, [rest] \
+                     max_ttl_seconds): relays with the default refuse this credential",
+                    turnpike::auth::DEFAULT_MAX_TTL
+                );
+            }
             match RestSecrets::new(vec![secret.into_bytes()]).mint(&user, now, ttl) {
                 Some(c) => {
                     println!(
@@ -344,7 +351,7 @@ fn credentials(cli: &Cli, id: &str, ttl: u64, route: Option<&str>) -> ExitCode {
             "default".into(),
         ),
     };
-    let ttl = ttl.min(turnpike::api::MAX_TTL);
+    let ttl = ttl.min(config.live.rest_secrets.max_ttl());
     match turnpike::api::relay_configuration(
         &fleet,
         &region,

@@ -1108,3 +1108,40 @@ fn client_hello_then_close_notify_on_the_api_tls_port_neither_spins_nor_blocks()
     drop(evil);
     relay.terminate();
 }
+
+#[test]
+fn a_credential_outliving_max_ttl_gets_401_and_the_api_never_mints_one() {
+    let dir = temp_dir("max-ttl");
+    let reserved = reserve_udp();
+    let text = config_text(
+        reserved.port(),
+        free_tcp_port(),
+        51000,
+        &dir.join("u.db"),
+        "",
+    )
+    .replace(
+        "secrets = [\"secret\"]",
+        "secrets = [\"secret\"]\nmax_ttl_seconds = 3600",
+    );
+    let service = turnpike::service::start(&RelayConfig::from_toml(&text).unwrap()).unwrap();
+    let server = service.relay().listen_addrs()[0];
+    let secrets = RestSecrets::new(vec![SECRET.as_bytes().to_vec()]);
+    let too_long = secrets.mint("long", unix_now(), 3600 + 400).unwrap();
+    let mut c = Client::new(server, &too_long.username, &too_long.password);
+    let resp = c.authed(Method::ALLOCATE, &[Attribute::RequestedTransport(17)]);
+    assert_eq!(Client::error_code(&resp), Some(401));
+    let ok = secrets.mint("short", unix_now(), 3600).unwrap();
+    Client::new(server, &ok.username, &ok.password).allocate();
+    // Asked for more, the API mints the maximum.
+    let v = signed_post(
+        service.api_addr().unwrap(),
+        TOKEN_PATH,
+        r#"{"id": "x", "ttl": 86400}"#,
+    )
+    .unwrap();
+    let user = v["iceServers"][0]["username"].as_str().unwrap();
+    let expiry: u64 = user.split(':').next().unwrap().parse().unwrap();
+    assert!(expiry <= unix_now() + 3600, "{user}");
+    service.stop().unwrap();
+}

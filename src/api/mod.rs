@@ -39,8 +39,6 @@ use crate::metrics;
 use crate::policy::Cidr;
 use crate::usage;
 
-/// The longest (and default) credential lifetime, as in the cloud API: 48 hours.
-pub const MAX_TTL: u64 = 172_800;
 /// Replay-cache entries at most (admin requests seen within the signature window); beyond it admin
 /// requests get 503 until entries expire.
 const MAX_REPLAY_ENTRIES: usize = 100_000;
@@ -500,13 +498,15 @@ impl Api {
                 )
             }
         };
+        // The longest (and default) lifetime: the relays' `[rest] max_ttl_seconds` (48 h by default).
+        let max_ttl = self.secrets.max_ttl();
         let ttl = match v.get("ttl") {
-            None | Some(Value::Null) => MAX_TTL,
+            None | Some(Value::Null) => max_ttl,
             Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
                 // Larger than the maximum: the default, as the cloud API does.
                 (Some(t), _) => {
-                    if t > MAX_TTL {
-                        MAX_TTL
+                    if t > max_ttl {
+                        max_ttl
                     } else {
                         t
                     }
@@ -572,9 +572,12 @@ impl Api {
         else {
             return Response::error(400, "InvalidRequest", "id (string) is required");
         };
-        // Default horizon: every credential minted so far (none outlives now + the maximum ttl).
+        // Default horizon: every credential the relays still accept (none outlives now + the maximum
+        // ttl + the clock skew allowance).
         let until = match v.get("until") {
-            None | Some(Value::Null) => unix(now) + MAX_TTL,
+            None | Some(Value::Null) => {
+                unix(now) + self.secrets.max_ttl() + crate::auth::EXPIRY_SKEW
+            }
             Some(Value::String(s)) => match humantime::parse_rfc3339(s) {
                 Ok(t) => unix(t),
                 Err(_) => {

@@ -260,7 +260,11 @@ fn revoke_reaches_the_relay_and_health_metrics_and_routing() {
         now(),
     );
     assert_eq!(r.status, 200);
-    assert_eq!(json_of(&r)["until"], "2027-01-17T08:00:00Z");
+    assert_eq!(
+        json_of(&r)["until"],
+        "2027-01-17T08:05:00Z",
+        "now + max ttl + skew: every credential a relay still accepts"
+    );
     let r = a.handle(
         &signed(
             "POST",
@@ -279,7 +283,7 @@ fn revoke_reaches_the_relay_and_health_metrics_and_routing() {
     assert_eq!(
         *revoked.lock().unwrap(),
         vec![
-            ("carol".to_string(), 1_800_172_800),
+            ("carol".to_string(), 1_800_173_100),
             ("dave".to_string(), 0)
         ]
     );
@@ -387,7 +391,7 @@ fn host_roles_replays_and_stale_admin_requests_are_refused() {
     assert_eq!(
         *revoked.lock().unwrap(),
         vec![
-            ("carol".to_string(), 1_800_172_800),
+            ("carol".to_string(), 1_800_173_100),
             ("carol".to_string(), 0)
         ],
         "only the applied ones reached the relay"

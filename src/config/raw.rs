@@ -93,6 +93,7 @@ pub(super) struct RawUser {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawRest {
     pub(super) secrets: Vec<String>,
+    pub(super) max_ttl_seconds: Option<u64>,
 }
 
 #[derive(Deserialize)]

@@ -187,13 +187,24 @@ impl RawConfig {
                 "must not be empty",
             ));
         }
+        let max_ttl = self
+            .rest
+            .max_ttl_seconds
+            .unwrap_or(crate::auth::DEFAULT_MAX_TTL);
+        if max_ttl == 0 || max_ttl > 30 * 86_400 {
+            return Err(ConfigError::new(
+                "rest.max_ttl_seconds",
+                format!("must be 1 to 2592000 (30 days) (got {max_ttl})"),
+            ));
+        }
         let rest_secrets = RestSecrets::new(
             self.rest
                 .secrets
                 .into_iter()
                 .map(String::into_bytes)
                 .collect(),
-        );
+        )
+        .with_max_ttl(max_ttl);
 
         let lifetimes = &self.lifetimes;
         if lifetimes.max < lifetimes.default {
