@@ -790,10 +790,11 @@ fn host_roles_replays_and_stale_lifts_over_http_and_revocations_survive_a_restar
 }
 
 #[test]
-fn x_forwarded_for_from_an_untrusted_peer_is_ignored() {
+fn x_forwarded_for_from_an_untrusted_peer_is_ignored_and_metrics_listen_apart() {
     let dir = temp_dir("xff");
     let reserved = reserve_udp();
-    let extra = "trusted_proxies = [\"10.0.0.0/8\"]\nregion = \"eu\"\n\
+    let metrics_port = free_tcp_port();
+    let extra = format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\n") + "trusted_proxies = [\"10.0.0.0/8\"]\nregion = \"eu\"\n\
                  [[api.fleet]]\nid = \"us-1\"\nregion = \"us\"\naddresses = [\"198.51.100.1:3478\"]\n\
                  [[api.client_regions]]\ncidr = \"203.0.113.0/24\"\nregion = \"us\"";
     let text = config_text(
@@ -801,7 +802,7 @@ fn x_forwarded_for_from_an_untrusted_peer_is_ignored() {
         free_tcp_port(),
         47000,
         &dir.join("u.db"),
-        extra,
+        &extra,
     );
     let service = turnpike::service::start(&RelayConfig::from_toml(&text).unwrap()).unwrap();
     let api = service.api_addr().unwrap();
@@ -823,6 +824,19 @@ fn x_forwarded_for_from_an_untrusted_peer_is_ignored() {
         !urls.contains("198.51.100.1") && urls.contains("127.0.0.1"),
         "the loopback peer is no trusted proxy: its region is the API's own ({urls})"
     );
+    // /metrics answers on its own listener only.
+    assert_eq!(service.metrics_addr().unwrap().port(), metrics_port);
+    let metrics = ureq::get(&format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .call()
+        .unwrap();
+    assert!(metrics
+        .into_string()
+        .unwrap()
+        .contains("turnpike_allocations"));
+    match ureq::get(&format!("http://{api}/metrics")).call() {
+        Err(ureq::Error::Status(404, _)) => {}
+        other => panic!("/metrics on the API listener: {other:?}"),
+    }
     service.stop().unwrap();
 }
 
