@@ -81,6 +81,8 @@ def compare(outdir, runs):
     if "binding" in tests:
         rows.append(("STUN Binding responses/s", "/s",
                      {s: metric(runs, s, "binding", lambda v: v["bindings_per_s"]) for s in servers}, "high"))
+        rows.append(("server CPU µs per Binding request", "µs",
+                     {s: metric(runs, s, "binding", lambda v: v["cpu_us_per_request"]) for s in servers}, "low"))
     if "alloc" in tests:
         rows.append(("allocations/s (401 + Allocate + delete)", "/s",
                      {s: metric(runs, s, "alloc", lambda v: v["allocations_per_s"]) for s in servers}, "high"))

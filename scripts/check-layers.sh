@@ -15,7 +15,7 @@ declare -A allowed=(
   [metrics]=""
   [dataplane]="wire route sys metrics"
   [control]="server route sys metrics dataplane wire auth policy config"
-  [usage]="metrics"
+  [usage]="metrics sys"
   [api]="auth metrics usage policy"
   [service]="wire auth policy route server sys metrics dataplane control config usage api"
 )

@@ -12,7 +12,8 @@
 #   - sweep: the highest delivered ChannelData rate with <0.1% loss (50 flows × 160 B), and server CPU
 #     µs per relayed packet at that rate (from /proc/<pid>/stat, utime+stime);
 #   - fixed: RTT percentiles and CPU per packet at a fixed 40k packets/s offered (50 flows × 160 B);
-#   - binding: STUN Binding responses/s (4 sockets × 32 in flight);
+#   - binding: STUN Binding responses/s and server CPU per request (4 sockets × 32 in flight; the bare
+#     forwarder answers Binding too, as the floor);
 #   - alloc: allocations/s through the full 401 round, then delete (64 concurrent clients).
 # Results (JSON per run, results.json, results.md, plots) go to $OUT (default results/compare-<time>).
 set -euo pipefail
@@ -67,10 +68,11 @@ run_server() {
   alive
   gen "$OUT/raw/$s-fixed-${FIXED_RATE}pps-r$r.json" --clients 50 --size 160 --rate "$FIXED_RATE" \
     --duration 5 --label "$s" || echo "   fixed-rate run failed on $s"
+  alive
+  # The bare forwarder answers Binding too (the floor for Binding's CPU per request).
+  gen "$OUT/raw/$s-binding-r$r.json" --scenario binding --clients 4 --window 32 --duration 3 \
+    --label "$s" || echo "   binding failed on $s"
   if [ "$s" != bare ]; then
-    alive
-    gen "$OUT/raw/$s-binding-r$r.json" --scenario binding --clients 4 --window 32 --duration 3 \
-      --label "$s" || echo "   binding failed on $s"
     alive
     gen "$OUT/raw/$s-alloc-r$r.json" --scenario alloc --clients 64 --duration 3 --label "$s" ||
       echo "   alloc failed on $s"

@@ -156,7 +156,14 @@ pub struct Quotas {
     pub max_allocations_per_user: usize,
     /// `quotas.max_permissions_per_allocation`.
     pub max_permissions_per_allocation: usize,
-    /// `challenge_rate`: unauthenticated answers per second per source IP (0 = unlimited).
+    /// `quotas.max_channels_per_allocation`.
+    pub max_channels_per_allocation: usize,
+    /// `quotas.max_permissions_per_identity`.
+    pub max_permissions_per_identity: usize,
+    /// `quotas.max_channels_per_identity`.
+    pub max_channels_per_identity: usize,
+    /// `challenge_rate`: unauthenticated answers per second per source network, /32 or /64 (0 =
+    /// unlimited).
     pub challenge_rate: u32,
 }
 
@@ -313,6 +320,9 @@ impl RelayConfig {
             max_allocations: l.quotas.max_allocations,
             max_allocations_per_user: l.quotas.max_allocations_per_user,
             max_permissions_per_allocation: l.quotas.max_permissions_per_allocation,
+            max_channels_per_allocation: l.quotas.max_channels_per_allocation,
+            max_permissions_per_identity: l.quotas.max_permissions_per_identity,
+            max_channels_per_identity: l.quotas.max_channels_per_identity,
             binding_requires_auth: f.binding_requires_auth,
             password_algorithms: f.password_algorithms,
             peer_policy: self.peer_policy(),
@@ -339,6 +349,84 @@ impl RelayConfig {
             region: live.region.clone(),
             client_regions: live.client_regions.clone(),
             usage_db: self.fixed.usage.as_ref().map(|u| u.database.clone()),
+        })
+    }
+}
+
+/// The open-file budget of a configuration against `RLIMIT_NOFILE` ([`RelayConfig::fit_open_files`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenFiles {
+    /// The soft open-file limit in force.
+    pub limit: u64,
+    /// Descriptors kept for everything but relay sockets and stream connections: listeners and their
+    /// clones, rings, epoll and eventfds per worker, the API, the database, stdio.
+    pub reserve: u64,
+    /// (`quotas.max_allocations`, `streams.max_connections`) as configured.
+    pub configured: (usize, usize),
+    /// The same after fitting them under the limit.
+    pub fitted: (usize, usize),
+}
+
+/// Descriptors per worker besides its listeners: epoll, eventfd, ring, stream poller, slack.
+const FDS_PER_WORKER: u64 = 8;
+/// Descriptors of the process as a whole: stdio, the API and its connections, SQLite (database,
+/// WAL, shared memory, the lock), signal handling, slack.
+const FDS_PROCESS: u64 = 128;
+
+impl OpenFiles {
+    /// Whether the caps had to come down.
+    pub fn lowered(&self) -> bool {
+        self.fitted != self.configured
+    }
+}
+
+impl RelayConfig {
+    /// Fits the allocation and stream connection caps under the open-file limit `limit`: each
+    /// allocation holds a relay socket and each TCP/TLS connection a descriptor, so
+    /// `quotas.max_allocations + streams.max_connections` (the latter only with stream listeners) must
+    /// fit beside [`OpenFiles::reserve`]. When they do not, both are lowered in proportion (the caller
+    /// logs it: an allocation beyond the cap gets 508, a connection beyond it is refused and counted,
+    /// where running out of descriptors would fail accept, relay sockets and the database alike). An
+    /// error when not even one allocation fits.
+    pub fn fit_open_files(&mut self, limit: u64) -> Result<OpenFiles, ConfigError> {
+        let f = &self.fixed;
+        let listeners = (f.listen.len() + f.listen_tcp.len() + f.listen_tls.len()) as u64;
+        // The control thread holds a clone of every worker's listener sockets.
+        let reserve = f.workers as u64 * (FDS_PER_WORKER + 2 * listeners) + FDS_PROCESS;
+        let streams = !(f.listen_tcp.is_empty() && f.listen_tls.is_empty());
+        let allocations = self.live.quotas.max_allocations;
+        let connections = f.streams.max_connections;
+        let configured = (allocations, connections);
+        let wanted = allocations as u64 + if streams { connections as u64 } else { 0 };
+        let available = limit.saturating_sub(reserve);
+        let min = if streams { 2 } else { 1 };
+        if available < min {
+            return Err(ConfigError::new(
+                "quotas.max_allocations",
+                format!(
+                    "the open-file limit (RLIMIT_NOFILE) is {limit}, and {reserve} descriptors are needed \
+                     before any allocation (workers and listeners); raise it (LimitNOFILE= in the \
+                     systemd unit, ulimit -n)"
+                ),
+            ));
+        }
+        let fitted = if wanted <= available {
+            configured
+        } else if !streams {
+            (available as usize, connections)
+        } else {
+            // In proportion, each at least 1, together within `available`.
+            let a = (u128::from(available) * allocations as u128 / u128::from(wanted)) as u64;
+            let a = a.clamp(1, available - 1);
+            (a as usize, (available - a) as usize)
+        };
+        self.live.quotas.max_allocations = fitted.0;
+        self.fixed.streams.max_connections = fitted.1;
+        Ok(OpenFiles {
+            limit,
+            reserve,
+            configured,
+            fitted,
         })
     }
 }

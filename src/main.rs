@@ -11,6 +11,7 @@ use turnpike::config::{
 };
 use turnpike::dataplane::ToControl;
 use turnpike::service::{load_tls, API_TLS_KEYS, TLS_KEYS};
+use turnpike::sys::file as open_files;
 
 /// turnpike: a STUN/TURN relay (RFC 8489, RFC 8656, RFC 6156).
 ///
@@ -76,7 +77,7 @@ enum Command {
     },
     /// Print a per-identity usage summary from the metering database ([usage] database).
     Usage {
-        /// From this time (RFC 3339, e.g. 2026-11-01T00:00:00Z); default: the beginning.
+        /// From this time (RFC 3339, e.g. 2026-11-01T00:00:00Z); default: 31 days before --until.
         #[arg(long)]
         since: Option<String>,
         /// Until this time (RFC 3339, exclusive); default: now.
@@ -205,12 +206,16 @@ fn load(cli: &Cli) -> Result<RelayConfig, String> {
     Ok(config)
 }
 
-fn run(config: RelayConfig, demo: bool) -> ExitCode {
+fn run(mut config: RelayConfig, demo: bool) -> ExitCode {
     tracing_subscriber::fmt()
         .with_max_level(config.live.log_level)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
+    if let Err(e) = fit_open_files(&mut config) {
+        eprintln!("turnpike: configuration error: {e}");
+        return ExitCode::from(2);
+    }
     let mut settings = turnpike::service::settings(&config);
     match config
         .live
@@ -384,27 +389,27 @@ fn usage(cli: &Cli, since: Option<&str>, until: Option<&str>, json: bool) -> Exi
         eprintln!("error: metering is not configured (no [usage] section)");
         return ExitCode::from(2);
     };
-    let time = |flag: &str, v: Option<&str>, default: SystemTime| match v {
-        None => Ok(default),
-        Some(s) => humantime::parse_rfc3339_weak(s)
-            .map_err(|e| format!("{flag}: {s:?} is not an RFC 3339 date-time ({e})")),
-    };
     let ms = |t: SystemTime| {
         t.duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0)
     };
-    let range = time("--since", since, UNIX_EPOCH)
-        .and_then(|s| Ok((s, time("--until", until, SystemTime::now())?)));
+    let time = |flag: &str, v: Option<&str>| match v {
+        None => Ok(None),
+        Some(s) => humantime::parse_rfc3339_weak(s)
+            .map(|t| Some(ms(t)))
+            .map_err(|e| format!("{flag}: {s:?} is not an RFC 3339 date-time ({e})")),
+    };
+    let range = time("--since", since).and_then(|s| Ok((s, time("--until", until)?)));
     let (since, until) = match range {
-        Ok(r) => r,
+        Ok((since, until)) => turnpike::usage::summary_range(since, until, ms(SystemTime::now())),
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
-    let rows = turnpike::usage::Store::open_reader(&u.database)
-        .and_then(|s| s.summary(ms(since), ms(until)));
+    let rows =
+        turnpike::usage::Store::open_reader(&u.database).and_then(|s| s.summary(since, until));
     match rows {
         Ok(rows) if json => {
             println!("{}", serde_json::json!({ "identities": rows }));
@@ -419,4 +424,33 @@ fn usage(cli: &Cli, since: Option<&str>, until: Option<&str>, json: bool) -> Exi
             ExitCode::from(1)
         }
     }
+}
+
+/// Raise the soft open-file limit to the hard one, then fit the allocation and connection caps under
+/// it (lowered with a warning: the relay runs, and answers 508 beyond the cap, rather than failing on
+/// descriptors later). An error when not even one allocation would fit.
+fn fit_open_files(config: &mut RelayConfig) -> Result<(), turnpike::config::ConfigError> {
+    let limit = match open_files::raise_open_file_limit() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(
+                "cannot read the open-file limit (RLIMIT_NOFILE), caps not checked: {e}"
+            );
+            return Ok(());
+        }
+    };
+    let fit = config.fit_open_files(limit)?;
+    if fit.lowered() {
+        tracing::warn!(
+            "the open-file limit (RLIMIT_NOFILE) is {limit}: quotas.max_allocations {} and \
+             streams.max_connections {} do not fit beside the {} descriptors the relay keeps; lowered to \
+             {} and {}. Raise the limit (LimitNOFILE= in the systemd unit, ulimit -n) or lower the caps.",
+            fit.configured.0,
+            fit.configured.1,
+            fit.reserve,
+            fit.fitted.0,
+            fit.fitted.1,
+        );
+    }
+    Ok(())
 }

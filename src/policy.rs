@@ -18,16 +18,19 @@
 //!    over IPv4, so it is judged as that IPv4 address everywhere: built-in table, allow and
 //!    deny lists, service ports. Configured CIDRs inside `::ffff:0:0/96` are canonicalised the
 //!    same way, so `::ffff:127.0.0.0/104` and `127.0.0.0/8` are the same entry.
-//! 3. A NAT64 (`64:ff9b::/96`, RFC 6052 §2.1) or 6to4 (`2002::/16`, RFC 3056 §2) address
-//!    has two forms: the IPv6 address itself and the IPv4 address embedded in it, which is
-//!    where a translator or tunnel will deliver the packet. Each step below looks at both.
+//! 3. A NAT64 (`64:ff9b::/96`, RFC 6052 §2.1), 6to4 (`2002::/16`, RFC 3056 §2), Teredo
+//!    (`2001::/32`, RFC 4380 §4: server and client) or IPv4-compatible (`::/96`) address has
+//!    several forms: the IPv6 address itself and the IPv4 addresses embedded in it, which is
+//!    where a translator or tunnel will deliver the packet. Each step below looks at every form.
 //! 4. The relay's own service sockets: [`Denied::ServicePort`], whatever the CIDR lists say.
-//! 5. Configured deny list, if either form matches: [`Denied::Configured`].
-//! 6. Configured allow list, if either form matches: allowed, skipping the built-in table.
-//! 7. Built-in table, if either form is in it: [`Denied::Builtin`] with the range's name.
-//! 8. Otherwise allowed.
+//! 5. Configured deny list, if any form matches: [`Denied::Configured`].
+//! 6. Every form is judged against the built-in table on its own: a form in it is
+//!    [`Denied::Builtin`] with the range's name, unless the allow list names *that form*. So
+//!    `allow = ["64:ff9b::/96"]` opens the NAT64 prefix for public IPv4 addresses, but
+//!    `64:ff9b::a00:1` stays denied until `10.0.0.0/8` itself is allowed too.
+//! 7. Otherwise allowed.
 //!
-//! So precedence is: port 0 and service ports > deny > allow > built-in table.
+//! So precedence is: port 0 and service ports > deny > allow (per form) > built-in table.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -228,37 +231,35 @@ impl PeerPolicy {
         }
         let ip = canonical(peer.ip());
         let (own, embedded) = match ip {
-            IpAddr::V4(v4) => (builtin_v4(v4), None),
-            IpAddr::V6(v6) => match classify_v6(v6) {
-                V6Class::Denied(name) => (Some(name), None),
-                V6Class::Embeds(v4) => (None, Some(v4)),
-                V6Class::Public => (None, None),
-            },
+            IpAddr::V4(v4) => (builtin_v4(v4), [None; 2]),
+            IpAddr::V6(v6) => classify_v6(v6),
         };
-        let embedded_ip = embedded.map(IpAddr::V4);
-        let is = |other: IpAddr| other == ip || Some(other) == embedded_ip;
+        let embedded = embedded.map(|e| e.map(IpAddr::V4));
+        let forms = || core::iter::once(ip).chain(embedded.into_iter().flatten());
 
         if self
             .services
             .iter()
-            .any(|&(s, p)| p == port && (s.is_unspecified() || is(s)))
+            .any(|&(s, p)| p == port && (s.is_unspecified() || forms().any(|f| f == s)))
         {
             return Err(Denied::ServicePort);
         }
-        let listed = |list: &[Cidr]| {
-            list.iter()
-                .any(|c| c.contains(ip) || embedded_ip.is_some_and(|e| c.contains(e)))
-        };
-        if listed(&self.deny) {
+        let listed = |list: &[Cidr], form: IpAddr| list.iter().any(|c| c.contains(form));
+        if forms().any(|f| listed(&self.deny, f)) {
             return Err(Denied::Configured);
         }
-        if listed(&self.allow) {
-            return Ok(());
+        // Each form is judged on its own: an allow entry opens only the form it names. Allowing
+        // `64:ff9b::/96` opens the NAT64 prefix, not the private IPv4 addresses embedded in it.
+        if let Some(name) = own.filter(|_| !listed(&self.allow, ip)) {
+            return Err(Denied::Builtin(name));
         }
-        match own.or_else(|| embedded.and_then(builtin_v4)) {
-            Some(name) => Err(Denied::Builtin(name)),
-            None => Ok(()),
+        for e in embedded.into_iter().flatten() {
+            let IpAddr::V4(v4) = e else { continue };
+            if let Some(name) = builtin_v4(v4).filter(|_| !listed(&self.allow, e)) {
+                return Err(Denied::Builtin(name));
+            }
         }
+        Ok(())
     }
 }
 
@@ -319,17 +320,15 @@ const V6_DENY: &[(u128, u8, &str)] = &[
 const NAT64_WKP: u128 = v6([0x64, 0xff9b, 0, 0, 0, 0, 0, 0]);
 /// 6to4, RFC 3056 §2: `2002:V4ADDR::/48`, IPv4 address in bits 16..48.
 const SIX_TO_FOUR: u128 = v6([0x2002, 0, 0, 0, 0, 0, 0, 0]);
+/// Teredo, RFC 4380 §4: `2001:0::/32`.
+const TEREDO: u128 = v6([0x2001, 0, 0, 0, 0, 0, 0, 0]);
 /// Global unicast, RFC 4291 §2.4 and the IANA IPv6 address space registry. Everything
 /// outside it that the tables above do not name is IETF-reserved and unroutable.
 const GLOBAL_UNICAST: u128 = v6([0x2000, 0, 0, 0, 0, 0, 0, 0]);
 
-/// What the built-in table says about a canonical IPv6 address on its own.
-enum V6Class {
-    Denied(&'static str),
-    /// Judged by the embedded IPv4 address (NAT64 well-known prefix, 6to4).
-    Embeds(Ipv4Addr),
-    Public,
-}
+/// IPv4 addresses a canonical IPv6 address carries (NAT64, 6to4, Teredo, IPv4-compatible): where a
+/// translator or tunnel would deliver the packet. At most two (Teredo's server and client).
+type Embedded = [Option<Ipv4Addr>; 2];
 
 const fn v4(a: u8, b: u8, c: u8, d: u8) -> u32 {
     u32::from_be_bytes([a, b, c, d])
@@ -398,28 +397,38 @@ fn builtin_v4(ip: Ipv4Addr) -> Option<&'static str> {
         .map(|&(_, _, name)| name)
 }
 
-fn classify_v6(ip: Ipv6Addr) -> V6Class {
-    if let Some(v4) = ip.to_ipv4_mapped() {
-        return V6Class::Embeds(v4);
-    }
+/// The built-in verdict on a canonical IPv6 address itself (the name of the deny range it is in), and the
+/// IPv4 addresses embedded in it, each of which is judged as well.
+fn classify_v6(ip: Ipv6Addr) -> (Option<&'static str>, Embedded) {
     let bits = u128::from(ip);
-    if let Some(&(_, _, name)) = V6_DENY
+    // Truncating casts pick the embedded 32 bits out of the 128.
+    let low = Ipv4Addr::from(bits as u32);
+    let embedded: Embedded = if in_v6(bits, NAT64_WKP, 96) {
+        [Some(low), None]
+    } else if in_v6(bits, SIX_TO_FOUR, 16) {
+        [Some(Ipv4Addr::from((bits >> 80) as u32)), None]
+    } else if in_v6(bits, TEREDO, 32) {
+        // RFC 4380 §4: the server's IPv4 in bits 32..64, the client's in the last 32, inverted.
+        [
+            Some(Ipv4Addr::from((bits >> 64) as u32)),
+            Some(Ipv4Addr::from(!(bits as u32))),
+        ]
+    } else if in_v6(bits, 0, 96) && bits > 1 {
+        // RFC 4291 §2.5.5.1 IPv4-compatible (`::` and `::1` are not: they are named below).
+        [Some(low), None]
+    } else {
+        [None; 2]
+    };
+    let own = V6_DENY
         .iter()
         .find(|&&(net, prefix, _)| in_v6(bits, net, prefix))
-    {
-        return V6Class::Denied(name);
-    }
-    // Truncating casts pick the embedded 32 bits out of the 128.
-    if in_v6(bits, NAT64_WKP, 96) {
-        return V6Class::Embeds(Ipv4Addr::from(bits as u32));
-    }
-    if in_v6(bits, SIX_TO_FOUR, 16) {
-        return V6Class::Embeds(Ipv4Addr::from((bits >> 80) as u32));
-    }
-    if !in_v6(bits, GLOBAL_UNICAST, 3) {
-        return V6Class::Denied("reserved");
-    }
-    V6Class::Public
+        .map(|&(_, _, name)| name);
+    let own = match own {
+        Some(name) => Some(name),
+        None if embedded[0].is_none() && !in_v6(bits, GLOBAL_UNICAST, 3) => Some("reserved"),
+        None => None,
+    };
+    (own, embedded)
 }
 
 #[cfg(test)]
@@ -934,7 +943,92 @@ mod tests {
             .with_service_ports(vec![sa("127.0.0.1:9090"), sa("0.0.0.0:8080")])
     }
 
+    /// Issue #10 finding 3: an allow entry on the IPv6 form of an embedding prefix must not open the
+    /// internal IPv4 addresses embedded in it.
+    #[test]
+    fn allowing_an_ipv6_prefix_does_not_open_embedded_internal_ipv4() {
+        let p = PeerPolicy::new().with_allow(vec![cidr("64:ff9b::/96")]);
+        assert_eq!(
+            p.check(sa("[64:ff9b::a01:203]:5000")),
+            Err(Denied::Builtin("rfc1918"))
+        );
+        assert_eq!(
+            p.check(sa("[64:ff9b::a9fe:a9fe]:80")),
+            Err(Denied::Builtin("link-local"))
+        );
+        assert_eq!(p.check(sa("[64:ff9b::808:808]:53")), Ok(()));
+        // Naming the IPv4 range itself opens it in every form judged by it.
+        let p = p.with_allow(vec![cidr("10.0.0.0/8")]);
+        assert_eq!(p.check(sa("[64:ff9b::a01:203]:5000")), Ok(()));
+        assert_eq!(
+            p.check(sa("[64:ff9b::a9fe:a9fe]:80")),
+            Err(Denied::Builtin("link-local"))
+        );
+
+        let wide = PeerPolicy::new().with_allow(vec![
+            cidr("::/0"),
+            cidr("2002::/16"),
+            cidr("2001::/32"),
+            cidr("::/96"),
+        ]);
+        for (encoding, name) in [
+            ("2002:a01:203::1", "rfc1918"),
+            ("2002:a9fe:a9fe::1", "link-local"),
+            ("2001:0:4136:e378:8000:63bf:80ff:fffe", "loopback"), // Teredo client 127.0.0.1
+            ("2001:0:7f00:1::1", "loopback"),                     // Teredo server 127.0.0.1
+            ("::10.1.2.3", "rfc1918"),
+            ("::ffff:10.1.2.3", "rfc1918"),
+            ("64:ff9b::7f00:1", "loopback"),
+        ] {
+            assert_eq!(
+                wide.check(SocketAddr::new(ip(encoding), 5000)),
+                Err(Denied::Builtin(name)),
+                "{encoding}"
+            );
+        }
+        // The IPv6 forms themselves were opened: public embedded addresses pass.
+        assert_eq!(
+            wide.check(sa("[2001:0:4136:e378:8000:63bf:f7f7:f7f7]:5000")),
+            Ok(())
+        );
+        assert_eq!(wide.check(sa("[2002:808:808::1]:5000")), Ok(()));
+        assert_eq!(wide.check(sa("[::8.8.8.8]:5000")), Ok(()));
+        // `::1` and `::` are not IPv4-compatible forms of 0.0.0.1 and 0.0.0.0.
+        assert_eq!(wide.check(sa("[::1]:5000")), Ok(()));
+    }
+
+    fn ipv6_allowing() -> PeerPolicy {
+        PeerPolicy::new().with_allow(vec![
+            cidr("::/0"),
+            cidr("64:ff9b::/96"),
+            cidr("2002::/16"),
+            cidr("2001::/32"),
+        ])
+    }
+
     proptest! {
+        /// Whatever IPv6 ranges are allowed, no encoding is more permissive than its IPv4 address.
+        #[test]
+        fn ipv6_allows_never_open_a_denied_embedded_ipv4(a in any::<u32>(), port in 1u16..) {
+            let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::from(a)), port);
+            let p = ipv6_allowing();
+            if p.check(v4).is_err() {
+                let mut encodings = vec![
+                    NAT64_WKP | u128::from(a),
+                    SIX_TO_FOUR | (u128::from(a) << 80) | 1,
+                    TEREDO | u128::from(!a),                           // client a
+                    TEREDO | (u128::from(a) << 64) | 0xf7f7_f7f7,      // server a, client 8.8.8.8
+                ];
+                if a >= 2 {
+                    encodings.push(u128::from(a)); // IPv4-compatible
+                }
+                for bits in encodings {
+                    let e = SocketAddr::new(IpAddr::V6(Ipv6Addr::from(bits)), port);
+                    prop_assert!(p.check(e).is_err(), "{} embeds {} and must be denied", e, v4);
+                }
+            }
+        }
+
         #[test]
         fn check_never_panics(addr in any_ip(), port in any::<u16>()) {
             let peer = SocketAddr::new(addr, port);

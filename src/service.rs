@@ -12,7 +12,7 @@
 use std::io;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 
@@ -87,7 +87,7 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
     let writer = match (store, writer, &config.fixed.usage) {
         (Some(store), Some(rx), Some(u)) => {
             let (stop, stopped) = bounded::<()>(1);
-            let every = u.checkpoint;
+            let (every, retention) = (u.checkpoint, u.retention);
             let tick = to_control.clone();
             let t = std::thread::Builder::new()
                 .name("turnpike-checkpoint".into())
@@ -105,7 +105,7 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
             Some(
                 std::thread::Builder::new()
                     .name("turnpike-usage".into())
-                    .spawn(move || write_usage(store, &rx))?,
+                    .spawn(move || write_usage(store, &rx, retention))?,
             )
         }
         _ => None,
@@ -249,20 +249,39 @@ pub fn load_tls(files: &TlsFiles, keys: [&str; 2]) -> Result<Arc<rustls::ServerC
     })
 }
 
-fn write_usage(mut store: usage::Store, rx: &Receiver<UsageRecord>) {
+/// The usage writer: stores records in batches as they come, and prunes rows older than `retention`
+/// at start and every [`usage::PRUNE_EVERY`].
+fn write_usage(mut store: usage::Store, rx: &Receiver<UsageRecord>, retention: Duration) {
+    let prune = |store: &usage::Store| match store.prune(unix_ms(), retention) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(rows = n, "usage: pruned rows past the retention"),
+        Err(e) => tracing::warn!("usage: pruning failed: {e}"),
+    };
+    prune(&store);
+    let mut next_prune = Instant::now() + usage::PRUNE_EVERY;
     let mut batch = Vec::with_capacity(64);
-    while let Ok(first) = rx.recv() {
-        batch.push(record(first));
-        while batch.len() < WRITE_BATCH {
+    loop {
+        match rx.recv_timeout(next_prune.saturating_duration_since(Instant::now())) {
+            Ok(first) => batch.push(record(first)),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        while !batch.is_empty() && batch.len() < WRITE_BATCH {
             match rx.try_recv() {
                 Ok(r) => batch.push(record(r)),
                 Err(_) => break,
             }
         }
-        if let Err(e) = store.record(&batch) {
-            tracing::error!("usage records lost: {e}");
+        if !batch.is_empty() {
+            if let Err(e) = store.record(&batch) {
+                tracing::error!("usage records lost: {e}");
+            }
+            batch.clear();
         }
-        batch.clear();
+        if Instant::now() >= next_prune {
+            prune(&store);
+            next_prune = Instant::now() + usage::PRUNE_EVERY;
+        }
     }
 }
 

@@ -416,6 +416,127 @@ fn sigkill_loses_at_most_one_checkpoint_interval_and_restart_counts_nothing_twic
     assert_eq!(sum[0].allocations, 2);
 }
 
+/// Issue 14: a second `turnpike` on the same database refuses to start, before it writes anything; the
+/// first one's open rows stay open and are finished by the first one, exactly.
+#[test]
+fn a_second_instance_on_the_same_database_refuses_and_leaves_the_first_ones_rows_alone() {
+    let dir = temp_dir("second");
+    let db = dir.join("usage.db");
+    let cfg = dir.join("turnpike.toml");
+    let reserved = reserve_udp();
+    let (listen, api_port) = (reserved.port(), free_tcp_port());
+    std::fs::write(&cfg, config_text(listen, api_port, 49000, &db, "")).unwrap();
+    let server: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
+    let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
+
+    let relay = Relay::spawn(&cfg, api);
+    let (c, p, relayed) = rest_client(server, "fay");
+    exchange(&c, &p, relayed, 5, 40);
+    eventually("a checkpointed row", || rows(&db).len() == 1);
+
+    let mut second = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args(["--config", cfg.to_str().unwrap(), "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while second.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("the second instance did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = second.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("in use by another turnpike"), "{stderr}");
+    assert!(stderr.contains("usage.db.lock"), "{stderr}");
+    assert_eq!(rows(&db)[0].5, None, "the live run's row is still open");
+
+    // The first instance carries on and closes its row itself, with everything it relayed.
+    exchange(&c, &p, relayed, 5, 40);
+    relay.terminate();
+    assert_eq!(
+        rows(&db),
+        [("fay".into(), 400, 10, 400, 10, Some("ended".into()))]
+    );
+}
+
+/// Issue 14: rows closed longer ago than `[usage] retention_days` (default 90) are pruned by the running
+/// relay; open rows are kept whatever their age; `/usage` and `turnpike usage` without bounds cover the
+/// last 31 days, not everything ever recorded.
+#[test]
+fn old_closed_rows_are_pruned_and_usage_defaults_to_a_bounded_range() {
+    let dir = temp_dir("retention");
+    let db = dir.join("usage.db");
+    let cfg = dir.join("turnpike.toml");
+    let reserved = reserve_udp();
+    let (listen, api_port) = (reserved.port(), free_tcp_port());
+    std::fs::write(&cfg, config_text(listen, api_port, 50000, &db, "")).unwrap();
+    let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
+
+    let day = 86_400_000u64;
+    let now = unix_now() * 1000;
+    let row = |allocation, identity: &str, started_ms, at_ms, done| turnpike::usage::Record {
+        allocation,
+        identity: identity.into(),
+        transport: "udp",
+        client: None,
+        server: None,
+        started_ms,
+        at_ms,
+        done,
+        to_peer_bytes: 100,
+        to_peer_packets: 1,
+        to_client_bytes: 100,
+        to_client_packets: 1,
+    };
+    {
+        // Another relay's run, so that this relay's start does not close its open row as lost.
+        let mut store = turnpike::usage::Store::open(&db, "other-relay", now - 200 * day).unwrap();
+        store
+            .record(&[
+                row(1, "ancient", now - 200 * day, now - 199 * day, true),
+                row(2, "last-month", now - 41 * day, now - 40 * day, true),
+                row(3, "still-open", now - 200 * day, now - 199 * day, false),
+                row(4, "yesterday", now - 2 * day, now - day, true),
+            ])
+            .unwrap();
+    }
+    let identities = || rows(&db).into_iter().map(|r| r.0).collect::<Vec<_>>();
+    assert_eq!(identities().len(), 4);
+
+    let relay = Relay::spawn(&cfg, api);
+    eventually("the prune at start", || {
+        identities() == ["last-month", "still-open", "yesterday"]
+    });
+    let listed = |url: &str| {
+        signed_get(api, url)["identities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["identity"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(listed("/usage"), ["yesterday"], "default: the last 31 days");
+    assert_eq!(
+        listed("/usage?since=2020-01-01T00:00:00Z"),
+        ["last-month", "still-open", "yesterday"]
+    );
+    relay.terminate();
+
+    let cli = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args(["usage", "--json", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(cli.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap();
+    assert_eq!(v["identities"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["identities"][0]["identity"], "yesterday");
+}
+
 #[test]
 fn credentials_command_mints_what_the_relays_accept() {
     let dir = temp_dir("cli");

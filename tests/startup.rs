@@ -2,6 +2,8 @@
 //! says so. Every case here used to fail late, obscurely or with a panic.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -137,5 +139,125 @@ fn an_unparsable_stream_tls_key_is_named_as_the_key() {
         // The key is at fault, not the certificate.
         assert_refused(&out, &["tls.key:", &key.display().to_string()]);
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_huge_drain_is_refused_by_check_config() {
+    let dir = temp_dir("drain");
+    let text = config("").replace("drain_seconds = 0", "drain_seconds = 9223372036854775807");
+    let out = run(&dir, &text, &["check-config"]);
+    assert_refused(&out, &["drain_seconds", "at most 3600"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Settings built in code are not validated like the file: the control thread's `now + drain` at
+/// shutdown must not overflow either (it panicked the control thread, losing every final usage row).
+#[test]
+fn shutdown_with_a_huge_drain_in_code_does_not_panic() {
+    for (i, backend) in common::backends().into_iter().enumerate() {
+        let mut s = common::settings(backend, 1, 33000 + 1000 * i as u16);
+        s.drain = Duration::MAX;
+        let mut relay = common::start(s);
+        relay.shutdown();
+        // Still draining (not stopped at once, nor panicked): a Binding is still answered.
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let req = common::build_request(
+            turnpike::wire::Method::BINDING,
+            turnpike::wire::Class::Request,
+            turnpike::wire::TransactionId([7; 12]),
+            &[],
+            None,
+        );
+        client.send_to(&req, relay.listen_addrs()[0]).unwrap();
+        let mut buf = [0u8; 1500];
+        let (n, _) = client
+            .recv_from(&mut buf)
+            .expect("a Binding answer while draining");
+        assert!(n >= 20);
+        relay
+            .shutdown_sender()
+            .send(turnpike::dataplane::ToControl::Stop)
+            .unwrap();
+        relay.join().expect("the control thread ends cleanly");
+    }
+}
+
+/// Runs `turnpike --config <file>` under `ulimit -n <nofile>` (soft and hard), output to files in `dir`.
+fn spawn_limited(dir: &Path, text: &str, nofile: u32) -> std::process::Child {
+    let path = dir.join("turnpike.toml");
+    std::fs::write(&path, text).unwrap();
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n {nofile} && exec \"$0\" --config \"$1\" --log-level warn"
+        ))
+        .arg(env!("CARGO_BIN_EXE_turnpike"))
+        .arg(&path)
+        .stdout(std::fs::File::create(dir.join("stdout")).unwrap())
+        .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Issue 14: caps that cannot fit under RLIMIT_NOFILE are lowered at start, with a warning naming the
+/// keys and the limit, so that Allocate beyond them gets 508 instead of the relay running out of
+/// descriptors; below what the relay needs to run at all, it refuses to start.
+#[test]
+fn caps_are_fitted_under_the_open_file_limit() {
+    let dir = temp_dir("nofile");
+    let udp = free_udp_port();
+    let text = format!(
+        "listen = [\"127.0.0.1:{udp}\"]\nworkers = 1\npin_workers = false\ndrain_seconds = 0\n\
+         backend = \"epoll\"\n\
+         [relay]\naddresses = [\"127.0.0.1\"]\nport_min = 61100\nport_max = 61199\n\
+         [[users]]\nname = \"alice\"\npassword = \"alice-pass\"\n"
+    );
+    // One worker and one listener: 138 descriptors kept, so 140 leaves room for two allocations.
+    let mut child = spawn_limited(&dir, &text, 140);
+    let server = format!("127.0.0.1:{udp}").parse().unwrap();
+    let mut clients: Vec<_> = (0..3)
+        .map(|_| common::Client::new(server, "alice", "alice-pass"))
+        .collect();
+    // The client retransmits (bounded) while the relay starts.
+    clients[0].allocate();
+    clients[1].allocate();
+    let third = clients[2].authed(
+        turnpike::wire::Method::ALLOCATE,
+        &[turnpike::wire::Attribute::RequestedTransport(17)],
+    );
+    assert_eq!(common::Client::error_code(&third), Some(508));
+    let _ = child.kill();
+    child.wait().unwrap();
+    let log = std::fs::read_to_string(dir.join("stdout")).unwrap();
+    for fact in [
+        "RLIMIT_NOFILE",
+        "is 140",
+        "quotas.max_allocations",
+        "lowered to 2",
+    ] {
+        assert!(
+            log.contains(fact),
+            "the log should mention {fact:?}:\n{log}"
+        );
+    }
+
+    // Too few for even one allocation: refused, naming the limit.
+    let mut child = spawn_limited(&dir, &text, 100);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let status = child.wait().unwrap();
+    let stderr = std::fs::read_to_string(dir.join("stderr")).unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("quotas.max_allocations") && stderr.contains("RLIMIT_NOFILE) is 100"),
+        "{stderr}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `POST /networkTraversal/:issueRelayConfiguration?api-version=2022-03-01-preview` | HMAC | relay credentials and ICE servers |
 //! | `POST /admin/revoke?api-version=...` | HMAC | revoke an identity's credentials (`{"id", "until"?}`) |
-//! | `GET /usage?since=..&until=..` | HMAC | per-identity usage summary (RFC 3339 bounds) |
+//! | `GET /usage?since=..&until=..` | HMAC | per-identity usage summary (RFC 3339 bounds; default: the 31 days up to now) |
 //! | `GET /metrics` | none | Prometheus text format |
 //! | `GET /healthz`, `GET /readyz` | none | liveness; readiness (503 while draining) |
 //!
@@ -276,7 +276,7 @@ impl Api {
             ("POST", "/admin/revoke") => {
                 self.authed(req, now, Role::Admin, |date| self.revoke(req, date, now))
             }
-            ("GET", "/usage") => self.authed(req, now, Role::Admin, |_| self.usage(req.url)),
+            ("GET", "/usage") => self.authed(req, now, Role::Admin, |_| self.usage(req.url, now)),
             (_, "/metrics") if self.config.metrics_listen.is_some() => {
                 Response::error(404, "NotFound", "no such endpoint")
             }
@@ -626,12 +626,11 @@ impl Api {
         )
     }
 
-    fn usage(&self, url: &str) -> Response {
+    fn usage(&self, url: &str, now: SystemTime) -> Response {
         let Some(db) = &self.config.usage_db else {
             return Response::error(404, "NotFound", "metering is not configured");
         };
-        let mut since = 0u64;
-        let mut until = u64::MAX;
+        let (mut since, mut until) = (None, None);
         let query = url.split_once('?').map_or("", |(_, q)| q);
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
             let slot = match &*k {
@@ -640,7 +639,7 @@ impl Api {
                 _ => continue,
             };
             match humantime::parse_rfc3339(&v) {
-                Ok(t) => *slot = unix_ms(t),
+                Ok(t) => *slot = Some(unix_ms(t)),
                 Err(_) => {
                     return Response::error(
                         400,
@@ -650,6 +649,7 @@ impl Api {
                 }
             }
         }
+        let (since, until) = usage::summary_range(since, until, unix_ms(now));
         match usage::Store::open_reader(db).and_then(|s| s.summary(since, until)) {
             Ok(rows) => Response::json(200, &json!({ "identities": rows })),
             Err(e) => Response::error(500, "StorageError", &e.to_string()),

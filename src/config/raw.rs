@@ -112,6 +112,9 @@ pub(super) struct RawQuotas {
     pub(super) max_allocations: usize,
     pub(super) max_allocations_per_user: usize,
     pub(super) max_permissions_per_allocation: usize,
+    pub(super) max_channels_per_allocation: usize,
+    pub(super) max_permissions_per_identity: usize,
+    pub(super) max_channels_per_identity: usize,
 }
 
 #[derive(Deserialize, Default)]
@@ -187,6 +190,9 @@ impl Default for RawQuotas {
             max_allocations: d.max_allocations,
             max_allocations_per_user: d.max_allocations_per_user,
             max_permissions_per_allocation: d.max_permissions_per_allocation,
+            max_channels_per_allocation: d.max_channels_per_allocation,
+            max_permissions_per_identity: d.max_permissions_per_identity,
+            max_channels_per_identity: d.max_channels_per_identity,
         }
     }
 }
@@ -263,6 +269,8 @@ pub(super) struct RawUsage {
     pub(super) database: PathBuf,
     #[serde(default = "default_checkpoint")]
     pub(super) checkpoint_seconds: u64,
+    #[serde(default = "default_retention")]
+    pub(super) retention_days: u64,
 }
 
 fn default_region() -> String {
@@ -271,4 +279,8 @@ fn default_region() -> String {
 
 fn default_checkpoint() -> u64 {
     60
+}
+
+fn default_retention() -> u64 {
+    90
 }

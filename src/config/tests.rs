@@ -160,7 +160,7 @@ pin_workers = false
 recv_buffer = 1000
 send_buffer = 2000
 binding_requires_auth = true
-password_algorithms = true
+password_algorithms = false
 alternate_server = "198.51.100.2:3478"
 [relay]
 addresses = ["192.0.2.1", "2001:db8::1"]
@@ -182,6 +182,9 @@ nonce = 50
 max_allocations = 10
 max_allocations_per_user = 2
 max_permissions_per_allocation = 3
+max_channels_per_allocation = 4
+max_permissions_per_identity = 5
+max_channels_per_identity = 6
 [peers]
 allow = ["10.1.0.0/16"]
 deny = ["8.8.8.0/24"]
@@ -199,7 +202,8 @@ deny = ["8.8.8.0/24"]
         (c.fixed.recv_buffer, c.fixed.send_buffer),
         (Some(1000), Some(2000))
     );
-    assert!(c.server().binding_requires_auth && c.server().password_algorithms);
+    // `password_algorithms = true` is refused (see `challenge_past_3x_is_refused`), so only false is read.
+    assert!(c.server().binding_requires_auth && !c.server().password_algorithms);
     assert_eq!(c.server().alternate_server, Some(sa("198.51.100.2:3478")));
     assert_eq!(c.server().relay_ips.len(), 2);
     assert_eq!(c.server().relay_ports, 50000..=50100);
@@ -223,6 +227,14 @@ deny = ["8.8.8.0/24"]
             s.max_permissions_per_allocation
         ),
         (10, 2, 3)
+    );
+    assert_eq!(
+        (
+            s.max_channels_per_allocation,
+            s.max_permissions_per_identity,
+            s.max_channels_per_identity
+        ),
+        (4, 5, 6)
     );
     assert_eq!(s.peer_policy.check(sa("10.1.2.3:9")), Ok(()));
     assert_eq!(
@@ -366,6 +378,27 @@ fn credential_errors() {
         "empty",
     );
     assert_error(&operator_with("realm = \"\""), "realm", "1 to 127");
+    assert_error(
+        &format!("{OPERATOR}[quotas]\nmax_channels_per_identity = 0\n"),
+        "quotas.max_channels_per_identity",
+        "at least 1",
+    );
+}
+
+/// Design §3: a 401 past 3× a minimal Allocate would never be sent over UDP, so a realm or
+/// PASSWORD-ALGORITHMS that makes one is refused, naming the key.
+#[test]
+fn challenge_past_3x_is_refused() {
+    assert_error(
+        &operator_with("realm = \"turn.example.org\""),
+        "realm",
+        "at most 12 bytes",
+    );
+    assert_error(
+        &operator_with("password_algorithms = true"),
+        "password_algorithms",
+        "more than 3× a minimal 28-byte Allocate",
+    );
 }
 
 #[test]
@@ -488,4 +521,69 @@ fn backend_names_round_trip() {
         let c = RelayConfig::from_toml(&operator_with(&format!("backend = \"{b}\""))).unwrap();
         assert_eq!(c.fixed.backend, b);
     }
+}
+
+#[test]
+fn durations_and_sizes_are_bounded() {
+    // now + drain at SIGTERM must not overflow: an hour at most.
+    assert_error(
+        &operator_with("drain_seconds = 9223372036854775807"),
+        "drain_seconds",
+        "at most 3600",
+    );
+    let c = RelayConfig::from_toml(&operator_with("drain_seconds = 3600")).unwrap();
+    assert_eq!(c.fixed.drain, MAX_DRAIN);
+    for (key, max) in [
+        ("streams.idle_timeout_seconds", 86_400u64),
+        ("streams.tls_handshake_timeout_seconds", 3600),
+        ("streams.write_queue_bytes", 64 << 20),
+        ("recv_buffer", 1 << 30),
+        ("send_buffer", 1 << 30),
+    ] {
+        assert!(RelayConfig::from_toml(&operator_with(&format!("{key} = {max}"))).is_ok());
+        assert_error(
+            &operator_with(&format!("{key} = {}", max + 1)),
+            key,
+            &format!("at most {max}"),
+        );
+    }
+    for key in ["default", "max", "permission", "channel", "nonce"] {
+        assert_error(
+            &format!("{OPERATOR}\n[lifetimes]\n{key} = 86401\n"),
+            &format!("lifetimes.{key}"),
+            "at most 86400",
+        );
+    }
+}
+
+#[test]
+fn caps_are_fitted_under_the_open_file_limit() {
+    // UDP only: the allocations take what is left beside the reserve.
+    let mut c = RelayConfig::from_toml(&operator_with("workers = 2")).unwrap();
+    let fit = c.fit_open_files(20_000).unwrap();
+    assert_eq!(fit.reserve, 2 * (8 + 2) + 128);
+    assert_eq!(fit.configured, (100_000, 10_000));
+    assert_eq!(fit.fitted, (20_000 - 148, 10_000), "no stream listeners");
+    assert!(fit.lowered());
+    assert_eq!(c.live.quotas.max_allocations, 20_000 - 148);
+    assert_eq!(c.server().max_allocations, 20_000 - 148);
+
+    // With stream listeners both caps come down in proportion, and add up to what is available.
+    let mut c = RelayConfig::from_toml(&operator_with(
+        "workers = 1\nlisten_tcp = [\"192.0.2.1:3478\"]\nquotas.max_allocations = 30000",
+    ))
+    .unwrap();
+    let fit = c.fit_open_files(10_000).unwrap();
+    let available = 10_000 - fit.reserve;
+    assert_eq!(fit.fitted.0 + fit.fitted.1, available as usize);
+    assert_eq!(fit.fitted.0, (available * 3 / 4) as usize);
+    assert_eq!(c.fixed.streams.max_connections, fit.fitted.1);
+
+    // Caps that fit are left alone; a limit below the reserve is an error naming the key and limit.
+    let mut c =
+        RelayConfig::from_toml(&operator_with("workers = 1\nquotas.max_allocations = 10")).unwrap();
+    assert!(!c.fit_open_files(1024).unwrap().lowered());
+    let e = c.fit_open_files(64).unwrap_err();
+    assert_eq!(e.key, "quotas.max_allocations");
+    assert!(e.problem.contains("RLIMIT_NOFILE) is 64"), "{e}");
 }

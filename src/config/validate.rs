@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::raw::{RawConfig, RawUser};
 use super::{
     parse_log_level, ConfigError, Fixed, Lifetimes, Live, PeerLists, Quotas, RelayConfig,
-    StreamLimits, TlsFiles, LOG_LEVELS, MAX_WORKERS,
+    StreamLimits, TlsFiles, LOG_LEVELS, MAX_DRAIN, MAX_WORKERS,
 };
 use crate::auth::RestSecrets;
 use crate::policy::Cidr;
@@ -72,6 +72,25 @@ impl RawConfig {
                 return Err(ConfigError::new(key, "must be at least 1"));
             }
         }
+        for (key, v, max) in [
+            (
+                "streams.idle_timeout_seconds",
+                st.idle_timeout_seconds,
+                MAX_TIMER_SECONDS,
+            ),
+            (
+                "streams.tls_handshake_timeout_seconds",
+                st.tls_handshake_timeout_seconds,
+                MAX_DRAIN.as_secs(),
+            ),
+            (
+                "streams.write_queue_bytes",
+                st.write_queue_bytes as u64,
+                MAX_WRITE_QUEUE,
+            ),
+        ] {
+            at_most(key, v, max)?;
+        }
         if st.write_queue_bytes < 70_000 {
             return Err(ConfigError::new(
                 "streams.write_queue_bytes",
@@ -111,6 +130,8 @@ impl RawConfig {
             )
         })?;
 
+        at_most("drain_seconds", self.drain_seconds, MAX_DRAIN.as_secs())?;
+
         for (key, size) in [
             ("recv_buffer", self.recv_buffer),
             ("send_buffer", self.send_buffer),
@@ -121,6 +142,8 @@ impl RawConfig {
                     "must be at least 1 byte; leave it out to keep the kernel default",
                 ));
             }
+            // setsockopt takes a C int; the kernel caps it at net.core.rmem_max / wmem_max anyway.
+            at_most(key, size.unwrap_or(0) as u64, MAX_SOCKET_BUFFER)?;
         }
 
         let alternate_server = match &self.alternate_server {
@@ -207,6 +230,15 @@ impl RawConfig {
         .with_max_ttl(max_ttl);
 
         let lifetimes = &self.lifetimes;
+        for (key, v) in [
+            ("lifetimes.default", lifetimes.default),
+            ("lifetimes.max", lifetimes.max),
+            ("lifetimes.permission", lifetimes.permission),
+            ("lifetimes.channel", lifetimes.channel),
+            ("lifetimes.nonce", lifetimes.nonce),
+        ] {
+            at_most(key, u64::from(v), MAX_TIMER_SECONDS)?;
+        }
         if lifetimes.max < lifetimes.default {
             return Err(ConfigError::new(
                 "lifetimes.max",
@@ -274,6 +306,9 @@ impl RawConfig {
                 max_allocations: self.quotas.max_allocations,
                 max_allocations_per_user: self.quotas.max_allocations_per_user,
                 max_permissions_per_allocation: self.quotas.max_permissions_per_allocation,
+                max_channels_per_allocation: self.quotas.max_channels_per_allocation,
+                max_permissions_per_identity: self.quotas.max_permissions_per_identity,
+                max_channels_per_identity: self.quotas.max_channels_per_identity,
                 challenge_rate: self.challenge_rate,
             },
             tls,
@@ -295,6 +330,9 @@ impl RawConfig {
                 "permission_lifetime" => "lifetimes.permission",
                 "channel_lifetime" => "lifetimes.channel",
                 "nonce_lifetime" => "lifetimes.nonce",
+                "max_channels_per_allocation" => "quotas.max_channels_per_allocation",
+                "max_permissions_per_identity" => "quotas.max_permissions_per_identity",
+                "max_channels_per_identity" => "quotas.max_channels_per_identity",
                 // realm, users, and reservation_lifetime (not configurable, so never wrong).
                 other => other,
             };
@@ -307,6 +345,27 @@ impl RawConfig {
         }
         Ok(RelayConfig { fixed, live })
     }
+}
+
+/// Longest timer a key may set (lifetimes, stream idle timeout): a day, in seconds. Beyond it is a
+/// typo, and the bound keeps every `now + timer` far from overflowing.
+const MAX_TIMER_SECONDS: u64 = 86_400;
+
+/// Largest `streams.write_queue_bytes`: 64 MiB queued for one slow client.
+const MAX_WRITE_QUEUE: u64 = 64 << 20;
+
+/// Largest `recv_buffer` / `send_buffer`: 1 GiB (setsockopt takes a C int).
+const MAX_SOCKET_BUFFER: u64 = 1 << 30;
+
+/// `key: must be at most max (got v)`.
+fn at_most(key: &str, v: u64, max: u64) -> Result<(), ConfigError> {
+    if v > max {
+        return Err(ConfigError::new(
+            key,
+            format!("must be at most {max} (got {v})"),
+        ));
+    }
+    Ok(())
 }
 
 /// Parses a list of listen addresses (`key[i]` in errors): specific IPs, non-zero ports, no duplicates.

@@ -103,6 +103,8 @@ impl Control {
                     ("unknown_relay", s.unknown_relay),
                     ("bad_indication", s.bad_indication),
                     ("outbox_overflow", s.outbox_overflow),
+                    ("rate_limited", s.rate_limited),
+                    ("amplification_refused", s.amplification_refused),
                 ],
             },
         }

@@ -475,7 +475,9 @@ impl Control {
                     if self.drain_deadline.is_none() {
                         tracing::info!(drain = ?self.drain, "shutting down: refusing new allocations while existing ones drain");
                         self.server.set_draining(true);
-                        self.drain_deadline = Some(now + self.drain);
+                        // Settings may come from code as well as from the (bounded) config file.
+                        let drain = self.drain.min(crate::config::MAX_DRAIN);
+                        self.drain_deadline = now.checked_add(drain).or(Some(now));
                     }
                 }
                 Ok(ToControl::Stop) | Err(RecvTimeoutError::Disconnected) => return self.stop(&rx),

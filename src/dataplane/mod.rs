@@ -271,7 +271,13 @@ impl Core {
         if (typ.class, typ.method) == (Class::Indication, Method::SEND) {
             // Send indications stay in the worker (RFC 8656 §11.2): permission check, then send the DATA
             // bytes where they lie.
-            let (Some(peer), Some(payload)) = (msg.attrs.xor_peer_address, msg.attrs.data) else {
+            // A malformed XOR-PEER-ADDRESS no longer fails `Message::parse` (the server answers 400 to
+            // one in a request); an indication carrying one is dropped as malformed.
+            let (Some(peer), Some(payload), false) = (
+                msg.attrs.xor_peer_address,
+                msg.attrs.data,
+                msg.attrs.malformed_peer_address,
+            ) else {
                 return self.drop(Drop::Malformed);
             };
             let Some(relay) = self.table.send_route(key, peer) else {

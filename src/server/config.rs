@@ -3,14 +3,18 @@
 use core::net::{IpAddr, SocketAddr};
 use core::ops::RangeInclusive;
 
+use super::challenge_len;
+use super::limit::{MAX_AMPLIFICATION, MIN_ALLOCATE};
 use crate::auth::RestSecrets;
 use crate::policy::PeerPolicy;
+use crate::wire::pad4;
 
 /// Settings of the TURN core. `Default` gives RFC 8656's default timers and conservative quotas; an
 /// operator must still supply a realm, relay addresses and credentials.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The REALM (RFC 8489 §14.9). Keep it short: it is part of every 401.
+    /// The REALM (RFC 8489 §14.9). It is part of every 401, which must stay within 3× a minimal
+    /// Allocate: at most 12 bytes.
     pub realm: String,
     /// Static long-term users: (username, password).
     pub users: Vec<(String, String)>,
@@ -38,17 +42,24 @@ pub struct Config {
     pub max_allocations_per_user: usize,
     /// Permissions per allocation; beyond it CreatePermission/ChannelBind get 508.
     pub max_permissions_per_allocation: usize,
+    /// Channel bindings per allocation (cooling-down ones included); beyond it ChannelBind gets 508.
+    pub max_channels_per_allocation: usize,
+    /// Permissions per identity over all its allocations; beyond it CreatePermission/ChannelBind get 508.
+    pub max_permissions_per_identity: usize,
+    /// Channel bindings per identity over all its allocations; beyond it ChannelBind gets 508.
+    pub max_channels_per_identity: usize,
     /// Whether Binding requests need long-term credentials.
     pub binding_requires_auth: bool,
     /// Advertise PASSWORD-ALGORITHMS (MD5, SHA-256) with the RFC 8489 nonce cookie. Off by default: it
-    /// makes every 401 about 40 bytes larger, and MD5 is what deployed clients use.
+    /// makes every 401 28 bytes larger, past 3× a minimal Allocate, so validation refuses it.
     pub password_algorithms: bool,
     /// Which peers may be relayed to.
     pub peer_policy: PeerPolicy,
     /// Where to send clients (300 Try Alternate) when this relay is full or draining.
     pub alternate_server: Option<SocketAddr>,
-    /// Unauthenticated answers (401, 438, 400 before authentication) per second per source IP, with a
-    /// burst of twice that; beyond it the server stays silent. 0 = unlimited.
+    /// Unauthenticated answers (401, 438, 400, 420, Binding success) per second per source network
+    /// (/32 IPv4, /64 IPv6) over UDP, with a burst of twice that; beyond it the server stays silent.
+    /// TCP and TLS clients are exempt. 0 = unlimited.
     pub challenge_rate: u32,
     /// Which channel numbers ChannelBind accepts: RFC 8656's 0x4000–0x4FFF by default, or RFC 5766's
     /// 0x4000–0x7FFF for older clients.
@@ -72,6 +83,9 @@ impl Default for Config {
             max_allocations: 100_000,
             max_allocations_per_user: 1_000,
             max_permissions_per_allocation: 1_024,
+            max_channels_per_allocation: 512,
+            max_permissions_per_identity: 16_384,
+            max_channels_per_identity: 16_384,
             binding_requires_auth: false,
             password_algorithms: false,
             peer_policy: PeerPolicy::new(),
@@ -111,6 +125,32 @@ impl Config {
         if self.realm.is_empty() || self.realm.len() > 127 {
             return err("realm", "must be 1 to 127 bytes");
         }
+        // Design §3: the 401 fits in 3× a minimal Allocate, or such a client would never be challenged.
+        let limit = MAX_AMPLIFICATION * MIN_ALLOCATE;
+        let plain = challenge_len(&self.realm, false);
+        if plain > limit {
+            let room = (limit + pad4(self.realm.len())).saturating_sub(plain);
+            return err(
+                "realm",
+                &format!(
+                    "{:?} makes the 401 {plain} bytes, more than {MAX_AMPLIFICATION}× a minimal \
+                     {MIN_ALLOCATE}-byte Allocate ({limit}), so it would never be sent over UDP; use \
+                     at most {room} bytes",
+                    self.realm
+                ),
+            );
+        }
+        let advertised = challenge_len(&self.realm, true);
+        if self.password_algorithms && advertised > limit {
+            return err(
+                "password_algorithms",
+                &format!(
+                    "PASSWORD-ALGORITHMS and its longer nonce make the 401 {advertised} bytes, more \
+                     than {MAX_AMPLIFICATION}× a minimal {MIN_ALLOCATE}-byte Allocate ({limit}), so \
+                     it would never be sent over UDP; turn it off"
+                ),
+            );
+        }
         if self.relay_ips.is_empty() {
             return err("relay_ips", "at least one relay address is needed");
         }
@@ -136,6 +176,21 @@ impl Config {
         ] {
             if v == 0 {
                 return err(key, "must be at least 1 second");
+            }
+        }
+        for (key, v) in [
+            (
+                "max_channels_per_allocation",
+                self.max_channels_per_allocation,
+            ),
+            (
+                "max_permissions_per_identity",
+                self.max_permissions_per_identity,
+            ),
+            ("max_channels_per_identity", self.max_channels_per_identity),
+        ] {
+            if v == 0 {
+                return err(key, "must be at least 1");
             }
         }
         if self.max_lifetime < self.default_lifetime {

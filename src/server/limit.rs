@@ -1,10 +1,20 @@
-//! Per-source rate limit for unauthenticated answers (401, 438, 400): a fixed table of token buckets
-//! indexed by a keyed hash of the source IP. Its memory never grows, so a flood of spoofed sources costs
-//! nothing but shared buckets; the key comes from the server's RNG so that an attacker cannot aim
-//! collisions at a victim's bucket.
+//! The budget of unauthenticated answers (401, 438, 400, 420, Binding success; design §3): a fixed
+//! table of token buckets indexed by a keyed hash of the source's network, /32 for IPv4 and /64 for
+//! IPv6 (one subscriber's prefix, which it can rotate through freely). Its memory never grows, so a
+//! flood of spoofed sources costs nothing but shared buckets; the key comes from the caller's RNG so
+//! that an attacker cannot aim collisions at a victim's bucket.
+//!
+//! Self-contained (std only): each owner (the server today, each data-plane worker once Binding is
+//! answered there) holds its own table, a shard of the budget, and takes no lock.
 
 use core::net::IpAddr;
 use std::time::Instant;
+
+/// The most an unauthenticated answer over UDP may be, as a multiple of its request's size.
+pub(crate) const MAX_AMPLIFICATION: usize = 3;
+/// The smallest valid Allocate: the header and REQUESTED-TRANSPORT (RFC 8656 §7.1). Its 401 must fit
+/// in [`MAX_AMPLIFICATION`]× this, or a client could never be challenged.
+pub(crate) const MIN_ALLOCATE: usize = crate::wire::HEADER_LEN + 8;
 
 /// Buckets in the table (64 KiB of state).
 const SLOTS: usize = 4096;
@@ -45,7 +55,7 @@ impl SourceLimiter {
         }
     }
 
-    /// Take one answer from `ip`'s bucket at `now`. False: over the limit, stay silent.
+    /// Take one answer from the bucket of `ip`'s network at `now`. False: over the limit, stay silent.
     pub(crate) fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
         if self.rate == 0 {
             return true;
@@ -73,12 +83,13 @@ impl SourceLimiter {
     }
 
     fn hash(&self, ip: IpAddr) -> u64 {
-        let bits: u128 = match ip.to_canonical() {
-            IpAddr::V4(v4) => u128::from(u32::from(v4)),
-            IpAddr::V6(v6) => u128::from(v6),
+        // The source's network: the IPv4 address, or the IPv6 /64 (tagged so the two never meet).
+        let network: u64 = match ip.to_canonical() {
+            IpAddr::V4(v4) => u64::from(u32::from(v4)) | 1 << 63,
+            IpAddr::V6(v6) => (u128::from(v6) >> 64) as u64,
         };
         let mut h = self.key[0];
-        for word in [bits as u64, (bits >> 64) as u64, self.key[1]] {
+        for word in [network, self.key[1]] {
             h ^= word;
             h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29) ^ (h >> 32);
         }
@@ -117,5 +128,31 @@ mod tests {
         );
         let mut off = SourceLimiter::new(0, [0, 0]);
         assert!((0..10_000).all(|_| off.allow(a, t0)));
+    }
+
+    #[test]
+    fn keyed_on_slash_32_and_slash_64_in_a_table_that_never_grows() {
+        let mut l = SourceLimiter::new(1, [3, 4]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let h = |l: &SourceLimiter, s: &str| l.hash(ip(s));
+        assert_eq!(h(&l, "2001:db8:1:2::1"), h(&l, "2001:db8:1:2:ffff::9"));
+        assert_ne!(h(&l, "2001:db8:1:2::1"), h(&l, "2001:db8:1:3::1"));
+        assert_ne!(h(&l, "198.51.100.1"), h(&l, "198.51.100.2"));
+        assert_eq!(h(&l, "198.51.100.1"), h(&l, "::ffff:198.51.100.1"));
+        // An IPv4 address never shares its key with the IPv6 /64 of the same bits.
+        assert_ne!(h(&l, "0.0.0.1"), h(&l, "0:0:0:1::"));
+        let t0 = Instant::now();
+        for i in 0..100_000u32 {
+            l.allow(IpAddr::from(i.to_be_bytes()), t0);
+            l.allow(
+                IpAddr::from(core::net::Ipv6Addr::from(u128::from(i) << 64)),
+                t0,
+            );
+        }
+        assert_eq!(
+            l.buckets.len(),
+            SLOTS,
+            "memory is fixed whatever the sources"
+        );
     }
 }

@@ -45,7 +45,7 @@ use crate::wire::{
     self, family, password_algorithm, Attribute, ChannelData, Class, Kind, Message, MessageType,
     MessageWriter, Method,
 };
-use limit::SourceLimiter;
+use limit::{SourceLimiter, MAX_AMPLIFICATION};
 use ports::PortPool;
 
 /// UDP's protocol number, the only REQUESTED-TRANSPORT a UDP relay serves (RFC 8656 §7.2).
@@ -85,8 +85,10 @@ pub struct Stats {
     pub auth_failures: u64,
     /// Retransmitted Allocate requests answered again (or ignored while pending).
     pub retransmits: u64,
-    /// Unauthenticated answers not sent because their source was over its rate.
+    /// Unauthenticated answers not sent because their source (/32, /64) was over its rate.
     pub rate_limited: u64,
+    /// Unauthenticated UDP answers not sent because they would be more than 3× their request.
+    pub amplification_refused: u64,
     /// Of `auth_failures`: 438 Stale Nonce answers.
     pub stale_nonces: u64,
     /// Of `auth_failures`: requests refused because the identity's credentials were revoked.
@@ -109,7 +111,8 @@ pub struct Server<R> {
     allocations: HashMap<AllocationId, Allocation>,
     by_client: HashMap<FiveTuple, AllocationId>,
     by_relay: HashMap<RelayAddr, AllocationId>,
-    per_identity: HashMap<Box<str>, usize>,
+    /// What each identity holds, for its quotas; an identity holding nothing has no entry.
+    per_identity: HashMap<Box<str>, Holdings>,
     /// identity → revocation horizon: its REST credentials expiring at or before it are refused.
     revoked: HashMap<Box<str>, u64>,
     reservations: HashMap<u64, Reservation>,
@@ -358,7 +361,11 @@ impl<R: RngCore> Server<R> {
                     let Some(alloc) = self.allocations.get_mut(&id) else {
                         continue;
                     };
-                    alloc.permissions.remove(&ip);
+                    if alloc.permissions.remove(&ip).is_some() {
+                        hold(&mut self.per_identity, &alloc.identity, |h| {
+                            h.permissions = h.permissions.saturating_sub(1)
+                        });
+                    }
                     if let Some(relay) = alloc.relay_for(ip) {
                         self.commands.push_back(Command::RemovePermission {
                             allocation: id,
@@ -396,11 +403,17 @@ impl<R: RngCore> Server<R> {
                         let peer = binding.peer;
                         alloc.channels.remove(&number);
                         alloc.peer_channels.remove(&peer);
+                        hold(&mut self.per_identity, &alloc.identity, |h| {
+                            h.channels = h.channels.saturating_sub(1)
+                        });
                     }
                 }
                 Timer::Reservation(token) => {
                     if let Some(r) = self.reservations.remove(&token) {
                         release_port(&mut self.pools, r.relay);
+                        hold(&mut self.per_identity, &r.identity, |h| {
+                            h.reservations = h.reservations.saturating_sub(1)
+                        });
                     }
                 }
             }
@@ -468,7 +481,7 @@ impl<R: RngCore> Server<R> {
         self.timers.len()
     }
 
-    /// Number of identities with at least one allocation.
+    /// Number of identities holding anything (an allocation, a port reservation).
     pub fn identity_count(&self) -> usize {
         self.per_identity.len()
     }
@@ -485,7 +498,12 @@ impl<R: RngCore> Server<R> {
             (Class::Request, Method::CHANNEL_BIND) => self.channel_bind(now, unix_now, five, msg),
             (Class::Indication, Method::SEND) => self.send_indication(now, five, msg),
             // RFC 8489 §6.3.1: a request for a method the server does not know gets 400.
-            (Class::Request, _) => self.reply_error(five, msg, None, ErrorCode::BadRequest),
+            (Class::Request, _) => self.reply_error(
+                five,
+                msg,
+                Answer::Unauthenticated(now),
+                ErrorCode::BadRequest,
+            ),
             _ => self.stats.unexpected_class += 1,
         }
     }
@@ -499,10 +517,13 @@ impl<R: RngCore> Server<R> {
         } else {
             None
         };
-        if self.unknown_attributes(five, msg, signer.as_ref()) {
+        let answer = signer
+            .as_ref()
+            .map_or(Answer::Unauthenticated(now), Answer::Signed);
+        if self.unknown_attributes(five, msg, answer) {
             return;
         }
-        self.reply(five, msg, Class::Success, signer.as_ref(), |w| {
+        self.reply(five, msg, Class::Success, answer, |w| {
             w.add(&Attribute::XorMappedAddress(five.client))
         });
     }
@@ -512,7 +533,7 @@ impl<R: RngCore> Server<R> {
             Ok(auth) => auth,
             Err(reject) => return self.reject(now, unix_now, five, msg, reject),
         };
-        let s = Some(&auth.signer);
+        let s = Answer::Signed(&auth.signer);
         if let Some(existing) = self
             .by_client
             .get(&five)
@@ -567,14 +588,24 @@ impl<R: RngCore> Server<R> {
                     self.reply(five, msg, Class::Error, s, |w| {
                         error_code(w, ErrorCode::TryAlternate)?;
                         w.add(&Attribute::AlternateServer(alt))
-                    })
+                    });
                 }
                 None => refuse(self, ErrorCode::InsufficientCapacity),
             };
         }
-        if self.per_identity.get(&*auth.identity).copied().unwrap_or(0)
-            >= self.config.max_allocations_per_user
-        {
+        // Reservations count toward the identity's quota (design §3): an EVEN-PORT R=1 request takes
+        // two slots, redeeming one's own reservation none more.
+        let reserve = a.reservation_token.is_none() && a.even_port == Some(true);
+        let redeeming_own = a
+            .reservation_token
+            .and_then(|t| self.reservations.get(&t))
+            .is_some_and(|r| *r.identity == *auth.identity);
+        let needed = 1 + usize::from(reserve) - usize::from(redeeming_own);
+        let held = self
+            .per_identity
+            .get(&*auth.identity)
+            .map_or(0, |h| h.allocations + h.reservations);
+        if held + needed > self.config.max_allocations_per_user {
             return refuse(self, ErrorCode::AllocationQuotaReached);
         }
 
@@ -584,6 +615,9 @@ impl<R: RngCore> Server<R> {
             match self.reservations.remove(&token) {
                 Some(r) => {
                     self.timers.remove(&(r.expires, Timer::Reservation(token)));
+                    hold(&mut self.per_identity, &r.identity, |h| {
+                        h.reservations = h.reservations.saturating_sub(1)
+                    });
                     r.relay
                 }
                 None => return refuse(self, ErrorCode::InsufficientCapacity),
@@ -592,7 +626,6 @@ impl<R: RngCore> Server<R> {
             if !self.pools.iter().any(|p| p.ip().is_ipv4() == want_v4) {
                 return refuse(self, ErrorCode::AddressFamilyNotSupported);
             }
-            let reserve = a.even_port == Some(true);
             match take_port(
                 &mut self.pools,
                 &mut self.rng,
@@ -610,6 +643,7 @@ impl<R: RngCore> Server<R> {
                             Reservation {
                                 relay: next,
                                 expires,
+                                identity: auth.identity.clone(),
                             },
                         );
                         self.timers.insert((expires, Timer::Reservation(token)));
@@ -666,7 +700,10 @@ impl<R: RngCore> Server<R> {
             peer_channels: HashMap::new(),
             usage: Usage::default(),
         };
-        *self.per_identity.entry_ref(&*alloc.identity).or_insert(0) += 1;
+        hold(&mut self.per_identity, &alloc.identity, |h| {
+            h.allocations += 1;
+            h.reservations += usize::from(token_out.is_some());
+        });
         self.by_client.insert(five, id);
         for slot in alloc.relays.iter().flatten() {
             self.by_relay.insert(slot.addr, id);
@@ -685,7 +722,7 @@ impl<R: RngCore> Server<R> {
         let Some((id, signer)) = self.authorize(now, unix_now, five, msg) else {
             return;
         };
-        let s = Some(&signer);
+        let s = Answer::Signed(&signer);
         let alloc = self.allocations.get_mut(&id).expect_alloc();
         // RFC 8656 §7.3: REQUESTED-ADDRESS-FAMILY must name a family the allocation has.
         if let Some(f) = msg.attrs.requested_address_family {
@@ -724,7 +761,11 @@ impl<R: RngCore> Server<R> {
         let Some((id, signer)) = self.authorize(now, unix_now, five, msg) else {
             return;
         };
-        let s = Some(&signer);
+        let s = Answer::Signed(&signer);
+        // RFC 8656 §10.2: a malformed XOR-PEER-ADDRESS is a bad request.
+        if msg.attrs.malformed_peer_address {
+            return self.reply_error(five, msg, s, ErrorCode::BadRequest);
+        }
         // RFC 8656 §9.2: all or nothing. Check every peer first, then install them all.
         let alloc = self.allocations.get(&id).expect_alloc();
         let mut new = 0usize;
@@ -742,7 +783,10 @@ impl<R: RngCore> Server<R> {
         if !any {
             return self.reply_error(five, msg, s, ErrorCode::BadRequest);
         }
-        if alloc.permissions.len() + new > self.config.max_permissions_per_allocation {
+        let held = self.holdings(&alloc.identity);
+        if alloc.permissions.len() + new > self.config.max_permissions_per_allocation
+            || held.permissions + new > self.config.max_permissions_per_identity
+        {
             return self.reply_error(five, msg, s, ErrorCode::InsufficientCapacity);
         }
         for peer in msg.peer_addresses() {
@@ -755,10 +799,13 @@ impl<R: RngCore> Server<R> {
         let Some((id, signer)) = self.authorize(now, unix_now, five, msg) else {
             return;
         };
-        let s = Some(&signer);
+        let s = Answer::Signed(&signer);
         let alloc = self.allocations.get(&id).expect_alloc();
-        let (Some(number), Some(peer)) = (msg.attrs.channel_number, msg.attrs.xor_peer_address)
-        else {
+        let (Some(number), Some(peer), false) = (
+            msg.attrs.channel_number,
+            msg.attrs.xor_peer_address,
+            msg.attrs.malformed_peer_address,
+        ) else {
             return self.reply_error(five, msg, s, ErrorCode::BadRequest);
         };
         let Some(channel) = ChannelNumber::new_in(number, self.config.channel_range) else {
@@ -774,8 +821,17 @@ impl<R: RngCore> Server<R> {
         if conflict {
             return self.reply_error(five, msg, s, ErrorCode::BadRequest);
         }
+        let held = self.holdings(&alloc.identity);
         let new_permission = !alloc.permissions.contains_key(&peer.ip());
-        if new_permission && alloc.permissions.len() >= self.config.max_permissions_per_allocation {
+        let new_channel = !alloc.channels.contains_key(&number);
+        let c = &self.config;
+        if new_permission
+            && (alloc.permissions.len() >= c.max_permissions_per_allocation
+                || held.permissions >= c.max_permissions_per_identity)
+            || new_channel
+                && (alloc.channels.len() >= c.max_channels_per_allocation
+                    || held.channels >= c.max_channels_per_identity)
+        {
             return self.reply_error(five, msg, s, ErrorCode::InsufficientCapacity);
         }
         let expires = now + secs(self.config.channel_lifetime);
@@ -790,6 +846,9 @@ impl<R: RngCore> Server<R> {
             },
         );
         alloc.peer_channels.insert(peer, number);
+        if previous.is_none() {
+            hold(&mut self.per_identity, &alloc.identity, |h| h.channels += 1);
+        }
         if let Some(old) = previous {
             self.timers
                 .remove(&(old.expires, Timer::Channel(id, number)));
@@ -900,7 +959,7 @@ impl<R: RngCore> Server<R> {
                 return None;
             }
         };
-        let s = Some(&auth.signer);
+        let s = Answer::Signed(&auth.signer);
         let Some(alloc) = self.live_allocation(now, five) else {
             self.reply_error(five, msg, s, ErrorCode::AllocationMismatch);
             return None;
@@ -914,6 +973,11 @@ impl<R: RngCore> Server<R> {
             return None;
         }
         Some((id, auth.signer))
+    }
+
+    /// What `identity` holds now (nothing when it has no entry).
+    fn holdings(&self, identity: &str) -> Holdings {
+        self.per_identity.get(identity).copied().unwrap_or_default()
     }
 
     /// An active allocation on `five` that has not expired (even if its timer has not run yet).
@@ -949,6 +1013,9 @@ impl<R: RngCore> Server<R> {
                 self.timers.remove(&(old, Timer::Permission(id, ip)));
             }
             None => {
+                hold(&mut self.per_identity, &alloc.identity, |h| {
+                    h.permissions += 1
+                });
                 if let Some(relay) = alloc.relay_for(ip) {
                     self.commands.push_back(Command::InstallPermission {
                         allocation: id,
@@ -1008,12 +1075,22 @@ impl<R: RngCore> Server<R> {
         if self.by_client.get(&alloc.five_tuple) == Some(&id) {
             self.by_client.remove(&alloc.five_tuple);
         }
-        if let Some(n) = self.per_identity.get_mut(&*alloc.identity) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_identity.remove(&*alloc.identity);
-            }
+        // A port reserved by this allocation's EVEN-PORT ends with it.
+        if let Some((token, r)) = alloc
+            .reservation_token
+            .and_then(|t| self.reservations.remove(&t).map(|r| (t, r)))
+        {
+            self.timers.remove(&(r.expires, Timer::Reservation(token)));
+            release_port(&mut self.pools, r.relay);
+            hold(&mut self.per_identity, &r.identity, |h| {
+                h.reservations = h.reservations.saturating_sub(1)
+            });
         }
+        hold(&mut self.per_identity, &alloc.identity, |h| {
+            h.allocations = h.allocations.saturating_sub(1);
+            h.permissions = h.permissions.saturating_sub(alloc.permissions.len());
+            h.channels = h.channels.saturating_sub(alloc.channels.len());
+        });
         self.commands.push_back(Command::AllocationEnded {
             allocation: id,
             identity: alloc.identity,
@@ -1212,8 +1289,8 @@ impl<R: RngCore> Server<R> {
     }
 
     /// Answer a request that failed authentication. Unauthenticated answers carry only what RFC 8489
-    /// §9.2.4 requires (ERROR-CODE, REALM, NONCE and, when advertised, PASSWORD-ALGORITHMS), so that a
-    /// spoofed request cannot be amplified.
+    /// §9.2.4 requires (ERROR-CODE, REALM, NONCE and, when advertised, PASSWORD-ALGORITHMS), and share
+    /// the per-source budget and the 3× size bound of every unauthenticated answer (design §3).
     fn reject(
         &mut self,
         now: Instant,
@@ -1222,63 +1299,52 @@ impl<R: RngCore> Server<R> {
         msg: &Message<'_>,
         reject: Reject,
     ) {
-        // Rate-limited per source, so that the relay cannot be used to reflect a flood (design §3).
-        if !self.limiter.allow(five.client.ip(), now) {
-            self.stats.rate_limited += 1;
+        // Design §3: an unauthenticated malformed request is dropped silently (it only parsed so that
+        // an authenticated one can get 400).
+        if msg.attrs.malformed_peer_address {
+            self.stats.malformed += 1;
             return;
         }
+        let answer = Answer::Unauthenticated(now);
         let code = match reject {
-            Reject::BadRequest => return self.reply_error(five, msg, None, ErrorCode::BadRequest),
-            Reject::Challenge => {
-                self.stats.challenges += 1;
+            Reject::BadRequest => {
+                return self.reply_error(five, msg, answer, ErrorCode::BadRequest)
+            }
+            Reject::Challenge | Reject::Unauthenticated | Reject::Revoked => {
                 ErrorCode::Unauthenticated
             }
-            Reject::Unauthenticated => {
-                self.stats.auth_failures += 1;
-                ErrorCode::Unauthenticated
-            }
-            Reject::StaleNonce => {
-                self.stats.auth_failures += 1;
-                self.stats.stale_nonces += 1;
-                ErrorCode::StaleNonce
-            }
-            Reject::Revoked => {
-                self.stats.auth_failures += 1;
-                self.stats.revoked += 1;
-                ErrorCode::Unauthenticated
-            }
+            Reject::StaleNonce => ErrorCode::StaleNonce,
         };
-        let features = if self.config.password_algorithms {
+        let algorithms = self.config.password_algorithms;
+        let features = if algorithms {
             FEATURE_PASSWORD_ALGORITHMS
         } else {
             0
         };
         let expiry = unix_now.saturating_add(u64::from(self.config.nonce_lifetime));
         let nonce = self.nonce_key.mint(five.client, features, expiry);
-        let realm = &self.config.realm;
-        let typ = MessageType::new(msg.message_type().method, Class::Error);
-        let sent = self.outbox.push(
-            five.transport,
-            five.server,
-            five.client,
-            MAX_RESPONSE,
-            |buf| {
-                let mut w = MessageWriter::new(buf, typ, msg.transaction_id())?;
-                error_code(&mut w, code)?;
-                w.add(&Attribute::Realm(realm))?;
-                w.add(&Attribute::Nonce(nonce.as_str()))?;
-                if features != 0 {
-                    let mut scratch = [0u8; 8];
-                    w.add(&wire::password_algorithms(
-                        &[password_algorithm::MD5, password_algorithm::SHA256],
-                        &mut scratch,
-                    )?)?;
-                }
-                Ok(w.finish())
-            },
-        );
+        // Lent out for the call (no copy): `reply` borrows the whole server.
+        let realm = core::mem::take(&mut self.config.realm);
+        let sent = self.reply(five, msg, Class::Error, answer, |w| {
+            challenge_body(w, code, &realm, nonce.as_str(), algorithms)
+        });
+        self.config.realm = realm;
         if !sent {
-            self.stats.outbox_overflow += 1;
+            return;
+        }
+        let s = &mut self.stats;
+        match reject {
+            Reject::Challenge => s.challenges += 1,
+            Reject::Unauthenticated => s.auth_failures += 1,
+            Reject::StaleNonce => {
+                s.auth_failures += 1;
+                s.stale_nonces += 1;
+            }
+            Reject::Revoked => {
+                s.auth_failures += 1;
+                s.revoked += 1;
+            }
+            Reject::BadRequest => {}
         }
     }
 
@@ -1287,13 +1353,13 @@ impl<R: RngCore> Server<R> {
         &mut self,
         five: FiveTuple,
         msg: &Message<'_>,
-        signer: Option<&Signer>,
+        answer: Answer<'_>,
     ) -> bool {
         let unknown = msg.unknown_required();
         if unknown.is_empty() {
             return false;
         }
-        self.reply(five, msg, Class::Error, signer, |w| {
+        self.reply(five, msg, Class::Error, answer, |w| {
             error_code(w, ErrorCode::UnknownAttribute)?;
             let mut scratch = [0u8; 2 * wire::MAX_UNKNOWN];
             w.add(&wire::unknown_attributes(unknown, &mut scratch)?)
@@ -1302,17 +1368,32 @@ impl<R: RngCore> Server<R> {
     }
 
     /// A response of `class` to `req`, signed with the request's key when it was authenticated, with
-    /// FINGERPRINT when the request had one.
+    /// FINGERPRINT when the request had one. True when it was queued.
+    ///
+    /// An unauthenticated answer (401, 438, 400, 420, Binding success) over UDP, whose source may be
+    /// spoofed, is sent only if it is at most [`MAX_AMPLIFICATION`]× its request and the source's
+    /// budget has a token left (design §3). TCP and TLS clients cannot spoof their source: exempt.
     fn reply(
         &mut self,
         five: FiveTuple,
         req: &Message<'_>,
         class: Class,
-        signer: Option<&Signer>,
+        answer: Answer<'_>,
         body: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), wire::Error>,
-    ) {
+    ) -> bool {
         let typ = MessageType::new(req.message_type().method, class);
         let fingerprint = req.attrs.fingerprint.is_some();
+        let (signer, budget) = match answer {
+            Answer::Signed(s) => (Some(s), None),
+            Answer::Unauthenticated(_) if five.transport.is_stream() => (None, None),
+            Answer::Unauthenticated(now) => (None, Some(now)),
+        };
+        let max_len = match budget {
+            Some(_) => (MAX_AMPLIFICATION * req.as_bytes().len()).min(MAX_RESPONSE),
+            None => MAX_RESPONSE,
+        };
+        let mut refused = None;
+        let (limiter, client) = (&mut self.limiter, five.client.ip());
         let sent = self.outbox.push(
             five.transport,
             five.server,
@@ -1321,25 +1402,39 @@ impl<R: RngCore> Server<R> {
             |buf| {
                 let mut w = MessageWriter::new(buf, typ, req.transaction_id())?;
                 body(&mut w)?;
-                finish(w, signer, fingerprint)
+                let n = finish(w, signer, fingerprint)?;
+                // Checked once the size is known, so that an answer too large to send spends no token.
+                if n > max_len {
+                    refused = Some(Refused::Amplification);
+                } else if budget.is_some_and(|now| !limiter.allow(client, now)) {
+                    refused = Some(Refused::RateLimited);
+                }
+                match refused {
+                    Some(_) => Err(wire::Error::BufferTooSmall),
+                    None => Ok(n),
+                }
             },
         );
-        if !sent {
-            self.stats.outbox_overflow += 1;
+        match refused {
+            Some(Refused::Amplification) => self.stats.amplification_refused += 1,
+            Some(Refused::RateLimited) => self.stats.rate_limited += 1,
+            None if !sent => self.stats.outbox_overflow += 1,
+            None => {}
         }
+        sent
     }
 
     fn reply_error(
         &mut self,
         five: FiveTuple,
         req: &Message<'_>,
-        signer: Option<&Signer>,
+        answer: Answer<'_>,
         code: ErrorCode,
     ) {
         if req.message_type().method == Method::ALLOCATE {
             self.count_allocate_error(code);
         }
-        self.reply(five, req, Class::Error, signer, |w| error_code(w, code));
+        self.reply(five, req, Class::Error, answer, |w| error_code(w, code));
     }
 
     fn count_allocate_error(&mut self, code: ErrorCode) {
@@ -1389,6 +1484,49 @@ fn finish(
         w.add_fingerprint()?;
     }
     Ok(w.finish())
+}
+
+/// The body of a 401 or 438: ERROR-CODE, REALM, NONCE and, when advertised, PASSWORD-ALGORITHMS; only
+/// what RFC 8489 §9.2.4 requires.
+fn challenge_body(
+    w: &mut MessageWriter<'_>,
+    code: ErrorCode,
+    realm: &str,
+    nonce: &str,
+    algorithms: bool,
+) -> Result<(), wire::Error> {
+    error_code(w, code)?;
+    w.add(&Attribute::Realm(realm))?;
+    w.add(&Attribute::Nonce(nonce))?;
+    if algorithms {
+        let mut scratch = [0u8; 8];
+        w.add(&wire::password_algorithms(
+            &[password_algorithm::MD5, password_algorithm::SHA256],
+            &mut scratch,
+        )?)?;
+    }
+    Ok(())
+}
+
+/// Size of the 401 that a request without FINGERPRINT gets with `realm` and `password_algorithms`: what
+/// config validation holds to [`MAX_AMPLIFICATION`]× a [`MIN_ALLOCATE`]-byte Allocate.
+fn challenge_len(realm: &str, password_algorithms: bool) -> usize {
+    let features = if password_algorithms {
+        FEATURE_PASSWORD_ALGORITHMS
+    } else {
+        0
+    };
+    // Nonce lengths depend only on the feature bits, never on the key, address or expiry.
+    let nonce = NonceKey::new([0; 32]).mint(SocketAddr::from(([0, 0, 0, 0], 0)), features, 0);
+    let mut buf = [0u8; MAX_RESPONSE];
+    let typ = MessageType::new(Method::ALLOCATE, Class::Error);
+    MessageWriter::new(&mut buf, typ, wire::TransactionId::default())
+        .and_then(|mut w| {
+            let code = ErrorCode::Unauthenticated;
+            challenge_body(&mut w, code, realm, nonce.as_str(), password_algorithms)?;
+            Ok(w.finish())
+        })
+        .unwrap_or(usize::MAX)
 }
 
 fn error_code(w: &mut MessageWriter<'_>, code: ErrorCode) -> Result<(), wire::Error> {
@@ -1493,6 +1631,21 @@ struct Authenticated {
     signer: Signer,
 }
 
+/// Who an answer is for: an authenticated request, signed with its key, or an unauthenticated one
+/// (received at the instant given), which is held to the source budget and the 3× bound.
+#[derive(Debug, Clone, Copy)]
+enum Answer<'s> {
+    Signed(&'s Signer),
+    Unauthenticated(Instant),
+}
+
+/// Why an unauthenticated answer was not sent.
+#[derive(Debug, Clone, Copy)]
+enum Refused {
+    Amplification,
+    RateLimited,
+}
+
 /// Why authentication refused a request.
 #[derive(Debug, Clone, Copy)]
 enum Reject {
@@ -1516,10 +1669,34 @@ enum Timer {
     Reservation(u64),
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Reservation {
     relay: RelayAddr,
     expires: Instant,
+    /// Who reserved it: the port counts toward that identity's allocation quota until it is redeemed,
+    /// expires, or the allocation that reserved it ends.
+    identity: Box<str>,
+}
+
+/// What one identity holds, for its quotas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Holdings {
+    allocations: usize,
+    reservations: usize,
+    /// Permissions over all its allocations.
+    permissions: usize,
+    /// Channel bindings over all its allocations, those cooling down included (RFC 8656 §12).
+    channels: usize,
+}
+
+/// Change what `identity` holds; an identity left holding nothing loses its entry, so the map stays as
+/// small as the set of identities with state.
+fn hold(map: &mut HashMap<Box<str>, Holdings>, identity: &str, f: impl FnOnce(&mut Holdings)) {
+    let h = map.entry_ref(identity).or_default();
+    f(h);
+    if *h == Holdings::default() {
+        map.remove(identity);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

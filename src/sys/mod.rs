@@ -1,5 +1,5 @@
 //! Every syscall and every `unsafe` block of turnpike: UDP sockets, batched `recvmmsg`/`sendmmsg`,
-//! eventfd wake-ups, CPU pinning and the io_uring ring.
+//! eventfd wake-ups, CPU pinning, the io_uring ring, file locks and the open-file limit.
 //!
 //! Each `unsafe` block carries a `// SAFETY:` comment; each `unsafe fn` a `# Safety` section. Raw calls go
 //! through [`syscall!`], which turns a libc return value into `io::Result`.
@@ -13,6 +13,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use socket2::{Domain, Protocol, Socket, Type};
 
 pub mod alloc;
+pub mod file;
 pub mod mmsg;
 pub mod uring;
 

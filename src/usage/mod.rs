@@ -14,14 +14,18 @@
 //! relayed after the last checkpoint (at most one checkpoint interval) is lost and nothing is counted
 //! twice.
 //!
-//! May use: metrics, rusqlite.
+//! One process writes a database: [`Store::open`] holds an exclusive lock on a file beside it.
+//!
+//! May use: metrics, sys (the lock), rusqlite.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{params, Connection};
 use serde::Serialize;
+
+use crate::sys::file::{FileLock, LockError};
 
 /// Metering settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,7 +34,34 @@ pub struct Config {
     pub database: std::path::PathBuf,
     /// How often live allocations are checkpointed (the most a crash can lose).
     pub checkpoint: Duration,
+    /// How long closed rows are kept ([`Store::prune`]).
+    pub retention: Duration,
 }
+
+/// How often the writer prunes rows older than the retention.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// The range a summary covers when the query leaves it open: up to now, and back 31 days from its end.
+/// An open range must not mean "scan everything ever recorded".
+pub const DEFAULT_SPAN: Duration = Duration::from_secs(31 * 86_400);
+
+/// A summary's `[since, until)` in Unix milliseconds, from optional bounds: `until` defaults to now,
+/// `since` to [`DEFAULT_SPAN`] before `until`.
+pub fn summary_range(since_ms: Option<u64>, until_ms: Option<u64>, now_ms: u64) -> (u64, u64) {
+    let until = until_ms.unwrap_or(now_ms);
+    let span = DEFAULT_SPAN.as_millis() as u64;
+    (since_ms.unwrap_or(until.saturating_sub(span)), until)
+}
+
+/// Which rows [`Store::prune`] may delete, given the cut-off `?1` (Unix ms): closed, and closed
+/// before the cut-off. Open rows are never pruned, whatever their age.
+///
+/// Hook for the fleet ledger: rows not yet shipped to PostgreSQL must never be pruned either; the
+/// shipper adds its condition here (e.g. `AND shipped_ms IS NOT NULL`).
+const PRUNABLE: &str = "ended_ms IS NOT NULL AND ended_ms < ?1";
+
+/// Rows deleted per statement, so that a large prune never holds the write lock for long.
+const PRUNE_BATCH: usize = 10_000;
 
 /// One allocation's usage, cumulative since it started.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,11 +111,37 @@ pub struct IdentityUsage {
 
 /// A metering database error.
 #[derive(Debug)]
-pub struct Error(rusqlite::Error);
+pub enum Error {
+    /// SQLite said no.
+    Db(rusqlite::Error),
+    /// Another process writes this database: its lock file is held (by this pid, when known).
+    InUse {
+        /// The lock file ([`lock_path`]).
+        lock: PathBuf,
+        /// The holder's pid, as it wrote it there.
+        pid: Option<u32>,
+    },
+    /// The lock file could not be opened or locked.
+    Lock(PathBuf, std::io::Error),
+}
 
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "usage database: {}", self.0)
+        match self {
+            Error::Db(e) => write!(f, "usage database: {e}"),
+            Error::InUse { lock, pid } => {
+                write!(f, "usage database in use by another turnpike")?;
+                if let Some(pid) = pid {
+                    write!(f, " (pid {pid})")?;
+                }
+                write!(
+                    f,
+                    ": {} is locked; one relay writes one database (give each its own [usage] database)",
+                    lock.display()
+                )
+            }
+            Error::Lock(lock, e) => write!(f, "usage database lock {}: {e}", lock.display()),
+        }
     }
 }
 
@@ -92,8 +149,17 @@ impl std::error::Error for Error {}
 
 impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Self {
-        Error(e)
+        Error::Db(e)
     }
+}
+
+/// The lock file next to the database (`usage.db` → `usage.db.lock`) that its one writer holds with
+/// an exclusive `flock`. SQLite's own locks on the database file are left alone: an fcntl lock on it
+/// would break them, and EXCLUSIVE mode would lock out the readers (API, `turnpike usage`).
+pub fn lock_path(database: &Path) -> PathBuf {
+    let mut name = database.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
 }
 
 const SCHEMA: &str = "
@@ -121,6 +187,7 @@ CREATE TABLE IF NOT EXISTS allocations (
     PRIMARY KEY (relay_id, run_id, allocation)
 );
 CREATE INDEX IF NOT EXISTS allocations_by_time ON allocations (started_ms);
+CREATE INDEX IF NOT EXISTS allocations_by_end ON allocations (ended_ms);
 ";
 
 /// A connection to the usage database.
@@ -129,12 +196,26 @@ pub struct Store {
     conn: Connection,
     relay_id: String,
     run_id: i64,
+    /// The writer's lock ([`lock_path`]); `None` for readers.
+    _lock: Option<FileLock>,
 }
 
 impl Store {
     /// Open (creating it if needed) the database at `path` for the relay `relay_id`, start a new run,
     /// and close the rows a previous run of this relay left open (it died) at their last checkpoint.
+    ///
+    /// The writer first takes the lock next to the database ([`lock_path`]), before anything is
+    /// written: while another process holds it, this fails with [`Error::InUse`] and the other's open
+    /// rows stay open (a second start must not close a live run's rows as lost).
     pub fn open(path: &Path, relay_id: &str, now_ms: u64) -> Result<Store, Error> {
+        let lock_file = lock_path(path);
+        let lock = FileLock::try_exclusive(&lock_file).map_err(|e| match e {
+            LockError::Held(pid) => Error::InUse {
+                lock: lock_file.clone(),
+                pid,
+            },
+            LockError::Io(e) => Error::Lock(lock_file.clone(), e),
+        })?;
         let conn = Self::connect(path)?;
         conn.execute_batch(SCHEMA)?;
         conn.execute(
@@ -157,6 +238,7 @@ impl Store {
             conn,
             relay_id: relay_id.into(),
             run_id,
+            _lock: Some(lock),
         })
     }
 
@@ -168,6 +250,7 @@ impl Store {
             conn,
             relay_id: String::new(),
             run_id: 0,
+            _lock: None,
         })
     }
 
@@ -251,6 +334,27 @@ impl Store {
             },
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Delete the closed rows that ended more than `retention` before `now_ms` (see `PRUNABLE`), in
+    /// batches; returns how many went.
+    pub fn prune(&self, now_ms: u64, retention: Duration) -> Result<usize, Error> {
+        let cutoff = now_ms.saturating_sub(retention.as_millis().min(u64::MAX as u128) as u64);
+        let cutoff = cutoff.min(i64::MAX as u64) as i64;
+        let sql = format!(
+            "DELETE FROM allocations WHERE rowid IN
+                (SELECT rowid FROM allocations WHERE {PRUNABLE} LIMIT {PRUNE_BATCH})"
+        );
+        let mut total = 0;
+        // Bounded: at most 1,000 batches per call; the rest waits for the next one.
+        for _ in 0..1000 {
+            let n = self.conn.execute(&sql, params![cutoff])?;
+            total += n;
+            if n < PRUNE_BATCH {
+                break;
+            }
+        }
+        Ok(total)
     }
 
     /// This run's id.

@@ -56,8 +56,14 @@ pub struct Attributes<'a> {
     pub alternate_domain: Option<&'a str>,
     pub channel_number: Option<u16>,
     pub lifetime: Option<u32>,
-    /// The first XOR-PEER-ADDRESS; all of them via [`Message::peer_addresses`].
+    /// The first well-formed XOR-PEER-ADDRESS; all of them via [`Message::peer_addresses`].
     pub xor_peer_address: Option<SocketAddr>,
+    /// Some XOR-PEER-ADDRESS (before any integrity attribute) is malformed: a value too short or too long
+    /// for its family, or a family other than IPv4 and IPv6. The message still parses, so that an
+    /// authenticated CreatePermission or ChannelBind can be answered 400 (RFC 8656 §10.2, §11.2) and a
+    /// Send indication can be dropped as malformed rather than as missing its peer. A malformed one is
+    /// never in `xor_peer_address` or [`Message::peer_addresses`].
+    pub malformed_peer_address: bool,
     pub data: Option<&'a [u8]>,
     pub xor_relayed_address: Option<SocketAddr>,
     pub requested_address_family: Option<u8>,
@@ -95,7 +101,9 @@ pub struct Message<'a> {
 
 impl<'a> Message<'a> {
     /// Parse a whole datagram (or one framed message from a stream) as a STUN message: the length field
-    /// must match `buf` exactly.
+    /// must match `buf` exactly, and a FINGERPRINT, if present, must be the last attribute and match
+    /// ([`Error::BadFingerprint`] otherwise). A malformed XOR-PEER-ADDRESS does not fail the parse: it
+    /// is reported in [`Attributes::malformed_peer_address`].
     pub fn parse(buf: &'a [u8]) -> Result<Self, Error> {
         let hdr = buf.first_chunk::<HEADER_LEN>().ok_or(Error::Truncated)?;
         let typ =
@@ -131,8 +139,8 @@ impl<'a> Message<'a> {
         for raw in RawAttrs::new(buf, HEADER_LEN) {
             let (at, typ, value) = raw?;
             if msg.fingerprint_at.is_some() {
-                // RFC 8489 §14.7: FINGERPRINT is the last attribute; anything after it is ignored.
-                break;
+                // RFC 8489 §14.7: FINGERPRINT is the last attribute. Bytes after it make this not STUN.
+                return Err(Error::BadFingerprint);
             }
             match typ {
                 t::FINGERPRINT => {
@@ -162,7 +170,20 @@ impl<'a> Message<'a> {
                 }
                 // RFC 8489 §14.5: ignore everything else after an integrity attribute.
                 _ if after_integrity => {}
+                t::XOR_PEER_ADDRESS => match Attribute::decode(typ, value, &tid) {
+                    Ok(Attribute::XorPeerAddress(a)) => {
+                        msg.attrs.xor_peer_address.get_or_insert(a);
+                    }
+                    _ => msg.attrs.malformed_peer_address = true,
+                },
                 _ => msg.fill(typ, value)?,
+            }
+        }
+        // RFC 8489 §7: a message whose FINGERPRINT does not match is not STUN; it is checked here, once,
+        // so that every caller of `parse` (server and data plane) drops it the same way.
+        if let (Some(at), Some(want)) = (msg.fingerprint_at, msg.attrs.fingerprint) {
+            if fingerprint(buf, at) != want {
+                return Err(Error::BadFingerprint);
             }
         }
         Ok(msg)
@@ -253,7 +274,8 @@ impl<'a> Message<'a> {
         mac.verify_truncated_left(expected).is_ok()
     }
 
-    /// Verify FINGERPRINT (RFC 8489 §14.7). False when the attribute is absent.
+    /// Whether FINGERPRINT is present and matches (RFC 8489 §14.7). [`Message::parse`] already refuses a
+    /// message whose FINGERPRINT is wrong or misplaced, so on a parsed message this is "present".
     pub fn verify_fingerprint(&self) -> bool {
         let (Some(at), Some(want)) = (self.fingerprint_at, self.attrs.fingerprint) else {
             return false;
@@ -288,7 +310,6 @@ impl<'a> Message<'a> {
             Attribute::AlternateDomain(v) => first!(a.alternate_domain, v),
             Attribute::ChannelNumber(v) => first!(a.channel_number, v),
             Attribute::Lifetime(v) => first!(a.lifetime, v),
-            Attribute::XorPeerAddress(v) => first!(a.xor_peer_address, v),
             Attribute::Data(v) => first!(a.data, v),
             Attribute::XorRelayedAddress(v) => first!(a.xor_relayed_address, v),
             Attribute::RequestedAddressFamily(v) => first!(a.requested_address_family, v),
@@ -311,6 +332,7 @@ impl<'a> Message<'a> {
             } => first!(a.icmp, (icmp_type, icmp_code, data)),
             Attribute::ConnectionId(v) => first!(a.connection_id, v),
             Attribute::Priority(_)
+            | Attribute::XorPeerAddress(_)
             | Attribute::UseCandidate
             | Attribute::IceControlled(_)
             | Attribute::IceControlling(_)

@@ -53,6 +53,9 @@ pub enum Error {
     BufferTooSmall,
     /// A value is too long for its attribute or for the 16-bit length field.
     ValueTooLong,
+    /// FINGERPRINT does not match the message's CRC-32, or is not the last attribute: by RFC 8489 §7 and
+    /// §14.7 the bytes are not a STUN message at all.
+    BadFingerprint,
 }
 
 impl Error {
@@ -69,6 +72,7 @@ impl Error {
             Error::BadChannelNumber => "bad_channel_number",
             Error::BufferTooSmall => "buffer_too_small",
             Error::ValueTooLong => "value_too_long",
+            Error::BadFingerprint => "bad_fingerprint",
         }
     }
 }

@@ -216,6 +216,81 @@ fn attributes_after_integrity_are_ignored_except_fingerprint() {
     assert!(m.verify_fingerprint());
 }
 
+/// RFC 8489 §7, §14.7: a wrong FINGERPRINT, or one that is not the last attribute, makes the bytes not
+/// STUN. `parse` refuses them, so no caller can act on them.
+#[test]
+fn wrong_or_misplaced_fingerprint_is_not_stun() {
+    let good = build([4; 12], |w| {
+        w.add(&Attribute::Software("x")).unwrap();
+        w.add_fingerprint().unwrap();
+    });
+    assert!(Message::parse(&good).unwrap().verify_fingerprint());
+    let n = good.len();
+    for i in [n - 1, n - 4, 20 + 4, 8] {
+        let mut bad = good.clone();
+        bad[i] ^= 0x01;
+        assert_eq!(
+            Message::parse(&bad).unwrap_err(),
+            Error::BadFingerprint,
+            "byte {i} flipped"
+        );
+    }
+    // A correct FINGERPRINT followed by another attribute (the length field covers both).
+    let mut trailing = good.clone();
+    trailing.extend_from_slice(&[0x80, 0x22, 0, 0]); // an empty SOFTWARE
+    wire_set_length(&mut trailing);
+    assert_eq!(
+        Message::parse(&trailing).unwrap_err(),
+        Error::BadFingerprint
+    );
+    // Two FINGERPRINTs: the first is not last.
+    let twice = build([5; 12], |w| {
+        w.add_fingerprint().unwrap();
+        w.add_fingerprint().unwrap();
+    });
+    assert_eq!(Message::parse(&twice).unwrap_err(), Error::BadFingerprint);
+}
+
+fn wire_set_length(buf: &mut [u8]) {
+    let len = u16::try_from(buf.len() - HEADER_LEN).unwrap();
+    buf[2..4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// RFC 8656 §10.2: a malformed XOR-PEER-ADDRESS must be answerable with 400, so the message parses and
+/// says "malformed", distinct from "absent"; the well-formed ones around it are still seen.
+#[test]
+fn malformed_peer_address_is_flagged_not_fatal() {
+    let good: SocketAddr = "8.8.4.4:6001".parse().unwrap();
+    let shapes: [&[u8]; 4] = [
+        &[0, family::IPV4, 0x21, 0x12, 1, 2, 3, 4, 5, 6, 7, 8][..4], // IPv4, 4-byte value
+        &[0, family::IPV6, 0x21, 0x12, 1, 2, 3, 4],                  // IPv6, 8-byte value
+        &[0, 0x07, 0x21, 0x12, 1, 2, 3, 4],                          // unknown family
+        &[0, family::IPV4],                                          // no port at all
+    ];
+    for value in shapes {
+        let buf = build([6; 12], |w| {
+            w.add(&Attribute::Unknown {
+                typ: attr_type::XOR_PEER_ADDRESS,
+                value,
+            })
+            .unwrap();
+            w.add(&Attribute::XorPeerAddress(good)).unwrap();
+            w.add_fingerprint().unwrap();
+        });
+        let m = Message::parse(&buf).unwrap();
+        assert!(m.attrs.malformed_peer_address, "{value:02x?}");
+        assert_eq!(m.attrs.xor_peer_address, Some(good), "{value:02x?}");
+        assert_eq!(m.peer_addresses().collect::<Vec<_>>(), vec![good]);
+    }
+    let buf = build([6; 12], |w| {
+        w.add(&Attribute::XorPeerAddress(good)).unwrap()
+    });
+    assert!(!Message::parse(&buf).unwrap().attrs.malformed_peer_address);
+    let buf = build([6; 12], |w| w.add(&Attribute::Lifetime(1)).unwrap());
+    let m = Message::parse(&buf).unwrap();
+    assert!(!m.attrs.malformed_peer_address && m.attrs.xor_peer_address.is_none());
+}
+
 fn build(tid: [u8; 12], f: impl FnOnce(&mut MessageWriter<'_>)) -> Vec<u8> {
     let mut buf = vec![0u8; 70_000];
     let mut w = MessageWriter::new(
@@ -382,7 +457,7 @@ fn bad_known_attribute_values_are_errors() {
         (attr_type::LIFETIME, &[0, 0, 1]),
         (attr_type::CHANNEL_NUMBER, &[0x40, 0]),
         (attr_type::REQUESTED_TRANSPORT, &[17, 0, 0]),
-        (attr_type::XOR_PEER_ADDRESS, &[0, 1, 0, 0, 1, 2, 3]),
+        (attr_type::XOR_RELAYED_ADDRESS, &[0, 1, 0, 0, 1, 2, 3]),
         (attr_type::MESSAGE_INTEGRITY, &[0; 19]),
         (attr_type::ERROR_CODE, &[0, 0, 2, 0]),
         (attr_type::USERNAME, &[0xff, 0xfe]),
@@ -401,7 +476,7 @@ fn bad_known_attribute_values_are_errors() {
     }
     let buf = build([8; 12], |w| {
         w.add(&Attribute::Unknown {
-            typ: attr_type::XOR_PEER_ADDRESS,
+            typ: attr_type::XOR_MAPPED_ADDRESS,
             value: &[0, 3, 0, 0, 1, 2, 3, 4],
         })
         .unwrap()

@@ -67,6 +67,8 @@ pub fn stun_message(data: &[u8]) {
         re.attrs,
         Attributes {
             fingerprint: None,
+            // A malformed XOR-PEER-ADDRESS is not among the decoded attributes, so it is not re-emitted.
+            malformed_peer_address: false,
             ..m.attrs
         }
     );

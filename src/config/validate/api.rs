@@ -322,6 +322,8 @@ fn limits(raw: &RawApiLimits) -> Result<Limits, ConfigError> {
         )?,
     })
 }
+/// The longest `usage.retention_days`: a century.
+const MAX_RETENTION_DAYS: u64 = 36_500;
 
 pub(super) fn usage(raw: RawUsage) -> Result<usage::Config, ConfigError> {
     if raw.database.as_os_str().is_empty() {
@@ -333,15 +335,27 @@ pub(super) fn usage(raw: RawUsage) -> Result<usage::Config, ConfigError> {
             format!("must be 1 to 86400 (got {})", raw.checkpoint_seconds),
         ));
     }
+    if raw.retention_days == 0 || raw.retention_days > MAX_RETENTION_DAYS {
+        return Err(ConfigError::new(
+            "usage.retention_days",
+            format!(
+                "must be 1 to {MAX_RETENTION_DAYS} (got {})",
+                raw.retention_days
+            ),
+        ));
+    }
     Ok(usage::Config {
         database: raw.database,
         checkpoint: Duration::from_secs(raw.checkpoint_seconds),
+        retention: Duration::from_secs(raw.retention_days * 86_400),
     })
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::time::Duration;
+
     use crate::config::RelayConfig;
 
     const BASE: &str = "listen = [\"192.0.2.1:3478\"]\nrelay_id = \"eu-1\"\n[relay]\naddresses = [\"192.0.2.1\"]\n[rest]\nsecrets = [\"s\"]\n";
@@ -386,6 +400,11 @@ mod tests {
             Some(std::path::Path::new("/tmp/u.db"))
         );
         assert_eq!(c.fixed.usage.as_ref().unwrap().checkpoint.as_secs(), 5);
+        assert_eq!(
+            c.fixed.usage.as_ref().unwrap().retention,
+            Duration::from_secs(90 * 86_400),
+            "default: 90 days"
+        );
         assert!(RelayConfig::from_toml(BASE).unwrap().api().is_none());
         let policy = &c.peer_policy();
         assert_eq!(
@@ -511,6 +530,16 @@ mod tests {
             "1 to 86400",
         );
         error("[usage]\ndatabse = \"u.db\"\n", "usage.databse", "databse");
+        error(
+            "[usage]\ndatabase = \"u.db\"\nretention_days = 0\n",
+            "usage.retention_days",
+            "1 to 36500",
+        );
+        error(
+            "[usage]\ndatabase = \"u.db\"\nretention_days = 36501\n",
+            "usage.retention_days",
+            "1 to 36500",
+        );
         let e = RelayConfig::from_toml(
             &format!("relay_id = \"a b\"\n{BASE}").replace("relay_id = \"eu-1\"\n", ""),
         )

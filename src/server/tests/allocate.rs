@@ -1,7 +1,7 @@
 //! Binding, authentication, Allocate and Refresh (RFC 8489 §9.2, RFC 8656 §7).
 
 use super::*;
-use crate::wire::{attr_type, family, password_algorithm};
+use crate::wire::{attr_type, family};
 
 const RT_UDP: Attribute<'static> = Attribute::RequestedTransport(17);
 
@@ -56,7 +56,10 @@ fn binding_can_require_credentials() {
         binding_requires_auth: true,
         ..config()
     });
-    let out = h.request(client(1), Method::BINDING, &[], None);
+    // A bare 20-byte Binding would get no 401 over UDP (84 bytes is more than 3× it); one with SOFTWARE
+    // does.
+    let software = [Attribute::Software("client")];
+    let out = h.request(client(1), Method::BINDING, &software, None);
     assert_eq!(out.error(), Some(401));
     h.nonce = out.one().msg().attrs.nonce.map(str::to_string);
     let out = h.request(client(1), Method::BINDING, &[], Some(&Creds::alice()));
@@ -95,28 +98,37 @@ fn challenge_is_minimal_and_stateless() {
     assert_eq!(h.server.stats().challenges, 1);
 }
 
+/// Design §3: a 401 past 3× a minimal Allocate would never be sent over UDP, so the settings that would
+/// make one are refused at start, naming the key.
 #[test]
-fn challenge_advertises_password_algorithms_when_enabled() {
-    let mut h = Harness::with(Config {
-        password_algorithms: true,
-        ..config()
-    });
-    let out = h.challenge(client(1));
-    let m = out.one().msg();
-    let algs: Vec<u16> = m
-        .attrs
-        .password_algorithms
-        .unwrap()
-        .map(|(a, _)| a)
-        .collect();
-    assert_eq!(
-        algs,
-        vec![password_algorithm::MD5, password_algorithm::SHA256]
-    );
-    assert!(
-        m.attrs.nonce.unwrap().starts_with("obMatJos2"),
-        "RFC 8489 §9.2 nonce cookie"
-    );
+fn settings_that_would_push_the_challenge_past_3x_are_refused() {
+    let with_realm = |realm: &str| {
+        Server::new(
+            Config {
+                realm: realm.into(),
+                ..config()
+            },
+            StdRng::seed_from_u64(1),
+        )
+    };
+    // The 401 is 68 bytes plus the padded realm: up to 12 bytes of realm fit in 84.
+    assert_eq!(super::super::challenge_len("123456789012", false), 84);
+    assert!(with_realm("123456789012").is_ok());
+    let e = with_realm("turn.example.org").unwrap_err();
+    assert_eq!(e.key, "realm");
+    assert!(e.problem.contains("the 401 88 bytes"), "{e}");
+    assert!(e.problem.contains("at most 12 bytes"), "{e}");
+    // PASSWORD-ALGORITHMS and the RFC 8489 nonce cookie add 28 bytes: refused whatever the realm.
+    let e = Server::new(
+        Config {
+            realm: "t".into(),
+            password_algorithms: true,
+            ..config()
+        },
+        StdRng::seed_from_u64(1),
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "password_algorithms", "{e}");
 }
 
 #[test]
@@ -938,59 +950,6 @@ fn relay_bind_failure_retries_then_508() {
         }]
     );
     h.assert_empty(ports);
-}
-
-/// RFC 8489 §9.2: SHA-256 keys with MESSAGE-INTEGRITY-SHA256, and bid-down protection.
-#[test]
-fn sha256_password_algorithm_and_bid_down_protection() {
-    let mut h = Harness::with(Config {
-        password_algorithms: true,
-        ..config()
-    });
-    h.challenge(client(1));
-    let nonce = h.nonce.clone().unwrap();
-    let key = crate::auth::long_term_key_sha256("alice", REALM, "alice-pass");
-    let build = |h: &mut Harness, algs: &[u16]| {
-        let tid = h.next_tid();
-        let mut buf = [0u8; 512];
-        let mut scratch = [0u8; 16];
-        let mut w = MessageWriter::new(
-            &mut buf,
-            MessageType::new(Method::ALLOCATE, Class::Request),
-            tid,
-        )
-        .unwrap();
-        w.add(&RT_UDP).unwrap();
-        w.add(&Attribute::Username("alice")).unwrap();
-        w.add(&Attribute::Realm(REALM)).unwrap();
-        w.add(&Attribute::Nonce(&nonce)).unwrap();
-        w.add(&crate::wire::password_algorithms(algs, &mut scratch).unwrap())
-            .unwrap();
-        w.add(&Attribute::PasswordAlgorithm {
-            algorithm: password_algorithm::SHA256,
-            params: &[],
-        })
-        .unwrap();
-        w.add_integrity_sha256(&key).unwrap();
-        let n = w.finish();
-        buf[..n].to_vec()
-    };
-    let downgraded = build(&mut h, &[password_algorithm::SHA256]);
-    assert_eq!(h.send(client(1), &downgraded).error(), Some(400));
-    let good = build(
-        &mut h,
-        &[password_algorithm::MD5, password_algorithm::SHA256],
-    );
-    let out = h.send(client(1), &good);
-    let (id, relays) = opened(&out.commands);
-    h.server.handle_relay_opened(h.now, id, relays[0]);
-    let out = h.drain();
-    let m = out.one().msg();
-    assert_eq!(m.message_type().class, Class::Success);
-    assert!(
-        m.verify_integrity_sha256(&key),
-        "answered with MESSAGE-INTEGRITY-SHA256"
-    );
 }
 
 #[test]

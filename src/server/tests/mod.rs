@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod allocate;
+mod hardening;
 mod relay;
 mod revoke;
 
