@@ -15,6 +15,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 pub mod alloc;
 pub mod mmsg;
 pub mod uring;
+#[cfg(feature = "xdp")]
+pub mod xdp;
 
 /// Call a libc function and turn `-1` into the thread's `errno` as an `io::Error`.
 macro_rules! syscall {
