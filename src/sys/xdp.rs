@@ -133,10 +133,11 @@ pub struct Meter {
     pub to_client_packets: u64,
 }
 
-// SAFETY (all six): each type is `#[repr(C)]`, `Copy`, made only of integers and byte arrays, has no
+// Each of the six types below is `#[repr(C)]`, `Copy`, made only of integers and byte arrays, has no
 // implicit padding (field sizes add up to the C struct's size: 40, 40, 40, 44, 20, 32 bytes, checked by
-// the test below), and every bit pattern is a valid value, which is what `aya::Pod` requires for
-// copying to and from the kernel.
+// the test below), and every bit pattern is a valid value: what `aya::Pod` requires for copying to and
+// from the kernel.
+// SAFETY: see above.
 unsafe impl aya::Pod for ToPeerKey {}
 // SAFETY: see above.
 unsafe impl aya::Pod for ToPeerValue {}
