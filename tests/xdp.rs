@@ -478,3 +478,27 @@ fn kill_9_detaches() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn auto_keeps_userspace_and_native_fails_where_attaching_fails() {
+    // No privileges or no such interface: either way nothing attaches.
+    let missing = XdpSettings {
+        interfaces: vec!["tpx-nonexistent".into()],
+        mode: XdpMode::Auto,
+    };
+    assert!(
+        FastPath::start(&missing).unwrap().is_none(),
+        "auto keeps userspace"
+    );
+    let native = XdpSettings {
+        mode: XdpMode::Native,
+        ..missing.clone()
+    };
+    let err = FastPath::start(&native).unwrap_err().to_string();
+    assert!(err.contains("XDP"), "native names what failed: {err}");
+    let off = XdpSettings {
+        mode: XdpMode::Off,
+        ..missing
+    };
+    assert!(FastPath::start(&off).unwrap().is_none());
+}
