@@ -362,15 +362,11 @@ fn map_error(e: MapError) -> XdpError {
 fn absent_ok(r: Result<(), MapError>) -> Result<(), XdpError> {
     match r {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc_enoent()) => {
+        Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
             Ok(())
         }
         Err(e) => Err(map_error(e)),
     }
-}
-
-const fn libc_enoent() -> i32 {
-    2 // ENOENT on Linux
 }
 
 /// IPv4-mapped IPv6 addresses are IPv4 on the wire.
