@@ -18,6 +18,7 @@ declare -A allowed=(
   [dataplane]="wire route policy sys metrics"
   [control]="server route sys metrics dataplane wire auth policy config"
   [usage]="metrics sys"
+  [xdp]="route sys"
   [api]="auth metrics usage policy"
   [service]="wire auth policy route server sys metrics dataplane control config usage api"
 )

@@ -47,6 +47,18 @@ if ! command -v chromium >/dev/null 2>&1; then
   ${SUDO:-} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 
+# XDP fast path (issue 13): clang and libbpf's headers build src/xdp/turnpike.bpf.c (`--features xdp`);
+# tests/xdp.rs builds network namespaces with iproute2 and turns checksum offload off with ethtool.
+if ! command -v clang >/dev/null 2>&1 || ! command -v llc >/dev/null 2>&1 ||
+  [ ! -f /usr/include/bpf/bpf_helpers.h ] || ! command -v ethtool >/dev/null 2>&1 ||
+  ! command -v ip >/dev/null 2>&1; then
+  echo "== installing clang, llvm, libbpf-dev, ethtool, iproute2 (XDP)"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    clang llvm libbpf-dev linux-libc-dev ethtool iproute2 >/dev/null
+fi
+# --- end of the XDP block ---
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -73,6 +85,11 @@ echo "== cargo test --all-targets"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --all-targets --locked 2>&1 | tee "$log"
+
+echo "== XDP (--features xdp): clippy, the map layouts, and tests/xdp.rs in network namespaces"
+cargo clippy --all-targets --locked --features xdp -- -D warnings
+cargo test --locked --features xdp --lib -- xdp 2>&1 | tee -a "$log"
+cargo test --locked --features xdp --test xdp 2>&1 | tee -a "$log"
 # One closing line for the whole run (the last runner to print is a criterion bench in test mode).
 passed=$(grep -oE 'test result: ok\. [0-9]+ passed' "$log" | awk '{ n += $4 } END { print n + 0 }')
 echo "tests: $passed passed, 0 failed"

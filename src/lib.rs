@@ -13,6 +13,7 @@
 //! - [`usage`]: metering: durable per-allocation usage records (SQLite) and revocations.
 //! - [`api`]: the HTTP API: relay tokens, revocation, usage, `/metrics`, health.
 //! - [`service`]: a whole relay process wired together: relay, metering writer, HTTP API.
+//! - [`xdp`]: the kernel fast path: an XDP program forwarding bound channels, its loader and maps.
 //! - [`config`]: the TOML configuration file: defaults, validation, and errors that name the key.
 
 pub mod api;
@@ -30,3 +31,4 @@ pub mod service;
 pub mod sys;
 pub mod usage;
 pub mod wire;
+pub mod xdp;

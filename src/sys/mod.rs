@@ -17,6 +17,8 @@ pub mod file;
 mod ifaddrs;
 pub mod mmsg;
 pub mod uring;
+#[cfg(feature = "xdp")]
+pub mod xdp;
 
 pub use ifaddrs::interface_addrs;
 

@@ -1,0 +1,475 @@
+//! The aya loader and the map writer (built only with the `xdp` feature).
+
+use core::net::{IpAddr, SocketAddr};
+use std::collections::HashMap;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::programs::{Xdp, XdpFlags};
+use aya::Ebpf;
+
+use super::{ChannelKey, PathCounters, XdpError, XdpMode, XdpSettings};
+use crate::route::Counters;
+use crate::sys::xdp::{
+    Meter, RelayedKey, ToClientKey, ToClientValue, ToPeerKey, ToPeerValue, FAMILY_V4, FAMILY_V6,
+    PATH_ABORTED, PATH_PASS_FIB, PATH_PASS_NOT_IP_UDP, PATH_PASS_NO_ENTRY,
+    PATH_PASS_RELAY_TO_RELAY, PATH_XDP_TO_CLIENT, PATH_XDP_TO_PEER,
+};
+
+/// The object file build.rs compiled from turnpike.bpf.c.
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/turnpike.bpf.o"));
+
+/// Slots in the `meters` map (its `max_entries`): at most this many relayed addresses at once.
+const METER_SLOTS: u32 = 65536;
+
+/// The loaded XDP program, attached to the configured interfaces through bpf_links this value owns.
+/// Dropping it (or the process dying) detaches the program.
+#[derive(Debug)]
+pub struct FastPath {
+    tables: XdpTables,
+    // Owns the program and its links; dropped after `tables` (field order), which only closes map fds.
+    _ebpf: Ebpf,
+    interfaces: Vec<String>,
+}
+
+impl FastPath {
+    /// Loads and attaches the program as `settings` say. `Off` gives `Ok(None)`; `Auto` turns any
+    /// failure into one warning line and `Ok(None)` (the userspace path carries everything).
+    pub fn start(settings: &XdpSettings) -> Result<Option<FastPath>, XdpError> {
+        let flags = match settings.mode {
+            XdpMode::Off => return Ok(None),
+            XdpMode::Auto => XdpFlags::default(),
+            XdpMode::Native => XdpFlags::DRV_MODE,
+            XdpMode::Generic => XdpFlags::SKB_MODE,
+        };
+        match Self::load(&settings.interfaces, flags) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if settings.mode == XdpMode::Auto => {
+                tracing::warn!("xdp: {e}; relaying in userspace");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn load(interfaces: &[String], flags: XdpFlags) -> Result<FastPath, XdpError> {
+        if interfaces.is_empty() {
+            return Err(XdpError::Load(
+                "no interfaces configured ([xdp] interfaces)".into(),
+            ));
+        }
+        let mut ebpf = Ebpf::load(PROGRAM).map_err(|e| XdpError::Load(e.to_string()))?;
+        let program: &mut Xdp = ebpf
+            .program_mut("turnpike_xdp")
+            .ok_or_else(|| XdpError::Load("the object has no turnpike_xdp program".into()))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| XdpError::Load(e.to_string()))?;
+        program.load().map_err(|e| XdpError::Load(e.to_string()))?;
+        for interface in interfaces {
+            attach(program, interface, flags)?;
+        }
+        let tables = XdpTables::new(&mut ebpf)?;
+        Ok(FastPath {
+            tables,
+            _ebpf: ebpf,
+            interfaces: interfaces.to_vec(),
+        })
+    }
+
+    /// The maps, to program from route updates.
+    pub fn tables(&mut self) -> &mut XdpTables {
+        &mut self.tables
+    }
+
+    /// The interfaces the program is attached to.
+    pub fn interfaces(&self) -> &[String] {
+        &self.interfaces
+    }
+
+    /// Detaches from every interface (on exit and on drain); the same as dropping it.
+    pub fn detach(self) {
+        drop(self);
+    }
+}
+
+/// Attaches a program that passes everything to `interface`, for the far end of a veth pair that XDP
+/// redirects or transmits into (a veth drops such frames unless its peer runs XDP or has GRO on).
+/// Tests and the benchmark use it; the returned value owns the link.
+pub fn attach_pass_program(interface: &str) -> Result<PassProgram, XdpError> {
+    let mut ebpf = Ebpf::load(PROGRAM).map_err(|e| XdpError::Load(e.to_string()))?;
+    let program: &mut Xdp = ebpf
+        .program_mut("turnpike_pass")
+        .ok_or_else(|| XdpError::Load("the object has no turnpike_pass program".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| XdpError::Load(e.to_string()))?;
+    program.load().map_err(|e| XdpError::Load(e.to_string()))?;
+    attach(program, interface, XdpFlags::default())?;
+    Ok(PassProgram { _ebpf: ebpf })
+}
+
+/// An attached pass-everything program ([`attach_pass_program`]); dropping it detaches it.
+#[derive(Debug)]
+pub struct PassProgram {
+    _ebpf: Ebpf,
+}
+
+fn attach(program: &mut Xdp, interface: &str, flags: XdpFlags) -> Result<(), XdpError> {
+    let fail = |detail: String| XdpError::Attach {
+        interface: interface.to_string(),
+        detail,
+    };
+    // aya turns the name into a C string with an unwrap.
+    if interface.is_empty() || interface.contains('\0') {
+        return Err(fail("not an interface name".into()));
+    }
+    program
+        .attach(interface, flags)
+        .map_err(|e| fail(error_chain(&e)))?;
+    Ok(())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+/// The program's maps: the narrow seam through which route updates program the kernel cache.
+///
+/// Call [`add_relay`](Self::add_relay) when a relay socket opens, [`add_channel`](Self::add_channel)
+/// after userspace has accepted a ChannelBind (its permission and peer policy already decided),
+/// [`remove_channel`](Self::remove_channel) before or together with the userspace removal (expiry,
+/// revocation), and [`remove_relay`](Self::remove_relay) when the allocation ends: it removes every
+/// channel through that relayed address and returns the final XDP counters to fold into usage.
+pub struct XdpTables {
+    to_peer: BpfHashMap<MapData, ToPeerKey, ToPeerValue>,
+    to_client: BpfHashMap<MapData, ToClientKey, ToClientValue>,
+    relayed: BpfHashMap<MapData, RelayedKey, u8>,
+    meters: PerCpuArray<MapData, Meter>,
+    paths: PerCpuArray<MapData, u64>,
+    relays: HashMap<SocketAddr, RelayEntry>,
+    free_slots: Vec<u32>,
+    next_slot: u32,
+    cpus: usize,
+}
+
+impl core::fmt::Debug for XdpTables {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("XdpTables")
+            .field("relays", &self.relays)
+            .field("free_slots", &self.free_slots.len())
+            .field("next_slot", &self.next_slot)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct RelayEntry {
+    slot: u32,
+    channels: Vec<(ChannelKey, SocketAddr)>,
+}
+
+impl XdpTables {
+    fn new(ebpf: &mut Ebpf) -> Result<XdpTables, XdpError> {
+        fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, XdpError> {
+            ebpf.take_map(name)
+                .ok_or_else(|| XdpError::Load(format!("the object has no map {name}")))
+        }
+        let load = |e: MapError| XdpError::Load(e.to_string());
+        let cpus =
+            aya::util::nr_cpus().map_err(|(what, e)| XdpError::Load(format!("{what}: {e}")))?;
+        Ok(XdpTables {
+            to_peer: BpfHashMap::try_from(take(ebpf, "to_peer")?).map_err(load)?,
+            to_client: BpfHashMap::try_from(take(ebpf, "to_client")?).map_err(load)?,
+            relayed: BpfHashMap::try_from(take(ebpf, "relayed")?).map_err(load)?,
+            meters: PerCpuArray::try_from(take(ebpf, "meters")?).map_err(load)?,
+            paths: PerCpuArray::try_from(take(ebpf, "paths")?).map_err(load)?,
+            relays: HashMap::new(),
+            free_slots: Vec::new(),
+            next_slot: 0,
+            cpus,
+        })
+    }
+
+    /// A relay socket of this host now serves an allocation at `relayed`: peers at this exact address
+    /// are relay-to-relay traffic, which the program leaves to userspace. Idempotent.
+    pub fn add_relay(&mut self, relayed: SocketAddr) -> Result<(), XdpError> {
+        let relayed = canonical(relayed);
+        if self.relays.contains_key(&relayed) {
+            return Ok(());
+        }
+        let slot = match self.free_slots.pop() {
+            Some(s) => s,
+            None if self.next_slot < METER_SLOTS => {
+                self.next_slot += 1;
+                self.next_slot - 1
+            }
+            None => return Err(XdpError::Map("all meter slots are in use".into())),
+        };
+        if let Err(e) = self.zero_meter(slot) {
+            self.free_slots.push(slot);
+            return Err(e);
+        }
+        if let Err(e) = self.relayed.insert(relayed_key(relayed), 1, 0) {
+            self.free_slots.push(slot);
+            return Err(map_error(e));
+        }
+        self.relays.insert(
+            relayed,
+            RelayEntry {
+                slot,
+                channels: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Caches the channel `key` bound to `peer` through `relayed` (added before with
+    /// [`add_relay`](Self::add_relay)), in both directions. Returns `Ok(false)`, caching nothing, when
+    /// the addresses are not all of one family: such channels stay on the userspace path.
+    pub fn add_channel(
+        &mut self,
+        key: ChannelKey,
+        relayed: SocketAddr,
+        peer: SocketAddr,
+    ) -> Result<bool, XdpError> {
+        let key = ChannelKey {
+            client: canonical(key.client),
+            listener: canonical(key.listener),
+            channel: key.channel,
+        };
+        let (relayed, peer) = (canonical(relayed), canonical(peer));
+        let fam = family(relayed.ip());
+        if [key.client, key.listener, peer]
+            .iter()
+            .any(|a| family(a.ip()) != fam)
+        {
+            return Ok(false);
+        }
+        let Some(entry) = self.relays.get_mut(&relayed) else {
+            return Err(XdpError::Map(format!(
+                "relayed address {relayed} was not added"
+            )));
+        };
+        let (pk, pv, ck, cv) = entries(key, relayed, peer, entry.slot);
+        self.to_peer.insert(pk, pv, 0).map_err(map_error)?;
+        if let Err(e) = self.to_client.insert(ck, cv, 0) {
+            let _ = self.to_peer.remove(&pk);
+            return Err(map_error(e));
+        }
+        if !entry.channels.contains(&(key, peer)) {
+            entry.channels.push((key, peer));
+        }
+        Ok(true)
+    }
+
+    /// Removes the channel from the kernel cache (both directions); the next datagrams go to userspace.
+    /// Absent entries are not an error.
+    pub fn remove_channel(
+        &mut self,
+        key: ChannelKey,
+        relayed: SocketAddr,
+        peer: SocketAddr,
+    ) -> Result<(), XdpError> {
+        let key = ChannelKey {
+            client: canonical(key.client),
+            listener: canonical(key.listener),
+            channel: key.channel,
+        };
+        let (relayed, peer) = (canonical(relayed), canonical(peer));
+        let slot = match self.relays.get_mut(&relayed) {
+            Some(entry) => {
+                entry.channels.retain(|c| *c != (key, peer));
+                entry.slot
+            }
+            None => 0,
+        };
+        let (pk, _, ck, _) = entries(key, relayed, peer, slot);
+        absent_ok(self.to_peer.remove(&pk))?;
+        absent_ok(self.to_client.remove(&ck))
+    }
+
+    /// The allocation at `relayed` ended: removes every channel through it and its relay-to-relay
+    /// mark, and returns what XDP forwarded for it since [`add_relay`](Self::add_relay).
+    pub fn remove_relay(&mut self, relayed: SocketAddr) -> Result<Counters, XdpError> {
+        let relayed = canonical(relayed);
+        let Some(entry) = self.relays.remove(&relayed) else {
+            return Ok(Counters::default());
+        };
+        for (key, peer) in &entry.channels {
+            let (pk, _, ck, _) = entries(*key, relayed, *peer, entry.slot);
+            absent_ok(self.to_peer.remove(&pk))?;
+            absent_ok(self.to_client.remove(&ck))?;
+        }
+        absent_ok(self.relayed.remove(&relayed_key(relayed)))?;
+        let counters = self.read_meter(entry.slot)?;
+        self.zero_meter(entry.slot)?;
+        self.free_slots.push(entry.slot);
+        Ok(counters)
+    }
+
+    /// What XDP has forwarded for the allocation at `relayed` (summed over CPUs; zero if unknown).
+    pub fn counters(&self, relayed: SocketAddr) -> Result<Counters, XdpError> {
+        match self.relays.get(&canonical(relayed)) {
+            Some(entry) => self.read_meter(entry.slot),
+            None => Ok(Counters::default()),
+        }
+    }
+
+    /// Packets per path, summed over CPUs.
+    pub fn paths(&self) -> Result<PathCounters, XdpError> {
+        let read = |index: u32| -> Result<u64, XdpError> {
+            let values = self.paths.get(&index, 0).map_err(map_error)?;
+            Ok(values.iter().sum())
+        };
+        Ok(PathCounters {
+            xdp_to_peer: read(PATH_XDP_TO_PEER)?,
+            xdp_to_client: read(PATH_XDP_TO_CLIENT)?,
+            pass_not_ip_udp: read(PATH_PASS_NOT_IP_UDP)?,
+            pass_no_entry: read(PATH_PASS_NO_ENTRY)?,
+            pass_relay_to_relay: read(PATH_PASS_RELAY_TO_RELAY)?,
+            pass_fib: read(PATH_PASS_FIB)?,
+            aborted: read(PATH_ABORTED)?,
+        })
+    }
+
+    fn read_meter(&self, slot: u32) -> Result<Counters, XdpError> {
+        let values = self.meters.get(&slot, 0).map_err(map_error)?;
+        Ok(values.iter().fold(Counters::default(), |mut c, m| {
+            c.to_peer_bytes += m.to_peer_bytes;
+            c.to_peer_packets += m.to_peer_packets;
+            c.to_client_bytes += m.to_client_bytes;
+            c.to_client_packets += m.to_client_packets;
+            c
+        }))
+    }
+
+    fn zero_meter(&mut self, slot: u32) -> Result<(), XdpError> {
+        let zero = PerCpuValues::try_from(vec![Meter::default(); self.cpus])
+            .map_err(|e| XdpError::Map(e.to_string()))?;
+        self.meters.set(slot, zero, 0).map_err(map_error)
+    }
+}
+
+fn map_error(e: MapError) -> XdpError {
+    XdpError::Map(error_chain(&e))
+}
+
+fn absent_ok(r: Result<(), MapError>) -> Result<(), XdpError> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+            Ok(())
+        }
+        Err(e) => Err(map_error(e)),
+    }
+}
+
+/// IPv4-mapped IPv6 addresses are IPv4 on the wire.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+fn family(ip: IpAddr) -> u8 {
+    match ip {
+        IpAddr::V4(_) => FAMILY_V4,
+        IpAddr::V6(_) => FAMILY_V6,
+    }
+}
+
+fn ip_bytes(ip: IpAddr) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => b[..4].copy_from_slice(&v4.octets()),
+        IpAddr::V6(v6) => b = v6.octets(),
+    }
+    b
+}
+
+fn relayed_key(relayed: SocketAddr) -> RelayedKey {
+    RelayedKey {
+        ip: ip_bytes(relayed.ip()),
+        port: relayed.port().to_be_bytes(),
+        family: family(relayed.ip()),
+        pad: 0,
+    }
+}
+
+fn entries(
+    key: ChannelKey,
+    relayed: SocketAddr,
+    peer: SocketAddr,
+    slot: u32,
+) -> (ToPeerKey, ToPeerValue, ToClientKey, ToClientValue) {
+    let fam = family(relayed.ip());
+    let channel = key.channel.to_be_bytes();
+    (
+        ToPeerKey {
+            client_ip: ip_bytes(key.client.ip()),
+            listener_ip: ip_bytes(key.listener.ip()),
+            client_port: key.client.port().to_be_bytes(),
+            listener_port: key.listener.port().to_be_bytes(),
+            channel,
+            family: fam,
+            pad: 0,
+        },
+        ToPeerValue {
+            relayed_ip: ip_bytes(relayed.ip()),
+            peer_ip: ip_bytes(peer.ip()),
+            relayed_port: relayed.port().to_be_bytes(),
+            peer_port: peer.port().to_be_bytes(),
+            slot,
+        },
+        ToClientKey {
+            relayed_ip: ip_bytes(relayed.ip()),
+            peer_ip: ip_bytes(peer.ip()),
+            relayed_port: relayed.port().to_be_bytes(),
+            peer_port: peer.port().to_be_bytes(),
+            family: fam,
+            pad: [0; 3],
+        },
+        ToClientValue {
+            listener_ip: ip_bytes(key.listener.ip()),
+            client_ip: ip_bytes(key.client.ip()),
+            listener_port: key.listener.port().to_be_bytes(),
+            client_port: key.client.port().to_be_bytes(),
+            channel,
+            pad: 0,
+            slot,
+        },
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_in_network_order_and_mapped_addresses_are_ipv4() {
+        let key = ChannelKey {
+            client: canonical("[::ffff:198.18.0.2]:40000".parse().unwrap()),
+            listener: "198.18.0.1:3478".parse().unwrap(),
+            channel: 0x4001,
+        };
+        let (pk, pv, ck, cv) = entries(
+            key,
+            "198.19.0.1:50000".parse().unwrap(),
+            "198.19.0.2:7".parse().unwrap(),
+            9,
+        );
+        assert_eq!(&pk.client_ip[..4], &[198, 18, 0, 2]);
+        assert_eq!(&pk.client_ip[4..], &[0; 12]);
+        assert_eq!(pk.family, FAMILY_V4);
+        assert_eq!(pk.client_port, [0x9c, 0x40]);
+        assert_eq!(pk.channel, [0x40, 0x01]);
+        assert_eq!(pv.relayed_port, [0xc3, 0x50]);
+        assert_eq!(pv.slot, 9);
+        assert_eq!(ck.peer_port, [0, 7]);
+        assert_eq!(cv.listener_port, [0x0d, 0x96]);
+    }
+}

@@ -1,0 +1,504 @@
+//! The XDP fast path in network namespaces this test creates (issue 13, phase 1): a client, a relay and a
+//! peer namespace joined by two veth pairs, addressed only in 198.18.0.0/15 and 2001:2::/48 (benchmarking
+//! ranges), with no route out.
+//!
+//! ```text
+//!  client ns            relay ns (XDP on rc and rp)              peer ns
+//!  c0 198.18.1.2 ─veth─ rc 198.18.1.1 (listener)   rp 198.19.2.1 (relayed) ─veth─ p0 198.19.2.2
+//!     2001:2:0:1::2        2001:2:0:1::1              2001:2:0:2::1                 2001:2:0:2::2
+//! ```
+//!
+//! Needs root (CAP_NET_ADMIN and CAP_BPF); without them each test says so and returns. The channel entry
+//! is written by hand through `XdpTables`, the seam the route updates will call in phase 2.
+#![cfg(feature = "xdp")]
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::io::{BufRead, BufReader, ErrorKind};
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use turnpike::sys::xdp::enter_netns;
+use turnpike::xdp::{attach_pass_program, ChannelKey, FastPath, XdpMode, XdpSettings};
+
+/// CAP_NET_ADMIN (12) and CAP_BPF (39) or CAP_SYS_ADMIN (21) in the effective set.
+fn privileged() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |bit: u32| caps & (1u64 << bit) != 0;
+    has(12) && (has(39) || has(21))
+}
+
+fn skip_unprivileged(test: &str) -> bool {
+    if privileged() {
+        return false;
+    }
+    eprintln!("{test}: SKIPPED: needs CAP_NET_ADMIN and CAP_BPF (run as root) for network namespaces and XDP");
+    true
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {args:?}: {e} (scripts/test.sh installs iproute2 and ethtool)")
+        });
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn output(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Namespaces that are deleted when this is dropped (also when the test panics).
+struct Namespaces(Vec<String>);
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+struct Topology {
+    client: String,
+    relay: String,
+    peer: String,
+    _namespaces: Namespaces,
+}
+
+fn topology(tag: &str) -> Topology {
+    let id = std::process::id();
+    let (client, relay, peer) = (
+        format!("tpx-{tag}c-{id}"),
+        format!("tpx-{tag}r-{id}"),
+        format!("tpx-{tag}p-{id}"),
+    );
+    for ns in [&client, &relay, &peer] {
+        // A leftover of a killed run of this pid, if any.
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(Stdio::null())
+            .status();
+        run(&["ip", "netns", "add", ns]);
+    }
+    let namespaces = Namespaces(vec![client.clone(), relay.clone(), peer.clone()]);
+    run(&[
+        "ip", "link", "add", "c0", "netns", &client, "type", "veth", "peer", "name", "rc", "netns",
+        &relay,
+    ]);
+    run(&[
+        "ip", "link", "add", "p0", "netns", &peer, "type", "veth", "peer", "name", "rp", "netns",
+        &relay,
+    ]);
+    let addrs: [(&str, &str, &str, &str); 4] = [
+        (&client, "c0", "198.18.1.2/24", "2001:2:0:1::2/64"),
+        (&relay, "rc", "198.18.1.1/24", "2001:2:0:1::1/64"),
+        (&relay, "rp", "198.19.2.1/24", "2001:2:0:2::1/64"),
+        (&peer, "p0", "198.19.2.2/24", "2001:2:0:2::2/64"),
+    ];
+    for (ns, dev, v4, v6) in addrs {
+        run(&["ip", "-n", ns, "addr", "add", v4, "dev", dev]);
+        run(&["ip", "-n", ns, "addr", "add", v6, "dev", dev, "nodad"]);
+        // Locally sent datagrams would leave with CHECKSUM_PARTIAL (only the pseudo header summed);
+        // the XDP program updates checksums incrementally, so it needs them complete.
+        run(&["ip", "netns", "exec", ns, "ethtool", "-K", dev, "tx", "off"]);
+        run(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    }
+    // bpf_fib_lookup forwards only where forwarding is on, and needs the neighbours resolved.
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &relay,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ]);
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &relay,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.forwarding=1",
+    ]);
+    let mac = |ns: &str, dev: &str| {
+        output(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "cat",
+            &format!("/sys/class/net/{dev}/address"),
+        ])
+        .trim()
+        .to_string()
+    };
+    let (client_mac, peer_mac) = (mac(&client, "c0"), mac(&peer, "p0"));
+    for (ip, m, dev) in [
+        ("198.18.1.2", &client_mac, "rc"),
+        ("2001:2:0:1::2", &client_mac, "rc"),
+        ("198.19.2.2", &peer_mac, "rp"),
+        ("2001:2:0:2::2", &peer_mac, "rp"),
+    ] {
+        run(&[
+            "ip",
+            "-n",
+            &relay,
+            "neigh",
+            "replace",
+            ip,
+            "lladdr",
+            m,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]);
+    }
+    Topology {
+        client,
+        relay,
+        peer,
+        _namespaces: namespaces,
+    }
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        enter_netns(&ns).unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+fn bind(ns: &str, addr: &str) -> UdpSocket {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let s = in_netns(ns, move || UdpSocket::bind(addr).unwrap());
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s
+}
+
+fn recv(s: &UdpSocket) -> (Vec<u8>, SocketAddr) {
+    let mut buf = [0u8; 2048];
+    let (n, from) = s.recv_from(&mut buf).expect("datagram within 2 s");
+    (buf[..n].to_vec(), from)
+}
+
+/// Nothing arrives at `s` (checked after the datagrams that would have come have been seen elsewhere).
+fn silent(s: &UdpSocket, what: &str) {
+    s.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 2048];
+    match s.recv_from(&mut buf) {
+        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+        other => panic!("{what} received {other:?}, but XDP should have carried it"),
+    }
+    s.set_nonblocking(false).unwrap();
+}
+
+fn channel_data(channel: u16, payload: &[u8], pad: usize) -> Vec<u8> {
+    let mut m = channel.to_be_bytes().to_vec();
+    m.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    m.extend_from_slice(payload);
+    m.extend(std::iter::repeat(0u8).take(pad));
+    m
+}
+
+struct Family {
+    client: &'static str,
+    listener: &'static str,
+    relayed: &'static str,
+    peer: &'static str,
+}
+
+const V4: Family = Family {
+    client: "198.18.1.2:40000",
+    listener: "198.18.1.1:3478",
+    relayed: "198.19.2.1:50000",
+    peer: "198.19.2.2:7000",
+};
+const V6: Family = Family {
+    client: "[2001:2:0:1::2]:40000",
+    listener: "[2001:2:0:1::1]:3478",
+    relayed: "[2001:2:0:2::1]:50000",
+    peer: "[2001:2:0:2::2]:7000",
+};
+
+#[test]
+fn channel_data_is_forwarded_in_xdp_both_ways_and_falls_back_when_removed() {
+    if skip_unprivileged("xdp forwarding") {
+        return;
+    }
+    let topo = topology("f");
+    let mut fast = in_netns(&topo.relay, || {
+        FastPath::start(&XdpSettings {
+            interfaces: vec!["rc".into(), "rp".into()],
+            mode: XdpMode::Native,
+        })
+    })
+    .unwrap()
+    .expect("mode native attaches or fails");
+    // Frames XDP sends into a veth are dropped unless its far end runs XDP too.
+    let _pass_client = in_netns(&topo.client, || attach_pass_program("c0").unwrap());
+    let _pass_peer = in_netns(&topo.peer, || attach_pass_program("p0").unwrap());
+
+    for (fam, name) in [(V4, "IPv4"), (V6, "IPv6")] {
+        let client = bind(&topo.client, fam.client);
+        let peer = bind(&topo.peer, fam.peer);
+        // The userspace side: the listener and the allocation's relay socket.
+        let listener = bind(&topo.relay, fam.listener);
+        let relay_socket = bind(&topo.relay, fam.relayed);
+        let (listener_addr, relayed, peer_addr) = (
+            listener.local_addr().unwrap(),
+            relay_socket.local_addr().unwrap(),
+            peer.local_addr().unwrap(),
+        );
+        let key = ChannelKey {
+            client: client.local_addr().unwrap(),
+            listener: listener_addr,
+            channel: 0x4001,
+        };
+        let tables = fast.tables();
+        tables.add_relay(relayed).unwrap();
+        assert!(tables.add_channel(key, relayed, peer_addr).unwrap());
+        let before = tables.paths().unwrap();
+
+        // Client → peer: padded (5 + 3) and unpadded (8) ChannelData; the peer sees the bare payload
+        // from the relayed address.
+        for (payload, pad) in [(&b"hello"[..], 3), (&b"12345678"[..], 0)] {
+            client
+                .send_to(&channel_data(0x4001, payload, pad), listener_addr)
+                .unwrap();
+            let (got, from) = recv(&peer);
+            assert_eq!(got, payload, "{name}: payload at the peer");
+            assert_eq!(from, relayed, "{name}: the peer sees the relayed address");
+        }
+        // Peer → client: the client sees ChannelData from the listener address.
+        for payload in [&b"odd"[..], &b"from the peer"[..]] {
+            peer.send_to(payload, relayed).unwrap();
+            let (got, from) = recv(&client);
+            assert_eq!(
+                got,
+                channel_data(0x4001, payload, 0),
+                "{name}: ChannelData at the client"
+            );
+            assert_eq!(from, listener_addr, "{name}: the client sees its listener");
+        }
+        silent(&listener, "the listener");
+        silent(&relay_socket, "the relay socket");
+        let tables = fast.tables();
+        let after = tables.paths().unwrap();
+        assert_eq!(
+            after.xdp_to_peer - before.xdp_to_peer,
+            2,
+            "{name}: XDP path counter"
+        );
+        assert_eq!(
+            after.xdp_to_client - before.xdp_to_client,
+            2,
+            "{name}: XDP path counter"
+        );
+        let c = tables.counters(relayed).unwrap();
+        assert_eq!((c.to_peer_bytes, c.to_peer_packets), (13, 2), "{name}");
+        assert_eq!((c.to_client_bytes, c.to_client_packets), (16, 2), "{name}");
+
+        // Without the entry, the same datagrams reach the userspace sockets unchanged.
+        tables.remove_channel(key, relayed, peer_addr).unwrap();
+        let cd = channel_data(0x4001, b"now userspace", 3);
+        client.send_to(&cd, listener_addr).unwrap();
+        let (got, from) = recv(&listener);
+        assert_eq!(
+            (got, from),
+            (cd, key.client),
+            "{name}: the listener gets it"
+        );
+        peer.send_to(b"to userspace", relayed).unwrap();
+        let (got, from) = recv(&relay_socket);
+        assert_eq!(
+            (got.as_slice(), from),
+            (&b"to userspace"[..], peer_addr),
+            "{name}"
+        );
+        let passed = fast.tables().paths().unwrap();
+        assert_eq!(
+            passed.xdp_to_peer, after.xdp_to_peer,
+            "{name}: nothing more in XDP"
+        );
+        assert_eq!(
+            passed.xdp_to_client, after.xdp_to_client,
+            "{name}: nothing more in XDP"
+        );
+        assert!(
+            passed.pass_no_entry >= after.pass_no_entry + 2,
+            "{name}: passed as unknown"
+        );
+
+        // Ending the relay returns its final counters and frees everything.
+        let tables = fast.tables();
+        assert!(tables.add_channel(key, relayed, peer_addr).unwrap());
+        let last = tables.remove_relay(relayed).unwrap();
+        assert_eq!(
+            (last.to_peer_bytes, last.to_client_bytes),
+            (13, 16),
+            "{name}"
+        );
+        peer.send_to(b"after the end", relayed).unwrap();
+        let (got, _) = recv(&relay_socket);
+        assert_eq!(got, b"after the end", "{name}: no entry outlives its relay");
+    }
+    fast.detach();
+    let link = output(&["ip", "-n", &topo.relay, "link", "show", "dev", "rc"]);
+    assert!(!link.contains("xdp"), "detached on drop: {link}");
+}
+
+#[test]
+fn relay_to_relay_stays_in_userspace() {
+    if skip_unprivileged("xdp relay-to-relay") {
+        return;
+    }
+    let topo = topology("r");
+    let mut fast = in_netns(&topo.relay, || {
+        FastPath::start(&XdpSettings {
+            interfaces: vec!["rc".into(), "rp".into()],
+            mode: XdpMode::Native,
+        })
+    })
+    .unwrap()
+    .unwrap();
+    let _pass_client = in_netns(&topo.client, || attach_pass_program("c0").unwrap());
+    let _pass_peer = in_netns(&topo.peer, || attach_pass_program("p0").unwrap());
+    let client = bind(&topo.client, V4.client);
+    let peer = bind(&topo.peer, V4.peer);
+    let listener = bind(&topo.relay, V4.listener);
+    let relayed = bind(&topo.relay, V4.relayed).local_addr().unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let key = ChannelKey {
+        client: client.local_addr().unwrap(),
+        listener: listener.local_addr().unwrap(),
+        channel: 0x4002,
+    };
+    let tables = fast.tables();
+    tables.add_relay(relayed).unwrap();
+    // The peer address is itself a live relayed address of this host.
+    tables.add_relay(peer_addr).unwrap();
+    assert!(tables.add_channel(key, relayed, peer_addr).unwrap());
+    let cd = channel_data(0x4002, b"r2r", 1);
+    client.send_to(&cd, key.listener).unwrap();
+    let (got, _) = recv(&listener);
+    assert_eq!(got, cd, "relay-to-relay ChannelData goes to the listener");
+    let paths = fast.tables().paths().unwrap();
+    assert_eq!(paths.xdp_to_peer, 0);
+    assert!(paths.pass_relay_to_relay >= 1);
+}
+
+/// Holds the program attached until killed: run by `kill_9_detaches` as a child process.
+#[test]
+#[ignore = "child process of kill_9_detaches"]
+fn xdp_child_holds_link() {
+    let Ok(ns) = std::env::var("TURNPIKE_XDP_CHILD_NS") else {
+        return;
+    };
+    enter_netns(&ns).unwrap();
+    let _fast = FastPath::start(&XdpSettings {
+        interfaces: vec!["rc".into()],
+        mode: XdpMode::Native,
+    })
+    .unwrap()
+    .unwrap();
+    println!("XDP-ATTACHED");
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+#[test]
+fn kill_9_detaches() {
+    if skip_unprivileged("xdp kill -9") {
+        return;
+    }
+    let topo = topology("k");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "xdp_child_holds_link",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("TURNPIKE_XDP_CHILD_NS", &topo.relay)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("XDP-ATTACHED") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let attached = rx.recv_timeout(Duration::from_secs(30)).is_ok();
+    let link = output(&["ip", "-n", &topo.relay, "link", "show", "dev", "rc"]);
+    if !attached {
+        let _ = child.kill();
+        panic!("the child did not attach: {link}");
+    }
+    assert!(
+        link.contains("xdp"),
+        "attached while the loader lives: {link}"
+    );
+    child.kill().unwrap(); // SIGKILL: no destructor runs
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let link = output(&["ip", "-n", &topo.relay, "link", "show", "dev", "rc"]);
+        if !link.contains("xdp") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still attached after kill -9: {link}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn auto_keeps_userspace_and_native_fails_where_attaching_fails() {
+    // No privileges or no such interface: either way nothing attaches.
+    let missing = XdpSettings {
+        interfaces: vec!["tpx-nonexistent".into()],
+        mode: XdpMode::Auto,
+    };
+    assert!(
+        FastPath::start(&missing).unwrap().is_none(),
+        "auto keeps userspace"
+    );
+    let native = XdpSettings {
+        mode: XdpMode::Native,
+        ..missing.clone()
+    };
+    let err = FastPath::start(&native).unwrap_err().to_string();
+    assert!(err.contains("XDP"), "native names what failed: {err}");
+    let off = XdpSettings {
+        mode: XdpMode::Off,
+        ..missing
+    };
+    assert!(FastPath::start(&off).unwrap().is_none());
+}
