@@ -131,10 +131,13 @@ fn scrape(url: &str) -> Result<String, String> {
     }
 }
 
+/// A series' labels, in scrape order.
+type Labels = Vec<(String, String)>;
+
 /// One scrape: sample values by name, each with its labels.
 #[derive(Debug, Default)]
 struct Metrics {
-    samples: BTreeMap<String, Vec<(Vec<(String, String)>, f64)>>,
+    samples: BTreeMap<String, Vec<(Labels, f64)>>,
 }
 
 impl Metrics {
@@ -186,8 +189,8 @@ impl Metrics {
 }
 
 /// `name{k="v",...} value [timestamp]`.
-fn parse_sample(line: &str) -> Option<(String, Vec<(String, String)>, f64)> {
-    let name_end = line.find(|c: char| c == '{' || c == ' ')?;
+fn parse_sample(line: &str) -> Option<(String, Labels, f64)> {
+    let name_end = line.find(['{', ' '])?;
     let name = line[..name_end].to_string();
     let mut rest = &line[name_end..];
     let mut labels = Vec::new();
@@ -302,9 +305,15 @@ fn render(
     );
     let dir = |d: &str| {
         format!(
-            "{d} {} pkt/s {}bit/s",
-            si(rate("turnpike_relayed_packets_total", "direction", d)),
-            si(8.0 * rate("turnpike_relayed_bytes_total", "direction", d)),
+            "{d} {} {}",
+            si(
+                rate("turnpike_relayed_packets_total", "direction", d),
+                "pkt/s"
+            ),
+            si(
+                8.0 * rate("turnpike_relayed_bytes_total", "direction", d),
+                "bit/s"
+            ),
         )
     };
     line(
@@ -324,8 +333,8 @@ fn render(
     line(
         "drops",
         format!(
-            "data plane {drops} ({} pkt/s now), by reason: {}; TURN core: {}",
-            si(drops_now),
+            "data plane {drops} ({} now), by reason: {}; TURN core: {}",
+            si(drops_now, "pkt/s"),
             list(&after.by("turnpike_dropped_packets_total", "reason")),
             list(&after.by("turnpike_server_dropped_total", "reason"))
         ),
@@ -338,9 +347,15 @@ fn render(
         .take(MAX_WORKERS_SHOWN)
         .map(|w| {
             format!(
-                "#{w} rx {} tx {} pkt/s",
-                si(rate("turnpike_worker_received_packets_total", "worker", w)),
-                si(rate("turnpike_worker_sent_packets_total", "worker", w))
+                "#{w} rx {} tx {}",
+                si(
+                    rate("turnpike_worker_received_packets_total", "worker", w),
+                    "pkt/s"
+                ),
+                si(
+                    rate("turnpike_worker_sent_packets_total", "worker", w),
+                    "pkt/s"
+                )
             )
         })
         .collect::<Vec<_>>()
@@ -369,13 +384,13 @@ fn list(m: &BTreeMap<String, f64>) -> String {
     }
 }
 
-/// A rate with an SI prefix: `950`, `12.3 k`, `4.56 M`, `1.20 G`.
-fn si(x: f64) -> String {
+/// A rate in `unit` with an SI prefix: `950 pkt/s`, `12.3 kpkt/s`, `4.56 Mbit/s`, `1.20 Gbit/s`.
+fn si(x: f64, unit: &str) -> String {
     match x {
-        x if x >= 1e9 => format!("{:.2} G", x / 1e9),
-        x if x >= 1e6 => format!("{:.2} M", x / 1e6),
-        x if x >= 1e3 => format!("{:.1} k", x / 1e3),
-        x => format!("{x:.0} "),
+        x if x >= 1e9 => format!("{:.2} G{unit}", x / 1e9),
+        x if x >= 1e6 => format!("{:.2} M{unit}", x / 1e6),
+        x if x >= 1e3 => format!("{:.1} k{unit}", x / 1e3),
+        x => format!("{x:.0} {unit}"),
     }
 }
 
@@ -433,9 +448,15 @@ mod tests {
     fn summary_shows_rates_between_the_two_scrapes() {
         let before = Metrics::parse(ONE);
         let after = Metrics::parse(
-            &ONE.replace("to_peer\"} 100", "to_peer\"} 2100")
-                .replace("to_peer\"} 1000", "to_peer\"} 251000")
-                .replace("turnpike_draining 0", "turnpike_draining 1"),
+            &ONE.replace(
+                "packets_total{direction=\"to_peer\"} 100",
+                "packets_total{direction=\"to_peer\"} 2100",
+            )
+            .replace(
+                "bytes_total{direction=\"to_peer\"} 1000",
+                "bytes_total{direction=\"to_peer\"} 251000",
+            )
+            .replace("turnpike_draining 0", "turnpike_draining 1"),
         );
         let out = render(
             "http://x/metrics",
@@ -444,12 +465,12 @@ mod tests {
             Duration::from_secs(2),
             None,
         );
-        assert!(out.contains("to_peer 1.0 k pkt/s 1.00 Mbit/s"), "{out}");
-        assert!(out.contains("to_client 0  pkt/s"), "{out}");
+        assert!(out.contains("to_peer 1.0 kpkt/s 1.00 Mbit/s"), "{out}");
+        assert!(out.contains("to_client 0 pkt/s 0 bit/s"), "{out}");
         assert!(out.contains("DRAINING"), "{out}");
         assert!(out.contains("backend      epoll"), "{out}");
         assert!(
-            out.contains("workers      2: #0 rx 0  tx 0  pkt/s, #1"),
+            out.contains("workers      2: #0 rx 0 pkt/s tx 0 pkt/s, #1"),
             "{out}"
         );
         assert!(out.contains("by reason: malformed 1"), "{out}");
