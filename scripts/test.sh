@@ -58,6 +58,21 @@ if ! command -v clang >/dev/null 2>&1 || ! command -v llc >/dev/null 2>&1 ||
     clang llvm libbpf-dev linux-libc-dev ethtool iproute2 >/dev/null
 fi
 # --- end of the XDP block ---
+# Packaging and monitoring tests (tests/package.rs, tests/monitoring.rs, issue 15): cargo-deb (crates.io;
+# pinned: the tests package the debug binary with --profile dev, which later versions may refuse),
+# systemd-analyze (Debian's systemd; PID 1 need not be systemd), prometheus and promtool (Debian).
+# With CI=true a missing one fails those tests.
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "== installing cargo-deb"
+  cargo install cargo-deb --version 3.8.0 --locked
+fi
+if ! command -v systemd-analyze >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1 ||
+  ! command -v promtool >/dev/null 2>&1; then
+  echo "== installing systemd (systemd-analyze) and prometheus (promtool)"
+  ${SUDO:-} env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  ${SUDO:-} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd prometheus >/dev/null
+fi
+# --- end of the packaging block ---
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

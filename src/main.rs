@@ -1,10 +1,18 @@
-//! The `turnpike` command: runs the relay, checks configurations, and mints credentials.
+//! The `turnpike` command: runs the relay, checks configurations, mints credentials, and summarises a
+//! running relay (`turnpike status`).
+//!
+//! Under systemd (`Type=notify`, scripts/deb/turnpike.service) it reports READY=1 once the relay's
+//! sockets are bound, STOPPING=1 when a SIGTERM/SIGINT starts the drain, and RELOADING=1 … READY=1
+//! around a SIGHUP reload; without `NOTIFY_SOCKET` these are no-ops.
+
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use sd_notify::NotifyState;
 use turnpike::auth::{long_term_key_md5, RestSecrets};
 use turnpike::config::{
     parse_log_level, Backend, RelayConfig, DEFAULT_CONFIG, LOG_LEVELS, MAX_WORKERS,
@@ -87,6 +95,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Summarise a running relay from its /metrics: allocations, packets per second (two scrapes a
+    /// second apart), drops, workers, backend, and the configuration file's age.
+    ///
+    /// The URL comes from --url, else from the configuration's [api] listen address (--config, or
+    /// /etc/turnpike/turnpike.toml when that exists). Plain HTTP only: give a loopback or private
+    /// metrics address.
+    Status {
+        /// The relay's metrics URL, e.g. http://127.0.0.1:8080/metrics.
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Print the manual page (roff), generated from these definitions; the Debian package installs it.
+    #[command(hide = true)]
+    Man,
     /// Print the RFC 8489 long-term key MD5(user:realm:password) in hex, as coturn's turnadmin -k does.
     LongTermKey {
         /// User name.
@@ -149,6 +171,17 @@ fn main() -> ExitCode {
             ref until,
             json,
         }) => usage(&cli, since.as_deref(), until.as_deref(), json),
+        Some(Command::Status { ref url }) => status::run(cli.config.as_deref(), url.as_deref()),
+        Some(Command::Man) => {
+            let page = clap_mangen::Man::new(Cli::command());
+            match page.render(&mut std::io::stdout().lock()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("turnpike: cannot write the manual page: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Some(Command::PrintConfig) => {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
@@ -242,6 +275,17 @@ fn run(mut config: RelayConfig, demo: bool) -> ExitCode {
         }
     };
     let relay = service.relay();
+    let listening = relay
+        .listen_addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ");
+    // The listeners are bound: clients can be served from here on.
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&format!("relaying on {listening}")),
+    ]);
     if demo {
         let addr = relay.listen_addrs()[0];
         println!(
@@ -254,6 +298,7 @@ fn run(mut config: RelayConfig, demo: bool) -> ExitCode {
     }
     // SIGTERM/SIGINT: refuse new allocations, drain, exit 0.
     let to_control = relay.shutdown_sender();
+    let drain = config.fixed.drain;
     match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -261,6 +306,13 @@ fn run(mut config: RelayConfig, demo: bool) -> ExitCode {
         Ok(mut signals) => {
             std::thread::spawn(move || {
                 for _ in signals.forever() {
+                    // Ask systemd for the drain plus the final usage flush, whatever TimeoutStopSec says.
+                    let extend = (drain + STOP_MARGIN).as_micros();
+                    notify(&[
+                        NotifyState::Stopping,
+                        NotifyState::Status(&format!("draining for {}s", drain.as_secs())),
+                        NotifyState::ExtendTimeoutUsec(u32::try_from(extend).unwrap_or(u32::MAX)),
+                    ]);
                     let _ = to_control.send(ToControl::Shutdown);
                 }
             });
@@ -268,47 +320,55 @@ fn run(mut config: RelayConfig, demo: bool) -> ExitCode {
         Err(e) => tracing::warn!("cannot install signal handlers: {e}"),
     }
     // SIGHUP: reload the TLS certificates and keys (TURN's and the API's); established sessions keep
-    // theirs.
+    // theirs. Handled even without either, so that `systemctl reload` never ends the process (SIGHUP's
+    // default action).
     let api_tls = config
         .live
         .api
         .as_ref()
         .and_then(|a| a.tls.clone())
         .zip(service.api_tls());
-    if config.live.tls.is_some() || api_tls.is_some() {
-        let files = config.live.tls.clone();
-        let streams = service.relay().streams().clone();
-        match signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]) {
-            Ok(mut signals) => {
-                std::thread::spawn(move || {
-                    for _ in signals.forever() {
-                        if let Some(files) = &files {
-                            match load_tls(files, TLS_KEYS) {
-                                Ok(cfg) => {
-                                    streams.set_tls(cfg);
-                                    tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
-                                }
-                                Err(e) => tracing::error!(
-                                    "TLS reload failed, keeping the old certificate: {e}"
-                                ),
+    let tls = config.live.tls.clone();
+    let streams = service.relay().streams().clone();
+    match signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]) {
+        Ok(mut signals) => {
+            std::thread::spawn(move || {
+                for _ in signals.forever() {
+                    let mut states = vec![NotifyState::Reloading];
+                    states.extend(NotifyState::monotonic_usec_now().ok());
+                    notify(&states);
+                    if let Some(files) = &tls {
+                        match load_tls(files, TLS_KEYS) {
+                            Ok(cfg) => {
+                                streams.set_tls(cfg);
+                                tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
                             }
-                        }
-                        if let Some((files, slot)) = &api_tls {
-                            match load_tls(files, API_TLS_KEYS) {
-                                Ok(cfg) => {
-                                    slot.set(cfg);
-                                    tracing::info!(cert = %files.cert.display(), "API TLS certificate reloaded");
-                                }
-                                Err(e) => tracing::error!(
-                                    "API TLS reload failed, keeping the old certificate: {e}"
-                                ),
-                            }
+                            Err(e) => tracing::error!(
+                                "TLS reload failed, keeping the old certificate: {e}"
+                            ),
                         }
                     }
-                });
-            }
-            Err(e) => tracing::warn!("cannot install the SIGHUP handler: {e}"),
+                    if let Some((files, slot)) = &api_tls {
+                        match load_tls(files, API_TLS_KEYS) {
+                            Ok(cfg) => {
+                                slot.set(cfg);
+                                tracing::info!(cert = %files.cert.display(), "API TLS certificate reloaded");
+                            }
+                            Err(e) => tracing::error!(
+                                "API TLS reload failed, keeping the old certificate: {e}"
+                            ),
+                        }
+                    }
+                    if tls.is_none() && api_tls.is_none() {
+                        tracing::info!(
+                            "SIGHUP: nothing to reload (only TLS certificates reload today)"
+                        );
+                    }
+                    notify(&[NotifyState::Ready]);
+                }
+            });
         }
+        Err(e) => tracing::warn!("cannot install the SIGHUP handler: {e}"),
     }
     match service.join() {
         Ok(()) => ExitCode::SUCCESS,
@@ -316,6 +376,18 @@ fn run(mut config: RelayConfig, demo: bool) -> ExitCode {
             eprintln!("turnpike: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// What a stop may take beyond `drain_seconds`: the final usage records (the control thread waits up
+/// to 2 s for the workers' last counters) and the SQLite writes. scripts/deb/turnpike.service's
+/// TimeoutStopSec leaves the same room (tests/package.rs checks it against the example config).
+const STOP_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Tell the service manager (systemd's `NOTIFY_SOCKET`) about a state change; a no-op without one.
+fn notify(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::warn!("sd_notify failed: {e}");
     }
 }
 

@@ -16,9 +16,47 @@ use crate::auth::RestSecrets;
 use crate::policy::Cidr;
 use crate::wire::ChannelRange;
 
+// --- Placeholders of the packaged example configuration (scripts/deb/turnpike.toml, issue 15) ---
+/// What the example configuration writes where the operator must fill in a value.
+const PLACEHOLDER: &str = "CHANGE-ME";
+
+/// Refuses a configuration that still holds a [`PLACEHOLDER`], naming the first such key, so that
+/// the packaged example cannot start a relay before its addresses and secrets are filled in.
+fn reject_placeholders(raw: &RawConfig) -> Result<(), ConfigError> {
+    let no_keys = Vec::new();
+    let access_keys = raw.api.as_ref().map_or(&no_keys, |a| &a.access_keys);
+    let lists = [
+        ("listen", &raw.listen),
+        ("listen_tcp", &raw.listen_tcp),
+        ("listen_tls", &raw.listen_tls),
+        ("relay.addresses", &raw.relay.addresses),
+        ("rest.secrets", &raw.rest.secrets),
+        ("api.access_keys", access_keys),
+    ];
+    let users = raw.users.iter().enumerate();
+    let found = lists
+        .into_iter()
+        .flat_map(|(key, list)| {
+            list.iter()
+                .enumerate()
+                .map(move |(i, v)| (format!("{key}[{i}]"), v))
+        })
+        .chain(users.map(|(i, u)| (format!("users[{i}].password"), &u.password)))
+        .find(|(_, v)| v.contains(PLACEHOLDER));
+    match found {
+        Some((key, value)) => Err(ConfigError::new(
+            key,
+            format!("still the example's placeholder ({value:?}): fill in this host's value"),
+        )),
+        None => Ok(()),
+    }
+}
+// --- end of the placeholder check ---
+
 impl RawConfig {
     /// Checks every key in file order and builds the validated configuration.
     pub(super) fn validate(self) -> Result<RelayConfig, ConfigError> {
+        reject_placeholders(&self)?;
         if self.listen.is_empty() {
             return Err(ConfigError::new(
                 "listen",
