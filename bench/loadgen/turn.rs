@@ -38,7 +38,8 @@ pub enum Auth {
 }
 
 impl Auth {
-    fn credentials(&self, client: usize) -> (String, String) {
+    /// User name and password of client number `client`.
+    pub fn credentials(&self, client: usize) -> (String, String) {
         match self {
             Auth::Static(u, p) => (u.clone(), p.clone()),
             Auth::Rest(secret) => {
@@ -208,6 +209,21 @@ impl Client {
     /// Whether set-up finished with an allocation (and channel, if asked).
     pub fn is_ready(&self) -> bool {
         self.step == Step::Ready
+    }
+
+    /// What signs this client's requests once it has been through the 401 round.
+    pub fn credentials(&self) -> Option<Credentials<'_>> {
+        Some(Credentials {
+            username: &self.username,
+            realm: self.realm.as_deref()?,
+            nonce: self.nonce.as_deref()?,
+            key: &self.key,
+        })
+    }
+
+    /// Take a fresh NONCE (from a 438 Stale Nonce).
+    pub fn set_nonce(&mut self, nonce: &str) {
+        self.nonce = Some(nonce.to_string());
     }
 
     fn send_request(&mut self, target: SocketAddr, peer: Option<SocketAddr>, fresh: bool) {
