@@ -136,6 +136,9 @@ struct Cli {
     /// Forwarder peer address (the generator's --echo).
     #[arg(long, default_value = "127.0.0.1:40000")]
     peer: SocketAddr,
+    /// relay: report a step every this many seconds over --duration (a soak's figures over time).
+    #[arg(long)]
+    interval: Option<f64>,
     /// spoof: distinct source addresses in 127.16.0.0 and up.
     #[arg(long, default_value_t = 65_536)]
     sources: usize,
@@ -400,7 +403,20 @@ fn relay_scenario(cli: &Cli) -> io::Result<Value> {
         if let Some(n) = cli.count {
             d = d.min(Duration::from_secs_f64(n as f64 / cli.rate.max(1.0)));
         }
-        steps.push(traffic.step(cli.rate, d, drain)?);
+        match cli.interval.filter(|&i| i > 0.0) {
+            // Consecutive steps (each with its short drain) until the duration is spent.
+            Some(i) => {
+                let end = Instant::now() + d;
+                let step = Duration::from_secs_f64(i);
+                while let Some(left) = end.checked_duration_since(Instant::now()) {
+                    if left.is_zero() {
+                        break;
+                    }
+                    steps.push(traffic.step(cli.rate, step.min(left), drain)?);
+                }
+            }
+            None => steps.push(traffic.step(cli.rate, d, drain)?),
+        }
     }
     out["steps"] = steps.iter().map(|s| step_json(s, cli)).collect();
     Ok(out)

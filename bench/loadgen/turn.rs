@@ -344,8 +344,14 @@ pub fn drive(
         if matches!(plan, Plan::Setup { .. }) && finished >= clients.len() {
             break;
         }
+        // Churn stops once `max` allocations were made and every client has deleted its own: a bounded
+        // churn leaves no allocation behind.
         if let Plan::Churn { max } = plan {
-            if st.allocations >= max {
+            if st.allocations >= max
+                && clients
+                    .iter()
+                    .all(|c| matches!(c.step, Step::Idle | Step::Failed))
+            {
                 break;
             }
         }
@@ -416,6 +422,10 @@ pub fn drive(
                         (Step::Delete, _) => {
                             st.deletes += 1;
                             c.relayed = None;
+                            if matches!(plan, Plan::Churn { max } if st.allocations >= max) {
+                                c.step = Step::Idle;
+                                continue;
+                            }
                             // The next cycle is a new client: new 5-tuple, and the 401 round again.
                             c.reopen(poll, ev.token())?;
                             c.nonce = None;
