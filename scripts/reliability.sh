@@ -164,7 +164,7 @@ if want 1; then
     --duration "$FLOOD_S" --json -q >"$OUT/flood-spoof.json" || echo "   spoof generator failed"
   wait $fpid || echo "   flow generator failed"
   rss1=$(rss_kib "$SERVER_PID")
-  growth=$(((rss1 - rss0) / 1024))
+  growth=$(awk -v a="$rss0" -v b="$rss1" 'BEGIN { printf "%.1f", (b - a) / 1024 }')
   fig 1 "RSS growth (MB)" "$growth" "<= 10" "$(cmp $growth '<=' 10)"
   l=$(loss_of "$OUT/flood-flows.json")
   fig 1 "flow loss (%)" "$(pct "$l")" "< 0.1" "$(cmp "$l" '<' 0.001)"
@@ -175,7 +175,7 @@ if want 1; then
   fig 1 "unauth requests sent (/s)" "$(j "$OUT/flood-spoof.json" "int(d['requests_per_s'])")"
   fig 1 "answers per source over run (max)" "$(j "$OUT/flood-spoof.json" "d['max_answers_per_source']")" \
     "<= 200 x s" "$(cmp "$(j "$OUT/flood-spoof.json" "d['max_answers_per_source']")" '<=' $((200 * FLOOD_S)))"
-  fig 1 "server drops by reason" "$(curl -sf "http://$API/metrics" | awk '/^turnpike_server_dropped_total/ {gsub(/.*reason="/, "", $1); gsub(/".*/, "", $1); printf "%s=%s ", $1, $2}')"
+  fig 1 "server drops by reason" "$(curl -sf "http://$API/metrics" | awk '/^turnpike_server_dropped_total/ {gsub(/.*reason="/, "", $1); gsub(/".*/, "", $1); if ($2 > 0) printf "%s=%s ", $1, $2}')"
   rel_stop
 fi
 
