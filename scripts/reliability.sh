@@ -312,8 +312,11 @@ if want 6; then
   taskset -c "$GEN_CPUS" "$BIN/turnpike-bench" --server "$SERVER_ADDR" --scenario streams \
     --tcp-server "127.0.0.1:$TP_PORT" --tls-server "127.0.0.1:$TLS_PORT" --tcp-conns "$TCP_CONNS" \
     --tls-conns "$TLS_CONNS" --per-source 50 --trickle-ms 1000 --duration "$STREAM_S" --json -q \
-    >"$OUT/streams-abuse.json" || echo "   stream generator failed"
+    >"$OUT/streams-abuse.json" &
+  apid=$!
+  sleep $(awk -v s="$STREAM_S" 'BEGIN { print s * 0.7 }')
   fd1=$(fds "$SERVER_PID")
+  wait $apid || echo "   stream generator failed"
   wait $fpid || true
   s="$OUT/streams-abuse.json"
   fig 6 "abusive conns opened tcp/tls" "$(j "$s" "'%d/%d' % (d['opened']['tcp'], d['opened']['tls'])")"
@@ -386,9 +389,15 @@ if n > 1:
     den = sum((x - mt) ** 2 for x in t)
     slope = sum((x - mt) * (y - mr) for x, y in zip(t, rss)) / den * 3600 / 1024 if den else 0.0
 churn = 0
-for l in open(sys.argv[3]) if n else []:
-    try: churn += json.loads(l)["allocations"]
-    except Exception: pass
+try:
+    text, dec, i = open(sys.argv[3]).read(), json.JSONDecoder(), 0
+    while True:
+        while i < len(text) and text[i].isspace(): i += 1
+        if i >= len(text): break
+        v, i = dec.raw_decode(text, i)
+        churn += v.get("deletes", 0)
+except Exception:
+    pass
 with open(sys.argv[2], "w") as f:
     f.write(f"{slope:.2f}\t{(rss[-1]-rss[0])/1024 if n else 0:.1f}\t{min(fds) if n else 0}-{max(fds) if n else 0}\t"
             f"{max(loss) if loss else '-'}\t{max(p99) if p99 else '-'}\t{churn / max(t[-1], 1) if n else 0:.0f}\n")
