@@ -132,7 +132,7 @@ j() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print($2)" "$
 fig() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${4:--}" "${5:--}" >>"$FIG"; }
 # cmp A OP B: 1 if the comparison holds, 0 if not, - if either is not a number.
 cmp() { awk -v a="$1" -v b="$3" -v op="$2" 'BEGIN {
-  if (a !~ /^-?[0-9.eE+-]+$/ || b !~ /^-?[0-9.eE+-]+$/) { print "-"; exit }
+  if (a !~ /^-?[0-9]/ || b !~ /^-?[0-9]/) { print "-"; exit }
   if (op == "<") r = a < b; else if (op == "<=") r = a <= b; else if (op == "==") r = a == b; else r = a >= b
   print r ? 1 : 0 }'; }
 flows() { # flows OUTFILE SECONDS RATE [extra generator args]: the 50 relayed flows
@@ -142,7 +142,7 @@ flows() { # flows OUTFILE SECONDS RATE [extra generator args]: the 50 relayed fl
 }
 loss_of() { j "$1" "d['steps'][-1]['loss']"; }
 p99_of() { j "$1" "d['steps'][-1]['rtt_us']['p99']"; }
-pct() { awk -v x="$1" 'BEGIN { if (x ~ /^[0-9.eE+-]+$/) printf "%.4f", 100 * x; else print "-" }'; }
+pct() { awk -v x="$1" 'BEGIN { if (x ~ /^-?[0-9]/) printf "%.4f", 100 * x; else print "-" }'; }
 want() { case " $ONLY " in *" $1 "*) return 0 ;; esac; return 1; }
 rows_sql() { python3 - "$1" "$2" <<'P' 2>/dev/null || echo "-"
 import sqlite3, sys
@@ -386,7 +386,8 @@ with open(sys.argv[3], "w") as f:
 P
   python3 - "$dat" "$OUT/soak-summary.txt" "$OUT/soak-churn.jsonl" <<'P'
 import json, sys
-rows = [l.split() for l in open(sys.argv[1]) if not l.startswith("#")]
+# The first sample is taken before the flows hold their allocations: leave it out.
+rows = [l.split() for l in open(sys.argv[1]) if not l.startswith("#")][1:]
 t = [float(r[0]) for r in rows]; rss = [float(r[1]) for r in rows]; fds = [int(r[2]) for r in rows]
 loss = [float(r[3]) for r in rows if r[3] != "-"]; p99 = [float(r[4]) for r in rows if r[4] != "-"]
 n = len(t)

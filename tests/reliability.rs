@@ -594,6 +594,9 @@ fn soak_two_minutes_fd_count_flat_and_rss_bounded() {
     );
     let start = Instant::now();
     let mut cycles = 0u64;
+    // Churn cycles the generator gave up on (no answer, or an error): each may leave one allocation, and
+    // its relay socket, until the allocation expires.
+    let mut abandoned = 0u64;
     // The fd count once the flows hold their allocations (they keep them to the end: the generator
     // sends no delete), taken between churn runs.
     let mut settled: Option<usize> = None;
@@ -616,15 +619,17 @@ fn soak_two_minutes_fd_count_flat_and_rss_bounded() {
             Duration::from_secs(30),
         );
         cycles += v["deletes"].as_u64().unwrap_or(0);
+        abandoned += v["timeouts"].as_u64().unwrap_or(0) + v["errors"].as_u64().unwrap_or(0);
         std::thread::sleep(Duration::from_millis(500));
         assert!(relay.alive());
     }
     // Still during the flows: every churned allocation is gone, so the count is back to the settled one.
     let settled = settled.unwrap();
-    let fds = relay.fds_settle(settled);
+    let allowed = settled + abandoned as usize;
+    let fds = relay.fds_settle(allowed);
     assert!(
-        fds <= settled,
-        "fds {fds0} at start, {settled} with the flows, {fds} after the churn"
+        fds <= allowed,
+        "fds {fds0} at start, {settled} with the flows, {fds} after the churn ({abandoned} cycles abandoned)"
     );
     let out = wait_bounded(flows, Duration::from_secs(60));
     assert!(
