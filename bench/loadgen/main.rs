@@ -9,10 +9,15 @@
 //!   a bare forwarder instead (no TURN).
 //! - `alloc`: every client loops Allocate (401 round, then authenticated) and delete (Refresh LIFETIME 0).
 //! - `binding`: STUN Binding requests in windows of `--window` per socket.
+//! - `spoof`, `storm`, `streams`: hostile load for `scripts/reliability.sh` (see `abuse`): an
+//!   unauthenticated flood from `--sources` loopback addresses, an authenticated Refresh /
+//!   CreatePermission / ChannelBind storm from `--clients` clients, and `--tcp-conns` / `--tls-conns`
+//!   trickling or stalled connections with a TCP allocation probe once a second.
 //!
 //! `--bare-forwarder` runs the forwarder instead of the generator. All timing is bounded by `--duration`
 //! (and `--count` where it applies). Only point it at servers you run, on loopback or a test namespace.
 
+mod abuse;
 mod forwarder;
 mod pace;
 mod proc;
@@ -131,6 +136,30 @@ struct Cli {
     /// Forwarder peer address (the generator's --echo).
     #[arg(long, default_value = "127.0.0.1:40000")]
     peer: SocketAddr,
+    /// relay: report a step every this many seconds over --duration (a soak's figures over time).
+    #[arg(long)]
+    interval: Option<f64>,
+    /// spoof: distinct source addresses in 127.16.0.0 and up.
+    #[arg(long, default_value_t = 65_536)]
+    sources: usize,
+    /// streams: the relay's TURN-over-TCP listener.
+    #[arg(long)]
+    tcp_server: Option<SocketAddr>,
+    /// streams: the relay's TURN-over-TLS listener.
+    #[arg(long)]
+    tls_server: Option<SocketAddr>,
+    /// streams: abusive TCP connections.
+    #[arg(long, default_value_t = 5_000)]
+    tcp_conns: usize,
+    /// streams: abusive TLS connections.
+    #[arg(long, default_value_t = 1_000)]
+    tls_conns: usize,
+    /// streams: connections per source address (keep it under the relay's per-IP cap).
+    #[arg(long, default_value_t = 50)]
+    per_source: usize,
+    /// streams: milliseconds between the bytes a trickling connection sends.
+    #[arg(long, default_value_t = 1_000)]
+    trickle_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -138,6 +167,9 @@ enum Scenario {
     Relay,
     Alloc,
     Binding,
+    Spoof,
+    Storm,
+    Streams,
 }
 
 fn main() -> ExitCode {
@@ -155,6 +187,9 @@ fn main() -> ExitCode {
             Scenario::Relay => relay_scenario(&cli),
             Scenario::Alloc => alloc_scenario(&cli),
             Scenario::Binding => binding_scenario(&cli),
+            Scenario::Spoof => spoof_scenario(&cli),
+            Scenario::Storm => storm_scenario(&cli),
+            Scenario::Streams => streams_scenario(&cli),
         };
         out.map(|v| {
             if cli.json {
@@ -368,7 +403,20 @@ fn relay_scenario(cli: &Cli) -> io::Result<Value> {
         if let Some(n) = cli.count {
             d = d.min(Duration::from_secs_f64(n as f64 / cli.rate.max(1.0)));
         }
-        steps.push(traffic.step(cli.rate, d, drain)?);
+        match cli.interval.filter(|&i| i > 0.0) {
+            // Consecutive steps (each with its short drain) until the duration is spent.
+            Some(i) => {
+                let end = Instant::now() + d;
+                let step = Duration::from_secs_f64(i);
+                while let Some(left) = end.checked_duration_since(Instant::now()) {
+                    if left.is_zero() {
+                        break;
+                    }
+                    steps.push(traffic.step(cli.rate, step.min(left), drain)?);
+                }
+            }
+            None => steps.push(traffic.step(cli.rate, d, drain)?),
+        }
     }
     out["steps"] = steps.iter().map(|s| step_json(s, cli)).collect();
     Ok(out)
@@ -446,6 +494,72 @@ fn binding_scenario(cli: &Cli) -> io::Result<Value> {
         "rtt_us": percentiles(&st.rtt),
         "server_cpu_s": cpu,
         "cpu_us_per_request": cpu.filter(|_| st.responses > 0).map(|c| c * 1e6 / st.responses as f64),
+    }))
+}
+
+fn spoof_scenario(cli: &Cli) -> io::Result<Value> {
+    let st = abuse::spoof(
+        cli.server,
+        cli.sources,
+        Duration::from_secs_f64(cli.duration),
+    )?;
+    Ok(json!({
+        "scenario": "spoof", "label": cli.label, "server": cli.server.to_string(),
+        "sources": st.sources, "rounds": st.rounds, "seconds": st.seconds,
+        "requests": st.requests, "request_bytes": st.request_bytes,
+        "answers": st.answers, "answer_bytes": st.answer_bytes,
+        "challenges": st.challenges, "bindings": st.bindings,
+        "amplification": st.answer_bytes as f64 / (st.request_bytes.max(1)) as f64,
+        "max_answer_ratio": st.max_answer_ratio,
+        "max_answers_per_source": st.max_answers_per_source,
+        "requests_per_s": st.requests as f64 / st.seconds.max(1e-9),
+    }))
+}
+
+fn storm_scenario(cli: &Cli) -> io::Result<Value> {
+    // The storm's permissions and channels point at a socket nobody reads: only the control plane is
+    // loaded.
+    let sink = bind_udp(cli.echo, UdpOptions::default())?;
+    let st = abuse::storm(
+        cli.server,
+        &auth(cli),
+        cli.clients,
+        sink.local_addr()?,
+        Duration::from_secs_f64(cli.duration),
+    )?;
+    Ok(json!({
+        "scenario": "storm", "label": cli.label, "server": cli.server.to_string(),
+        "clients": st.clients, "seconds": st.seconds, "sent": st.sent, "ok": st.ok, "stale": st.stale,
+        "requests_per_s": st.sent as f64 / st.seconds.max(1e-9),
+        "answered_per_s": st.ok as f64 / st.seconds.max(1e-9),
+        "error_codes": st.codes.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+    }))
+}
+
+fn streams_scenario(cli: &Cli) -> io::Result<Value> {
+    if cli.tcp_server.is_none() && cli.tls_server.is_none() {
+        return Err(io::Error::other(
+            "streams needs --tcp-server and/or --tls-server",
+        ));
+    }
+    let st = abuse::streams(
+        abuse::StreamAbuse {
+            tcp: cli.tcp_server.map(|a| (a, cli.tcp_conns)),
+            tls: cli.tls_server.map(|a| (a, cli.tls_conns)),
+            per_source: cli.per_source,
+            trickle: Duration::from_millis(cli.trickle_ms.max(1)),
+            duration: Duration::from_secs_f64(cli.duration),
+            probe_timeout: Duration::from_secs(1),
+        },
+        &auth(cli),
+    )?;
+    let kinds = |a: [u64; 2]| json!({"tcp": a[0], "tls": a[1]});
+    Ok(json!({
+        "scenario": "streams", "label": cli.label, "server": cli.server.to_string(),
+        "seconds": st.seconds, "opened": kinds(st.opened), "connect_failed": kinds(st.connect_failed),
+        "closed_by_server": kinds(st.closed_by_server), "held_at_end": kinds(st.held_at_end),
+        "probes": st.probes, "probe_ok": st.probe_ok, "probe_max_ms": st.probe_max_ms,
+        "probe_failures": st.probe_failures,
     }))
 }
 
@@ -536,7 +650,7 @@ fn print_table(v: &Value) {
             f(&v["timeouts"]),
             f(&v["server_cpu_s"])
         ),
-        _ => {
+        Some("binding") => {
             let r = &v["rtt_us"];
             println!(
                 "{} Binding responses in {}s: {} /s; rtt p50 {} p99 {} max {} µs; server CPU {} µs/request",
@@ -549,5 +663,6 @@ fn print_table(v: &Value) {
                 f(&v["cpu_us_per_request"])
             );
         }
+        _ => println!("{v:#}"),
     }
 }

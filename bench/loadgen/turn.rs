@@ -38,7 +38,8 @@ pub enum Auth {
 }
 
 impl Auth {
-    fn credentials(&self, client: usize) -> (String, String) {
+    /// User name and password of client number `client`.
+    pub fn credentials(&self, client: usize) -> (String, String) {
         match self {
             Auth::Static(u, p) => (u.clone(), p.clone()),
             Auth::Rest(secret) => {
@@ -210,6 +211,21 @@ impl Client {
         self.step == Step::Ready
     }
 
+    /// What signs this client's requests once it has been through the 401 round.
+    pub fn credentials(&self) -> Option<Credentials<'_>> {
+        Some(Credentials {
+            username: &self.username,
+            realm: self.realm.as_deref()?,
+            nonce: self.nonce.as_deref()?,
+            key: &self.key,
+        })
+    }
+
+    /// Take a fresh NONCE (from a 438 Stale Nonce).
+    pub fn set_nonce(&mut self, nonce: &str) {
+        self.nonce = Some(nonce.to_string());
+    }
+
     fn send_request(&mut self, target: SocketAddr, peer: Option<SocketAddr>, fresh: bool) {
         if fresh {
             self.tid_counter += 1;
@@ -328,8 +344,14 @@ pub fn drive(
         if matches!(plan, Plan::Setup { .. }) && finished >= clients.len() {
             break;
         }
+        // Churn stops once `max` allocations were made and every client has deleted its own: a bounded
+        // churn leaves no allocation behind.
         if let Plan::Churn { max } = plan {
-            if st.allocations >= max {
+            if st.allocations >= max
+                && clients
+                    .iter()
+                    .all(|c| matches!(c.step, Step::Idle | Step::Failed))
+            {
                 break;
             }
         }
@@ -400,6 +422,10 @@ pub fn drive(
                         (Step::Delete, _) => {
                             st.deletes += 1;
                             c.relayed = None;
+                            if matches!(plan, Plan::Churn { max } if st.allocations >= max) {
+                                c.step = Step::Idle;
+                                continue;
+                            }
                             // The next cycle is a new client: new 5-tuple, and the 401 round again.
                             c.reopen(poll, ev.token())?;
                             c.nonce = None;
