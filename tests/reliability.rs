@@ -496,7 +496,6 @@ fn kill_9_and_restart_counts_nothing_twice_and_serves_on_the_same_ports() {
 /// Scenario 5, short: a second instance on the same config and database refuses to start and leaves
 /// the first one's open rows alone.
 #[test]
-#[ignore = "fails on main: the second start closes the live run's rows; the sidecar flock fix is on branch config-http"]
 fn second_instance_refuses_and_leaves_the_first_ones_rows_untouched() {
     let mut relay = Relay::new("second", "epoll", 38250, "");
     relay.spawn();
