@@ -369,6 +369,27 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, Error> {
         .map_err(|e| Error::Io(format!("tokio runtime: {e}")))
 }
 
+/// Connect and apply the migrations (`turnpike db migrate`); returns the versions applied now.
+pub fn migrate_blocking(config: &Config) -> Result<Vec<i32>, Error> {
+    runtime()?.block_on(async {
+        let mut client = connect(config).await?;
+        migrate(&mut client).await
+    })
+}
+
+/// Connect and run [`bill`] (`turnpike usage` with a ledger).
+pub fn bill_blocking(
+    config: &Config,
+    since_ms: u64,
+    until_ms: u64,
+    relay: Option<&str>,
+) -> Result<Vec<IdentityUsage>, Error> {
+    runtime()?.block_on(async {
+        let client = connect(config).await?;
+        bill(&client, since_ms, until_ms, relay).await
+    })
+}
+
 /// Longest wait between two attempts after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
