@@ -19,18 +19,26 @@ use turnpike::fleet::{self, Password, Tls};
 use turnpike::usage::{self, IdentityUsage};
 use turnpike::wire::{Attribute, Method};
 
-const PG_VERSION: &str = "15";
+/// The newest PostgreSQL major version installed (`/usr/lib/postgresql/<version>/bin/postgres`).
+fn pg_version() -> Option<String> {
+    let mut versions: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|v| Path::new(&format!("/usr/lib/postgresql/{v}/bin/postgres")).exists())
+        .collect();
+    versions.sort_unstable();
+    versions.last().map(u32::to_string)
+}
 
-/// Whether PostgreSQL's cluster tools are installed; in CI their absence is a failure.
+/// Whether PostgreSQL and Debian's cluster tools are installed; in CI their absence is a failure.
 fn postgres_available() -> bool {
-    let ok = Path::new("/usr/bin/pg_createcluster").exists()
-        && Path::new(&format!("/usr/lib/postgresql/{PG_VERSION}/bin/postgres")).exists();
+    let ok = Path::new("/usr/bin/pg_createcluster").exists() && pg_version().is_some();
     if !ok {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
-            "PostgreSQL {PG_VERSION} is not installed (scripts/test.sh installs Debian's postgresql)"
+            "PostgreSQL is not installed (scripts/test.sh installs Debian's postgresql)"
         );
-        eprintln!("skipped: PostgreSQL {PG_VERSION} is not installed");
+        eprintln!("skipped: PostgreSQL is not installed");
     }
     ok
 }
@@ -52,6 +60,7 @@ fn temp_dir(name: &str) -> PathBuf {
 
 /// A throwaway PostgreSQL cluster on 127.0.0.1:`port`, trusting local connections; dropped with it.
 struct Cluster {
+    version: String,
     name: String,
     port: u16,
 }
@@ -64,11 +73,12 @@ impl Cluster {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         );
+        let version = pg_version().expect("postgres_available() first");
         let port = free_tcp_port();
         let data = std::env::temp_dir().join(format!("turnpike-pg-{name}"));
         let _ = std::fs::remove_dir_all(&data);
         let out = Command::new("pg_createcluster")
-            .args([PG_VERSION, &name, "-p", &port.to_string(), "-d"])
+            .args([&version, &name, "-p", &port.to_string(), "-d"])
             .arg(&data)
             .args(["--", "--auth-host=trust", "--auth-local=trust", "--no-sync"])
             .output()
@@ -78,14 +88,18 @@ impl Cluster {
             "pg_createcluster: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let c = Cluster { name, port };
+        let c = Cluster {
+            version,
+            name,
+            port,
+        };
         c.ctl("start");
         c
     }
 
     fn ctl(&self, action: &str) {
         let mut cmd = Command::new("pg_ctlcluster");
-        cmd.args([PG_VERSION, &self.name, action]);
+        cmd.args([&self.version, &self.name, action]);
         if action == "stop" {
             cmd.args(["-m", "fast"]);
         }
@@ -140,7 +154,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = Command::new("pg_dropcluster")
-            .args(["--stop", PG_VERSION, &self.name])
+            .args(["--stop", &self.version, &self.name])
             .output();
     }
 }
