@@ -125,7 +125,6 @@ impl Cluster {
             tls: Tls::Disable,
             ship_interval: Duration::from_secs(1),
             batch: 1000,
-            pool: 2,
             migrate: true,
         }
     }

@@ -262,8 +262,6 @@ pub(super) struct RawFleet {
     pub(super) ship_interval_seconds: u64,
     #[serde(default = "default_ship_batch")]
     pub(super) batch: usize,
-    #[serde(default = "default_pool")]
-    pub(super) pool: usize,
     #[serde(default = "default_true")]
     pub(super) migrate: bool,
 }
@@ -278,10 +276,6 @@ fn default_ship_interval() -> u64 {
 
 fn default_ship_batch() -> usize {
     1000
-}
-
-fn default_pool() -> usize {
-    4
 }
 
 fn default_true() -> bool {

@@ -63,8 +63,6 @@ pub struct Config {
     pub ship_interval: Duration,
     /// Deltas per INSERT transaction at most.
     pub batch: usize,
-    /// Most connections open at once (the shipper holds one; queries one each).
-    pub pool: usize,
     /// Apply the migrations at start.
     pub migrate: bool,
 }

@@ -64,19 +64,12 @@ pub(super) fn fleet(raw: RawFleet) -> Result<Config, ConfigError> {
             format!("must be 1 to 100000 (got {})", raw.batch),
         ));
     }
-    if raw.pool == 0 || raw.pool > 64 {
-        return Err(ConfigError::new(
-            "fleet.pool",
-            format!("must be 1 to 64 (got {})", raw.pool),
-        ));
-    }
     Ok(Config {
         postgres: raw.postgres,
         password,
         tls,
         ship_interval: Duration::from_secs(raw.ship_interval_seconds),
         batch: raw.batch,
-        pool: raw.pool,
         migrate: raw.migrate,
     })
 }
