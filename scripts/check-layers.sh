@@ -12,15 +12,16 @@ declare -A allowed=(
   [policy]=""
   [route]="wire metrics"
   [server]="wire auth route policy"
-  [config]="wire auth policy server api usage dataplane"
+  [config]="wire auth policy server api usage dataplane fleet"
   [sys]=""
   [metrics]=""
   [dataplane]="wire route policy sys metrics"
   [control]="server route sys metrics dataplane wire auth policy config"
   [usage]="metrics sys"
   [xdp]="route sys"
+  [fleet]="usage"
   [api]="auth metrics usage policy"
-  [service]="wire auth policy route server sys metrics dataplane control config usage api"
+  [service]="wire auth policy route server sys metrics dataplane control config usage api fleet"
 )
 
 status=0

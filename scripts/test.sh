@@ -73,6 +73,15 @@ if ! command -v systemd-analyze >/dev/null 2>&1 || ! command -v prometheus >/dev
   ${SUDO:-} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd prometheus >/dev/null
 fi
 # --- end of the packaging block ---
+# Fleet ledger tests (tests/fleet.rs, issue 12): a real PostgreSQL from Debian; the tests make their own
+# throwaway clusters (pg_createcluster) on private ports. With CI=true a missing server fails them.
+if ! command -v pg_createcluster >/dev/null 2>&1 || ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+  echo "== installing postgresql (apt-get)"
+  ${SUDO:-} env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  ${SUDO:-} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+  # The package's own "main" cluster is not used by the tests; keep it stopped.
+  ${SUDO:-} service postgresql stop >/dev/null 2>&1 || true
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

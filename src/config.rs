@@ -100,6 +100,8 @@ pub struct Fixed {
     pub api: Option<FixedApi>,
     /// Metering (`[usage]`), if enabled.
     pub usage: Option<crate::usage::Config>,
+    /// The fleet's usage ledger on PostgreSQL (`[fleet]`), if configured (needs `[usage]`).
+    pub fleet: Option<crate::fleet::Config>,
 }
 
 /// Allocation, permission, channel and nonce lifetimes in seconds (`[lifetimes]`).

@@ -22,6 +22,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod fleet;
 pub mod metrics;
 pub mod policy;
 pub mod route;

@@ -53,6 +53,12 @@ enum BackendArg {
 }
 
 #[derive(Debug, Subcommand)]
+enum DbCommand {
+    /// Apply the ledger's schema migrations that the database lacks, then exit.
+    Migrate,
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Validate the configuration and exit (0 if valid, 2 with the key and problem if not).
     CheckConfig,
@@ -83,8 +89,12 @@ enum Command {
         #[arg(long)]
         route_type: Option<String>,
     },
-    /// Print a per-identity usage summary from the metering database ([usage] database).
+    /// Print a per-identity usage summary: from the fleet ledger in PostgreSQL when [fleet] is
+    /// configured (the bytes relayed inside the period), else from the metering database ([usage]).
     Usage {
+        /// Only this relay's usage (ledger only; default: fleet-wide).
+        #[arg(long)]
+        relay: Option<String>,
         /// From this time (RFC 3339, e.g. 2026-11-01T00:00:00Z); default: 31 days before --until.
         #[arg(long)]
         since: Option<String>,
@@ -109,6 +119,11 @@ enum Command {
     /// Print the manual page (roff), generated from these definitions; the Debian package installs it.
     #[command(hide = true)]
     Man,
+    /// The fleet ledger's database ([fleet]).
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
     /// Print the RFC 8489 long-term key MD5(user:realm:password) in hex, as coturn's turnadmin -k does.
     LongTermKey {
         /// User name.
@@ -167,10 +182,20 @@ fn main() -> ExitCode {
             ref route_type,
         }) => credentials(&cli, id, ttl, route_type.as_deref()),
         Some(Command::Usage {
+            ref relay,
             ref since,
             ref until,
             json,
-        }) => usage(&cli, since.as_deref(), until.as_deref(), json),
+        }) => usage(
+            &cli,
+            relay.as_deref(),
+            since.as_deref(),
+            until.as_deref(),
+            json,
+        ),
+        Some(Command::Db {
+            command: DbCommand::Migrate,
+        }) => db_migrate(&cli),
         Some(Command::Status { ref url }) => status::run(cli.config.as_deref(), url.as_deref()),
         Some(Command::Man) => {
             let page = clap_mangen::Man::new(Cli::command());
@@ -446,7 +471,41 @@ fn credentials(cli: &Cli, id: &str, ttl: u64, route: Option<&str>) -> ExitCode {
     }
 }
 
-fn usage(cli: &Cli, since: Option<&str>, until: Option<&str>, json: bool) -> ExitCode {
+fn db_migrate(cli: &Cli) -> ExitCode {
+    let config = match load(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("turnpike: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(f) = &config.fixed.fleet else {
+        eprintln!("error: no ledger is configured (no [fleet] section)");
+        return ExitCode::from(2);
+    };
+    match turnpike::fleet::migrate_blocking(f) {
+        Ok(v) if v.is_empty() => {
+            println!("ledger schema up to date");
+            ExitCode::SUCCESS
+        }
+        Ok(v) => {
+            println!("applied ledger migrations {v:?}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("turnpike: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn usage(
+    cli: &Cli,
+    relay: Option<&str>,
+    since: Option<&str>,
+    until: Option<&str>,
+    json: bool,
+) -> ExitCode {
     let config = match load(cli) {
         Ok(c) => c,
         Err(e) => {
@@ -473,8 +532,15 @@ fn usage(cli: &Cli, since: Option<&str>, until: Option<&str>, json: bool) -> Exi
             return ExitCode::from(2);
         }
     };
-    let rows =
-        turnpike::usage::Store::open_reader(&u.database).and_then(|s| s.summary(since, until));
+    let rows = match &config.fixed.fleet {
+        Some(f) => {
+            turnpike::fleet::bill_blocking(f, since, until, relay).map_err(|e| e.to_string())
+        }
+        None if relay.is_some() => Err("--relay needs a ledger ([fleet])".to_string()),
+        None => turnpike::usage::Store::open_reader(&u.database)
+            .and_then(|s| s.summary(since, until))
+            .map_err(|e| format!("{}: {e}", u.database.display())),
+    };
     match rows {
         Ok(rows) if json => {
             println!("{}", serde_json::json!({ "identities": rows }));
@@ -485,7 +551,7 @@ fn usage(cli: &Cli, since: Option<&str>, until: Option<&str>, json: bool) -> Exi
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("turnpike: {}: {e}", u.database.display());
+            eprintln!("turnpike: {e}");
             ExitCode::from(1)
         }
     }

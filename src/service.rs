@@ -35,6 +35,7 @@ pub struct Service {
     api: Option<ApiHandle>,
     writer: Option<JoinHandle<()>>,
     ticker: Option<(Sender<()>, JoinHandle<()>)>,
+    shipper: Option<crate::fleet::Shipper>,
 }
 
 /// The relay's [`Settings`] for `config` (without a usage sink).
@@ -74,14 +75,22 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
     let mut store = None;
     let mut writer = None;
     if let Some(u) = &config.fixed.usage {
-        let s = usage::Store::open(&u.database, &config.fixed.relay_id, unix_ms())
+        let mut s = usage::Store::open(&u.database, &config.fixed.relay_id, unix_ms())
             .map_err(|e| io::Error::other(format!("{}: {e}", u.database.display())))?;
+        if config.fixed.fleet.is_some() {
+            s.enable_outbox();
+        }
         let (tx, rx) = unbounded();
         settings.usage_sink = Some(tx);
         store = Some(s);
         writer = Some(rx);
     }
     let relay = control::start(settings)?;
+    // The ledger's shipper reads the outbox on its own connection; the relay never waits for it.
+    let shipper = match (&config.fixed.fleet, &config.fixed.usage) {
+        (Some(f), Some(u)) => Some(crate::fleet::Shipper::start(f.clone(), u.database.clone())?),
+        _ => None,
+    };
     let to_control = relay.shutdown_sender();
 
     let mut ticker = None;
@@ -169,6 +178,7 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
         api,
         writer,
         ticker,
+        shipper,
     })
 }
 
@@ -219,6 +229,10 @@ impl Service {
         // The control thread has exited and dropped the sink: the writer drains and ends.
         if let Some(w) = self.writer.take() {
             let _ = w.join();
+        }
+        // After the writer: the final records are in the outbox; one last round ships them.
+        if let Some(s) = self.shipper.take() {
+            s.stop();
         }
         if let Some(api) = self.api.take() {
             api.stop();
@@ -300,6 +314,7 @@ fn record(r: UsageRecord) -> usage::Record {
         started_ms: r.started_ms,
         at_ms: r.at_ms,
         done: r.done,
+        relayed: r.relayed,
         to_peer_bytes: r.usage.to_peer_bytes,
         to_peer_packets: r.usage.to_peer_packets,
         to_client_bytes: r.usage.to_client_bytes,

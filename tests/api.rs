@@ -479,6 +479,7 @@ fn old_closed_rows_are_pruned_and_usage_defaults_to_a_bounded_range() {
         transport: "udp",
         client: None,
         server: None,
+        relayed: None,
         started_ms,
         at_ms,
         done,

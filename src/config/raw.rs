@@ -42,6 +42,7 @@ pub(super) struct RawConfig {
     pub(super) relay_id: String,
     pub(super) api: Option<RawApi>,
     pub(super) usage: Option<RawUsage>,
+    pub(super) fleet: Option<RawFleet>,
 }
 
 #[derive(Deserialize)]
@@ -155,6 +156,7 @@ impl Default for RawConfig {
             relay_id: "turnpike".into(),
             api: None,
             usage: None,
+            fleet: None,
         }
     }
 }
@@ -271,6 +273,39 @@ pub(super) struct RawUsage {
     pub(super) checkpoint_seconds: u64,
     #[serde(default = "default_retention")]
     pub(super) retention_days: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFleet {
+    pub(super) postgres: String,
+    pub(super) password_file: Option<PathBuf>,
+    pub(super) password_env: Option<String>,
+    #[serde(default = "default_fleet_tls")]
+    pub(super) tls: String,
+    pub(super) ca_file: Option<PathBuf>,
+    #[serde(default = "default_ship_interval")]
+    pub(super) ship_interval_seconds: u64,
+    #[serde(default = "default_ship_batch")]
+    pub(super) batch: usize,
+    #[serde(default = "default_true")]
+    pub(super) migrate: bool,
+}
+
+fn default_fleet_tls() -> String {
+    "disable".into()
+}
+
+fn default_ship_interval() -> u64 {
+    5
+}
+
+fn default_ship_batch() -> usize {
+    1000
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_region() -> String {

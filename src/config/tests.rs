@@ -587,3 +587,48 @@ fn caps_are_fitted_under_the_open_file_limit() {
     assert_eq!(e.key, "quotas.max_allocations");
     assert!(e.problem.contains("RLIMIT_NOFILE) is 64"), "{e}");
 }
+
+#[test]
+fn fleet_ledger_keys_are_checked() {
+    let usage = "[usage]\ndatabase = \"/tmp/u.db\"\n";
+    let ok = format!(
+        "{OPERATOR}{usage}[fleet]\npostgres = \"host=127.0.0.1 user=t dbname=t\"\n\
+         password_env = \"PGPASS_VAR\"\n"
+    );
+    let c = RelayConfig::from_toml(&ok).unwrap();
+    let f = c.fixed.fleet.unwrap();
+    assert_eq!(f.password, crate::fleet::Password::Env("PGPASS_VAR".into()));
+    assert_eq!(f.tls, crate::fleet::Tls::Disable);
+    assert_eq!(
+        (f.ship_interval, f.batch, f.migrate),
+        (Duration::from_secs(5), 1000, true)
+    );
+    assert_error(
+        &format!("{OPERATOR}[fleet]\npostgres = \"host=x\"\n"),
+        "fleet",
+        "needs [usage]",
+    );
+    assert_error(
+        &format!("{OPERATOR}{usage}[fleet]\npostgres = \"host=x\"\ntls = \"require\"\n"),
+        "fleet.ca_file",
+        "CA",
+    );
+    assert_error(
+        &format!(
+            "{OPERATOR}{usage}[fleet]\npostgres = \"host=x\"\npassword_file = \"/p\"\n\
+             password_env = \"P\"\n"
+        ),
+        "fleet.password_file",
+        "not both",
+    );
+    assert_error(
+        &format!("{OPERATOR}{usage}[fleet]\npostgres = \"host=x\"\nbatch = 0\n"),
+        "fleet.batch",
+        "1 to 100000",
+    );
+    assert_error(
+        &format!("{OPERATOR}{usage}[fleet]\npostgres = \"\"\n"),
+        "fleet.postgres",
+        "connection string",
+    );
+}

@@ -2,6 +2,7 @@
 //! [`ConfigError`] naming the key.
 
 mod api;
+mod fleet;
 
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
@@ -333,6 +334,15 @@ impl RawConfig {
             streams,
             relay_id,
             api: None,
+            fleet: match (self.fleet, &self.usage) {
+                (Some(_), None) => {
+                    return Err(ConfigError::new(
+                        "fleet",
+                        "needs [usage]: its database is the ledger's outbox",
+                    ))
+                }
+                (f, _) => f.map(fleet::fleet).transpose()?,
+            },
             usage: self.usage.map(api::usage).transpose()?,
         };
         let mut live = Live {

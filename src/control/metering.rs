@@ -36,6 +36,7 @@ impl Control {
                 allocation: allocation.0,
                 identity: p.identity.clone().unwrap_or_default(),
                 client: p.client,
+                relayed: p.relayed,
                 started_ms: p.started_ms,
                 at_ms,
                 done: last,

@@ -470,6 +470,8 @@ struct Control {
 #[derive(Debug, Default)]
 struct PendingUsage {
     client: Option<FiveTuple>,
+    /// The first relayed transport address (for abuse look-ups in the ledger).
+    relayed: Option<std::net::SocketAddr>,
     identity: Option<Box<str>>,
     /// When its first relay socket opened (Unix milliseconds).
     started_ms: u64,
@@ -494,6 +496,8 @@ pub struct UsageRecord {
     pub identity: Box<str>,
     /// The client's 5-tuple.
     pub client: Option<FiveTuple>,
+    /// The relayed transport address (the first one, for a dual allocation).
+    pub relayed: Option<std::net::SocketAddr>,
     /// When the allocation started (Unix milliseconds).
     pub started_ms: u64,
     /// When this record was taken: the end for a final record (Unix milliseconds).
@@ -675,6 +679,7 @@ impl Control {
                         if pending.client.is_none() {
                             pending.started_ms = unix_ms();
                         }
+                        pending.relayed.get_or_insert(relay.0);
                         pending.client = Some(client);
                         if pending.identity.is_none() {
                             pending.identity = identity.map(Box::from);
@@ -799,6 +804,7 @@ impl Control {
             allocation: allocation.0,
             identity: p.identity.unwrap_or_default(),
             client: p.client,
+            relayed: p.relayed,
             started_ms: p.started_ms,
             at_ms: unix_ms(),
             done: true,

@@ -1,0 +1,629 @@
+//! The fleet ledger (issue 12, phase 1) against a real PostgreSQL: throwaway clusters made with
+//! Debian's `pg_createcluster` (as root it runs the server as `postgres`), on private ports, with
+//! their data in a temporary directory. Relays are the real binary, relaying real traffic; the
+//! clients' own counts are compared with PostgreSQL's per-identity totals (`usage_bill`).
+//!
+//! With `CI=true` a missing PostgreSQL fails these tests; elsewhere they say so and pass.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use common::Client;
+use turnpike::fleet::{self, Password, Tls};
+use turnpike::usage::{self, IdentityUsage};
+use turnpike::wire::{Attribute, Method};
+
+/// The newest PostgreSQL major version installed (`/usr/lib/postgresql/<version>/bin/postgres`).
+fn pg_version() -> Option<String> {
+    let mut versions: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|v| Path::new(&format!("/usr/lib/postgresql/{v}/bin/postgres")).exists())
+        .collect();
+    versions.sort_unstable();
+    versions.last().map(u32::to_string)
+}
+
+/// Whether PostgreSQL and Debian's cluster tools are installed; in CI their absence is a failure.
+fn postgres_available() -> bool {
+    let ok = Path::new("/usr/bin/pg_createcluster").exists() && pg_version().is_some();
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "PostgreSQL is not installed (scripts/test.sh installs Debian's postgresql)"
+        );
+        eprintln!("skipped: PostgreSQL is not installed");
+    }
+    ok
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("turnpike-fleet-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A throwaway PostgreSQL cluster on 127.0.0.1:`port`, trusting local connections; dropped with it.
+struct Cluster {
+    version: String,
+    name: String,
+    port: u16,
+}
+
+impl Cluster {
+    fn new(tag: &str) -> Cluster {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "tp{}{tag}{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let version = pg_version().expect("postgres_available() first");
+        let port = free_tcp_port();
+        let data = std::env::temp_dir().join(format!("turnpike-pg-{name}"));
+        let _ = std::fs::remove_dir_all(&data);
+        let out = Command::new("pg_createcluster")
+            .args([&version, &name, "-p", &port.to_string(), "-d"])
+            .arg(&data)
+            .args(["--", "--auth-host=trust", "--auth-local=trust", "--no-sync"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_createcluster: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let c = Cluster {
+            version,
+            name,
+            port,
+        };
+        c.ctl("start");
+        c
+    }
+
+    fn ctl(&self, action: &str) {
+        let mut cmd = Command::new("pg_ctlcluster");
+        cmd.args([&self.version, &self.name, action]);
+        if action == "stop" {
+            cmd.args(["-m", "fast"]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctlcluster {action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn conninfo(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
+    }
+
+    fn config(&self) -> fleet::Config {
+        fleet::Config {
+            postgres: self.conninfo(),
+            password: Password::None,
+            tls: Tls::Disable,
+            ship_interval: Duration::from_secs(1),
+            batch: 1000,
+            migrate: true,
+        }
+    }
+
+    /// One value from `psql`.
+    fn psql(&self, sql: &str) -> String {
+        let out = Command::new("psql")
+            .arg(self.conninfo())
+            .args(["-tAc", sql])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The fleet-wide bill of everything, by the production query path.
+    fn bill(&self) -> Vec<IdentityUsage> {
+        fleet::bill_blocking(&self.config(), 0, i64::MAX as u64, None).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("pg_dropcluster")
+            .args(["--stop", &self.version, &self.name])
+            .output();
+    }
+}
+
+/// A relay: the real binary with a ledger on `cluster`.
+struct Relay {
+    child: Child,
+    listen: SocketAddr,
+}
+
+fn relay_config(dir: &Path, cluster: &Cluster, relay_id: &str, port_min: u16) -> PathBuf {
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = format!(
+        "listen = [\"127.0.0.1:{port}\"]\nworkers = 1\npin_workers = false\ndrain_seconds = 0\n\
+         relay_id = \"{relay_id}\"\n\
+         [relay]\naddresses = [\"127.0.0.1\"]\nport_min = {port_min}\nport_max = {}\n\
+         [[users]]\nname = \"alice\"\npassword = \"alice-pass\"\n\
+         [[users]]\nname = \"bob\"\npassword = \"bob-pass\"\n\
+         [peers]\nallow = [\"127.0.0.0/8\"]\n\
+         [usage]\ndatabase = \"{}\"\ncheckpoint_seconds = 1\n\
+         [fleet]\npostgres = \"{}\"\nship_interval_seconds = 1\n",
+        port_min + 99,
+        dir.join("usage.db").display(),
+        cluster.conninfo()
+    );
+    let path = dir.join("turnpike.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+impl Relay {
+    fn start(config: &Path) -> Relay {
+        let text = std::fs::read_to_string(config).unwrap();
+        let listen: SocketAddr = text.split('"').nth(1).and_then(|s| s.parse().ok()).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_ready(listen);
+        Relay { child, listen }
+    }
+
+    /// kill -9.
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, and wait (bounded) for the process to end.
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Wait (bounded) until the relay answers a Binding request.
+fn wait_ready(server: SocketAddr) {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut req = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+    req.extend_from_slice(&[9u8; 12]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut buf = [0u8; 512];
+    while Instant::now() < deadline {
+        let _ = s.send_to(&req, server);
+        if s.recv_from(&mut buf).is_ok() {
+            return;
+        }
+    }
+    panic!("relay at {server} did not answer within 15 s");
+}
+
+/// One client's traffic through one allocation, counted by the two ends.
+struct Flow {
+    client: Client,
+    peer: UdpSocket,
+    relayed: SocketAddr,
+    /// Payload bytes and datagrams the peer received (client → peer).
+    to_peer: (u64, u64),
+    /// Payload bytes and datagrams the client received (peer → client).
+    to_client: (u64, u64),
+}
+
+const CHANNEL: u16 = 0x4000;
+
+impl Flow {
+    fn open(server: SocketAddr, user: &str) -> Flow {
+        let mut client = Client::new(server, user, &format!("{user}-pass"));
+        let relayed = client.allocate();
+        let peer = common::peer();
+        client.bind(CHANNEL, peer.local_addr().unwrap());
+        Flow {
+            client,
+            peer,
+            relayed,
+            to_peer: (0, 0),
+            to_client: (0, 0),
+        }
+    }
+
+    /// `rounds` round trips of `size` bytes, one each way, as received at each end.
+    fn exchange(&mut self, rounds: usize, size: usize) {
+        let mut buf = [0u8; 2048];
+        for k in 0..rounds {
+            self.client.send_channel(CHANNEL, &vec![k as u8; size]);
+            let (n, from) = self.peer.recv_from(&mut buf).expect("peer receives");
+            assert_eq!(from, self.relayed);
+            self.to_peer.0 += n as u64;
+            self.to_peer.1 += 1;
+            self.peer
+                .send_to(&vec![k as u8; size + 1], self.relayed)
+                .unwrap();
+            let got = self.client.recv();
+            assert!(got.len() >= 4 && got[0] & 0xc0 == 0x40, "ChannelData");
+            let len = u16::from_be_bytes([got[2], got[3]]) as u64;
+            self.to_client.0 += len;
+            self.to_client.1 += 1;
+        }
+    }
+
+    /// End the allocation (its final record).
+    fn close(&mut self) {
+        let r = self
+            .client
+            .authed(Method::REFRESH, &[Attribute::Lifetime(0)]);
+        Client::expect_success(&r);
+    }
+
+    fn counts(&self) -> [u64; 4] {
+        [
+            self.to_peer.0,
+            self.to_peer.1,
+            self.to_client.0,
+            self.to_client.1,
+        ]
+    }
+}
+
+fn totals(u: &IdentityUsage) -> [u64; 4] {
+    [
+        u.to_peer_bytes,
+        u.to_peer_packets,
+        u.to_client_bytes,
+        u.to_client_packets,
+    ]
+}
+
+fn sum(a: [u64; 4], b: [u64; 4]) -> [u64; 4] {
+    [a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]]
+}
+
+/// Poll (bounded) until `identity`'s ledger totals are `want`; returns the last seen.
+fn wait_totals(cluster: &Cluster, identity: &str, want: [u64; 4], within: Duration) -> [u64; 4] {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = cluster
+            .bill()
+            .iter()
+            .find(|u| u.identity == identity)
+            .map(totals)
+            .unwrap_or_default();
+        if got == want || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// No key twice, no row twice: the ledger's rows equal its distinct (relay, run, allocation, seq).
+fn assert_no_duplicates(cluster: &Cluster) {
+    let rows = cluster.psql("SELECT COUNT(*) FROM usage_deltas");
+    let keys =
+        cluster.psql("SELECT COUNT(DISTINCT (relay_id, run, allocation, seq)) FROM usage_deltas");
+    assert_eq!(rows, keys);
+}
+
+#[test]
+fn relayed_traffic_lands_in_postgresql_exactly() {
+    if !postgres_available() {
+        return;
+    }
+    let cluster = Cluster::new("exact");
+    let dir = temp_dir("exact");
+    let relay = Relay::start(&relay_config(&dir, &cluster, "relay-a", 61100));
+    let mut a = Flow::open(relay.listen, "alice");
+    let mut b = Flow::open(relay.listen, "bob");
+    for _ in 0..3 {
+        a.exchange(50, 100);
+        b.exchange(20, 300);
+        std::thread::sleep(Duration::from_millis(600)); // across checkpoints: several deltas
+    }
+    a.close();
+    b.close();
+    assert_eq!(
+        wait_totals(&cluster, "alice", a.counts(), Duration::from_secs(10)),
+        a.counts()
+    );
+    assert_eq!(
+        wait_totals(&cluster, "bob", b.counts(), Duration::from_secs(10)),
+        b.counts()
+    );
+    // Several deltas per allocation, each with the client 5-tuple and relayed address.
+    let n: u64 = cluster
+        .psql("SELECT COUNT(*) FROM usage_deltas WHERE identity = 'alice'")
+        .parse()
+        .unwrap();
+    assert!(n >= 2, "{n} deltas");
+    assert_eq!(
+        cluster.psql(&format!(
+            "SELECT COUNT(*) FROM usage_deltas WHERE identity = 'alice' AND relayed = '{}'
+             AND client = '{}' AND relay_id = 'relay-a'",
+            a.relayed,
+            a.client.local()
+        )),
+        n.to_string()
+    );
+    assert_eq!(
+        cluster.psql("SELECT COUNT(*) FROM usage_deltas WHERE end_reason = 'ended'"),
+        "2"
+    );
+    assert_eq!(
+        cluster.psql("SELECT string_agg(version::text, ',') FROM schema_migrations"),
+        "1"
+    );
+    assert_no_duplicates(&cluster);
+    relay.stop();
+    // `turnpike usage` reads the ledger.
+    let out = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .arg("--config")
+        .arg(dir.join("turnpike.toml"))
+        .args(["usage", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let alice = v["identities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["identity"] == "alice")
+        .unwrap();
+    assert_eq!(alice["to_peer_bytes"].as_u64(), Some(a.counts()[0]));
+    // `turnpike db migrate` again: nothing left to apply.
+    let out = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .arg("--config")
+        .arg(dir.join("turnpike.toml"))
+        .args(["db", "migrate"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("up to date"));
+}
+
+/// The outbox of a relay that ran, by the same `Store::record` the usage writer calls.
+fn outbox_with(dir: &Path, allocations: u64, checkpoints: u64) -> (usage::Store, PathBuf) {
+    let path = dir.join("usage.db");
+    let mut store = usage::Store::open(&path, "relay-x", 1_000).unwrap();
+    store.enable_outbox();
+    for k in 1..=checkpoints {
+        let records: Vec<usage::Record> = (0..allocations)
+            .map(|a| usage::Record {
+                allocation: a,
+                identity: format!("user{}", a % 7),
+                transport: "udp",
+                client: "127.0.0.1:40000".parse().ok(),
+                server: "127.0.0.1:3478".parse().ok(),
+                started_ms: 1_000,
+                at_ms: 1_000 + k * 1_000,
+                done: k == checkpoints,
+                relayed: "127.0.0.1:61000".parse().ok(),
+                to_peer_bytes: k * 100,
+                to_peer_packets: k,
+                to_client_bytes: k * 200,
+                to_client_packets: 2 * k,
+            })
+            .collect();
+        store.record(&records).unwrap();
+    }
+    (store, path)
+}
+
+#[test]
+fn a_lost_acknowledgement_and_a_retry_create_no_duplicates() {
+    if !postgres_available() {
+        return;
+    }
+    let cluster = Cluster::new("ack");
+    let dir = temp_dir("ack");
+    let (_store, path) = outbox_with(&dir, 10, 3);
+    let mut outbox = usage::Outbox::open(&path).unwrap();
+    let rt = fleet::runtime().unwrap();
+    rt.block_on(async {
+        let mut client = fleet::connect(&cluster.config()).await.unwrap();
+        assert_eq!(fleet::migrate(&mut client).await.unwrap(), vec![1]);
+        assert!(fleet::migrate(&mut client).await.unwrap().is_empty());
+        // The first batch commits, but its acknowledgement never reaches the shipper: the backend
+        // is terminated from another session right after COMMIT, so the rows stay unshipped locally.
+        let deltas = outbox.unshipped(1000).unwrap();
+        assert_eq!(deltas.len(), 30);
+        assert_eq!(fleet::insert_batch(&mut client, &deltas).await.unwrap(), 30);
+        cluster.psql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = 'postgres' AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+        );
+        assert_eq!(outbox.backlog().unwrap(), 30);
+        // The retry: the old connection is gone, a new one ships the same rows again.
+        assert!(fleet::ship_once(&mut client, &mut outbox, 1000).await.is_err());
+        let mut client = fleet::connect(&cluster.config()).await.unwrap();
+        assert_eq!(
+            fleet::ship_once(&mut client, &mut outbox, 1000)
+                .await
+                .unwrap(),
+            30
+        );
+        assert_eq!(outbox.backlog().unwrap(), 0);
+        let bill = fleet::bill(&client, 0, u64::MAX, Some("relay-x"))
+            .await
+            .unwrap();
+        let all: u64 = bill.iter().map(|u| u.to_peer_bytes).sum();
+        assert_eq!(all, 10 * 300, "each allocation's three checkpoints, once");
+        assert_eq!(bill.iter().map(|u| u.allocations).sum::<u64>(), 10);
+    });
+    assert_eq!(cluster.psql("SELECT COUNT(*) FROM usage_deltas"), "30");
+    assert_no_duplicates(&cluster);
+}
+
+#[test]
+fn postgresql_down_during_traffic_delays_shipping_only() {
+    if !postgres_available() {
+        return;
+    }
+    let cluster = Cluster::new("down");
+    let dir = temp_dir("down");
+    let relay = Relay::start(&relay_config(&dir, &cluster, "relay-b", 61200));
+    let mut a = Flow::open(relay.listen, "alice");
+    a.exchange(50, 120);
+    cluster.ctl("stop");
+    // Relaying goes on, every datagram delivered (`exchange` fails on any loss), across checkpoints.
+    for _ in 0..4 {
+        a.exchange(50, 120);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    cluster.ctl("start");
+    a.exchange(50, 120);
+    a.close();
+    assert_eq!(
+        wait_totals(&cluster, "alice", a.counts(), Duration::from_secs(40)),
+        a.counts()
+    );
+    assert_no_duplicates(&cluster);
+    relay.stop();
+}
+
+#[test]
+fn a_killed_relay_loses_at_most_its_last_checkpoint_and_counts_nothing_twice() {
+    if !postgres_available() {
+        return;
+    }
+    let cluster = Cluster::new("kill");
+    let dir = temp_dir("kill");
+    let config = relay_config(&dir, &cluster, "relay-c", 61300);
+    let relay = Relay::start(&config);
+    let mut a = Flow::open(relay.listen, "alice");
+    a.exchange(100, 100);
+    // Two checkpoint intervals pass: all of the above is checkpointed into the outbox.
+    std::thread::sleep(Duration::from_millis(2500));
+    let before = a.counts();
+    a.exchange(100, 100); // the last, unfinished interval
+    relay.kill();
+    let sent = a.counts();
+
+    let relay = Relay::start(&config);
+    let mut b = Flow::open(relay.listen, "alice");
+    b.exchange(40, 100);
+    b.close();
+    // The restart closed the dead run's allocation ("lost") and the backlog shipped.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while cluster.psql("SELECT COUNT(*) FROM usage_deltas WHERE end_reason IS NOT NULL") != "2"
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        cluster.psql("SELECT string_agg(end_reason, ',' ORDER BY end_reason) FROM usage_deltas WHERE end_reason IS NOT NULL"),
+        "ended,lost"
+    );
+    let got = wait_totals(
+        &cluster,
+        "alice",
+        sum(sent, b.counts()),
+        Duration::from_secs(3),
+    );
+    let low = sum(before, b.counts());
+    let high = sum(sent, b.counts());
+    for i in 0..4 {
+        assert!(
+            low[i] <= got[i] && got[i] <= high[i],
+            "counter {i}: ledger {} not within [{}, {}]",
+            got[i],
+            low[i],
+            high[i]
+        );
+    }
+    assert_no_duplicates(&cluster);
+    relay.stop();
+}
+
+/// The shipper's throughput into PostgreSQL at its batch size (printed; run with --nocapture).
+#[test]
+fn shipper_throughput() {
+    if !postgres_available() {
+        return;
+    }
+    let cluster = Cluster::new("speed");
+    let dir = temp_dir("speed");
+    let (_store, path) = outbox_with(&dir, 5_000, 4);
+    let mut outbox = usage::Outbox::open(&path).unwrap();
+    let rt = fleet::runtime().unwrap();
+    let config = cluster.config();
+    let (n, took) = rt.block_on(async {
+        let mut client = fleet::connect(&config).await.unwrap();
+        fleet::migrate(&mut client).await.unwrap();
+        let start = Instant::now();
+        let mut n = 0;
+        for _ in 0..1000 {
+            let k = fleet::ship_once(&mut client, &mut outbox, config.batch)
+                .await
+                .unwrap();
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        (n, start.elapsed())
+    });
+    assert_eq!(n, 20_000);
+    assert_eq!(cluster.psql("SELECT COUNT(*) FROM usage_deltas"), "20000");
+    eprintln!(
+        "shipper: {n} deltas in {took:?} at batch {}: {:.0} records/s",
+        config.batch,
+        n as f64 / took.as_secs_f64()
+    );
+}
