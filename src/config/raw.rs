@@ -57,8 +57,10 @@ pub(super) struct RawTls {
 pub(super) struct RawStreams {
     pub(super) max_connections: usize,
     pub(super) max_connections_per_ip: usize,
+    pub(super) first_message_timeout_seconds: u64,
     pub(super) idle_timeout_seconds: u64,
     pub(super) tls_handshake_timeout_seconds: u64,
+    pub(super) max_tls_handshakes_per_worker: usize,
     pub(super) write_queue_bytes: usize,
 }
 
@@ -68,8 +70,10 @@ impl Default for RawStreams {
         RawStreams {
             max_connections: d.max_connections,
             max_connections_per_ip: d.max_per_ip,
+            first_message_timeout_seconds: d.first_message_timeout.as_secs(),
             idle_timeout_seconds: d.idle_timeout.as_secs(),
             tls_handshake_timeout_seconds: d.tls_handshake_timeout.as_secs(),
+            max_tls_handshakes_per_worker: d.max_tls_handshakes,
             write_queue_bytes: d.write_queue,
         }
     }

@@ -103,6 +103,14 @@ impl RawConfig {
             ),
             ("streams.idle_timeout_seconds", st.idle_timeout_seconds),
             (
+                "streams.first_message_timeout_seconds",
+                st.first_message_timeout_seconds,
+            ),
+            (
+                "streams.max_tls_handshakes_per_worker",
+                st.max_tls_handshakes_per_worker as u64,
+            ),
+            (
                 "streams.tls_handshake_timeout_seconds",
                 st.tls_handshake_timeout_seconds,
             ),
@@ -116,6 +124,11 @@ impl RawConfig {
                 "streams.idle_timeout_seconds",
                 st.idle_timeout_seconds,
                 MAX_TIMER_SECONDS,
+            ),
+            (
+                "streams.first_message_timeout_seconds",
+                st.first_message_timeout_seconds,
+                MAX_DRAIN.as_secs(),
             ),
             (
                 "streams.tls_handshake_timeout_seconds",
@@ -142,8 +155,10 @@ impl RawConfig {
         let streams = StreamLimits {
             max_connections: st.max_connections,
             max_per_ip: st.max_connections_per_ip,
+            first_message_timeout: Duration::from_secs(st.first_message_timeout_seconds),
             idle_timeout: Duration::from_secs(st.idle_timeout_seconds),
             tls_handshake_timeout: Duration::from_secs(st.tls_handshake_timeout_seconds),
+            max_tls_handshakes: st.max_tls_handshakes_per_worker,
             write_queue: st.write_queue_bytes,
         };
 

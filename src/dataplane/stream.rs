@@ -50,12 +50,20 @@ pub const SWEEP: Duration = Duration::from_millis(500);
 pub struct StreamLimits {
     /// Connections open at once, over all workers.
     pub max_connections: usize,
-    /// Connections open at once from one source IP.
+    /// Connections open at once from one source: one IPv4 address, or one IPv6 /64 (what one host or
+    /// subscriber is given, so a client cannot dodge the cap by walking its own prefix).
     pub max_per_ip: usize,
-    /// A connection without an allocation that sends nothing for this long is closed.
+    /// A connection that has not delivered its first complete STUN message or ChannelData frame this long
+    /// after it was accepted is closed (TLS handshake time included).
+    pub first_message_timeout: Duration,
+    /// A connection without an allocation that delivers no complete message for this long is closed.
+    /// Read attempts and partial bytes do not count: one byte every few seconds does not hold a slot.
     pub idle_timeout: Duration,
     /// A TLS connection whose handshake has not finished after this long is closed.
     pub tls_handshake_timeout: Duration,
+    /// TLS handshakes under way at once on one worker; a TLS connection accepted beyond it is refused, so
+    /// handshake work on a worker (which also relays UDP) stays bounded.
+    pub max_tls_handshakes: usize,
     /// Bytes queued for one client before peer data to it is dropped.
     pub write_queue: usize,
 }
@@ -65,8 +73,10 @@ impl Default for StreamLimits {
         StreamLimits {
             max_connections: 10_000,
             max_per_ip: 100,
+            first_message_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             tls_handshake_timeout: Duration::from_secs(10),
+            max_tls_handshakes: 64,
             write_queue: 256 * 1024,
         }
     }
@@ -92,6 +102,7 @@ pub struct StreamStats {
 pub struct StreamShared {
     limits: StreamLimits,
     tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
+    /// Open connections by [`source_key`].
     per_ip: Mutex<StdHashMap<IpAddr, usize>>,
     /// Counters.
     pub stats: StreamStats,
@@ -127,7 +138,7 @@ impl StreamShared {
         if self.stats.open.load(Ordering::Relaxed) >= self.limits.max_connections {
             return false;
         }
-        let n = per_ip.entry(ip).or_insert(0);
+        let n = per_ip.entry(source_key(ip)).or_insert(0);
         if *n >= self.limits.max_per_ip {
             return false;
         }
@@ -138,10 +149,11 @@ impl StreamShared {
 
     fn release(&self, ip: IpAddr) {
         if let Ok(mut per_ip) = self.per_ip.lock() {
-            if let Some(n) = per_ip.get_mut(&ip) {
-                *n -= 1;
+            let k = source_key(ip);
+            if let Some(n) = per_ip.get_mut(&k) {
+                *n = n.saturating_sub(1);
                 if *n == 0 {
-                    per_ip.remove(&ip);
+                    per_ip.remove(&k);
                 }
             }
         }
@@ -239,7 +251,10 @@ struct Conn {
     out_at: usize,
     tls: Option<Box<rustls::ServerConnection>>,
     accepted: Instant,
-    last_rx: Instant,
+    /// When the last complete message came in; `None` until the first one.
+    last_msg: Option<Instant>,
+    /// Counted in [`Streams::handshaking`].
+    handshaking: bool,
     want_write: bool,
 }
 
@@ -260,6 +275,8 @@ pub struct Streams {
     shared: Arc<StreamShared>,
     range: ChannelRange,
     last_sweep: Instant,
+    /// TLS connections of this worker whose handshake has not finished.
+    handshaking: usize,
 }
 
 impl Streams {
@@ -293,6 +310,7 @@ impl Streams {
             shared,
             range,
             last_sweep: Instant::now(),
+            handshaking: 0,
         })
     }
 
@@ -387,11 +405,16 @@ impl Streams {
         for (slot, c) in self.conns.iter().enumerate() {
             let Some(c) = c else { continue };
             let handshaking = c.tls.as_ref().is_some_and(|t| t.is_handshaking());
-            let late_handshake =
-                handshaking && now.duration_since(c.accepted) > limits.tls_handshake_timeout;
-            let idle = now.duration_since(c.last_rx) > limits.idle_timeout
-                && !core.table().has_client(c.key);
-            if late_handshake || idle {
+            let age = now.saturating_duration_since(c.accepted);
+            let late_handshake = handshaking && age > limits.tls_handshake_timeout;
+            let expired_conn = match c.last_msg {
+                None => age > limits.first_message_timeout,
+                Some(at) => {
+                    now.saturating_duration_since(at) > limits.idle_timeout
+                        && !core.table().has_client(c.key)
+                }
+            };
+            if late_handshake || expired_conn {
                 expired.push(slot);
             }
         }
@@ -418,6 +441,11 @@ impl Streams {
                 }
             };
             let from = canonical(from);
+            if tls && self.handshaking >= self.shared.limits.max_tls_handshakes {
+                // Refused before any handshake work: the socket closes as it drops.
+                self.shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             if !self.shared.admit(from.ip()) {
                 self.shared.stats.refused.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -460,6 +488,8 @@ impl Streams {
                 listener: id,
             };
             let now = Instant::now();
+            let handshaking = tls.is_some();
+            self.handshaking += usize::from(handshaking);
             self.conns[slot] = Some(Conn {
                 sock,
                 key,
@@ -468,7 +498,8 @@ impl Streams {
                 out_at: 0,
                 tls,
                 accepted: now,
-                last_rx: now,
+                last_msg: None,
+                handshaking,
                 want_write: false,
             });
             self.by_key.insert(key, slot);
@@ -508,12 +539,18 @@ impl Streams {
                     false
                 }
             };
-            c.last_rx = Instant::now();
-            // Hand every whole message to the packet logic.
+            if c.handshaking && !c.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
+                c.handshaking = false;
+                self.handshaking = self.handshaking.saturating_sub(1);
+            }
+            // Hand every whole message to the packet logic. Only a whole message counts as activity.
             let key = c.key;
             loop {
                 let msg = match c.framer.next_frame() {
-                    Ok(Some(m)) => m,
+                    Ok(Some(m)) => {
+                        c.last_msg = Some(Instant::now());
+                        m
+                    }
                     Ok(None) => break,
                     Err(_) => {
                         self.shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
@@ -638,6 +675,9 @@ impl Streams {
         let _ = self.poll.registry().deregister(&mut c.sock);
         self.by_key.remove(&c.key);
         self.free.push(slot);
+        if c.handshaking {
+            self.handshaking = self.handshaking.saturating_sub(1);
+        }
         self.shared.release(c.key.client.ip());
         core.stream_closed(c.key);
     }
@@ -724,6 +764,17 @@ fn write_tls(
     }
 }
 
+/// What the per-source cap counts by: an IPv4 address itself, an IPv6 address's /64.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+        }
+    }
+}
+
 /// An IPv4-mapped IPv6 address (from a dual-stack listener) as the IPv4 address it is.
 fn canonical(addr: SocketAddr) -> SocketAddr {
     match addr {
@@ -732,5 +783,227 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
             None => addr,
         },
         v4 => v4,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    //! The slowloris defences, driven as a worker drives [`Streams`]: real loopback sockets, `service`
+    //! after each write, and `sweep` with a clock a little ahead where a deadline is due.
+    use super::*;
+    use std::net::TcpStream;
+    use std::thread::sleep;
+
+    /// A Binding request: a whole STUN message the framer hands on.
+    const BINDING: [u8; 20] = [
+        0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+    ];
+
+    fn core() -> (Core, crossbeam_channel::Receiver<super::super::ToControl>) {
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        let core = Core::new(0, tx, Arc::default(), ChannelRange::Rfc8656, Arc::default());
+        (core, rx)
+    }
+
+    fn limits() -> StreamLimits {
+        StreamLimits {
+            first_message_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(5),
+            tls_handshake_timeout: Duration::from_secs(5),
+            ..StreamLimits::default()
+        }
+    }
+
+    /// A worker's stream side on one loopback listener, TLS or not.
+    fn streams(limits: StreamLimits, tls: bool) -> (Streams, Arc<StreamShared>, SocketAddr) {
+        let socket = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let cfg = tls.then(|| {
+            let c = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+            tls_config(
+                c.cert.pem().as_bytes(),
+                c.key_pair.serialize_pem().as_bytes(),
+            )
+            .unwrap()
+        });
+        let shared = Arc::new(StreamShared::new(limits, cfg));
+        let listener = StreamListener { socket, id: 1, tls };
+        let s = Streams::new(vec![listener], 1, shared.clone(), ChannelRange::Rfc8656).unwrap();
+        (s, shared, addr)
+    }
+
+    fn service(s: &mut Streams, core: &mut Core) {
+        s.service(core, &mut |_, _, _| Ok(()));
+    }
+
+    /// Serve until `n` connections were accepted or refused (bounded: about 2 s).
+    fn settle(s: &mut Streams, core: &mut Core, shared: &StreamShared, n: u64) {
+        for _ in 0..200 {
+            service(s, core);
+            let seen = shared.stats.accepted.load(Ordering::Relaxed)
+                + shared.stats.refused.load(Ordering::Relaxed);
+            if seen >= n {
+                return;
+            }
+            sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Write `bytes` one at a time, `gap` apart, serving after each as the worker would.
+    fn trickle(
+        s: &mut Streams,
+        core: &mut Core,
+        client: &mut TcpStream,
+        bytes: &[u8],
+        gap: Duration,
+    ) {
+        for b in bytes {
+            client.write_all(std::slice::from_ref(b)).unwrap();
+            sleep(gap);
+            service(s, core);
+        }
+    }
+
+    #[test]
+    fn a_trickler_is_closed_at_the_first_message_deadline() {
+        let (mut core, _rx) = core();
+        let lim = StreamLimits {
+            idle_timeout: Duration::from_secs(30),
+            ..limits()
+        };
+        let (mut s, shared, addr) = streams(lim, false);
+        let mut client = TcpStream::connect(addr).unwrap();
+        settle(&mut s, &mut core, &shared, 1);
+        assert!(s.has_connections());
+        // 12 bytes of a 20-byte message, each read by the worker, and no whole message; then the clock
+        // past the 5 s deadline (the 30 s idle timeout is far off, counted from the last read or not).
+        trickle(
+            &mut s,
+            &mut core,
+            &mut client,
+            &BINDING[..12],
+            Duration::from_millis(25),
+        );
+        assert!(s.has_connections(), "inside the deadline");
+        s.sweep(&core, Instant::now() + Duration::from_secs(5));
+        assert!(!s.has_connections(), "no whole message by the deadline");
+        assert_eq!(shared.stats.timed_out.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.stats.open.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn after_a_message_partial_bytes_do_not_reset_the_idle_timer() {
+        let (mut core, _rx) = core();
+        let (mut s, shared, addr) = streams(limits(), false);
+        let mut client = TcpStream::connect(addr).unwrap();
+        settle(&mut s, &mut core, &shared, 1);
+        client.write_all(&BINDING).unwrap();
+        for _ in 0..100 {
+            service(&mut s, &mut core);
+            let c = s.conns.iter().flatten().next().unwrap();
+            if c.last_msg.is_some() {
+                break;
+            }
+            sleep(Duration::from_millis(10));
+        }
+        let t0 = Instant::now();
+        // A message came at or before t0. Now partial bytes only, each read by the worker at least
+        // 300 ms after t0; then a sweep 5.15 s after t0: past the 5 s idle timeout counted from the
+        // message, short of it counted from the last read.
+        trickle(
+            &mut s,
+            &mut core,
+            &mut client,
+            &BINDING[..12],
+            Duration::from_millis(25),
+        );
+        assert!(s.has_connections());
+        s.sweep(&core, t0 + Duration::from_millis(5_150));
+        assert!(
+            !s.has_connections(),
+            "idle: no whole message for longer than the timeout"
+        );
+        assert_eq!(shared.stats.timed_out.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_connection_that_keeps_sending_messages_stays() {
+        let (mut core, _rx) = core();
+        let (mut s, shared, addr) = streams(limits(), false);
+        let mut client = TcpStream::connect(addr).unwrap();
+        settle(&mut s, &mut core, &shared, 1);
+        for _ in 0..3 {
+            trickle(
+                &mut s,
+                &mut core,
+                &mut client,
+                &BINDING,
+                Duration::from_millis(20),
+            );
+        }
+        // The last message is at most a few ms old; a sweep now finds it neither idle nor late.
+        s.last_sweep = Instant::now() - SWEEP;
+        s.sweep(&core, Instant::now());
+        assert!(s.has_connections());
+        assert_eq!(shared.stats.timed_out.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn ipv6_sources_in_one_64_share_the_cap() {
+        let shared = StreamShared::new(
+            StreamLimits {
+                max_per_ip: 1,
+                ..StreamLimits::default()
+            },
+            None,
+        );
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:fffe".parse().unwrap();
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(shared.admit(a));
+        assert!(!shared.admit(same_64), "same /64: over the cap of 1");
+        assert!(shared.admit(other_64));
+        shared.release(a);
+        assert!(
+            shared.admit(same_64),
+            "released by the /64, not the address"
+        );
+        // IPv4 keys on the whole address.
+        assert!(shared.admit("192.0.2.1".parse().unwrap()));
+        assert!(shared.admit("192.0.2.2".parse().unwrap()));
+        assert_eq!(shared.stats.open.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn tls_handshakes_beyond_the_worker_bound_are_refused() {
+        let (mut core, _rx) = core();
+        let lim = StreamLimits {
+            max_tls_handshakes: 2,
+            ..limits()
+        };
+        let (mut s, shared, addr) = streams(lim, true);
+        // Three clients that connect and never send a ClientHello.
+        let stalled: Vec<_> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        settle(&mut s, &mut core, &shared, 3);
+        assert_eq!(shared.stats.accepted.load(Ordering::Relaxed), 2);
+        assert_eq!(shared.stats.refused.load(Ordering::Relaxed), 1);
+        assert_eq!(s.handshaking, 2);
+        // The refused one is closed at once: its read sees EOF (bounded by a timeout).
+        let mut third = &stalled[2];
+        third
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(third.read(&mut b).unwrap(), 0);
+        // The handshake timeout frees the slots, and a new handshake is let in.
+        s.sweep(&core, Instant::now() + Duration::from_secs(6));
+        assert_eq!(s.handshaking, 0);
+        assert!(!s.has_connections());
+        let _next = TcpStream::connect(addr).unwrap();
+        settle(&mut s, &mut core, &shared, 4);
+        assert_eq!(shared.stats.accepted.load(Ordering::Relaxed), 3);
+        assert_eq!(s.handshaking, 1);
+        drop(stalled);
     }
 }
