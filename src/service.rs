@@ -125,9 +125,11 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
             .and_then(|s| s.active(unix_ms() / 1000))
             .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
         for (identity, until) in list {
+            // Nothing is live yet at start.
             let _ = to_control.send(ToControl::Revoke {
                 identity: identity.into(),
                 until,
+                terminate: false,
             });
         }
     }
@@ -145,10 +147,11 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
             let revoke_tx = to_control.clone();
             let metrics_tx = to_control.clone();
             let hooks = Hooks {
-                revoke: Box::new(move |identity, until| {
+                revoke: Box::new(move |identity, until, terminate| {
                     let _ = revoke_tx.send(ToControl::Revoke {
                         identity: identity.into(),
                         until,
+                        terminate,
                     });
                 }),
                 metrics: Box::new(move || {
@@ -300,6 +303,7 @@ fn record(r: UsageRecord) -> usage::Record {
         started_ms: r.started_ms,
         at_ms: r.at_ms,
         done: r.done,
+        end_reason: r.end_reason.as_str(),
         to_peer_bytes: r.usage.to_peer_bytes,
         to_peer_packets: r.usage.to_peer_packets,
         to_client_bytes: r.usage.to_client_bytes,

@@ -482,6 +482,7 @@ fn old_closed_rows_are_pruned_and_usage_defaults_to_a_bounded_range() {
         started_ms,
         at_ms,
         done,
+        end_reason: "ended",
         to_peer_bytes: 100,
         to_peer_packets: 1,
         to_client_bytes: 100,

@@ -82,6 +82,8 @@ pub struct Record {
     pub at_ms: u64,
     /// The final record of the allocation.
     pub done: bool,
+    /// Why it ended (`"ended"`, `"revoked"`): stored with a final record only.
+    pub end_reason: &'static str,
     /// Payload bytes client → peer.
     pub to_peer_bytes: u64,
     /// Datagrams client → peer.
@@ -295,7 +297,7 @@ impl Store {
                     r.started_ms as i64,
                     r.at_ms as i64,
                     r.done.then_some(r.at_ms as i64),
-                    r.done.then_some("ended"),
+                    r.done.then_some(r.end_reason),
                     r.to_peer_bytes as i64,
                     r.to_peer_packets as i64,
                     r.to_client_bytes as i64,
@@ -403,6 +405,7 @@ mod tests {
             started_ms: 1_000,
             at_ms,
             done,
+            end_reason: "ended",
             to_peer_bytes: bytes,
             to_peer_packets: bytes / 10,
             to_client_bytes: 2 * bytes,
