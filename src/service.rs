@@ -134,9 +134,11 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
             .and_then(|s| s.active(unix_ms() / 1000))
             .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
         for (identity, until) in list {
+            // Nothing is live yet at start.
             let _ = to_control.send(ToControl::Revoke {
                 identity: identity.into(),
                 until,
+                terminate: false,
             });
         }
     }
@@ -154,10 +156,11 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
             let revoke_tx = to_control.clone();
             let metrics_tx = to_control.clone();
             let hooks = Hooks {
-                revoke: Box::new(move |identity, until| {
+                revoke: Box::new(move |identity, until, terminate| {
                     let _ = revoke_tx.send(ToControl::Revoke {
                         identity: identity.into(),
                         until,
+                        terminate,
                     });
                 }),
                 metrics: Box::new(move || {
@@ -315,6 +318,7 @@ fn record(r: UsageRecord) -> usage::Record {
         at_ms: r.at_ms,
         done: r.done,
         relayed: r.relayed,
+        end_reason: r.end_reason.as_str(),
         to_peer_bytes: r.usage.to_peer_bytes,
         to_peer_packets: r.usage.to_peer_packets,
         to_client_bytes: r.usage.to_client_bytes,

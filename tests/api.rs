@@ -483,6 +483,7 @@ fn old_closed_rows_are_pruned_and_usage_defaults_to_a_bounded_range() {
         started_ms,
         at_ms,
         done,
+        end_reason: "ended",
         to_peer_bytes: 100,
         to_peer_packets: 1,
         to_client_bytes: 100,
@@ -655,6 +656,80 @@ fn revocation_through_the_api_refuses_the_next_request_and_survives_restart() {
         "{metrics}"
     );
     service.stop().unwrap();
+}
+
+#[test]
+fn a_revoke_through_the_api_stops_a_live_allocation_relaying_and_its_usage_says_revoked() {
+    let dir = temp_dir("revoke-terminate");
+    let db = dir.join("usage.db");
+    let reserved = reserve_udp();
+    let text = config_text(reserved.port(), free_tcp_port(), 44000, &db, "");
+    let config = RelayConfig::from_toml(&text).unwrap();
+    let service = turnpike::service::start(&config).unwrap();
+    let server = service.relay().listen_addrs()[0];
+    let api = service.api_addr().unwrap();
+
+    let (c, p, relayed) = rest_client(server, "mallory");
+    exchange(&c, &p, relayed, 5, 100);
+    let (k, pk, relayed_k) = rest_client(server, "kept");
+    let (t, pt, relayed_t) = rest_client(server, "trent");
+
+    // `terminate: false` only refuses new requests: the allocation keeps relaying.
+    let v = signed_post(
+        api,
+        "/admin/revoke?api-version=2022-03-01-preview",
+        r#"{"id": "kept", "terminate": false}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        (&v["revoked"], &v["terminated"]),
+        (&serde_json::json!(true), &serde_json::json!(false))
+    );
+
+    let v = signed_post(
+        api,
+        "/admin/revoke?api-version=2022-03-01-preview",
+        r#"{"id": "mallory"}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        (&v["revoked"], &v["terminated"]),
+        (&serde_json::json!(true), &serde_json::json!(true))
+    );
+
+    // Within a bounded wait the relay stops forwarding the client's channel data.
+    p.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let mut stopped = false;
+    for _ in 0..50 {
+        c.send_channel(0x4000, &[0x5A; 100]);
+        if p.recv_from(&mut buf).is_err() {
+            stopped = true;
+            break;
+        }
+    }
+    assert!(stopped, "the revoked allocation still relays");
+    eventually("the revoked allocation's final row", || {
+        rows(&db)
+            .iter()
+            .any(|r| r.0 == "mallory" && r.5.as_deref() == Some("revoked"))
+    });
+
+    // The other allocations keep relaying, the one revoked without terminate included.
+    exchange(&k, &pk, relayed_k, 2, 10);
+    exchange(&t, &pt, relayed_t, 2, 10);
+    service.stop().unwrap();
+    let reasons: Vec<(String, Option<String>)> =
+        rows(&db).into_iter().map(|r| (r.0, r.5)).collect();
+    assert_eq!(
+        reasons,
+        [
+            ("mallory".into(), Some("revoked".into())),
+            ("kept".into(), Some("ended".into())),
+            ("trent".into(), Some("ended".into())),
+        ]
+    );
 }
 
 fn run_sdk(endpoint: &str, ca: Option<&Path>) -> serde_json::Value {

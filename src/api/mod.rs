@@ -4,7 +4,7 @@
 //! | method and path | auth | what |
 //! |---|---|---|
 //! | `POST /networkTraversal/:issueRelayConfiguration?api-version=2022-03-01-preview` | HMAC | relay credentials and ICE servers |
-//! | `POST /admin/revoke?api-version=...` | HMAC | revoke an identity's credentials (`{"id", "until"?}`) |
+//! | `POST /admin/revoke?api-version=...` | HMAC | revoke an identity's credentials and end its allocations (`{"id", "until"?, "terminate"?}`) |
 //! | `GET /usage?since=..&until=..` | HMAC | per-identity usage summary (RFC 3339 bounds; default: the 31 days up to now) |
 //! | `GET /metrics` | none | Prometheus text format |
 //! | `GET /healthz`, `GET /readyz` | none | liveness; readiness (503 while draining) |
@@ -135,8 +135,9 @@ impl Default for Limits {
     }
 }
 
-/// Applies a revocation (identity, horizon in Unix seconds; 0 lifts it) to the relay.
-pub type RevokeHook = Box<dyn Fn(&str, u64) + Send + Sync>;
+/// Applies a revocation (identity, horizon in Unix seconds; 0 lifts it) to the relay; with the flag set,
+/// the identity's live allocations end too.
+pub type RevokeHook = Box<dyn Fn(&str, u64, bool) + Send + Sync>;
 /// Asks the relay for a metrics snapshot (`None` if it does not answer).
 pub type MetricsHook = Box<dyn Fn() -> Option<metrics::Snapshot> + Send + Sync>;
 
@@ -598,8 +599,17 @@ impl Api {
                 )
             }
         };
+        // By default a revoke also ends the identity's live allocations; `false` only refuses new requests.
+        let terminate = match v.get("terminate") {
+            None | Some(Value::Null) => true,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Response::error(400, "InvalidRequest", "terminate must be a boolean")
+            }
+        };
         let lift = until <= unix_secs(now);
         let stored = if lift { 0 } else { until };
+        let terminate = terminate && !lift;
         let applied = match self.store.lock() {
             Ok(s) => s.apply(id, stored, unix_ms_at(signed), unix_ms_at(now)),
             Err(_) => {
@@ -617,12 +627,13 @@ impl Api {
             }
             Err(e) => return Response::error(500, "StorageError", &e.to_string()),
         }
-        (self.hooks.revoke)(id, stored);
+        (self.hooks.revoke)(id, stored, terminate);
         Response::json(
             200,
             &json!({
                 "id": id,
                 "revoked": !lift,
+                "terminated": terminate,
                 "until": humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(until)).to_string(),
             }),
         )

@@ -26,7 +26,9 @@ fn now() -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(1_800_000_000)
 }
 
-fn api(revoked: Arc<Mutex<Vec<(String, u64)>>>, draining: bool) -> Api {
+type Revoked = Arc<Mutex<Vec<(String, u64, bool)>>>;
+
+fn api(revoked: Revoked, draining: bool) -> Api {
     let config = Config {
         listen: "127.0.0.1:443".parse().unwrap(),
         metrics_listen: None,
@@ -69,7 +71,9 @@ fn api(revoked: Arc<Mutex<Vec<(String, u64)>>>, draining: bool) -> Api {
         usage_db: None,
     };
     let hooks = Hooks {
-        revoke: Box::new(move |id, until| revoked.lock().unwrap().push((id.into(), until))),
+        revoke: Box::new(move |id, until, terminate| {
+            revoked.lock().unwrap().push((id.into(), until, terminate))
+        }),
         metrics: Box::new(move || {
             Some(metrics::Snapshot {
                 backend: "epoll",
@@ -280,12 +284,37 @@ fn revoke_reaches_the_relay_and_health_metrics_and_routing() {
         false,
         "a past horizon lifts the revocation"
     );
+    // `terminate: false` only refuses new requests; anything but a boolean is a bad request.
+    let r = a.handle(
+        &signed(
+            "POST",
+            url,
+            br#"{"id": "erin", "terminate": false}"#,
+            KEY,
+            now(),
+        ),
+        now(),
+    );
+    assert_eq!((r.status, &json_of(&r)["terminated"]), (200, &json!(false)));
+    let r = a.handle(
+        &signed(
+            "POST",
+            url,
+            br#"{"id": "erin", "terminate": "yes"}"#,
+            KEY,
+            now(),
+        ),
+        now(),
+    );
+    assert_eq!(r.status, 400);
     assert_eq!(
         *revoked.lock().unwrap(),
         vec![
-            ("carol".to_string(), 1_800_173_100),
-            ("dave".to_string(), 0)
-        ]
+            ("carol".to_string(), 1_800_173_100, true),
+            ("dave".to_string(), 0, false),
+            ("erin".to_string(), 1_800_173_100, false),
+        ],
+        "a revoke terminates by default, a lift never"
     );
     assert_eq!(
         a.handle(&signed("POST", url, br#"{}"#, KEY, now()), now())
@@ -391,8 +420,8 @@ fn host_roles_replays_and_stale_admin_requests_are_refused() {
     assert_eq!(
         *revoked.lock().unwrap(),
         vec![
-            ("carol".to_string(), 1_800_173_100),
-            ("carol".to_string(), 0)
+            ("carol".to_string(), 1_800_173_100, true),
+            ("carol".to_string(), 0, false)
         ],
         "only the applied ones reached the relay"
     );

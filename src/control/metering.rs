@@ -40,6 +40,7 @@ impl Control {
                 started_ms: p.started_ms,
                 at_ms,
                 done: last,
+                end_reason: p.reason,
                 usage,
             };
             if let Some(sink) = &self.usage_sink {

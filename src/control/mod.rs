@@ -37,7 +37,7 @@ use crate::dataplane::{
     self, BackendKind, ControlTx, Core, StunQueue, ToControl, WorkerMsg, WorkerSetup, WorkerStats,
 };
 use crate::route::{AllocationId, ClientKey, Counters, ListenerId, RelayId, RouteUpdate};
-use crate::server::{self, Command, FiveTuple, Server, Transport};
+use crate::server::{self, Command, EndReason, FiveTuple, Server, Transport};
 use crate::sys::{self, EventFd, UdpOptions};
 
 mod metering;
@@ -477,6 +477,8 @@ struct PendingUsage {
     started_ms: u64,
     /// The server has ended it.
     ended: bool,
+    /// Why (once `ended`).
+    reason: EndReason,
     /// The final counters of its closed relay sockets.
     usage: Counters,
     /// Relay sockets whose final counters have not arrived.
@@ -504,6 +506,8 @@ pub struct UsageRecord {
     pub at_ms: u64,
     /// Whether this is the final record.
     pub done: bool,
+    /// Why the allocation ended (meaningful when `done`).
+    pub end_reason: EndReason,
     /// Bytes and packets per direction, cumulative.
     pub usage: Counters,
 }
@@ -565,9 +569,13 @@ impl Control {
                     counters,
                 }) => self.relay_closed(allocation, counters),
                 Ok(ToControl::Counters { counters, .. }) => self.checkpoint(&counters, false),
-                Ok(ToControl::Revoke { identity, until }) => {
-                    tracing::info!(%identity, until, "credentials revoked");
-                    self.server.revoke(&identity, until);
+                Ok(ToControl::Revoke {
+                    identity,
+                    until,
+                    terminate,
+                }) => {
+                    tracing::info!(%identity, until, terminate, "credentials revoked");
+                    self.server.revoke(&identity, until, terminate);
                 }
                 Ok(ToControl::Checkpoint) => {
                     for w in &self.workers {
@@ -731,10 +739,12 @@ impl Control {
             Command::AllocationEnded {
                 allocation,
                 identity,
+                reason,
             } => {
                 let pending = self.usage.entry(allocation).or_default();
                 pending.identity = Some(identity);
                 pending.ended = true;
+                pending.reason = reason;
                 if let Some(client) = pending.client {
                     self.owners.remove(&client);
                 }
@@ -808,6 +818,7 @@ impl Control {
             started_ms: p.started_ms,
             at_ms: unix_ms(),
             done: true,
+            end_reason: p.reason,
             usage: p.usage,
         };
         tracing::info!(

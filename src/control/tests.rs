@@ -19,7 +19,9 @@ use hashbrown::HashMap;
 use super::table_update;
 use crate::dataplane::{Action, Core, Drop, ToControl, HEADROOM, SLOT};
 use crate::route::{ClientKey, Counters, RelayId, RouteUpdate};
-use crate::server::tests::{client, config, loopback_config, peer, Creds, Harness};
+use crate::server::tests::{
+    client, config, loopback_config, peer, Creds, Harness, SECRET_NEW, UNIX0,
+};
 use crate::server::{Command, Config, FiveTuple, Transport};
 use crate::wire::{Attribute, Class, Message, Method};
 
@@ -687,6 +689,33 @@ fn nothing_is_relayed_once_the_allocation_is_gone() {
         ),
         (1, 1, 1)
     );
+}
+
+#[test]
+fn a_revoked_identity_is_relayed_nothing_once_its_allocation_is_terminated() {
+    let mut r = Relay::new();
+    let carol = Creds::rest(SECRET_NEW, "carol", UNIX0 + 3600);
+    let relay = r.allocate(client(1), &carol);
+    let id = r.relays[&relay];
+    r.bind(client(1), &carol, 0x4000, peer(1));
+    assert_eq!(
+        r.client(client(1), &channel_data(0x4000, b"x")),
+        vec![relayed(relay, peer(1), b"x")]
+    );
+
+    r.h.server.revoke("carol", UNIX0 + 172_800, true);
+    let events = r.pump();
+    assert!(
+        events.iter().any(|e| matches!(e,
+        Event::Route(RouteUpdate::RemoveChannel { peer: p, .. }) if *p == peer(1))),
+        "{events:?}"
+    );
+    assert_eq!(r.core.table().relay_count(), 0, "{events:?}");
+    assert!(r.client(client(1), &channel_data(0x4000, b"x")).is_empty());
+    let mut slot = vec![0u8; SLOT];
+    assert_eq!(r.core.on_peer(id, peer(1), &mut slot, 1), Action::Done);
+    let s = r.core.stats();
+    assert_eq!((s.drops(Drop::NoChannel), s.drops(Drop::NoRelay)), (1, 1));
 }
 
 mod random {

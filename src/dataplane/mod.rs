@@ -107,12 +107,15 @@ pub enum ToControl {
         counters: Vec<(AllocationId, Counters)>,
     },
     /// Refuse the REST credentials of `identity` expiring at or before `until` (Unix seconds; 0 lifts
-    /// the revocation).
+    /// the revocation). With `terminate`, the identity's live allocations made with such credentials end
+    /// now.
     Revoke {
         /// The identity (user id of the REST username).
         identity: Box<str>,
         /// The revocation horizon.
         until: u64,
+        /// End the live allocations too (a lift ends nothing).
+        terminate: bool,
     },
     /// Write interim usage checkpoints: ask every worker for its counters.
     Checkpoint,

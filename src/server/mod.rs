@@ -37,8 +37,8 @@ use rand::RngCore;
 
 pub use config::{Config, ConfigError};
 pub use types::{
-    AllocationId, ChannelNumber, Command, ErrorCode, FiveTuple, PeerAddr, RelayAddr, Transmit,
-    Transport,
+    AllocationId, ChannelNumber, Command, EndReason, ErrorCode, FiveTuple, PeerAddr, RelayAddr,
+    Transmit, Transport,
 };
 
 use crate::auth::{self, NonceCheck, NonceKey, RestError, FEATURE_PASSWORD_ALGORITHMS};
@@ -370,11 +370,31 @@ impl<R: RngCore> Server<R> {
     /// before `until_unix`: from now on every authenticated request made with one of them, Refresh
     /// included, gets 401, so existing allocations end at their next Refresh at the latest. A horizon at
     /// or before the credential expiries still in use (e.g. 0) lifts the revocation.
-    pub fn revoke(&mut self, identity: &str, until_unix: u64) {
+    ///
+    /// With `terminate`, the live allocations made with such a credential end now (their permissions,
+    /// channels and relay sockets are removed by the usual commands, and their usage ends as
+    /// [`EndReason::Revoked`]). A lift never ends anything.
+    pub fn revoke(&mut self, identity: &str, until_unix: u64, terminate: bool) {
         if until_unix == 0 {
             self.revoked.remove(identity);
-        } else {
-            self.revoked.insert(identity.into(), until_unix);
+            return;
+        }
+        self.revoked.insert(identity.into(), until_unix);
+        if !terminate {
+            return;
+        }
+        let ended: Vec<AllocationId> = self
+            .allocations
+            .iter()
+            .filter(|(_, a)| {
+                &*a.identity == identity
+                    && auth::parse_rest_username(&a.username)
+                        .is_some_and(|p| p.expiry <= until_unix)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ended {
+            self.end_allocation(id, EndReason::Revoked);
         }
     }
 
@@ -903,6 +923,11 @@ impl<R: RngCore> Server<R> {
 
     /// Remove an allocation and everything it holds, returning every port, counter and timer.
     fn free_allocation(&mut self, id: AllocationId) {
+        self.end_allocation(id, EndReason::Ended);
+    }
+
+    /// [`Self::free_allocation`], recording why it ended.
+    fn end_allocation(&mut self, id: AllocationId, reason: EndReason) {
         let Some(alloc) = self.allocations.remove(&id) else {
             return;
         };
@@ -967,6 +992,7 @@ impl<R: RngCore> Server<R> {
         self.commands.push_back(Command::AllocationEnded {
             allocation: id,
             identity: alloc.identity,
+            reason,
         });
     }
 

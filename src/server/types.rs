@@ -121,7 +121,29 @@ pub enum Command {
         allocation: AllocationId,
         /// The identity usage is billed to: the user id of a REST credential or the static user name.
         identity: Box<str>,
+        /// Why it ended.
+        reason: EndReason,
     },
+}
+
+/// Why an allocation ended, as its final usage row records it (`end_reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EndReason {
+    /// Expired, deleted, or its relay sockets failed.
+    #[default]
+    Ended,
+    /// Its identity's credentials were revoked with `terminate`.
+    Revoked,
+}
+
+impl EndReason {
+    /// The usage row's `end_reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Ended => "ended",
+            EndReason::Revoked => "revoked",
+        }
+    }
 }
 
 /// A response (or other STUN message) to a client, borrowed from the server until the next `handle_*`

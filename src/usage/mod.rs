@@ -94,6 +94,8 @@ pub struct Record {
     pub done: bool,
     /// The relayed transport address.
     pub relayed: Option<SocketAddr>,
+    /// Why it ended (`"ended"`, `"revoked"`): stored with a final record only.
+    pub end_reason: &'static str,
     /// Payload bytes client → peer.
     pub to_peer_bytes: u64,
     /// Datagrams client → peer.
@@ -558,7 +560,7 @@ impl Store {
                         relayed,
                         since,
                         r.at_ms as i64,
-                        r.done.then_some("ended"),
+                        r.done.then_some(r.end_reason),
                         d[0],
                         d[1],
                         d[2],
@@ -577,7 +579,7 @@ impl Store {
                     r.started_ms as i64,
                     r.at_ms as i64,
                     r.done.then_some(r.at_ms as i64),
-                    r.done.then_some("ended"),
+                    r.done.then_some(r.end_reason),
                     r.to_peer_bytes as i64,
                     r.to_peer_packets as i64,
                     r.to_client_bytes as i64,
@@ -700,6 +702,7 @@ mod tests {
             at_ms,
             done,
             relayed: "192.0.2.1:50000".parse().ok(),
+            end_reason: "ended",
             to_peer_bytes: bytes,
             to_peer_packets: bytes / 10,
             to_client_bytes: 2 * bytes,

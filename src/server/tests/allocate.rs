@@ -663,6 +663,7 @@ fn refresh_zero_deletes_and_returns_everything() {
             Command::AllocationEnded {
                 allocation: id,
                 identity: "alice".into(),
+                reason: EndReason::Ended,
             },
         ]
     );
@@ -693,6 +694,7 @@ fn allocation_expires_exactly_on_schedule() {
             Command::AllocationEnded {
                 allocation: id,
                 identity: "alice".into(),
+                reason: EndReason::Ended,
             },
         ]
     );
@@ -944,6 +946,7 @@ fn relay_bind_failure_retries_then_508() {
         vec![Command::AllocationEnded {
             allocation: id,
             identity: "alice".into(),
+            reason: EndReason::Ended,
         }]
     );
     h.assert_empty(ports);
@@ -1029,6 +1032,7 @@ fn closing_a_stream_connection_ends_its_allocation_only() {
             Command::AllocationEnded {
                 allocation: id,
                 identity: "alice".into(),
+                reason: EndReason::Ended,
             },
         ]
     );

@@ -959,6 +959,7 @@ fn ten_thousand_allocate_delete_cycles_leak_nothing() {
         ended.push(Command::AllocationEnded {
             allocation: id,
             identity: "alice".into(),
+            reason: EndReason::Ended,
         });
         assert_eq!(out.commands, ended);
     }
