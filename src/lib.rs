@@ -23,6 +23,7 @@ pub mod control;
 pub mod dataplane;
 pub mod metrics;
 pub mod policy;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod service;

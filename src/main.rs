@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::prelude::*;
 use turnpike::auth::{long_term_key_md5, RestSecrets};
 use turnpike::config::TlsFiles;
 use turnpike::config::{
@@ -15,10 +17,13 @@ use turnpike::dataplane::stream::{tls_config, TlsFile};
 use turnpike::dataplane::ToControl;
 use turnpike::sys::file as open_files;
 
+/// Changes the log level of the running process.
+type LogLevel = tracing_subscriber::reload::Handle<LevelFilter, tracing_subscriber::Registry>;
+
 /// turnpike: a STUN/TURN relay (RFC 8489, RFC 8656, RFC 6156).
 ///
 /// With no arguments it runs an embedded loopback demo configuration (see `turnpike print-config`).
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(version, about)]
 struct Cli {
     /// Configuration file (TOML). Without it, the embedded loopback demo configuration.
@@ -46,10 +51,17 @@ enum BackendArg {
     Epoll,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 enum Command {
     /// Validate the configuration and exit (0 if valid, 2 with the key and problem if not).
     CheckConfig,
+    /// Ask the running relay to reload its configuration file (SIGHUP to the pid in its pid file).
+    /// The relay logs the outcome and counts it in turnpike_reloads{result}.
+    Reload {
+        /// The pid file (default: `pid_file` of the configuration).
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+    },
     /// Print the embedded default configuration, with comments.
     PrintConfig,
     /// Mint a TURN REST API credential ("<expiry>:<user>", base64 HMAC-SHA1), as a token service would.
@@ -144,6 +156,7 @@ fn main() -> ExitCode {
             ref until,
             json,
         }) => usage(&cli, since.as_deref(), until.as_deref(), json),
+        Some(Command::Reload { ref pid_file }) => signal_reload(&cli, pid_file.as_deref()),
         Some(Command::PrintConfig) => {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
@@ -159,7 +172,7 @@ fn main() -> ExitCode {
             }
         },
         None => match load(&cli) {
-            Ok(config) => run(config, cli.config.is_none()),
+            Ok(config) => run(config, &cli),
             Err(e) => {
                 eprintln!("turnpike: configuration error: {e}");
                 ExitCode::from(2)
@@ -198,11 +211,18 @@ fn load(cli: &Cli) -> Result<RelayConfig, String> {
     Ok(config)
 }
 
-fn run(mut config: RelayConfig, demo: bool) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_max_level(config.live.log_level)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+fn run(mut config: RelayConfig, cli: &Cli) -> ExitCode {
+    let demo = cli.config.is_none();
+    // The level sits in a reload layer, so that a reload can change it.
+    let (level, log_level) =
+        tracing_subscriber::reload::Layer::new(LevelFilter::from_level(config.live.log_level));
+    tracing_subscriber::registry()
+        .with(level)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_target(false)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
+        )
         .init();
     if let Err(e) = fit_open_files(&mut config) {
         eprintln!("turnpike: configuration error: {e}");
@@ -262,32 +282,151 @@ fn run(mut config: RelayConfig, demo: bool) -> ExitCode {
         }
         Err(e) => tracing::warn!("cannot install signal handlers: {e}"),
     }
-    // SIGHUP: reload the TLS certificate and key; established sessions keep theirs.
-    if let Some(files) = config.live.tls.clone() {
-        let streams = service.relay().streams().clone();
-        match signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]) {
-            Ok(mut signals) => {
-                std::thread::spawn(move || {
-                    for _ in signals.forever() {
-                        match load_tls(&files, TLS_KEYS) {
-                            Ok(cfg) => {
-                                streams.set_tls(cfg);
-                                tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
-                            }
-                            Err(e) => tracing::error!(
-                                "TLS reload failed, keeping the old certificate: {e}"
-                            ),
-                        }
-                    }
-                });
-            }
-            Err(e) => tracing::warn!("cannot install the SIGHUP handler: {e}"),
+    // SIGHUP: reload the configuration file (see `reload_on_sighup`).
+    let pid_file = config.fixed.pid_file.clone();
+    reload_on_sighup(&service, config, cli, log_level);
+    let pid_file = match write_pid_file(pid_file) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("turnpike: cannot start: {e}");
+            let _ = service.stop();
+            return ExitCode::from(1);
+        }
+    };
+    let result = service.join();
+    if let Some(p) = pid_file {
+        if let Err(e) = std::fs::remove_file(&p) {
+            tracing::warn!("cannot remove the pid file {}: {e}", p.display());
         }
     }
-    match service.join() {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("turnpike: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// On SIGHUP, reload the configuration file: read and validate it as at start (command-line overrides
+/// included), fit its caps under the open-file limit and read its TLS files; any failure there changes
+/// nothing. Then [`turnpike::reload::apply`] reports the fixed settings that differ and hands the live
+/// ones to the relay; after it the log level and the `[tls]` certificate (established sessions keep
+/// theirs) follow. Every attempt is counted in `turnpike_reloads{result}`.
+fn reload_on_sighup(
+    service: &turnpike::service::Service,
+    mut running: RelayConfig,
+    cli: &Cli,
+    log_level: LogLevel,
+) {
+    let reloader = service.relay().reloader();
+    let streams = service.relay().streams().clone();
+    let cli = cli.clone();
+    let mut signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot install the SIGHUP handler, reload disabled: {e}");
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        for _ in signals.forever() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            let new = load(&cli).and_then(|mut c| {
+                fit_open_files(&mut c).map_err(|e| e.to_string())?;
+                let tls = c
+                    .live
+                    .tls
+                    .as_ref()
+                    .map(|f| load_tls(f, TLS_KEYS))
+                    .transpose()?;
+                if let Some(files) = c.live.api.as_ref().and_then(|a| a.tls.as_ref()) {
+                    load_tls(files, API_TLS_KEYS)?;
+                }
+                Ok((c, tls))
+            });
+            let (new, tls) = match new {
+                Ok((c, tls)) => (Ok(c), tls),
+                Err(e) => (Err(e), None),
+            };
+            if turnpike::reload::apply(&mut running, new, &reloader).is_ok() {
+                let level = LevelFilter::from_level(running.live.log_level);
+                if let Err(e) = log_level.modify(|l| *l = level) {
+                    tracing::warn!("reload: cannot change the log level: {e}");
+                }
+                if let (Some(cfg), Some(files)) = (tls, &running.live.tls) {
+                    streams.set_tls(cfg);
+                    tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
+                }
+            }
+        }
+    });
+}
+
+/// Write this process's id to `path` (through a temporary file and a rename, so a reader never sees
+/// it half written). `Ok(None)` without a pid file.
+fn write_pid_file(path: Option<PathBuf>) -> Result<Option<PathBuf>, String> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let mut tmp = path.clone().into_os_string();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| format!("pid_file: cannot write {}: {e}", path.display()))?;
+    Ok(Some(path))
+}
+
+/// `turnpike reload`: SIGHUP to the pid in the pid file (`--pid-file`, else the configuration's
+/// `pid_file`).
+fn signal_reload(cli: &Cli, pid_file: Option<&std::path::Path>) -> ExitCode {
+    let path = match pid_file {
+        Some(p) => p.to_path_buf(),
+        None => match load(cli) {
+            Ok(c) => match c.fixed.pid_file {
+                Some(p) => p,
+                None => {
+                    eprintln!(
+                        "error: no pid file: pass --pid-file, or set pid_file in the configuration"
+                    );
+                    return ExitCode::from(2);
+                }
+            },
+            Err(e) => {
+                eprintln!("turnpike: configuration error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let pid = match std::fs::read_to_string(&path) {
+        Ok(text) => match text.trim().parse::<u32>() {
+            Ok(pid) => pid,
+            Err(_) => {
+                eprintln!("error: {}: not a pid: {:?}", path.display(), text.trim());
+                return ExitCode::from(1);
+            }
+        },
+        Err(e) => {
+            eprintln!(
+                "error: cannot read {}: {e} (is the relay running?)",
+                path.display()
+            );
+            return ExitCode::from(1);
+        }
+    };
+    match open_files::send_sighup(pid) {
+        Ok(()) => {
+            println!(
+                "turnpike: reload requested (SIGHUP to pid {pid}); the relay logs the outcome"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "error: cannot signal pid {pid} (from {}): {e}",
+                path.display()
+            );
             ExitCode::from(1)
         }
     }

@@ -253,6 +253,13 @@ impl RawConfig {
         };
 
         let relay_id = api::relay_id(self.relay_id)?;
+        if self
+            .pid_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(ConfigError::new("pid_file", "must not be empty"));
+        }
         let mut fixed = Fixed {
             realm: self.realm,
             listen,
@@ -283,6 +290,7 @@ impl RawConfig {
             },
             streams,
             relay_id,
+            pid_file: self.pid_file,
             api_listen: None,
             usage: self.usage.map(api::usage).transpose()?,
         };

@@ -36,8 +36,8 @@ use crate::dataplane::stream::{StreamLimits, StreamListener, StreamShared, Strea
 use crate::dataplane::{
     self, BackendKind, ControlTx, Core, StunQueue, ToControl, WorkerMsg, WorkerSetup, WorkerStats,
 };
-use crate::route::{AllocationId, ClientKey, Counters, ListenerId, RelayId, RouteUpdate};
 use crate::metrics::Reloads;
+use crate::route::{AllocationId, ClientKey, Counters, ListenerId, RelayId, RouteUpdate};
 use crate::server::{self, Command, FiveTuple, Server, Transport};
 use crate::sys::{self, EventFd, UdpOptions};
 
@@ -105,8 +105,18 @@ pub struct RelayHandle {
     backend: BackendKind,
     stats: Vec<Arc<WorkerStats>>,
     streams: Arc<StreamShared>,
+    reloader: Reloader,
+}
+
+/// Hands configuration reloads to a running relay's control thread (from a signal handler's thread:
+/// it is `Clone` and `Send`), and counts them.
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    to_control: Sender<ToControl>,
     staged: Arc<Staged>,
     reloads: Arc<Reloads>,
+    /// The listeners, ports resolved: service ports in every peer policy.
+    service_ports: Vec<SocketAddr>,
 }
 
 /// A reload handed to the control thread: the new TURN core settings and where its answer goes.
@@ -119,12 +129,16 @@ pub type ReloadResult = Result<Vec<server::Revoked>, server::ConfigError>;
 /// How long [`RelayHandle::reload`] waits for the control thread.
 const RELOAD_WAIT: Duration = Duration::from_secs(5);
 
-impl RelayHandle {
+impl Reloader {
     /// Hand the live settings of `config` to the TURN core ([`Server::reload`]) and wait for it: users,
     /// REST secrets, quotas, challenge rate and peer policy; its other fields are ignored. Permissions
     /// and channels the new policy denies are removed and logged, one line per allocation. Does not
-    /// count the reload in [`RelayHandle::reloads`]: the caller does, once for the whole file.
-    pub fn reload(&self, config: server::Config) -> ReloadResult {
+    /// count the reload in [`Reloader::reloads`]: the caller does, once for the whole file.
+    pub fn reload(&self, mut config: server::Config) -> ReloadResult {
+        // As at start: the listeners (ports resolved) are service ports.
+        config.peer_policy = config
+            .peer_policy
+            .with_service_ports(self.service_ports.clone());
         let (tx, rx) = bounded(1);
         let refused = |problem: &str| server::ConfigError {
             key: "config",
@@ -144,6 +158,13 @@ impl RelayHandle {
     /// The reload counters, which `/metrics` shows.
     pub fn reloads(&self) -> &Arc<Reloads> {
         &self.reloads
+    }
+}
+
+impl RelayHandle {
+    /// A handle for configuration reloads.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
     }
 
     /// The addresses the relay listens on (ports resolved).
@@ -305,6 +326,12 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
     let stun_queue = Arc::new(StunQueue::new(CONTROL_QUEUE, CONTROL_QUEUE_BYTES));
     let staged: Arc<Staged> = Arc::default();
     let reloads: Arc<Reloads> = Arc::default();
+    let reloader = Reloader {
+        to_control: to_control.clone(),
+        staged: staged.clone(),
+        reloads: reloads.clone(),
+        service_ports: listeners.iter().map(|l| l.0).collect(),
+    };
     let worker_tx = ControlTx::new(to_control.clone(), stun_queue.clone());
     let mut handles = Vec::with_capacity(workers);
     let mut stats = Vec::with_capacity(workers);
@@ -380,8 +407,8 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         workers_lost: 0,
         failure: None,
         mailbox_full: 0,
-        staged: staged.clone(),
-        reloads: reloads.clone(),
+        staged,
+        reloads,
     };
     let thread = std::thread::Builder::new()
         .name("turnpike-control".into())
@@ -395,8 +422,7 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         backend,
         stats,
         streams: shared,
-        staged,
-        reloads,
+        reloader,
     })
 }
 

@@ -205,9 +205,12 @@ pub fn render(snap: &Snapshot) -> String {
         &mut r,
         "reloads",
         "Configuration reloads, by result",
-        [("success", snap.reloads.ok), ("failure", snap.reloads.failed)]
-            .into_iter()
-            .map(|(k, n)| (vec![("result", k.to_string())], n)),
+        [
+            ("success", snap.reloads.ok),
+            ("failure", snap.reloads.failed),
+        ]
+        .into_iter()
+        .map(|(k, n)| (vec![("result", k.to_string())], n)),
     );
     gauge(
         &mut r,

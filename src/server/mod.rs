@@ -434,8 +434,12 @@ impl<R: RngCore> Server<R> {
                 .filter(|(_, b)| b.active && self.check_peer(alloc, b.peer).is_err())
                 .map(|(n, b)| (*n, b.peer))
                 .collect();
-            let permissions: Vec<IpAddr> =
-                alloc.permissions.keys().copied().filter(|ip| denied_ip(*ip)).collect();
+            let permissions: Vec<IpAddr> = alloc
+                .permissions
+                .keys()
+                .copied()
+                .filter(|ip| denied_ip(*ip))
+                .collect();
             if channels.is_empty() && permissions.is_empty() {
                 continue;
             }
