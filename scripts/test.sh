@@ -50,6 +50,19 @@ fi
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
+echo "== one rustls, >= 0.23.5 (RUSTSEC-2024-0336: the 0.20 line spins on ClientHello + close_notify)"
+rustls=$(awk '$0 == "name = \"rustls\"" { getline; gsub(/"/, "", $3); print $3 }' Cargo.lock)
+if [ "$(wc -l <<<"$rustls")" -ne 1 ] || [ -z "$rustls" ] ||
+  ! printf '0.23.5\n%s\n' "$rustls" | sort -V -C; then
+  echo "Cargo.lock must hold exactly one rustls, 0.23.5 or later; it holds: ${rustls:-none}" >&2
+  exit 1
+fi
+if grep -q '^name = "tiny_http"$' Cargo.lock; then
+  echo "Cargo.lock still holds tiny_http" >&2
+  exit 1
+fi
+echo "rustls $rustls"
+
 echo "== module layering"
 ./scripts/check-layers.sh
 

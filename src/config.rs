@@ -96,8 +96,8 @@ pub struct Fixed {
     pub streams: StreamLimits,
     /// This relay's id in usage records and the token API's fleet.
     pub relay_id: String,
-    /// Where the HTTP API listens (`api.listen`), if `[api]` is present.
-    pub api_listen: Option<SocketAddr>,
+    /// Where the HTTP API listens, its limits and revocation store, if `[api]` is present.
+    pub api: Option<FixedApi>,
     /// Metering (`[usage]`), if enabled.
     pub usage: Option<crate::usage::Config>,
     /// Where the process id is written at start and removed at exit (`pid_file`), if anywhere.
@@ -169,11 +169,28 @@ pub struct Quotas {
     pub challenge_rate: u32,
 }
 
+/// The fixed part of `[api]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FixedApi {
+    /// `api.listen`.
+    pub listen: SocketAddr,
+    /// `api.metrics_listen` (default: none, `/metrics` on `listen`).
+    pub metrics_listen: Option<SocketAddr>,
+    /// `[api.limits]`.
+    pub limits: crate::api::Limits,
+    /// Where revocations are kept: `api.revocations_database`, else the usage database.
+    pub revocations_db: PathBuf,
+}
+
 /// The live part of `[api]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveApi {
-    /// Access keys (decoded from base64).
-    pub access_keys: Vec<Vec<u8>>,
+    /// `api.access_keys` (mint; every role when `admin_keys` is empty) and `api.admin_keys`.
+    pub keys: Vec<crate::api::AccessKey>,
+    /// `api.names` (lower case; default: the listen address and the public addresses' hosts).
+    pub names: Vec<String>,
+    /// `api.trusted_proxies`.
+    pub trusted_proxies: Vec<Cidr>,
     /// `api.tls_cert` and `api.tls_key`; plain HTTP without.
     pub tls: Option<TlsFiles>,
     /// This relay's region (`api.region`).
@@ -271,8 +288,12 @@ impl RelayConfig {
             .iter()
             .chain(&f.listen_tcp)
             .chain(&f.listen_tls)
-            .chain(&f.api_listen)
             .copied()
+            .chain(
+                f.api
+                    .iter()
+                    .flat_map(|a| std::iter::once(a.listen).chain(a.metrics_listen)),
+            )
             .collect()
     }
 
@@ -316,11 +337,16 @@ impl RelayConfig {
 
     /// The HTTP API's settings, if `[api]` is present.
     pub fn api(&self) -> Option<crate::api::Config> {
-        let (listen, live) = (self.fixed.api_listen?, self.live.api.as_ref()?);
+        let (fixed, live) = (self.fixed.api.as_ref()?, self.live.api.as_ref()?);
         Some(crate::api::Config {
-            listen,
+            listen: fixed.listen,
+            metrics_listen: fixed.metrics_listen,
             tls: live.tls.clone().map(|t| (t.cert, t.key)),
-            access_keys: live.access_keys.clone(),
+            keys: live.keys.clone(),
+            names: live.names.clone(),
+            trusted_proxies: live.trusted_proxies.clone(),
+            revocations_db: fixed.revocations_db.clone(),
+            limits: fixed.limits.clone(),
             fleet: live.fleet.clone(),
             region: live.region.clone(),
             client_regions: live.client_regions.clone(),
@@ -428,10 +454,10 @@ impl Fixed {
             a.relay_id == b.relay_id,
         );
         diff(
-            "api.listen",
-            &a.api_listen,
-            &b.api_listen,
-            a.api_listen == b.api_listen,
+            "api (listen, metrics_listen, limits, revocations_database)",
+            &a.api,
+            &b.api,
+            a.api == b.api,
         );
         diff("usage", &a.usage, &b.usage, a.usage == b.usage);
         diff(

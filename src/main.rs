@@ -2,19 +2,17 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::prelude::*;
 use turnpike::auth::{long_term_key_md5, RestSecrets};
-use turnpike::config::TlsFiles;
 use turnpike::config::{
     parse_log_level, Backend, RelayConfig, DEFAULT_CONFIG, LOG_LEVELS, MAX_WORKERS,
 };
-use turnpike::dataplane::stream::{tls_config, TlsFile};
 use turnpike::dataplane::ToControl;
+use turnpike::service::{load_tls, API_TLS_KEYS, TLS_KEYS};
 use turnpike::sys::file as open_files;
 
 /// Changes the log level of the running process.
@@ -82,8 +80,8 @@ enum Command {
         /// The identity (user id) the credentials carry; usage is billed to it.
         #[arg(long)]
         id: String,
-        /// Validity in seconds (at most 172800).
-        #[arg(long, default_value_t = turnpike::api::MAX_TTL)]
+        /// Validity in seconds (at most the configuration's [rest] max_ttl_seconds, 172800 by default).
+        #[arg(long, default_value_t = turnpike::auth::DEFAULT_MAX_TTL)]
         ttl: u64,
         /// "any" or "nearest" (default: one entry for each).
         #[arg(long)]
@@ -120,6 +118,13 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::RestCredential { secret, user, ttl }) => {
             let now = turnpike::clock::unix_now();
+            if ttl > turnpike::auth::DEFAULT_MAX_TTL {
+                eprintln!(
+                    "warning: --ttl {ttl} is beyond the relays' default maximum ({} s, [rest] \
+                     max_ttl_seconds): relays with the default refuse this credential",
+                    turnpike::auth::DEFAULT_MAX_TTL
+                );
+            }
             match RestSecrets::new(vec![secret.into_bytes()]).mint(&user, now, ttl) {
                 Some(c) => {
                     println!(
@@ -466,7 +471,7 @@ fn credentials(cli: &Cli, id: &str, ttl: u64, route: Option<&str>) -> ExitCode {
             "default".into(),
         ),
     };
-    let ttl = ttl.min(turnpike::api::MAX_TTL);
+    let ttl = ttl.min(config.live.rest_secrets.max_ttl());
     match turnpike::api::relay_configuration(
         &fleet,
         &region,
@@ -559,28 +564,4 @@ fn fit_open_files(config: &mut RelayConfig) -> Result<(), turnpike::config::Conf
         );
     }
     Ok(())
-}
-
-/// The keys naming the `[tls]` pair in errors.
-const TLS_KEYS: [&str; 2] = ["tls.cert", "tls.key"];
-/// The keys naming the API's pair in errors.
-const API_TLS_KEYS: [&str; 2] = ["api.tls_cert", "api.tls_key"];
-
-/// Read and check a certificate chain and key pair; errors name the key (`keys`: certificate's, key's)
-/// and the file, e.g. `tls.key: not a usable private key: … (/etc/turnpike/key.pem)`.
-fn load_tls(files: &TlsFiles, keys: [&str; 2]) -> Result<Arc<rustls::ServerConfig>, String> {
-    let [cert_key, key_key] = keys;
-    let cert = std::fs::read(&files.cert)
-        .map_err(|e| format!("{cert_key}: cannot read {}: {e}", files.cert.display()))?;
-    let key = std::fs::read(&files.key)
-        .map_err(|e| format!("{key_key}: cannot read {}: {e}", files.key.display()))?;
-    tls_config(&cert, &key).map_err(|e| match e.file {
-        TlsFile::Cert => format!("{cert_key}: {e} ({})", files.cert.display()),
-        TlsFile::Key => format!("{key_key}: {e} ({})", files.key.display()),
-        TlsFile::Pair => format!(
-            "{key_key}: {e} ({} with {})",
-            files.key.display(),
-            files.cert.display()
-        ),
-    })
 }

@@ -10,6 +10,7 @@
 //! May use: every module.
 
 use std::io;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -17,8 +18,9 @@ use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 
 use crate::api::{self, Api, ApiHandle, Hooks};
 use crate::clock::unix_ms;
-use crate::config::{Backend, RelayConfig};
+use crate::config::{Backend, RelayConfig, TlsFiles};
 use crate::control::{self, RelayHandle, Settings, UsageRecord};
+use crate::dataplane::stream::{tls_config, TlsFile};
 use crate::dataplane::{BackendKind, ToControl};
 use crate::server::Transport;
 use crate::usage;
@@ -85,18 +87,6 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
     let mut ticker = None;
     let writer = match (store, writer, &config.fixed.usage) {
         (Some(store), Some(rx), Some(u)) => {
-            // Revocations survive restarts.
-            match store.revocations(unix_ms() / 1000) {
-                Ok(list) => {
-                    for (identity, until) in list {
-                        let _ = to_control.send(ToControl::Revoke {
-                            identity: identity.into(),
-                            until,
-                        });
-                    }
-                }
-                Err(e) => tracing::warn!("cannot load revocations: {e}"),
-            }
             let (stop, stopped) = bounded::<()>(1);
             let (every, retention) = (u.checkpoint, u.retention);
             let tick = to_control.clone();
@@ -122,8 +112,36 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
         _ => None,
     };
 
+    // Revocations survive restarts: the API's store (or, without [api], the usage database) is read
+    // before the API answers.
+    let revocations = config
+        .fixed
+        .api
+        .as_ref()
+        .map(|a| a.revocations_db.clone())
+        .or_else(|| config.fixed.usage.as_ref().map(|u| u.database.clone()));
+    if let Some(path) = revocations {
+        let list = api::revocations::Store::open(&path)
+            .and_then(|s| s.active(unix_ms() / 1000))
+            .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
+        for (identity, until) in list {
+            let _ = to_control.send(ToControl::Revoke {
+                identity: identity.into(),
+                until,
+            });
+        }
+    }
+
     let api = match config.api() {
         Some(a) => {
+            let tls = config
+                .live
+                .api
+                .as_ref()
+                .and_then(|l| l.tls.as_ref())
+                .map(|f| load_tls(f, API_TLS_KEYS))
+                .transpose()
+                .map_err(io::Error::other)?;
             let revoke_tx = to_control.clone();
             let metrics_tx = to_control.clone();
             let hooks = Hooks {
@@ -139,8 +157,10 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
                     rx.recv_timeout(Duration::from_secs(2)).ok()
                 }),
             };
-            let api = Api::new(a, config.live.rest_secrets.clone(), hooks);
-            Some(api::serve(api)?)
+            let db = a.revocations_db.clone();
+            let api = Api::new(a, config.live.rest_secrets.clone(), hooks)
+                .map_err(|e| io::Error::other(format!("{}: {e}", db.display())))?;
+            Some(api::serve(api, tls)?)
         }
         None => None,
     };
@@ -161,6 +181,16 @@ impl Service {
     /// The API's address, if it runs.
     pub fn api_addr(&self) -> Option<std::net::SocketAddr> {
         self.api.as_ref().map(ApiHandle::local_addr)
+    }
+
+    /// The metrics listener's address, when `/metrics` has one of its own.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.api.as_ref().and_then(ApiHandle::metrics_addr)
+    }
+
+    /// Replaces the API's TLS configuration (SIGHUP), if the API runs TLS.
+    pub fn api_tls(&self) -> Option<api::ApiTls> {
+        self.api.as_ref().and_then(ApiHandle::tls)
     }
 
     /// Begin the graceful shutdown (drain, then stop).
@@ -194,6 +224,30 @@ impl Service {
             api.stop();
         }
     }
+}
+
+/// The keys naming the `[tls]` pair in errors.
+pub const TLS_KEYS: [&str; 2] = ["tls.cert", "tls.key"];
+/// The keys naming the API's pair in errors.
+pub const API_TLS_KEYS: [&str; 2] = ["api.tls_cert", "api.tls_key"];
+
+/// Read and check a certificate chain and key pair; errors name the key (`keys`: certificate's, key's)
+/// and the file, e.g. `tls.key: not a usable private key: … (/etc/turnpike/key.pem)`.
+pub fn load_tls(files: &TlsFiles, keys: [&str; 2]) -> Result<Arc<rustls::ServerConfig>, String> {
+    let [cert_key, key_key] = keys;
+    let cert = std::fs::read(&files.cert)
+        .map_err(|e| format!("{cert_key}: cannot read {}: {e}", files.cert.display()))?;
+    let key = std::fs::read(&files.key)
+        .map_err(|e| format!("{key_key}: cannot read {}: {e}", files.key.display()))?;
+    tls_config(&cert, &key).map_err(|e| match e.file {
+        TlsFile::Cert => format!("{cert_key}: {e} ({})", files.cert.display()),
+        TlsFile::Key => format!("{key_key}: {e} ({})", files.key.display()),
+        TlsFile::Pair => format!(
+            "{key_key}: {e} ({} with {})",
+            files.key.display(),
+            files.cert.display()
+        ),
+    })
 }
 
 /// The usage writer: stores records in batches as they come, and prunes rows older than `retention`

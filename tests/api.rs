@@ -8,6 +8,7 @@ mod common;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
@@ -752,7 +753,7 @@ fn python_sdk_over_tls_with_a_certificate_made_by_the_test() {
     std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
     std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
     let tls = format!(
-        "tls_cert = \"{}\"\ntls_key = \"{}\"",
+        "names = [\"localhost\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"",
         cert_pem.display(),
         key_pem.display()
     );
@@ -768,5 +769,508 @@ fn python_sdk_over_tls_with_a_certificate_made_by_the_test() {
         .timeout(Duration::from_secs(2))
         .call()
         .is_err());
+    service.stop().unwrap();
+}
+
+const TOKEN_PATH: &str =
+    "/networkTraversal/:issueRelayConfiguration?api-version=2022-03-01-preview";
+const REVOKE_PATH: &str = "/admin/revoke?api-version=2022-03-01-preview";
+/// A second key, given the admin role only in the tests that configure `admin_keys`.
+const ADMIN_B64: &str = "dHVybnBpa2UtdGVzdC1hZG1pbi1rZXk=";
+
+/// A signed request's bytes (HTTP/1.1, `Connection: close`), signed with `key` at `at` for `host`.
+fn signed_bytes(host: &str, url: &str, body: &str, key: &[u8], at: SystemTime) -> Vec<u8> {
+    let (date, hash, auth) = sign::sign(key, "POST", url, host, body.as_bytes(), at);
+    format!(
+        "POST {url} HTTP/1.1\r\nHost: {host}\r\nx-ms-date: {date}\r\nx-ms-content-sha256: {hash}\r\n\
+         Authorization: {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Send `req` on a fresh connection and read the answer: (status, body); status 0 when the server
+/// closed without answering.
+fn raw(api: SocketAddr, req: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(api).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(req);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+fn key_of(b64: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap()
+}
+
+#[test]
+fn host_roles_replays_and_stale_lifts_over_http_and_revocations_survive_a_restart_without_usage() {
+    let dir = temp_dir("admin");
+    let reserved = reserve_udp();
+    let api_port = free_tcp_port();
+    // No [usage]: revocations have a store of their own.
+    let text = config_text(reserved.port(), api_port, 46000, &dir.join("unused.db"), "")
+        .replace(
+            &format!("access_keys = [\"{KEY_B64}\"]\n"),
+            &format!(
+                "access_keys = [\"{KEY_B64}\"]\nadmin_keys = [\"{ADMIN_B64}\"]\nrevocations_database = \"{}\"\n",
+                dir.join("revocations.db").display()
+            ),
+        );
+    let text = text.split("[usage]").next().unwrap().to_string();
+    let config = RelayConfig::from_toml(&text).unwrap();
+    assert!(config.fixed.usage.is_none());
+    let service = turnpike::service::start(&config).unwrap();
+    let server = service.relay().listen_addrs()[0];
+    let api = service.api_addr().unwrap();
+    let host = api.to_string();
+    let (mint, admin) = (key(), key_of(ADMIN_B64));
+    let now = SystemTime::now();
+
+    // A token with the access key; a wrong Host is refused even when correctly signed for it.
+    let (status, _) = raw(api, &signed_bytes(&host, TOKEN_PATH, "{}", &mint, now));
+    assert_eq!(status, 200);
+    let (status, body) = raw(
+        api,
+        &signed_bytes("relay-2.example:8080", TOKEN_PATH, "{}", &mint, now),
+    );
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("\"Unauthorized\""), "{body}");
+    // The access key may not revoke; the admin key may not mint.
+    let revoke = r#"{"id": "mallory"}"#;
+    let (status, body) = raw(api, &signed_bytes(&host, REVOKE_PATH, revoke, &mint, now));
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(
+        raw(api, &signed_bytes(&host, TOKEN_PATH, "{}", &admin, now)).0,
+        403
+    );
+
+    // A revoke, then its replay.
+    let (c, _, _) = rest_client(server, "mallory");
+    let mut c = c;
+    let revoke_req = signed_bytes(&host, REVOKE_PATH, revoke, &admin, now);
+    assert_eq!(raw(api, &revoke_req).0, 200);
+    assert_eq!(raw(api, &revoke_req).0, 401, "replayed revoke");
+    // A lift signed before the revoke (a captured old request) is refused; the revocation holds.
+    let lift = r#"{"id": "mallory", "until": "2020-01-01T00:00:00Z"}"#;
+    let old_lift = signed_bytes(
+        &host,
+        REVOKE_PATH,
+        lift,
+        &admin,
+        now - Duration::from_secs(120),
+    );
+    assert_eq!(
+        raw(api, &old_lift).0,
+        401,
+        "older lift after a newer revoke"
+    );
+    eventually("the revocation to reach the relay", || {
+        Client::error_code(&c.authed(Method::REFRESH, &[])) == Some(401)
+    });
+    service.stop().unwrap();
+
+    // After a restart (no [usage]) the revocation still holds, and the replays are still refused.
+    let service = turnpike::service::start(&config).unwrap();
+    let server = service.relay().listen_addrs()[0];
+    let api = service.api_addr().unwrap();
+    let cred = RestSecrets::new(vec![SECRET.as_bytes().to_vec()])
+        .mint("mallory", unix_now(), 600)
+        .unwrap();
+    let mut m = Client::new(server, &cred.username, &cred.password);
+    let resp = m.authed(Method::ALLOCATE, &[Attribute::RequestedTransport(17)]);
+    assert_eq!(Client::error_code(&resp), Some(401));
+    assert_eq!(raw(api, &old_lift).0, 401, "the order survives the restart");
+    // A newer lift applies.
+    let later = SystemTime::now() + Duration::from_secs(2);
+    let new_lift = signed_bytes(&host, REVOKE_PATH, lift, &admin, later);
+    assert_eq!(raw(api, &new_lift).0, 200);
+    service.stop().unwrap();
+}
+
+#[test]
+fn x_forwarded_for_from_an_untrusted_peer_is_ignored_and_metrics_listen_apart() {
+    let dir = temp_dir("xff");
+    let reserved = reserve_udp();
+    let metrics_port = free_tcp_port();
+    let extra = format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\n") + "trusted_proxies = [\"10.0.0.0/8\"]\nregion = \"eu\"\n\
+                 [[api.fleet]]\nid = \"us-1\"\nregion = \"us\"\naddresses = [\"198.51.100.1:3478\"]\n\
+                 [[api.client_regions]]\ncidr = \"203.0.113.0/24\"\nregion = \"us\"";
+    let text = config_text(
+        reserved.port(),
+        free_tcp_port(),
+        47000,
+        &dir.join("u.db"),
+        &extra,
+    );
+    let service = turnpike::service::start(&RelayConfig::from_toml(&text).unwrap()).unwrap();
+    let api = service.api_addr().unwrap();
+    let body = r#"{"routeType": "nearest"}"#;
+    let mut req = signed_bytes(
+        &api.to_string(),
+        TOKEN_PATH,
+        body,
+        &key(),
+        SystemTime::now(),
+    );
+    let at = req.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    req.splice(at..at, b"\r\nX-Forwarded-For: 203.0.113.9".iter().copied());
+    let (status, answer) = raw(api, &req);
+    assert_eq!(status, 200, "{answer}");
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    let urls = v["iceServers"][0]["urls"].to_string();
+    assert!(
+        !urls.contains("198.51.100.1") && urls.contains("127.0.0.1"),
+        "the loopback peer is no trusted proxy: its region is the API's own ({urls})"
+    );
+    // /metrics answers on its own listener only.
+    assert_eq!(service.metrics_addr().unwrap().port(), metrics_port);
+    let metrics = ureq::get(&format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .call()
+        .unwrap();
+    assert!(metrics
+        .into_string()
+        .unwrap()
+        .contains("turnpike_allocations"));
+    match ureq::get(&format!("http://{api}/metrics")).call() {
+        Err(ureq::Error::Status(404, _)) => {}
+        other => panic!("/metrics on the API listener: {other:?}"),
+    }
+    service.stop().unwrap();
+}
+
+/// What the server did with a connection: answered with a status, or closed it without one. Panics if
+/// it did neither within `wait` (the limit did not hold).
+fn answered_or_closed(s: &mut std::net::TcpStream, wait: Duration) -> u16 {
+    use std::io::Read;
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                if out.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("neither answered nor closed within {wait:?}: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&out)
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn huge_headers_many_headers_and_trickled_bodies_are_cut_off_while_tokens_are_issued() {
+    use std::io::Write;
+    let dir = temp_dir("limits");
+    let reserved = reserve_udp();
+    let extra = "[api.limits]\nheader_read_timeout_seconds = 2\nrequest_timeout_seconds = 2";
+    let text = config_text(
+        reserved.port(),
+        free_tcp_port(),
+        48000,
+        &dir.join("u.db"),
+        extra,
+    );
+    let service = turnpike::service::start(&RelayConfig::from_toml(&text).unwrap()).unwrap();
+    let api = service.api_addr().unwrap();
+    let wait = Duration::from_secs(2 + 8);
+
+    let huge_line = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(api).unwrap();
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ");
+        let chunk = vec![b'a'; 64 * 1024];
+        for _ in 0..16 {
+            if s.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        answered_or_closed(&mut s, wait)
+    });
+    let many = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(api).unwrap();
+        let mut req = b"GET /healthz HTTP/1.1\r\nHost: x\r\n".to_vec();
+        for i in 0..10_000 {
+            req.extend_from_slice(format!("X-H{i}: v\r\n").as_bytes());
+        }
+        req.extend_from_slice(b"\r\n");
+        let _ = s.write_all(&req);
+        answered_or_closed(&mut s, wait)
+    });
+    let trickle = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(api).unwrap();
+        let head = signed_bytes(
+            &api.to_string(),
+            TOKEN_PATH,
+            &" ".repeat(100),
+            &key(),
+            SystemTime::now(),
+        );
+        let at = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        s.write_all(&head[..at]).unwrap();
+        // One byte a second, at most 12: the server must answer (408) or close long before 100.
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        for _ in 0..12 {
+            if s.write_all(b" ").is_err() {
+                return 0;
+            }
+            let mut b = [0u8; 512];
+            match std::io::Read::read(&mut s, &mut b) {
+                Ok(0) => return 0,
+                Ok(n) => {
+                    let t = String::from_utf8_lossy(&b[..n]).to_string();
+                    return t
+                        .split(' ')
+                        .nth(1)
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or(0);
+                }
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => return 0,
+            }
+        }
+        panic!("a body trickling one byte a second was neither refused nor closed");
+    });
+    // Meanwhile the token endpoint answers (a generous bound for a loaded machine).
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..3 {
+        let mut s = std::net::TcpStream::connect(api).unwrap();
+        s.write_all(&signed_bytes(
+            &api.to_string(),
+            TOKEN_PATH,
+            "{}",
+            &key(),
+            SystemTime::now(),
+        ))
+        .unwrap();
+        assert_eq!(answered_or_closed(&mut s, Duration::from_secs(5)), 200);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let big = huge_line.join().unwrap();
+    assert!(big == 431 || big == 0, "1 MiB header line: {big}");
+    let many = many.join().unwrap();
+    assert!(many == 431 || many == 0, "10,000 headers: {many}");
+    let slow = trickle.join().unwrap();
+    assert!(slow == 408 || slow == 0, "trickled body: {slow}");
+    // A body over the limit gets the API's JSON 413.
+    let (status, body) = raw(
+        api,
+        &signed_bytes(
+            &api.to_string(),
+            TOKEN_PATH,
+            &" ".repeat(70 * 1024),
+            &key(),
+            SystemTime::now(),
+        ),
+    );
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("PayloadTooLarge"), "{body}");
+    service.stop().unwrap();
+}
+
+#[test]
+fn two_thousand_idle_connections_starve_neither_the_api_nor_allocations() {
+    let dir = temp_dir("idle");
+    let reserved = reserve_udp();
+    let text = config_text(
+        reserved.port(),
+        free_tcp_port(),
+        49000,
+        &dir.join("u.db"),
+        "",
+    );
+    let service = turnpike::service::start(&RelayConfig::from_toml(&text).unwrap()).unwrap();
+    let api = service.api_addr().unwrap();
+    let server = service.relay().listen_addrs()[0];
+    // 2,000 here and 2,000 in the server: well inside the 20,000 open-file cap.
+    let idle: Vec<_> = (0..2_000)
+        .map(|_| std::net::TcpStream::connect_timeout(&api, Duration::from_secs(5)).unwrap())
+        .collect();
+    let v = signed_post(api, TOKEN_PATH, r#"{"id": "busy", "ttl": 600}"#).unwrap();
+    assert!(v["iceServers"][0]["username"]
+        .as_str()
+        .unwrap()
+        .ends_with(":busy"));
+    assert_eq!(
+        ureq::get(&format!("http://{api}/healthz"))
+            .timeout(Duration::from_secs(5))
+            .call()
+            .unwrap()
+            .status(),
+        200
+    );
+    let (c, p, relayed) = rest_client(server, "busy");
+    exchange(&c, &p, relayed, 3, 100);
+    drop(idle);
+    service.stop().unwrap();
+}
+
+/// utime + stime of process `pid`, in clock ticks (/proc/PID/stat fields 14 and 15).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name (field 2) may hold spaces: count from the closing parenthesis.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+fn tls_client(ca: &rcgen::CertifiedKey) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.der().clone()).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+#[test]
+fn client_hello_then_close_notify_on_the_api_tls_port_neither_spins_nor_blocks() {
+    use std::io::{Read, Write};
+    let dir = temp_dir("close-notify");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_pem, key_pem) = (dir.join("api.crt"), dir.join("api.key"));
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
+    let tls = format!(
+        "names = [\"localhost\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+        cert_pem.display(),
+        key_pem.display()
+    );
+    let reserved = reserve_udp();
+    let api_port = free_tcp_port();
+    let cfg = dir.join("turnpike.toml");
+    std::fs::write(
+        &cfg,
+        config_text(reserved.port(), api_port, 50000, &dir.join("u.db"), &tls),
+    )
+    .unwrap();
+    let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args(["--config", cfg.to_str().unwrap(), "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let relay = Relay { child };
+    let client = tls_client(&cert);
+    let healthz = || -> String {
+        let conn =
+            rustls::ClientConnection::new(client.clone(), "localhost".try_into().unwrap()).unwrap();
+        let Ok(tcp) = std::net::TcpStream::connect(api) else {
+            return String::new();
+        };
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        let _ =
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).to_string()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !healthz().starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < deadline, "the API did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // RUSTSEC-2024-0336: a ClientHello, then a close_notify alert (a plaintext record before the
+    // handshake is done). 32 such connections stay open.
+    let mut evil = Vec::new();
+    for _ in 0..32 {
+        let mut conn =
+            rustls::ClientConnection::new(client.clone(), "localhost".try_into().unwrap()).unwrap();
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).unwrap();
+        let mut s = std::net::TcpStream::connect(api).unwrap();
+        s.write_all(&hello).unwrap();
+        s.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x01, 0x00])
+            .unwrap();
+        evil.push(s);
+    }
+    let before = cpu_ticks(relay.child.id());
+    let start = Instant::now();
+    let mut answered = 0;
+    while start.elapsed() < Duration::from_secs(5) {
+        assert!(
+            healthz().starts_with("HTTP/1.1 200"),
+            "the API stays responsive"
+        );
+        answered += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let used = cpu_ticks(relay.child.id()) - before;
+    // Clock ticks are 1/100 s on Linux. One spinning thread would burn ~500 ticks; the health checks
+    // and an idle relay use a few. A generous bound: under half a core.
+    assert!(
+        used < 250,
+        "{used} ticks of CPU in 5 s with {answered} health checks"
+    );
+    drop(evil);
+    relay.terminate();
+}
+
+#[test]
+fn a_credential_outliving_max_ttl_gets_401_and_the_api_never_mints_one() {
+    let dir = temp_dir("max-ttl");
+    let reserved = reserve_udp();
+    let text = config_text(
+        reserved.port(),
+        free_tcp_port(),
+        51000,
+        &dir.join("u.db"),
+        "",
+    )
+    .replace(
+        "secrets = [\"secret\"]",
+        "secrets = [\"secret\"]\nmax_ttl_seconds = 3600",
+    );
+    let service = turnpike::service::start(&RelayConfig::from_toml(&text).unwrap()).unwrap();
+    let server = service.relay().listen_addrs()[0];
+    let secrets = RestSecrets::new(vec![SECRET.as_bytes().to_vec()]);
+    let too_long = secrets.mint("long", unix_now(), 3600 + 400).unwrap();
+    let mut c = Client::new(server, &too_long.username, &too_long.password);
+    let resp = c.authed(Method::ALLOCATE, &[Attribute::RequestedTransport(17)]);
+    assert_eq!(Client::error_code(&resp), Some(401));
+    let ok = secrets.mint("short", unix_now(), 3600).unwrap();
+    Client::new(server, &ok.username, &ok.password).allocate();
+    // Asked for more, the API mints the maximum.
+    let v = signed_post(
+        service.api_addr().unwrap(),
+        TOKEN_PATH,
+        r#"{"id": "x", "ttl": 86400}"#,
+    )
+    .unwrap();
+    let user = v["iceServers"][0]["username"].as_str().unwrap();
+    let expiry: u64 = user.split(':').next().unwrap().parse().unwrap();
+    assert!(expiry <= unix_now() + 3600, "{user}");
     service.stop().unwrap();
 }

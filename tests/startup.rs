@@ -103,8 +103,9 @@ fn an_unparsable_api_tls_key_is_named_without_a_panic() {
         std::fs::write(&key, bad).unwrap();
         let text = config(&format!(
             "[api]\nlisten = \"127.0.0.1:{}\"\naccess_keys = [\"dHVybnBpa2UtdGVzdC1hY2Nlc3Mta2V5\"]\n\
-             tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+             revocations_database = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
             free_tcp_port(),
+            dir.join("revocations.db").display(),
             cert.display(),
             key.display()
         ));

@@ -9,22 +9,30 @@
 //! | `GET /metrics` | none | Prometheus text format |
 //! | `GET /healthz`, `GET /readyz` | none | liveness; readiness (503 while draining) |
 //!
-//! [`Api::handle`] is the whole logic, sans-IO: a request in, a response out, time as an argument. [`serve`]
-//! runs it on tiny_http's blocking server (plain HTTP or rustls TLS), on threads of its own, away from the
-//! relay's data path.
+//! Admin requests (`/admin/revoke`, `/usage`) need a key with the admin role; the token endpoint one with
+//! the mint role. Every signed request must name one of the API's own names in `Host`. A revoke or lift
+//! is refused when it is an exact replay (within the signature's validity window) or when its
+//! `x-ms-date` is older than the last one applied for the identity (see [`revocations`]).
+//!
+//! [`Api::handle`] is the whole logic: a request in, a response out, time as an argument. [`serve`] runs
+//! it on axum/hyper on a small tokio runtime of its own (plain HTTP or TLS through tokio-rustls), away
+//! from the relay's data path, with the limits of [`Limits`].
 //!
 //! May use: auth, metrics, usage, policy.
 
+mod http;
+pub mod revocations;
 pub mod sign;
 
-use std::io::Read;
+pub use http::{serve, ApiHandle, ApiTls};
+
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::clock::{unix_ms_at as unix_ms, unix_secs as unix};
+use crate::clock::{unix_ms_at, unix_secs};
 
 use serde_json::{json, Value};
 
@@ -33,12 +41,9 @@ use crate::metrics;
 use crate::policy::Cidr;
 use crate::usage;
 
-/// The longest (and default) credential lifetime, as in the cloud API: 48 hours.
-pub const MAX_TTL: u64 = 172_800;
-/// Requests with larger bodies get 413.
-const MAX_BODY: usize = 64 * 1024;
-/// HTTP worker threads.
-const THREADS: usize = 2;
+/// Replay-cache entries at most (admin requests seen within the signature window); beyond it admin
+/// requests get 503 until entries expire.
+const MAX_REPLAY_ENTRIES: usize = 100_000;
 
 /// A relay of the fleet, as handed to clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,10 +65,20 @@ pub struct FleetRelay {
 pub struct Config {
     /// Where to listen.
     pub listen: SocketAddr,
+    /// Where `/metrics` is served (`None`: on `listen`; otherwise only there, in plain HTTP).
+    pub metrics_listen: Option<SocketAddr>,
     /// TLS certificate chain and private key (PEM files); plain HTTP without.
     pub tls: Option<(PathBuf, PathBuf)>,
-    /// Access keys (decoded from base64); any of them may sign a request.
-    pub access_keys: Vec<Vec<u8>>,
+    /// The keys (decoded from base64) that may sign requests, with their roles.
+    pub keys: Vec<AccessKey>,
+    /// The names `Host` may carry (lower case; `host` or `host:port`, IPv6 in brackets).
+    pub names: Vec<String>,
+    /// Peers whose `Forwarded` / `X-Forwarded-For` headers are believed (for `nearest`).
+    pub trusted_proxies: Vec<Cidr>,
+    /// The durable revocation store ([`revocations`]).
+    pub revocations_db: PathBuf,
+    /// Connection and request limits.
+    pub limits: Limits,
     /// The relays handed out, with their regions.
     pub fleet: Vec<FleetRelay>,
     /// This API host's own region (for `nearest` when no client rule matches).
@@ -72,6 +87,52 @@ pub struct Config {
     pub client_regions: Vec<(Cidr, String)>,
     /// The usage database, for `/usage` (none: 404).
     pub usage_db: Option<PathBuf>,
+}
+
+/// A key that may sign requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessKey {
+    /// The key bytes.
+    pub secret: Vec<u8>,
+    /// It may mint relay tokens.
+    pub mint: bool,
+    /// It may revoke and read usage.
+    pub admin: bool,
+}
+
+/// The HTTP server's limits (`[api.limits]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Request line and headers, in bytes; beyond it 431.
+    pub max_header_bytes: usize,
+    /// Header fields per request; beyond it 431.
+    pub max_headers: usize,
+    /// Request body, in bytes; beyond it 413.
+    pub max_body_bytes: usize,
+    /// The longest a connection may take to send a request's headers, counted from the accept or the
+    /// end of the previous response: so also the idle keep-alive timeout (hyper's header read timeout).
+    /// It bounds the TLS handshake too.
+    pub header_read_timeout: Duration,
+    /// The longest a request may take from its headers to its answer, body read included; then 408.
+    pub request_timeout: Duration,
+    /// Open connections at most; beyond it new connections are closed at once.
+    pub max_connections: usize,
+    /// Requests being answered at once at most; more wait (within `request_timeout`).
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_header_bytes: 16 * 1024,
+            max_headers: 64,
+            max_body_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            max_concurrent_requests: 64,
+        }
+    }
 }
 
 /// Applies a revocation (identity, horizon in Unix seconds; 0 lifts it) to the relay.
@@ -104,7 +165,7 @@ pub struct Request<'a> {
     pub headers: Vec<(String, String)>,
     /// The body.
     pub body: &'a [u8],
-    /// The client's address.
+    /// The client's address (the TCP peer).
     pub peer: Option<IpAddr>,
 }
 
@@ -160,19 +221,47 @@ pub struct Api {
     config: Config,
     secrets: RestSecrets,
     hooks: Hooks,
+    store: Mutex<revocations::Store>,
+    /// Signatures of admin requests applied, with the Unix second after which they are too old anyway.
+    replay: Mutex<HashMap<String, u64>>,
+}
+
+/// Which endpoint family a request is for, and so which key role it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Mint,
+    Admin,
 }
 
 impl Api {
-    /// An API minting credentials with `secrets` (the relays' REST secrets).
-    pub fn new(config: Config, secrets: RestSecrets, hooks: Hooks) -> Api {
-        Api {
+    /// An API minting credentials with `secrets` (the relays' REST secrets); opens the revocation store.
+    pub fn new(
+        config: Config,
+        secrets: RestSecrets,
+        hooks: Hooks,
+    ) -> Result<Api, revocations::Error> {
+        let store = revocations::Store::open(&config.revocations_db)?;
+        Ok(Api {
             config,
             secrets,
             hooks,
+            store: Mutex::new(store),
+            replay: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The revocations to apply to the relay at start: (identity, horizon in Unix seconds).
+    pub fn active_revocations(
+        &self,
+        now: SystemTime,
+    ) -> Result<Vec<(String, u64)>, revocations::Error> {
+        match self.store.lock() {
+            Ok(s) => s.active(unix_secs(now)),
+            Err(_) => Ok(Vec::new()),
         }
     }
 
-    /// Answer one request at `now`.
+    /// Answer one request at `now` (on the API's listener).
     pub fn handle(&self, req: &Request<'_>, now: SystemTime) -> Response {
         let path = req.url.split('?').next().unwrap_or("");
         match (req.method, path) {
@@ -182,19 +271,17 @@ impl Api {
                 Some(_) => Response::text(503, "text/plain", "draining\n".into()),
                 None => Response::text(503, "text/plain", "relay not answering\n".into()),
             },
-            ("GET", "/metrics") => match (self.hooks.metrics)() {
-                Some(m) => Response::text(
-                    200,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    metrics::render(&m),
-                ),
-                None => Response::error(503, "Unavailable", "the relay is not answering"),
-            },
+            ("GET", "/metrics") if self.config.metrics_listen.is_none() => self.metrics(),
             ("POST", "/networkTraversal/:issueRelayConfiguration") => {
-                self.authed(req, now, |body| self.issue(body, req.peer, now))
+                self.authed(req, now, Role::Mint, |_| self.issue(req, now))
             }
-            ("POST", "/admin/revoke") => self.authed(req, now, |body| self.revoke(body, now)),
-            ("GET", "/usage") => self.authed(req, now, |_| self.usage(req.url, now)),
+            ("POST", "/admin/revoke") => {
+                self.authed(req, now, Role::Admin, |date| self.revoke(req, date, now))
+            }
+            ("GET", "/usage") => self.authed(req, now, Role::Admin, |_| self.usage(req.url, now)),
+            (_, "/metrics") if self.config.metrics_listen.is_some() => {
+                Response::error(404, "NotFound", "no such endpoint")
+            }
             (_, "/healthz" | "/readyz" | "/metrics" | "/usage")
             | (_, "/networkTraversal/:issueRelayConfiguration" | "/admin/revoke") => {
                 Response::error(405, "MethodNotAllowed", "method not allowed")
@@ -203,34 +290,195 @@ impl Api {
         }
     }
 
+    /// Answer one request on the metrics listener (`metrics_listen`): `/metrics` only.
+    pub fn handle_metrics(&self, req: &Request<'_>) -> Response {
+        match (req.method, req.url.split('?').next().unwrap_or("")) {
+            ("GET", "/metrics") => self.metrics(),
+            (_, "/metrics") => Response::error(405, "MethodNotAllowed", "method not allowed"),
+            _ => Response::error(404, "NotFound", "no such endpoint"),
+        }
+    }
+
+    fn metrics(&self) -> Response {
+        match (self.hooks.metrics)() {
+            Some(m) => Response::text(
+                200,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                metrics::render(&m),
+            ),
+            None => Response::error(503, "Unavailable", "the relay is not answering"),
+        }
+    }
+
+    /// Check `Host`, the signature and the signing key's role, then answer with `then` (given the
+    /// request's `x-ms-date`).
     fn authed(
         &self,
         req: &Request<'_>,
         now: SystemTime,
-        then: impl FnOnce(&[u8]) -> Response,
+        role: Role,
+        then: impl FnOnce(SystemTime) -> Response,
     ) -> Response {
+        let host = req.header("host");
+        if let Some(h) = host {
+            if !self.is_own_name(h) {
+                return Response::error(
+                    401,
+                    "Unauthorized",
+                    "the Host header is not one of this API's names",
+                );
+            }
+        }
         let signed = sign::Signed {
             method: req.method,
             path_and_query: req.url,
-            host: req.header("host"),
+            host,
             date: req.header("x-ms-date"),
             content_hash: req.header("x-ms-content-sha256"),
             authorization: req.header("authorization"),
             body: req.body,
         };
-        match sign::verify(&signed, &self.config.access_keys, now) {
-            Ok(()) => then(req.body),
-            Err(e) => Response::error(401, "Unauthorized", e.message()),
+        let secrets: Vec<&[u8]> = self
+            .config
+            .keys
+            .iter()
+            .map(|k| k.secret.as_slice())
+            .collect();
+        let verified = match sign::verify(&signed, &secrets, now) {
+            Ok(v) => v,
+            Err(e) => return Response::error(401, "Unauthorized", e.message()),
+        };
+        let allowed = self
+            .config
+            .keys
+            .get(verified.key)
+            .is_some_and(|k| match role {
+                Role::Mint => k.mint,
+                Role::Admin => k.admin,
+            });
+        if !allowed {
+            return Response::error(
+                403,
+                "Forbidden",
+                match role {
+                    Role::Mint => "this access key may not mint relay tokens",
+                    Role::Admin => "this access key may not use the admin endpoints",
+                },
+            );
+        }
+        then(verified.date)
+    }
+
+    /// `Host` names this API: one of `names`, case-insensitively, with the port when it has one (a
+    /// name listed without a port matches `name:<listen port>` too).
+    fn is_own_name(&self, host: &str) -> bool {
+        let host = host.trim().to_ascii_lowercase();
+        if self.config.names.contains(&host) {
+            return true;
+        }
+        match host.rsplit_once(':') {
+            Some((name, port))
+                if !name.is_empty() && (!name.starts_with('[') || name.ends_with(']')) =>
+            {
+                port.parse::<u16>()
+                    .is_ok_and(|p| p == self.config.listen.port())
+                    && self.config.names.iter().any(|n| n == name)
+            }
+            _ => false,
         }
     }
 
-    fn issue(&self, body: &[u8], peer: Option<IpAddr>, now: SystemTime) -> Response {
-        let v = match parse_object(body) {
+    /// Refuse an exact replay of an admin request (same signature) within its validity window, and
+    /// remember this one.
+    fn first_use(
+        &self,
+        req: &Request<'_>,
+        signed: SystemTime,
+        now: SystemTime,
+    ) -> Result<(), Response> {
+        let Some(signature) = req.header("authorization") else {
+            return Ok(());
+        };
+        let Ok(mut seen) = self.replay.lock() else {
+            return Err(Response::error(
+                500,
+                "InternalError",
+                "the replay cache is unavailable",
+            ));
+        };
+        let now = unix_secs(now);
+        if seen.len() >= MAX_REPLAY_ENTRIES {
+            seen.retain(|_, until| *until >= now);
+        }
+        if seen.get(signature).is_some_and(|until| *until >= now) {
+            return Err(Response::error(
+                401,
+                "Unauthorized",
+                "this signed request was already applied (replay)",
+            ));
+        }
+        if seen.len() >= MAX_REPLAY_ENTRIES {
+            return Err(Response::error(
+                503,
+                "Unavailable",
+                "too many admin requests; try again later",
+            ));
+        }
+        seen.insert(
+            signature.to_string(),
+            unix_secs(signed) + sign::MAX_SKEW.as_secs(),
+        );
+        Ok(())
+    }
+
+    /// The client's address for `nearest`: the TCP peer, or when that is a trusted proxy, the rightmost
+    /// hop of `Forwarded` (or else `X-Forwarded-For`) that is not itself a trusted proxy.
+    fn client_of(&self, req: &Request<'_>) -> Option<IpAddr> {
+        let peer = req.peer?;
+        let trusted = |ip: IpAddr| self.config.trusted_proxies.iter().any(|c| c.contains(ip));
+        if !trusted(peer) {
+            return Some(peer);
+        }
+        let hops: Vec<Option<IpAddr>> = if let Some(f) = req.header("forwarded") {
+            f.split(',')
+                .map(|element| {
+                    element
+                        .split(';')
+                        .filter_map(|pair| pair.trim().split_once('='))
+                        .find(|(k, _)| k.eq_ignore_ascii_case("for"))
+                        .and_then(|(_, v)| forwarded_ip(v))
+                })
+                .collect()
+        } else if let Some(x) = req.header("x-forwarded-for") {
+            x.split(',').map(forwarded_ip).collect()
+        } else {
+            return Some(peer);
+        };
+        let mut client = peer;
+        for hop in hops.into_iter().rev() {
+            match hop {
+                Some(ip) if trusted(ip) => client = ip,
+                Some(ip) => return Some(ip),
+                // An unreadable hop (obfuscated, "unknown"): the last address we can vouch for.
+                None => return Some(client),
+            }
+        }
+        Some(client)
+    }
+
+    fn issue(&self, req: &Request<'_>, now: SystemTime) -> Response {
+        let v = match parse_object(req.body) {
             Ok(v) => v,
             Err(r) => return r,
         };
+        // Without an id each token gets an identity of its own: revoking or metering one anonymous
+        // client must not touch every other one.
+        let anonymous;
         let id = match v.get("id") {
-            None | Some(Value::Null) => "anonymous",
+            None | Some(Value::Null) => {
+                anonymous = format!("anonymous-{:016x}", rand::random::<u64>());
+                anonymous.as_str()
+            }
             Some(Value::String(s)) if valid_identity(s) => s.as_str(),
             Some(_) => {
                 return Response::error(
@@ -252,13 +500,15 @@ impl Api {
                 )
             }
         };
+        // The longest (and default) lifetime: the relays' `[rest] max_ttl_seconds` (48 h by default).
+        let max_ttl = self.secrets.max_ttl();
         let ttl = match v.get("ttl") {
-            None | Some(Value::Null) => MAX_TTL,
+            None | Some(Value::Null) => max_ttl,
             Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
                 // Larger than the maximum: the default, as the cloud API does.
                 (Some(t), _) => {
-                    if t > MAX_TTL {
-                        MAX_TTL
+                    if t > max_ttl {
+                        max_ttl
                     } else {
                         t
                     }
@@ -279,7 +529,7 @@ impl Api {
                 )
             }
         };
-        let region = self.region_of(peer);
+        let region = self.region_of(self.client_of(req));
         match relay_configuration(
             &self.config.fleet,
             region,
@@ -309,8 +559,11 @@ impl Api {
         .unwrap_or(&self.config.region)
     }
 
-    fn revoke(&self, body: &[u8], now: SystemTime) -> Response {
-        let v = match parse_object(body) {
+    fn revoke(&self, req: &Request<'_>, signed: SystemTime, now: SystemTime) -> Response {
+        if let Err(r) = self.first_use(req, signed, now) {
+            return r;
+        }
+        let v = match parse_object(req.body) {
             Ok(v) => v,
             Err(r) => return r,
         };
@@ -321,11 +574,14 @@ impl Api {
         else {
             return Response::error(400, "InvalidRequest", "id (string) is required");
         };
-        // Default horizon: every credential minted so far (none outlives now + the maximum ttl).
+        // Default horizon: every credential the relays still accept (none outlives now + the maximum
+        // ttl + the clock skew allowance).
         let until = match v.get("until") {
-            None | Some(Value::Null) => unix(now) + MAX_TTL,
+            None | Some(Value::Null) => {
+                unix_secs(now) + self.secrets.max_ttl() + crate::auth::EXPIRY_SKEW
+            }
             Some(Value::String(s)) => match humantime::parse_rfc3339(s) {
-                Ok(t) => unix(t),
+                Ok(t) => unix_secs(t),
                 Err(_) => {
                     return Response::error(
                         400,
@@ -342,14 +598,24 @@ impl Api {
                 )
             }
         };
-        let lift = until <= unix(now);
+        let lift = until <= unix_secs(now);
         let stored = if lift { 0 } else { until };
-        if let Some(db) = &self.config.usage_db {
-            let res =
-                usage::Store::open_reader(db).and_then(|s| s.revoke(id, stored, unix_ms(now)));
-            if let Err(e) = res {
-                return Response::error(500, "StorageError", &e.to_string());
+        let applied = match self.store.lock() {
+            Ok(s) => s.apply(id, stored, unix_ms_at(signed), unix_ms_at(now)),
+            Err(_) => {
+                return Response::error(500, "StorageError", "the revocation store is unavailable")
             }
+        };
+        match applied {
+            Ok(revocations::Applied::Recorded) => {}
+            Ok(revocations::Applied::Stale(_)) => {
+                return Response::error(
+                    401,
+                    "Unauthorized",
+                    "a revoke or lift of this identity with a later x-ms-date was already applied",
+                )
+            }
+            Err(e) => return Response::error(500, "StorageError", &e.to_string()),
         }
         (self.hooks.revoke)(id, stored);
         Response::json(
@@ -375,7 +641,7 @@ impl Api {
                 _ => continue,
             };
             match humantime::parse_rfc3339(&v) {
-                Ok(t) => *slot = Some(unix_ms(t)),
+                Ok(t) => *slot = Some(unix_ms_at(t)),
                 Err(_) => {
                     return Response::error(
                         400,
@@ -385,7 +651,7 @@ impl Api {
                 }
             }
         }
-        let (since, until) = usage::summary_range(since, until, unix_ms(now));
+        let (since, until) = usage::summary_range(since, until, unix_ms_at(now));
         match usage::Store::open_reader(db).and_then(|s| s.summary(since, until)) {
             Ok(rows) => Response::json(200, &json!({ "identities": rows })),
             Err(e) => Response::error(500, "StorageError", &e.to_string()),
@@ -405,7 +671,7 @@ pub fn relay_configuration(
     ttl: u64,
     now: SystemTime,
 ) -> Option<Value> {
-    let cred = secrets.mint(id, unix(now), ttl)?;
+    let cred = secrets.mint(id, unix_secs(now), ttl)?;
     let entry = |route: &str| {
         let urls: Vec<String> = fleet
             .iter()
@@ -458,144 +724,23 @@ fn parse_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, Response>
     }
 }
 
+/// The address in one `X-Forwarded-For` hop or `Forwarded` `for=` value (RFC 7239: maybe quoted, IPv6
+/// in brackets, maybe with a port).
+fn forwarded_ip(v: &str) -> Option<IpAddr> {
+    let v = v.trim().trim_matches('"');
+    if let Ok(ip) = v.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(sa) = v.parse::<SocketAddr>() {
+        return Some(sa.ip());
+    }
+    v.strip_prefix('[')
+        .and_then(|r| r.split_once(']'))
+        .and_then(|(ip, _)| ip.parse().ok())
+}
+
 fn valid_identity(s: &str) -> bool {
     !s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control)
-}
-
-/// A running API server.
-pub struct ApiHandle {
-    server: Arc<tiny_http::Server>,
-    addr: SocketAddr,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for ApiHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiHandle")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ApiHandle {
-    /// The address it listens on (port resolved).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Stop accepting and wait for the threads.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        for _ in 0..self.threads.len() {
-            self.server.unblock();
-        }
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for ApiHandle {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
-
-/// Listen on `api.config.listen` (TLS when configured) and answer requests on threads of its own.
-pub fn serve(api: Api) -> std::io::Result<ApiHandle> {
-    let listen = api.config.listen;
-    let server = match &api.config.tls {
-        None => tiny_http::Server::http(listen),
-        Some((cert, key)) => {
-            let certificate = std::fs::read(cert)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("api tls certificate {}: {e}", cert.display())))?;
-            let private_key = std::fs::read(key)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("api tls key {}: {e}", key.display())))?;
-            // tiny_http panics on keys it cannot read; refuse them here with a message instead.
-            let text = String::from_utf8_lossy(&private_key);
-            if !text.contains("-----BEGIN PRIVATE KEY-----") && !text.contains("-----BEGIN RSA PRIVATE KEY-----") {
-                return Err(std::io::Error::other(format!(
-                    "api tls key {}: must be an unencrypted PKCS#8 (BEGIN PRIVATE KEY) or RSA PEM key",
-                    key.display()
-                )));
-            }
-            tiny_http::Server::https(
-                listen,
-                tiny_http::SslConfig {
-                    certificate,
-                    private_key,
-                },
-            )
-        }
-    }
-    .map_err(|e| std::io::Error::other(format!("api listen {listen}: {e}")))?;
-    let addr = server
-        .server_addr()
-        .to_ip()
-        .ok_or_else(|| std::io::Error::other("api: not an IP listener"))?;
-    let server = Arc::new(server);
-    let api = Arc::new(api);
-    let mut threads = Vec::with_capacity(THREADS);
-    for k in 0..THREADS {
-        let (server, api) = (server.clone(), api.clone());
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("turnpike-api-{k}"))
-                .spawn(move || {
-                    while let Ok(req) = server.recv() {
-                        answer(&api, req);
-                    }
-                })?,
-        );
-    }
-    tracing::info!(%addr, tls = api.config.tls.is_some(), "api listening");
-    Ok(ApiHandle {
-        server,
-        addr,
-        threads,
-    })
-}
-
-fn answer(api: &Api, mut req: tiny_http::Request) {
-    let mut body = Vec::new();
-    let too_big = req
-        .as_reader()
-        .take(MAX_BODY as u64 + 1)
-        .read_to_end(&mut body)
-        .map_or(true, |n| n > MAX_BODY);
-    let resp = if too_big {
-        Response::error(413, "PayloadTooLarge", "the body is too large")
-    } else {
-        let method = req.method().as_str().to_ascii_uppercase();
-        let headers = req
-            .headers()
-            .iter()
-            .map(|h| {
-                (
-                    h.field.as_str().as_str().to_string(),
-                    h.value.as_str().to_string(),
-                )
-            })
-            .collect();
-        let r = Request {
-            method: &method,
-            url: req.url(),
-            headers,
-            body: &body,
-            peer: req.remote_addr().map(|a| a.ip()),
-        };
-        api.handle(&r, SystemTime::now())
-    };
-    let content_type =
-        tiny_http::Header::from_bytes(&b"Content-Type"[..], resp.content_type.as_bytes());
-    let mut out = tiny_http::Response::from_data(resp.body).with_status_code(resp.status);
-    if let Ok(h) = content_type {
-        out = out.with_header(h);
-    }
-    let _ = req.respond(out);
 }
 
 #[cfg(test)]

@@ -115,9 +115,22 @@ pub struct Signed<'a> {
     pub body: &'a [u8],
 }
 
+/// A request whose signature checked out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    /// The index of the key that signed it.
+    pub key: usize,
+    /// Its `x-ms-date`.
+    pub date: SystemTime,
+}
+
 /// Verify a request against the access keys (any of them may have signed it, for rotation). The MAC is
 /// compared in constant time.
-pub fn verify(req: &Signed<'_>, keys: &[Vec<u8>], now: SystemTime) -> Result<(), SignError> {
+pub fn verify<K: AsRef<[u8]>>(
+    req: &Signed<'_>,
+    keys: &[K],
+    now: SystemTime,
+) -> Result<Verified, SignError> {
     let authorization = req
         .authorization
         .ok_or(SignError::MissingHeader("authorization"))?;
@@ -157,14 +170,10 @@ pub fn verify(req: &Signed<'_>, keys: &[Vec<u8>], now: SystemTime) -> Result<(),
         .and_then(|s| STANDARD.decode(s).ok())
         .ok_or(SignError::BadAuthorization)?;
     let text = string_to_sign(req.method, req.path_and_query, date, host, hash);
-    if keys
-        .iter()
-        .any(|k| mac(k, &text).verify_slice(&signature).is_ok())
-    {
-        Ok(())
-    } else {
-        Err(SignError::Signature)
-    }
+    keys.iter()
+        .position(|k| mac(k.as_ref(), &text).verify_slice(&signature).is_ok())
+        .map(|key| Verified { key, date: when })
+        .ok_or(SignError::Signature)
 }
 
 #[cfg(test)]
@@ -209,10 +218,17 @@ mod tests {
             authorization: Some(&auth),
             body,
         };
-        assert_eq!(verify(&req, &keys, now), Ok(()));
+        let signed_at = httpdate::parse_http_date(&date).unwrap();
         assert_eq!(
-            verify(&req, &keys, now + Duration::from_secs(14 * 60)),
-            Ok(())
+            verify(&req, &keys, now),
+            Ok(Verified {
+                key: 1,
+                date: signed_at
+            })
+        );
+        assert_eq!(
+            verify(&req, &keys, now + Duration::from_secs(14 * 60)).map(|v| v.key),
+            Ok(1)
         );
         assert_eq!(
             verify(&req, &keys, now + Duration::from_secs(16 * 60)),

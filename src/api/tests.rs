@@ -1,13 +1,26 @@
 //! [`Api::handle`] without sockets: signed requests in, exact responses out.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::*;
 
 const PATH: &str = "/networkTraversal/:issueRelayConfiguration?api-version=2022-03-01-preview";
 const HOST: &str = "api.example:443";
 const KEY: &[u8] = b"access-key";
+const MINT_ONLY: &[u8] = b"mint-only-key";
+
+fn temp_db() -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let p = std::env::temp_dir().join(format!(
+        "turnpike-api-unit-{}-{}.db",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&p);
+    p
+}
 
 fn now() -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(1_800_000_000)
@@ -15,9 +28,26 @@ fn now() -> SystemTime {
 
 fn api(revoked: Arc<Mutex<Vec<(String, u64)>>>, draining: bool) -> Api {
     let config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listen: "127.0.0.1:443".parse().unwrap(),
+        metrics_listen: None,
         tls: None,
-        access_keys: vec![b"old-key".to_vec(), KEY.to_vec()],
+        keys: [b"old-key".as_slice(), KEY]
+            .into_iter()
+            .map(|k| AccessKey {
+                secret: k.to_vec(),
+                mint: true,
+                admin: true,
+            })
+            .chain([AccessKey {
+                secret: MINT_ONLY.to_vec(),
+                mint: true,
+                admin: false,
+            }])
+            .collect(),
+        names: vec!["api.example".into()],
+        trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+        revocations_db: temp_db(),
+        limits: Limits::default(),
         fleet: vec![
             FleetRelay {
                 id: "eu-1".into(),
@@ -53,6 +83,7 @@ fn api(revoked: Arc<Mutex<Vec<(String, u64)>>>, draining: bool) -> Api {
         RestSecrets::new(vec![b"relay-secret".to_vec()]),
         hooks,
     )
+    .unwrap()
 }
 
 fn signed<'a>(
@@ -140,10 +171,15 @@ fn issues_credentials_for_every_route_type_that_the_relays_accept() {
             "turns:198.51.100.1:443?transport=tcp"
         ])
     );
-    assert!(v["iceServers"][0]["username"]
-        .as_str()
-        .unwrap()
-        .ends_with(":anonymous"));
+    // Without an id each token has an identity of its own.
+    let user = |v: &Value| v["iceServers"][0]["username"].as_str().unwrap().to_string();
+    let again = json_of(&a.handle(&signed("POST", PATH, body, KEY, now()), now()));
+    assert!(user(&v).contains(":anonymous-"), "{}", user(&v));
+    assert_ne!(
+        user(&v),
+        user(&again),
+        "two anonymous tokens, two identities"
+    );
 }
 
 #[test]
@@ -224,7 +260,11 @@ fn revoke_reaches_the_relay_and_health_metrics_and_routing() {
         now(),
     );
     assert_eq!(r.status, 200);
-    assert_eq!(json_of(&r)["until"], "2027-01-17T08:00:00Z");
+    assert_eq!(
+        json_of(&r)["until"],
+        "2027-01-17T08:05:00Z",
+        "now + max ttl + skew: every credential a relay still accepts"
+    );
     let r = a.handle(
         &signed(
             "POST",
@@ -243,7 +283,7 @@ fn revoke_reaches_the_relay_and_health_metrics_and_routing() {
     assert_eq!(
         *revoked.lock().unwrap(),
         vec![
-            ("carol".to_string(), 1_800_172_800),
+            ("carol".to_string(), 1_800_173_100),
             ("dave".to_string(), 0)
         ]
     );
@@ -289,4 +329,120 @@ fn revoke_reaches_the_relay_and_health_metrics_and_routing() {
     assert_eq!(get(&a, "/usage").status, 401);
     let r = a.handle(&signed("GET", "/usage", b"", KEY, now()), now());
     assert_eq!(r.status, 404, "metering not configured");
+}
+
+#[test]
+fn host_roles_replays_and_stale_admin_requests_are_refused() {
+    let revoked = Arc::new(Mutex::new(Vec::new()));
+    let a = api(revoked.clone(), false);
+    let url = "/admin/revoke?api-version=2022-03-01-preview";
+    let status = |r: &Request<'_>| a.handle(r, now()).status;
+
+    // Host: one of the names, any case, with the listen port when it has one.
+    for (host, want) in [
+        ("API.example", 200),
+        ("api.example:443", 200),
+        ("api.example:8443", 401),
+        ("other.example:443", 401),
+    ] {
+        let (date, hash, auth) = sign::sign(KEY, "POST", PATH, host, b"", now());
+        let r = Request {
+            method: "POST",
+            url: PATH,
+            headers: vec![
+                ("Host".into(), host.into()),
+                ("x-ms-date".into(), date),
+                ("x-ms-content-sha256".into(), hash),
+                ("Authorization".into(), auth),
+            ],
+            body: b"",
+            peer: None,
+        };
+        assert_eq!(status(&r), want, "{host}");
+    }
+
+    // A mint-only key mints but may not revoke or read usage.
+    assert_eq!(status(&signed("POST", PATH, b"", MINT_ONLY, now())), 200);
+    let r = a.handle(
+        &signed("POST", url, br#"{"id": "x"}"#, MINT_ONLY, now()),
+        now(),
+    );
+    assert_eq!(
+        (r.status, json_of(&r)["error"]["code"].clone()),
+        (403, json!("Forbidden"))
+    );
+    assert_eq!(status(&signed("GET", "/usage", b"", MINT_ONLY, now())), 403);
+
+    // An identical revoke is a replay; token requests may repeat.
+    let revoke = signed("POST", url, br#"{"id": "carol"}"#, KEY, now());
+    assert_eq!(status(&revoke), 200);
+    assert_eq!(status(&revoke), 401, "replayed revoke");
+    let token = signed("POST", PATH, b"", KEY, now());
+    assert_eq!((status(&token), status(&token)), (200, 200));
+
+    // A lift signed before the last applied revoke is refused, a later one applies.
+    let lift = br#"{"id": "carol", "until": "2020-01-01T00:00:00Z"}"#;
+    let old = signed("POST", url, lift, KEY, now() - Duration::from_secs(60));
+    let r = a.handle(&old, now());
+    assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+    let newer = signed("POST", url, lift, KEY, now() + Duration::from_secs(1));
+    assert_eq!(status(&newer), 200);
+    assert_eq!(status(&newer), 401, "replayed lift");
+    assert_eq!(
+        *revoked.lock().unwrap(),
+        vec![
+            ("carol".to_string(), 1_800_173_100),
+            ("carol".to_string(), 0)
+        ],
+        "only the applied ones reached the relay"
+    );
+}
+
+#[test]
+fn forwarded_headers_count_only_from_trusted_proxies() {
+    let a = api(Arc::default(), false);
+    let body = br#"{"routeType": "nearest"}"#;
+    let region = |peer: &str, header: Option<(&str, &str)>| {
+        let mut r = signed("POST", PATH, body, KEY, now());
+        r.peer = Some(peer.parse().unwrap());
+        if let Some((n, v)) = header {
+            r.headers.push((n.into(), v.into()));
+        }
+        let v = json_of(&a.handle(&r, now()));
+        let url = v["iceServers"][0]["urls"][0].as_str().unwrap().to_string();
+        if url.contains("198.51.100.1") {
+            "us"
+        } else {
+            "eu"
+        }
+    };
+    let us_client = Some(("X-Forwarded-For", "203.0.113.9"));
+    assert_eq!(
+        region("192.0.2.7", us_client),
+        "eu",
+        "untrusted peer: header ignored"
+    );
+    assert_eq!(
+        region("10.1.2.3", us_client),
+        "us",
+        "trusted proxy: header used"
+    );
+    // The rightmost hop that is not itself a trusted proxy; a forged leftmost hop does not count.
+    assert_eq!(
+        region(
+            "10.1.2.3",
+            Some(("X-Forwarded-For", "203.0.113.9, 192.0.2.50, 10.9.9.9"))
+        ),
+        "eu"
+    );
+    assert_eq!(
+        region(
+            "10.1.2.3",
+            Some((
+                "Forwarded",
+                "for=192.0.2.50, for=\"203.0.113.9:4711\";proto=https"
+            ))
+        ),
+        "us"
+    );
 }

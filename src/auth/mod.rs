@@ -21,6 +21,7 @@ pub use nonce::{
 };
 pub use rest::{
     parse_rest_username, rest_password, RestCredential, RestError, RestSecrets, RestUsername,
+    DEFAULT_MAX_TTL, EXPIRY_SKEW,
 };
 
 /// RFC 8489 §9.2.2: the long-term key `MD5(username ":" realm ":" password)`.

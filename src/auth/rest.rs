@@ -50,12 +50,35 @@ pub struct RestUsername<'a> {
 #[derive(Clone)]
 pub struct RestSecrets {
     secrets: Vec<Vec<u8>>,
+    max_ttl: u64,
 }
 
+/// The default longest credential lifetime the relay accepts (`[rest] max_ttl_seconds`): 48 hours, as
+/// in the cloud API.
+pub const DEFAULT_MAX_TTL: u64 = 172_800;
+/// How far a credential's expiry may lie beyond now + the maximum TTL (clocks of minter and relay
+/// differ): 5 minutes.
+pub const EXPIRY_SKEW: u64 = 300;
+
 impl RestSecrets {
-    /// Wraps the live secrets, current one first, then older ones still accepted.
+    /// Wraps the live secrets, current one first, then older ones still accepted; credentials may
+    /// live at most [`DEFAULT_MAX_TTL`].
     pub fn new(secrets: Vec<Vec<u8>>) -> Self {
-        Self { secrets }
+        Self {
+            secrets,
+            max_ttl: DEFAULT_MAX_TTL,
+        }
+    }
+
+    /// The same secrets with a longest credential lifetime of `max_ttl` seconds.
+    pub fn with_max_ttl(self, max_ttl: u64) -> Self {
+        Self { max_ttl, ..self }
+    }
+
+    /// The longest lifetime a credential may have: [`RestSecrets::passwords`] refuses an expiry beyond
+    /// now + this + [`EXPIRY_SKEW`], and nothing should be minted beyond it.
+    pub fn max_ttl(&self) -> u64 {
+        self.max_ttl
     }
 
     /// Whether there is no secret at all (REST authentication is then off).
@@ -82,8 +105,10 @@ impl RestSecrets {
     ///
     /// The server derives the long-term key (RFC 8489 §9.2.2) of each and accepts the request if
     /// any of them verifies its MESSAGE-INTEGRITY. Fails with [`RestError::Malformed`] if the
-    /// username is not REST-shaped and [`RestError::Expired`] if `expiry < unix_now` (a credential
-    /// is still valid in its expiry second).
+    /// username is not REST-shaped, [`RestError::Expired`] if `expiry < unix_now` (a credential
+    /// is still valid in its expiry second), and [`RestError::BeyondMaxTtl`] if its expiry lies beyond
+    /// `unix_now` + the maximum TTL + [`EXPIRY_SKEW`] (so that a revocation horizon of now + max TTL
+    /// covers every credential still accepted).
     pub fn passwords(
         &self,
         username: &str,
@@ -92,6 +117,13 @@ impl RestSecrets {
         let parsed = parse_rest_username(username).ok_or(RestError::Malformed)?;
         if parsed.expiry < unix_now {
             return Err(RestError::Expired);
+        }
+        if parsed.expiry
+            > unix_now
+                .saturating_add(self.max_ttl)
+                .saturating_add(EXPIRY_SKEW)
+        {
+            return Err(RestError::BeyondMaxTtl);
         }
         // Owned, so that the iterator borrows only `self`.
         let username = username.to_owned();
@@ -107,6 +139,7 @@ impl fmt::Debug for RestSecrets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RestSecrets")
             .field("count", &self.secrets.len())
+            .field("max_ttl", &self.max_ttl)
             .finish_non_exhaustive()
     }
 }
@@ -129,6 +162,8 @@ pub enum RestError {
     Malformed,
     /// The expiry is in the past.
     Expired,
+    /// The expiry lies beyond now + the maximum TTL (+ skew).
+    BeyondMaxTtl,
 }
 
 impl RestError {
@@ -137,6 +172,7 @@ impl RestError {
         match self {
             Self::Malformed => "malformed REST username",
             Self::Expired => "expired REST credential",
+            Self::BeyondMaxTtl => "REST credential outlives the maximum TTL",
         }
     }
 }
@@ -289,7 +325,19 @@ mod tests {
     fn debug_does_not_show_secrets() {
         let secrets = RestSecrets::new(vec![b"hunter2-hunter2".to_vec()]);
         let shown = format!("{secrets:?}");
-        assert_eq!(shown, "RestSecrets { count: 1, .. }");
+        assert_eq!(shown, "RestSecrets { count: 1, max_ttl: 172800, .. }");
         assert!(!shown.contains("hunter2") && !shown.contains("104"));
+    }
+
+    #[test]
+    fn expiries_beyond_the_maximum_ttl_and_skew_are_refused() {
+        let s = RestSecrets::new(vec![b"k".to_vec()]).with_max_ttl(3600);
+        let now = 1_700_000_000;
+        assert!(s.passwords(&format!("{}:a", now + 3600 + 300), now).is_ok());
+        assert_eq!(
+            s.passwords(&format!("{}:a", now + 3600 + 301), now).err(),
+            Some(RestError::BeyondMaxTtl)
+        );
+        assert_eq!(RestSecrets::new(vec![]).max_ttl(), DEFAULT_MAX_TTL);
     }
 }

@@ -94,6 +94,7 @@ pub(super) struct RawUser {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawRest {
     pub(super) secrets: Vec<String>,
+    pub(super) max_ttl_seconds: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -218,6 +219,31 @@ pub(super) struct RawApi {
     pub(super) fleet: Vec<RawFleetRelay>,
     #[serde(default)]
     pub(super) client_regions: Vec<RawClientRegion>,
+    #[serde(default)]
+    pub(super) admin_keys: Vec<String>,
+    pub(super) metrics_listen: Option<String>,
+    #[serde(default)]
+    pub(super) names: Vec<String>,
+    #[serde(default)]
+    pub(super) trusted_proxies: Vec<String>,
+    pub(super) revocations_database: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) allow_plaintext_on_public_address: bool,
+    #[serde(default)]
+    pub(super) limits: RawApiLimits,
+}
+
+/// `[api.limits]`; every key defaults to [`crate::api::Limits::default`].
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawApiLimits {
+    pub(super) max_header_bytes: Option<usize>,
+    pub(super) max_headers: Option<usize>,
+    pub(super) max_body_bytes: Option<usize>,
+    pub(super) header_read_timeout_seconds: Option<u64>,
+    pub(super) request_timeout_seconds: Option<u64>,
+    pub(super) max_connections: Option<usize>,
+    pub(super) max_concurrent_requests: Option<usize>,
 }
 
 #[derive(Deserialize)]

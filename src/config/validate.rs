@@ -210,13 +210,24 @@ impl RawConfig {
                 "must not be empty",
             ));
         }
+        let max_ttl = self
+            .rest
+            .max_ttl_seconds
+            .unwrap_or(crate::auth::DEFAULT_MAX_TTL);
+        if max_ttl == 0 || max_ttl > 30 * 86_400 {
+            return Err(ConfigError::new(
+                "rest.max_ttl_seconds",
+                format!("must be 1 to 2592000 (30 days) (got {max_ttl})"),
+            ));
+        }
         let rest_secrets = RestSecrets::new(
             self.rest
                 .secrets
                 .into_iter()
                 .map(String::into_bytes)
                 .collect(),
-        );
+        )
+        .with_max_ttl(max_ttl);
 
         let lifetimes = &self.lifetimes;
         for (key, v) in [
@@ -291,7 +302,7 @@ impl RawConfig {
             streams,
             relay_id,
             pid_file: self.pid_file,
-            api_listen: None,
+            api: None,
             usage: self.usage.map(api::usage).transpose()?,
         };
         let mut live = Live {
@@ -336,8 +347,8 @@ impl RawConfig {
             ConfigError::new(key, e.problem)
         })?;
         if let Some(raw) = self.api {
-            let (listen, api) = api::api(raw, &fixed)?;
-            fixed.api_listen = Some(listen);
+            let (fixed_api, api) = api::api(raw, &fixed)?;
+            fixed.api = Some(fixed_api);
             live.api = Some(api);
         }
         Ok(RelayConfig { fixed, live })

@@ -1222,7 +1222,7 @@ impl<R: RngCore> Server<R> {
         } else {
             let passwords = match self.config.rest_secrets.passwords(username, unix_now) {
                 Ok(p) => p,
-                Err(RestError::Expired | RestError::Malformed) => {
+                Err(RestError::Expired | RestError::Malformed | RestError::BeyondMaxTtl) => {
                     return Err(Reject::Unauthenticated)
                 }
             };

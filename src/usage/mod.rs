@@ -1,5 +1,5 @@
-//! Metering: durable per-allocation usage records in SQLite, per-identity summaries, and the revocation
-//! list.
+//! Metering: durable per-allocation usage records in SQLite and per-identity summaries. (The same file
+//! may hold the API's revocations: `api::revocations`.)
 //!
 //! Counting happens elsewhere: the workers count bytes and packets per relay socket on the fast path
 //! (plain integers in their own route tables, no locks, no allocation), and the control thread folds
@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use serde::Serialize;
 
 use crate::sys::file::{FileLock, LockError};
@@ -188,11 +188,6 @@ CREATE TABLE IF NOT EXISTS allocations (
 );
 CREATE INDEX IF NOT EXISTS allocations_by_time ON allocations (started_ms);
 CREATE INDEX IF NOT EXISTS allocations_by_end ON allocations (ended_ms);
-CREATE TABLE IF NOT EXISTS revocations (
-    identity   TEXT PRIMARY KEY,
-    until      INTEGER NOT NULL,
-    revoked_ms INTEGER NOT NULL
-);
 ";
 
 /// A connection to the usage database.
@@ -362,48 +357,6 @@ impl Store {
         Ok(total)
     }
 
-    /// Record a revocation (see [`Store::revocations`]); `until == 0` lifts it.
-    pub fn revoke(&self, identity: &str, until: u64, now_ms: u64) -> Result<(), Error> {
-        if until == 0 {
-            self.conn.execute(
-                "DELETE FROM revocations WHERE identity = ?1",
-                params![identity],
-            )?;
-        } else {
-            self.conn.execute(
-                "INSERT INTO revocations (identity, until, revoked_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (identity) DO UPDATE SET until = excluded.until,
-                    revoked_ms = excluded.revoked_ms",
-                params![identity, until.min(i64::MAX as u64) as i64, now_ms as i64],
-            )?;
-        }
-        Ok(())
-    }
-
-    /// Revocations whose horizon has not passed at `unix_now`: (identity, horizon in Unix seconds).
-    pub fn revocations(&self, unix_now: u64) -> Result<Vec<(String, u64)>, Error> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT identity, until FROM revocations WHERE until >= ?1")?;
-        let rows = stmt.query_map(params![unix_now as i64], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// The revocation horizon of `identity`, if any.
-    pub fn revocation(&self, identity: &str) -> Result<Option<u64>, Error> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT until FROM revocations WHERE identity = ?1",
-                params![identity],
-                |row| row.get::<_, i64>(0),
-            )
-            .optional()?
-            .map(|u| u as u64))
-    }
-
     /// This run's id.
     pub fn run_id(&self) -> i64 {
         self.run_id
@@ -510,62 +463,5 @@ mod tests {
         assert!(s.summary(0, 500).unwrap().is_empty());
         assert_eq!(s.summary(4_500, 20_000).unwrap()[0].allocations, 1);
         assert!(render_table(&sum).contains("carol"));
-    }
-
-    #[test]
-    fn revocations_persist_and_can_be_lifted() {
-        let path = temp("revoke");
-        let s = Store::open(&path, "r1", 0).unwrap();
-        s.revoke("carol", 2_000, 0).unwrap();
-        s.revoke("dave", 500, 0).unwrap();
-        drop(s);
-        let s = Store::open_reader(&path).unwrap();
-        assert_eq!(
-            s.revocations(1_000).unwrap(),
-            vec![("carol".to_string(), 2_000)]
-        );
-        assert_eq!(s.revocation("carol").unwrap(), Some(2_000));
-        s.revoke("carol", 0, 0).unwrap();
-        assert!(s.revocations(0).unwrap().iter().all(|(i, _)| i != "carol"));
-    }
-
-    #[test]
-    fn prune_deletes_only_closed_rows_past_the_retention() {
-        let path = temp("prune");
-        let mut s = Store::open(&path, "r1", 0).unwrap();
-        let day = 86_400_000;
-        s.record(&[
-            rec(1, "old-closed", 10 * day, true, 10),
-            rec(2, "old-open", 10 * day, false, 10),
-            rec(3, "recent-closed", 95 * day, true, 10),
-        ])
-        .unwrap();
-        let retention = Duration::from_secs(90 * 86_400);
-        // At day 100 the cut-off is day 10: a row that ended exactly then stays.
-        assert_eq!(s.prune(100 * day, retention).unwrap(), 0);
-        assert_eq!(s.prune(100 * day + 1, retention).unwrap(), 1);
-        let ids: Vec<_> = s
-            .summary(0, u64::MAX)
-            .unwrap()
-            .into_iter()
-            .map(|u| u.identity)
-            .collect();
-        assert_eq!(ids, ["old-open", "recent-closed"]);
-        assert_eq!(
-            s.prune(u64::MAX, retention).unwrap(),
-            1,
-            "open rows never go"
-        );
-    }
-
-    #[test]
-    fn an_open_summary_range_is_the_last_31_days() {
-        let span = DEFAULT_SPAN.as_millis() as u64;
-        assert_eq!(summary_range(None, None, 10 * span), (9 * span, 10 * span));
-        assert_eq!(
-            summary_range(None, Some(span / 2), 10 * span),
-            (0, span / 2)
-        );
-        assert_eq!(summary_range(Some(7), None, 10 * span), (7, 10 * span));
     }
 }

@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::api::FleetRelay;
-use crate::config::raw::{RawApi, RawUsage};
-use crate::config::{ConfigError, Fixed, LiveApi, TlsFiles};
+use crate::api::{AccessKey, FleetRelay, Limits};
+use crate::config::raw::{RawApi, RawApiLimits, RawUsage};
+use crate::config::{ConfigError, Fixed, FixedApi, LiveApi, TlsFiles};
 use crate::policy::Cidr;
 use crate::usage;
 use base64::engine::general_purpose::STANDARD;
@@ -45,7 +45,7 @@ pub(super) fn relay_id(id: String) -> Result<String, ConfigError> {
 
 /// `[api]`: where it listens (fixed) and its keys, files, fleet and regions (live). The fleet starts
 /// with this relay, at its public addresses (default: its listeners).
-pub(super) fn api(raw: RawApi, fixed: &Fixed) -> Result<(SocketAddr, LiveApi), ConfigError> {
+pub(super) fn api(raw: RawApi, fixed: &Fixed) -> Result<(FixedApi, LiveApi), ConfigError> {
     let (relay_id, listen) = (fixed.relay_id.as_str(), &fixed.listen);
     let addr = SocketAddr::from_str(&raw.listen).map_err(|_| {
         ConfigError::new(
@@ -56,29 +56,29 @@ pub(super) fn api(raw: RawApi, fixed: &Fixed) -> Result<(SocketAddr, LiveApi), C
             ),
         )
     })?;
-    if raw.access_keys.is_empty() {
+    if raw.access_keys.is_empty() && raw.admin_keys.is_empty() {
         return Err(ConfigError::new(
             "api.access_keys",
             "at least one access key (base64) is needed to sign API requests",
         ));
     }
-    let mut access_keys = Vec::with_capacity(raw.access_keys.len());
-    for (i, k) in raw.access_keys.iter().enumerate() {
-        match STANDARD.decode(k) {
-            Ok(bytes) if bytes.len() >= 16 => access_keys.push(bytes),
-            Ok(_) => return Err(ConfigError::new(
-                format!("api.access_keys[{i}]"),
-                "too short: use at least 16 random bytes (e.g. `head -c 32 /dev/urandom | base64`)",
-            )),
-            Err(_) => {
-                return Err(ConfigError::new(
-                    format!("api.access_keys[{i}]"),
-                    "is not base64 (standard alphabet, with padding)",
-                ))
-            }
+    // Without admin_keys the single list keeps every role, as before (the server warns at start).
+    let legacy = raw.admin_keys.is_empty();
+    let mut keys = Vec::with_capacity(raw.access_keys.len() + raw.admin_keys.len());
+    for (list, name, admin) in [
+        (&raw.access_keys, "access_keys", false),
+        (&raw.admin_keys, "admin_keys", true),
+    ] {
+        for (i, k) in list.iter().enumerate() {
+            keys.push(AccessKey {
+                secret: decode_key(&format!("api.{name}[{i}]"), k)?,
+                mint: !admin,
+                admin: admin || legacy,
+            });
         }
     }
-    let tls = match (raw.tls_cert, raw.tls_key) {
+    let plaintext = raw.allow_plaintext_on_public_address;
+    let tls = match (raw.tls_cert.clone(), raw.tls_key) {
         (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
         (None, None) => None,
         (Some(_), None) => {
@@ -169,10 +169,69 @@ pub(super) fn api(raw: RawApi, fixed: &Fixed) -> Result<(SocketAddr, LiveApi), C
             })
         })
         .collect::<Result<_, _>>()?;
+    if raw.tls_cert.is_none() && !addr.ip().to_canonical().is_loopback() && !plaintext {
+        return Err(ConfigError::new(
+            "api.listen",
+            format!(
+                "{addr} is not a loopback address and the API has no TLS (api.tls_cert, api.tls_key): \
+                 access keys and tokens would cross the network in clear text. Configure TLS, listen on \
+                 loopback behind a TLS proxy, or set api.allow_plaintext_on_public_address = true"
+            ),
+        ));
+    }
+    let metrics_listen = raw
+        .metrics_listen
+        .as_deref()
+        .map(|m| {
+            SocketAddr::from_str(m).map_err(|_| {
+                ConfigError::new(
+                    "api.metrics_listen",
+                    format!("{m:?} is not an IP:port address (e.g. \"127.0.0.1:9090\")"),
+                )
+            })
+        })
+        .transpose()?;
+    let names = if raw.names.is_empty() {
+        // The listen address, and the hosts clients reach this relay at.
+        std::iter::once(addr.to_string())
+            .chain(fleet[0].addresses.iter().map(|a| host_of(a).to_string()))
+            .map(|n| n.to_ascii_lowercase())
+            .collect()
+    } else {
+        raw.names
+            .iter()
+            .map(|n| n.trim().to_ascii_lowercase())
+            .collect()
+    };
+    let trusted_proxies = raw
+        .trusted_proxies
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            Cidr::from_str(c)
+                .map_err(|e| ConfigError::new(format!("api.trusted_proxies[{i}]"), e.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
+    let revocations_db = match (raw.revocations_database, &fixed.usage) {
+        (Some(p), _) if !p.as_os_str().is_empty() => p,
+        (None, Some(u)) => u.database.clone(),
+        _ => return Err(ConfigError::new(
+            "api.revocations_database",
+            "revocations must survive a restart: give a file path for them (or configure [usage], \
+                 whose database then keeps them)",
+        )),
+    };
     Ok((
-        addr,
+        FixedApi {
+            listen: addr,
+            metrics_listen,
+            limits: limits(&raw.limits)?,
+            revocations_db,
+        },
         LiveApi {
-            access_keys,
+            keys,
+            names,
+            trusted_proxies,
             tls,
             region: raw.region,
             fleet,
@@ -181,6 +240,88 @@ pub(super) fn api(raw: RawApi, fixed: &Fixed) -> Result<(SocketAddr, LiveApi), C
     ))
 }
 
+fn decode_key(key: &str, k: &str) -> Result<Vec<u8>, ConfigError> {
+    match STANDARD.decode(k) {
+        Ok(bytes) if bytes.len() >= 16 => Ok(bytes),
+        Ok(_) => Err(ConfigError::new(
+            key,
+            "too short: use at least 16 random bytes (e.g. `head -c 32 /dev/urandom | base64`)",
+        )),
+        Err(_) => Err(ConfigError::new(
+            key,
+            "is not base64 (standard alphabet, with padding)",
+        )),
+    }
+}
+
+/// The host of a `host:port` address (IPv6 keeps its brackets).
+fn host_of(a: &str) -> &str {
+    a.rsplit_once(':').map_or(a, |(h, _)| h)
+}
+
+/// `[api.limits]`, each key checked against a sane range.
+fn limits(raw: &RawApiLimits) -> Result<Limits, ConfigError> {
+    let d = Limits::default();
+    let range = |key: &str, v: Option<usize>, default: usize, min: usize, max: usize| match v {
+        None => Ok(default),
+        Some(v) if (min..=max).contains(&v) => Ok(v),
+        Some(v) => Err(ConfigError::new(
+            format!("api.limits.{key}"),
+            format!("must be {min} to {max} (got {v})"),
+        )),
+    };
+    let secs = |key: &str, v: Option<u64>, default: Duration| {
+        range(
+            key,
+            v.map(|s| s as usize),
+            default.as_secs() as usize,
+            1,
+            3600,
+        )
+        .map(|s| Duration::from_secs(s as u64))
+    };
+    Ok(Limits {
+        max_header_bytes: range(
+            "max_header_bytes",
+            raw.max_header_bytes,
+            d.max_header_bytes,
+            1024,
+            1 << 20,
+        )?,
+        max_headers: range("max_headers", raw.max_headers, d.max_headers, 8, 1000)?,
+        max_body_bytes: range(
+            "max_body_bytes",
+            raw.max_body_bytes,
+            d.max_body_bytes,
+            1024,
+            16 << 20,
+        )?,
+        header_read_timeout: secs(
+            "header_read_timeout_seconds",
+            raw.header_read_timeout_seconds,
+            d.header_read_timeout,
+        )?,
+        request_timeout: secs(
+            "request_timeout_seconds",
+            raw.request_timeout_seconds,
+            d.request_timeout,
+        )?,
+        max_connections: range(
+            "max_connections",
+            raw.max_connections,
+            d.max_connections,
+            1,
+            100_000,
+        )?,
+        max_concurrent_requests: range(
+            "max_concurrent_requests",
+            raw.max_concurrent_requests,
+            d.max_concurrent_requests,
+            1,
+            10_000,
+        )?,
+    })
+}
 /// The longest `usage.retention_days`: a century.
 const MAX_RETENTION_DAYS: u64 = 36_500;
 
@@ -245,7 +386,15 @@ mod tests {
             "default: the listen addresses"
         );
         assert_eq!(api.fleet[1].addresses, ["turn.example.org:3478"]);
-        assert_eq!(api.access_keys, [b"key-key-key-key-key".to_vec()]);
+        assert_eq!(
+            api.keys,
+            [crate::api::AccessKey {
+                secret: b"key-key-key-key-key".to_vec(),
+                mint: true,
+                admin: true
+            }],
+            "a single list: every role"
+        );
         assert_eq!(
             api.usage_db.as_deref(),
             Some(std::path::Path::new("/tmp/u.db"))
@@ -270,7 +419,7 @@ mod tests {
         let c = RelayConfig::from_toml(&format!(
             "listen_tcp = [\"192.0.2.1:3478\"]\nlisten_tls = [\"192.0.2.1:443\"]\n\
              tls.cert = \"/c\"\ntls.key = \"/k\"\n{BASE}\
-             [api]\nlisten = \"127.0.0.1:8080\"\naccess_keys = [\"{KEY}\"]\n\
+             [api]\nlisten = \"127.0.0.1:8080\"\naccess_keys = [\"{KEY}\"]\nrevocations_database = \"/tmp/r.db\"\n\
              [[api.fleet]]\nid = \"us-1\"\nregion = \"us\"\naddresses = [\"turn.example.org:3478\"]\n\
              tls_addresses = [\"turn.example.org:443\"]\n"
         ))
@@ -288,6 +437,54 @@ mod tests {
         );
         assert!(api.fleet[1].tcp_addresses.is_empty());
         assert_eq!(api.fleet[1].tls_addresses, ["turn.example.org:443"]);
+    }
+
+    #[test]
+    fn roles_names_limits_and_the_plaintext_guard() {
+        const ADMIN: &str = "YWRtaW4ta2V5LWFkbWluLWtleQ==";
+        let c = RelayConfig::from_toml(&format!(
+            "{BASE}[api]\nlisten = \"127.0.0.1:8080\"\naccess_keys = [\"{KEY}\"]\nadmin_keys = [\"{ADMIN}\"]\n\
+             revocations_database = \"/tmp/r.db\"\nmetrics_listen = \"127.0.0.1:9090\"\n\
+             trusted_proxies = [\"10.0.0.0/8\"]\n[api.limits]\nmax_headers = 20\n"
+        ))
+        .unwrap();
+        let api = c.api().unwrap();
+        assert_eq!(
+            api.keys
+                .iter()
+                .map(|k| (k.mint, k.admin))
+                .collect::<Vec<_>>(),
+            [(true, false), (false, true)]
+        );
+        assert_eq!(api.names, ["127.0.0.1:8080", "192.0.2.1"], "default names");
+        assert_eq!(api.limits.max_headers, 20);
+        assert_eq!(
+            api.limits.max_body_bytes,
+            crate::api::Limits::default().max_body_bytes
+        );
+        let policy = c.peer_policy();
+        assert_eq!(
+            policy.check("127.0.0.1:9090".parse().unwrap()),
+            Err(crate::policy::Denied::ServicePort),
+            "the metrics listener is a service port"
+        );
+        let plain = "[api]\nlisten = \"192.0.2.1:8080\"\naccess_keys = [\"a2V5LWtleS1rZXkta2V5LWtleQ==\"]\n\
+                     revocations_database = \"/tmp/r.db\"\n";
+        error(plain, "api.listen", "clear text");
+        assert!(RelayConfig::from_toml(&format!(
+            "{BASE}{plain}allow_plaintext_on_public_address = true\n"
+        ))
+        .is_ok());
+        error(
+            &format!("[api]\nlisten = \"127.0.0.1:1\"\naccess_keys = [\"{KEY}\"]\n"),
+            "api.revocations_database",
+            "survive a restart",
+        );
+        error(
+            &format!("[api]\nlisten = \"127.0.0.1:1\"\naccess_keys = [\"{KEY}\"]\nrevocations_database = \"r\"\n[api.limits]\nmax_connections = 0\n"),
+            "api.limits.max_connections",
+            "1 to",
+        );
     }
 
     #[test]
