@@ -19,7 +19,7 @@ declare -A allowed=(
   [control]="server route sys metrics dataplane wire auth policy config"
   [usage]="metrics sys"
   [api]="auth metrics usage policy"
-  [reload]="config control server metrics"
+  [reload]="config control server metrics api"
   [service]="wire auth policy route server sys metrics dataplane control config usage api"
 )
 

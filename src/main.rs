@@ -325,6 +325,8 @@ fn reload_on_sighup(
     log_level: LogLevel,
 ) {
     let reloader = service.relay().reloader();
+    let api = service.api_reload();
+    let api_tls = service.api_tls();
     let streams = service.relay().streams().clone();
     let cli = cli.clone();
     let mut signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]) {
@@ -345,16 +347,15 @@ fn reload_on_sighup(
                     .as_ref()
                     .map(|f| load_tls(f, TLS_KEYS))
                     .transpose()?;
-                if let Some(files) = c.live.api.as_ref().and_then(|a| a.tls.as_ref()) {
-                    load_tls(files, API_TLS_KEYS)?;
-                }
-                Ok((c, tls))
+                let api_cert = c.live.api.as_ref().and_then(|a| a.tls.as_ref());
+                let api_cert = api_cert.map(|f| load_tls(f, API_TLS_KEYS)).transpose()?;
+                Ok((c, tls, api_cert))
             });
-            let (new, tls) = match new {
-                Ok((c, tls)) => (Ok(c), tls),
-                Err(e) => (Err(e), None),
+            let (new, tls, api_cert) = match new {
+                Ok((c, tls, api_cert)) => (Ok(c), tls, api_cert),
+                Err(e) => (Err(e), None, None),
             };
-            if turnpike::reload::apply(&mut running, new, &reloader).is_ok() {
+            if turnpike::reload::apply(&mut running, new, &reloader, api.as_ref()).is_ok() {
                 let level = LevelFilter::from_level(running.live.log_level);
                 if let Err(e) = log_level.modify(|l| *l = level) {
                     tracing::warn!("reload: cannot change the log level: {e}");
@@ -362,6 +363,12 @@ fn reload_on_sighup(
                 if let (Some(cfg), Some(files)) = (tls, &running.live.tls) {
                     streams.set_tls(cfg);
                     tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
+                }
+                // The API serves TLS or plain HTTP from start to exit; only its pair can change.
+                let api_files = running.live.api.as_ref().and_then(|a| a.tls.as_ref());
+                if let (Some(cfg), Some(slot), Some(files)) = (api_cert, &api_tls, api_files) {
+                    slot.set(cfg);
+                    tracing::info!(cert = %files.cert.display(), "API TLS certificate reloaded");
                 }
             }
         }

@@ -1,15 +1,16 @@
 //! A configuration reload (SIGHUP, `turnpike reload`): a newly read and validated [`RelayConfig`] is
 //! compared with the running one; what cannot change live ([`Fixed`](crate::config::Fixed)) is
 //! reported and kept, what can ([`Live`](crate::config::Live)) goes to the running relay without
-//! dropping an allocation ([`Reloader::reload`]). Every reload is counted in the relay's
+//! dropping an allocation ([`Reloader::reload`]), then to the HTTP API ([`ApiReload`]). Every reload is counted in the relay's
 //! [`Reloads`](crate::metrics::Reloads), as a success or a failure.
 //!
 //! The caller (`main`) reads the file, applies the command line's overrides and loads the TLS files
 //! before calling [`apply`], so that a failure at any step changes nothing; it then sets the log level
 //! and the TLS configuration from the returned settings.
 //!
-//! May use: config, control, server, metrics.
+//! May use: config, control, server, metrics, api.
 
+use crate::api::ApiReload;
 use crate::clock::unix_now;
 use crate::config::RelayConfig;
 use crate::control::Reloader;
@@ -32,8 +33,9 @@ pub fn apply(
     running: &mut RelayConfig,
     new: Result<RelayConfig, String>,
     relay: &Reloader,
+    api: Option<&ApiReload>,
 ) -> Result<Applied, String> {
-    let result = try_apply(running, new, relay);
+    let result = try_apply(running, new, relay, api);
     relay.reloads().record(result.is_ok(), unix_now());
     match &result {
         Ok(a) => {
@@ -55,14 +57,22 @@ fn try_apply(
     running: &mut RelayConfig,
     new: Result<RelayConfig, String>,
     relay: &Reloader,
+    api: Option<&ApiReload>,
 ) -> Result<Applied, String> {
     let new = new?;
     let ignored = running.fixed.changes(&new.fixed);
-    let applied = RelayConfig {
+    let mut applied = RelayConfig {
         fixed: running.fixed.clone(),
         live: new.live,
     };
+    // `[api]` added or removed needs a restart (reported with the fixed changes): keep the API's.
+    if applied.fixed.api.is_some() != new.fixed.api.is_some() {
+        applied.live.api = running.live.api.clone();
+    }
     let revoked = relay.reload(applied.server()).map_err(|e| e.to_string())?;
+    if let (Some(handle), Some(config)) = (api, applied.api()) {
+        handle.set(config, applied.live.rest_secrets.clone());
+    }
     running.live = applied.live;
     Ok(Applied { ignored, revoked })
 }
