@@ -382,6 +382,13 @@ mod tests {
             workers_lost: 1,
             control_queue: (2, 300),
             mailbox_full: 0,
+            reloads: {
+                let r = Reloads::default();
+                r.record(true, 1_700_000_000);
+                r.record(false, 1_700_000_100);
+                r.record(false, 1_700_000_200);
+                r.snapshot()
+            },
             server: ServerSnapshot {
                 allocations: 3,
                 allocations_created: 4,
@@ -405,6 +412,9 @@ mod tests {
             "turnpike_workers_lost 1",
             "turnpike_control_queue_bytes 300",
             "turnpike_mailbox_full_dropped_total 0",
+            "turnpike_reloads_total{result=\"success\"} 1",
+            "turnpike_reloads_total{result=\"failure\"} 2",
+            "turnpike_last_reload_success_timestamp_seconds 1700000000",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
