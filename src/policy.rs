@@ -612,6 +612,34 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn a_reload_changes_own_allows_in_place_and_check_ip_ignores_ports() {
+        let public: IpAddr = "198.51.100.9".parse().unwrap();
+        let relay: IpAddr = "192.0.2.1".parse().unwrap();
+        let open = PeerPolicy::new().with_allow(vec!["198.51.100.0/24".parse().unwrap()]);
+        let own = OwnAddresses::new(&open, [public], &[relay], 50000..=50099);
+        let at = SocketAddr::new(public, 8000);
+        assert_eq!(own.check(at), Some(Ok(())));
+        own.set_allows(&PeerPolicy::new());
+        assert_eq!(own.check(at), Some(Err(Denied::OwnAddress)));
+        own.set_allows(&open);
+        assert_eq!(own.check(at), Some(Ok(())));
+        // check_ip: the lists and the table, not the port rules.
+        let p = PeerPolicy::new()
+            .with_deny(vec!["8.8.4.0/24".parse().unwrap()])
+            .with_service_ports(vec!["9.9.9.9:3478".parse().unwrap()]);
+        assert_eq!(
+            p.check_ip("8.8.4.4".parse().unwrap()),
+            Err(Denied::Configured)
+        );
+        assert_eq!(p.check_ip("9.9.9.9".parse().unwrap()), Ok(()));
+        assert_eq!(
+            p.check("9.9.9.9:3478".parse().unwrap()),
+            Err(Denied::ServicePort)
+        );
+        assert!(p.check_ip("127.0.0.1".parse().unwrap()).is_err());
+    }
+
+    #[test]
     fn own_addresses_live_bits_service_ports_and_encodings() {
         let relay: IpAddr = "203.0.114.10".parse().unwrap();
         let public: IpAddr = "203.0.114.20".parse().unwrap();
