@@ -1531,8 +1531,11 @@ fn family_of(ip: IpAddr) -> u8 {
 }
 
 /// USERHASH = SHA-256(username ":" realm) (RFC 8489 §14.4).
+/// Static users by name, and their names by USERHASH.
+type StaticUsers = (HashMap<Box<str>, StaticUser>, HashMap<[u8; 32], Box<str>>);
+
 /// The static users' keys, by name and by USERHASH.
-fn static_users(config: &Config) -> (HashMap<Box<str>, StaticUser>, HashMap<[u8; 32], Box<str>>) {
+fn static_users(config: &Config) -> StaticUsers {
     let mut users = HashMap::new();
     let mut userhashes = HashMap::new();
     for (name, password) in &config.users {
