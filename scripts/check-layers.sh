@@ -21,6 +21,7 @@ declare -A allowed=(
   [xdp]="route sys"
   [fleet]="usage"
   [api]="auth metrics usage policy"
+  [reload]="config control server metrics api"
   [service]="wire auth policy route server sys metrics dataplane control config usage api fleet"
 )
 

@@ -102,6 +102,8 @@ pub struct Fixed {
     pub usage: Option<crate::usage::Config>,
     /// The fleet's usage ledger on PostgreSQL (`[fleet]`), if configured (needs `[usage]`).
     pub fleet: Option<crate::fleet::Config>,
+    /// Where the process id is written at start and removed at exit (`pid_file`), if anywhere.
+    pub pid_file: Option<PathBuf>,
 }
 
 /// Allocation, permission, channel and nonce lifetimes in seconds (`[lifetimes]`).
@@ -352,6 +354,121 @@ impl RelayConfig {
             client_regions: live.client_regions.clone(),
             usage_db: self.fixed.usage.as_ref().map(|u| u.database.clone()),
         })
+    }
+}
+
+impl Fixed {
+    /// What differs between these settings (the running ones) and `new` (a reloaded file's): one line
+    /// per setting, naming its key with the running and the new value. None of them can change live;
+    /// a reload reports these lines and keeps the running values.
+    pub fn changes(&self, new: &Fixed) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut diff = |key: &str, old: &dyn fmt::Debug, new: &dyn fmt::Debug, same: bool| {
+            if !same {
+                out.push(format!(
+                    "{key}: changed from {old:?} to {new:?}, which needs a restart; keeping {old:?}"
+                ));
+            }
+        };
+        let (a, b) = (self, new);
+        diff("realm", &a.realm, &b.realm, a.realm == b.realm);
+        diff("listen", &a.listen, &b.listen, a.listen == b.listen);
+        diff(
+            "listen_tcp",
+            &a.listen_tcp,
+            &b.listen_tcp,
+            a.listen_tcp == b.listen_tcp,
+        );
+        diff(
+            "listen_tls",
+            &a.listen_tls,
+            &b.listen_tls,
+            a.listen_tls == b.listen_tls,
+        );
+        diff("workers", &a.workers, &b.workers, a.workers == b.workers);
+        diff("backend", &a.backend, &b.backend, a.backend == b.backend);
+        diff(
+            "recv_buffer",
+            &a.recv_buffer,
+            &b.recv_buffer,
+            a.recv_buffer == b.recv_buffer,
+        );
+        diff(
+            "send_buffer",
+            &a.send_buffer,
+            &b.send_buffer,
+            a.send_buffer == b.send_buffer,
+        );
+        diff("drain_seconds", &a.drain, &b.drain, a.drain == b.drain);
+        diff(
+            "pin_workers",
+            &a.pin_workers,
+            &b.pin_workers,
+            a.pin_workers == b.pin_workers,
+        );
+        diff(
+            "relay.addresses",
+            &a.relay_ips,
+            &b.relay_ips,
+            a.relay_ips == b.relay_ips,
+        );
+        diff(
+            "relay.port_min..relay.port_max",
+            &a.relay_ports,
+            &b.relay_ports,
+            a.relay_ports == b.relay_ports,
+        );
+        diff(
+            "lifetimes",
+            &a.lifetimes,
+            &b.lifetimes,
+            a.lifetimes == b.lifetimes,
+        );
+        diff(
+            "binding_requires_auth",
+            &a.binding_requires_auth,
+            &b.binding_requires_auth,
+            a.binding_requires_auth == b.binding_requires_auth,
+        );
+        diff(
+            "password_algorithms",
+            &a.password_algorithms,
+            &b.password_algorithms,
+            a.password_algorithms == b.password_algorithms,
+        );
+        diff(
+            "alternate_server",
+            &a.alternate_server,
+            &b.alternate_server,
+            a.alternate_server == b.alternate_server,
+        );
+        diff(
+            "legacy_channel_numbers",
+            &a.channel_range,
+            &b.channel_range,
+            a.channel_range == b.channel_range,
+        );
+        diff("streams", &a.streams, &b.streams, a.streams == b.streams);
+        diff(
+            "relay_id",
+            &a.relay_id,
+            &b.relay_id,
+            a.relay_id == b.relay_id,
+        );
+        diff(
+            "api (listen, metrics_listen, limits, revocations_database)",
+            &a.api,
+            &b.api,
+            a.api == b.api,
+        );
+        diff("usage", &a.usage, &b.usage, a.usage == b.usage);
+        diff(
+            "pid_file",
+            &a.pid_file,
+            &b.pid_file,
+            a.pid_file == b.pid_file,
+        );
+        out
     }
 }
 

@@ -25,6 +25,7 @@ pub mod dataplane;
 pub mod fleet;
 pub mod metrics;
 pub mod policy;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod service;

@@ -13,6 +13,8 @@ use std::time::SystemTime;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use sd_notify::NotifyState;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::prelude::*;
 use turnpike::auth::{long_term_key_md5, RestSecrets};
 use turnpike::config::{
     parse_log_level, Backend, RelayConfig, DEFAULT_CONFIG, LOG_LEVELS, MAX_WORKERS,
@@ -21,10 +23,13 @@ use turnpike::dataplane::ToControl;
 use turnpike::service::{load_tls, API_TLS_KEYS, TLS_KEYS};
 use turnpike::sys::file as open_files;
 
+/// Changes the log level of the running process.
+type LogLevel = tracing_subscriber::reload::Handle<LevelFilter, tracing_subscriber::Registry>;
+
 /// turnpike: a STUN/TURN relay (RFC 8489, RFC 8656, RFC 6156).
 ///
 /// With no arguments it runs an embedded loopback demo configuration (see `turnpike print-config`).
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(version, about)]
 struct Cli {
     /// Configuration file (TOML). Without it, the embedded loopback demo configuration.
@@ -52,16 +57,23 @@ enum BackendArg {
     Epoll,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 enum DbCommand {
     /// Apply the ledger's schema migrations that the database lacks, then exit.
     Migrate,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 enum Command {
     /// Validate the configuration and exit (0 if valid, 2 with the key and problem if not).
     CheckConfig,
+    /// Ask the running relay to reload its configuration file (SIGHUP to the pid in its pid file).
+    /// The relay logs the outcome and counts it in turnpike_reloads{result}.
+    Reload {
+        /// The pid file (default: `pid_file` of the configuration).
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+    },
     /// Print the embedded default configuration, with comments.
     PrintConfig,
     /// Mint a TURN REST API credential ("<expiry>:<user>", base64 HMAC-SHA1), as a token service would.
@@ -193,6 +205,7 @@ fn main() -> ExitCode {
             until.as_deref(),
             json,
         ),
+        Some(Command::Reload { ref pid_file }) => signal_reload(&cli, pid_file.as_deref()),
         Some(Command::Db {
             command: DbCommand::Migrate,
         }) => db_migrate(&cli),
@@ -222,7 +235,7 @@ fn main() -> ExitCode {
             }
         },
         None => match load(&cli) {
-            Ok(config) => run(config, cli.config.is_none()),
+            Ok(config) => run(config, &cli),
             Err(e) => {
                 eprintln!("turnpike: configuration error: {e}");
                 ExitCode::from(2)
@@ -261,11 +274,18 @@ fn load(cli: &Cli) -> Result<RelayConfig, String> {
     Ok(config)
 }
 
-fn run(mut config: RelayConfig, demo: bool) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_max_level(config.live.log_level)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+fn run(mut config: RelayConfig, cli: &Cli) -> ExitCode {
+    let demo = cli.config.is_none();
+    // The level sits in a reload layer, so that a reload can change it.
+    let (level, log_level) =
+        tracing_subscriber::reload::Layer::new(LevelFilter::from_level(config.live.log_level));
+    tracing_subscriber::registry()
+        .with(level)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_target(false)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
+        )
         .init();
     if let Err(e) = fit_open_files(&mut config) {
         eprintln!("turnpike: configuration error: {e}");
@@ -344,61 +364,162 @@ fn run(mut config: RelayConfig, demo: bool) -> ExitCode {
         }
         Err(e) => tracing::warn!("cannot install signal handlers: {e}"),
     }
-    // SIGHUP: reload the TLS certificates and keys (TURN's and the API's); established sessions keep
-    // theirs. Handled even without either, so that `systemctl reload` never ends the process (SIGHUP's
-    // default action).
-    let api_tls = config
-        .live
-        .api
-        .as_ref()
-        .and_then(|a| a.tls.clone())
-        .zip(service.api_tls());
-    let tls = config.live.tls.clone();
-    let streams = service.relay().streams().clone();
-    match signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]) {
-        Ok(mut signals) => {
-            std::thread::spawn(move || {
-                for _ in signals.forever() {
-                    let mut states = vec![NotifyState::Reloading];
-                    states.extend(NotifyState::monotonic_usec_now().ok());
-                    notify(&states);
-                    if let Some(files) = &tls {
-                        match load_tls(files, TLS_KEYS) {
-                            Ok(cfg) => {
-                                streams.set_tls(cfg);
-                                tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
-                            }
-                            Err(e) => tracing::error!(
-                                "TLS reload failed, keeping the old certificate: {e}"
-                            ),
-                        }
-                    }
-                    if let Some((files, slot)) = &api_tls {
-                        match load_tls(files, API_TLS_KEYS) {
-                            Ok(cfg) => {
-                                slot.set(cfg);
-                                tracing::info!(cert = %files.cert.display(), "API TLS certificate reloaded");
-                            }
-                            Err(e) => tracing::error!(
-                                "API TLS reload failed, keeping the old certificate: {e}"
-                            ),
-                        }
-                    }
-                    if tls.is_none() && api_tls.is_none() {
-                        tracing::info!(
-                            "SIGHUP: nothing to reload (only TLS certificates reload today)"
-                        );
-                    }
-                    notify(&[NotifyState::Ready]);
-                }
-            });
+    // SIGHUP: reload the configuration file (see `reload_on_sighup`).
+    let pid_file = config.fixed.pid_file.clone();
+    reload_on_sighup(&service, config, cli, log_level);
+    let pid_file = match write_pid_file(pid_file) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("turnpike: cannot start: {e}");
+            let _ = service.stop();
+            return ExitCode::from(1);
         }
-        Err(e) => tracing::warn!("cannot install the SIGHUP handler: {e}"),
+    };
+    let result = service.join();
+    if let Some(p) = pid_file {
+        if let Err(e) = std::fs::remove_file(&p) {
+            tracing::warn!("cannot remove the pid file {}: {e}", p.display());
+        }
     }
-    match service.join() {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("turnpike: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// On SIGHUP, reload the configuration file: read and validate it as at start (command-line overrides
+/// included), fit its caps under the open-file limit and read its TLS files; any failure there changes
+/// nothing. Then [`turnpike::reload::apply`] reports the fixed settings that differ and hands the live
+/// ones to the relay; after it the log level and the `[tls]` certificate (established sessions keep
+/// theirs) follow. Every attempt is counted in `turnpike_reloads{result}`.
+fn reload_on_sighup(
+    service: &turnpike::service::Service,
+    mut running: RelayConfig,
+    cli: &Cli,
+    log_level: LogLevel,
+) {
+    let reloader = service.relay().reloader();
+    let api = service.api_reload();
+    let api_tls = service.api_tls();
+    let streams = service.relay().streams().clone();
+    let cli = cli.clone();
+    let mut signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot install the SIGHUP handler, reload disabled: {e}");
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        for _ in signals.forever() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            let mut states = vec![NotifyState::Reloading];
+            states.extend(NotifyState::monotonic_usec_now().ok());
+            notify(&states);
+            let new = load(&cli).and_then(|mut c| {
+                fit_open_files(&mut c).map_err(|e| e.to_string())?;
+                let tls = c
+                    .live
+                    .tls
+                    .as_ref()
+                    .map(|f| load_tls(f, TLS_KEYS))
+                    .transpose()?;
+                let api_cert = c.live.api.as_ref().and_then(|a| a.tls.as_ref());
+                let api_cert = api_cert.map(|f| load_tls(f, API_TLS_KEYS)).transpose()?;
+                Ok((c, tls, api_cert))
+            });
+            let (new, tls, api_cert) = match new {
+                Ok((c, tls, api_cert)) => (Ok(c), tls, api_cert),
+                Err(e) => (Err(e), None, None),
+            };
+            if turnpike::reload::apply(&mut running, new, &reloader, api.as_ref()).is_ok() {
+                let level = LevelFilter::from_level(running.live.log_level);
+                if let Err(e) = log_level.modify(|l| *l = level) {
+                    tracing::warn!("reload: cannot change the log level: {e}");
+                }
+                if let (Some(cfg), Some(files)) = (tls, &running.live.tls) {
+                    streams.set_tls(cfg);
+                    tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
+                }
+                // The API serves TLS or plain HTTP from start to exit; only its pair can change.
+                let api_files = running.live.api.as_ref().and_then(|a| a.tls.as_ref());
+                if let (Some(cfg), Some(slot), Some(files)) = (api_cert, &api_tls, api_files) {
+                    slot.set(cfg);
+                    tracing::info!(cert = %files.cert.display(), "API TLS certificate reloaded");
+                }
+            }
+            notify(&[NotifyState::Ready]);
+        }
+    });
+}
+
+/// Write this process's id to `path` (through a temporary file and a rename, so a reader never sees
+/// it half written). `Ok(None)` without a pid file.
+fn write_pid_file(path: Option<PathBuf>) -> Result<Option<PathBuf>, String> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let mut tmp = path.clone().into_os_string();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| format!("pid_file: cannot write {}: {e}", path.display()))?;
+    Ok(Some(path))
+}
+
+/// `turnpike reload`: SIGHUP to the pid in the pid file (`--pid-file`, else the configuration's
+/// `pid_file`).
+fn signal_reload(cli: &Cli, pid_file: Option<&std::path::Path>) -> ExitCode {
+    let path = match pid_file {
+        Some(p) => p.to_path_buf(),
+        None => match load(cli) {
+            Ok(c) => match c.fixed.pid_file {
+                Some(p) => p,
+                None => {
+                    eprintln!(
+                        "error: no pid file: pass --pid-file, or set pid_file in the configuration"
+                    );
+                    return ExitCode::from(2);
+                }
+            },
+            Err(e) => {
+                eprintln!("turnpike: configuration error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let pid = match std::fs::read_to_string(&path) {
+        Ok(text) => match text.trim().parse::<u32>() {
+            Ok(pid) => pid,
+            Err(_) => {
+                eprintln!("error: {}: not a pid: {:?}", path.display(), text.trim());
+                return ExitCode::from(1);
+            }
+        },
+        Err(e) => {
+            eprintln!(
+                "error: cannot read {}: {e} (is the relay running?)",
+                path.display()
+            );
+            return ExitCode::from(1);
+        }
+    };
+    match open_files::send_sighup(pid) {
+        Ok(()) => {
+            println!(
+                "turnpike: reload requested (SIGHUP to pid {pid}); the relay logs the outcome"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "error: cannot signal pid {pid} (from {}): {e}",
+                path.display()
+            );
             ExitCode::from(1)
         }
     }

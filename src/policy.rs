@@ -36,7 +36,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// An IPv4 or IPv6 CIDR block, such as `10.0.0.0/8` or `::1/128`.
 ///
@@ -236,9 +236,9 @@ impl PeerPolicy {
             return Err(Denied::PortZero);
         }
         let ip = canonical(peer.ip());
-        let (own, embedded) = match ip {
-            IpAddr::V4(v4) => (builtin_v4(v4), [None; 2]),
-            IpAddr::V6(v6) => classify_v6(v6),
+        let embedded = match ip {
+            IpAddr::V4(_) => [None; 2],
+            IpAddr::V6(v6) => classify_v6(v6).1,
         };
         let embedded = embedded.map(|e| e.map(IpAddr::V4));
         let forms = || core::iter::once(ip).chain(embedded.into_iter().flatten());
@@ -250,6 +250,20 @@ impl PeerPolicy {
         {
             return Err(Denied::ServicePort);
         }
+        self.check_ip(ip)
+    }
+
+    /// Decides for a peer IP whatever its port: the `deny` and `allow` lists and the built-in table
+    /// (rules 1 to 3 and 5 to 6 of the module doc; not the port rules). A permission is for an IP, so a
+    /// reload re-checks existing permissions with this.
+    pub fn check_ip(&self, ip: IpAddr) -> Result<(), Denied> {
+        let ip = canonical(ip);
+        let (own, embedded) = match ip {
+            IpAddr::V4(v4) => (builtin_v4(v4), [None; 2]),
+            IpAddr::V6(v6) => classify_v6(v6),
+        };
+        let embedded = embedded.map(|e| e.map(IpAddr::V4));
+        let forms = || core::iter::once(ip).chain(embedded.into_iter().flatten());
         let listed = |list: &[Cidr], form: IpAddr| list.iter().any(|c| c.contains(form));
         if forms().any(|f| listed(&self.deny, f)) {
             return Err(Denied::Configured);
@@ -291,8 +305,8 @@ pub struct OwnAddresses {
 #[derive(Debug)]
 struct OwnIp {
     ip: IpAddr,
-    /// An explicit allow (and no deny) covers it.
-    allowed: bool,
+    /// An explicit allow (and no deny) covers it; a reload may change it ([`OwnAddresses::set_allows`]).
+    allowed: AtomicBool,
     /// One bit per port of the relay range: a relay socket is bound there. Empty if no relay IP.
     live: Box<[AtomicU64]>,
 }
@@ -318,7 +332,7 @@ impl OwnAddresses {
             let listed = |list: &[Cidr]| list.iter().any(|c| c.contains(ip));
             own.push(OwnIp {
                 ip,
-                allowed: listed(&policy.allow) && !listed(&policy.deny),
+                allowed: AtomicBool::new(listed(&policy.allow) && !listed(&policy.deny)),
                 live: (0..if relay { words } else { 0 })
                     .map(|_| AtomicU64::new(0))
                     .collect(),
@@ -328,6 +342,19 @@ impl OwnAddresses {
             own,
             relay_ports: Some(relay_ports),
             services: policy.services.clone(),
+        }
+    }
+
+    /// Take over the explicit allows of `policy` (a reload): an own IP is open where an `allow` and no
+    /// `deny` covers it. The IPs, service ports and live flags stay as they are. Workers see the change
+    /// at their next packet.
+    pub fn set_allows(&self, policy: &PeerPolicy) {
+        for o in &self.own {
+            let listed = |list: &[Cidr]| list.iter().any(|c| c.contains(o.ip));
+            o.allowed.store(
+                listed(&policy.allow) && !listed(&policy.deny),
+                Ordering::Release,
+            );
         }
     }
 
@@ -389,7 +416,7 @@ impl OwnAddresses {
         {
             return Some(Err(Denied::ServicePort));
         }
-        Some(if own.allowed {
+        Some(if own.allowed.load(Ordering::Acquire) {
             Ok(())
         } else {
             Err(Denied::OwnAddress)
@@ -583,6 +610,34 @@ mod tests {
 
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_reload_changes_own_allows_in_place_and_check_ip_ignores_ports() {
+        let public: IpAddr = "198.51.100.9".parse().unwrap();
+        let relay: IpAddr = "192.0.2.1".parse().unwrap();
+        let open = PeerPolicy::new().with_allow(vec!["198.51.100.0/24".parse().unwrap()]);
+        let own = OwnAddresses::new(&open, [public], &[relay], 50000..=50099);
+        let at = SocketAddr::new(public, 8000);
+        assert_eq!(own.check(at), Some(Ok(())));
+        own.set_allows(&PeerPolicy::new());
+        assert_eq!(own.check(at), Some(Err(Denied::OwnAddress)));
+        own.set_allows(&open);
+        assert_eq!(own.check(at), Some(Ok(())));
+        // check_ip: the lists and the table, not the port rules.
+        let p = PeerPolicy::new()
+            .with_deny(vec!["8.8.4.0/24".parse().unwrap()])
+            .with_service_ports(vec!["9.9.9.9:3478".parse().unwrap()]);
+        assert_eq!(
+            p.check_ip("8.8.4.4".parse().unwrap()),
+            Err(Denied::Configured)
+        );
+        assert_eq!(p.check_ip("9.9.9.9".parse().unwrap()), Ok(()));
+        assert_eq!(
+            p.check("9.9.9.9:3478".parse().unwrap()),
+            Err(Denied::ServicePort)
+        );
+        assert!(p.check_ip("127.0.0.1".parse().unwrap()).is_err());
+    }
 
     #[test]
     fn own_addresses_live_bits_service_ports_and_encodings() {

@@ -33,6 +33,8 @@ const WRITE_BATCH: usize = 4096;
 pub struct Service {
     relay: RelayHandle,
     api: Option<ApiHandle>,
+    /// Replaces the API's live settings (a reload), while it runs.
+    api_reload: Option<api::ApiReload>,
     writer: Option<JoinHandle<()>>,
     ticker: Option<(Sender<()>, JoinHandle<()>)>,
     shipper: Option<crate::fleet::Shipper>,
@@ -143,6 +145,7 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
         }
     }
 
+    let mut api_reload = None;
     let api = match config.api() {
         Some(a) => {
             let tls = config
@@ -172,6 +175,7 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
             let db = a.revocations_db.clone();
             let api = Api::new(a, config.live.rest_secrets.clone(), hooks)
                 .map_err(|e| io::Error::other(format!("{}: {e}", db.display())))?;
+            api_reload = Some(api.reloader());
             Some(api::serve(api, tls)?)
         }
         None => None,
@@ -179,6 +183,7 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
     Ok(Service {
         relay,
         api,
+        api_reload,
         writer,
         ticker,
         shipper,
@@ -199,6 +204,11 @@ impl Service {
     /// The metrics listener's address, when `/metrics` has one of its own.
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
         self.api.as_ref().and_then(ApiHandle::metrics_addr)
+    }
+
+    /// Replaces the API's live settings (a reload), if the API runs.
+    pub fn api_reload(&self) -> Option<api::ApiReload> {
+        self.api_reload.clone()
     }
 
     /// Replaces the API's TLS configuration (SIGHUP), if the API runs TLS.

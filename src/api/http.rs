@@ -167,7 +167,7 @@ pub fn serve(api: Api, tls: Option<Arc<rustls::ServerConfig>>) -> io::Result<Api
         )));
     }
     tracing::info!(%addr, tls = tls_slot.is_some(), ?metrics_addr, "api listening");
-    if api.config.keys.iter().all(|k| k.mint && k.admin) {
+    if api.every_key_is_admin() {
         tracing::warn!(
             "api.access_keys: every key may mint, revoke and read usage; give admin keys a list of \
              their own (api.admin_keys) so that the keys apps hold cannot revoke"

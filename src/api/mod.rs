@@ -29,7 +29,7 @@ pub use http::{serve, ApiHandle, ApiTls};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::clock::{unix_ms_at, unix_secs};
@@ -219,12 +219,71 @@ impl Response {
 /// The API's logic.
 #[derive(Debug)]
 pub struct Api {
+    /// The settings fixed at start; its live fields (keys, names, proxies, fleet, regions) are empty,
+    /// they are in `live`.
     config: Config,
-    secrets: RestSecrets,
+    /// What a reload may replace ([`ApiReload`]). The control plane's lock, never the data path's.
+    live: Arc<RwLock<Arc<LiveSettings>>>,
     hooks: Hooks,
     store: Mutex<revocations::Store>,
     /// Signatures of admin requests applied, with the Unix second after which they are too old anyway.
     replay: Mutex<HashMap<String, u64>>,
+}
+
+/// The API settings a reload may replace (the live part of [`Config`], and the REST secrets).
+#[derive(Debug, Clone)]
+struct LiveSettings {
+    keys: Vec<AccessKey>,
+    names: Vec<String>,
+    trusted_proxies: Vec<Cidr>,
+    fleet: Vec<FleetRelay>,
+    region: String,
+    client_regions: Vec<(Cidr, String)>,
+    secrets: RestSecrets,
+}
+
+impl LiveSettings {
+    /// Takes the live fields out of `config`.
+    fn take(config: &mut Config, secrets: RestSecrets) -> Self {
+        LiveSettings {
+            keys: std::mem::take(&mut config.keys),
+            names: std::mem::take(&mut config.names),
+            trusted_proxies: std::mem::take(&mut config.trusted_proxies),
+            fleet: std::mem::take(&mut config.fleet),
+            region: std::mem::take(&mut config.region),
+            client_regions: std::mem::take(&mut config.client_regions),
+            secrets,
+        }
+    }
+}
+
+/// Replaces a running API's live settings (a configuration reload): access keys and their roles,
+/// names, trusted proxies, fleet, regions and the REST secrets it mints with. Requests that start
+/// after [`ApiReload::set`] see the new settings; a request in flight finishes with the old ones.
+#[derive(Debug, Clone)]
+pub struct ApiReload(Arc<RwLock<Arc<LiveSettings>>>);
+
+impl ApiReload {
+    /// Take over the live fields of `config` (its listen address, limits, TLS files and databases are
+    /// ignored: they need a restart) and `secrets`.
+    pub fn set(&self, mut config: Config, secrets: RestSecrets) {
+        let live = Arc::new(LiveSettings::take(&mut config, secrets));
+        match self.0.write() {
+            Ok(mut l) => *l = live,
+            Err(poisoned) => *poisoned.into_inner() = live,
+        }
+    }
+}
+
+/// The region for a client at `peer`: the first `client_regions` rule that matches, else this API's.
+fn region_of(live: &LiveSettings, peer: Option<IpAddr>) -> &str {
+    peer.and_then(|ip| {
+        live.client_regions
+            .iter()
+            .find(|(cidr, _)| cidr.contains(ip))
+            .map(|(_, r)| r.as_str())
+    })
+    .unwrap_or(&live.region)
 }
 
 /// Which endpoint family a request is for, and so which key role it needs.
@@ -242,13 +301,36 @@ impl Api {
         hooks: Hooks,
     ) -> Result<Api, revocations::Error> {
         let store = revocations::Store::open(&config.revocations_db)?;
+        let mut config = config;
+        let live = Arc::new(RwLock::new(Arc::new(LiveSettings::take(
+            &mut config,
+            secrets,
+        ))));
         Ok(Api {
             config,
-            secrets,
+            live,
             hooks,
             store: Mutex::new(store),
             replay: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// A handle that replaces this API's live settings (a reload).
+    pub fn reloader(&self) -> ApiReload {
+        ApiReload(self.live.clone())
+    }
+
+    /// Whether every access key may both mint and use the admin endpoints (start-up warns).
+    pub fn every_key_is_admin(&self) -> bool {
+        self.live().keys.iter().all(|k| k.mint && k.admin)
+    }
+
+    /// The live settings now.
+    fn live(&self) -> Arc<LiveSettings> {
+        match self.live.read() {
+            Ok(l) => l.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
     /// The revocations to apply to the relay at start: (identity, horizon in Unix seconds).
@@ -339,24 +421,16 @@ impl Api {
             authorization: req.header("authorization"),
             body: req.body,
         };
-        let secrets: Vec<&[u8]> = self
-            .config
-            .keys
-            .iter()
-            .map(|k| k.secret.as_slice())
-            .collect();
+        let live = self.live();
+        let secrets: Vec<&[u8]> = live.keys.iter().map(|k| k.secret.as_slice()).collect();
         let verified = match sign::verify(&signed, &secrets, now) {
             Ok(v) => v,
             Err(e) => return Response::error(401, "Unauthorized", e.message()),
         };
-        let allowed = self
-            .config
-            .keys
-            .get(verified.key)
-            .is_some_and(|k| match role {
-                Role::Mint => k.mint,
-                Role::Admin => k.admin,
-            });
+        let allowed = live.keys.get(verified.key).is_some_and(|k| match role {
+            Role::Mint => k.mint,
+            Role::Admin => k.admin,
+        });
         if !allowed {
             return Response::error(
                 403,
@@ -374,7 +448,8 @@ impl Api {
     /// name listed without a port matches `name:<listen port>` too).
     fn is_own_name(&self, host: &str) -> bool {
         let host = host.trim().to_ascii_lowercase();
-        if self.config.names.contains(&host) {
+        let live = self.live();
+        if live.names.contains(&host) {
             return true;
         }
         match host.rsplit_once(':') {
@@ -383,7 +458,7 @@ impl Api {
             {
                 port.parse::<u16>()
                     .is_ok_and(|p| p == self.config.listen.port())
-                    && self.config.names.iter().any(|n| n == name)
+                    && live.names.iter().any(|n| n == name)
             }
             _ => false,
         }
@@ -436,7 +511,8 @@ impl Api {
     /// hop of `Forwarded` (or else `X-Forwarded-For`) that is not itself a trusted proxy.
     fn client_of(&self, req: &Request<'_>) -> Option<IpAddr> {
         let peer = req.peer?;
-        let trusted = |ip: IpAddr| self.config.trusted_proxies.iter().any(|c| c.contains(ip));
+        let live = self.live();
+        let trusted = |ip: IpAddr| live.trusted_proxies.iter().any(|c| c.contains(ip));
         if !trusted(peer) {
             return Some(peer);
         }
@@ -502,7 +578,8 @@ impl Api {
             }
         };
         // The longest (and default) lifetime: the relays' `[rest] max_ttl_seconds` (48 h by default).
-        let max_ttl = self.secrets.max_ttl();
+        let live = self.live();
+        let max_ttl = live.secrets.max_ttl();
         let ttl = match v.get("ttl") {
             None | Some(Value::Null) => max_ttl,
             Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
@@ -530,16 +607,8 @@ impl Api {
                 )
             }
         };
-        let region = self.region_of(self.client_of(req));
-        match relay_configuration(
-            &self.config.fleet,
-            region,
-            &self.secrets,
-            id,
-            route,
-            ttl,
-            now,
-        ) {
+        let region = region_of(&live, self.client_of(req));
+        match relay_configuration(&live.fleet, region, &live.secrets, id, route, ttl, now) {
             Some(v) => Response::json(200, &v),
             None => Response::error(
                 500,
@@ -547,17 +616,6 @@ impl Api {
                 "the relay has no REST secret to mint with",
             ),
         }
-    }
-
-    fn region_of(&self, peer: Option<IpAddr>) -> &str {
-        peer.and_then(|ip| {
-            self.config
-                .client_regions
-                .iter()
-                .find(|(cidr, _)| cidr.contains(ip))
-                .map(|(_, r)| r.as_str())
-        })
-        .unwrap_or(&self.config.region)
     }
 
     fn revoke(&self, req: &Request<'_>, signed: SystemTime, now: SystemTime) -> Response {
@@ -579,7 +637,7 @@ impl Api {
         // ttl + the clock skew allowance).
         let until = match v.get("until") {
             None | Some(Value::Null) => {
-                unix_secs(now) + self.secrets.max_ttl() + crate::auth::EXPIRY_SKEW
+                unix_secs(now) + self.live().secrets.max_ttl() + crate::auth::EXPIRY_SKEW
             }
             Some(Value::String(s)) => match humantime::parse_rfc3339(s) {
                 Ok(t) => unix_secs(t),

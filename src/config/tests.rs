@@ -632,3 +632,54 @@ fn fleet_ledger_keys_are_checked() {
         "connection string",
     );
 }
+
+#[test]
+fn fixed_changes_are_one_line_per_setting_and_live_changes_are_none() {
+    let old = RelayConfig::from_toml(&operator_with("workers = 2")).unwrap();
+    // Live settings only: no fixed change.
+    let live = RelayConfig::from_toml(&format!(
+        "workers = 2\nlog_level = \"debug\"\n{OPERATOR}\n[peers]\ndeny = [\"203.0.113.0/24\"]\n\
+         [[users]]\nname = \"carol\"\npassword = \"carol-pass\""
+    ))
+    .unwrap();
+    assert_eq!(old.fixed.changes(&live.fixed), Vec::<String>::new());
+    // Listen addresses, workers, backend and the port range: one line each, naming key and values.
+    let fixed = RelayConfig::from_toml(
+        "listen = [\"192.0.2.1:3479\"]\nworkers = 3\nbackend = \"epoll\"\n\
+         [relay]\naddresses = [\"192.0.2.1\"]\nport_min = 50000\nport_max = 50999\n\
+         [rest]\nsecrets = [\"s3cret\"]\n",
+    )
+    .unwrap();
+    let lines = old.fixed.changes(&fixed.fixed);
+    assert_eq!(lines.len(), 4, "{lines:#?}");
+    assert_eq!(
+        lines[0],
+        "listen: changed from [192.0.2.1:3478] to [192.0.2.1:3479], which needs a restart; keeping \
+         [192.0.2.1:3478]"
+    );
+    assert!(
+        lines[1].starts_with("workers: changed from 2 to 3"),
+        "{lines:#?}"
+    );
+    assert!(
+        lines[2].starts_with("backend: changed from Auto to Epoll"),
+        "{lines:#?}"
+    );
+    assert!(
+        lines[3].starts_with("relay.port_min..relay.port_max: changed"),
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn pid_file_defaults_to_none() {
+    let c = RelayConfig::from_toml(OPERATOR).unwrap();
+    assert_eq!(c.fixed.pid_file, None);
+    let c = RelayConfig::from_toml(&operator_with("pid_file = \"/run/turnpike/turnpike.pid\""))
+        .unwrap();
+    assert_eq!(
+        c.fixed.pid_file.as_deref(),
+        Some(Path::new("/run/turnpike/turnpike.pid"))
+    );
+    assert_error(&operator_with("pid_file = \"\""), "pid_file", "empty");
+}

@@ -318,6 +318,13 @@ impl RawConfig {
         };
 
         let relay_id = api::relay_id(self.relay_id)?;
+        if self
+            .pid_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(ConfigError::new("pid_file", "must not be empty"));
+        }
         let mut fixed = Fixed {
             realm: self.realm,
             listen,
@@ -348,6 +355,7 @@ impl RawConfig {
             },
             streams,
             relay_id,
+            pid_file: self.pid_file,
             api: None,
             fleet: match (self.fleet, &self.usage) {
                 (Some(_), None) => {

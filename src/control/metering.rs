@@ -65,6 +65,7 @@ impl Control {
                 (m as u64, b as u64)
             },
             mailbox_full: self.mailbox_full,
+            reloads: self.reloads.snapshot(),
             workers: self
                 .stats
                 .iter()

@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,7 @@ use crate::dataplane::stream::{StreamLimits, StreamListener, StreamShared, Strea
 use crate::dataplane::{
     self, BackendKind, ControlTx, Core, StunQueue, ToControl, WorkerMsg, WorkerSetup, WorkerStats,
 };
+use crate::metrics::Reloads;
 use crate::route::{AllocationId, ClientKey, Counters, ListenerId, RelayId, RouteUpdate};
 use crate::server::{self, Command, EndReason, FiveTuple, Server, Transport};
 use crate::sys::{self, EventFd, UdpOptions};
@@ -104,9 +105,68 @@ pub struct RelayHandle {
     backend: BackendKind,
     stats: Vec<Arc<WorkerStats>>,
     streams: Arc<StreamShared>,
+    reloader: Reloader,
+}
+
+/// Hands configuration reloads to a running relay's control thread (from a signal handler's thread:
+/// it is `Clone` and `Send`), and counts them.
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    to_control: Sender<ToControl>,
+    staged: Arc<Staged>,
+    reloads: Arc<Reloads>,
+    /// The listeners, ports resolved: service ports in every peer policy.
+    service_ports: Vec<SocketAddr>,
+}
+
+/// A reload handed to the control thread: the new TURN core settings and where its answer goes.
+type Staged = Mutex<Option<(server::Config, Sender<ReloadResult>)>>;
+
+/// What the control thread made of a reload: the allocations the new peer policy took permissions or
+/// channels from, or why the core refused the settings.
+pub type ReloadResult = Result<Vec<server::Revoked>, server::ConfigError>;
+
+/// How long [`RelayHandle::reload`] waits for the control thread.
+const RELOAD_WAIT: Duration = Duration::from_secs(5);
+
+impl Reloader {
+    /// Hand the live settings of `config` to the TURN core ([`Server::reload`]) and wait for it: users,
+    /// REST secrets, quotas, challenge rate and peer policy; its other fields are ignored. Permissions
+    /// and channels the new policy denies are removed and logged, one line per allocation. Does not
+    /// count the reload in [`Reloader::reloads`]: the caller does, once for the whole file.
+    pub fn reload(&self, mut config: server::Config) -> ReloadResult {
+        // As at start: the listeners (ports resolved) are service ports.
+        config.peer_policy = config
+            .peer_policy
+            .with_service_ports(self.service_ports.clone());
+        let (tx, rx) = bounded(1);
+        let refused = |problem: &str| server::ConfigError {
+            key: "config",
+            problem: problem.into(),
+        };
+        match self.staged.lock() {
+            Ok(mut slot) => *slot = Some((config, tx)),
+            Err(_) => return Err(refused("the relay's reload slot is poisoned")),
+        }
+        if self.to_control.send(ToControl::Reload).is_err() {
+            return Err(refused("the relay has stopped"));
+        }
+        rx.recv_timeout(RELOAD_WAIT)
+            .map_err(|_| refused("the relay did not answer the reload"))?
+    }
+
+    /// The reload counters, which `/metrics` shows.
+    pub fn reloads(&self) -> &Arc<Reloads> {
+        &self.reloads
+    }
 }
 
 impl RelayHandle {
+    /// A handle for configuration reloads.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
     /// The addresses the relay listens on (ports resolved).
     pub fn listen_addrs(&self) -> &[SocketAddr] {
         &self.listen
@@ -264,6 +324,14 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
 
     let (to_control, from_workers) = unbounded();
     let stun_queue = Arc::new(StunQueue::new(CONTROL_QUEUE, CONTROL_QUEUE_BYTES));
+    let staged: Arc<Staged> = Arc::default();
+    let reloads: Arc<Reloads> = Arc::default();
+    let reloader = Reloader {
+        to_control: to_control.clone(),
+        staged: staged.clone(),
+        reloads: reloads.clone(),
+        service_ports: listeners.iter().map(|l| l.0).collect(),
+    };
     let worker_tx = ControlTx::new(to_control.clone(), stun_queue.clone());
     let mut handles = Vec::with_capacity(workers);
     let mut stats = Vec::with_capacity(workers);
@@ -339,6 +407,8 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         workers_lost: 0,
         failure: None,
         mailbox_full: 0,
+        staged,
+        reloads,
     };
     let thread = std::thread::Builder::new()
         .name("turnpike-control".into())
@@ -352,6 +422,7 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         backend,
         stats,
         streams: shared,
+        reloader,
     })
 }
 
@@ -464,6 +535,10 @@ struct Control {
     failure: Option<String>,
     /// Replies to stream clients dropped because the owning worker's mailbox was full.
     mailbox_full: u64,
+    /// A reload waiting for [`ToControl::Reload`].
+    staged: Arc<Staged>,
+    /// Reload counters (for metrics).
+    reloads: Arc<Reloads>,
 }
 
 /// An allocation's usage being assembled from the server's report and its relay sockets' counters.
@@ -585,6 +660,7 @@ impl Control {
                 Ok(ToControl::Metrics(reply)) => {
                     let _ = reply.send(self.metrics());
                 }
+                Ok(ToControl::Reload) => self.reload(),
                 Ok(ToControl::Shutdown) => self.begin_drain(now),
                 Ok(ToControl::WorkerExited { worker, error }) => {
                     self.worker_lost(now, worker, error)
@@ -599,6 +675,27 @@ impl Control {
             }
             self.pump(now);
         }
+    }
+
+    /// Apply a staged reload; the commands it emits run in the `pump` that follows.
+    fn reload(&mut self) {
+        let staged = self.staged.lock().ok().and_then(|mut s| s.take());
+        let Some((config, reply)) = staged else {
+            return;
+        };
+        let result = self.server.reload(config);
+        if let Ok(revoked) = &result {
+            for r in revoked {
+                tracing::info!(
+                    allocation = r.allocation.0,
+                    identity = %r.identity,
+                    permissions = ?r.permissions,
+                    channels = ?r.channels.iter().map(|(n, p)| (n.get(), p.0)).collect::<Vec<_>>(),
+                    "reload: the new peer policy denies these peers; permissions and channels removed"
+                );
+            }
+        }
+        let _ = reply.send(result);
     }
 
     /// Execute every command, then send every transmit, until the server is quiet.

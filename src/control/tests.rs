@@ -828,3 +828,187 @@ mod random {
         }
     }
 }
+
+/// The code of the single error reply among `events`, `None` for a success.
+fn error_code(events: &[Event]) -> Option<u16> {
+    reply(events).attrs.error_code.map(|e| e.0)
+}
+
+/// `n` datagrams each way on channel `channel` to `peer`; how many arrived (each way).
+fn exchange(
+    r: &mut Relay,
+    five: FiveTuple,
+    relay: SocketAddr,
+    channel: u16,
+    peer: SocketAddr,
+    n: usize,
+) -> (usize, usize) {
+    let (mut out, mut back) = (0, 0);
+    for i in 0..n {
+        let payload = [i as u8; 20];
+        if r.client(five, &channel_data(channel, &payload)) == vec![relayed(relay, peer, &payload)]
+        {
+            out += 1;
+        }
+        let expected = relayed(r.listener(), five.client, &channel_data(channel, &payload));
+        if r.peer(relay, peer, &payload) == vec![expected] {
+            back += 1;
+        }
+    }
+    (out, back)
+}
+
+#[test]
+fn a_reloaded_peer_policy_removes_denied_permissions_and_channels_and_the_data_path_drops_them() {
+    let mut r = Relay::new();
+    let alice = Creds::alice();
+    let relay = r.allocate(client(1), &alice);
+    let id = r.relays[&relay];
+    let (denied, kept) = (peer(1), sa("9.9.9.9:7000"));
+    assert!(success(&r.bind(client(1), &alice, 0x4000, denied)));
+    assert!(success(&r.bind(client(1), &alice, 0x4001, kept)));
+    assert_eq!(
+        exchange(&mut r, client(1), relay, 0x4000, denied, 10),
+        (10, 10)
+    );
+    assert_eq!(
+        exchange(&mut r, client(1), relay, 0x4001, kept, 10),
+        (10, 10)
+    );
+
+    let mut new = config();
+    new.peer_policy = new
+        .peer_policy
+        .with_deny(vec!["8.8.4.0/24".parse().unwrap()]);
+    let revoked = r.h.server.reload(new).unwrap();
+    assert_eq!(revoked.len(), 1, "{revoked:?}");
+    assert_eq!(revoked[0].permissions, vec![denied.ip()]);
+    assert_eq!(
+        revoked[0]
+            .channels
+            .iter()
+            .map(|(n, p)| (n.get(), p.0))
+            .collect::<Vec<_>>(),
+        vec![(0x4000, denied)]
+    );
+    // The same route updates as expiry, to the worker's table.
+    let events = r.pump();
+    assert!(
+        events.contains(&Event::Route(RouteUpdate::RemovePermission {
+            relay: id,
+            peer: denied.ip(),
+        }))
+    );
+    assert!(events.iter().any(|e| matches!(e,
+        Event::Route(RouteUpdate::RemoveChannel { relay, channel, .. })
+            if *relay == id && channel.get() == 0x4000)));
+    assert!(!events.iter().any(|e| matches!(e, Event::Reply { .. })));
+
+    // The denied peer is cut off both ways, on the channel and by Send indication.
+    assert_eq!(
+        exchange(&mut r, client(1), relay, 0x4000, denied, 5),
+        (0, 0)
+    );
+    assert!(r.send(client(1), denied, b"x").is_empty());
+    // The allowed peer keeps relaying without a loss, on the same allocation.
+    assert_eq!(
+        exchange(&mut r, client(1), relay, 0x4001, kept, 20),
+        (20, 20)
+    );
+    assert_eq!(r.h.server.allocation_count(), 1);
+    // New permissions follow the new policy at once.
+    assert_eq!(error_code(&r.permit(client(1), &alice, denied)), Some(403));
+    assert!(success(&r.permit(client(1), &alice, sa("9.9.9.10:1"))));
+}
+
+#[test]
+fn reloaded_rest_secrets_rotate_and_users_come_and_go_while_allocations_keep_relaying() {
+    use crate::auth::RestSecrets;
+    use crate::server::tests::{SECRET_NEW, SECRET_OLD};
+    let mut start = config();
+    start.rest_secrets = RestSecrets::new(vec![SECRET_OLD.to_vec()]);
+    let mut r = Relay::with(start.clone());
+    let expiry = r.h.unix() + 86_400;
+    let (old, new) = (
+        Creds::rest(SECRET_OLD, "u1", expiry),
+        Creds::rest(SECRET_NEW, "u2", expiry),
+    );
+    let relay = r.allocate(client(1), &old);
+    assert!(success(&r.bind(client(1), &old, 0x4000, peer(1))));
+    let refresh = |r: &mut Relay, n: u16, c: &Creds| {
+        let events = r.request(
+            client(n),
+            Method::REFRESH,
+            &[Attribute::Lifetime(600)],
+            Some(c),
+        );
+        error_code(&events)
+    };
+
+    // Rotation: the new secret first (it mints), the old one still listed.
+    let mut both = start.clone();
+    both.rest_secrets = RestSecrets::new(vec![SECRET_NEW.to_vec(), SECRET_OLD.to_vec()]);
+    assert_eq!(r.h.server.reload(both).unwrap(), vec![]);
+    assert_eq!(
+        refresh(&mut r, 1, &old),
+        None,
+        "old credential, secret still listed"
+    );
+    r.allocate(client(2), &new);
+    assert_eq!(
+        exchange(&mut r, client(1), relay, 0x4000, peer(1), 10),
+        (10, 10)
+    );
+
+    // The old secret removed: its credential gets 401 at its next request; the allocation lives on
+    // (until its lifetime ends) and keeps relaying; the new one keeps working.
+    let mut only_new = start.clone();
+    only_new.rest_secrets = RestSecrets::new(vec![SECRET_NEW.to_vec()]);
+    r.h.server.reload(only_new.clone()).unwrap();
+    assert_eq!(refresh(&mut r, 1, &old), Some(401));
+    assert_eq!(refresh(&mut r, 2, &new), None);
+    assert_eq!(
+        exchange(&mut r, client(1), relay, 0x4000, peer(1), 10),
+        (10, 10)
+    );
+    assert_eq!(r.h.server.allocation_count(), 2);
+
+    // A user added, then removed (alice kept throughout).
+    let carol = Creds::static_user("carol", "carol-pass");
+    let mut with_carol = only_new.clone();
+    with_carol.users.push(("carol".into(), "carol-pass".into()));
+    r.h.server.reload(with_carol).unwrap();
+    r.allocate(client(3), &carol);
+    r.allocate(client(4), &Creds::alice());
+    r.h.server.reload(only_new).unwrap();
+    assert_eq!(refresh(&mut r, 3, &carol), Some(401));
+    assert_eq!(refresh(&mut r, 4, &Creds::alice()), None);
+}
+
+#[test]
+fn an_invalid_reload_changes_nothing() {
+    let mut r = Relay::new();
+    let alice = Creds::alice();
+    let relay = r.allocate(client(1), &alice);
+    assert!(success(&r.bind(client(1), &alice, 0x4000, peer(1))));
+    let mut bad = config();
+    bad.users.clear();
+    bad.rest_secrets = crate::auth::RestSecrets::new(Vec::new());
+    bad.peer_policy = bad
+        .peer_policy
+        .with_deny(vec!["0.0.0.0/0".parse().unwrap()]);
+    let err = r.h.server.reload(bad).unwrap_err();
+    assert_eq!(err.key, "users");
+    assert!(r.pump().is_empty());
+    assert_eq!(
+        exchange(&mut r, client(1), relay, 0x4000, peer(1), 5),
+        (5, 5)
+    );
+    let events = r.request(
+        client(1),
+        Method::REFRESH,
+        &[Attribute::Lifetime(600)],
+        Some(&alice),
+    );
+    assert_eq!(error_code(&events), None);
+}

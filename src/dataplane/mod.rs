@@ -121,6 +121,8 @@ pub enum ToControl {
     Checkpoint,
     /// Answer with a metrics snapshot.
     Metrics(Sender<crate::metrics::Snapshot>),
+    /// Take over the live settings staged by `control::RelayHandle::reload` (a configuration reload).
+    Reload,
     /// Begin a graceful shutdown (signal received).
     Shutdown,
     /// Stop now.

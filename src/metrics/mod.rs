@@ -9,6 +9,8 @@
 //!
 //! May use: nothing else in turnpike.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -76,6 +78,47 @@ pub struct ServerSnapshot {
     pub drops: Vec<(&'static str, u64)>,
 }
 
+/// Configuration reloads, counted where they happen (the SIGHUP handler) and read by the control thread
+/// for [`Snapshot::reloads`]. Control plane only.
+#[derive(Debug, Default)]
+pub struct Reloads {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    last_ok_unix: AtomicU64,
+}
+
+/// A copy of [`Reloads`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReloadSnapshot {
+    /// Reloads applied.
+    pub ok: u64,
+    /// Reloads refused (the file was unreadable or invalid, or the relay did not take it).
+    pub failed: u64,
+    /// When the last reload was applied (Unix seconds), 0 if none yet.
+    pub last_ok_unix: u64,
+}
+
+impl Reloads {
+    /// Count a reload: applied (`ok`, at `unix_now`) or refused.
+    pub fn record(&self, ok: bool, unix_now: u64) {
+        if ok {
+            self.ok.fetch_add(1, Ordering::Relaxed);
+            self.last_ok_unix.store(unix_now, Ordering::Relaxed);
+        } else {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The counts now.
+    pub fn snapshot(&self) -> ReloadSnapshot {
+        ReloadSnapshot {
+            ok: self.ok.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            last_ok_unix: self.last_ok_unix.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// Everything `/metrics` shows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
@@ -94,6 +137,8 @@ pub struct Snapshot {
     pub mailbox_full: u64,
     /// The TURN core.
     pub server: ServerSnapshot,
+    /// Configuration reloads.
+    pub reloads: ReloadSnapshot,
 }
 
 impl Snapshot {
@@ -155,6 +200,23 @@ pub fn render(snap: &Snapshot) -> String {
         "mailbox_full_dropped",
         "Replies to TCP/TLS clients dropped because their worker's mailbox was full",
         snap.mailbox_full,
+    );
+    family(
+        &mut r,
+        "reloads",
+        "Configuration reloads, by result",
+        [
+            ("success", snap.reloads.ok),
+            ("failure", snap.reloads.failed),
+        ]
+        .into_iter()
+        .map(|(k, n)| (vec![("result", k.to_string())], n)),
+    );
+    gauge(
+        &mut r,
+        "last_reload_success_timestamp_seconds",
+        "When the configuration was last reloaded successfully (Unix seconds; 0: not since start)",
+        snap.reloads.last_ok_unix as i64,
     );
     let s = &snap.server;
     gauge(
@@ -320,6 +382,13 @@ mod tests {
             workers_lost: 1,
             control_queue: (2, 300),
             mailbox_full: 0,
+            reloads: {
+                let r = Reloads::default();
+                r.record(true, 1_700_000_000);
+                r.record(false, 1_700_000_100);
+                r.record(false, 1_700_000_200);
+                r.snapshot()
+            },
             server: ServerSnapshot {
                 allocations: 3,
                 allocations_created: 4,
@@ -343,6 +412,9 @@ mod tests {
             "turnpike_workers_lost 1",
             "turnpike_control_queue_bytes 300",
             "turnpike_mailbox_full_dropped_total 0",
+            "turnpike_reloads_total{result=\"success\"} 1",
+            "turnpike_reloads_total{result=\"failure\"} 2",
+            "turnpike_last_reload_success_timestamp_seconds 1700000000",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -92,6 +92,19 @@ pub struct Stats {
     pub allocate_errors: [u64; ErrorCode::ALL.len()],
 }
 
+/// What a reload's peer policy took from one live allocation ([`Server::reload`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// The allocation.
+    pub allocation: AllocationId,
+    /// Who it is billed to.
+    pub identity: Box<str>,
+    /// The permissions removed, by peer IP.
+    pub permissions: Vec<IpAddr>,
+    /// The channel bindings removed.
+    pub channels: Vec<(ChannelNumber, PeerAddr)>,
+}
+
 /// The TURN server core. `R` is the source of randomness (relay ports, reservation tokens, nonce key).
 #[derive(Debug)]
 pub struct Server<R> {
@@ -126,16 +139,7 @@ impl<R: RngCore> Server<R> {
         config.validate()?;
         let nonce_key = NonceKey::random(&mut rng);
         let limiter = SourceLimiter::new(config.challenge_rate, [rng.next_u64(), rng.next_u64()]);
-        let mut users = HashMap::new();
-        let mut userhashes = HashMap::new();
-        for (name, password) in &config.users {
-            let user = StaticUser {
-                md5: auth::long_term_key_md5(name, &config.realm, password),
-                sha256: auth::long_term_key_sha256(name, &config.realm, password),
-            };
-            users.insert(name.as_str().into(), user);
-            userhashes.insert(userhash(name, &config.realm), name.as_str().into());
-        }
+        let (users, userhashes) = static_users(&config);
         let pools = config
             .relay_ips
             .iter()
@@ -396,6 +400,116 @@ impl<R: RngCore> Server<R> {
         for id in ended {
             self.end_allocation(id, EndReason::Revoked);
         }
+    }
+
+    /// Take over the live settings of `config` (a reload): static users, REST secrets, quotas, the
+    /// challenge rate and the peer policy. Every other field of `config` (realm, relay addresses and
+    /// ports, lifetimes, ...) is ignored: those need a restart, and the caller reports their changes.
+    /// `config` is validated first; an invalid one changes nothing.
+    ///
+    /// No allocation is dropped. Credentials are checked on every request, so a removed user or REST
+    /// secret gets 401 at its next request, and a secret still listed keeps working. A lower quota
+    /// applies to new allocations, permissions and channels. The new peer policy applies to new
+    /// permissions at once; the permissions and active channels of live allocations that it denies
+    /// are removed with the same [`Command::RemovePermission`] and [`Command::RemoveChannel`] that
+    /// expiry emits, so the data plane's tables follow, and are listed in the returned [`Revoked`]
+    /// (one entry per allocation, for the caller's log).
+    pub fn reload(&mut self, config: Config) -> Result<Vec<Revoked>, ConfigError> {
+        config.validate()?;
+        let c = &mut self.config;
+        if c.challenge_rate != config.challenge_rate {
+            self.limiter = SourceLimiter::new(
+                config.challenge_rate,
+                [self.rng.next_u64(), self.rng.next_u64()],
+            );
+        }
+        c.users = config.users;
+        c.rest_secrets = config.rest_secrets;
+        c.max_allocations = config.max_allocations;
+        c.max_allocations_per_user = config.max_allocations_per_user;
+        c.max_permissions_per_allocation = config.max_permissions_per_allocation;
+        c.max_channels_per_allocation = config.max_channels_per_allocation;
+        c.max_permissions_per_identity = config.max_permissions_per_identity;
+        c.max_channels_per_identity = config.max_channels_per_identity;
+        c.challenge_rate = config.challenge_rate;
+        c.peer_policy = config.peer_policy;
+        (self.users, self.userhashes) = static_users(&self.config);
+        self.own.set_allows(&self.config.peer_policy);
+
+        let mut revoked = Vec::new();
+        let mut ids: Vec<AllocationId> = self.allocations.keys().copied().collect();
+        ids.sort_unstable_by_key(|id| id.0);
+        for id in ids {
+            let Some(alloc) = self.allocations.get(&id) else {
+                continue;
+            };
+            // Own IPs are judged per packet by `OwnAddresses` (their allows were just updated), with
+            // the port; every other IP by the policy, as `check_peer` does.
+            let denied_ip = |ip: IpAddr| {
+                !self.own.contains(ip) && self.config.peer_policy.check_ip(ip).is_err()
+            };
+            let channels: Vec<(u16, SocketAddr)> = alloc
+                .channels
+                .iter()
+                .filter(|(_, b)| b.active && self.check_peer(alloc, b.peer).is_err())
+                .map(|(n, b)| (*n, b.peer))
+                .collect();
+            let permissions: Vec<IpAddr> = alloc
+                .permissions
+                .keys()
+                .copied()
+                .filter(|ip| denied_ip(*ip))
+                .collect();
+            if channels.is_empty() && permissions.is_empty() {
+                continue;
+            }
+            let alloc = self.allocations.get_mut(&id).expect_alloc();
+            for &(number, peer) in &channels {
+                let Some(b) = alloc.channels.remove(&number) else {
+                    continue;
+                };
+                alloc.peer_channels.remove(&peer);
+                self.timers.remove(&(b.expires, Timer::Channel(id, number)));
+                hold(&mut self.per_identity, &alloc.identity, |h| {
+                    h.channels = h.channels.saturating_sub(1)
+                });
+                if let Some(relay) = alloc.relay_for(peer.ip()) {
+                    self.commands.push_back(Command::RemoveChannel {
+                        allocation: id,
+                        client: alloc.five_tuple,
+                        relay,
+                        channel: ChannelNumber::bound(number),
+                        peer: PeerAddr(peer),
+                    });
+                }
+            }
+            for &ip in &permissions {
+                let Some(expires) = alloc.permissions.remove(&ip) else {
+                    continue;
+                };
+                self.timers.remove(&(expires, Timer::Permission(id, ip)));
+                hold(&mut self.per_identity, &alloc.identity, |h| {
+                    h.permissions = h.permissions.saturating_sub(1)
+                });
+                if let Some(relay) = alloc.relay_for(ip) {
+                    self.commands.push_back(Command::RemovePermission {
+                        allocation: id,
+                        relay,
+                        peer: ip,
+                    });
+                }
+            }
+            revoked.push(Revoked {
+                allocation: id,
+                identity: alloc.identity.clone(),
+                permissions,
+                channels: channels
+                    .into_iter()
+                    .map(|(n, p)| (ChannelNumber::bound(n), PeerAddr(p)))
+                    .collect(),
+            });
+        }
+        Ok(revoked)
     }
 
     /// The relay's own addresses, with the live relayed addresses the server marks as relay sockets open
@@ -1443,6 +1557,24 @@ fn family_of(ip: IpAddr) -> u8 {
 }
 
 /// USERHASH = SHA-256(username ":" realm) (RFC 8489 §14.4).
+/// Static users by name, and their names by USERHASH.
+type StaticUsers = (HashMap<Box<str>, StaticUser>, HashMap<[u8; 32], Box<str>>);
+
+/// The static users' keys, by name and by USERHASH.
+fn static_users(config: &Config) -> StaticUsers {
+    let mut users = HashMap::new();
+    let mut userhashes = HashMap::new();
+    for (name, password) in &config.users {
+        let user = StaticUser {
+            md5: auth::long_term_key_md5(name, &config.realm, password),
+            sha256: auth::long_term_key_sha256(name, &config.realm, password),
+        };
+        users.insert(name.as_str().into(), user);
+        userhashes.insert(userhash(name, &config.realm), name.as_str().into());
+    }
+    (users, userhashes)
+}
+
 fn userhash(username: &str, realm: &str) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();

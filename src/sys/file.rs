@@ -101,6 +101,23 @@ pub fn raise_open_file_limit() -> io::Result<u64> {
     }
 }
 
+/// Send SIGHUP to process `pid` (`turnpike reload`): the running relay reloads its configuration.
+/// Refuses pids that would address a process group or every process (`pid` ≤ 1 or beyond `i32`).
+pub fn send_sighup(pid: u32) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid)
+        .ok()
+        .filter(|p| *p > 1)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("not a relay's pid: {pid}"),
+            )
+        })?;
+    // SAFETY: kill takes a pid and a signal number, no pointers; `pid` > 1 names one process.
+    syscall!(kill(pid, libc::SIGHUP))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -1,0 +1,201 @@
+//! Reload against the real binary (issue 15): `turnpike reload` signals the running relay through its
+//! pid file; a broken file changes nothing (the relay keeps serving, the failure is counted and the log
+//! names the key); a good one applies users and the peer policy to the running relay without dropping
+//! its allocation, and reports the fixed settings it cannot change.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Client;
+
+const KEY_B64: &str = "a2V5LWtleS1rZXkta2V5LWtleS1rZXkta2V5LWtleQ==";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The configuration: fixed listeners and pid file, `workers`, and `extra` (peers, more users).
+fn config(dir: &Path, udp: u16, api: u16, workers: usize, extra: &str) -> String {
+    format!(
+        "listen = [\"127.0.0.1:{udp}\"]\nworkers = {workers}\npin_workers = false\ndrain_seconds = 0\n\
+         backend = \"epoll\"\npid_file = \"{pid}\"\n\
+         [relay]\naddresses = [\"127.0.0.1\"]\nport_min = 61200\nport_max = 61299\n\
+         [[users]]\nname = \"alice\"\npassword = \"alice-pass\"\n\
+         {extra}\n\
+         [api]\nlisten = \"127.0.0.1:{api}\"\naccess_keys = [\"{KEY_B64}\"]\n\
+         revocations_database = \"{rev}\"\n",
+        pid = dir.join("turnpike.pid").display(),
+        rev = dir.join("revocations.db").display(),
+    )
+}
+
+/// `[peers]` allowing the loopback peers (127.0.0.2 and .3; 127.0.0.1 is the relay's own).
+const PEERS: &str = "[peers]\nallow = [\"127.0.0.0/8\"]\n";
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn metrics(api: u16) -> String {
+    ureq::get(&format!("http://127.0.0.1:{api}/metrics"))
+        .call()
+        .ok()
+        .and_then(|r| r.into_string().ok())
+        .unwrap_or_default()
+}
+
+/// `turnpike reload`: `--pid-file <pid>` if given, else `--config <path>` (its `pid_file`).
+fn reload(path: &Path, pid: Option<&Path>) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_turnpike"));
+    match pid {
+        Some(p) => cmd.arg("reload").arg("--pid-file").arg(p),
+        None => cmd.arg("--config").arg(path).arg("reload"),
+    };
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// `n` ChannelData datagrams to `peer` on `channel`, one at a time; how many arrived.
+fn relayed(c: &Client, peer: &UdpSocket, channel: u16, n: usize) -> usize {
+    peer.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    (0..n)
+        .filter(|i| {
+            c.send_channel(channel, &[*i as u8; 16]);
+            matches!(peer.recv_from(&mut buf), Ok((16, _)))
+        })
+        .count()
+}
+
+/// The relay process and its pid file; killed when dropped (a failed assertion included).
+struct Relay(Child, PathBuf);
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn reload_applies_a_good_file_live_and_a_broken_one_changes_nothing() {
+    let dir = std::env::temp_dir().join(format!("turnpike-reload-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (udp, api) = (free_udp_port(), free_port());
+    let path = dir.join("turnpike.toml");
+    std::fs::write(&path, config(&dir, udp, api, 1, PEERS)).unwrap();
+    let log = dir.join("stdout");
+    let child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let relay = Relay(child, dir.join("turnpike.pid"));
+    wait_for("the pid file", || relay.1.exists());
+    wait_for("/metrics", || metrics(api).contains("turnpike_allocations"));
+    let server: SocketAddr = format!("127.0.0.1:{udp}").parse().unwrap();
+    let (p1, p2) = (
+        common::peer_on("127.0.0.2".parse().unwrap()),
+        common::peer_on("127.0.0.3".parse().unwrap()),
+    );
+    let mut alice = Client::new(server, "alice", "alice-pass");
+    alice.allocate();
+    alice.bind(0x4000, p1.local_addr().unwrap());
+    alice.bind(0x4001, p2.local_addr().unwrap());
+    assert_eq!(relayed(&alice, &p1, 0x4000, 10), 10);
+    assert_eq!(relayed(&alice, &p2, 0x4001, 10), 10);
+
+    // A broken file: nothing changes, the failure is counted and logged with the key.
+    std::fs::write(
+        &path,
+        config(&dir, udp, api, 1, "[peers]\nallow = [\"not-a-cidr\"]\n"),
+    )
+    .unwrap();
+    // (`turnpike --config <broken> reload` would refuse it itself, as check-config does.)
+    reload(&path, Some(&relay.1));
+    let text = || std::fs::read_to_string(&log).unwrap();
+    wait_for("the failure in the log", || {
+        text().contains("reload failed")
+    });
+    assert!(text().contains("peers.allow[0]"), "{}", text());
+    let m = metrics(api);
+    assert!(
+        m.contains("turnpike_reloads_total{result=\"failure\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("turnpike_reloads_total{result=\"success\"} 0"),
+        "{m}"
+    );
+    assert_eq!(
+        relayed(&alice, &p1, 0x4000, 10),
+        10,
+        "the old policy still relays"
+    );
+    let mut bob = Client::new(server, "bob", "bob-pass");
+    let r = bob.authed(
+        turnpike::wire::Method::ALLOCATE,
+        &[turnpike::wire::Attribute::RequestedTransport(17)],
+    );
+    assert_eq!(Client::error_code(&r), Some(401), "bob is not a user yet");
+
+    // A good file: bob added, p1's IP denied, workers changed (reported, kept).
+    let good = format!(
+        "[[users]]\nname = \"bob\"\npassword = \"bob-pass\"\n{PEERS}deny = [\"127.0.0.2/32\"]\n"
+    );
+    std::fs::write(&path, config(&dir, udp, api, 2, &good)).unwrap();
+    reload(&path, None);
+    wait_for("the reload in the log", || {
+        text().contains("configuration reloaded")
+    });
+    let t = text();
+    assert!(t.contains("workers: changed from 1 to 2"), "{t}");
+    assert!(t.contains("permissions and channels removed"), "{t}");
+    let m = metrics(api);
+    assert!(
+        m.contains("turnpike_reloads_total{result=\"success\"} 1"),
+        "{m}"
+    );
+    assert!(
+        !m.contains("turnpike_last_reload_success_timestamp_seconds 0\n"),
+        "{m}"
+    );
+    assert_eq!(
+        relayed(&alice, &p1, 0x4000, 3),
+        0,
+        "the denied peer is cut off"
+    );
+    assert_eq!(
+        relayed(&alice, &p2, 0x4001, 20),
+        20,
+        "the allowed peer keeps relaying"
+    );
+    bob.allocate();
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&dir);
+}
