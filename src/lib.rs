@@ -18,6 +18,7 @@
 
 pub mod api;
 pub mod auth;
+pub(crate) mod budget;
 pub mod clock;
 pub mod config;
 pub mod control;

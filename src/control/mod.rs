@@ -18,7 +18,7 @@
 //! the relay closes that worker's listeners (so the kernel's SO_REUSEPORT groups stop handing it
 //! clients), turns not ready, drains, and ends with an error (a non-zero exit status).
 //!
-//! May use: server, route, sys, dataplane, wire, auth, policy, config.
+//! May use: server, route, sys, dataplane, wire, auth, policy, config, budget.
 
 use std::collections::HashMap;
 use std::io;
@@ -29,8 +29,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{RngCore, SeedableRng};
 
+use crate::budget::SourceLimiter;
 use crate::clock::{unix_ms, unix_now};
 use crate::dataplane::stream::{StreamLimits, StreamListener, StreamShared, Streams};
 use crate::dataplane::{
@@ -322,6 +323,8 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
     let server = Server::new(server_config, StdRng::from_entropy())
         .map_err(|e| io::Error::other(e.to_string()))?;
 
+    // Keys of the workers' budget shards (unpredictable, so that collisions cannot be aimed).
+    let mut key_rng = StdRng::from_entropy();
     let (to_control, from_workers) = unbounded();
     let stun_queue = Arc::new(StunQueue::new(CONTROL_QUEUE, CONTROL_QUEUE_BYTES));
     let staged: Arc<Staged> = Arc::default();
@@ -346,13 +349,25 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
                 .collect::<io::Result<Vec<_>>>()?,
         );
         let setup = WorkerSetup {
-            core: Core::new(
-                k,
-                worker_tx.clone(),
-                worker_stats.clone(),
-                settings.server.channel_range,
-                server.own_addresses().clone(),
-            ),
+            core: {
+                let core = Core::new(
+                    k,
+                    worker_tx.clone(),
+                    worker_stats.clone(),
+                    settings.server.channel_range,
+                    server.own_addresses().clone(),
+                );
+                // Binding is stateless: each worker answers it with its own shard of the budget,
+                // unless it must be authenticated (the control thread's job).
+                if settings.server.binding_requires_auth {
+                    core
+                } else {
+                    core.answer_binding(SourceLimiter::new(
+                        settings.server.challenge_rate,
+                        [key_rng.next_u64(), key_rng.next_u64()],
+                    ))
+                }
+            },
             listeners: mine,
             streams: Streams::new(
                 tcp,

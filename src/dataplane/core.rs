@@ -1,17 +1,21 @@
 //! A worker's packet logic, independent of the event loop: every per-packet decision, sans-IO.
 //!
-//! May use: wire, route, policy, metrics.
+//! May use: wire, route, policy, metrics, budget.
 
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crossbeam_channel::TrySendError;
 
 use super::{ControlTx, Drop, ToControl, WorkerStats, HEADROOM};
+use crate::budget::{SourceLimiter, MAX_AMPLIFICATION};
 use crate::policy::OwnAddresses;
 use crate::route::{ClientKey, ListenerId, RelayId, RouteTable, RouteUpdate};
-use crate::wire::{self, ChannelData, Class, Kind, Message, Method};
+use crate::wire::{
+    self, Attribute, ChannelData, Class, Kind, Message, MessageType, MessageWriter, Method,
+};
 
 /// What to do with a received datagram.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +53,16 @@ pub struct Bill {
     pub payload: u32,
 }
 
+impl Bill {
+    /// The bill of a worker's own answer (a Binding success): not relayed data, so it credits no relay
+    /// and no relayed totals, only the worker's answer counter. Its `relay` is not looked at.
+    pub const ANSWER: Bill = Bill {
+        relay: RelayId(u32::MAX),
+        dir: Direction::Answer,
+        payload: 0,
+    };
+}
+
 /// Which way a relayed datagram goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -56,6 +70,8 @@ pub enum Direction {
     ToPeer,
     /// Peer → client (ChannelData or a Data indication to the client).
     ToClient,
+    /// The worker's own answer to a client (Binding success, [`Bill::ANSWER`]): nothing relayed.
+    Answer,
 }
 
 /// A worker socket.
@@ -78,6 +94,9 @@ pub struct Core {
     channel_range: wire::ChannelRange,
     /// The relay's own addresses and the live relayed ones (shared with the control thread).
     own: Arc<OwnAddresses>,
+    /// This worker's shard of the unauthenticated-answer budget, when the worker answers Binding
+    /// itself ([`Core::answer_binding`]); `None`: Binding goes to the control thread.
+    binding: Option<SourceLimiter>,
 }
 
 impl Core {
@@ -97,7 +116,16 @@ impl Core {
             tid_state: 0x9E37_79B9_7F4A_7C15 ^ worker as u64,
             channel_range,
             own,
+            binding: None,
         }
+    }
+
+    /// Answer Binding requests from UDP clients here, in the receive slot, spending `budget` (this
+    /// worker's own shard of the per-source budget of unauthenticated answers). Not for a server with
+    /// `binding_requires_auth`: there Binding must be authenticated by the control thread.
+    pub(crate) fn answer_binding(mut self, budget: SourceLimiter) -> Self {
+        self.binding = Some(budget);
+        self
     }
 
     /// Apply a route update; a removed relay's counters go to the control thread.
@@ -125,7 +153,7 @@ impl Core {
         &self.table
     }
 
-    /// A datagram from a client on `listener`, at `slot[HEADROOM..HEADROOM + len]`.
+    /// A datagram from a UDP client on `listener`, at `slot[HEADROOM..HEADROOM + len]`.
     #[inline]
     pub fn on_client(
         &mut self,
@@ -134,10 +162,41 @@ impl Core {
         slot: &mut [u8],
         len: usize,
     ) -> Action {
+        self.on_client_via(listener, from, slot, len, false)
+    }
+
+    /// A message from a TCP/TLS client on `listener`, at `slot[HEADROOM..HEADROOM + len]`. As
+    /// [`Core::on_client`], except that its Binding goes to the control thread (a stream client cannot
+    /// spoof its source: its answers are exempt from the budget there).
+    #[inline]
+    pub fn on_stream_client(
+        &mut self,
+        listener: ListenerId,
+        from: SocketAddr,
+        slot: &mut [u8],
+        len: usize,
+    ) -> Action {
+        self.on_client_via(listener, from, slot, len, true)
+    }
+
+    #[inline]
+    fn on_client_via(
+        &mut self,
+        listener: ListenerId,
+        from: SocketAddr,
+        slot: &mut [u8],
+        len: usize,
+        stream: bool,
+    ) -> Action {
         self.stats.count_rx();
         let Some(data) = slot.get(HEADROOM..HEADROOM + len) else {
             return self.drop(Drop::Malformed);
         };
+        if !stream && self.binding.is_some() {
+            if let Some(answer) = binding_request(data) {
+                return self.answer(listener, from, slot, len, answer);
+            }
+        }
         let key = ClientKey {
             client: from,
             listener,
@@ -226,6 +285,48 @@ impl Core {
         }
     }
 
+    /// Answer a Binding request (RFC 8489 §8.1) in its own slot: a success with XOR-MAPPED-ADDRESS, and
+    /// FINGERPRINT when the request had one, sent only if it is at most [`MAX_AMPLIFICATION`]× the
+    /// request and the source's network has a token left (checked once the size is known, so that an
+    /// answer too large spends no token).
+    fn answer(
+        &mut self,
+        listener: ListenerId,
+        from: SocketAddr,
+        slot: &mut [u8],
+        len: usize,
+        req: BindingRequest,
+    ) -> Action {
+        let max = (MAX_AMPLIFICATION * len).min(slot.len().saturating_sub(HEADROOM));
+        let Some(buf) = slot.get_mut(HEADROOM..HEADROOM + max) else {
+            return self.drop(Drop::BindingAmplification);
+        };
+        let typ = MessageType::new(Method::BINDING, Class::Success);
+        let written = MessageWriter::new(buf, typ, req.tid).and_then(|mut w| {
+            w.add(&Attribute::XorMappedAddress(from))?;
+            if req.fingerprint {
+                w.add_fingerprint()?;
+            }
+            Ok(w.finish())
+        });
+        let Ok(n) = written else {
+            return self.drop(Drop::BindingAmplification);
+        };
+        let allowed = self
+            .binding
+            .as_mut()
+            .is_some_and(|budget| budget.allow(from.ip(), Instant::now()));
+        if !allowed {
+            return self.drop(Drop::BindingRateLimited);
+        }
+        Action::Forward(Forward {
+            out: Out::Listener(listener),
+            dst: from,
+            range: HEADROOM..HEADROOM + n,
+            bill: Bill::ANSWER,
+        })
+    }
+
     /// A datagram from `from` on relay socket `relay`, at `slot[HEADROOM..HEADROOM + len]`.
     #[inline]
     pub fn on_peer(
@@ -288,6 +389,10 @@ impl Core {
     /// totals. A relay removed meanwhile (its final counters already reported) credits the worker only.
     #[inline]
     pub fn sent(&mut self, bill: Bill) {
+        if bill.dir == Direction::Answer {
+            self.stats.count_binding();
+            return;
+        }
         let n = u64::from(bill.payload);
         let to_peer = bill.dir == Direction::ToPeer;
         self.stats.count_relayed(to_peer, n as usize);
@@ -329,6 +434,31 @@ impl Core {
     pub fn stats(&self) -> &WorkerStats {
         &self.stats
     }
+}
+
+/// What answering a Binding request needs of it, copied out so that the slot can be overwritten.
+#[derive(Debug, Clone, Copy)]
+struct BindingRequest {
+    tid: wire::TransactionId,
+    fingerprint: bool,
+}
+
+/// `data` is a well-formed Binding request (FINGERPRINT, when present, verified by the parse) with no
+/// unknown comprehension-required attribute (a 420 with UNKNOWN-ATTRIBUTES is the control thread's).
+#[inline]
+fn binding_request(data: &[u8]) -> Option<BindingRequest> {
+    // The message type first, so that other requests are parsed once only (by the control thread).
+    if data.get(..2) != Some(&[0x00, 0x01]) {
+        return None;
+    }
+    let msg = Message::parse(data).ok()?;
+    let typ = msg.message_type();
+    ((typ.class, typ.method) == (Class::Request, Method::BINDING)
+        && msg.unknown_required().is_empty())
+    .then(|| BindingRequest {
+        tid: msg.transaction_id(),
+        fingerprint: msg.attrs.fingerprint.is_some(),
+    })
 }
 
 #[cfg(test)]
@@ -421,5 +551,152 @@ mod tests {
         core.sent(back.bill);
         assert_eq!(core.stats().relayed(), counters(&core));
         assert_eq!(counters(&core).to_client_packets, 1);
+    }
+
+    const CLIENT4: &str = "198.51.100.1:4000";
+    const CLIENT6: &str = "[2001:db8:1:2::1]:4000";
+
+    /// A Binding request as a client writes it, with FINGERPRINT if `fingerprint`.
+    fn binding(tid: u8, fingerprint: bool) -> Vec<u8> {
+        let mut buf = [0u8; 64];
+        let typ = MessageType::new(Method::BINDING, Class::Request);
+        let mut w = MessageWriter::new(&mut buf, typ, wire::TransactionId([tid; 12])).unwrap();
+        if fingerprint {
+            w.add_fingerprint().unwrap();
+        }
+        let n = w.finish();
+        buf[..n].to_vec()
+    }
+
+    fn send(core: &mut Core, from: &str, msg: &[u8], stream: bool) -> (Action, [u8; 256]) {
+        let mut slot = [0u8; 256];
+        slot[HEADROOM..HEADROOM + msg.len()].copy_from_slice(msg);
+        let from = from.parse().unwrap();
+        let action = if stream {
+            core.on_stream_client(3, from, &mut slot, msg.len())
+        } else {
+            core.on_client(3, from, &mut slot, msg.len())
+        };
+        (action, slot)
+    }
+
+    fn answering(rate: u32) -> (Core, crossbeam_channel::Receiver<ToControl>) {
+        let (core, rx) = core();
+        (core.answer_binding(SourceLimiter::new(rate, [5, 6])), rx)
+    }
+
+    #[test]
+    fn binding_is_answered_in_the_slot_with_xor_mapped_address_and_fingerprint() {
+        let (mut core, rx) = answering(100);
+        for (client, fingerprint) in [(CLIENT4, true), (CLIENT4, false), (CLIENT6, true)] {
+            let req = binding(9, fingerprint);
+            let (action, slot) = send(&mut core, client, &req, false);
+            let Action::Forward(f) = action else {
+                panic!("not answered: {client} {fingerprint}");
+            };
+            assert_eq!(f.out, Out::Listener(3));
+            assert_eq!(f.dst, client.parse().unwrap());
+            assert_eq!(f.bill, Bill::ANSWER);
+            assert_eq!(f.range.start, HEADROOM);
+            let resp = Message::parse(&slot[f.range.clone()]).unwrap();
+            let typ = resp.message_type();
+            assert_eq!((typ.class, typ.method), (Class::Success, Method::BINDING));
+            assert_eq!(resp.transaction_id(), wire::TransactionId([9; 12]));
+            assert_eq!(resp.attrs.xor_mapped_address, Some(f.dst));
+            assert_eq!(resp.attrs.fingerprint.is_some(), fingerprint);
+            // Exactly the header, XOR-MAPPED-ADDRESS and, if asked for, FINGERPRINT.
+            let xma = if f.dst.is_ipv4() { 12 } else { 24 };
+            let len = wire::HEADER_LEN + xma + if fingerprint { 8 } else { 0 };
+            assert_eq!(f.range.len(), len);
+            assert!(f.range.len() <= MAX_AMPLIFICATION * req.len());
+        }
+        assert!(rx.try_recv().is_err(), "no control-thread hop");
+        // Billed as an answer only: no relay, no relayed totals.
+        core.sent(Bill::ANSWER);
+        assert_eq!(core.stats().bindings(), 1);
+        assert_eq!(core.stats().relayed(), Counters::default());
+    }
+
+    #[test]
+    fn the_worst_case_binding_answer_is_within_three_times_its_request() {
+        // The smallest request (20 bytes, no FINGERPRINT) from an IPv6 client draws the largest answer
+        // relative to it: 44 bytes, under 60. With FINGERPRINT: 28 in, 52 out. So the check in
+        // `Core::answer` never refuses a Binding today; it holds the rule should the answer grow.
+        let (mut core, _rx) = answering(100);
+        let req = binding(1, false);
+        assert_eq!(req.len(), wire::HEADER_LEN);
+        let (Action::Forward(f), _) = send(&mut core, CLIENT6, &req, false) else {
+            panic!("not answered");
+        };
+        assert_eq!(f.range.len(), 44);
+        assert_eq!(core.stats().drops(Drop::BindingAmplification), 0);
+    }
+
+    #[test]
+    fn binding_answers_beyond_the_source_budget_are_not_sent() {
+        // 1 answer a second, a burst of 2, per /64: the third and later are refused and counted
+        // (a refill needs a whole second between these calls).
+        let (mut core, rx) = answering(1);
+        let answered: Vec<bool> = (0..5u8)
+            .map(|i| {
+                // Rotating through one /64 does not escape its budget.
+                let client = format!("[2001:db8:1:2::{}]:4000", i + 1);
+                matches!(
+                    send(&mut core, &client, &binding(i, true), false).0,
+                    Action::Forward(_)
+                )
+            })
+            .collect();
+        assert_eq!(answered[..2], [true, true]);
+        assert!(answered.iter().filter(|a| **a).count() < 5);
+        let refused = answered.iter().filter(|a| !**a).count() as u64;
+        assert_eq!(core.stats().drops(Drop::BindingRateLimited), refused);
+        assert!(rx.try_recv().is_err(), "refused, not passed on");
+        // Another /64 has its own budget.
+        let other = send(
+            &mut core,
+            "[2001:db8:1:3::1]:4000",
+            &binding(7, false),
+            false,
+        )
+        .0;
+        assert!(matches!(other, Action::Forward(_)));
+    }
+
+    #[test]
+    fn stream_clients_and_authenticated_or_unknown_attribute_bindings_go_to_the_control_thread() {
+        let stun_to_control = |rx: &crossbeam_channel::Receiver<ToControl>| {
+            matches!(rx.try_recv(), Ok(ToControl::Stun { .. }))
+        };
+        // A TCP/TLS client: exempt from the budget, answered by the server (which exempts streams).
+        let (mut core, rx) = answering(1);
+        for i in 0..4 {
+            let (action, _) = send(&mut core, CLIENT4, &binding(i, true), true);
+            assert_eq!(action, Action::Done);
+            assert!(stun_to_control(&rx), "stream Binding {i}");
+        }
+        assert_eq!(core.stats().drops(Drop::BindingRateLimited), 0);
+        // An unknown comprehension-required attribute: the 420 is the control thread's.
+        let mut req = binding(2, false);
+        req[3] = 8;
+        req.extend_from_slice(&[0x00, 0x31, 0, 4, 1, 2, 3, 4]);
+        assert!(!Message::parse(&req).unwrap().unknown_required().is_empty());
+        assert_eq!(send(&mut core, CLIENT4, &req, false).0, Action::Done);
+        assert!(stun_to_control(&rx));
+        // `binding_requires_auth`: the worker is not told to answer Binding.
+        let (mut core, rx) = super::tests::core();
+        assert_eq!(
+            send(&mut core, CLIENT4, &binding(3, true), false).0,
+            Action::Done
+        );
+        assert!(stun_to_control(&rx));
+        // A wrong FINGERPRINT is not STUN: dropped, neither answered nor passed on.
+        let (mut core, rx) = answering(100);
+        let mut bad = binding(4, true);
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert_eq!(send(&mut core, CLIENT4, &bad, false).0, Action::Done);
+        assert!(rx.try_recv().is_err());
+        assert_eq!(core.stats().drops(Drop::Malformed), 1);
     }
 }

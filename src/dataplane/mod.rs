@@ -28,7 +28,7 @@
 //! The event loop is written once (`worker.rs`), over two I/O backends that only register sockets,
 //! receive a batch and send a batch: `epoll` (`recvmmsg`/`sendmmsg`) and `uring` (io_uring).
 //!
-//! May use: wire, route, policy, sys, metrics.
+//! May use: wire, route, policy, sys, metrics, budget.
 
 mod core;
 mod epoll;

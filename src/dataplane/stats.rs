@@ -35,11 +35,15 @@ pub enum Drop {
     TooBig,
     /// A TCP/TLS client's bounded write queue was full (a slow reader), or its connection is gone.
     StreamQueueFull,
+    /// A Binding success not sent: its source's network (/32, /64) was over its budget.
+    BindingRateLimited,
+    /// A Binding success not sent: it would have been more than 3× its request.
+    BindingAmplification,
 }
 
 impl Drop {
     /// All reasons, in counter order.
-    pub const ALL: [Drop; 12] = [
+    pub const ALL: [Drop; 14] = [
         Drop::NotTurn,
         Drop::Malformed,
         Drop::NoChannel,
@@ -52,6 +56,8 @@ impl Drop {
         Drop::SendBufferFull,
         Drop::TooBig,
         Drop::StreamQueueFull,
+        Drop::BindingRateLimited,
+        Drop::BindingAmplification,
     ];
 
     /// A short name for metrics.
@@ -69,6 +75,8 @@ impl Drop {
             Drop::SendBufferFull => "send_buffer_full",
             Drop::TooBig => "too_big",
             Drop::StreamQueueFull => "stream_queue_full",
+            Drop::BindingRateLimited => "binding_rate_limited",
+            Drop::BindingAmplification => "binding_amplification",
         }
     }
 }
@@ -81,6 +89,8 @@ pub struct WorkerStats {
     drops: CachePadded<[AtomicU64; Drop::ALL.len()]>,
     /// Relayed bytes/packets: to-peer bytes, to-peer packets, to-client bytes, to-client packets.
     relayed: CachePadded<[AtomicU64; 4]>,
+    /// Binding successes the worker answered itself and the kernel took.
+    bindings: CachePadded<AtomicU64>,
 }
 
 impl WorkerStats {
@@ -113,6 +123,18 @@ impl WorkerStats {
         let add = |a: &AtomicU64, n: u64| a.store(a.load(Ordering::Relaxed) + n, Ordering::Relaxed);
         add(&self.relayed[i], bytes as u64);
         add(&self.relayed[i + 1], 1);
+    }
+
+    /// One Binding success answered by the worker was sent.
+    #[inline]
+    pub(crate) fn count_binding(&self) {
+        self.bindings.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Binding successes answered by the worker and sent (refusals are drops:
+    /// [`Drop::BindingRateLimited`], [`Drop::BindingAmplification`]).
+    pub fn bindings(&self) -> u64 {
+        self.bindings.load(Ordering::Relaxed)
     }
 
     /// What the fast path relayed (sent successfully).

@@ -566,7 +566,7 @@ impl Streams {
                     dst,
                     range,
                     bill,
-                }) = core.on_client(key.listener, key.client, &mut self.scratch, len)
+                }) = core.on_stream_client(key.listener, key.client, &mut self.scratch, len)
                 {
                     match self.scratch.get(range) {
                         Some(bytes) => match send_relay(relay, dst, bytes) {

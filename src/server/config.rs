@@ -4,8 +4,9 @@ use core::net::{IpAddr, SocketAddr};
 use core::ops::RangeInclusive;
 
 use super::challenge_len;
-use super::limit::{MAX_AMPLIFICATION, MIN_ALLOCATE};
+use super::MIN_ALLOCATE;
 use crate::auth::RestSecrets;
+use crate::budget::MAX_AMPLIFICATION;
 use crate::policy::PeerPolicy;
 use crate::wire::pad4;
 

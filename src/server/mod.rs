@@ -20,10 +20,9 @@
 //! route table these commands program. Its transmits go to clients only (responses,
 //! from a listener address); nothing it emits can address a peer.
 //!
-//! May use: wire, auth, policy, and its own config.
+//! May use: wire, auth, policy, budget, and its own config.
 
 mod config;
-mod limit;
 mod ports;
 mod types;
 
@@ -42,13 +41,17 @@ pub use types::{
 };
 
 use crate::auth::{self, NonceCheck, NonceKey, RestError, FEATURE_PASSWORD_ALGORITHMS};
+use crate::budget::{SourceLimiter, MAX_AMPLIFICATION};
 use crate::policy::OwnAddresses;
 use crate::wire::{
     self, family, password_algorithm, Attribute, Class, Kind, Message, MessageType, MessageWriter,
     Method,
 };
-use limit::{SourceLimiter, MAX_AMPLIFICATION};
 use ports::PortPool;
+
+/// The smallest valid Allocate: the header and REQUESTED-TRANSPORT (RFC 8656 §7.1). Its 401 must fit
+/// in [`MAX_AMPLIFICATION`]× this, or a client could never be challenged.
+pub(crate) const MIN_ALLOCATE: usize = wire::HEADER_LEN + 8;
 
 /// UDP's protocol number, the only REQUESTED-TRANSPORT a UDP relay serves (RFC 8656 §7.2).
 const PROTO_UDP: u8 = 17;

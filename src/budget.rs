@@ -4,17 +4,15 @@
 //! flood of spoofed sources costs nothing but shared buckets; the key comes from the caller's RNG so
 //! that an attacker cannot aim collisions at a victim's bucket.
 //!
-//! Self-contained (std only): each owner (the server today, each data-plane worker once Binding is
-//! answered there) holds its own table, a shard of the budget, and takes no lock.
+//! Self-contained (std only, at the bottom of the layers, so that `server` and `dataplane` share it):
+//! each owner (the server, and each data-plane worker, which answers Binding itself) holds its own
+//! table, a shard of the budget, and takes no lock.
 
 use core::net::IpAddr;
 use std::time::Instant;
 
 /// The most an unauthenticated answer over UDP may be, as a multiple of its request's size.
 pub(crate) const MAX_AMPLIFICATION: usize = 3;
-/// The smallest valid Allocate: the header and REQUESTED-TRANSPORT (RFC 8656 §7.1). Its 401 must fit
-/// in [`MAX_AMPLIFICATION`]× this, or a client could never be challenged.
-pub(crate) const MIN_ALLOCATE: usize = crate::wire::HEADER_LEN + 8;
 
 /// Buckets in the table (64 KiB of state).
 const SLOTS: usize = 4096;
