@@ -22,20 +22,21 @@ const SIZE: usize = 3000;
 const SMALL_ROUNDS: usize = 40;
 const SMALL_PER_ROUND: usize = 450;
 
-/// A minimal Binding request with transaction id `n`.
-fn binding(n: u32) -> Vec<u8> {
-    let mut m = vec![0x00, 0x01, 0, 0];
+/// A minimal Allocate request (no credentials) with transaction id `n`: it goes to the control thread
+/// (a Binding no longer does: the worker answers it).
+fn request(n: u32) -> Vec<u8> {
+    let mut m = vec![0x00, 0x03, 0, 0];
     m.extend_from_slice(&0x2112_A442u32.to_be_bytes());
     m.extend_from_slice(&[0; 8]);
     m.extend_from_slice(&n.to_be_bytes());
     m
 }
 
-/// A Binding request of `SIZE` bytes (an unknown comprehension-optional attribute pads it), with
+/// An Allocate request of `SIZE` bytes (an unknown comprehension-optional attribute pads it), with
 /// transaction id `n`.
-fn big_binding(n: u32) -> Vec<u8> {
+fn big_request(n: u32) -> Vec<u8> {
     let pad = (SIZE - 24) as u16;
-    let mut m = vec![0x00, 0x01];
+    let mut m = vec![0x00, 0x03];
     m.extend_from_slice(&(pad + 4).to_be_bytes());
     m.extend_from_slice(&0x2112_A442u32.to_be_bytes());
     m.extend_from_slice(&[0; 8]);
@@ -70,7 +71,7 @@ fn a_stalled_control_thread_costs_stun_copies_never_forwarding() {
         for round in 0..ROUNDS {
             for k in 0..PER_ROUND {
                 flood
-                    .send_to(&big_binding((round * PER_ROUND + k) as u32), server)
+                    .send_to(&big_request((round * PER_ROUND + k) as u32), server)
                     .unwrap();
             }
             // Relaying goes on; the reply also shows the worker has read the flood sent before it.
@@ -96,7 +97,7 @@ fn a_stalled_control_thread_costs_stun_copies_never_forwarding() {
         for round in 0..SMALL_ROUNDS {
             for k in 0..SMALL_PER_ROUND {
                 flood
-                    .send_to(&binding((round * SMALL_PER_ROUND + k) as u32), server)
+                    .send_to(&request((round * SMALL_PER_ROUND + k) as u32), server)
                     .unwrap();
             }
             c.send_channel(0x4000, &[round as u8; 32]);
@@ -108,7 +109,7 @@ fn a_stalled_control_thread_costs_stun_copies_never_forwarding() {
         let tcp = std::net::TcpStream::connect(relay.tcp_addrs()[0]).unwrap();
         // The worker accepts it (a Binding over TCP makes sure), then sees it close.
         let mut w = &tcp;
-        std::io::Write::write_all(&mut w, &binding(u32::MAX)).unwrap();
+        std::io::Write::write_all(&mut w, &request(u32::MAX)).unwrap();
         drop(tcp);
         for k in 0..20u8 {
             c.send_channel(0x4000, &[k; 16]);

@@ -491,8 +491,10 @@ fn dashboard_and_rules_against_prometheus_scraping_a_relay_under_traffic() {
             "listen = [\"127.0.0.1:{listen}\"]\nworkers = 2\npin_workers = false\ndrain_seconds = 0\n\
              [relay]\naddresses = [\"127.0.0.1\"]\nport_min = {PORT_BASE}\nport_max = {}\n\
              [rest]\nsecrets = [\"{SECRET}\"]\n[peers]\nallow = [\"127.0.0.0/8\"]\n\
-             [api]\nlisten = \"127.0.0.1:{api}\"\naccess_keys = [\"{KEY_B64}\"]\n",
-            PORT_BASE + 999
+             [api]\nlisten = \"127.0.0.1:{api}\"\naccess_keys = [\"{KEY_B64}\"]\n\
+             revocations_database = \"{}\"\n",
+            PORT_BASE + 999,
+            dir.join("revocations.db").display()
         ),
     )
     .unwrap();
