@@ -192,15 +192,29 @@ impl Relay {
     fn start(config: &Path) -> Relay {
         let text = std::fs::read_to_string(config).unwrap();
         let listen: SocketAddr = text.split('"').nth(1).and_then(|s| s.parse().ok()).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
-            .arg("--config")
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_ready(listen);
-        Relay { child, listen }
+        // A restart right after kill -9 can find a port still held while the dead process's sockets
+        // are torn down (seen on io_uring): such a start exits at once; try again, bounded, and show
+        // what the relay said if it never comes up.
+        let log = config.with_extension("stderr");
+        for _ in 0..5 {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+                .arg("--config")
+                .arg(config)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            if wait_ready(listen, &mut child) {
+                return Relay { child, listen };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        panic!(
+            "relay at {listen} did not come up: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
     }
 
     /// kill -9.
@@ -230,8 +244,8 @@ impl Drop for Relay {
     }
 }
 
-/// Wait (bounded) until the relay answers a Binding request.
-fn wait_ready(server: SocketAddr) {
+/// Wait (bounded) until the relay answers a Binding request; `false` if it exited or never answered.
+fn wait_ready(server: SocketAddr, child: &mut std::process::Child) -> bool {
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
     s.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
@@ -240,12 +254,15 @@ fn wait_ready(server: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut buf = [0u8; 512];
     while Instant::now() < deadline {
+        if child.try_wait().ok().flatten().is_some() {
+            return false;
+        }
         let _ = s.send_to(&req, server);
         if s.recv_from(&mut buf).is_ok() {
-            return;
+            return true;
         }
     }
-    panic!("relay at {server} did not answer within 15 s");
+    false
 }
 
 /// One client's traffic through one allocation, counted by the two ends.

@@ -749,7 +749,14 @@ mod random {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(48))]
+        // Failure seeds are kept beside this file (tests.proptest-regressions), not in a top-level folder.
+        #![proptest_config(ProptestConfig {
+            cases: 48,
+            failure_persistence: Some(Box::new(
+                proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
+            )),
+            ..ProptestConfig::default()
+        })]
 
         /// Whatever a client does: data reaches only peers it permitted, never an own address but
         /// the live relayed one, and the relay's final counters are exactly what was relayed.
