@@ -362,111 +362,67 @@ impl Fixed {
     /// per setting, naming its key with the running and the new value. None of them can change live;
     /// a reload reports these lines and keeps the running values.
     pub fn changes(&self, new: &Fixed) -> Vec<String> {
+        // Destructured without `..`, so that a new fixed setting cannot be left out of the report.
+        let Fixed {
+            realm,
+            listen,
+            listen_tcp,
+            listen_tls,
+            workers,
+            backend,
+            recv_buffer,
+            send_buffer,
+            drain,
+            pin_workers,
+            relay_ips,
+            relay_ports,
+            lifetimes,
+            binding_requires_auth,
+            password_algorithms,
+            alternate_server,
+            channel_range,
+            streams,
+            relay_id,
+            api,
+            usage,
+            fleet,
+            pid_file,
+        } = self;
         let mut out = Vec::new();
-        let mut diff = |key: &str, old: &dyn fmt::Debug, new: &dyn fmt::Debug, same: bool| {
-            if !same {
-                out.push(format!(
-                    "{key}: changed from {old:?} to {new:?}, which needs a restart; keeping {old:?}"
-                ));
-            }
-        };
-        let (a, b) = (self, new);
-        diff("realm", &a.realm, &b.realm, a.realm == b.realm);
-        diff("listen", &a.listen, &b.listen, a.listen == b.listen);
-        diff(
-            "listen_tcp",
-            &a.listen_tcp,
-            &b.listen_tcp,
-            a.listen_tcp == b.listen_tcp,
-        );
-        diff(
-            "listen_tls",
-            &a.listen_tls,
-            &b.listen_tls,
-            a.listen_tls == b.listen_tls,
-        );
-        diff("workers", &a.workers, &b.workers, a.workers == b.workers);
-        diff("backend", &a.backend, &b.backend, a.backend == b.backend);
-        diff(
-            "recv_buffer",
-            &a.recv_buffer,
-            &b.recv_buffer,
-            a.recv_buffer == b.recv_buffer,
-        );
-        diff(
-            "send_buffer",
-            &a.send_buffer,
-            &b.send_buffer,
-            a.send_buffer == b.send_buffer,
-        );
-        diff("drain_seconds", &a.drain, &b.drain, a.drain == b.drain);
-        diff(
-            "pin_workers",
-            &a.pin_workers,
-            &b.pin_workers,
-            a.pin_workers == b.pin_workers,
-        );
-        diff(
-            "relay.addresses",
-            &a.relay_ips,
-            &b.relay_ips,
-            a.relay_ips == b.relay_ips,
-        );
-        diff(
-            "relay.port_min..relay.port_max",
-            &a.relay_ports,
-            &b.relay_ports,
-            a.relay_ports == b.relay_ports,
-        );
-        diff(
-            "lifetimes",
-            &a.lifetimes,
-            &b.lifetimes,
-            a.lifetimes == b.lifetimes,
-        );
-        diff(
-            "binding_requires_auth",
-            &a.binding_requires_auth,
-            &b.binding_requires_auth,
-            a.binding_requires_auth == b.binding_requires_auth,
-        );
-        diff(
-            "password_algorithms",
-            &a.password_algorithms,
-            &b.password_algorithms,
-            a.password_algorithms == b.password_algorithms,
-        );
-        diff(
-            "alternate_server",
-            &a.alternate_server,
-            &b.alternate_server,
-            a.alternate_server == b.alternate_server,
-        );
-        diff(
-            "legacy_channel_numbers",
-            &a.channel_range,
-            &b.channel_range,
-            a.channel_range == b.channel_range,
-        );
-        diff("streams", &a.streams, &b.streams, a.streams == b.streams);
-        diff(
-            "relay_id",
-            &a.relay_id,
-            &b.relay_id,
-            a.relay_id == b.relay_id,
-        );
-        diff(
-            "api (listen, metrics_listen, limits, revocations_database)",
-            &a.api,
-            &b.api,
-            a.api == b.api,
-        );
-        diff("usage", &a.usage, &b.usage, a.usage == b.usage);
-        diff(
-            "pid_file",
-            &a.pid_file,
-            &b.pid_file,
-            a.pid_file == b.pid_file,
+        macro_rules! compare {
+            ($($key:literal => $field:ident),* $(,)?) => {$(
+                if *$field != new.$field {
+                    out.push(format!(
+                        "{}: changed from {:?} to {:?}, which needs a restart; keeping {:?}",
+                        $key, $field, new.$field, $field
+                    ));
+                }
+            )*};
+        }
+        compare!(
+            "realm" => realm,
+            "listen" => listen,
+            "listen_tcp" => listen_tcp,
+            "listen_tls" => listen_tls,
+            "workers" => workers,
+            "backend" => backend,
+            "recv_buffer" => recv_buffer,
+            "send_buffer" => send_buffer,
+            "drain_seconds" => drain,
+            "pin_workers" => pin_workers,
+            "relay.addresses" => relay_ips,
+            "relay.port_min..relay.port_max" => relay_ports,
+            "lifetimes" => lifetimes,
+            "binding_requires_auth" => binding_requires_auth,
+            "password_algorithms" => password_algorithms,
+            "alternate_server" => alternate_server,
+            "legacy_channel_numbers" => channel_range,
+            "streams" => streams,
+            "relay_id" => relay_id,
+            "api (listen, metrics_listen, limits, revocations_database)" => api,
+            "usage" => usage,
+            "fleet" => fleet,
+            "pid_file" => pid_file,
         );
         out
     }
