@@ -192,11 +192,6 @@ impl Core {
         let Some(data) = slot.get(HEADROOM..HEADROOM + len) else {
             return self.drop(Drop::Malformed);
         };
-        if !stream && self.binding.is_some() {
-            if let Some(answer) = binding_request(data) {
-                return self.answer(listener, from, slot, len, answer);
-            }
-        }
         let key = ClientKey {
             client: from,
             listener,
@@ -225,7 +220,15 @@ impl Core {
                     },
                 })
             }
-            Some(Kind::Stun) => self.on_client_stun(listener, from, key, data),
+            Some(Kind::Stun) => {
+                // A UDP Binding is answered here (stream clients' go to the control thread).
+                if !stream && self.binding.is_some() {
+                    if let Some(answer) = binding_request(data) {
+                        return self.answer(listener, from, slot, len, answer);
+                    }
+                }
+                self.on_client_stun(listener, from, key, data)
+            }
             _ => self.drop(Drop::NotTurn),
         }
     }
