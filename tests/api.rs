@@ -663,7 +663,7 @@ fn a_revoke_through_the_api_stops_a_live_allocation_relaying_and_its_usage_says_
     let dir = temp_dir("revoke-terminate");
     let db = dir.join("usage.db");
     let reserved = reserve_udp();
-    let text = config_text(reserved.port(), free_tcp_port(), 44000, &db, "");
+    let text = config_text(reserved.port(), free_tcp_port(), 53000, &db, "");
     let config = RelayConfig::from_toml(&text).unwrap();
     let service = turnpike::service::start(&config).unwrap();
     let server = service.relay().listen_addrs()[0];
