@@ -14,6 +14,25 @@ use turnpike::wire::{
     Attribute, ChannelData, Class, Message, MessageType, MessageWriter, Method, TransactionId,
 };
 
+pub mod pg;
+
+/// A TCP port free on loopback at the time of the call.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A fresh, empty directory for one test: `$TMPDIR/turnpike-test-<name>-<pid>`.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("turnpike-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 pub const REALM: &str = "turnpike";
 
 /// Every backend that works on this machine; with `CI=true` io_uring must work.
