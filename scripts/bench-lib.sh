@@ -78,8 +78,10 @@ legacy_channel_numbers = true
 challenge_rate = 0
 [relay]
 addresses = [${list%, }]
-port_min = 49152
-port_max = 65535
+# below the ephemeral range (32768-60999), where the generator's echo peers bind: the relay port range is one
+# of the relay's own ranges, denied as a peer.
+port_min = 10000
+port_max = 29999
 [[users]]
 name = "bench"
 password = "bench-pass"

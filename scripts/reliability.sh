@@ -74,8 +74,9 @@ max_connections = 10000
 max_connections_per_ip = 100
 [relay]
 addresses = ["127.0.0.1"]
-port_min = 40000
-port_max = 59999
+# below the ephemeral range, where the echo peers bind (the relay port range is denied as a peer)
+port_min = 10000
+port_max = 29999
 [[users]]
 name = "bench"
 password = "bench-pass"
