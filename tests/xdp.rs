@@ -363,9 +363,11 @@ fn channel_data_is_forwarded_in_xdp_both_ways_and_falls_back_when_removed() {
         let (got, _) = recv(&relay_socket);
         assert_eq!(got, b"after the end", "{name}: no entry outlives its relay");
     }
-    fast.detach();
+    fast.detach_links().unwrap();
     let link = output(&["ip", "-n", &topo.relay, "link", "show", "dev", "rc"]);
-    assert!(!link.contains("xdp"), "detached on drop: {link}");
+    assert!(!link.contains("xdp"), "detached on drain: {link}");
+    fast.detach_links().unwrap();
+    drop(fast);
 }
 
 #[test]
