@@ -595,54 +595,7 @@ fn relay_binary_run(backend: BackendKind, xdp: bool) {
         "turnpike-xdp-{}-{backend:?}-{xdp}",
         std::process::id()
     ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let db = dir.join("usage.db");
-    let api: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-    let backend_key = match backend {
-        BackendKind::Epoll => "epoll",
-        BackendKind::IoUring => "io_uring",
-    };
-    let xdp_section = if xdp {
-        "[xdp]\ninterfaces = [\"rc\", \"rp\"]\nmode = \"native\"\n"
-    } else {
-        ""
-    };
-    let config = format!(
-        "listen = [\"198.18.1.1:3478\", \"[2001:2:0:1::1]:3478\"]\nworkers = 2\npin_workers = false\n\
-         drain_seconds = 0\nbackend = \"{backend_key}\"\n\
-         [relay]\naddresses = [\"198.19.2.1\", \"2001:2:0:2::1\"]\nport_min = 50000\nport_max = 50099\n\
-         [[users]]\nname = \"alice\"\npassword = \"alice-pass\"\n\
-         [peers]\nallow = [\"198.19.2.0/24\", \"2001:2:0:2::/64\"]\n\
-         [api]\nlisten = \"{api}\"\naccess_keys = [\"a2V5LWtleS1rZXkta2V5LWtleS1rZXkta2V5LWtleQ==\"]\n\
-         [usage]\ndatabase = \"{db}\"\ncheckpoint_seconds = 1\n\
-         {xdp_section}",
-        db = db.display(),
-    );
-    let path = dir.join("turnpike.toml");
-    std::fs::write(&path, config).unwrap();
-    let log = dir.join("stderr");
-    let child = Command::new("ip")
-        .args(["netns", "exec", &topo.relay])
-        .arg(env!("CARGO_BIN_EXE_turnpike"))
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut relay = Binary(child);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !scrape(&topo.relay, api).contains("turnpike_allocations") {
-        if let Ok(Some(status)) = relay.0.try_wait() {
-            panic!(
-                "{name}: the relay exited with {status}: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        assert!(Instant::now() < deadline, "{name}: no /metrics within 15 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut relay, api, db) = start_binary(&topo, &dir, backend, xdp, "", &name);
     let attached = output(&["ip", "-n", &topo.relay, "link", "show", "dev", "rc"]);
     assert_eq!(attached.contains("xdp"), xdp, "{name}: {attached}");
     // Frames XDP sends into a veth are dropped unless its far end runs XDP too.
@@ -793,4 +746,183 @@ fn relay_binary_run(backend: BackendKind, xdp: bool) {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts the relay binary in `topo`'s relay namespace with its files in `dir` (usage database,
+/// config, stderr), `extra` appended to the config; returns once /metrics answers.
+fn start_binary(
+    topo: &Topology,
+    dir: &std::path::Path,
+    backend: BackendKind,
+    xdp: bool,
+    extra: &str,
+    name: &str,
+) -> (Binary, SocketAddr, std::path::PathBuf) {
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("usage.db");
+    let api: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+    let backend_key = match backend {
+        BackendKind::Epoll => "epoll",
+        BackendKind::IoUring => "io_uring",
+    };
+    let xdp_section = if xdp {
+        "[xdp]\ninterfaces = [\"rc\", \"rp\"]\nmode = \"native\"\n"
+    } else {
+        ""
+    };
+    let config = format!(
+        "listen = [\"198.18.1.1:3478\", \"[2001:2:0:1::1]:3478\"]\nworkers = 2\npin_workers = false\n\
+         drain_seconds = 0\nbackend = \"{backend_key}\"\n\
+         [relay]\naddresses = [\"198.19.2.1\", \"2001:2:0:2::1\"]\nport_min = 50000\nport_max = 50099\n\
+         [[users]]\nname = \"alice\"\npassword = \"alice-pass\"\n\
+         [peers]\nallow = [\"198.19.2.0/24\", \"2001:2:0:2::/64\"]\n\
+         [api]\nlisten = \"{api}\"\naccess_keys = [\"a2V5LWtleS1rZXkta2V5LWtleS1rZXkta2V5LWtleQ==\"]\n\
+         [usage]\ndatabase = \"{db}\"\ncheckpoint_seconds = 1\n\
+         {xdp_section}{extra}",
+        db = db.display(),
+    );
+    let path = dir.join("turnpike.toml");
+    std::fs::write(&path, config).unwrap();
+    let log = dir.join("stderr");
+    let child = Command::new("ip")
+        .args(["netns", "exec", &topo.relay])
+        .arg(env!("CARGO_BIN_EXE_turnpike"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut relay = Binary(child);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !scrape(&topo.relay, api).contains("turnpike_allocations") {
+        if let Ok(Some(status)) = relay.0.try_wait() {
+            panic!(
+                "{name}: the relay exited with {status}: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        assert!(Instant::now() < deadline, "{name}: no /metrics within 15 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (relay, api, db)
+}
+
+/// The config file [`start_binary`] wrote in `dir`.
+fn config_path(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join("turnpike.toml")
+}
+
+/// Datagrams from `peer` to `relayed` until one reaches `client` other than as ChannelData on `channel`
+/// (or none does), at most `tries` of them 200 ms apart: what the client got, if anything.
+fn until_not_channel(
+    client: &Client,
+    peer: &UdpSocket,
+    relayed: SocketAddr,
+    channel: u16,
+    tries: usize,
+) -> Option<Vec<u8>> {
+    client
+        .sock
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    for _ in 0..tries {
+        peer.send_to(b"probe", relayed).unwrap();
+        let mut buf = [0u8; 2048];
+        match client.sock.recv_from(&mut buf) {
+            Ok((n, _)) if buf[..n] == channel_data(channel, b"probe", 0)[..] => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Ok((n, _)) => return Some(buf[..n].to_vec()),
+            Err(_) => return None,
+        }
+    }
+    panic!("the channel was still forwarding after {tries} probes");
+}
+
+/// With XDP on, through the binary: a channel's expiry takes it out of the kernel (the peer's datagrams
+/// then reach the client as Data indications from the userspace path, its permission being live), and
+/// a reload whose peer policy denies the peer (a revocation of its permission and channel) stops the
+/// forwarding on both paths. The XDP counter moves only while the channel is bound.
+#[test]
+fn expiry_and_a_policy_revocation_take_the_kernel_entry_out() {
+    if skip_unprivileged("xdp expiry and revocation") {
+        return;
+    }
+    let mut backends = vec![BackendKind::Epoll];
+    if turnpike::sys::uring::probe().is_ok() && turnpike::dataplane::uring::IMPLEMENTED {
+        backends.push(BackendKind::IoUring);
+    }
+    for backend in backends {
+        let name = format!("{backend:?}");
+        let topo = topology("e");
+        let dir = std::env::temp_dir().join(format!(
+            "turnpike-xdp-expiry-{}-{backend:?}",
+            std::process::id()
+        ));
+        let lifetimes = "[lifetimes]\nchannel = 2\n";
+        let (relay, api, _db) = start_binary(&topo, &dir, backend, true, lifetimes, &name);
+        let _pass = (
+            in_netns(&topo.client, || attach_pass_program("c0").unwrap()),
+            in_netns(&topo.peer, || attach_pass_program("p0").unwrap()),
+        );
+        let server: SocketAddr = V4.listener.parse().unwrap();
+        let mut client = in_netns(&topo.client, move || {
+            Client::new_on("198.18.1.2", server, "alice", "alice-pass")
+        });
+        let relayed = client.allocate();
+        let peer = bind(&topo.peer, V4.peer);
+        let peer_addr = peer.local_addr().unwrap();
+        let xdp_packets = || {
+            metric(
+                &scrape(&topo.relay, api),
+                "turnpike_path_packets_total{path=\"xdp\"}",
+            )
+        };
+
+        // Expiry: bound, forwarded in XDP; once the channel expires the peer's datagram comes up
+        // through userspace as a Data indication (the permission lives on), and XDP no longer counts.
+        client.bind(0x4001, peer_addr);
+        let got = until_not_channel(&client, &peer, relayed, 0x4001, 100)
+            .expect("after the channel expired, a Data indication");
+        let m = turnpike::wire::Message::parse(&got).unwrap();
+        assert_eq!(m.attrs.data, Some(&b"probe"[..]), "{name}: Data indication");
+        let forwarded = xdp_packets();
+        assert!(forwarded >= 1, "{name}: the bound channel went through XDP");
+        peer.send_to(b"probe", relayed).unwrap();
+        let _indication = client.recv();
+        assert_eq!(xdp_packets(), forwarded, "{name}: no XDP after the expiry");
+
+        // Revocation: bind a second peer (RFC 8656 §12: the expired binding's peer stays reserved to its
+        // channel), then reload a policy that denies the peers' range: the permission and channel go
+        // from both tables, so nothing reaches the client on either path.
+        let peer = bind(&topo.peer, "198.19.2.2:7001");
+        client.bind(0x4002, peer.local_addr().unwrap());
+        peer.send_to(b"probe", relayed).unwrap();
+        assert_eq!(client.recv(), channel_data(0x4002, b"probe", 0), "{name}");
+        assert_eq!(xdp_packets(), forwarded + 1, "{name}: rebound in XDP");
+        let config = std::fs::read_to_string(config_path(&dir)).unwrap().replace(
+            "allow = [\"198.19.2.0/24\", \"2001:2:0:2::/64\"]",
+            "allow = [\"2001:2:0:2::/64\"]",
+        );
+        std::fs::write(config_path(&dir), config).unwrap();
+        run(&["kill", "-HUP", &relay.0.id().to_string()]);
+        assert_eq!(
+            until_not_channel(&client, &peer, relayed, 0x4002, 100),
+            None,
+            "{name}: after the revocation nothing reaches the client"
+        );
+        let after = xdp_packets();
+        peer.send_to(b"probe", relayed).unwrap();
+        client
+            .sock
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert!(client.sock.recv_from(&mut buf).is_err(), "{name}: dropped");
+        assert_eq!(xdp_packets(), after, "{name}: no XDP after the revocation");
+        drop(relay);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
