@@ -758,8 +758,8 @@ fn start_binary(
     extra: &str,
     name: &str,
 ) -> (Binary, SocketAddr, std::path::PathBuf) {
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
     let db = dir.join("usage.db");
     let api: SocketAddr = "127.0.0.1:8080".parse().unwrap();
     let backend_key = match backend {
