@@ -730,7 +730,12 @@ fn relay_binary_run(backend: BackendKind, xdp: bool) {
         );
     }
     let rows = usage_rows(&db);
-    assert_eq!(rows.len(), 3, "{name}: {rows:?}");
+    assert_eq!(
+        rows.len(),
+        3,
+        "{name}: {rows:?}; the relay said: {}",
+        std::fs::read_to_string(dir.join("stderr")).unwrap_or_default()
+    );
     for (row, ((up_b, up_p), (down_b, down_p))) in rows.iter().zip(&expected) {
         assert_eq!(
             row,
