@@ -94,8 +94,18 @@ pub(super) fn api(raw: RawApi, fixed: &Fixed) -> Result<(FixedApi, LiveApi), Con
             ))
         }
     };
+    // By default clients reach the relay at its listeners; behind 1:1 NAT (relay.external) a listener
+    // on a private address is reached at the public one.
+    let outside = |a: &SocketAddr| {
+        fixed
+            .external
+            .iter()
+            .find(|e| e.0 == a.ip())
+            .map_or(*a, |e| SocketAddr::new(e.1, a.port()))
+            .to_string()
+    };
     let addresses = if raw.public_addresses.is_empty() {
-        listen.iter().map(ToString::to_string).collect()
+        listen.iter().map(outside).collect()
     } else {
         raw.public_addresses
             .iter()
@@ -106,7 +116,7 @@ pub(super) fn api(raw: RawApi, fixed: &Fixed) -> Result<(FixedApi, LiveApi), Con
     // TCP and TLS listeners are announced too (default: the listen_tcp / listen_tls addresses).
     let public = |key: &str, given: &[String], listen: &[SocketAddr]| {
         if given.is_empty() {
-            Ok(listen.iter().map(ToString::to_string).collect())
+            Ok(listen.iter().map(outside).collect())
         } else {
             given
                 .iter()
