@@ -440,14 +440,24 @@ fn listen_errors() {
         "port 0",
     );
     assert_error(
-        &format!("listen = [\"192.0.2.1:3478\", \"0.0.0.0:3478\"]\n{relay}"),
+        &format!("listen = [\"0.0.0.0:3478\", \"0.0.0.0:3478\"]\n{relay}"),
         "listen[1]",
-        "unspecified addresses are not supported yet; list each address",
+        "twice",
     );
+    // Wildcards are listen addresses; the token API then needs the addresses clients reach.
+    let c = RelayConfig::from_toml(&format!(
+        "listen = [\"0.0.0.0:3478\", \"[::]:3478\"]\nlisten_tcp = [\"0.0.0.0:3478\"]\n{relay}"
+    ))
+    .unwrap();
+    assert_eq!(c.fixed.listen, [sa("0.0.0.0:3478"), sa("[::]:3478")]);
     assert_error(
-        &format!("listen = [\"[::]:3478\"]\n{relay}"),
-        "listen[0]",
-        "unspecified",
+        &format!(
+            "listen = [\"0.0.0.0:3478\"]\n{relay}[api]\nlisten = \"127.0.0.1:8080\"\n\
+             access_keys = [\"c2VjcmV0LWtleS1vZi10aGlydHktdHdvLWJ5dGVzISE=\"]\n\
+             revocations_database = \"/tmp/r.db\"\n"
+        ),
+        "api.public_addresses",
+        "0.0.0.0:3478",
     );
     assert_error(
         &format!("listen = [\"192.0.2.1\"]\n{relay}"),

@@ -506,14 +506,8 @@ fn listen_addrs(name: &str, list: &[String]) -> Result<Vec<SocketAddr>, ConfigEr
                 format!("{s:?} is not an IP:port address (e.g. \"192.0.2.1:3478\" or \"[2001:db8::1]:3478\")"),
             )
         })?;
-        if addr.ip().is_unspecified() {
-            return Err(ConfigError::new(
-                key,
-                format!(
-                    "unspecified addresses are not supported yet; list each address (got {addr})"
-                ),
-            ));
-        }
+        // A wildcard ("0.0.0.0", "[::]") listens on every interface address of its family, one
+        // socket each (`sys::expand_wildcards`), so replies leave from the address the client used.
         if addr.port() == 0 {
             return Err(ConfigError::new(
                 key,

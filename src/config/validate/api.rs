@@ -104,7 +104,19 @@ pub(super) fn api(raw: RawApi, fixed: &Fixed) -> Result<(FixedApi, LiveApi), Con
             .map_or(*a, |e| SocketAddr::new(e.1, a.port()))
             .to_string()
     };
+    // A wildcard listener is no address a client can be given.
+    let wildcard =
+        |key: &str, listen: &[SocketAddr]| match listen.iter().find(|a| a.ip().is_unspecified()) {
+            Some(a) => Err(ConfigError::new(
+                format!("api.{key}"),
+                format!(
+                "needed: a listener is the wildcard {a}; list the host:port clients reach it at"
+            ),
+            )),
+            None => Ok(()),
+        };
     let addresses = if raw.public_addresses.is_empty() {
+        wildcard("public_addresses", listen)?;
         listen.iter().map(outside).collect()
     } else {
         raw.public_addresses
@@ -116,6 +128,7 @@ pub(super) fn api(raw: RawApi, fixed: &Fixed) -> Result<(FixedApi, LiveApi), Con
     // TCP and TLS listeners are announced too (default: the listen_tcp / listen_tls addresses).
     let public = |key: &str, given: &[String], listen: &[SocketAddr]| {
         if given.is_empty() {
+            wildcard(key, listen)?;
             Ok(listen.iter().map(outside).collect())
         } else {
             given
