@@ -384,6 +384,15 @@ impl RelayConfig {
 }
 
 impl Fixed {
+    /// Where clients reach the local address `addr`: behind 1:1 NAT (`relay.external`) a private
+    /// address is reached at its public one; any other address as it is.
+    pub fn advertised(&self, addr: SocketAddr) -> SocketAddr {
+        self.external
+            .iter()
+            .find(|e| e.0 == addr.ip())
+            .map_or(addr, |e| SocketAddr::new(e.1, addr.port()))
+    }
+
     /// What differs between these settings (the running ones) and `new` (a reloaded file's): one line
     /// per setting, naming its key with the running and the new value. None of them can change live;
     /// a reload reports these lines and keeps the running values.

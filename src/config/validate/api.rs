@@ -96,14 +96,7 @@ pub(super) fn api(raw: RawApi, fixed: &Fixed) -> Result<(FixedApi, LiveApi), Con
     };
     // By default clients reach the relay at its listeners; behind 1:1 NAT (relay.external) a listener
     // on a private address is reached at the public one.
-    let outside = |a: &SocketAddr| {
-        fixed
-            .external
-            .iter()
-            .find(|e| e.0 == a.ip())
-            .map_or(*a, |e| SocketAddr::new(e.1, a.port()))
-            .to_string()
-    };
+    let outside = |a: &SocketAddr| fixed.advertised(*a).to_string();
     // A wildcard listener is no address a client can be given.
     let wildcard =
         |key: &str, listen: &[SocketAddr]| match listen.iter().find(|a| a.ip().is_unspecified()) {
