@@ -6,12 +6,14 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
+use tokio::runtime::Handle;
+use tokio::runtime::RuntimeFlavor;
+use tokio::task::{block_in_place, JoinHandle};
 use tokio_postgres::Client;
 
-use super::{connect, runtime, Config, Error};
+use super::{connect, runtime, Config, Error, Pool};
 use crate::usage::{Delta, IdentityUsage, Outbox};
 
 /// The ledger's schema, one step per version (1-based), each applied in one transaction.
@@ -163,14 +165,24 @@ pub async fn ship_once(
     outbox: &mut Outbox,
     batch: usize,
 ) -> Result<usize, Error> {
-    let deltas = outbox.unshipped(batch)?;
+    let deltas = sqlite(|| outbox.unshipped(batch))?;
     if deltas.is_empty() {
         return Ok(0);
     }
     insert_batch(client, &deltas).await?;
     let rowids: Vec<i64> = deltas.iter().map(|d| d.rowid).collect();
-    outbox.mark_shipped(&rowids, crate::clock::unix_ms())?;
+    sqlite(|| outbox.mark_shipped(&rowids, crate::clock::unix_ms()))?;
     Ok(deltas.len())
+}
+
+/// Run a (short) SQLite call from async code: in `block_in_place` on a multi-thread runtime, so that
+/// the runtime's other tasks (the API) move to another thread meanwhile; inline on a current-thread
+/// one (the CLI's, the tests').
+fn sqlite<T>(f: impl FnOnce() -> T) -> T {
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => block_in_place(f),
+        _ => f(),
+    }
 }
 
 /// Per-identity totals of the deltas whose interval ends in `[since_ms, until_ms)`, on `relay` or
@@ -227,72 +239,68 @@ pub fn bill_blocking(
 
 /// Longest wait between two attempts after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long the shipper waits for a pooled connection before it counts the round as failed.
+const POOL_WAIT: Duration = Duration::from_secs(10);
 
-/// The shipper thread.
+/// The shipper: a task on the control-plane runtime, with connections from the process's [`Pool`].
 #[derive(Debug)]
 pub struct Shipper {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    runtime: Handle,
+    task: Option<JoinHandle<()>>,
 }
 
 impl Shipper {
-    /// Start shipping the outbox of the usage database at `database` per `config`. Failures are
-    /// logged and retried with backoff; the thread never blocks the relay or the usage writer.
-    pub fn start(config: Config, database: PathBuf) -> std::io::Result<Shipper> {
+    /// Start shipping the outbox of the usage database at `database` through `pool`, on `runtime`
+    /// (a multi-thread one: the outbox's SQLite calls run in `block_in_place`). Failures are logged
+    /// and retried with backoff; the relay and the usage writer never wait for it.
+    pub fn start(runtime: &Handle, pool: Pool, database: PathBuf) -> Shipper {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("turnpike-shipper".into())
-            .spawn(move || {
-                let rt = match runtime() {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!("usage shipper not started: {e}");
-                        return;
-                    }
-                };
-                rt.block_on(ship_loop(&config, &database, &flag));
-            })?;
-        Ok(Shipper {
+        let task = runtime.spawn(async move { ship_loop(&pool, &database, &flag).await });
+        Shipper {
             stop,
-            thread: Some(thread),
-        })
+            runtime: runtime.clone(),
+            task: Some(task),
+        }
     }
 
-    /// Ship what is left (bounded: one more round), then stop.
+    /// Ship what is left (bounded: one more round), then stop. Call it from outside the runtime.
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some(t) = self.task.take() {
+            let _ = self.runtime.block_on(t);
         }
     }
 }
 
-async fn ship_loop(config: &Config, database: &std::path::Path, stop: &AtomicBool) {
+async fn ship_loop(pool: &Pool, database: &std::path::Path, stop: &AtomicBool) {
+    let config = pool.config();
     let mut backoff = Duration::from_millis(100);
-    let mut client: Option<Client> = None;
     let mut outbox: Option<Outbox> = None;
     let mut migrated = !config.migrate;
     loop {
         let stopping = stop.load(Ordering::Relaxed);
         let result = async {
             if outbox.is_none() {
-                outbox = Some(Outbox::open(database)?);
+                outbox = Some(sqlite(|| Outbox::open(database))?);
             }
-            if client.as_ref().map_or(true, Client::is_closed) {
-                client = Some(connect(config).await?);
-            }
-            let (Some(c), Some(o)) = (client.as_mut(), outbox.as_mut()) else {
+            let mut conn = pool.get(POOL_WAIT).await?;
+            let Some(o) = outbox.as_mut() else {
                 return Ok(0);
             };
             if !migrated {
-                let v = migrate(c).await?;
+                let v = migrate(&mut conn).await?;
                 if !v.is_empty() {
                     tracing::info!(versions = ?v, "fleet: applied ledger migrations");
                 }
                 migrated = true;
             }
-            ship_once(c, o, config.batch).await
+            let r = ship_once(&mut conn, o, config.batch).await;
+            if r.is_err() {
+                conn.discard();
+            }
+            r
         }
         .await;
         let wait = match result {
@@ -309,7 +317,6 @@ async fn ship_loop(config: &Config, database: &std::path::Path, stop: &AtomicBoo
             }
             Err(e) => {
                 tracing::warn!("usage shipper: {e}; retrying in {backoff:?}");
-                client = None;
                 if stopping {
                     return;
                 }

@@ -20,10 +20,12 @@
 //! May use: usage, tokio-postgres.
 
 pub mod ledger;
+pub mod pool;
 
 pub use ledger::{
     bill, bill_blocking, insert_batch, migrate, migrate_blocking, ship_once, Shipper, MIGRATIONS,
 };
+pub use pool::{Conn, Pool};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -71,6 +73,8 @@ pub struct Config {
     pub batch: usize,
     /// Apply the migrations at start.
     pub migrate: bool,
+    /// Connections to the database at most ([`Pool`]).
+    pub pool_size: usize,
 }
 
 /// A ledger error.
