@@ -91,7 +91,12 @@ pub enum Error {
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Error::Pg(e) => write!(f, "postgresql: {e}"),
+            // The driver's own words are often generic ("error performing TLS handshake"): add
+            // the cause (rustls's reason, the server's message).
+            Error::Pg(e) => match std::error::Error::source(e) {
+                Some(cause) => write!(f, "postgresql: {e}: {cause}"),
+                None => write!(f, "postgresql: {e}"),
+            },
             Error::Usage(e) => write!(f, "{e}"),
             Error::Io(e) => write!(f, "{e}"),
         }
