@@ -25,16 +25,34 @@ struct Relay {
     listen: SocketAddr,
 }
 
+/// The REST secret the relays share with the token API replicas.
+const SECRET: &str = "fleet-rest-secret";
+/// The API replicas' access key (base64).
+const KEY_B64: &str = "dHVybnBpa2UtZmxlZXQtYWNjZXNzLWtleQ==";
+
 fn relay_config(dir: &Path, cluster: &Cluster, relay_id: &str, port_min: u16) -> PathBuf {
-    let port = UdpSocket::bind("127.0.0.1:0")
+    relay_config_on(dir, cluster, relay_id, "127.0.0.1", port_min)
+}
+
+/// A relay listening and relaying on `ip` (a loopback address), its files in `dir`.
+fn relay_config_on(
+    dir: &Path,
+    cluster: &Cluster,
+    relay_id: &str,
+    ip: &str,
+    port_min: u16,
+) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let port = UdpSocket::bind((ip, 0))
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let text = format!(
-        "listen = [\"127.0.0.1:{port}\"]\nworkers = 1\npin_workers = false\ndrain_seconds = 0\n\
+        "listen = [\"{ip}:{port}\"]\nworkers = 1\npin_workers = false\ndrain_seconds = 0\n\
          relay_id = \"{relay_id}\"\n\
-         [relay]\naddresses = [\"127.0.0.1\"]\nport_min = {port_min}\nport_max = {}\n\
+         [relay]\naddresses = [\"{ip}\"]\nport_min = {port_min}\nport_max = {}\n\
+         [rest]\nsecrets = [\"{SECRET}\"]\n\
          [[users]]\nname = \"alice\"\npassword = \"alice-pass\"\n\
          [[users]]\nname = \"bob\"\npassword = \"bob-pass\"\n\
          [peers]\nallow = [\"127.0.0.0/8\"]\n\
@@ -124,6 +142,127 @@ fn wait_ready(server: SocketAddr, child: &mut std::process::Child) -> bool {
         }
     }
     false
+}
+
+/// A token API replica: the real binary, `turnpike api`, with the ledger on `cluster`.
+struct ApiReplica {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ApiReplica {
+    /// Start a replica handing out `relays` (id, `ip:port`), in `dir`.
+    fn start(dir: &Path, cluster: &Cluster, relays: &[(&str, SocketAddr)]) -> ApiReplica {
+        std::fs::create_dir_all(dir).unwrap();
+        let port = common::free_tcp_port();
+        let mut text = format!(
+            "relay_id = \"api\"\n[relay]\naddresses = [\"127.0.0.1\"]\n[rest]\nsecrets = [\"{SECRET}\"]\n\
+             [api]\nlisten = \"127.0.0.1:{port}\"\naccess_keys = [\"{KEY_B64}\"]\n\
+             revocations_database = \"{}\"\n",
+            dir.join("revocations.db").display()
+        );
+        for (id, addr) in relays {
+            text += &format!(
+                "[[api.fleet]]\nid = \"{id}\"\nregion = \"default\"\naddresses = [\"{addr}\"]\n"
+            );
+        }
+        text += &format!("[fleet]\npostgres = \"{}\"\n", cluster.conninfo());
+        let config = dir.join("api.toml");
+        std::fs::write(&config, text).unwrap();
+        let log = dir.join("api.stderr");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+            .arg("--config")
+            .arg(&config)
+            .arg("api")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while http(addr, "GET", "/healthz", None).0 != 200 {
+            assert!(
+                child.try_wait().unwrap().is_none() && Instant::now() < deadline,
+                "turnpike api did not come up: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ApiReplica { child, addr }
+    }
+
+    /// `GET /usage` (signed with the admin key), fleet-wide: identity → totals.
+    fn usage(&self) -> Vec<(String, [u64; 4])> {
+        let (status, body) = http(
+            self.addr,
+            "GET",
+            "/usage?since=2000-01-01T00:00:00Z",
+            Some(KEY_B64),
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["identities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| {
+                let n = |k: &str| u[k].as_u64().unwrap();
+                (
+                    u["identity"].as_str().unwrap().to_string(),
+                    [
+                        n("to_peer_bytes"),
+                        n("to_peer_packets"),
+                        n("to_client_bytes"),
+                        n("to_client_packets"),
+                    ],
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for ApiReplica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (signed with `key`, base64, when given): (status, body).
+fn http(addr: SocketAddr, method: &str, url: &str, key: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let host = addr.to_string();
+    let mut req = format!("{method} {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    if let Some(key) = key {
+        use base64::Engine as _;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .unwrap();
+        let (date, hash, auth) =
+            turnpike::api::sign::sign(&key, method, url, &host, b"", std::time::SystemTime::now());
+        req += &format!(
+            "x-ms-date: {date}\r\nx-ms-content-sha256: {hash}\r\nAuthorization: {auth}\r\n"
+        );
+    }
+    req += "\r\n";
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(req.as_bytes());
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
 }
 
 /// One client's traffic through one allocation, counted by the two ends.
@@ -313,6 +452,103 @@ fn relayed_traffic_lands_in_postgresql_exactly() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("up to date"));
+}
+
+/// The issue's fleet: three relays on 127.0.0.2, .3 and .4 (disjoint relay port ranges) and two
+/// `turnpike api` replicas, all real binaries, on one PostgreSQL. The official SDK gets a
+/// configuration from each replica and relays through the first relay; two more clients relay known
+/// traffic on the other two. The ledger's per-identity totals (`usage_bill`, and `GET /usage` of a
+/// replica) equal the clients' own counts exactly.
+#[test]
+fn a_fleet_of_three_relays_and_two_api_replicas_bills_exactly() {
+    if !postgres_available() || !common::sdk::python_ready() {
+        return;
+    }
+    let cluster = Cluster::new("fleet");
+    let dir = temp_dir("fleet3");
+    let relays: Vec<Relay> = [
+        ("relay-2", "127.0.0.2", 62100),
+        ("relay-3", "127.0.0.3", 62300),
+        ("relay-4", "127.0.0.4", 62500),
+    ]
+    .iter()
+    .map(|(id, ip, ports)| Relay::start(&relay_config_on(&dir.join(id), &cluster, id, ip, *ports)))
+    .collect();
+    let listed: Vec<(&str, SocketAddr)> = ["relay-2", "relay-3", "relay-4"]
+        .into_iter()
+        .zip(relays.iter().map(|r| r.listen))
+        .collect();
+    let replicas = [
+        ApiReplica::start(&dir.join("api-1"), &cluster, &listed),
+        ApiReplica::start(&dir.join("api-2"), &cluster, &listed),
+    ];
+    // The SDK, from either replica: every relay is handed out, and TURN through the first works
+    // with the REST credentials it got (one datagram of 25 bytes out, 10 back, each time).
+    for r in &replicas {
+        let v = common::sdk::run_sdk(&format!("http://{}", r.addr), KEY_B64, None, false);
+        let urls = v["ice_servers"][0]["urls"].to_string();
+        for relay in &relays {
+            assert!(
+                urls.contains(&format!("turn:{}?transport=udp", relay.listen)),
+                "{urls}"
+            );
+        }
+        assert_eq!(v["turn"]["peer_got"], "hello from the sdk client");
+        assert_eq!(v["turn"]["client_got"], "hello back");
+    }
+    let sdk = [2 * 25, 2, 2 * 10, 2];
+    // Two more clients, on the two other relays.
+    let mut a = Flow::open(relays[1].listen, "alice");
+    let mut b = Flow::open(relays[2].listen, "bob");
+    for _ in 0..3 {
+        a.exchange(50, 100);
+        b.exchange(20, 300);
+        std::thread::sleep(Duration::from_millis(600)); // across checkpoints: several deltas
+    }
+    a.close();
+    b.close();
+    for (identity, want) in [
+        ("8:acs:sdk-user", sdk),
+        ("alice", a.counts()),
+        ("bob", b.counts()),
+    ] {
+        assert_eq!(
+            wait_totals(&cluster, identity, want, Duration::from_secs(15)),
+            want,
+            "{identity}"
+        );
+    }
+    // Per relay: each identity's usage is where it relayed.
+    for (relay, identity) in [
+        ("relay-2", "8:acs:sdk-user"),
+        ("relay-3", "alice"),
+        ("relay-4", "bob"),
+    ] {
+        assert_eq!(
+            cluster.psql(&format!("SELECT string_agg(identity, ',') FROM usage_bill(0, 9223372036854775807, '{relay}')")),
+            identity
+        );
+    }
+    // The same totals through either replica's GET /usage (the ledger, fleet-wide).
+    for r in &replicas {
+        let usage = r.usage();
+        for (identity, want) in [
+            ("8:acs:sdk-user", sdk),
+            ("alice", a.counts()),
+            ("bob", b.counts()),
+        ] {
+            assert_eq!(
+                usage.iter().find(|(i, _)| i == identity).map(|(_, t)| *t),
+                Some(want),
+                "{identity} via {}",
+                r.addr
+            );
+        }
+    }
+    assert_no_duplicates(&cluster);
+    for r in relays {
+        r.stop();
+    }
 }
 
 /// The outbox of a relay that ran, by the same `Store::record` the usage writer calls.
