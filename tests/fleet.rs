@@ -799,6 +799,53 @@ fn shipper_throughput() {
     );
 }
 
+/// The pool holds at most `pool_size` connections (a caller beyond it waits, bounded), reuses an
+/// idle one, and replaces one the server closed.
+#[test]
+fn the_pool_is_bounded_and_replaces_closed_connections() {
+    if !postgres_available() {
+        return;
+    }
+    let cluster = Cluster::new("pool");
+    let mut config = cluster.config();
+    config.pool_size = 1;
+    let rt = fleet::runtime().unwrap();
+    rt.block_on(async {
+        let pool = fleet::Pool::new(config);
+        let first = pool.get(Duration::from_secs(10)).await.unwrap();
+        let pid: i32 = first
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let err = pool.get(Duration::from_millis(200)).await.unwrap_err();
+        assert!(err.to_string().contains("no free connection"), "{err}");
+        drop(first);
+        let again = pool.get(Duration::from_secs(10)).await.unwrap();
+        let same: i32 = again
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(same, pid, "the idle connection is reused");
+        drop(again);
+        cluster.psql(&format!("SELECT pg_terminate_backend({pid})"));
+        // The server closed it: the next caller gets a new, working connection.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let conn = pool.get(Duration::from_secs(10)).await.unwrap();
+            match conn.query_one("SELECT pg_backend_pid()", &[]).await {
+                Ok(row) => {
+                    assert_ne!(row.get::<_, i32>(0), pid);
+                    break;
+                }
+                // Not yet seen as closed when it was handed out: the error closes it.
+                Err(_) => assert!(Instant::now() < deadline, "no new connection"),
+            }
+        }
+    });
+}
+
 /// A CA and a server certificate for 127.0.0.1 signed by it, as PEM: (ca, cert, key).
 fn ca_and_server_cert() -> (String, String, String) {
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
