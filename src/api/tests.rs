@@ -81,6 +81,7 @@ fn api(revoked: Revoked, draining: bool) -> Api {
                 ..Default::default()
             })
         }),
+        ledger: None,
     };
     Api::new(
         config,

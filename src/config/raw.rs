@@ -326,6 +326,12 @@ pub(super) struct RawFleet {
     pub(super) batch: usize,
     #[serde(default = "default_true")]
     pub(super) migrate: bool,
+    #[serde(default = "default_pool_size")]
+    pub(super) pool_size: usize,
+}
+
+fn default_pool_size() -> usize {
+    4
 }
 
 fn default_fleet_tls() -> String {

@@ -64,6 +64,12 @@ pub(super) fn fleet(raw: RawFleet) -> Result<Config, ConfigError> {
             format!("must be 1 to 100000 (got {})", raw.batch),
         ));
     }
+    if raw.pool_size == 0 || raw.pool_size > 64 {
+        return Err(ConfigError::new(
+            "fleet.pool_size",
+            format!("must be 1 to 64 (got {})", raw.pool_size),
+        ));
+    }
     Ok(Config {
         postgres: raw.postgres,
         password,
@@ -71,5 +77,6 @@ pub(super) fn fleet(raw: RawFleet) -> Result<Config, ConfigError> {
         ship_interval: Duration::from_secs(raw.ship_interval_seconds),
         batch: raw.batch,
         migrate: raw.migrate,
+        pool_size: raw.pool_size,
     })
 }
