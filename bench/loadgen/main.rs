@@ -467,7 +467,7 @@ fn alloc_scenario(cli: &Cli) -> io::Result<Value> {
         "scenario": "alloc", "label": cli.label, "server": cli.server.to_string(), "clients": cli.clients,
         "seconds": st.seconds, "allocations": st.allocations, "deletes": st.deletes,
         "allocations_per_s": st.allocations as f64 / st.seconds.max(1e-9),
-        "errors": st.errors, "timeouts": st.timeouts, "retransmits": st.retransmits,
+        "errors": st.errors, "timeouts": st.timeouts, "retransmits": st.retransmits, "left": st.left,
         "error_codes": st.codes.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "server_cpu_s": cpu,
     }))

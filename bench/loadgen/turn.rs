@@ -105,6 +105,10 @@ pub struct CtlStats {
     pub timeouts: u64,
     /// Retransmissions.
     pub retransmits: u64,
+    /// Churn clients cut off by the deadline while they may hold an allocation (allocated and not yet
+    /// deleted, or an authenticated Allocate in flight): each may leave one allocation, and its relay
+    /// socket, on the server until it expires.
+    pub left: u64,
     /// Wall time of the run, seconds.
     pub seconds: f64,
 }
@@ -462,6 +466,12 @@ pub fn drive(
                 }
             }
         }
+    }
+    if matches!(plan, Plan::Churn { .. }) {
+        st.left = clients
+            .iter()
+            .filter(|c| c.step == Step::Delete || (c.step == Step::Allocate && c.nonce.is_some()))
+            .count() as u64;
     }
     st.seconds = start.elapsed().as_secs_f64();
     Ok(st)
