@@ -22,6 +22,7 @@ use crate::config::{Backend, RelayConfig, TlsFiles};
 use crate::control::{self, RelayHandle, Settings, UsageRecord};
 use crate::dataplane::stream::{tls_config, TlsFile};
 use crate::dataplane::{BackendKind, ToControl};
+use crate::fleet::{registry, revocations};
 use crate::server::Transport;
 use crate::usage;
 
@@ -38,7 +39,17 @@ pub struct Service {
     writer: Option<JoinHandle<()>>,
     ticker: Option<(Sender<()>, JoinHandle<()>)>,
     shipper: Option<crate::fleet::Shipper>,
+    /// The fleet's revocations, applied here as they are published.
+    revocations: Option<revocations::Listener>,
+    /// This relay's entry in the fleet's registry.
+    heartbeat: Option<registry::Heartbeat>,
+    /// The registry as the API reads it.
+    watcher: Option<Arc<registry::Watcher>>,
 }
+
+/// How long a relay with `[fleet]` waits at start for the fleet's revocations before it serves with
+/// its local copy (issue 12: a bounded catch-up, 5 s by default).
+pub const REVOCATION_CATCH_UP: Duration = Duration::from_secs(5);
 
 /// The relay's [`Settings`] for `config` (without a usage sink).
 pub fn settings(config: &RelayConfig) -> Settings {
@@ -131,8 +142,8 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
         .as_ref()
         .map(|a| a.revocations_db.clone())
         .or_else(|| config.fixed.usage.as_ref().map(|u| u.database.clone()));
-    if let Some(path) = revocations {
-        let list = api::revocations::Store::open(&path)
+    if let Some(path) = &revocations {
+        let list = api::revocations::Store::open(path)
             .and_then(|s| s.active(unix_ms() / 1000))
             .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
         for (identity, until) in list {
@@ -144,6 +155,32 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
             });
         }
     }
+    let (revocations, heartbeat) = match (&config.fixed.fleet, revocations) {
+        (Some(f), Some(path)) => (
+            Some(listen_for_revocations(f, &path, to_control.clone())?),
+            Some(registry::Heartbeat::start(
+                f.clone(),
+                registry_entry(config),
+                f.registry,
+                {
+                    let probe = metrics_probe(to_control.clone());
+                    let capacity = config.live.quotas.max_allocations as u64;
+                    Box::new(move || {
+                        probe().map(|m| registry::Load {
+                            draining: m.draining,
+                            allocations: m.server.allocations,
+                            capacity,
+                        })
+                    })
+                },
+            )?),
+        ),
+        _ => (None, None),
+    };
+    let watcher = match (&config.fixed.fleet, config.api()) {
+        (Some(f), Some(_)) => Some(Arc::new(registry::Watcher::start(f.clone(), f.registry)?)),
+        _ => None,
+    };
 
     let mut api_reload = None;
     let api = match config.api() {
@@ -157,7 +194,8 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
                 .transpose()
                 .map_err(io::Error::other)?;
             let revoke_tx = to_control.clone();
-            let metrics_tx = to_control.clone();
+            let fleet = config.fixed.fleet.clone();
+            let registry = watcher.clone();
             let hooks = Hooks {
                 revoke: Box::new(move |identity, until, terminate| {
                     let _ = revoke_tx.send(ToControl::Revoke {
@@ -166,10 +204,42 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
                         terminate,
                     });
                 }),
-                metrics: Box::new(move || {
-                    let (tx, rx) = bounded(1);
-                    metrics_tx.send(ToControl::Metrics(tx)).ok()?;
-                    rx.recv_timeout(Duration::from_secs(2)).ok()
+                metrics: Box::new(metrics_probe(to_control.clone())),
+                fleet_revoke: fleet.map(|f| -> api::FleetRevokeHook {
+                    Box::new(move |identity, until, signed_ms, now_ms, terminate| {
+                        let r = revocations::Revocation {
+                            identity: identity.into(),
+                            until,
+                            signed_ms,
+                            revoked_ms: now_ms,
+                            terminate,
+                        };
+                        match revocations::apply_blocking(&f, &r) {
+                            Ok(revocations::Applied::Recorded) => {
+                                Ok(api::revocations::Applied::Recorded)
+                            }
+                            Ok(revocations::Applied::Stale(at)) => {
+                                Ok(api::revocations::Applied::Stale(at))
+                            }
+                            Err(e) => Err(e.to_string()),
+                        }
+                    })
+                }),
+                fleet_relays: registry.map(|w| -> api::FleetRelaysHook {
+                    Box::new(move || {
+                        let live = w.live()?;
+                        Some(
+                            live.iter()
+                                .map(|r| api::FleetRelay {
+                                    id: r.id.clone(),
+                                    region: r.region.clone(),
+                                    addresses: r.udp.clone(),
+                                    tcp_addresses: r.tcp.clone(),
+                                    tls_addresses: r.tls.clone(),
+                                })
+                                .collect(),
+                        )
+                    })
                 }),
             };
             let db = a.revocations_db.clone();
@@ -187,7 +257,74 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
         writer,
         ticker,
         shipper,
+        revocations,
+        heartbeat,
+        watcher,
     })
+}
+
+/// Asks the control thread for a metrics snapshot (bounded wait).
+fn metrics_probe(to_control: Sender<ToControl>) -> impl Fn() -> Option<crate::metrics::Snapshot> {
+    move || {
+        let (tx, rx) = bounded(1);
+        to_control.send(ToControl::Metrics(tx)).ok()?;
+        rx.recv_timeout(Duration::from_secs(2)).ok()
+    }
+}
+
+/// This relay as the registry lists it: the API's entry for it (region, public addresses), or without
+/// `[api]` its listeners in region "default".
+fn registry_entry(config: &RelayConfig) -> registry::Relay {
+    let f = &config.fixed;
+    match config.live.api.as_ref().and_then(|a| a.fleet.first()) {
+        Some(me) => registry::Relay {
+            id: f.relay_id.clone(),
+            region: me.region.clone(),
+            udp: me.addresses.clone(),
+            tcp: me.tcp_addresses.clone(),
+            tls: me.tls_addresses.clone(),
+        },
+        None => registry::Relay {
+            id: f.relay_id.clone(),
+            region: "default".into(),
+            udp: f.listen.iter().map(ToString::to_string).collect(),
+            tcp: f.listen_tcp.iter().map(ToString::to_string).collect(),
+            tls: f.listen_tls.iter().map(ToString::to_string).collect(),
+        },
+    }
+}
+
+/// Apply the fleet's revocations here exactly as local ones (refuse the credentials; end live
+/// allocations unless the revoke said not to) and keep the local store at `path` as their copy. Waits
+/// (bounded) for the first full load, so that a relay serves only once it has caught up, or says that
+/// it serves from its copy.
+fn listen_for_revocations(
+    fleet: &crate::fleet::Config,
+    path: &std::path::Path,
+    to_control: Sender<ToControl>,
+) -> io::Result<revocations::Listener> {
+    let copy = api::revocations::Store::open(path)
+        .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
+    let listener = revocations::Listener::start(
+        fleet.clone(),
+        Box::new(move |r| {
+            let _ = to_control.send(ToControl::Revoke {
+                identity: r.identity.as_str().into(),
+                until: r.until,
+                terminate: r.terminate && r.until > 0,
+            });
+            if let Err(e) = copy.apply(&r.identity, r.until, r.signed_ms, r.revoked_ms) {
+                tracing::warn!("fleet revocations: the local copy failed: {e}");
+            }
+        }),
+    )?;
+    if !listener.wait_caught_up(REVOCATION_CATCH_UP) {
+        tracing::warn!(
+            "fleet revocations: not caught up with PostgreSQL within {REVOCATION_CATCH_UP:?}; serving \
+             with the local copy while retrying"
+        );
+    }
+    Ok(listener)
 }
 
 impl Service {
@@ -218,7 +355,15 @@ impl Service {
 
     /// Begin the graceful shutdown (drain, then stop).
     pub fn shutdown(&self) {
+        if let Some(d) = self.drain_notice() {
+            d.draining();
+        }
         self.relay.shutdown();
+    }
+
+    /// Publishes "draining" to the fleet's registry at once (for a signal handler), with `[fleet]`.
+    pub fn drain_notice(&self) -> Option<registry::Drain> {
+        self.heartbeat.as_ref().map(registry::Heartbeat::drain)
     }
 
     /// Wait until the relay has stopped, then flush the usage records and stop the API.
@@ -249,6 +394,16 @@ impl Service {
         }
         if let Some(api) = self.api.take() {
             api.stop();
+        }
+        if let Some(h) = self.heartbeat.take() {
+            h.stop();
+        }
+        if let Some(l) = self.revocations.take() {
+            l.stop();
+        }
+        // The API (which held the other reference) has stopped.
+        if let Some(w) = self.watcher.take().and_then(|w| Arc::into_inner(w)) {
+            w.stop();
         }
     }
 }

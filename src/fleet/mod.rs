@@ -27,6 +27,9 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::usage::{self, Delta, IdentityUsage, Outbox};
 
+pub mod registry;
+pub mod revocations;
+
 /// How the relay talks to the database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tls {
@@ -65,6 +68,8 @@ pub struct Config {
     pub batch: usize,
     /// Apply the migrations at start.
     pub migrate: bool,
+    /// The relay registry's heartbeat and stale timeout.
+    pub registry: registry::Timing,
 }
 
 /// A ledger error.
@@ -145,7 +150,7 @@ $$;
 "];
 
 /// The key of an advisory lock that serialises migrations across relays starting together.
-const MIGRATION_LOCK: i64 = 0x7475_726e_7069_6b65; // "turnpike"
+pub(crate) const MIGRATION_LOCK: i64 = 0x7475_726e_7069_6b65; // "turnpike"
 
 /// Apply the migrations the database lacks; returns the versions applied now.
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, Error> {
@@ -180,12 +185,23 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, Error> {
         }
         tx.commit().await?;
     }
+    // The fleet's shared state (revocations, registry) has versions of its own, from 10 up.
+    applied.extend(revocations::migrate_state(client).await?);
     Ok(applied)
 }
 
 /// Connect to the database `config` names (password and TLS as configured). The connection is
 /// driven by a task on the current tokio runtime.
 pub async fn connect(config: &Config) -> Result<Client, Error> {
+    connect_notifying(config, None).await
+}
+
+/// [`connect`], and hand every NOTIFY payload the connection receives (after a `LISTEN`) to
+/// `notifications`. The sender is dropped when the connection ends, so the receiver sees the loss.
+pub async fn connect_notifying(
+    config: &Config,
+    notifications: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+) -> Result<Client, Error> {
     let mut pg: tokio_postgres::Config = config
         .postgres
         .parse()
@@ -207,25 +223,42 @@ pub async fn connect(config: &Config) -> Result<Client, Error> {
     let client = match &config.tls {
         Tls::Disable => {
             let (client, conn) = pg.connect(NoTls).await?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!("postgresql connection ended: {e}");
-                }
-            });
+            tokio::spawn(drive(conn, notifications));
             client
         }
         Tls::Require { ca_file } => {
             let tls = tokio_postgres_rustls::MakeRustlsConnect::new(rustls_config(ca_file)?);
             let (client, conn) = pg.connect(tls).await?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!("postgresql connection ended: {e}");
-                }
-            });
+            tokio::spawn(drive(conn, notifications));
             client
         }
     };
     Ok(client)
+}
+
+/// Drive a connection until it ends, forwarding notifications.
+async fn drive<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+    notifications: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                if let Some(tx) = &notifications {
+                    let _ = tx.send(n.payload().to_string());
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::debug!("postgresql connection ended: {e}");
+                return;
+            }
+            None => return,
+        }
+    }
 }
 
 fn rustls_config(ca_file: &std::path::Path) -> Result<rustls::ClientConfig, Error> {
