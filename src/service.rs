@@ -98,6 +98,25 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
         store = Some(s);
         writer = Some(rx);
     }
+    // Revocations survive restarts: the API's store (or, without [api], the usage database) is read
+    // before the relay serves. With a fleet it is first brought up to date from PostgreSQL (bounded).
+    let revocations = config
+        .fixed
+        .api
+        .as_ref()
+        .map(|a| a.revocations_db.clone())
+        .or_else(|| config.fixed.usage.as_ref().map(|u| u.database.clone()));
+    let copy = revocations
+        .as_ref()
+        .map(|path| {
+            api::revocations::Store::open(path)
+                .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))
+        })
+        .transpose()?;
+    let reached = match (&config.fixed.fleet, &copy) {
+        (Some(f), Some(copy)) => catch_up(f, copy),
+        _ => false,
+    };
     let relay = control::start(settings)?;
     // The ledger's shipper reads the outbox on its own connection; the relay never waits for it.
     let shipper = match (&config.fixed.fleet, &config.fixed.usage) {
@@ -134,17 +153,9 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
         _ => None,
     };
 
-    // Revocations survive restarts: the API's store (or, without [api], the usage database) is read
-    // before the API answers.
-    let revocations = config
-        .fixed
-        .api
-        .as_ref()
-        .map(|a| a.revocations_db.clone())
-        .or_else(|| config.fixed.usage.as_ref().map(|u| u.database.clone()));
-    if let Some(path) = &revocations {
-        let list = api::revocations::Store::open(path)
-            .and_then(|s| s.active(unix_ms() / 1000))
+    if let (Some(copy), Some(path)) = (&copy, &revocations) {
+        let list = copy
+            .active(unix_ms() / 1000)
             .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
         for (identity, until) in list {
             // Nothing is live yet at start.
@@ -155,9 +166,14 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
             });
         }
     }
-    let (revocations, heartbeat) = match (&config.fixed.fleet, revocations) {
-        (Some(f), Some(path)) => (
-            Some(listen_for_revocations(f, &path, to_control.clone())?),
+    let (revocations, heartbeat) = match (&config.fixed.fleet, copy) {
+        (Some(f), Some(copy)) => (
+            Some(listen_for_revocations(
+                f,
+                copy,
+                reached,
+                to_control.clone(),
+            )?),
             Some(registry::Heartbeat::start(
                 f.clone(),
                 registry_entry(config),
@@ -294,18 +310,57 @@ fn registry_entry(config: &RelayConfig) -> registry::Relay {
     }
 }
 
+/// Bring the local copy of the revocations up to date from the fleet's store, within
+/// [`REVOCATION_CATCH_UP`]; when PostgreSQL cannot be reached, say once that the relay serves with the
+/// copy (the listener keeps retrying). Returns whether it reached the database.
+fn catch_up(fleet: &crate::fleet::Config, copy: &api::revocations::Store) -> bool {
+    let loaded = crate::fleet::runtime().and_then(|rt| {
+        rt.block_on(async {
+            tokio::time::timeout(REVOCATION_CATCH_UP, async {
+                let mut client = crate::fleet::connect(fleet).await?;
+                if fleet.migrate {
+                    crate::fleet::migrate(&mut client).await?;
+                }
+                revocations::load(&client).await
+            })
+            .await
+            .unwrap_or_else(|_| Err(crate::fleet::Error::Io("timed out".into())))
+        })
+    });
+    match loaded {
+        Ok(rows) => {
+            for r in &rows {
+                // A stale row here is one the copy already has a newer version of.
+                if let Err(e) = copy.apply(&r.identity, r.until, r.signed_ms, r.revoked_ms) {
+                    tracing::warn!("fleet revocations: the local copy failed: {e}");
+                }
+            }
+            tracing::info!(
+                rows = rows.len(),
+                "fleet revocations: caught up with PostgreSQL"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::warn!(
+                "fleet revocations: PostgreSQL unreachable at start ({e}); serving with the local \
+                 copy of the revocations while retrying"
+            );
+            false
+        }
+    }
+}
+
 /// Apply the fleet's revocations here exactly as local ones (refuse the credentials; end live
-/// allocations unless the revoke said not to) and keep the local store at `path` as their copy. Waits
-/// (bounded) for the first full load, so that a relay serves only once it has caught up, or says that
-/// it serves from its copy.
+/// allocations unless the revoke said not to), as they are published, and keep `copy` (the local
+/// store) up to date with them.
 fn listen_for_revocations(
     fleet: &crate::fleet::Config,
-    path: &std::path::Path,
+    copy: api::revocations::Store,
+    reached: bool,
     to_control: Sender<ToControl>,
 ) -> io::Result<revocations::Listener> {
-    let copy = api::revocations::Store::open(path)
-        .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
-    let listener = revocations::Listener::start(
+    revocations::Listener::start(
         fleet.clone(),
         Box::new(move |r| {
             let _ = to_control.send(ToControl::Revoke {
@@ -317,14 +372,8 @@ fn listen_for_revocations(
                 tracing::warn!("fleet revocations: the local copy failed: {e}");
             }
         }),
-    )?;
-    if !listener.wait_caught_up(REVOCATION_CATCH_UP) {
-        tracing::warn!(
-            "fleet revocations: not caught up with PostgreSQL within {REVOCATION_CATCH_UP:?}; serving \
-             with the local copy while retrying"
-        );
-    }
-    Ok(listener)
+        reached,
+    )
 }
 
 impl Service {

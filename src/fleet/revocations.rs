@@ -197,16 +197,16 @@ pub type Apply = Box<dyn FnMut(&Revocation) + Send>;
 #[derive(Debug)]
 pub struct Listener {
     stop: Arc<AtomicBool>,
-    caught_up: crossbeam_channel::Receiver<()>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Listener {
     /// Start listening per `config`; `apply` gets every row at each (re)load and every change notified
-    /// in between, each identity's state once per change.
-    pub fn start(config: Config, apply: Apply) -> std::io::Result<Listener> {
+    /// in between, each identity's state once per change. `reached` says whether the start-up
+    /// catch-up reached the database (if not, it has said so, and the first failure here is not
+    /// logged again).
+    pub fn start(config: Config, apply: Apply, reached: bool) -> std::io::Result<Listener> {
         let stop = Arc::new(AtomicBool::new(false));
-        let (ready, caught_up) = crossbeam_channel::bounded(1);
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("turnpike-revocations".into())
@@ -218,18 +218,12 @@ impl Listener {
                         return;
                     }
                 };
-                rt.block_on(listen_loop(&config, apply, &ready, &flag));
+                rt.block_on(listen_loop(&config, apply, reached, &flag));
             })?;
         Ok(Listener {
             stop,
-            caught_up,
             thread: Some(thread),
         })
-    }
-
-    /// Wait (at most `within`) until the first full load has been applied; `false` if it has not.
-    pub fn wait_caught_up(&self, within: Duration) -> bool {
-        self.caught_up.recv_timeout(within).is_ok()
     }
 
     /// Stop listening.
@@ -256,16 +250,11 @@ fn hand_on(seen: &mut Seen, apply: &mut Apply, r: &Revocation) {
     }
 }
 
-async fn listen_loop(
-    config: &Config,
-    mut apply: Apply,
-    ready: &crossbeam_channel::Sender<()>,
-    stop: &AtomicBool,
-) {
+async fn listen_loop(config: &Config, mut apply: Apply, reached: bool, stop: &AtomicBool) {
     let mut seen = Seen::new();
     let mut migrated = !config.migrate;
     let mut backoff = Duration::from_millis(100);
-    let mut down_logged = false;
+    let mut down_logged = !reached;
     while !stop.load(Ordering::Relaxed) {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let session = async {
@@ -279,7 +268,6 @@ async fn listen_loop(
             for r in load(&client).await? {
                 hand_on(&mut seen, &mut apply, &r);
             }
-            let _ = ready.try_send(());
             if down_logged {
                 tracing::info!("fleet revocations: reconnected to PostgreSQL and caught up");
                 down_logged = false;
@@ -309,8 +297,8 @@ async fn listen_loop(
         if let Err(e) = session {
             if !down_logged {
                 tracing::warn!(
-                    "fleet revocations: PostgreSQL unreachable ({e}); serving with the local copy \
-                     of the revocations, retrying"
+                    "fleet revocations: not listening ({e}); the relay keeps what it has applied, \
+                     retrying"
                 );
                 down_logged = true;
             }
