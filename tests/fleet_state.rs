@@ -88,18 +88,20 @@ impl Relay {
     }
 
     fn log(&self) -> PathBuf {
-        self.config.with_extension("stderr")
+        self.config.with_extension("log")
     }
 
     /// Start the binary and wait (bounded) until it answers Binding, which it does only after its
     /// start-up catch-up with the fleet's revocations.
     fn start(&mut self) {
         for _ in 0..5 {
+            // The log goes to stdout, errors to stderr: both into one file.
+            let log = std::fs::File::create(self.log()).unwrap();
             let mut child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
                 .arg("--config")
                 .arg(&self.config)
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(self.log()).unwrap())
+                .stdout(Stdio::from(log.try_clone().unwrap()))
+                .stderr(log)
                 .spawn()
                 .unwrap();
             if wait_ready(self.listen, &mut child) {
@@ -400,7 +402,9 @@ fn the_token_api_answers_from_live_relays_draining_and_dead_ones_leave() {
     // (The static entry is the fallback only: a registry answer never lists it.)
     let t = within(Duration::from_secs(10), || answered(api, "any") == all);
     assert!(t.is_some(), "any: {:?}", answered(api, "any"));
-    assert_eq!(answered(relays[2].api, "any"), all);
+    // Every replica reads the same registry.
+    let t = within(Duration::from_secs(10), || answered(relays[2].api, "any") == all);
+    assert!(t.is_some(), "any: {:?}", answered(relays[2].api, "any"));
     // nearest: the client (127.0.0.1) is in region "us" by client_regions, although this replica
     // (relay-2) is in "eu": the live relays of the client's region.
     assert_eq!(answered(api, "nearest"), addrs(&[&relays[1], &relays[2]]));
