@@ -450,8 +450,7 @@ impl Service {
         if let Some(l) = self.revocations.take() {
             l.stop();
         }
-        // The API (which held the other reference) has stopped.
-        if let Some(w) = self.watcher.take().and_then(|w| Arc::into_inner(w)) {
+        if let Some(w) = self.watcher.take() {
             w.stop();
         }
     }

@@ -403,7 +403,9 @@ fn the_token_api_answers_from_live_relays_draining_and_dead_ones_leave() {
     let t = within(Duration::from_secs(10), || answered(api, "any") == all);
     assert!(t.is_some(), "any: {:?}", answered(api, "any"));
     // Every replica reads the same registry.
-    let t = within(Duration::from_secs(10), || answered(relays[2].api, "any") == all);
+    let t = within(Duration::from_secs(10), || {
+        answered(relays[2].api, "any") == all
+    });
     assert!(t.is_some(), "any: {:?}", answered(relays[2].api, "any"));
     // nearest: the client (127.0.0.1) is in region "us" by client_regions, although this replica
     // (relay-2) is in "eu": the live relays of the client's region.

@@ -294,7 +294,6 @@ impl Beater {
 pub struct Watcher {
     current: Arc<RwLock<Option<Arc<Vec<Relay>>>>>,
     stop: Sender<()>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl Watcher {
@@ -304,7 +303,7 @@ impl Watcher {
         let (stop, stopped) = bounded::<()>(1);
         let shared = current.clone();
         let every = timing.heartbeat.min(Duration::from_secs(1));
-        let thread = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("turnpike-registry".into())
             .spawn(move || {
                 let rt = match runtime() {
@@ -358,11 +357,7 @@ impl Watcher {
                     }
                 }
             })?;
-        Ok(Watcher {
-            current,
-            stop,
-            thread: Some(thread),
-        })
+        Ok(Watcher { current, stop })
     }
 
     /// The live relays at the last read; `None` when the registry is unreachable or empty (the caller
@@ -375,11 +370,9 @@ impl Watcher {
             .filter(|r| !r.is_empty())
     }
 
-    /// Stop reading.
-    pub fn stop(mut self) {
-        let _ = self.stop.send(());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    /// Stop reading (the thread ends after its current read, at most a few seconds on; the API may
+    /// still hold this watcher, and then answers from its last read).
+    pub fn stop(&self) {
+        let _ = self.stop.try_send(());
     }
 }
