@@ -131,6 +131,10 @@ enum Command {
     /// Print the manual page (roff), generated from these definitions; the Debian package installs it.
     #[command(hide = true)]
     Man,
+    /// Run the token API alone, without a relay (no listeners, no workers): [api], [rest], the
+    /// fleet list and [fleet] of the configuration. Several replicas can stand behind a load
+    /// balancer; with [fleet], GET /usage reads the ledger in PostgreSQL.
+    Api,
     /// The fleet ledger's database ([fleet]).
     Db {
         #[command(subcommand)]
@@ -210,6 +214,13 @@ fn main() -> ExitCode {
             command: DbCommand::Migrate,
         }) => db_migrate(&cli),
         Some(Command::Status { ref url }) => status::run(cli.config.as_deref(), url.as_deref()),
+        Some(Command::Api) => match load(&cli) {
+            Ok(config) => run_api(&config),
+            Err(e) => {
+                eprintln!("turnpike: configuration error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Some(Command::Man) => {
             let page = clap_mangen::Man::new(Cli::command());
             match page.render(&mut std::io::stdout().lock()) {
@@ -274,11 +285,9 @@ fn load(cli: &Cli) -> Result<RelayConfig, String> {
     Ok(config)
 }
 
-fn run(mut config: RelayConfig, cli: &Cli) -> ExitCode {
-    let demo = cli.config.is_none();
-    // The level sits in a reload layer, so that a reload can change it.
-    let (level, log_level) =
-        tracing_subscriber::reload::Layer::new(LevelFilter::from_level(config.live.log_level));
+/// Log to stdout at `level`; the level sits in a reload layer, so that a reload can change it.
+fn init_logging(level: tracing::Level) -> LogLevel {
+    let (level, log_level) = tracing_subscriber::reload::Layer::new(LevelFilter::from_level(level));
     tracing_subscriber::registry()
         .with(level)
         .with(
@@ -287,6 +296,44 @@ fn run(mut config: RelayConfig, cli: &Cli) -> ExitCode {
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
         )
         .init();
+    log_level
+}
+
+/// `turnpike api`: the token API alone until SIGTERM or SIGINT.
+fn run_api(config: &RelayConfig) -> ExitCode {
+    init_logging(config.live.log_level);
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]);
+    let mut signals = match signals {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("turnpike: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let api = match turnpike::service::start_api(config) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("turnpike: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let addr = api.local_addr();
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&format!("token API on {addr}")),
+    ]);
+    let _ = signals.forever().next();
+    notify(&[NotifyState::Stopping]);
+    api.stop();
+    ExitCode::SUCCESS
+}
+
+fn run(mut config: RelayConfig, cli: &Cli) -> ExitCode {
+    let demo = cli.config.is_none();
+    let log_level = init_logging(config.live.log_level);
     if let Err(e) = fit_open_files(&mut config) {
         eprintln!("turnpike: configuration error: {e}");
         return ExitCode::from(2);
@@ -639,10 +686,10 @@ fn usage(
             return ExitCode::from(2);
         }
     };
-    let Some(u) = &config.fixed.usage else {
-        eprintln!("error: metering is not configured (no [usage] section)");
+    if config.fixed.fleet.is_none() && config.fixed.usage.is_none() {
+        eprintln!("error: metering is not configured (no [usage] or [fleet] section)");
         return ExitCode::from(2);
-    };
+    }
     let ms = turnpike::clock::unix_ms_at;
     let time = |flag: &str, v: Option<&str>| match v {
         None => Ok(None),
@@ -658,14 +705,15 @@ fn usage(
             return ExitCode::from(2);
         }
     };
-    let rows = match &config.fixed.fleet {
-        Some(f) => {
+    let rows = match (&config.fixed.fleet, &config.fixed.usage) {
+        (Some(f), _) => {
             turnpike::fleet::bill_blocking(f, since, until, relay).map_err(|e| e.to_string())
         }
-        None if relay.is_some() => Err("--relay needs a ledger ([fleet])".to_string()),
-        None => turnpike::usage::Store::open_reader(&u.database)
+        (None, _) if relay.is_some() => Err("--relay needs a ledger ([fleet])".to_string()),
+        (None, Some(u)) => turnpike::usage::Store::open_reader(&u.database)
             .and_then(|s| s.summary(since, until))
             .map_err(|e| format!("{}: {e}", u.database.display())),
+        (None, None) => Err("metering is not configured".to_string()),
     };
     match rows {
         Ok(rows) if json => {

@@ -24,7 +24,7 @@ use crate::dataplane::stream::{tls_config, TlsFile};
 use crate::dataplane::{BackendKind, ToControl};
 use crate::fleet::{registry, revocations};
 use crate::server::Transport;
-use crate::usage;
+use crate::{fleet, usage};
 
 /// Records written per SQLite transaction at most.
 const WRITE_BATCH: usize = 4096;
@@ -38,13 +38,17 @@ pub struct Service {
     api_reload: Option<api::ApiReload>,
     writer: Option<JoinHandle<()>>,
     ticker: Option<(Sender<()>, JoinHandle<()>)>,
-    shipper: Option<crate::fleet::Shipper>,
     /// The fleet's revocations, applied here as they are published.
     revocations: Option<revocations::Listener>,
     /// This relay's entry in the fleet's registry.
     heartbeat: Option<registry::Heartbeat>,
     /// The registry as the API reads it.
     watcher: Option<Arc<registry::Watcher>>,
+    shipper: Option<fleet::Shipper>,
+    /// The fleet's connections, when `[fleet]` is configured.
+    pool: Option<fleet::Pool>,
+    /// The control-plane runtime (API, shipper), when either runs; ended last.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 /// How long a relay with `[fleet]` waits at start for the fleet's revocations before it serves with
@@ -85,6 +89,16 @@ pub fn start(config: &RelayConfig) -> io::Result<Service> {
 
 /// Start with explicit relay settings (tests adjust them); `config` supplies the API and metering.
 pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Service> {
+    if config.fixed.fleet.is_some() && config.fixed.usage.is_none() {
+        return Err(io::Error::other(
+            "fleet: a relay needs [usage] as well: its database is the ledger's outbox \
+             (only `turnpike api` and `turnpike usage` read the ledger without it)",
+        ));
+    }
+    let runtime = (config.fixed.api.is_some() || config.fixed.fleet.is_some())
+        .then(api::control_plane_runtime)
+        .transpose()?;
+    let pool = config.fixed.fleet.clone().map(fleet::Pool::new);
     let mut store = None;
     let mut writer = None;
     if let Some(u) = &config.fixed.usage {
@@ -118,9 +132,14 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
         _ => false,
     };
     let relay = control::start(settings)?;
-    // The ledger's shipper reads the outbox on its own connection; the relay never waits for it.
-    let shipper = match (&config.fixed.fleet, &config.fixed.usage) {
-        (Some(f), Some(u)) => Some(crate::fleet::Shipper::start(f.clone(), u.database.clone())?),
+    // The ledger's shipper reads the outbox and ships on the control-plane runtime, with pooled
+    // connections; the relay never waits for it.
+    let shipper = match (&runtime, &pool, &config.fixed.usage) {
+        (Some(rt), Some(p), Some(u)) => Some(fleet::Shipper::start(
+            rt.handle(),
+            p.clone(),
+            u.database.clone(),
+        )),
         _ => None,
     };
     let to_control = relay.shutdown_sender();
@@ -199,8 +218,8 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
     };
 
     let mut api_reload = None;
-    let api = match config.api() {
-        Some(a) => {
+    let api = match (config.api(), &runtime) {
+        (Some(a), Some(rt)) => {
             let tls = config
                 .live
                 .api
@@ -210,7 +229,6 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
                 .transpose()
                 .map_err(io::Error::other)?;
             let revoke_tx = to_control.clone();
-            let fleet = config.fixed.fleet.clone();
             let registry = watcher.clone();
             let hooks = Hooks {
                 revoke: Box::new(move |identity, until, terminate| {
@@ -221,50 +239,19 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
                     });
                 }),
                 metrics: Box::new(metrics_probe(to_control.clone())),
-                fleet_revoke: fleet.map(|f| -> api::FleetRevokeHook {
-                    Box::new(move |identity, until, signed_ms, now_ms, terminate| {
-                        let r = revocations::Revocation {
-                            identity: identity.into(),
-                            until,
-                            signed_ms,
-                            revoked_ms: now_ms,
-                            terminate,
-                        };
-                        match revocations::apply_blocking(&f, &r) {
-                            Ok(revocations::Applied::Recorded) => {
-                                Ok(api::revocations::Applied::Recorded)
-                            }
-                            Ok(revocations::Applied::Stale(at)) => {
-                                Ok(api::revocations::Applied::Stale(at))
-                            }
-                            Err(e) => Err(e.to_string()),
-                        }
-                    })
-                }),
-                fleet_relays: registry.map(|w| -> api::FleetRelaysHook {
-                    Box::new(move || {
-                        let live = w.live()?;
-                        Some(
-                            live.iter()
-                                .map(|r| api::FleetRelay {
-                                    id: r.id.clone(),
-                                    region: r.region.clone(),
-                                    addresses: r.udp.clone(),
-                                    tcp_addresses: r.tcp.clone(),
-                                    tls_addresses: r.tls.clone(),
-                                })
-                                .collect(),
-                        )
-                    })
-                }),
+                fleet_revoke: pool
+                    .clone()
+                    .map(|p| fleet_revoke_hook(p, rt.handle().clone())),
+                fleet_relays: registry.map(fleet_relays_hook),
+                ledger: pool.clone().map(|p| ledger_hook(p, rt.handle().clone())),
             };
             let db = a.revocations_db.clone();
             let api = Api::new(a, config.live.rest_secrets.clone(), hooks)
                 .map_err(|e| io::Error::other(format!("{}: {e}", db.display())))?;
             api_reload = Some(api.reloader());
-            Some(api::serve(api, tls)?)
+            Some(api::serve_on(rt.handle(), api, tls)?)
         }
-        None => None,
+        _ => None,
     };
     Ok(Service {
         relay,
@@ -276,6 +263,8 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
         revocations,
         heartbeat,
         watcher,
+        pool,
+        runtime,
     })
 }
 
@@ -376,6 +365,169 @@ fn listen_for_revocations(
     )
 }
 
+/// `POST /admin/revoke` with a fleet: record and publish through `pool` (on the API's blocking pool).
+fn fleet_revoke_hook(pool: fleet::Pool, runtime: tokio::runtime::Handle) -> api::FleetRevokeHook {
+    Box::new(move |identity, until, signed_ms, now_ms, terminate| {
+        let r = revocations::Revocation {
+            identity: identity.into(),
+            until,
+            signed_ms,
+            revoked_ms: now_ms,
+            terminate,
+        };
+        let applied = runtime.block_on(async {
+            let mut conn = pool.get(LEDGER_WAIT).await?;
+            revocations::apply(&mut conn, &r).await
+        });
+        match applied {
+            Ok(revocations::Applied::Recorded) => Ok(api::revocations::Applied::Recorded),
+            Ok(revocations::Applied::Stale(at)) => Ok(api::revocations::Applied::Stale(at)),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+}
+
+/// `any` and `nearest` from the registry as `watcher` last read it.
+fn fleet_relays_hook(watcher: Arc<registry::Watcher>) -> api::FleetRelaysHook {
+    Box::new(move || {
+        let live = watcher.live()?;
+        Some(
+            live.iter()
+                .map(|r| api::FleetRelay {
+                    id: r.id.clone(),
+                    region: r.region.clone(),
+                    addresses: r.udp.clone(),
+                    tcp_addresses: r.tcp.clone(),
+                    tls_addresses: r.tls.clone(),
+                })
+                .collect(),
+        )
+    })
+}
+
+/// How long a `/usage` request waits for a pooled connection.
+const LEDGER_WAIT: Duration = Duration::from_secs(5);
+
+/// `/usage` from the fleet ledger through `pool` (the API calls it on its blocking pool).
+fn ledger_hook(pool: fleet::Pool, runtime: tokio::runtime::Handle) -> api::LedgerHook {
+    Box::new(move |since, until, relay| {
+        runtime
+            .block_on(async {
+                let conn = pool.get(LEDGER_WAIT).await?;
+                fleet::bill(&conn, since, until, relay).await
+            })
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// The token API on its own (`turnpike api`): no listeners, no workers, no relay. Several replicas
+/// with the same configuration can stand behind a load balancer: they share the REST secret and, with
+/// `[fleet]`, read usage from the ledger.
+#[derive(Debug)]
+pub struct ApiService {
+    api: ApiHandle,
+    api_reload: api::ApiReload,
+    pool: Option<fleet::Pool>,
+    /// The registry as this API reads it.
+    watcher: Option<Arc<registry::Watcher>>,
+    runtime: tokio::runtime::Runtime,
+}
+
+/// Start the token API alone from `config`'s `[api]`, `[rest]`, fleet list and `[fleet]`.
+pub fn start_api(config: &RelayConfig) -> io::Result<ApiService> {
+    let Some(a) = config.api() else {
+        return Err(io::Error::other(
+            "api: `turnpike api` needs an [api] section",
+        ));
+    };
+    let runtime = api::control_plane_runtime()?;
+    let pool = config.fixed.fleet.clone().map(fleet::Pool::new);
+    let watcher = match &config.fixed.fleet {
+        Some(f) => Some(Arc::new(registry::Watcher::start(f.clone(), f.registry)?)),
+        None => None,
+    };
+    let tls = config
+        .live
+        .api
+        .as_ref()
+        .and_then(|l| l.tls.as_ref())
+        .map(|f| load_tls(f, API_TLS_KEYS))
+        .transpose()
+        .map_err(io::Error::other)?;
+    let hooks = Hooks {
+        // No relay here: a revocation is stored (and answered) only.
+        revoke: Box::new(|_, _, _| {}),
+        // Ready while it runs; no relay counters to report.
+        metrics: Box::new(|| {
+            Some(crate::metrics::Snapshot {
+                backend: "none",
+                ..Default::default()
+            })
+        }),
+        fleet_revoke: pool
+            .clone()
+            .map(|p| fleet_revoke_hook(p, runtime.handle().clone())),
+        fleet_relays: watcher.clone().map(fleet_relays_hook),
+        ledger: pool
+            .clone()
+            .map(|p| ledger_hook(p, runtime.handle().clone())),
+    };
+    let db = a.revocations_db.clone();
+    let api = Api::new(a, config.live.rest_secrets.clone(), hooks)
+        .map_err(|e| io::Error::other(format!("{}: {e}", db.display())))?;
+    let api_reload = api.reloader();
+    let api = api::serve_on(runtime.handle(), api, tls)?;
+    Ok(ApiService {
+        api,
+        api_reload,
+        pool,
+        watcher,
+        runtime,
+    })
+}
+
+impl ApiService {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.api.local_addr()
+    }
+
+    /// Replaces the API's live settings (a reload).
+    pub fn api_reload(&self) -> api::ApiReload {
+        self.api_reload.clone()
+    }
+
+    /// Replaces the API's TLS configuration (SIGHUP), if it runs TLS.
+    pub fn api_tls(&self) -> Option<api::ApiTls> {
+        self.api.tls()
+    }
+
+    /// The fleet's connections, when `[fleet]` is configured.
+    pub fn pool(&self) -> Option<&fleet::Pool> {
+        self.pool.as_ref()
+    }
+
+    /// The control-plane runtime.
+    pub fn control_plane(&self) -> tokio::runtime::Handle {
+        self.runtime.handle().clone()
+    }
+
+    /// Stop accepting, let requests in flight finish, and end the runtime.
+    pub fn stop(self) {
+        let ApiService {
+            api,
+            runtime,
+            watcher,
+            ..
+        } = self;
+        api.stop();
+        if let Some(w) = watcher {
+            w.stop();
+        }
+        runtime.shutdown_timeout(Duration::from_secs(1));
+    }
+}
+
 impl Service {
     /// The relay.
     pub fn relay(&self) -> &RelayHandle {
@@ -400,6 +552,16 @@ impl Service {
     /// Replaces the API's TLS configuration (SIGHUP), if the API runs TLS.
     pub fn api_tls(&self) -> Option<api::ApiTls> {
         self.api.as_ref().and_then(ApiHandle::tls)
+    }
+
+    /// The fleet's connections, when `[fleet]` is configured (for the fleet's other state).
+    pub fn pool(&self) -> Option<&fleet::Pool> {
+        self.pool.as_ref()
+    }
+
+    /// The control-plane runtime (API, shipper), when it runs.
+    pub fn control_plane(&self) -> Option<tokio::runtime::Handle> {
+        self.runtime.as_ref().map(|r| r.handle().clone())
     }
 
     /// Begin the graceful shutdown (drain, then stop).
@@ -452,6 +614,9 @@ impl Service {
         }
         if let Some(w) = self.watcher.take() {
             w.stop();
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
         }
     }
 }

@@ -506,3 +506,103 @@ fn shipper_throughput() {
         n as f64 / took.as_secs_f64()
     );
 }
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, as PEM: (ca, cert, key).
+fn ca_and_server_cert() -> (String, String, String) {
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "turnpike test CA");
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let server = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = server.signed_by(&key, &ca, &ca_key).unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// TLS to the database (`tls = "require"`, verified against `ca_file`): the pool connects, the ledger
+/// migrates and ships through it, PostgreSQL reports the session as TLS; a CA that did not sign the
+/// server's certificate is refused.
+#[test]
+fn the_ledger_ships_over_tls_verified_against_the_ca() {
+    if !postgres_available() {
+        return;
+    }
+    let dir = temp_dir("pgtls");
+    let (ca, cert, key) = ca_and_server_cert();
+    // The server runs as `postgres`: its key must be its own and private.
+    let certs = std::env::temp_dir().join(format!("turnpike-pgtls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&certs);
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::write(certs.join("server.crt"), cert).unwrap();
+    std::fs::write(certs.join("server.key"), key).unwrap();
+    std::fs::write(dir.join("ca.pem"), &ca).unwrap();
+    let (other_ca, _, _) = ca_and_server_cert();
+    std::fs::write(dir.join("other-ca.pem"), other_ca).unwrap();
+    assert!(Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(&certs)
+        .status()
+        .unwrap()
+        .success());
+    assert!(Command::new("chmod")
+        .arg("600")
+        .arg(certs.join("server.key"))
+        .status()
+        .unwrap()
+        .success());
+    let cluster = Cluster::with_options(
+        "tls",
+        &[
+            "ssl=on".to_string(),
+            format!("ssl_cert_file={}", certs.join("server.crt").display()),
+            format!("ssl_key_file={}", certs.join("server.key").display()),
+        ],
+    );
+    let mut config = cluster.config();
+    config.tls = fleet::Tls::Require {
+        ca_file: dir.join("ca.pem"),
+    };
+    let (_store, path) = outbox_with(&dir, 3, 2);
+    let mut outbox = usage::Outbox::open(&path).unwrap();
+    let rt = fleet::runtime().unwrap();
+    rt.block_on(async {
+        let pool = fleet::Pool::new(config.clone());
+        let mut conn = pool.get(Duration::from_secs(10)).await.unwrap();
+        let tls: bool = conn
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(tls, "the session is TLS");
+        fleet::migrate(&mut conn).await.unwrap();
+        assert_eq!(
+            fleet::ship_once(&mut conn, &mut outbox, 1000)
+                .await
+                .unwrap(),
+            6
+        );
+        drop(conn);
+        assert_eq!(pool.idle(), 1, "the connection went back to the pool");
+
+        let mut wrong = config.clone();
+        wrong.tls = fleet::Tls::Require {
+            ca_file: dir.join("other-ca.pem"),
+        };
+        let err = fleet::Pool::new(wrong)
+            .get(Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("invalid peer certificate"),
+            "{err}"
+        );
+    });
+    assert_eq!(cluster.psql("SELECT COUNT(*) FROM usage_deltas"), "6");
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&certs);
+}

@@ -1,5 +1,6 @@
-//! The API's HTTP server: axum on hyper 1 (HTTP/1.1), on a tokio runtime of two threads of its own plus
-//! a small blocking pool for [`Api::handle`]; the relay's data plane never sees it.
+//! The API's HTTP server: axum on hyper 1 (HTTP/1.1), on the control-plane tokio runtime
+//! ([`control_plane_runtime`]: two threads plus a small blocking pool for [`Api::handle`]), which the
+//! fleet's PostgreSQL work shares; the relay's data plane never sees it.
 //!
 //! ```text
 //!  accept ─▶ connection permit (max_connections; none: close) ─▶ [TLS handshake ≤ header_read_timeout]
@@ -49,7 +50,10 @@ pub struct ApiHandle {
     tls: Option<TlsSlot>,
     stop: watch::Sender<bool>,
     loops: Vec<tokio::task::JoinHandle<()>>,
+    handle: tokio::runtime::Handle,
+    /// The runtime, when [`serve`] made one for this server alone.
     runtime: Option<tokio::runtime::Runtime>,
+    stopped: bool,
 }
 
 impl std::fmt::Debug for ApiHandle {
@@ -83,17 +87,19 @@ impl ApiHandle {
     }
 
     fn shutdown(&mut self) {
-        let Some(runtime) = self.runtime.take() else {
+        if std::mem::replace(&mut self.stopped, true) {
             return;
-        };
+        }
         let _ = self.stop.send(true);
         let loops = std::mem::take(&mut self.loops);
-        runtime.block_on(async move {
+        self.handle.block_on(async move {
             for l in loops {
                 let _ = l.await;
             }
         });
-        runtime.shutdown_timeout(Duration::from_secs(1));
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        }
     }
 }
 
@@ -116,18 +122,36 @@ impl ApiTls {
     }
 }
 
+/// The control-plane runtime: the HTTP API and the fleet's PostgreSQL work (the shipper, the pool)
+/// run on it, off the data path.
+pub fn control_plane_runtime() -> io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(BLOCKING_THREADS)
+        .thread_name("turnpike-control")
+        .enable_all()
+        .build()
+}
+
 /// Listen on `api`'s addresses (TLS with `tls`, plain HTTP without) and answer requests on a runtime of
-/// its own.
+/// its own ([`control_plane_runtime`]).
 pub fn serve(api: Api, tls: Option<Arc<rustls::ServerConfig>>) -> io::Result<ApiHandle> {
+    let runtime = control_plane_runtime()?;
+    let mut handle = serve_on(runtime.handle(), api, tls)?;
+    handle.runtime = Some(runtime);
+    Ok(handle)
+}
+
+/// [`serve`] on `runtime` (a multi-thread one, such as [`control_plane_runtime`]), which the caller
+/// keeps running until [`ApiHandle::stop`].
+pub fn serve_on(
+    runtime: &tokio::runtime::Handle,
+    api: Api,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> io::Result<ApiHandle> {
     let limits = api.config.limits.clone();
     let listen = api.config.listen;
     let metrics_listen = api.config.metrics_listen;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(BLOCKING_THREADS)
-        .thread_name("turnpike-api")
-        .enable_all()
-        .build()?;
     let bind = |addr: SocketAddr| -> io::Result<TcpListener> {
         let l = std::net::TcpListener::bind(addr)
             .map_err(|e| io::Error::new(e.kind(), format!("api listen {addr}: {e}")))?;
@@ -179,7 +203,9 @@ pub fn serve(api: Api, tls: Option<Arc<rustls::ServerConfig>>) -> io::Result<Api
         tls: tls_slot,
         stop,
         loops,
-        runtime: Some(runtime),
+        handle: runtime.clone(),
+        runtime: None,
+        stopped: false,
     })
 }
 

@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `POST /networkTraversal/:issueRelayConfiguration?api-version=2022-03-01-preview` | HMAC | relay credentials and ICE servers |
 //! | `POST /admin/revoke?api-version=...` | HMAC | revoke an identity's credentials and end its allocations (`{"id", "until"?, "terminate"?}`) |
-//! | `GET /usage?since=..&until=..` | HMAC | per-identity usage summary (RFC 3339 bounds; default: the 31 days up to now) |
+//! | `GET /usage?since=..&until=..&relay=..` | HMAC | per-identity usage summary (RFC 3339 bounds; default: the 31 days up to now): from the fleet ledger in PostgreSQL when configured (fleet-wide, or one `relay`), else from the local usage database |
 //! | `GET /metrics` | none | Prometheus text format |
 //! | `GET /healthz`, `GET /readyz` | none | liveness; readiness (503 while draining) |
 //!
@@ -24,7 +24,7 @@ mod http;
 pub mod revocations;
 pub mod sign;
 
-pub use http::{serve, ApiHandle, ApiTls};
+pub use http::{control_plane_runtime, serve, serve_on, ApiHandle, ApiTls};
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -149,6 +149,10 @@ pub type FleetRevokeHook =
 /// The relays that can take clients now, from the fleet's registry (`None`: it is empty or
 /// unreachable, and the static fleet answers).
 pub type FleetRelaysHook = Box<dyn Fn() -> Option<Vec<FleetRelay>> + Send + Sync>;
+/// Reads the fleet ledger: per-identity totals in `[since_ms, until_ms)`, on one relay or (`None`)
+/// fleet-wide. Called from the blocking pool.
+pub type LedgerHook =
+    Box<dyn Fn(u64, u64, Option<&str>) -> Result<Vec<usage::IdentityUsage>, String> + Send + Sync>;
 
 /// Hooks into the running relay.
 pub struct Hooks {
@@ -160,6 +164,8 @@ pub struct Hooks {
     pub fleet_revoke: Option<FleetRevokeHook>,
     /// With `[fleet]`: the live relays for `any` and `nearest`.
     pub fleet_relays: Option<FleetRelaysHook>,
+    /// The fleet ledger, when `[fleet]` is configured: `/usage` reads it instead of `usage_db`.
+    pub ledger: Option<LedgerHook>,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -735,15 +741,19 @@ impl Api {
     }
 
     fn usage(&self, url: &str, now: SystemTime) -> Response {
-        let Some(db) = &self.config.usage_db else {
+        if self.hooks.ledger.is_none() && self.config.usage_db.is_none() {
             return Response::error(404, "NotFound", "metering is not configured");
-        };
-        let (mut since, mut until) = (None, None);
+        }
+        let (mut since, mut until, mut relay) = (None, None, None);
         let query = url.split_once('?').map_or("", |(_, q)| q);
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
             let slot = match &*k {
                 "since" => &mut since,
                 "until" => &mut until,
+                "relay" => {
+                    relay = Some(v.into_owned());
+                    continue;
+                }
                 _ => continue,
             };
             match humantime::parse_rfc3339(&v) {
@@ -758,9 +768,23 @@ impl Api {
             }
         }
         let (since, until) = usage::summary_range(since, until, unix_ms_at(now));
-        match usage::Store::open_reader(db).and_then(|s| s.summary(since, until)) {
+        let rows = match (&self.hooks.ledger, &self.config.usage_db) {
+            (Some(ledger), _) => ledger(since, until, relay.as_deref()),
+            (None, _) if relay.is_some() => {
+                return Response::error(
+                    400,
+                    "InvalidRequest",
+                    "relay= needs the fleet ledger ([fleet])",
+                )
+            }
+            (None, Some(db)) => usage::Store::open_reader(db)
+                .and_then(|s| s.summary(since, until))
+                .map_err(|e| e.to_string()),
+            (None, None) => Err("metering is not configured".into()),
+        };
+        match rows {
             Ok(rows) => Response::json(200, &json!({ "identities": rows })),
-            Err(e) => Response::error(500, "StorageError", &e.to_string()),
+            Err(e) => Response::error(500, "StorageError", &e),
         }
     }
 }

@@ -83,6 +83,7 @@ fn api(revoked: Revoked, draining: bool) -> Api {
         }),
         fleet_revoke: None,
         fleet_relays: None,
+        ledger: None,
     };
     Api::new(
         config,

@@ -300,6 +300,8 @@ pub(super) struct RawFleet {
     pub(super) heartbeat_seconds: u64,
     #[serde(default = "default_stale")]
     pub(super) stale_seconds: u64,
+    #[serde(default = "default_pool_size")]
+    pub(super) pool_size: usize,
 }
 
 fn default_heartbeat() -> u64 {
@@ -308,6 +310,10 @@ fn default_heartbeat() -> u64 {
 
 fn default_stale() -> u64 {
     15
+}
+
+fn default_pool_size() -> usize {
+    4
 }
 
 fn default_fleet_tls() -> String {

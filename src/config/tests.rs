@@ -600,13 +600,17 @@ fn fleet_ledger_keys_are_checked() {
     assert_eq!(f.password, crate::fleet::Password::Env("PGPASS_VAR".into()));
     assert_eq!(f.tls, crate::fleet::Tls::Disable);
     assert_eq!(
-        (f.ship_interval, f.batch, f.migrate),
-        (Duration::from_secs(5), 1000, true)
+        (f.ship_interval, f.batch, f.migrate, f.pool_size),
+        (Duration::from_secs(5), 1000, true, 4)
     );
+    // Without [usage] the ledger is only read (`turnpike api`, `turnpike usage`); a relay refuses
+    // to start so (service::start_with).
+    let read_only = RelayConfig::from_toml(&format!("{OPERATOR}[fleet]\npostgres = \"host=x\"\n"));
+    assert!(read_only.unwrap().fixed.fleet.is_some());
     assert_error(
-        &format!("{OPERATOR}[fleet]\npostgres = \"host=x\"\n"),
-        "fleet",
-        "needs [usage]",
+        &format!("{OPERATOR}{usage}[fleet]\npostgres = \"host=x\"\npool_size = 0\n"),
+        "fleet.pool_size",
+        "1 to 64",
     );
     assert_error(
         &format!("{OPERATOR}{usage}[fleet]\npostgres = \"host=x\"\ntls = \"require\"\n"),

@@ -357,15 +357,9 @@ impl RawConfig {
             relay_id,
             pid_file: self.pid_file,
             api: None,
-            fleet: match (self.fleet, &self.usage) {
-                (Some(_), None) => {
-                    return Err(ConfigError::new(
-                        "fleet",
-                        "needs [usage]: its database is the ledger's outbox",
-                    ))
-                }
-                (f, _) => f.map(fleet::fleet).transpose()?,
-            },
+            // A relay needs [usage] beside it (the outbox; `service::start_with` says so); the API
+            // alone and `turnpike usage` only read the ledger.
+            fleet: self.fleet.map(fleet::fleet).transpose()?,
             usage: self.usage.map(api::usage).transpose()?,
         };
         let mut live = Live {

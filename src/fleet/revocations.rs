@@ -22,7 +22,8 @@ use std::time::Duration;
 use serde_json::json;
 use tokio_postgres::Client;
 
-use super::{connect_notifying, migrate, runtime, Config, Error, MIGRATION_LOCK};
+use super::ledger::MIGRATION_LOCK;
+use super::{connect_notifying, migrate, runtime, Config, Error};
 
 /// The NOTIFY channel revocations are published on.
 pub const CHANNEL: &str = "turnpike_revocations";
@@ -148,14 +149,6 @@ pub async fn apply(client: &mut Client, r: &Revocation) -> Result<Applied, Error
         .await?;
     tx.commit().await?;
     Ok(Applied::Recorded)
-}
-
-/// Connect, [`apply`], disconnect: for an API request on a blocking thread (revokes are rare).
-pub fn apply_blocking(config: &Config, r: &Revocation) -> Result<Applied, Error> {
-    runtime()?.block_on(async {
-        let mut client = super::connect(config).await?;
-        apply(&mut client, r).await
-    })
 }
 
 /// Every row of the table (lifts included, so that a relay that missed a lift catches up on it too).

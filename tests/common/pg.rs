@@ -45,6 +45,11 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(tag: &str) -> Cluster {
+        Cluster::with_options(tag, &[])
+    }
+
+    /// A cluster with server settings (`name=value`, as `pg_createcluster -o` takes them).
+    pub fn with_options(tag: &str, options: &[String]) -> Cluster {
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "tp{}{tag}{}",
@@ -58,6 +63,7 @@ impl Cluster {
         let out = Command::new("pg_createcluster")
             .args([&version, &name, "-p", &port.to_string(), "-d"])
             .arg(&data)
+            .args(options.iter().flat_map(|o| ["-o", o.as_str()]))
             .args(["--", "--auth-host=trust", "--auth-local=trust", "--no-sync"])
             .output()
             .unwrap();
@@ -105,6 +111,7 @@ impl Cluster {
             batch: 1000,
             migrate: true,
             registry: Default::default(),
+            pool_size: 4,
         }
     }
 

@@ -80,6 +80,12 @@ pub(super) fn fleet(raw: RawFleet) -> Result<Config, ConfigError> {
             ),
         ));
     }
+    if raw.pool_size == 0 || raw.pool_size > 64 {
+        return Err(ConfigError::new(
+            "fleet.pool_size",
+            format!("must be 1 to 64 (got {})", raw.pool_size),
+        ));
+    }
     Ok(Config {
         postgres: raw.postgres,
         password,
@@ -91,5 +97,6 @@ pub(super) fn fleet(raw: RawFleet) -> Result<Config, ConfigError> {
             heartbeat: Duration::from_secs(raw.heartbeat_seconds),
             stale: Duration::from_secs(raw.stale_seconds),
         },
+        pool_size: raw.pool_size,
     })
 }
