@@ -308,7 +308,7 @@ fn catch_up(fleet: &crate::fleet::Config, copy: &api::revocations::Store) -> boo
             tokio::time::timeout(REVOCATION_CATCH_UP, async {
                 let mut client = crate::fleet::connect(fleet).await?;
                 if fleet.migrate {
-                    crate::fleet::migrate(&mut client).await?;
+                    revocations::migrate_all(&mut client).await?;
                 }
                 revocations::load(&client).await
             })

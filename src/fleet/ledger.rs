@@ -94,8 +94,6 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, Error> {
         }
         tx.commit().await?;
     }
-    // The fleet's shared state (revocations, registry) has versions of its own, from 10 up.
-    applied.extend(super::revocations::migrate_state(client).await?);
     Ok(applied)
 }
 
@@ -222,7 +220,7 @@ pub async fn bill(
 pub fn migrate_blocking(config: &Config) -> Result<Vec<i32>, Error> {
     runtime()?.block_on(async {
         let mut client = connect(config).await?;
-        migrate(&mut client).await
+        super::revocations::migrate_all(&mut client).await
     })
 }
 

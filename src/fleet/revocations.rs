@@ -31,7 +31,9 @@ pub const CHANNEL: &str = "turnpike_revocations";
 /// How often a relay reloads the whole set even when no notification came (the fallback).
 pub const POLL: Duration = Duration::from_secs(5);
 
-/// The fleet's shared-state schema: (version, SQL). Versions start at 10, apart from the ledger's.
+/// The fleet's shared-state schema: (version, SQL), recorded in `fleet_state_migrations` (the
+/// ledger's versions are in `schema_migrations`). Versions start at 10, so that they can never be
+/// mistaken for the ledger's.
 const STATE_MIGRATIONS: &[(i32, &str)] = &[
     (
         10,
@@ -46,8 +48,23 @@ const STATE_MIGRATIONS: &[(i32, &str)] = &[
     (11, super::registry::SCHEMA),
 ];
 
-/// Apply the shared-state migrations the database lacks (called by [`super::migrate`]).
-pub(crate) async fn migrate_state(client: &mut Client) -> Result<Vec<i32>, Error> {
+/// Apply every migration the database lacks, the ledger's ([`migrate`]) and the shared state's;
+/// returns the versions applied now.
+pub async fn migrate_all(client: &mut Client) -> Result<Vec<i32>, Error> {
+    let mut applied = migrate(client).await?;
+    applied.extend(migrate_state(client).await?);
+    Ok(applied)
+}
+
+/// Apply the shared-state migrations the database lacks.
+async fn migrate_state(client: &mut Client) -> Result<Vec<i32>, Error> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS fleet_state_migrations (
+                version    integer PRIMARY KEY,
+                applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
     let mut applied = Vec::new();
     for &(version, step) in STATE_MIGRATIONS {
         let tx = client.transaction().await?;
@@ -55,7 +72,7 @@ pub(crate) async fn migrate_state(client: &mut Client) -> Result<Vec<i32>, Error
             .await?;
         let done = tx
             .query_opt(
-                "SELECT 1 FROM schema_migrations WHERE version = $1",
+                "SELECT 1 FROM fleet_state_migrations WHERE version = $1",
                 &[&version],
             )
             .await?
@@ -63,7 +80,7 @@ pub(crate) async fn migrate_state(client: &mut Client) -> Result<Vec<i32>, Error
         if !done {
             tx.batch_execute(step).await?;
             tx.execute(
-                "INSERT INTO schema_migrations (version) VALUES ($1)",
+                "INSERT INTO fleet_state_migrations (version) VALUES ($1)",
                 &[&version],
             )
             .await?;
@@ -253,7 +270,7 @@ async fn listen_loop(config: &Config, mut apply: Apply, reached: bool, stop: &At
         let session = async {
             let mut client = connect_notifying(config, Some(tx)).await?;
             if !migrated {
-                migrate(&mut client).await?;
+                migrate_all(&mut client).await?;
                 migrated = true;
             }
             client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
