@@ -435,11 +435,20 @@ pub struct ApiService {
 
 /// Start the token API alone from `config`'s `[api]`, `[rest]`, fleet list and `[fleet]`.
 pub fn start_api(config: &RelayConfig) -> io::Result<ApiService> {
-    let Some(a) = config.api() else {
+    let Some(mut a) = config.api() else {
         return Err(io::Error::other(
             "api: `turnpike api` needs an [api] section",
         ));
     };
+    // The fleet's first entry is the process's own relay; this one has none.
+    if !a.fleet.is_empty() {
+        a.fleet.remove(0);
+    }
+    if a.fleet.is_empty() {
+        return Err(io::Error::other(
+            "api.fleet: `turnpike api` hands out the relays of [[api.fleet]]; list them there",
+        ));
+    }
     let runtime = api::control_plane_runtime()?;
     let pool = config.fixed.fleet.clone().map(fleet::Pool::new);
     let watcher = match &config.fixed.fleet {

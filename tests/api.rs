@@ -100,26 +100,6 @@ checkpoint_seconds = 1
     )
 }
 
-/// Python and the packages the SDK test needs; with CI=true their absence is a failure.
-fn python_ready() -> bool {
-    let ok = Command::new("python3")
-        .args([
-            "-c",
-            "import azure.communication.networktraversal, aioice, prometheus_client",
-        ])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "python3 with azure-communication-networktraversal, aioice and prometheus_client is required in CI \
-             (scripts/test.sh installs them)"
-        );
-        eprintln!("skipping: python3 packages missing (run scripts/test.sh to install them)");
-    }
-    ok
-}
-
 struct Relay {
     child: Child,
 }
@@ -732,23 +712,6 @@ fn a_revoke_through_the_api_stops_a_live_allocation_relaying_and_its_usage_says_
     );
 }
 
-fn run_sdk(endpoint: &str, ca: Option<&Path>) -> serde_json::Value {
-    let mut cmd = Command::new("python3");
-    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api_sdk.py"))
-        .args([endpoint, KEY_B64]);
-    if let Some(ca) = ca {
-        cmd.arg(ca);
-    }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "api_sdk.py failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn check_sdk_result(v: &serde_json::Value, server: SocketAddr) {
     let servers = v["ice_servers"].as_array().unwrap();
     assert_eq!(servers.len(), 2);
@@ -797,7 +760,7 @@ fn check_sdk_result(v: &serde_json::Value, server: SocketAddr) {
 
 #[test]
 fn python_sdk_gets_a_relay_configuration_and_allocates_with_it() {
-    if !python_ready() {
+    if !common::sdk::python_ready() {
         return;
     }
     let dir = temp_dir("sdk");
@@ -808,7 +771,7 @@ fn python_sdk_gets_a_relay_configuration_and_allocates_with_it() {
     std::fs::write(&cfg, config_text(listen, api_port, 44000, &db, "")).unwrap();
     let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
     let relay = Relay::spawn(&cfg, api);
-    let v = run_sdk(&format!("http://{api}"), None);
+    let v = common::sdk::run_sdk(&format!("http://{api}"), KEY_B64, None, true);
     check_sdk_result(&v, format!("127.0.0.1:{listen}").parse().unwrap());
     relay.terminate();
     // The SDK's identity is billed exactly what aioice relayed.
@@ -820,7 +783,7 @@ fn python_sdk_gets_a_relay_configuration_and_allocates_with_it() {
 
 #[test]
 fn python_sdk_over_tls_with_a_certificate_made_by_the_test() {
-    if !python_ready() {
+    if !common::sdk::python_ready() {
         return;
     }
     let dir = temp_dir("tls");
@@ -838,7 +801,12 @@ fn python_sdk_over_tls_with_a_certificate_made_by_the_test() {
     let text = config_text(listen, api_port, 45000, &dir.join("usage.db"), &tls);
     let config = RelayConfig::from_toml(&text).unwrap();
     let service = turnpike::service::start(&config).unwrap();
-    let v = run_sdk(&format!("https://localhost:{api_port}"), Some(&cert_pem));
+    let v = common::sdk::run_sdk(
+        &format!("https://localhost:{api_port}"),
+        KEY_B64,
+        Some(&cert_pem),
+        true,
+    );
     check_sdk_result(&v, format!("127.0.0.1:{listen}").parse().unwrap());
     // Plain HTTP to the TLS port gets nowhere.
     assert!(ureq::get(&format!("http://127.0.0.1:{api_port}/healthz"))

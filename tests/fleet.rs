@@ -25,16 +25,34 @@ struct Relay {
     listen: SocketAddr,
 }
 
+/// The REST secret the relays share with the token API replicas.
+const SECRET: &str = "fleet-rest-secret";
+/// The API replicas' access key (base64).
+const KEY_B64: &str = "dHVybnBpa2UtZmxlZXQtYWNjZXNzLWtleQ==";
+
 fn relay_config(dir: &Path, cluster: &Cluster, relay_id: &str, port_min: u16) -> PathBuf {
-    let port = UdpSocket::bind("127.0.0.1:0")
+    relay_config_on(dir, cluster, relay_id, "127.0.0.1", port_min)
+}
+
+/// A relay listening and relaying on `ip` (a loopback address), its files in `dir`.
+fn relay_config_on(
+    dir: &Path,
+    cluster: &Cluster,
+    relay_id: &str,
+    ip: &str,
+    port_min: u16,
+) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let port = UdpSocket::bind((ip, 0))
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let text = format!(
-        "listen = [\"127.0.0.1:{port}\"]\nworkers = 1\npin_workers = false\ndrain_seconds = 0\n\
+        "listen = [\"{ip}:{port}\"]\nworkers = 1\npin_workers = false\ndrain_seconds = 0\n\
          relay_id = \"{relay_id}\"\n\
-         [relay]\naddresses = [\"127.0.0.1\"]\nport_min = {port_min}\nport_max = {}\n\
+         [relay]\naddresses = [\"{ip}\"]\nport_min = {port_min}\nport_max = {}\n\
+         [rest]\nsecrets = [\"{SECRET}\"]\n\
          [[users]]\nname = \"alice\"\npassword = \"alice-pass\"\n\
          [[users]]\nname = \"bob\"\npassword = \"bob-pass\"\n\
          [peers]\nallow = [\"127.0.0.0/8\"]\n\
@@ -126,6 +144,127 @@ fn wait_ready(server: SocketAddr, child: &mut std::process::Child) -> bool {
     false
 }
 
+/// A token API replica: the real binary, `turnpike api`, with the ledger on `cluster`.
+struct ApiReplica {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ApiReplica {
+    /// Start a replica handing out `relays` (id, `ip:port`), in `dir`.
+    fn start(dir: &Path, cluster: &Cluster, relays: &[(&str, SocketAddr)]) -> ApiReplica {
+        std::fs::create_dir_all(dir).unwrap();
+        let port = common::free_tcp_port();
+        let mut text = format!(
+            "relay_id = \"api\"\n[relay]\naddresses = [\"127.0.0.1\"]\n[rest]\nsecrets = [\"{SECRET}\"]\n\
+             [api]\nlisten = \"127.0.0.1:{port}\"\naccess_keys = [\"{KEY_B64}\"]\n\
+             revocations_database = \"{}\"\n",
+            dir.join("revocations.db").display()
+        );
+        for (id, addr) in relays {
+            text += &format!(
+                "[[api.fleet]]\nid = \"{id}\"\nregion = \"default\"\naddresses = [\"{addr}\"]\n"
+            );
+        }
+        text += &format!("[fleet]\npostgres = \"{}\"\n", cluster.conninfo());
+        let config = dir.join("api.toml");
+        std::fs::write(&config, text).unwrap();
+        let log = dir.join("api.stderr");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+            .arg("--config")
+            .arg(&config)
+            .arg("api")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while http(addr, "GET", "/healthz", None).0 != 200 {
+            assert!(
+                child.try_wait().unwrap().is_none() && Instant::now() < deadline,
+                "turnpike api did not come up: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ApiReplica { child, addr }
+    }
+
+    /// `GET /usage` (signed with the admin key), fleet-wide: identity → totals.
+    fn usage(&self) -> Vec<(String, [u64; 4])> {
+        let (status, body) = http(
+            self.addr,
+            "GET",
+            "/usage?since=2000-01-01T00:00:00Z",
+            Some(KEY_B64),
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["identities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| {
+                let n = |k: &str| u[k].as_u64().unwrap();
+                (
+                    u["identity"].as_str().unwrap().to_string(),
+                    [
+                        n("to_peer_bytes"),
+                        n("to_peer_packets"),
+                        n("to_client_bytes"),
+                        n("to_client_packets"),
+                    ],
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for ApiReplica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (signed with `key`, base64, when given): (status, body).
+fn http(addr: SocketAddr, method: &str, url: &str, key: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let host = addr.to_string();
+    let mut req = format!("{method} {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    if let Some(key) = key {
+        use base64::Engine as _;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .unwrap();
+        let (date, hash, auth) =
+            turnpike::api::sign::sign(&key, method, url, &host, b"", std::time::SystemTime::now());
+        req += &format!(
+            "x-ms-date: {date}\r\nx-ms-content-sha256: {hash}\r\nAuthorization: {auth}\r\n"
+        );
+    }
+    req += "\r\n";
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(req.as_bytes());
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
 /// One client's traffic through one allocation, counted by the two ends.
 struct Flow {
     client: Client,
@@ -172,6 +311,43 @@ impl Flow {
             self.to_client.0 += len;
             self.to_client.1 += 1;
         }
+    }
+
+    /// Round trips of `size` bytes at a fixed `rate` per second for `duration`, counted as received at
+    /// each end; returns how many datagrams were lost (not there within the sockets' 3 s timeout).
+    fn paced(&mut self, rate: u32, duration: Duration, size: usize) -> u64 {
+        let every = Duration::from_secs(1) / rate;
+        let start = Instant::now();
+        let mut buf = [0u8; 2048];
+        let (mut lost, mut k) = (0, 0u32);
+        while start.elapsed() < duration {
+            if let Some(wait) = (start + every * k).checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            k += 1;
+            self.client.send_channel(CHANNEL, &vec![k as u8; size]);
+            match self.peer.recv_from(&mut buf) {
+                Ok((n, _)) => {
+                    self.to_peer.0 += n as u64;
+                    self.to_peer.1 += 1;
+                }
+                Err(_) => {
+                    lost += 1;
+                    continue;
+                }
+            }
+            self.peer
+                .send_to(&vec![k as u8; size + 1], self.relayed)
+                .unwrap();
+            match self.client.sock.recv(&mut buf) {
+                Ok(n) if n >= 4 && buf[0] & 0xc0 == 0x40 => {
+                    self.to_client.0 += u16::from_be_bytes([buf[2], buf[3]]) as u64;
+                    self.to_client.1 += 1;
+                }
+                _ => lost += 1,
+            }
+        }
+        lost
     }
 
     /// End the allocation (its final record).
@@ -315,6 +491,103 @@ fn relayed_traffic_lands_in_postgresql_exactly() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("up to date"));
 }
 
+/// The issue's fleet: three relays on 127.0.0.2, .3 and .4 (disjoint relay port ranges) and two
+/// `turnpike api` replicas, all real binaries, on one PostgreSQL. The official SDK gets a
+/// configuration from each replica and relays through the first relay; two more clients relay known
+/// traffic on the other two. The ledger's per-identity totals (`usage_bill`, and `GET /usage` of a
+/// replica) equal the clients' own counts exactly.
+#[test]
+fn a_fleet_of_three_relays_and_two_api_replicas_bills_exactly() {
+    if !postgres_available() || !common::sdk::python_ready() {
+        return;
+    }
+    let cluster = Cluster::new("fleet");
+    let dir = temp_dir("fleet3");
+    let relays: Vec<Relay> = [
+        ("relay-2", "127.0.0.2", 62100),
+        ("relay-3", "127.0.0.3", 62300),
+        ("relay-4", "127.0.0.4", 62500),
+    ]
+    .iter()
+    .map(|(id, ip, ports)| Relay::start(&relay_config_on(&dir.join(id), &cluster, id, ip, *ports)))
+    .collect();
+    let listed: Vec<(&str, SocketAddr)> = ["relay-2", "relay-3", "relay-4"]
+        .into_iter()
+        .zip(relays.iter().map(|r| r.listen))
+        .collect();
+    let replicas = [
+        ApiReplica::start(&dir.join("api-1"), &cluster, &listed),
+        ApiReplica::start(&dir.join("api-2"), &cluster, &listed),
+    ];
+    // The SDK, from either replica: every relay is handed out, and TURN through the first works
+    // with the REST credentials it got (one datagram of 25 bytes out, 10 back, each time).
+    for r in &replicas {
+        let v = common::sdk::run_sdk(&format!("http://{}", r.addr), KEY_B64, None, false);
+        let urls = v["ice_servers"][0]["urls"].to_string();
+        for relay in &relays {
+            assert!(
+                urls.contains(&format!("turn:{}?transport=udp", relay.listen)),
+                "{urls}"
+            );
+        }
+        assert_eq!(v["turn"]["peer_got"], "hello from the sdk client");
+        assert_eq!(v["turn"]["client_got"], "hello back");
+    }
+    let sdk = [2 * 25, 2, 2 * 10, 2];
+    // Two more clients, on the two other relays.
+    let mut a = Flow::open(relays[1].listen, "alice");
+    let mut b = Flow::open(relays[2].listen, "bob");
+    for _ in 0..3 {
+        a.exchange(50, 100);
+        b.exchange(20, 300);
+        std::thread::sleep(Duration::from_millis(600)); // across checkpoints: several deltas
+    }
+    a.close();
+    b.close();
+    for (identity, want) in [
+        ("8:acs:sdk-user", sdk),
+        ("alice", a.counts()),
+        ("bob", b.counts()),
+    ] {
+        assert_eq!(
+            wait_totals(&cluster, identity, want, Duration::from_secs(15)),
+            want,
+            "{identity}"
+        );
+    }
+    // Per relay: each identity's usage is where it relayed.
+    for (relay, identity) in [
+        ("relay-2", "8:acs:sdk-user"),
+        ("relay-3", "alice"),
+        ("relay-4", "bob"),
+    ] {
+        assert_eq!(
+            cluster.psql(&format!("SELECT string_agg(identity, ',') FROM usage_bill(0, 9223372036854775807, '{relay}')")),
+            identity
+        );
+    }
+    // The same totals through either replica's GET /usage (the ledger, fleet-wide).
+    for r in &replicas {
+        let usage = r.usage();
+        for (identity, want) in [
+            ("8:acs:sdk-user", sdk),
+            ("alice", a.counts()),
+            ("bob", b.counts()),
+        ] {
+            assert_eq!(
+                usage.iter().find(|(i, _)| i == identity).map(|(_, t)| *t),
+                Some(want),
+                "{identity} via {}",
+                r.addr
+            );
+        }
+    }
+    assert_no_duplicates(&cluster);
+    for r in relays {
+        r.stop();
+    }
+}
+
 /// The outbox of a relay that ran, by the same `Store::record` the usage writer calls.
 fn outbox_with(dir: &Path, allocations: u64, checkpoints: u64) -> (usage::Store, PathBuf) {
     let path = dir.join("usage.db");
@@ -389,27 +662,36 @@ fn a_lost_acknowledgement_and_a_retry_create_no_duplicates() {
     assert_no_duplicates(&cluster);
 }
 
+/// PostgreSQL down for 20 s during traffic at a fixed rate (its own cluster): no datagram is lost,
+/// as in the baseline at the same rate with the database up; the backlog ships once it is back,
+/// exact and without duplicates.
 #[test]
 fn postgresql_down_during_traffic_delays_shipping_only() {
     if !postgres_available() {
         return;
     }
+    const RATE: u32 = 100; // round trips per second
     let cluster = Cluster::new("down");
     let dir = temp_dir("down");
     let relay = Relay::start(&relay_config(&dir, &cluster, "relay-b", 61200));
     let mut a = Flow::open(relay.listen, "alice");
-    a.exchange(50, 120);
+    let baseline = a.paced(RATE, Duration::from_secs(5), 120);
+    let shipped = wait_totals(&cluster, "alice", a.counts(), Duration::from_secs(10));
+    assert_eq!(shipped, a.counts(), "shipping while the database is up");
     cluster.ctl("stop");
-    // Relaying goes on, every datagram delivered (`exchange` fails on any loss), across checkpoints.
-    for _ in 0..4 {
-        a.exchange(50, 120);
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let down = a.paced(RATE, Duration::from_secs(20), 120);
     cluster.ctl("start");
-    a.exchange(50, 120);
+    let after = a.paced(RATE, Duration::from_secs(2), 120);
     a.close();
+    assert_eq!(baseline, 0, "the baseline at {RATE}/s lost datagrams");
     assert_eq!(
-        wait_totals(&cluster, "alice", a.counts(), Duration::from_secs(40)),
+        down, 0,
+        "lost while PostgreSQL was down (baseline: {baseline})"
+    );
+    assert_eq!(after, 0);
+    // The shipper backs off up to 30 s between attempts: the backlog ships within that and a round.
+    assert_eq!(
+        wait_totals(&cluster, "alice", a.counts(), Duration::from_secs(45)),
         a.counts()
     );
     assert_no_duplicates(&cluster);
@@ -466,6 +748,16 @@ fn a_killed_relay_loses_at_most_its_last_checkpoint_and_counts_nothing_twice() {
             high[i]
         );
     }
+    // The second reconciliation: traffic after the restart adds exactly its own counts (nothing
+    // of the dead run is shipped twice as the new run's outbox drains).
+    let mut c = Flow::open(relay.listen, "alice");
+    c.exchange(60, 100);
+    c.close();
+    let want = sum(got, c.counts());
+    assert_eq!(
+        wait_totals(&cluster, "alice", want, Duration::from_secs(15)),
+        want
+    );
     assert_no_duplicates(&cluster);
     relay.stop();
 }
@@ -505,6 +797,53 @@ fn shipper_throughput() {
         config.batch,
         n as f64 / took.as_secs_f64()
     );
+}
+
+/// The pool holds at most `pool_size` connections (a caller beyond it waits, bounded), reuses an
+/// idle one, and replaces one the server closed.
+#[test]
+fn the_pool_is_bounded_and_replaces_closed_connections() {
+    if !postgres_available() {
+        return;
+    }
+    let cluster = Cluster::new("pool");
+    let mut config = cluster.config();
+    config.pool_size = 1;
+    let rt = fleet::runtime().unwrap();
+    rt.block_on(async {
+        let pool = fleet::Pool::new(config);
+        let first = pool.get(Duration::from_secs(10)).await.unwrap();
+        let pid: i32 = first
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let err = pool.get(Duration::from_millis(200)).await.unwrap_err();
+        assert!(err.to_string().contains("no free connection"), "{err}");
+        drop(first);
+        let again = pool.get(Duration::from_secs(10)).await.unwrap();
+        let same: i32 = again
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(same, pid, "the idle connection is reused");
+        drop(again);
+        cluster.psql(&format!("SELECT pg_terminate_backend({pid})"));
+        // The server closed it: the next caller gets a new, working connection.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let conn = pool.get(Duration::from_secs(10)).await.unwrap();
+            match conn.query_one("SELECT pg_backend_pid()", &[]).await {
+                Ok(row) => {
+                    assert_ne!(row.get::<_, i32>(0), pid);
+                    break;
+                }
+                // Not yet seen as closed when it was handed out: the error closes it.
+                Err(_) => assert!(Instant::now() < deadline, "no new connection"),
+            }
+        }
+    });
 }
 
 /// A CA and a server certificate for 127.0.0.1 signed by it, as PEM: (ca, cert, key).

@@ -81,7 +81,8 @@ impl ApiHandle {
         self.tls.clone().map(ApiTls)
     }
 
-    /// Stop accepting, let requests in flight finish (up to [`GRACE`]), and end the runtime.
+    /// Stop accepting, let requests in flight finish (up to `GRACE`), and end the runtime if
+    /// [`serve`] made one for it.
     pub fn stop(mut self) {
         self.shutdown();
     }

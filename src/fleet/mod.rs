@@ -1,16 +1,17 @@
 //! The fleet on PostgreSQL: the connection settings and driver ([`connect`], [`Pool`]) shared by
 //! the usage ledger ([`ledger`]) and the fleet's other state.
 //!
-//! The ledger:
-//! Each relay's SQLite database is a durable outbox ([`usage::Outbox`]): every checkpoint adds one
+//! The ledger: each relay's SQLite database is a durable outbox ([`usage::Outbox`]): every checkpoint adds one
 //! *delta* per allocation (what it relayed since the previous checkpoint), keyed fleet-wide by
 //! (relay id, run, allocation, seq). The [`Shipper`] copies unshipped deltas to PostgreSQL in
 //! batches, one transaction each, with `ON CONFLICT DO NOTHING`, and marks them shipped locally only
 //! after the COMMIT. A crash or a lost acknowledgement between the two ships a batch again, and the
 //! key drops the copies: nothing is lost or counted twice. The relay never waits for PostgreSQL.
 //!
-//! The shipper runs on a thread of its own with a small current-thread tokio runtime. When the
-//! control-plane runtime (the HTTP issue) lands, it can move onto that one.
+//! Everything here runs on the control-plane tokio runtime (`api::control_plane_runtime`, the one the
+//! HTTP API runs on), never on the data plane: the shipper is a task there, and it, `GET /usage` and
+//! the fleet's other state share one bounded [`Pool`] of connections per process. One-off commands
+//! (`turnpike db migrate`, `turnpike usage`) use a small [`runtime`] of their own.
 //!
 //! Schema changes are [`MIGRATIONS`], applied in order at start (or by `turnpike db migrate`) and
 //! recorded in `schema_migrations`. A bill for `[since, until)` sums the deltas whose interval *ends*

@@ -15,6 +15,7 @@ use turnpike::wire::{
 };
 
 pub mod pg;
+pub mod sdk;
 
 /// A TCP port free on loopback at the time of the call.
 pub fn free_tcp_port() -> u16 {
