@@ -13,6 +13,9 @@
 //! the mint role. Every signed request must name one of the API's own names in `Host`. A revoke or lift
 //! is refused when it is an exact replay (within the signature's validity window) or when its
 //! `x-ms-date` is older than the last one applied for the identity (see [`revocations`]).
+//! With `[fleet]` that record is PostgreSQL ([`Hooks::fleet_revoke`], which also publishes it to every
+//! relay; the local store is then its copy), and `any` / `nearest` name the live relays of the fleet's
+//! registry ([`Hooks::fleet_relays`]) before the static fleet.
 //!
 //! [`Api::handle`] is the whole logic: a request in, a response out, time as an argument. [`serve`] runs
 //! it on axum/hyper on a small tokio runtime of its own (plain HTTP or TLS through tokio-rustls), away
