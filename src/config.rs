@@ -107,6 +107,8 @@ pub struct Fixed {
     pub fleet: Option<crate::fleet::Config>,
     /// Where the process id is written at start and removed at exit (`pid_file`), if anywhere.
     pub pid_file: Option<PathBuf>,
+    /// The kernel fast path (`[xdp]`).
+    pub xdp: crate::xdp::XdpSettings,
 }
 
 /// Allocation, permission, channel and nonce lifetimes in seconds (`[lifetimes]`).
@@ -423,6 +425,7 @@ impl Fixed {
             usage,
             fleet,
             pid_file,
+            xdp,
         } = self;
         let mut out = Vec::new();
         macro_rules! compare {
@@ -460,6 +463,7 @@ impl Fixed {
             "usage" => usage,
             "fleet" => fleet,
             "pid_file" => pid_file,
+            "xdp" => xdp,
         );
         out
     }

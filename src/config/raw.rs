@@ -44,6 +44,25 @@ pub(super) struct RawConfig {
     pub(super) api: Option<RawApi>,
     pub(super) usage: Option<RawUsage>,
     pub(super) fleet: Option<RawFleet>,
+    pub(super) xdp: RawXdp,
+}
+
+/// `[xdp]`: the kernel fast path (off by default).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawXdp {
+    pub(super) interfaces: Vec<String>,
+    pub(super) mode: RawXdpMode,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum RawXdpMode {
+    #[default]
+    Off,
+    Auto,
+    Native,
+    Generic,
 }
 
 #[derive(Deserialize)]
@@ -172,6 +191,7 @@ impl Default for RawConfig {
             api: None,
             usage: None,
             fleet: None,
+            xdp: RawXdp::default(),
         }
     }
 }

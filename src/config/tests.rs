@@ -698,6 +698,60 @@ fn pid_file_defaults_to_none() {
     assert_error(&operator_with("pid_file = \"\""), "pid_file", "empty");
 }
 
+#[test]
+fn xdp_is_off_by_default_validated_and_fixed() {
+    use crate::xdp::{XdpMode, XdpSettings};
+    let plain = RelayConfig::from_toml(OPERATOR).unwrap();
+    assert_eq!(plain.fixed.xdp, XdpSettings::default());
+    assert_eq!(plain.fixed.xdp.mode, XdpMode::Off);
+    let on = RelayConfig::from_toml(&format!(
+        "{OPERATOR}\n[xdp]\ninterfaces = [\"eth0\", \"veth-r1\"]\nmode = \"auto\"\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        on.fixed.xdp,
+        XdpSettings {
+            interfaces: vec!["eth0".into(), "veth-r1".into()],
+            mode: XdpMode::Auto,
+        }
+    );
+    for (mode, want) in [("native", XdpMode::Native), ("generic", XdpMode::Generic)] {
+        let c = RelayConfig::from_toml(&format!(
+            "{OPERATOR}\n[xdp]\ninterfaces = [\"eth0\"]\nmode = \"{mode}\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.fixed.xdp.mode, want);
+    }
+    assert_error(
+        &format!("{OPERATOR}\n[xdp]\nmode = \"native\"\n"),
+        "xdp.interfaces",
+        "at least one interface",
+    );
+    assert_error(
+        &format!("{OPERATOR}\n[xdp]\ninterfaces = [\"eth0\", \"eth0\"]\nmode = \"auto\"\n"),
+        "xdp.interfaces[1]",
+        "listed twice",
+    );
+    for bad in ["", "a/b", "sixteen-bytes-xx", "a b"] {
+        assert_error(
+            &format!("{OPERATOR}\n[xdp]\ninterfaces = [\"{bad}\"]\nmode = \"auto\"\n"),
+            "xdp.interfaces[0]",
+            "not an interface name",
+        );
+    }
+    let e = error(&format!(
+        "{OPERATOR}\n[xdp]\ninterfaces = [\"eth0\"]\nmode = \"fast\"\n"
+    ));
+    assert!(e.to_string().contains("fast"), "{e}");
+    // A reload reports [xdp] as fixed and keeps the running value.
+    let lines = plain.fixed.changes(&on.fixed);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].starts_with("xdp: changed from") && lines[0].contains("needs a restart"),
+        "{lines:#?}"
+    );
+}
+
 /// `relay.external` (1:1 NAT) and the public addresses: both feed the own-address set, the external
 /// pairs reach the TURN core, and the token API announces the public side of a NAT-ed listener.
 #[test]

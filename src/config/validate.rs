@@ -363,6 +363,7 @@ impl RawConfig {
             // alone and `turnpike usage` only read the ledger.
             fleet: self.fleet.map(fleet::fleet).transpose()?,
             usage: self.usage.map(api::usage).transpose()?,
+            xdp: xdp(self.xdp)?,
         };
         let mut live = Live {
             log_level,
@@ -514,4 +515,50 @@ fn listen_addrs(name: &str, list: &[String]) -> Result<Vec<SocketAddr>, ConfigEr
         listen.push(addr);
     }
     Ok(listen)
+}
+
+/// `[xdp]`: a mode other than `off` needs at least one interface; names are Linux interface names
+/// (1–15 bytes, no `/`, whitespace or NUL), each once.
+fn xdp(raw: super::raw::RawXdp) -> Result<crate::xdp::XdpSettings, ConfigError> {
+    use super::raw::RawXdpMode;
+    use crate::xdp::XdpMode;
+    let mode = match raw.mode {
+        RawXdpMode::Off => XdpMode::Off,
+        RawXdpMode::Auto => XdpMode::Auto,
+        RawXdpMode::Native => XdpMode::Native,
+        RawXdpMode::Generic => XdpMode::Generic,
+    };
+    for (i, name) in raw.interfaces.iter().enumerate() {
+        let bad = name.is_empty()
+            || name.len() > 15
+            || name == "."
+            || name == ".."
+            || name
+                .bytes()
+                .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace());
+        if bad {
+            return Err(ConfigError::new(
+                format!("xdp.interfaces[{i}]"),
+                format!(
+                    "{name:?} is not an interface name (1 to 15 bytes, no '/', whitespace or NUL)"
+                ),
+            ));
+        }
+        if raw.interfaces[..i].contains(name) {
+            return Err(ConfigError::new(
+                format!("xdp.interfaces[{i}]"),
+                format!("{name:?} is listed twice"),
+            ));
+        }
+    }
+    if mode != XdpMode::Off && raw.interfaces.is_empty() {
+        return Err(ConfigError::new(
+            "xdp.interfaces",
+            "must name at least one interface when xdp.mode is not \"off\"",
+        ));
+    }
+    Ok(crate::xdp::XdpSettings {
+        interfaces: raw.interfaces,
+        mode,
+    })
 }

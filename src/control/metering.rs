@@ -16,7 +16,13 @@ impl Control {
     /// Interim records from one worker's counter snapshot: for each of its allocations, what closed relay
     /// sockets reported plus the live ones' counters. With `last`, they are final records (the relay
     /// is stopping with these allocations still live).
-    pub(super) fn checkpoint(&mut self, counters: &[(AllocationId, Counters)], last: bool) {
+    /// What XDP forwarded for the worker's live relays is added too (the one usage record per allocation).
+    pub(super) fn checkpoint(
+        &mut self,
+        worker: usize,
+        counters: &[(AllocationId, Counters)],
+        last: bool,
+    ) {
         let mut live: HashMap<AllocationId, Counters> = HashMap::new();
         for (allocation, c) in counters {
             live.entry(*allocation).or_default().add(*c);
@@ -28,6 +34,7 @@ impl Control {
             };
             let mut usage = p.usage;
             usage.add(relays);
+            usage.add(self.xdp.live(worker, allocation));
             if !last && p.checkpointed == Some(usage) {
                 continue;
             }
@@ -66,6 +73,7 @@ impl Control {
             },
             mailbox_full: self.mailbox_full,
             reloads: self.reloads.snapshot(),
+            xdp_packets: self.xdp.packets(),
             workers: self
                 .stats
                 .iter()
@@ -119,8 +127,8 @@ impl Control {
         let deadline = Instant::now() + Duration::from_secs(2);
         while waiting > 0 {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(ToControl::Counters { counters, .. }) => {
-                    self.checkpoint(&counters, true);
+                Ok(ToControl::Counters { worker, counters }) => {
+                    self.checkpoint(worker, &counters, true);
                     waiting -= 1;
                 }
                 Ok(ToControl::RelayClosed {

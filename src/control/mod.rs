@@ -80,6 +80,8 @@ pub struct Settings {
     pub usage_sink: Option<Sender<UsageRecord>>,
     /// TURN over TCP and TLS.
     pub stream: StreamSettings,
+    /// The kernel fast path (`[xdp]`, off by default).
+    pub xdp: crate::xdp::XdpSettings,
 }
 
 /// TURN over TCP and TLS: listeners, TLS configuration, limits.
@@ -323,6 +325,12 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         tcp_sockets.push(mine);
     }
     let first_stream = ListenerId::try_from(listen.len()).map_err(io::Error::other)?;
+    // Loaded before any relay socket exists, so that every route update reaches its maps.
+    let fast = crate::xdp::FastPath::start(&settings.xdp)
+        .map_err(|e| io::Error::other(format!("xdp: {e}")))?;
+    if fast.is_some() {
+        tracing::info!(interfaces = ?settings.xdp.interfaces, mode = ?settings.xdp.mode, "xdp: attached");
+    }
     let shared = Arc::new(StreamShared::new(stream.limits.clone(), stream.tls.clone()));
     let mut listeners: Vec<(SocketAddr, Transport)> =
         listen.iter().map(|a| (*a, Transport::Udp)).collect();
@@ -416,8 +424,16 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
     }
     tracing::info!(workers, ?backend, listen = ?listen, tcp = ?listen_tcp, tls = ?listen_tls, "relay started");
 
+    let xdp = crate::xdp::Mirror::new(
+        fast,
+        listeners
+            .iter()
+            .map(|(a, t)| (*t == Transport::Udp).then_some(*a))
+            .collect(),
+    );
     let control = Control {
         server,
+        xdp,
         listeners,
         stream_owners: HashMap::new(),
         workers: handles,
@@ -539,6 +555,8 @@ fn spawn_worker(
 
 struct Control {
     server: Server<StdRng>,
+    /// The XDP maps, programmed by the same route updates as the workers (before them).
+    xdp: crate::xdp::Mirror,
     /// Every listener by id: UDP first, then TCP, then TLS.
     listeners: Vec<(SocketAddr, Transport)>,
     /// TCP/TLS connection → the worker that owns it.
@@ -680,7 +698,9 @@ impl Control {
                     allocation,
                     counters,
                 }) => self.relay_closed(allocation, counters),
-                Ok(ToControl::Counters { counters, .. }) => self.checkpoint(&counters, false),
+                Ok(ToControl::Counters { worker, counters }) => {
+                    self.checkpoint(worker, &counters, false)
+                }
                 Ok(ToControl::Revoke {
                     identity,
                     until,
@@ -836,6 +856,7 @@ impl Control {
                                 listener,
                             },
                         };
+                        self.xdp.apply(worker, &update);
                         self.workers[worker].send(WorkerMsg::AddRelay { socket, update });
                         self.server.handle_relay_opened(now, allocation, relay);
                     }
@@ -848,7 +869,7 @@ impl Control {
             Command::CloseRelay { relay, .. } => {
                 if let Some((worker, id)) = self.relays.remove(&relay.0) {
                     if let Some(update) = table_update(&cmd, id) {
-                        self.workers[worker].send(WorkerMsg::Route(update));
+                        self.route(worker, update);
                     }
                 }
             }
@@ -864,9 +885,9 @@ impl Control {
                     Command::InstallChannel { .. } => self.channels += 1,
                     _ => self.channels = self.channels.saturating_sub(1),
                 }
-                if let Some((worker, id)) = self.relays.get(&relay.0) {
-                    if let Some(update) = table_update(&cmd, *id) {
-                        self.workers[*worker].send(WorkerMsg::Route(update));
+                if let Some(&(worker, id)) = self.relays.get(&relay.0) {
+                    if let Some(update) = table_update(&cmd, id) {
+                        self.route(worker, update);
                     }
                 }
             }
@@ -887,11 +908,22 @@ impl Control {
         }
     }
 
+    /// Sends `update` to `worker`, after applying it to the XDP maps: a removal leaves the kernel
+    /// before the worker's table, and a closed relay's XDP meter is folded into its usage here.
+    fn route(&mut self, worker: usize, update: RouteUpdate) {
+        if let Some((allocation, xdp)) = self.xdp.apply(worker, &update) {
+            self.usage.entry(allocation).or_default().usage.add(xdp);
+        }
+        self.workers[worker].send(WorkerMsg::Route(update));
+    }
+
     /// Refuse new allocations and stop once the drain period is over.
     fn begin_drain(&mut self, now: Instant) {
         if self.drain_deadline.is_none() {
             tracing::info!(drain = ?self.drain, "shutting down: refusing new allocations while existing ones drain");
             self.server.set_draining(true);
+            // Existing allocations drain on the userspace path; the maps stay for the meters.
+            self.xdp.detach();
             // Settings may come from code as well as from the (bounded) config file.
             let drain = self.drain.min(crate::config::MAX_DRAIN);
             self.drain_deadline = now.checked_add(drain).or(Some(now));

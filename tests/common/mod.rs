@@ -77,6 +77,7 @@ pub fn settings(backend: BackendKind, workers: usize, base: u16) -> Settings {
         pin_workers: false,
         drain: Duration::from_millis(200),
         usage_sink: None,
+        xdp: Default::default(),
         stream: Default::default(),
     }
 }
