@@ -390,6 +390,7 @@ fn run(mut config: RelayConfig, cli: &Cli) -> ExitCode {
     }
     // SIGTERM/SIGINT: refuse new allocations, drain, exit 0.
     let to_control = relay.shutdown_sender();
+    let drain_notice = service.drain_notice();
     let drain = config.fixed.drain;
     match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -405,6 +406,10 @@ fn run(mut config: RelayConfig, cli: &Cli) -> ExitCode {
                         NotifyState::Status(&format!("draining for {}s", drain.as_secs())),
                         NotifyState::ExtendTimeoutUsec(u32::try_from(extend).unwrap_or(u32::MAX)),
                     ]);
+                    // The fleet's registry hears of the drain at once (not at the next heartbeat).
+                    if let Some(d) = &drain_notice {
+                        d.draining();
+                    }
                     let _ = to_control.send(ToControl::Shutdown);
                 }
             });

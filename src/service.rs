@@ -22,6 +22,7 @@ use crate::config::{Backend, RelayConfig, TlsFiles};
 use crate::control::{self, RelayHandle, Settings, UsageRecord};
 use crate::dataplane::stream::{tls_config, TlsFile};
 use crate::dataplane::{BackendKind, ToControl};
+use crate::fleet::{registry, revocations};
 use crate::server::Transport;
 use crate::{fleet, usage};
 
@@ -37,12 +38,22 @@ pub struct Service {
     api_reload: Option<api::ApiReload>,
     writer: Option<JoinHandle<()>>,
     ticker: Option<(Sender<()>, JoinHandle<()>)>,
+    /// The fleet's revocations, applied here as they are published.
+    revocations: Option<revocations::Listener>,
+    /// This relay's entry in the fleet's registry.
+    heartbeat: Option<registry::Heartbeat>,
+    /// The registry as the API reads it.
+    watcher: Option<Arc<registry::Watcher>>,
     shipper: Option<fleet::Shipper>,
     /// The fleet's connections, when `[fleet]` is configured.
     pool: Option<fleet::Pool>,
     /// The control-plane runtime (API, shipper), when either runs; ended last.
     runtime: Option<tokio::runtime::Runtime>,
 }
+
+/// How long a relay with `[fleet]` waits at start for the fleet's revocations before it serves with
+/// its local copy (issue 12: a bounded catch-up, 5 s by default).
+pub const REVOCATION_CATCH_UP: Duration = Duration::from_secs(5);
 
 /// The relay's [`Settings`] for `config` (without a usage sink).
 pub fn settings(config: &RelayConfig) -> Settings {
@@ -102,6 +113,25 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
         store = Some(s);
         writer = Some(rx);
     }
+    // Revocations survive restarts: the API's store (or, without [api], the usage database) is read
+    // before the relay serves. With a fleet it is first brought up to date from PostgreSQL (bounded).
+    let revocations = config
+        .fixed
+        .api
+        .as_ref()
+        .map(|a| a.revocations_db.clone())
+        .or_else(|| config.fixed.usage.as_ref().map(|u| u.database.clone()));
+    let copy = revocations
+        .as_ref()
+        .map(|path| {
+            api::revocations::Store::open(path)
+                .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))
+        })
+        .transpose()?;
+    let reached = match (&config.fixed.fleet, &copy) {
+        (Some(f), Some(copy)) => catch_up(f, copy),
+        _ => false,
+    };
     let relay = control::start(settings)?;
     // The ledger's shipper reads the outbox and ships on the control-plane runtime, with pooled
     // connections; the relay never waits for it.
@@ -143,17 +173,9 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
         _ => None,
     };
 
-    // Revocations survive restarts: the API's store (or, without [api], the usage database) is read
-    // before the API answers.
-    let revocations = config
-        .fixed
-        .api
-        .as_ref()
-        .map(|a| a.revocations_db.clone())
-        .or_else(|| config.fixed.usage.as_ref().map(|u| u.database.clone()));
-    if let Some(path) = revocations {
-        let list = api::revocations::Store::open(&path)
-            .and_then(|s| s.active(unix_ms() / 1000))
+    if let (Some(copy), Some(path)) = (&copy, &revocations) {
+        let list = copy
+            .active(unix_ms() / 1000)
             .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
         for (identity, until) in list {
             // Nothing is live yet at start.
@@ -164,6 +186,37 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
             });
         }
     }
+    let (revocations, heartbeat) = match (&config.fixed.fleet, copy) {
+        (Some(f), Some(copy)) => (
+            Some(listen_for_revocations(
+                f,
+                copy,
+                reached,
+                to_control.clone(),
+            )?),
+            Some(registry::Heartbeat::start(
+                f.clone(),
+                registry_entry(config),
+                f.registry,
+                {
+                    let probe = metrics_probe(to_control.clone());
+                    let capacity = config.live.quotas.max_allocations as u64;
+                    Box::new(move || {
+                        probe().map(|m| registry::Load {
+                            draining: m.draining,
+                            allocations: m.server.allocations,
+                            capacity,
+                        })
+                    })
+                },
+            )?),
+        ),
+        _ => (None, None),
+    };
+    let watcher = match (&config.fixed.fleet, config.api()) {
+        (Some(f), Some(_)) => Some(Arc::new(registry::Watcher::start(f.clone(), f.registry)?)),
+        _ => None,
+    };
 
     let mut api_reload = None;
     let api = match (config.api(), &runtime) {
@@ -177,7 +230,7 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
                 .transpose()
                 .map_err(io::Error::other)?;
             let revoke_tx = to_control.clone();
-            let metrics_tx = to_control.clone();
+            let registry = watcher.clone();
             let hooks = Hooks {
                 revoke: Box::new(move |identity, until, terminate| {
                     let _ = revoke_tx.send(ToControl::Revoke {
@@ -186,11 +239,11 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
                         terminate,
                     });
                 }),
-                metrics: Box::new(move || {
-                    let (tx, rx) = bounded(1);
-                    metrics_tx.send(ToControl::Metrics(tx)).ok()?;
-                    rx.recv_timeout(Duration::from_secs(2)).ok()
-                }),
+                metrics: Box::new(metrics_probe(to_control.clone())),
+                fleet_revoke: pool
+                    .clone()
+                    .map(|p| fleet_revoke_hook(p, rt.handle().clone())),
+                fleet_relays: registry.map(fleet_relays_hook),
                 ledger: pool.clone().map(|p| ledger_hook(p, rt.handle().clone())),
             };
             let db = a.revocations_db.clone();
@@ -208,8 +261,148 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
         writer,
         ticker,
         shipper,
+        revocations,
+        heartbeat,
+        watcher,
         pool,
         runtime,
+    })
+}
+
+/// Asks the control thread for a metrics snapshot (bounded wait).
+fn metrics_probe(to_control: Sender<ToControl>) -> impl Fn() -> Option<crate::metrics::Snapshot> {
+    move || {
+        let (tx, rx) = bounded(1);
+        to_control.send(ToControl::Metrics(tx)).ok()?;
+        rx.recv_timeout(Duration::from_secs(2)).ok()
+    }
+}
+
+/// This relay as the registry lists it: the API's entry for it (region, public addresses), or without
+/// `[api]` its listeners in region "default".
+fn registry_entry(config: &RelayConfig) -> registry::Relay {
+    let f = &config.fixed;
+    match config.live.api.as_ref().and_then(|a| a.fleet.first()) {
+        Some(me) => registry::Relay {
+            id: f.relay_id.clone(),
+            region: me.region.clone(),
+            udp: me.addresses.clone(),
+            tcp: me.tcp_addresses.clone(),
+            tls: me.tls_addresses.clone(),
+        },
+        None => registry::Relay {
+            id: f.relay_id.clone(),
+            region: "default".into(),
+            udp: f.listen.iter().map(ToString::to_string).collect(),
+            tcp: f.listen_tcp.iter().map(ToString::to_string).collect(),
+            tls: f.listen_tls.iter().map(ToString::to_string).collect(),
+        },
+    }
+}
+
+/// Bring the local copy of the revocations up to date from the fleet's store, within
+/// [`REVOCATION_CATCH_UP`]; when PostgreSQL cannot be reached, say once that the relay serves with the
+/// copy (the listener keeps retrying). Returns whether it reached the database.
+fn catch_up(fleet: &crate::fleet::Config, copy: &api::revocations::Store) -> bool {
+    let loaded = crate::fleet::runtime().and_then(|rt| {
+        rt.block_on(async {
+            tokio::time::timeout(REVOCATION_CATCH_UP, async {
+                let mut client = crate::fleet::connect(fleet).await?;
+                if fleet.migrate {
+                    revocations::migrate_all(&mut client).await?;
+                }
+                revocations::load(&client).await
+            })
+            .await
+            .unwrap_or_else(|_| Err(crate::fleet::Error::Io("timed out".into())))
+        })
+    });
+    match loaded {
+        Ok(rows) => {
+            for r in &rows {
+                // A stale row here is one the copy already has a newer version of.
+                if let Err(e) = copy.apply(&r.identity, r.until, r.signed_ms, r.revoked_ms) {
+                    tracing::warn!("fleet revocations: the local copy failed: {e}");
+                }
+            }
+            tracing::info!(
+                rows = rows.len(),
+                "fleet revocations: caught up with PostgreSQL"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::warn!(
+                "fleet revocations: PostgreSQL unreachable at start ({e}); serving with the local \
+                 copy of the revocations while retrying"
+            );
+            false
+        }
+    }
+}
+
+/// Apply the fleet's revocations here exactly as local ones (refuse the credentials; end live
+/// allocations unless the revoke said not to), as they are published, and keep `copy` (the local
+/// store) up to date with them.
+fn listen_for_revocations(
+    fleet: &crate::fleet::Config,
+    copy: api::revocations::Store,
+    reached: bool,
+    to_control: Sender<ToControl>,
+) -> io::Result<revocations::Listener> {
+    revocations::Listener::start(
+        fleet.clone(),
+        Box::new(move |r| {
+            let _ = to_control.send(ToControl::Revoke {
+                identity: r.identity.as_str().into(),
+                until: r.until,
+                terminate: r.terminate && r.until > 0,
+            });
+            if let Err(e) = copy.apply(&r.identity, r.until, r.signed_ms, r.revoked_ms) {
+                tracing::warn!("fleet revocations: the local copy failed: {e}");
+            }
+        }),
+        reached,
+    )
+}
+
+/// `POST /admin/revoke` with a fleet: record and publish through `pool` (on the API's blocking pool).
+fn fleet_revoke_hook(pool: fleet::Pool, runtime: tokio::runtime::Handle) -> api::FleetRevokeHook {
+    Box::new(move |identity, until, signed_ms, now_ms, terminate| {
+        let r = revocations::Revocation {
+            identity: identity.into(),
+            until,
+            signed_ms,
+            revoked_ms: now_ms,
+            terminate,
+        };
+        let applied = runtime.block_on(async {
+            let mut conn = pool.get(LEDGER_WAIT).await?;
+            revocations::apply(&mut conn, &r).await
+        });
+        match applied {
+            Ok(revocations::Applied::Recorded) => Ok(api::revocations::Applied::Recorded),
+            Ok(revocations::Applied::Stale(at)) => Ok(api::revocations::Applied::Stale(at)),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+}
+
+/// `any` and `nearest` from the registry as `watcher` last read it.
+fn fleet_relays_hook(watcher: Arc<registry::Watcher>) -> api::FleetRelaysHook {
+    Box::new(move || {
+        let live = watcher.live()?;
+        Some(
+            live.iter()
+                .map(|r| api::FleetRelay {
+                    id: r.id.clone(),
+                    region: r.region.clone(),
+                    addresses: r.udp.clone(),
+                    tcp_addresses: r.tcp.clone(),
+                    tls_addresses: r.tls.clone(),
+                })
+                .collect(),
+        )
     })
 }
 
@@ -236,6 +429,8 @@ pub struct ApiService {
     api: ApiHandle,
     api_reload: api::ApiReload,
     pool: Option<fleet::Pool>,
+    /// The registry as this API reads it.
+    watcher: Option<Arc<registry::Watcher>>,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -257,6 +452,10 @@ pub fn start_api(config: &RelayConfig) -> io::Result<ApiService> {
     }
     let runtime = api::control_plane_runtime()?;
     let pool = config.fixed.fleet.clone().map(fleet::Pool::new);
+    let watcher = match &config.fixed.fleet {
+        Some(f) => Some(Arc::new(registry::Watcher::start(f.clone(), f.registry)?)),
+        None => None,
+    };
     let tls = config
         .live
         .api
@@ -275,6 +474,10 @@ pub fn start_api(config: &RelayConfig) -> io::Result<ApiService> {
                 ..Default::default()
             })
         }),
+        fleet_revoke: pool
+            .clone()
+            .map(|p| fleet_revoke_hook(p, runtime.handle().clone())),
+        fleet_relays: watcher.clone().map(fleet_relays_hook),
         ledger: pool
             .clone()
             .map(|p| ledger_hook(p, runtime.handle().clone())),
@@ -288,6 +491,7 @@ pub fn start_api(config: &RelayConfig) -> io::Result<ApiService> {
         api,
         api_reload,
         pool,
+        watcher,
         runtime,
     })
 }
@@ -320,8 +524,16 @@ impl ApiService {
 
     /// Stop accepting, let requests in flight finish, and end the runtime.
     pub fn stop(self) {
-        let ApiService { api, runtime, .. } = self;
+        let ApiService {
+            api,
+            runtime,
+            watcher,
+            ..
+        } = self;
         api.stop();
+        if let Some(w) = watcher {
+            w.stop();
+        }
         runtime.shutdown_timeout(Duration::from_secs(1));
     }
 }
@@ -364,7 +576,15 @@ impl Service {
 
     /// Begin the graceful shutdown (drain, then stop).
     pub fn shutdown(&self) {
+        if let Some(d) = self.drain_notice() {
+            d.draining();
+        }
         self.relay.shutdown();
+    }
+
+    /// Publishes "draining" to the fleet's registry at once (for a signal handler), with `[fleet]`.
+    pub fn drain_notice(&self) -> Option<registry::Drain> {
+        self.heartbeat.as_ref().map(registry::Heartbeat::drain)
     }
 
     /// Wait until the relay has stopped, then flush the usage records and stop the API.
@@ -395,6 +615,15 @@ impl Service {
         }
         if let Some(api) = self.api.take() {
             api.stop();
+        }
+        if let Some(h) = self.heartbeat.take() {
+            h.stop();
+        }
+        if let Some(l) = self.revocations.take() {
+            l.stop();
+        }
+        if let Some(w) = self.watcher.take() {
+            w.stop();
         }
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_timeout(Duration::from_secs(1));

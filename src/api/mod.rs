@@ -13,6 +13,9 @@
 //! the mint role. Every signed request must name one of the API's own names in `Host`. A revoke or lift
 //! is refused when it is an exact replay (within the signature's validity window) or when its
 //! `x-ms-date` is older than the last one applied for the identity (see [`revocations`]).
+//! With `[fleet]` that record is PostgreSQL ([`Hooks::fleet_revoke`], which also publishes it to every
+//! relay; the local store is then its copy), and `any` / `nearest` name the live relays of the fleet's
+//! registry ([`Hooks::fleet_relays`]) before the static fleet.
 //!
 //! [`Api::handle`] is the whole logic: a request in, a response out, time as an argument. [`serve`] runs
 //! it on axum/hyper on a small tokio runtime of its own (plain HTTP or TLS through tokio-rustls), away
@@ -141,6 +144,14 @@ pub type RevokeHook = Box<dyn Fn(&str, u64, bool) + Send + Sync>;
 /// Asks the relay for a metrics snapshot (`None` if it does not answer).
 pub type MetricsHook = Box<dyn Fn() -> Option<metrics::Snapshot> + Send + Sync>;
 
+/// Records a revocation (identity, horizon or 0, signed `x-ms-date` in Unix ms, now in Unix ms,
+/// terminate) in the fleet's durable store and publishes it to every relay; `Err` when that store is
+/// unreachable.
+pub type FleetRevokeHook =
+    Box<dyn Fn(&str, u64, u64, u64, bool) -> Result<revocations::Applied, String> + Send + Sync>;
+/// The relays that can take clients now, from the fleet's registry (`None`: it is empty or
+/// unreachable, and the static fleet answers).
+pub type FleetRelaysHook = Box<dyn Fn() -> Option<Vec<FleetRelay>> + Send + Sync>;
 /// Reads the fleet ledger: per-identity totals in `[since_ms, until_ms)`, on one relay or (`None`)
 /// fleet-wide. Called from the blocking pool.
 pub type LedgerHook =
@@ -152,6 +163,10 @@ pub struct Hooks {
     pub revoke: RevokeHook,
     /// A metrics snapshot.
     pub metrics: MetricsHook,
+    /// With `[fleet]`: the fleet-wide revocation store (the local one is then its copy).
+    pub fleet_revoke: Option<FleetRevokeHook>,
+    /// With `[fleet]`: the live relays for `any` and `nearest`.
+    pub fleet_relays: Option<FleetRelaysHook>,
     /// The fleet ledger, when `[fleet]` is configured: `/usage` reads it instead of `usage_db`.
     pub ledger: Option<LedgerHook>,
 }
@@ -615,7 +630,9 @@ impl Api {
             }
         };
         let region = region_of(&live, self.client_of(req));
-        match relay_configuration(&live.fleet, region, &live.secrets, id, route, ttl, now) {
+        let registry = self.hooks.fleet_relays.as_ref().and_then(|f| f());
+        let fleet = registry.as_deref().unwrap_or(&live.fleet);
+        match relay_configuration(fleet, region, &live.secrets, id, route, ttl, now) {
             Some(v) => Response::json(200, &v),
             None => Response::error(
                 500,
@@ -675,6 +692,31 @@ impl Api {
         let lift = until <= unix_secs(now);
         let stored = if lift { 0 } else { until };
         let terminate = terminate && !lift;
+        let stale = || {
+            Response::error(
+                401,
+                "Unauthorized",
+                "a revoke or lift of this identity with a later x-ms-date was already applied",
+            )
+        };
+        // With a fleet, PostgreSQL is the record (and orders the requests fleet-wide); the local
+        // store keeps the copy a relay starts from when the database is unreachable.
+        let in_fleet = match &self.hooks.fleet_revoke {
+            Some(fleet) => {
+                match fleet(id, stored, unix_ms_at(signed), unix_ms_at(now), terminate) {
+                    Ok(revocations::Applied::Recorded) => true,
+                    Ok(revocations::Applied::Stale(_)) => return stale(),
+                    Err(e) => {
+                        return Response::error(
+                            503,
+                            "Unavailable",
+                            &format!("the fleet's revocation store is unreachable: {e}"),
+                        )
+                    }
+                }
+            }
+            None => false,
+        };
         let applied = match self.store.lock() {
             Ok(s) => s.apply(id, stored, unix_ms_at(signed), unix_ms_at(now)),
             Err(_) => {
@@ -683,13 +725,10 @@ impl Api {
         };
         match applied {
             Ok(revocations::Applied::Recorded) => {}
-            Ok(revocations::Applied::Stale(_)) => {
-                return Response::error(
-                    401,
-                    "Unauthorized",
-                    "a revoke or lift of this identity with a later x-ms-date was already applied",
-                )
-            }
+            // The fleet's record decides; the copy catches up.
+            Ok(revocations::Applied::Stale(_)) if in_fleet => {}
+            Ok(revocations::Applied::Stale(_)) => return stale(),
+            Err(e) if in_fleet => tracing::warn!("revocation: the local copy failed: {e}"),
             Err(e) => return Response::error(500, "StorageError", &e.to_string()),
         }
         (self.hooks.revoke)(id, stored, terminate);

@@ -81,6 +81,8 @@ fn api(revoked: Revoked, draining: bool) -> Api {
                 ..Default::default()
             })
         }),
+        fleet_revoke: None,
+        fleet_relays: None,
         ledger: None,
     };
     Api::new(

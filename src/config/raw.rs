@@ -326,8 +326,20 @@ pub(super) struct RawFleet {
     pub(super) batch: usize,
     #[serde(default = "default_true")]
     pub(super) migrate: bool,
+    #[serde(default = "default_heartbeat")]
+    pub(super) heartbeat_seconds: u64,
+    #[serde(default = "default_stale")]
+    pub(super) stale_seconds: u64,
     #[serde(default = "default_pool_size")]
     pub(super) pool_size: usize,
+}
+
+fn default_heartbeat() -> u64 {
+    5
+}
+
+fn default_stale() -> u64 {
+    15
 }
 
 fn default_pool_size() -> usize {

@@ -59,7 +59,7 @@ $$;
 "];
 
 /// The key of an advisory lock that serialises migrations across relays starting together.
-const MIGRATION_LOCK: i64 = 0x7475_726e_7069_6b65; // "turnpike"
+pub(crate) const MIGRATION_LOCK: i64 = 0x7475_726e_7069_6b65; // "turnpike"
 
 /// Apply the migrations the database lacks; returns the versions applied now.
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, Error> {
@@ -220,7 +220,7 @@ pub async fn bill(
 pub fn migrate_blocking(config: &Config) -> Result<Vec<i32>, Error> {
     runtime()?.block_on(async {
         let mut client = connect(config).await?;
-        migrate(&mut client).await
+        super::revocations::migrate_all(&mut client).await
     })
 }
 

@@ -36,6 +36,9 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::usage;
 
+pub mod registry;
+pub mod revocations;
+
 /// How the relay talks to the database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tls {
@@ -74,6 +77,8 @@ pub struct Config {
     pub batch: usize,
     /// Apply the migrations at start.
     pub migrate: bool,
+    /// The relay registry's heartbeat and stale timeout.
+    pub registry: registry::Timing,
     /// Connections to the database at most ([`Pool`]).
     pub pool_size: usize,
 }
@@ -121,6 +126,15 @@ impl From<usage::Error> for Error {
 /// Connect to the database `config` names (password and TLS as configured). The connection is
 /// driven by a task on the current tokio runtime.
 pub async fn connect(config: &Config) -> Result<Client, Error> {
+    connect_notifying(config, None).await
+}
+
+/// [`connect`], and hand every NOTIFY payload the connection receives (after a `LISTEN`) to
+/// `notifications`. The sender is dropped when the connection ends, so the receiver sees the loss.
+pub async fn connect_notifying(
+    config: &Config,
+    notifications: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+) -> Result<Client, Error> {
     let mut pg: tokio_postgres::Config = config
         .postgres
         .parse()
@@ -142,25 +156,42 @@ pub async fn connect(config: &Config) -> Result<Client, Error> {
     let client = match &config.tls {
         Tls::Disable => {
             let (client, conn) = pg.connect(NoTls).await?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!("postgresql connection ended: {e}");
-                }
-            });
+            tokio::spawn(drive(conn, notifications));
             client
         }
         Tls::Require { ca_file } => {
             let tls = tokio_postgres_rustls::MakeRustlsConnect::new(rustls_config(ca_file)?);
             let (client, conn) = pg.connect(tls).await?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!("postgresql connection ended: {e}");
-                }
-            });
+            tokio::spawn(drive(conn, notifications));
             client
         }
     };
     Ok(client)
+}
+
+/// Drive a connection until it ends, forwarding notifications.
+async fn drive<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+    notifications: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                if let Some(tx) = &notifications {
+                    let _ = tx.send(n.payload().to_string());
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::debug!("postgresql connection ended: {e}");
+                return;
+            }
+            None => return,
+        }
+    }
 }
 
 fn rustls_config(ca_file: &std::path::Path) -> Result<rustls::ClientConfig, Error> {

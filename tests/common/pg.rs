@@ -110,6 +110,7 @@ impl Cluster {
             ship_interval: Duration::from_secs(1),
             batch: 1000,
             migrate: true,
+            registry: Default::default(),
             pool_size: 4,
         }
     }

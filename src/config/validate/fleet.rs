@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::config::raw::RawFleet;
 use crate::config::ConfigError;
+use crate::fleet::registry::Timing;
 use crate::fleet::{Config, Password, Tls};
 
 pub(super) fn fleet(raw: RawFleet) -> Result<Config, ConfigError> {
@@ -64,6 +65,21 @@ pub(super) fn fleet(raw: RawFleet) -> Result<Config, ConfigError> {
             format!("must be 1 to 100000 (got {})", raw.batch),
         ));
     }
+    if raw.heartbeat_seconds == 0 || raw.heartbeat_seconds > 3600 {
+        return Err(ConfigError::new(
+            "fleet.heartbeat_seconds",
+            format!("must be 1 to 3600 (got {})", raw.heartbeat_seconds),
+        ));
+    }
+    if raw.stale_seconds <= raw.heartbeat_seconds || raw.stale_seconds > 86_400 {
+        return Err(ConfigError::new(
+            "fleet.stale_seconds",
+            format!(
+                "must be more than heartbeat_seconds ({}) and at most 86400 (got {})",
+                raw.heartbeat_seconds, raw.stale_seconds
+            ),
+        ));
+    }
     if raw.pool_size == 0 || raw.pool_size > 64 {
         return Err(ConfigError::new(
             "fleet.pool_size",
@@ -77,6 +93,10 @@ pub(super) fn fleet(raw: RawFleet) -> Result<Config, ConfigError> {
         ship_interval: Duration::from_secs(raw.ship_interval_seconds),
         batch: raw.batch,
         migrate: raw.migrate,
+        registry: Timing {
+            heartbeat: Duration::from_secs(raw.heartbeat_seconds),
+            stale: Duration::from_secs(raw.stale_seconds),
+        },
         pool_size: raw.pool_size,
     })
 }
