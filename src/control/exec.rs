@@ -22,7 +22,7 @@ use crate::route::{AllocationId, ClientKey, Counters, ListenerId, RelayId, Route
 use crate::server::{Command, EndReason, FiveTuple, Server, Transport};
 
 /// The outside world of the command executor: relay sockets and the workers.
-pub(crate) trait Plane {
+pub trait Plane {
     /// A bound relay socket.
     type Socket;
     /// Bind a relay socket at `addr`.
@@ -42,9 +42,9 @@ pub(crate) trait Plane {
 
 /// The control thread's command execution and the state it keeps (see the module doc).
 #[derive(Debug)]
-pub(crate) struct Executor<P> {
+pub struct Executor<P> {
     /// Sockets and workers.
-    pub(crate) plane: P,
+    pub plane: P,
     /// Every listener by id: UDP first, then TCP, then TLS.
     pub(crate) listeners: Vec<(SocketAddr, Transport)>,
     /// TCP/TLS connection → the worker that owns it.
@@ -89,7 +89,7 @@ pub(crate) struct PendingUsage {
 
 impl<P: Plane> Executor<P> {
     /// An executor over `plane` for the relay's `listeners` (by id), sending final usage to `usage_sink`.
-    pub(crate) fn new(
+    pub fn new(
         plane: P,
         listeners: Vec<(SocketAddr, Transport)>,
         usage_sink: Option<Sender<UsageRecord>>,
@@ -113,7 +113,7 @@ impl<P: Plane> Executor<P> {
     /// A STUN message that `worker` received from `client` on `listener`, into `server` (its output is
     /// executed by the [`Executor::pump`] that follows).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn stun<R: RngCore>(
+    pub fn stun<R: RngCore>(
         &mut self,
         server: &mut Server<R>,
         now: Instant,
@@ -141,7 +141,7 @@ impl<P: Plane> Executor<P> {
     }
 
     /// A stream client's connection closed.
-    pub(crate) fn stream_closed<R: RngCore>(
+    pub fn stream_closed<R: RngCore>(
         &mut self,
         server: &mut Server<R>,
         now: Instant,
@@ -160,7 +160,7 @@ impl<P: Plane> Executor<P> {
     }
 
     /// Execute every command, then send every transmit, until the server is quiet.
-    pub(crate) fn pump<R: RngCore>(&mut self, server: &mut Server<R>, now: Instant) {
+    pub fn pump<R: RngCore>(&mut self, server: &mut Server<R>, now: Instant) {
         loop {
             let mut busy = false;
             while let Some(cmd) = server.poll_command() {
@@ -300,8 +300,7 @@ impl<P: Plane> Executor<P> {
     }
 
     /// The relay socket at `addr` and the worker that owns it, while it is open.
-    #[cfg(test)]
-    pub(crate) fn relay(&self, addr: SocketAddr) -> Option<(usize, RelayId)> {
+    pub fn relay(&self, addr: SocketAddr) -> Option<(usize, RelayId)> {
         self.relays.get(&addr).copied()
     }
 
@@ -313,7 +312,7 @@ impl<P: Plane> Executor<P> {
     }
 
     /// A relay socket's final counters arrived from its worker.
-    pub(crate) fn relay_closed(&mut self, allocation: AllocationId, c: Counters) {
+    pub fn relay_closed(&mut self, allocation: AllocationId, c: Counters) {
         let pending = self.usage.entry(allocation).or_default();
         pending.usage.add(c);
         pending.open_relays = pending.open_relays.saturating_sub(1);

@@ -41,7 +41,7 @@ use crate::route::{ClientKey, Counters, ListenerId, RouteUpdate};
 use crate::server::{self, EndReason, FiveTuple, Server, Transport};
 use crate::sys::{self, EventFd, UdpOptions};
 
-mod exec;
+pub mod exec;
 mod metering;
 #[cfg(test)]
 mod tests;
