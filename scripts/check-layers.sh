@@ -13,17 +13,17 @@ declare -A allowed=(
   [budget]=""
   [route]="wire metrics"
   [server]="wire auth route policy budget"
-  [config]="wire auth policy server api usage dataplane fleet"
+  [config]="wire auth policy server api usage dataplane fleet xdp"
   [sys]=""
   [metrics]=""
   [dataplane]="wire route policy sys metrics budget"
-  [control]="server route sys metrics dataplane wire auth policy config budget"
+  [control]="server route sys metrics dataplane wire auth policy config budget xdp"
   [usage]="metrics sys"
   [xdp]="route sys"
   [fleet]="usage"
   [api]="auth metrics usage policy"
   [reload]="config control server metrics api"
-  [service]="wire auth policy route server sys metrics dataplane control config usage api fleet"
+  [service]="wire auth policy route server sys metrics dataplane control config usage api fleet xdp"
 )
 
 status=0

@@ -57,6 +57,7 @@ pub fn settings(config: &RelayConfig) -> Settings {
         pin_workers: f.pin_workers,
         drain: f.drain,
         usage_sink: None,
+        xdp: f.xdp.clone(),
         stream: control::StreamSettings {
             listen_tcp: f.listen_tcp.clone(),
             listen_tls: f.listen_tls.clone(),

@@ -12,7 +12,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use turnpike::auth::long_term_key_md5;
 use turnpike::control::exec::{Executor, Plane};
-use turnpike::route::{ClientKey, RouteTable, RouteUpdate};
+use turnpike::route::{AllocationId, ClientKey, Counters, RouteTable, RouteUpdate};
 use turnpike::server::{Config, FiveTuple, Server, Transport};
 use turnpike::sys::alloc::{live_bytes, CountingAlloc};
 use turnpike::wire::{
@@ -43,8 +43,9 @@ impl Plane for Tables {
         self.table.apply(update);
     }
 
-    fn route(&mut self, _: usize, update: RouteUpdate) {
+    fn route(&mut self, _: usize, update: RouteUpdate) -> Option<(AllocationId, Counters)> {
         self.table.apply(update);
+        None
     }
 
     fn reply_udp(&mut self, _: usize, _: usize, _: FiveTuple, _: &[u8]) {}

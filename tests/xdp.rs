@@ -18,8 +18,13 @@ use std::net::{SocketAddr, UdpSocket};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use turnpike::dataplane::BackendKind;
 use turnpike::sys::xdp::enter_netns;
+use turnpike::wire::{Attribute, Method};
 use turnpike::xdp::{attach_pass_program, ChannelKey, FastPath, XdpMode, XdpSettings};
+
+mod common;
+use common::Client;
 
 /// CAP_NET_ADMIN (12) and CAP_BPF (39) or CAP_SYS_ADMIN (21) in the effective set.
 fn privileged() -> bool {
@@ -363,9 +368,11 @@ fn channel_data_is_forwarded_in_xdp_both_ways_and_falls_back_when_removed() {
         let (got, _) = recv(&relay_socket);
         assert_eq!(got, b"after the end", "{name}: no entry outlives its relay");
     }
-    fast.detach();
+    fast.detach_links().unwrap();
     let link = output(&["ip", "-n", &topo.relay, "link", "show", "dev", "rc"]);
-    assert!(!link.contains("xdp"), "detached on drop: {link}");
+    assert!(!link.contains("xdp"), "detached on drain: {link}");
+    fast.detach_links().unwrap();
+    drop(fast);
 }
 
 #[test]
@@ -501,4 +508,426 @@ fn auto_keeps_userspace_and_native_fails_where_attaching_fails() {
         ..missing
     };
     assert!(FastPath::start(&off).unwrap().is_none());
+}
+
+/// The relay process in its namespace; killed when dropped (a failed assertion included).
+struct Binary(std::process::Child);
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn scrape(ns: &str, api: SocketAddr) -> String {
+    in_netns(ns, move || {
+        ureq::get(&format!("http://{api}/metrics"))
+            .timeout(Duration::from_secs(2))
+            .call()
+            .ok()
+            .and_then(|r| r.into_string().ok())
+            .unwrap_or_default()
+    })
+}
+
+/// The value of the metric line starting with `name` (labels included), or 0.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// (identity, end_reason, to_peer_bytes, to_peer_packets, to_client_bytes, to_client_packets) per row.
+type UsageRow = (String, Option<String>, i64, i64, i64, i64);
+
+fn usage_rows(db: &std::path::Path) -> Vec<UsageRow> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut q = conn
+        .prepare(
+            "SELECT identity, end_reason, to_peer_bytes, to_peer_packets, to_client_bytes, \
+             to_client_packets FROM allocations ORDER BY allocation",
+        )
+        .unwrap();
+    let rows = q
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    rows
+}
+
+/// The real binary in the relay namespace, on each userspace backend, with `[xdp]` on (native, on rc
+/// and rp) and off: byte-exact ChannelData both ways on IPv4 and IPv6 through allocations made over
+/// the wire; with XDP on, the XDP path counter moves and the workers relay nothing; a channel bound
+/// to another allocation's relayed address (relay-to-relay) stays in userspace; after the
+/// allocations end (Refresh lifetime 0) nothing is forwarded to their peers any more; the SQLite usage
+/// rows are exact either way; and after the relay exits the interfaces carry no XDP program.
+#[test]
+fn the_relay_binary_forwards_bound_channels_in_xdp_and_bills_exactly() {
+    if skip_unprivileged("xdp through the relay binary") {
+        return;
+    }
+    let mut backends = vec![BackendKind::Epoll];
+    if turnpike::sys::uring::probe().is_ok() && turnpike::dataplane::uring::IMPLEMENTED {
+        backends.push(BackendKind::IoUring);
+    }
+    for backend in backends {
+        for xdp in [true, false] {
+            relay_binary_run(backend, xdp);
+        }
+    }
+}
+
+fn relay_binary_run(backend: BackendKind, xdp: bool) {
+    let name = format!("{backend:?}, xdp {}", if xdp { "on" } else { "off" });
+    let topo = topology(if xdp { "b" } else { "u" });
+    let dir = std::env::temp_dir().join(format!(
+        "turnpike-xdp-{}-{backend:?}-{xdp}",
+        std::process::id()
+    ));
+    let (mut relay, api, db) = start_binary(&topo, &dir, backend, xdp, "", &name);
+    let attached = output(&["ip", "-n", &topo.relay, "link", "show", "dev", "rc"]);
+    assert_eq!(attached.contains("xdp"), xdp, "{name}: {attached}");
+    // Frames XDP sends into a veth are dropped unless its far end runs XDP too.
+    let _pass = xdp.then(|| {
+        (
+            in_netns(&topo.client, || attach_pass_program("c0").unwrap()),
+            in_netns(&topo.peer, || attach_pass_program("p0").unwrap()),
+        )
+    });
+
+    let mut expected = Vec::new();
+    let mut clients = Vec::new();
+    for (fam, family_attr, label) in [(V4, 0x01u8, "IPv4"), (V6, 0x02u8, "IPv6")] {
+        let server: SocketAddr = fam.listener.parse().unwrap();
+        let client_ip = fam.client.parse::<SocketAddr>().unwrap().ip().to_string();
+        let mut client = in_netns(&topo.client, move || {
+            Client::new_on(&client_ip, server, "alice", "alice-pass")
+        });
+        let resp = client.authed(
+            Method::ALLOCATE,
+            &[
+                Attribute::RequestedTransport(17),
+                Attribute::RequestedAddressFamily(family_attr),
+            ],
+        );
+        let m = turnpike::wire::Message::parse(&resp).unwrap();
+        let relayed = m
+            .attrs
+            .xor_relayed_address
+            .unwrap_or_else(|| panic!("{name} {label}: allocate failed: {:?}", m.attrs.error_code));
+        let peer = bind(&topo.peer, fam.peer);
+        let peer_addr = peer.local_addr().unwrap();
+        client.bind(0x4001, peer_addr);
+
+        // Client → peer, then peer → client; byte-exact, one at a time (no loss on the veths).
+        let (mut up, mut down) = ((0i64, 0i64), (0i64, 0i64));
+        for i in 0..20u8 {
+            let payload = vec![i; 1 + usize::from(i) * 7];
+            client.send_channel(0x4001, &payload);
+            let (got, from) = recv(&peer);
+            assert_eq!(got, payload, "{name} {label}: payload at the peer");
+            assert_eq!(from, relayed, "{name} {label}: from the relayed address");
+            up = (up.0 + payload.len() as i64, up.1 + 1);
+            let back = vec![0xa0 ^ i; 3 + usize::from(i) * 5];
+            peer.send_to(&back, relayed).unwrap();
+            let got = client.recv();
+            assert_eq!(
+                got,
+                channel_data(0x4001, &back, 0),
+                "{name} {label}: ChannelData at the client"
+            );
+            down = (down.0 + back.len() as i64, down.1 + 1);
+        }
+        expected.push((up, down));
+        clients.push((client, peer, relayed, label));
+    }
+    let text = scrape(&topo.relay, api);
+    let (xdp_packets, userspace) = (
+        metric(&text, "turnpike_path_packets_total{path=\"xdp\"}"),
+        metric(&text, "turnpike_path_packets_total{path=\"userspace\"}"),
+    );
+    if xdp {
+        assert_eq!(
+            (xdp_packets, userspace),
+            (80, 0),
+            "{name}: every datagram took XDP\n{text}"
+        );
+    } else {
+        assert_eq!(
+            (xdp_packets, userspace),
+            (0, 80),
+            "{name}: every datagram took userspace"
+        );
+    }
+
+    // Relay-to-relay: a channel from the IPv4 allocation to a second IPv4 allocation's relayed address
+    // stays on the userspace path (it arrives there as a Data indication).
+    let server: SocketAddr = V4.listener.parse().unwrap();
+    let mut other = in_netns(&topo.client, move || {
+        Client::new_on("198.18.1.2", server, "alice", "alice-pass")
+    });
+    let other_relayed = other.allocate();
+    other.permit(clients[0].2);
+    clients[0].0.bind(0x4002, other_relayed);
+    clients[0].0.send_channel(0x4002, b"relay to relay");
+    let indication = other.recv();
+    let m = turnpike::wire::Message::parse(&indication).unwrap();
+    assert_eq!(
+        m.attrs.data,
+        Some(&b"relay to relay"[..]),
+        "{name}: relay-to-relay arrives as a Data indication"
+    );
+    expected[0].0 .0 += 14;
+    expected[0].0 .1 += 1;
+    expected.push(((0, 0), (14, 1)));
+    let text = scrape(&topo.relay, api);
+    assert_eq!(
+        metric(&text, "turnpike_path_packets_total{path=\"xdp\"}"),
+        xdp_packets,
+        "{name}: relay-to-relay did not take XDP"
+    );
+
+    // End the first two allocations: their channels leave both tables, so nothing reaches the
+    // client afterwards (neither path), and the peer's datagram is dropped.
+    for (client, peer, relayed, label) in &mut clients {
+        let r = client.authed(Method::REFRESH, &[Attribute::Lifetime(0)]);
+        Client::expect_success(&r);
+        peer.send_to(b"after the end", *relayed).unwrap();
+        client
+            .sock
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 2048];
+        assert!(
+            client.sock.recv_from(&mut buf).is_err(),
+            "{name} {label}: nothing is relayed after the allocation ended"
+        );
+    }
+    // Stop the relay (SIGTERM; drain 0): final rows written, programs detached.
+    let pid = relay.0.id().to_string();
+    run(&["kill", "-TERM", &pid]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relay.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "{name}: the relay did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for dev in ["rc", "rp"] {
+        let link = output(&["ip", "-n", &topo.relay, "link", "show", "dev", dev]);
+        assert!(
+            !link.contains("xdp"),
+            "{name}: {dev} is clean after exit: {link}"
+        );
+    }
+    let rows = usage_rows(&db);
+    assert_eq!(
+        rows.len(),
+        3,
+        "{name}: {rows:?}; the relay said: {}",
+        std::fs::read_to_string(dir.join("stderr")).unwrap_or_default()
+    );
+    for (row, ((up_b, up_p), (down_b, down_p))) in rows.iter().zip(&expected) {
+        assert_eq!(
+            row,
+            &(
+                "alice".to_string(),
+                Some("ended".to_string()),
+                *up_b,
+                *up_p,
+                *down_b,
+                *down_p
+            ),
+            "{name}: exact usage"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts the relay binary in `topo`'s relay namespace with its files in `dir` (usage database,
+/// config, stderr), `extra` appended to the config; returns once /metrics answers.
+fn start_binary(
+    topo: &Topology,
+    dir: &std::path::Path,
+    backend: BackendKind,
+    xdp: bool,
+    extra: &str,
+    name: &str,
+) -> (Binary, SocketAddr, std::path::PathBuf) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let db = dir.join("usage.db");
+    let api: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+    let backend_key = match backend {
+        BackendKind::Epoll => "epoll",
+        BackendKind::IoUring => "io_uring",
+    };
+    let xdp_section = if xdp {
+        "[xdp]\ninterfaces = [\"rc\", \"rp\"]\nmode = \"native\"\n"
+    } else {
+        ""
+    };
+    let config = format!(
+        "listen = [\"198.18.1.1:3478\", \"[2001:2:0:1::1]:3478\"]\nworkers = 2\npin_workers = false\n\
+         drain_seconds = 0\nbackend = \"{backend_key}\"\n\
+         [relay]\naddresses = [\"198.19.2.1\", \"2001:2:0:2::1\"]\nport_min = 50000\nport_max = 50099\n\
+         [[users]]\nname = \"alice\"\npassword = \"alice-pass\"\n\
+         [peers]\nallow = [\"198.19.2.0/24\", \"2001:2:0:2::/64\"]\n\
+         [api]\nlisten = \"{api}\"\naccess_keys = [\"a2V5LWtleS1rZXkta2V5LWtleS1rZXkta2V5LWtleQ==\"]\n\
+         [usage]\ndatabase = \"{db}\"\ncheckpoint_seconds = 1\n\
+         {xdp_section}{extra}",
+        db = db.display(),
+    );
+    let path = dir.join("turnpike.toml");
+    std::fs::write(&path, config).unwrap();
+    let log = dir.join("stderr");
+    let child = Command::new("ip")
+        .args(["netns", "exec", &topo.relay])
+        .arg(env!("CARGO_BIN_EXE_turnpike"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut relay = Binary(child);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !scrape(&topo.relay, api).contains("turnpike_allocations") {
+        if let Ok(Some(status)) = relay.0.try_wait() {
+            panic!(
+                "{name}: the relay exited with {status}: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        assert!(Instant::now() < deadline, "{name}: no /metrics within 15 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (relay, api, db)
+}
+
+/// The config file [`start_binary`] wrote in `dir`.
+fn config_path(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join("turnpike.toml")
+}
+
+/// Datagrams from `peer` to `relayed` until one reaches `client` other than as ChannelData on `channel`
+/// (or none does), at most `tries` of them 200 ms apart: what the client got, if anything.
+fn until_not_channel(
+    client: &Client,
+    peer: &UdpSocket,
+    relayed: SocketAddr,
+    channel: u16,
+    tries: usize,
+) -> Option<Vec<u8>> {
+    client
+        .sock
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    for _ in 0..tries {
+        peer.send_to(b"probe", relayed).unwrap();
+        let mut buf = [0u8; 2048];
+        match client.sock.recv_from(&mut buf) {
+            Ok((n, _)) if buf[..n] == channel_data(channel, b"probe", 0)[..] => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Ok((n, _)) => return Some(buf[..n].to_vec()),
+            Err(_) => return None,
+        }
+    }
+    panic!("the channel was still forwarding after {tries} probes");
+}
+
+/// With XDP on, through the binary: a channel's expiry takes it out of the kernel (the peer's datagrams
+/// then reach the client as Data indications from the userspace path, its permission being live), and
+/// a reload whose peer policy denies the peer (a revocation of its permission and channel) stops the
+/// forwarding on both paths. The XDP counter moves only while the channel is bound.
+#[test]
+fn expiry_and_a_policy_revocation_take_the_kernel_entry_out() {
+    if skip_unprivileged("xdp expiry and revocation") {
+        return;
+    }
+    let mut backends = vec![BackendKind::Epoll];
+    if turnpike::sys::uring::probe().is_ok() && turnpike::dataplane::uring::IMPLEMENTED {
+        backends.push(BackendKind::IoUring);
+    }
+    for backend in backends {
+        let name = format!("{backend:?}");
+        let topo = topology("e");
+        let dir = std::env::temp_dir().join(format!(
+            "turnpike-xdp-expiry-{}-{backend:?}",
+            std::process::id()
+        ));
+        let lifetimes = "[lifetimes]\nchannel = 2\n";
+        let (relay, api, _db) = start_binary(&topo, &dir, backend, true, lifetimes, &name);
+        let _pass = (
+            in_netns(&topo.client, || attach_pass_program("c0").unwrap()),
+            in_netns(&topo.peer, || attach_pass_program("p0").unwrap()),
+        );
+        let server: SocketAddr = V4.listener.parse().unwrap();
+        let mut client = in_netns(&topo.client, move || {
+            Client::new_on("198.18.1.2", server, "alice", "alice-pass")
+        });
+        let relayed = client.allocate();
+        let peer = bind(&topo.peer, V4.peer);
+        let peer_addr = peer.local_addr().unwrap();
+        let xdp_packets = || {
+            metric(
+                &scrape(&topo.relay, api),
+                "turnpike_path_packets_total{path=\"xdp\"}",
+            )
+        };
+
+        // Expiry: bound, forwarded in XDP; once the channel expires the peer's datagram comes up
+        // through userspace as a Data indication (the permission lives on), and XDP no longer counts.
+        client.bind(0x4001, peer_addr);
+        let got = until_not_channel(&client, &peer, relayed, 0x4001, 100)
+            .expect("after the channel expired, a Data indication");
+        let m = turnpike::wire::Message::parse(&got).unwrap();
+        assert_eq!(m.attrs.data, Some(&b"probe"[..]), "{name}: Data indication");
+        let forwarded = xdp_packets();
+        assert!(forwarded >= 1, "{name}: the bound channel went through XDP");
+        peer.send_to(b"probe", relayed).unwrap();
+        let _indication = client.recv();
+        assert_eq!(xdp_packets(), forwarded, "{name}: no XDP after the expiry");
+
+        // Revocation: bind a second peer (RFC 8656 §12: the expired binding's peer stays reserved to its
+        // channel), then reload a policy that denies the peers' range: the permission and channel go
+        // from both tables, so nothing reaches the client on either path.
+        let peer = bind(&topo.peer, "198.19.2.2:7001");
+        client.bind(0x4002, peer.local_addr().unwrap());
+        peer.send_to(b"probe", relayed).unwrap();
+        assert_eq!(client.recv(), channel_data(0x4002, b"probe", 0), "{name}");
+        assert_eq!(xdp_packets(), forwarded + 1, "{name}: rebound in XDP");
+        let config = std::fs::read_to_string(config_path(&dir)).unwrap().replace(
+            "allow = [\"198.19.2.0/24\", \"2001:2:0:2::/64\"]",
+            "allow = [\"2001:2:0:2::/64\"]",
+        );
+        std::fs::write(config_path(&dir), config).unwrap();
+        run(&["kill", "-HUP", &relay.0.id().to_string()]);
+        assert_eq!(
+            until_not_channel(&client, &peer, relayed, 0x4002, 100),
+            None,
+            "{name}: after the revocation nothing reaches the client"
+        );
+        let after = xdp_packets();
+        peer.send_to(b"probe", relayed).unwrap();
+        client
+            .sock
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert!(client.sock.recv_from(&mut buf).is_err(), "{name}: dropped");
+        assert_eq!(xdp_packets(), after, "{name}: no XDP after the revocation");
+        drop(relay);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

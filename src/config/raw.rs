@@ -44,6 +44,25 @@ pub(super) struct RawConfig {
     pub(super) api: Option<RawApi>,
     pub(super) usage: Option<RawUsage>,
     pub(super) fleet: Option<RawFleet>,
+    pub(super) xdp: RawXdp,
+}
+
+/// `[xdp]`: the kernel fast path (off by default).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawXdp {
+    pub(super) interfaces: Vec<String>,
+    pub(super) mode: RawXdpMode,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum RawXdpMode {
+    #[default]
+    Off,
+    Auto,
+    Native,
+    Generic,
 }
 
 #[derive(Deserialize)]
@@ -86,6 +105,15 @@ pub(super) struct RawRelay {
     pub(super) addresses: Vec<String>,
     pub(super) port_min: u16,
     pub(super) port_max: u16,
+    pub(super) external: Vec<RawExternal>,
+}
+
+/// One `relay.external` pair (1:1 NAT): the relay address the sockets bind, the address clients see.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawExternal {
+    pub(super) private: String,
+    pub(super) public: String,
 }
 
 #[derive(Deserialize)]
@@ -163,6 +191,7 @@ impl Default for RawConfig {
             api: None,
             usage: None,
             fleet: None,
+            xdp: RawXdp::default(),
         }
     }
 }
@@ -174,6 +203,7 @@ impl Default for RawRelay {
             addresses: Vec::new(),
             port_min: *d.relay_ports.start(),
             port_max: *d.relay_ports.end(),
+            external: Vec::new(),
         }
     }
 }

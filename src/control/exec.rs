@@ -30,8 +30,14 @@ pub trait Plane {
     /// Hand `worker` a new relay socket with the table entry that routes it.
     fn add_relay(&mut self, worker: usize, socket: Self::Socket, update: RouteUpdate);
     /// Send `worker` a change to its route table. Every table change after a relay's creation leaves
-    /// the control thread here (a kernel fast path that mirrors the tables hooks in here).
-    fn route(&mut self, worker: usize, update: RouteUpdate);
+    /// the control thread here (the kernel fast path that mirrors the tables is programmed here). A
+    /// removed relay's counters metered outside the worker (XDP) come back, to be added to its usage.
+    fn route(&mut self, worker: usize, update: RouteUpdate) -> Option<(AllocationId, Counters)>;
+    /// What a fast path outside the worker (XDP) relayed so far for `worker`'s live relays of
+    /// `allocation` (metering checkpoints).
+    fn fast_path_live(&self, _worker: usize, _allocation: AllocationId) -> Counters {
+        Counters::default()
+    }
     /// Send `payload` to the UDP client `to` from listener `listener`, preferably through `worker`'s
     /// socket (it owns the flow).
     fn reply_udp(&mut self, worker: usize, listener: usize, to: FiveTuple, payload: &[u8]);
@@ -260,7 +266,7 @@ impl<P: Plane> Executor<P> {
             Command::CloseRelay { relay, .. } => {
                 if let Some((worker, id)) = self.relays.remove(&relay.0) {
                     if let Some(update) = table_update(&cmd, id) {
-                        self.plane.route(worker, update);
+                        self.route(worker, update);
                     }
                 }
             }
@@ -278,7 +284,7 @@ impl<P: Plane> Executor<P> {
                 }
                 if let Some(&(worker, id)) = self.relays.get(&relay.0) {
                     if let Some(update) = table_update(&cmd, id) {
-                        self.plane.route(worker, update);
+                        self.route(worker, update);
                     }
                 }
             }
@@ -296,6 +302,14 @@ impl<P: Plane> Executor<P> {
                 }
                 self.finish_usage(allocation);
             }
+        }
+    }
+
+    /// Send `update` to `worker` through the plane; a closed relay's counters metered by the plane's
+    /// fast path are added to its usage.
+    fn route(&mut self, worker: usize, update: RouteUpdate) {
+        if let Some((allocation, metered)) = self.plane.route(worker, update) {
+            self.usage.entry(allocation).or_default().usage.add(metered);
         }
     }
 

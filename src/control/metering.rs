@@ -17,7 +17,13 @@ impl<P: Plane> Executor<P> {
     /// Interim records from one worker's counter snapshot: for each of its allocations, what closed relay
     /// sockets reported plus the live ones' counters. With `last`, they are final records (the relay
     /// is stopping with these allocations still live).
-    pub(super) fn checkpoint(&mut self, counters: &[(AllocationId, Counters)], last: bool) {
+    /// What XDP forwarded for the worker's live relays is added too (the one usage record per allocation).
+    pub(super) fn checkpoint(
+        &mut self,
+        worker: usize,
+        counters: &[(AllocationId, Counters)],
+        last: bool,
+    ) {
         let mut live: HashMap<AllocationId, Counters> = HashMap::new();
         for (allocation, c) in counters {
             live.entry(*allocation).or_default().add(*c);
@@ -29,6 +35,7 @@ impl<P: Plane> Executor<P> {
             };
             let mut usage = p.usage;
             usage.add(relays);
+            usage.add(self.plane.fast_path_live(worker, allocation));
             if !last && p.checkpointed == Some(usage) {
                 continue;
             }
@@ -69,6 +76,7 @@ impl Control {
             },
             mailbox_full: self.exec.mailbox_full,
             reloads: self.reloads.snapshot(),
+            xdp_packets: self.exec.plane.xdp.packets(),
             workers: self
                 .stats
                 .iter()
@@ -122,8 +130,8 @@ impl Control {
         let deadline = Instant::now() + Duration::from_secs(2);
         while waiting > 0 {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(ToControl::Counters { counters, .. }) => {
-                    self.exec.checkpoint(&counters, true);
+                Ok(ToControl::Counters { worker, counters }) => {
+                    self.exec.checkpoint(worker, &counters, true);
                     waiting -= 1;
                 }
                 Ok(ToControl::RelayClosed {

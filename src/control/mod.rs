@@ -37,7 +37,7 @@ use crate::dataplane::{
     self, BackendKind, ControlTx, Core, StunQueue, ToControl, WorkerMsg, WorkerSetup, WorkerStats,
 };
 use crate::metrics::Reloads;
-use crate::route::{ClientKey, Counters, ListenerId, RouteUpdate};
+use crate::route::{AllocationId, ClientKey, Counters, ListenerId, RouteUpdate};
 use crate::server::{self, EndReason, FiveTuple, Server, Transport};
 use crate::sys::{self, EventFd, UdpOptions};
 
@@ -82,6 +82,8 @@ pub struct Settings {
     pub usage_sink: Option<Sender<UsageRecord>>,
     /// TURN over TCP and TLS.
     pub stream: StreamSettings,
+    /// The kernel fast path (`[xdp]`, off by default).
+    pub xdp: crate::xdp::XdpSettings,
 }
 
 /// TURN over TCP and TLS: listeners, TLS configuration, limits.
@@ -237,6 +239,28 @@ impl Drop for RelayHandle {
     }
 }
 
+/// Listen addresses with each wildcard replaced by the host's interface addresses of its family
+/// ([`sys::expand_wildcards`]): replies leave from the address the client sent to, and its 5-tuple
+/// names it. An error if a wildcard finds no address to bind.
+fn expand_wildcards(listen: &[SocketAddr]) -> io::Result<Vec<SocketAddr>> {
+    if !listen.iter().any(|a| a.ip().is_unspecified()) {
+        return Ok(listen.to_vec());
+    }
+    let ifaddrs = sys::interface_addrs()?;
+    let out = sys::expand_wildcards(listen, &ifaddrs);
+    for a in listen.iter().filter(|a| a.ip().is_unspecified()) {
+        if !out
+            .iter()
+            .any(|o| o.port() == a.port() && o.is_ipv4() == a.is_ipv4())
+        {
+            return Err(io::Error::other(format!(
+                "listen {a}: the host has no interface address of that family to listen on"
+            )));
+        }
+    }
+    Ok(out)
+}
+
 /// Bind the listeners, start the workers and the control thread.
 pub fn start(settings: Settings) -> io::Result<RelayHandle> {
     let (backend, note) = dataplane::choose_backend(settings.backend).map_err(io::Error::other)?;
@@ -262,7 +286,7 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         }
     }
     // Worker 0 binds first so that a port 0 resolves once and the others share it.
-    let mut listen = settings.listen.clone();
+    let mut listen = expand_wildcards(&settings.listen)?;
     let mut sockets: Vec<Vec<UdpSocket>> = Vec::with_capacity(workers);
     for _ in 0..workers {
         let mut mine = Vec::with_capacity(listen.len());
@@ -281,8 +305,8 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
             "listen_tls needs a TLS certificate and key",
         ));
     }
-    let mut listen_tcp = stream.listen_tcp.clone();
-    let mut listen_tls = stream.listen_tls.clone();
+    let mut listen_tcp = expand_wildcards(&stream.listen_tcp)?;
+    let mut listen_tls = expand_wildcards(&stream.listen_tls)?;
     let mut tcp_sockets: Vec<Vec<StreamListener>> = Vec::with_capacity(workers);
     for _ in 0..workers {
         let mut mine = Vec::new();
@@ -303,6 +327,12 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         tcp_sockets.push(mine);
     }
     let first_stream = ListenerId::try_from(listen.len()).map_err(io::Error::other)?;
+    // Loaded before any relay socket exists, so that every route update reaches its maps.
+    let fast = crate::xdp::FastPath::start(&settings.xdp)
+        .map_err(|e| io::Error::other(format!("xdp: {e}")))?;
+    if fast.is_some() {
+        tracing::info!(interfaces = ?settings.xdp.interfaces, mode = ?settings.xdp.mode, "xdp: attached");
+    }
     let shared = Arc::new(StreamShared::new(stream.limits.clone(), stream.tls.clone()));
     let mut listeners: Vec<(SocketAddr, Transport)> =
         listen.iter().map(|a| (*a, Transport::Udp)).collect();
@@ -396,7 +426,15 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
     }
     tracing::info!(workers, ?backend, listen = ?listen, tcp = ?listen_tcp, tls = ?listen_tls, "relay started");
 
+    let xdp = crate::xdp::Mirror::new(
+        fast,
+        listeners
+            .iter()
+            .map(|(a, t)| (*t == Transport::Udp).then_some(*a))
+            .collect(),
+    );
     let plane = Workers {
+        xdp,
         workers: handles,
         replies,
         relay_opts: UdpOptions {
@@ -534,6 +572,8 @@ struct Control {
 /// mailboxes; replies sent from clones of the workers' listener sockets.
 #[derive(Debug)]
 struct Workers {
+    /// The XDP maps, programmed by the same route updates as the workers (before them).
+    xdp: crate::xdp::Mirror,
     workers: Vec<Worker>,
     /// `replies[worker][listener]`: clones of each worker's listener sockets.
     replies: Vec<Vec<UdpSocket>>,
@@ -552,15 +592,24 @@ impl Plane for Workers {
     }
 
     fn add_relay(&mut self, worker: usize, socket: UdpSocket, update: RouteUpdate) {
+        self.xdp.apply(worker, &update);
         if let Some(w) = self.workers.get(worker) {
             w.send(WorkerMsg::AddRelay { socket, update });
         }
     }
 
-    fn route(&mut self, worker: usize, update: RouteUpdate) {
+    /// Applied to the XDP maps first: a removal leaves the kernel before the worker's table, and a
+    /// closed relay's XDP meter is returned to be folded into its usage.
+    fn route(&mut self, worker: usize, update: RouteUpdate) -> Option<(AllocationId, Counters)> {
+        let metered = self.xdp.apply(worker, &update);
         if let Some(w) = self.workers.get(worker) {
             w.send(WorkerMsg::Route(update));
         }
+        metered
+    }
+
+    fn fast_path_live(&self, worker: usize, allocation: AllocationId) -> Counters {
+        self.xdp.live(worker, allocation)
     }
 
     fn reply_udp(&mut self, worker: usize, listener: usize, to: FiveTuple, payload: &[u8]) {
@@ -642,7 +691,9 @@ impl Control {
                     allocation,
                     counters,
                 }) => self.exec.relay_closed(allocation, counters),
-                Ok(ToControl::Counters { counters, .. }) => self.exec.checkpoint(&counters, false),
+                Ok(ToControl::Counters { worker, counters }) => {
+                    self.exec.checkpoint(worker, &counters, false)
+                }
                 Ok(ToControl::Revoke {
                     identity,
                     until,
@@ -702,6 +753,8 @@ impl Control {
         if self.drain_deadline.is_none() {
             tracing::info!(drain = ?self.drain, "shutting down: refusing new allocations while existing ones drain");
             self.server.set_draining(true);
+            // Existing allocations drain on the userspace path; the maps stay for the meters.
+            self.exec.plane.xdp.detach();
             // Settings may come from code as well as from the (bounded) config file.
             let drain = self.drain.min(crate::config::MAX_DRAIN);
             self.drain_deadline = now.checked_add(drain).or(Some(now));

@@ -139,6 +139,8 @@ pub struct Snapshot {
     pub server: ServerSnapshot,
     /// Configuration reloads.
     pub reloads: ReloadSnapshot,
+    /// Datagrams the XDP fast path forwarded, both directions (0 without XDP).
+    pub xdp_packets: u64,
 }
 
 impl Snapshot {
@@ -291,6 +293,17 @@ pub fn render(snap: &Snapshot) -> String {
         .into_iter()
         .map(|(d, n)| (vec![("direction", d.to_string())], n)),
     );
+    family(
+        &mut r,
+        "path_packets",
+        "Datagrams relayed, by path: xdp (the kernel fast path) or userspace (the workers)",
+        [
+            ("xdp", snap.xdp_packets),
+            ("userspace", t.to_peer_packets + t.to_client_packets),
+        ]
+        .into_iter()
+        .map(|(p, n)| (vec![("path", p.to_string())], n)),
+    );
     let workers = || snap.workers.iter().enumerate();
     family(
         &mut r,
@@ -382,6 +395,7 @@ mod tests {
             workers_lost: 1,
             control_queue: (2, 300),
             mailbox_full: 0,
+            xdp_packets: 7,
             reloads: {
                 let r = Reloads::default();
                 r.record(true, 1_700_000_000);
@@ -405,6 +419,8 @@ mod tests {
             "turnpike_auth_failures_total{kind=\"revoked\"} 5",
             "turnpike_relayed_bytes_total{direction=\"to_peer\"} 100",
             "turnpike_relayed_packets_total{direction=\"to_client\"} 1",
+            "turnpike_path_packets_total{path=\"xdp\"} 7",
+            "turnpike_path_packets_total{path=\"userspace\"} 3",
             "turnpike_worker_received_packets_total{worker=\"1\"} 1",
             "turnpike_dropped_packets_total{worker=\"0\",reason=\"malformed\"} 1",
             "turnpike_backend_info{backend=\"epoll\"} 1",

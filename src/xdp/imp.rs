@@ -4,6 +4,7 @@ use core::net::{IpAddr, SocketAddr};
 use std::collections::HashMap;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::programs::xdp::XdpLinkId;
 use aya::programs::{Xdp, XdpFlags};
 use aya::Ebpf;
 
@@ -27,8 +28,10 @@ const METER_SLOTS: u32 = 65536;
 pub struct FastPath {
     tables: XdpTables,
     // Owns the program and its links; dropped after `tables` (field order), which only closes map fds.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     interfaces: Vec<String>,
+    // The links still attached (empty after `detach_links`).
+    links: Vec<XdpLinkId>,
 }
 
 impl FastPath {
@@ -64,14 +67,17 @@ impl FastPath {
             .try_into()
             .map_err(|e: aya::programs::ProgramError| XdpError::Load(e.to_string()))?;
         program.load().map_err(|e| XdpError::Load(e.to_string()))?;
+        let mut links = Vec::with_capacity(interfaces.len());
         for interface in interfaces {
-            attach(program, interface, flags)?;
+            // An error drops `ebpf`, which detaches the links made so far.
+            links.push(attach(program, interface, flags)?);
         }
         let tables = XdpTables::new(&mut ebpf)?;
         Ok(FastPath {
             tables,
-            _ebpf: ebpf,
+            ebpf,
             interfaces: interfaces.to_vec(),
+            links,
         })
     }
 
@@ -80,14 +86,36 @@ impl FastPath {
         &mut self.tables
     }
 
+    /// The maps, to read meters and counters.
+    pub fn tables_ref(&self) -> &XdpTables {
+        &self.tables
+    }
+
     /// The interfaces the program is attached to.
     pub fn interfaces(&self) -> &[String] {
         &self.interfaces
     }
 
-    /// Detaches from every interface (on exit and on drain); the same as dropping it.
-    pub fn detach(self) {
-        drop(self);
+    /// Detaches from every interface (on drain) and keeps the maps, so that the meters can still be
+    /// read: from now on every datagram takes the userspace path. Idempotent. Dropping the value
+    /// detaches too (on exit).
+    pub fn detach_links(&mut self) -> Result<(), XdpError> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut("turnpike_xdp")
+            .ok_or_else(|| XdpError::Load("the object has no turnpike_xdp program".into()))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| XdpError::Load(e.to_string()))?;
+        let mut first_error = None;
+        for (link, interface) in self.links.drain(..).zip(&self.interfaces) {
+            if let Err(e) = program.detach(link) {
+                first_error.get_or_insert(XdpError::Attach {
+                    interface: interface.clone(),
+                    detail: format!("detach: {}", error_chain(&e)),
+                });
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 }
 
@@ -112,7 +140,7 @@ pub struct PassProgram {
     _ebpf: Ebpf,
 }
 
-fn attach(program: &mut Xdp, interface: &str, flags: XdpFlags) -> Result<(), XdpError> {
+fn attach(program: &mut Xdp, interface: &str, flags: XdpFlags) -> Result<XdpLinkId, XdpError> {
     let fail = |detail: String| XdpError::Attach {
         interface: interface.to_string(),
         detail,
@@ -123,8 +151,7 @@ fn attach(program: &mut Xdp, interface: &str, flags: XdpFlags) -> Result<(), Xdp
     }
     program
         .attach(interface, flags)
-        .map_err(|e| fail(error_chain(&e)))?;
-    Ok(())
+        .map_err(|e| fail(error_chain(&e)))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -14,6 +14,7 @@ use turnpike::wire::{
     Attribute, ChannelData, Class, Message, MessageType, MessageWriter, Method, TransactionId,
 };
 
+pub mod netns;
 pub mod pg;
 
 /// A TCP port free on loopback at the time of the call.
@@ -75,6 +76,7 @@ pub fn settings(backend: BackendKind, workers: usize, base: u16) -> Settings {
         pin_workers: false,
         drain: Duration::from_millis(200),
         usage_sink: None,
+        xdp: Default::default(),
         stream: Default::default(),
     }
 }
