@@ -6,13 +6,14 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
+use super::exec::{Executor, Plane};
 use super::{Control, UsageRecord};
 use crate::clock::unix_ms;
 use crate::dataplane::{self, BackendKind, ToControl, WorkerMsg};
 use crate::route::{AllocationId, Counters, RouteUpdate};
 use crate::server;
 
-impl Control {
+impl<P: Plane> Executor<P> {
     /// Interim records from one worker's counter snapshot: for each of its allocations, what closed relay
     /// sockets reported plus the live ones' counters. With `last`, they are final records (the relay
     /// is stopping with these allocations still live).
@@ -34,7 +35,7 @@ impl Control {
             };
             let mut usage = p.usage;
             usage.add(relays);
-            usage.add(self.xdp.live(worker, allocation));
+            usage.add(self.plane.fast_path_live(worker, allocation));
             if !last && p.checkpointed == Some(usage) {
                 continue;
             }
@@ -55,7 +56,9 @@ impl Control {
             }
         }
     }
+}
 
+impl Control {
     pub(super) fn metrics(&self) -> crate::metrics::Snapshot {
         use crate::metrics::{ServerSnapshot, Snapshot, WorkerSnapshot};
         let s = self.server.stats();
@@ -71,9 +74,9 @@ impl Control {
                 let (m, b) = self.stun_queue.depth();
                 (m as u64, b as u64)
             },
-            mailbox_full: self.mailbox_full,
+            mailbox_full: self.exec.mailbox_full,
             reloads: self.reloads.snapshot(),
-            xdp_packets: self.xdp.packets(),
+            xdp_packets: self.exec.plane.xdp.packets(),
             workers: self
                 .stats
                 .iter()
@@ -96,8 +99,8 @@ impl Control {
                     .filter(|(_, n)| *n > 0)
                     .map(|(code, n)| (code.code(), n))
                     .collect(),
-                permissions: self.permissions,
-                channels: self.channels,
+                permissions: self.exec.permissions,
+                channels: self.exec.channels,
                 challenges: s.challenges,
                 auth_failures: vec![
                     ("bad_credentials", bad_credentials),
@@ -117,24 +120,24 @@ impl Control {
 
     /// Allocations still live at stop get final usage records from the workers' last counters.
     pub(super) fn final_usage(&mut self, rx: &Receiver<ToControl>) {
-        if self.usage_sink.is_none() || self.usage.is_empty() {
+        if self.exec.usage_sink.is_none() || self.exec.usage.is_empty() {
             return;
         }
-        for w in &self.workers {
+        for w in &self.exec.plane.workers {
             w.send(WorkerMsg::Route(RouteUpdate::ReportCounters));
         }
-        let mut waiting = self.workers.len();
+        let mut waiting = self.exec.plane.workers.len();
         let deadline = Instant::now() + Duration::from_secs(2);
         while waiting > 0 {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(ToControl::Counters { worker, counters }) => {
-                    self.checkpoint(worker, &counters, true);
+                    self.exec.checkpoint(worker, &counters, true);
                     waiting -= 1;
                 }
                 Ok(ToControl::RelayClosed {
                     allocation,
                     counters,
-                }) => self.relay_closed(allocation, counters),
+                }) => self.exec.relay_closed(allocation, counters),
                 Ok(_) => {}
                 Err(_) => break,
             }

@@ -20,7 +20,6 @@
 //!
 //! May use: server, route, sys, dataplane, wire, auth, policy, config, budget.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex};
@@ -32,19 +31,22 @@ use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
 use crate::budget::SourceLimiter;
-use crate::clock::{unix_ms, unix_now};
+use crate::clock::unix_now;
 use crate::dataplane::stream::{StreamLimits, StreamListener, StreamShared, Streams};
 use crate::dataplane::{
     self, BackendKind, ControlTx, Core, StunQueue, ToControl, WorkerMsg, WorkerSetup, WorkerStats,
 };
 use crate::metrics::Reloads;
-use crate::route::{AllocationId, ClientKey, Counters, ListenerId, RelayId, RouteUpdate};
-use crate::server::{self, Command, EndReason, FiveTuple, Server, Transport};
+use crate::route::{AllocationId, ClientKey, Counters, ListenerId, RouteUpdate};
+use crate::server::{self, EndReason, FiveTuple, Server, Transport};
 use crate::sys::{self, EventFd, UdpOptions};
 
+pub mod exec;
 mod metering;
 #[cfg(test)]
 mod tests;
+
+use exec::{Executor, Plane};
 
 /// STUN copies queued from the workers to the control thread at most; beyond it they are dropped and
 /// counted (accounting messages are not bounded by it: see [`ControlTx`]).
@@ -431,35 +433,27 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
             .map(|(a, t)| (*t == Transport::Udp).then_some(*a))
             .collect(),
     );
-    let control = Control {
-        server,
+    let plane = Workers {
         xdp,
-        listeners,
-        stream_owners: HashMap::new(),
         workers: handles,
         replies,
-        relays: HashMap::new(),
-        owners: HashMap::new(),
-        next_relay: 0,
-        current_worker: 0,
         relay_opts: UdpOptions {
             reuse_port: false,
             recv_buffer: settings.recv_buffer,
             send_buffer: settings.send_buffer,
             dont_fragment: false,
         },
+    };
+    let control = Control {
+        server,
+        exec: Executor::new(plane, listeners, settings.usage_sink.clone()),
         drain: settings.drain,
         drain_deadline: None,
-        usage: HashMap::new(),
-        usage_sink: settings.usage_sink.clone(),
         stats: stats.clone(),
         backend,
-        permissions: 0,
-        channels: 0,
         stun_queue,
         workers_lost: 0,
         failure: None,
-        mailbox_full: 0,
         staged,
         reloads,
     };
@@ -555,66 +549,88 @@ fn spawn_worker(
 
 struct Control {
     server: Server<StdRng>,
-    /// The XDP maps, programmed by the same route updates as the workers (before them).
-    xdp: crate::xdp::Mirror,
-    /// Every listener by id: UDP first, then TCP, then TLS.
-    listeners: Vec<(SocketAddr, Transport)>,
-    /// TCP/TLS connection → the worker that owns it.
-    stream_owners: HashMap<ClientKey, usize>,
-    workers: Vec<Worker>,
-    /// `replies[worker][listener]`: clones of each worker's listener sockets.
-    replies: Vec<Vec<UdpSocket>>,
-    /// relay address → (worker, slot).
-    relays: HashMap<SocketAddr, (usize, RelayId)>,
-    /// allocation client → owning worker.
-    owners: HashMap<FiveTuple, usize>,
-    next_relay: u32,
-    current_worker: usize,
-    relay_opts: UdpOptions,
+    /// Command execution over the workers and their sockets.
+    exec: Executor<Workers>,
     drain: Duration,
     drain_deadline: Option<Instant>,
-    /// Usage of allocations until both the server's end report and every relay's final counters are in.
-    usage: HashMap<AllocationId, PendingUsage>,
-    usage_sink: Option<Sender<UsageRecord>>,
     /// Every worker's counters (for metrics).
     stats: Vec<Arc<WorkerStats>>,
     backend: BackendKind,
-    /// Installed permissions and channels (for metrics).
-    permissions: u64,
-    channels: u64,
     /// The bounds and depth of the workers' STUN copies.
     stun_queue: Arc<StunQueue>,
     /// Workers whose loop ended while the relay was running.
     workers_lost: u64,
     /// Why the relay is stopping with an error (a worker was lost).
     failure: Option<String>,
-    /// Replies to stream clients dropped because the owning worker's mailbox was full.
-    mailbox_full: u64,
     /// A reload waiting for [`ToControl::Reload`].
     staged: Arc<Staged>,
     /// Reload counters (for metrics).
     reloads: Arc<Reloads>,
 }
 
-/// An allocation's usage being assembled from the server's report and its relay sockets' counters.
-#[derive(Debug, Default)]
-struct PendingUsage {
-    client: Option<FiveTuple>,
-    /// The first relayed transport address (for abuse look-ups in the ledger).
-    relayed: Option<std::net::SocketAddr>,
-    identity: Option<Box<str>>,
-    /// When its first relay socket opened (Unix milliseconds).
-    started_ms: u64,
-    /// The server has ended it.
-    ended: bool,
-    /// Why (once `ended`).
-    reason: EndReason,
-    /// The final counters of its closed relay sockets.
-    usage: Counters,
-    /// Relay sockets whose final counters have not arrived.
-    open_relays: usize,
-    /// What the last checkpoint recorded (to skip unchanged ones).
-    checkpointed: Option<Counters>,
+/// The control thread's [`Plane`]: relay sockets bound here, handed to the workers through their
+/// mailboxes; replies sent from clones of the workers' listener sockets.
+#[derive(Debug)]
+struct Workers {
+    /// The XDP maps, programmed by the same route updates as the workers (before them).
+    xdp: crate::xdp::Mirror,
+    workers: Vec<Worker>,
+    /// `replies[worker][listener]`: clones of each worker's listener sockets.
+    replies: Vec<Vec<UdpSocket>>,
+    relay_opts: UdpOptions,
+}
+
+impl Plane for Workers {
+    type Socket = UdpSocket;
+
+    fn bind_relay(&mut self, addr: SocketAddr, dont_fragment: bool) -> io::Result<UdpSocket> {
+        let opts = UdpOptions {
+            dont_fragment,
+            ..self.relay_opts
+        };
+        sys::bind_udp(addr, opts)
+    }
+
+    fn add_relay(&mut self, worker: usize, socket: UdpSocket, update: RouteUpdate) {
+        self.xdp.apply(worker, &update);
+        if let Some(w) = self.workers.get(worker) {
+            w.send(WorkerMsg::AddRelay { socket, update });
+        }
+    }
+
+    /// Applied to the XDP maps first: a removal leaves the kernel before the worker's table, and a
+    /// closed relay's XDP meter is returned to be folded into its usage.
+    fn route(&mut self, worker: usize, update: RouteUpdate) -> Option<(AllocationId, Counters)> {
+        let metered = self.xdp.apply(worker, &update);
+        if let Some(w) = self.workers.get(worker) {
+            w.send(WorkerMsg::Route(update));
+        }
+        metered
+    }
+
+    fn fast_path_live(&self, worker: usize, allocation: AllocationId) -> Counters {
+        self.xdp.live(worker, allocation)
+    }
+
+    fn reply_udp(&mut self, worker: usize, listener: usize, to: FiveTuple, payload: &[u8]) {
+        // A lost worker's sockets are closed: any other worker's socket on the listener will do.
+        let sock = self
+            .replies
+            .get(worker)
+            .and_then(|w| w.get(listener))
+            .or_else(|| self.replies.iter().find_map(|w| w.get(listener)));
+        if let Some(sock) = sock {
+            let _ = sock.send_to(payload, to.client);
+        }
+    }
+
+    fn reply_stream(&mut self, worker: usize, client: ClientKey, payload: &[u8]) -> bool {
+        let msg = WorkerMsg::SendStream {
+            client,
+            bytes: payload.to_vec(),
+        };
+        self.workers.get(worker).is_some_and(|w| w.try_send(msg))
+    }
 }
 
 /// Usage of one allocation: the sum of its relay sockets' counters. An
@@ -663,43 +679,20 @@ impl Control {
                     bytes,
                 }) => {
                     self.stun_queue.taken(bytes.len());
-                    let Some((server_addr, transport)) =
-                        self.listeners.get(usize::from(listener)).copied()
-                    else {
-                        continue;
-                    };
-                    self.current_worker = worker;
-                    if transport.is_stream() {
-                        self.stream_owners
-                            .insert(ClientKey { client, listener }, worker);
-                    }
-                    let five = FiveTuple {
-                        client,
-                        server: server_addr,
-                        transport,
-                    };
-                    self.server
-                        .handle_client_message(now, unix_now(), five, &bytes);
+                    let (server, unix) = (&mut self.server, unix_now());
+                    self.exec
+                        .stun(server, now, unix, worker, listener, client, &bytes);
                 }
                 Ok(ToControl::StreamClosed { listener, client }) => {
-                    self.stream_owners.remove(&ClientKey { client, listener });
-                    if let Some((server_addr, transport)) =
-                        self.listeners.get(usize::from(listener)).copied()
-                    {
-                        let five = FiveTuple {
-                            client,
-                            server: server_addr,
-                            transport,
-                        };
-                        self.server.handle_connection_closed(now, five);
-                    }
+                    self.exec
+                        .stream_closed(&mut self.server, now, listener, client);
                 }
                 Ok(ToControl::RelayClosed {
                     allocation,
                     counters,
-                }) => self.relay_closed(allocation, counters),
+                }) => self.exec.relay_closed(allocation, counters),
                 Ok(ToControl::Counters { worker, counters }) => {
-                    self.checkpoint(worker, &counters, false)
+                    self.exec.checkpoint(worker, &counters, false)
                 }
                 Ok(ToControl::Revoke {
                     identity,
@@ -710,7 +703,7 @@ impl Control {
                     self.server.revoke(&identity, until, terminate);
                 }
                 Ok(ToControl::Checkpoint) => {
-                    for w in &self.workers {
+                    for w in &self.exec.plane.workers {
                         w.send(WorkerMsg::Route(RouteUpdate::ReportCounters));
                     }
                 }
@@ -730,11 +723,11 @@ impl Control {
                     self.server.handle_timeout(now);
                 }
             }
-            self.pump(now);
+            self.exec.pump(&mut self.server, now);
         }
     }
 
-    /// Apply a staged reload; the commands it emits run in the `pump` that follows.
+    /// Apply a staged reload; the commands it emits run in the [`Executor::pump`] that follows.
     fn reload(&mut self) {
         let staged = self.staged.lock().ok().and_then(|mut s| s.take());
         let Some((config, reply)) = staged else {
@@ -755,175 +748,13 @@ impl Control {
         let _ = reply.send(result);
     }
 
-    /// Execute every command, then send every transmit, until the server is quiet.
-    fn pump(&mut self, now: Instant) {
-        loop {
-            let mut busy = false;
-            while let Some(cmd) = self.server.poll_command() {
-                busy = true;
-                self.execute(now, cmd);
-            }
-            while let Some(t) = self.server.poll_transmit() {
-                busy = true;
-                let five = t.to;
-                let Some(listener) = self
-                    .listeners
-                    .iter()
-                    .position(|l| *l == (five.server, five.transport))
-                else {
-                    continue;
-                };
-                if five.transport.is_stream() {
-                    let Ok(listener) = ListenerId::try_from(listener) else {
-                        continue;
-                    };
-                    let key = ClientKey {
-                        client: five.client,
-                        listener,
-                    };
-                    if let Some(&worker) = self.stream_owners.get(&key) {
-                        let msg = WorkerMsg::SendStream {
-                            client: key,
-                            bytes: t.payload.to_vec(),
-                        };
-                        if !self.workers[worker].try_send(msg) {
-                            self.mailbox_full += 1;
-                        }
-                    }
-                    continue;
-                }
-                let worker = self
-                    .owners
-                    .get(&five)
-                    .copied()
-                    .unwrap_or(self.current_worker);
-                // A lost worker's sockets are closed: any other worker's socket on the listener will do.
-                let sock = self
-                    .replies
-                    .get(worker)
-                    .and_then(|w| w.get(listener))
-                    .or_else(|| self.replies.iter().find_map(|w| w.get(listener)));
-                if let Some(sock) = sock {
-                    let _ = sock.send_to(t.payload, five.client);
-                }
-            }
-            if !busy {
-                return;
-            }
-        }
-    }
-
-    fn execute(&mut self, now: Instant, cmd: Command) {
-        match cmd {
-            Command::OpenRelay {
-                allocation,
-                client,
-                relay,
-                dont_fragment,
-            } => {
-                let worker = self.current_worker;
-                let Some(listener) = self.listener_of(client) else {
-                    self.server.handle_relay_failed(now, allocation, relay);
-                    return;
-                };
-                let opts = UdpOptions {
-                    dont_fragment,
-                    ..self.relay_opts
-                };
-                match sys::bind_udp(relay.0, opts) {
-                    Ok(socket) => {
-                        let id = RelayId(self.next_relay);
-                        self.next_relay = self.next_relay.wrapping_add(1);
-                        self.relays.insert(relay.0, (worker, id));
-                        self.owners.insert(client, worker);
-                        let identity = self.server.allocation_identity(allocation);
-                        let pending = self.usage.entry(allocation).or_default();
-                        if pending.client.is_none() {
-                            pending.started_ms = unix_ms();
-                        }
-                        pending.relayed.get_or_insert(relay.0);
-                        pending.client = Some(client);
-                        if pending.identity.is_none() {
-                            pending.identity = identity.map(Box::from);
-                        }
-                        pending.open_relays += 1;
-                        let update = RouteUpdate::AddRelay {
-                            id,
-                            allocation,
-                            addr: relay.0,
-                            client: ClientKey {
-                                client: client.client,
-                                listener,
-                            },
-                        };
-                        self.xdp.apply(worker, &update);
-                        self.workers[worker].send(WorkerMsg::AddRelay { socket, update });
-                        self.server.handle_relay_opened(now, allocation, relay);
-                    }
-                    Err(e) => {
-                        tracing::warn!(relay = %relay.0, "cannot bind relay socket: {e}");
-                        self.server.handle_relay_failed(now, allocation, relay);
-                    }
-                }
-            }
-            Command::CloseRelay { relay, .. } => {
-                if let Some((worker, id)) = self.relays.remove(&relay.0) {
-                    if let Some(update) = table_update(&cmd, id) {
-                        self.route(worker, update);
-                    }
-                }
-            }
-            Command::InstallPermission { relay, .. }
-            | Command::RemovePermission { relay, .. }
-            | Command::InstallChannel { relay, .. }
-            | Command::RemoveChannel { relay, .. } => {
-                match cmd {
-                    Command::InstallPermission { .. } => self.permissions += 1,
-                    Command::RemovePermission { .. } => {
-                        self.permissions = self.permissions.saturating_sub(1)
-                    }
-                    Command::InstallChannel { .. } => self.channels += 1,
-                    _ => self.channels = self.channels.saturating_sub(1),
-                }
-                if let Some(&(worker, id)) = self.relays.get(&relay.0) {
-                    if let Some(update) = table_update(&cmd, id) {
-                        self.route(worker, update);
-                    }
-                }
-            }
-            Command::AllocationEnded {
-                allocation,
-                identity,
-                reason,
-            } => {
-                let pending = self.usage.entry(allocation).or_default();
-                pending.identity = Some(identity);
-                pending.ended = true;
-                pending.reason = reason;
-                if let Some(client) = pending.client {
-                    self.owners.remove(&client);
-                }
-                self.finish_usage(allocation);
-            }
-        }
-    }
-
-    /// Sends `update` to `worker`, after applying it to the XDP maps: a removal leaves the kernel
-    /// before the worker's table, and a closed relay's XDP meter is folded into its usage here.
-    fn route(&mut self, worker: usize, update: RouteUpdate) {
-        if let Some((allocation, xdp)) = self.xdp.apply(worker, &update) {
-            self.usage.entry(allocation).or_default().usage.add(xdp);
-        }
-        self.workers[worker].send(WorkerMsg::Route(update));
-    }
-
     /// Refuse new allocations and stop once the drain period is over.
     fn begin_drain(&mut self, now: Instant) {
         if self.drain_deadline.is_none() {
             tracing::info!(drain = ?self.drain, "shutting down: refusing new allocations while existing ones drain");
             self.server.set_draining(true);
             // Existing allocations drain on the userspace path; the maps stay for the meters.
-            self.xdp.detach();
+            self.exec.plane.xdp.detach();
             // Settings may come from code as well as from the (bounded) config file.
             let drain = self.drain.min(crate::config::MAX_DRAIN);
             self.drain_deadline = now.checked_add(drain).or(Some(now));
@@ -939,75 +770,20 @@ impl Control {
         self.workers_lost += 1;
         self.failure
             .get_or_insert_with(|| format!("worker {worker} exited: {why}"));
-        if let Some(r) = self.replies.get_mut(worker) {
+        if let Some(r) = self.exec.plane.replies.get_mut(worker) {
             // The worker's own clones closed with it; these were the last.
             r.clear();
         }
         self.begin_drain(now);
     }
 
-    fn listener_of(&self, client: FiveTuple) -> Option<ListenerId> {
-        self.listeners
-            .iter()
-            .position(|l| *l == (client.server, client.transport))
-            .and_then(|i| ListenerId::try_from(i).ok())
-    }
-
-    fn relay_closed(&mut self, allocation: AllocationId, c: Counters) {
-        let pending = self.usage.entry(allocation).or_default();
-        pending.usage.add(c);
-        pending.open_relays = pending.open_relays.saturating_sub(1);
-        self.finish_usage(allocation);
-    }
-
-    /// Emit an allocation's usage once the server has ended it and every relay socket has reported.
-    fn finish_usage(&mut self, allocation: AllocationId) {
-        let done = self
-            .usage
-            .get(&allocation)
-            .is_some_and(|p| p.ended && p.open_relays == 0);
-        if !done {
-            return;
-        }
-        let Some(p) = self.usage.remove(&allocation) else {
-            return;
-        };
-        if p.client.is_none() {
-            // Never opened a relay socket (refused or failed): nothing to bill.
-            return;
-        }
-        let record = UsageRecord {
-            allocation: allocation.0,
-            identity: p.identity.unwrap_or_default(),
-            client: p.client,
-            relayed: p.relayed,
-            started_ms: p.started_ms,
-            at_ms: unix_ms(),
-            done: true,
-            end_reason: p.reason,
-            usage: p.usage,
-        };
-        tracing::info!(
-            allocation = record.allocation,
-            identity = %record.identity,
-            to_peer_bytes = record.usage.to_peer_bytes,
-            to_peer_packets = record.usage.to_peer_packets,
-            to_client_bytes = record.usage.to_client_bytes,
-            to_client_packets = record.usage.to_client_packets,
-            "allocation ended"
-        );
-        if let Some(sink) = &self.usage_sink {
-            let _ = sink.send(record);
-        }
-    }
-
     fn stop(mut self, rx: &Receiver<ToControl>) -> io::Result<()> {
         self.final_usage(rx);
-        for w in &self.workers {
+        for w in &self.exec.plane.workers {
             w.send(WorkerMsg::Stop);
         }
         let mut result = Ok(());
-        for w in &mut self.workers {
+        for w in &mut self.exec.plane.workers {
             if let Some(t) = w.thread.take() {
                 if let Ok(Err(e)) = t.join() {
                     result = Err(e);
@@ -1020,28 +796,6 @@ impl Control {
             None => result,
         }
     }
-}
-
-/// The change to a worker's table that `cmd` makes, once its relay socket is known to be `id` in that
-/// worker: the one translation from the server's commands to route updates (the tests' harness uses it
-/// too). `None` for commands that do not change a table by themselves (OpenRelay, AllocationEnded).
-pub(crate) fn table_update(cmd: &Command, id: RelayId) -> Option<RouteUpdate> {
-    Some(match *cmd {
-        Command::CloseRelay { .. } => RouteUpdate::RemoveRelay { id },
-        Command::InstallPermission { peer, .. } => RouteUpdate::AddPermission { relay: id, peer },
-        Command::RemovePermission { peer, .. } => RouteUpdate::RemovePermission { relay: id, peer },
-        Command::InstallChannel { channel, peer, .. } => RouteUpdate::AddChannel {
-            relay: id,
-            channel,
-            peer: peer.0,
-        },
-        Command::RemoveChannel { channel, peer, .. } => RouteUpdate::RemoveChannel {
-            relay: id,
-            channel,
-            peer: peer.0,
-        },
-        Command::OpenRelay { .. } | Command::AllocationEnded { .. } => return None,
-    })
 }
 
 #[cfg(test)]

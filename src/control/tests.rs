@@ -2,9 +2,10 @@
 //! control thread and a worker drive them, with a fake clock and a seeded RNG.
 //!
 //! A client datagram goes into `Core::on_client` first, as on a worker; what the worker hands to the
-//! control thread (`ToControl::Stun`) goes into `Server::handle_client_message`; then the server's output
-//! is drained in the control thread's order ([`Control::pump`](super::Control)): every command is executed
-//! (route updates applied to the worker's table through [`table_update`]) before any transmit. Everything
+//! control thread (`ToControl::Stun`) goes through the control thread's own [`Executor::stun`] into
+//! `Server::handle_client_message`; then the server's output is drained by the control thread's own
+//! [`Executor::pump`]: every command is executed (route updates applied to the worker's table by the
+//! test's [`Plane`], which binds every relay socket) before any transmit. Everything
 //! is recorded in one ordered stream of [`Event`]s, so that a scenario covers request → route update →
 //! datagram and can assert that a route is in place before the response that announces it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -14,15 +15,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::Receiver;
-use hashbrown::HashMap;
 
-use super::table_update;
+use super::exec::{Executor, Plane};
 use crate::dataplane::{Action, Core, Drop, ToControl, HEADROOM, SLOT};
-use crate::route::{ClientKey, Counters, RelayId, RouteUpdate};
+use crate::route::{AllocationId, ClientKey, Counters, RelayId, RouteUpdate};
 use crate::server::tests::{
     client, config, loopback_config, peer, Creds, Harness, SECRET_NEW, UNIX0,
 };
-use crate::server::{Command, Config, FiveTuple, Transport};
+use crate::server::{Config, FiveTuple, Transport};
 use crate::wire::{Attribute, Class, Message, Method};
 
 /// One thing that happened, in order.
@@ -40,15 +40,51 @@ enum Event {
     },
 }
 
+/// The scenario's [`Plane`]: every relay socket binds; route updates are applied to the one worker's
+/// `Core` and recorded, and so are replies, in the order the executor makes them.
+struct Bench {
+    core: Core,
+    events: Vec<Event>,
+}
+
+impl Plane for Bench {
+    type Socket = ();
+
+    fn bind_relay(&mut self, _addr: SocketAddr, _dont_fragment: bool) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn add_relay(&mut self, worker: usize, (): (), update: RouteUpdate) {
+        self.route(worker, update);
+    }
+
+    fn route(&mut self, worker: usize, update: RouteUpdate) -> Option<(AllocationId, Counters)> {
+        assert_eq!(worker, 0, "one worker");
+        self.core.apply(update.clone());
+        self.events.push(Event::Route(update));
+        None
+    }
+
+    fn reply_udp(&mut self, worker: usize, listener: usize, to: FiveTuple, payload: &[u8]) {
+        assert_eq!((worker, listener), (0, 0), "one worker, one listener");
+        self.events.push(Event::Reply {
+            to,
+            bytes: payload.to_vec(),
+        });
+    }
+
+    fn reply_stream(&mut self, _worker: usize, _client: ClientKey, _payload: &[u8]) -> bool {
+        panic!("no stream listener in these scenarios")
+    }
+}
+
 /// A relay of one worker with one UDP listener (`client(_).server`, listener 0).
 struct Relay {
     /// The server, its clock and a request builder.
     h: Harness,
-    core: Core,
+    /// The control thread's command execution (production code) over the test's [`Bench`].
+    exec: Executor<Bench>,
     from_worker: Receiver<ToControl>,
-    /// Relay address → relay socket id, as the control thread keeps them.
-    relays: HashMap<SocketAddr, RelayId>,
-    next_relay: u32,
     /// What the worker reported besides STUN (RelayClosed, counters), in order.
     reports: Vec<ToControl>,
 }
@@ -63,18 +99,39 @@ impl Relay {
         let (tx, rx) = crossbeam_channel::bounded(64);
         let h = Harness::with(config);
         let own = h.server.own_addresses().clone();
+        let bench = Bench {
+            core: Core::new(0, tx, Arc::default(), range, own),
+            events: Vec::new(),
+        };
+        let listeners = vec![(client(0).server, Transport::Udp)];
         Relay {
             h,
-            core: Core::new(0, tx, Arc::default(), range, own),
+            exec: Executor::new(bench, listeners, None),
             from_worker: rx,
-            relays: HashMap::new(),
-            next_relay: 1,
             reports: Vec::new(),
         }
     }
 
     fn listener(&self) -> SocketAddr {
         client(0).server
+    }
+
+    /// The worker's `Core`.
+    fn core(&self) -> &Core {
+        &self.exec.plane.core
+    }
+
+    fn core_mut(&mut self) -> &mut Core {
+        &mut self.exec.plane.core
+    }
+
+    /// The relay socket id of the relay address `relay`, as the control thread assigned it.
+    fn id(&self, relay: SocketAddr) -> RelayId {
+        self.relay_id(relay).expect("a live relay socket")
+    }
+
+    fn relay_id(&self, relay: SocketAddr) -> Option<RelayId> {
+        self.exec.relay(relay).map(|(_, id)| id)
     }
 
     /// A datagram from `five`'s client on the listener, through the worker and, for a STUN request, the
@@ -84,27 +141,33 @@ impl Relay {
         let mut slot = vec![0u8; SLOT];
         slot[HEADROOM..HEADROOM + bytes.len()].copy_from_slice(bytes);
         let mut events = Vec::new();
-        if let Action::Forward(f) = self.core.on_client(0, five.client, &mut slot, bytes.len()) {
-            let src = self.core.table().relay(f.bill.relay).unwrap().addr;
+        if let Action::Forward(f) =
+            self.core_mut()
+                .on_client(0, five.client, &mut slot, bytes.len())
+        {
+            let src = self.core().table().relay(f.bill.relay).unwrap().addr;
             events.push(Event::Relayed {
                 src,
                 dst: f.dst,
                 bytes: slot[f.range.clone()].to_vec(),
             });
-            self.core.sent(f.bill);
+            self.core_mut().sent(f.bill);
         }
         while let Ok(msg) = self.from_worker.try_recv() {
-            let ToControl::Stun { client, bytes, .. } = msg else {
+            let ToControl::Stun {
+                worker,
+                listener,
+                client,
+                bytes,
+            } = msg
+            else {
                 self.reports.push(msg);
                 continue;
             };
-            let five = FiveTuple {
-                client,
-                server: self.listener(),
-                transport: Transport::Udp,
-            };
             let (now, unix) = (self.h.now, self.h.unix());
-            self.h.server.handle_client_message(now, unix, five, &bytes);
+            let server = &mut self.h.server;
+            self.exec
+                .stun(server, now, unix, worker, listener, client, &bytes);
             events.extend(self.pump());
         }
         events
@@ -112,12 +175,12 @@ impl Relay {
 
     /// A datagram from `from` to the relay address `relay`.
     fn peer(&mut self, relay: SocketAddr, from: SocketAddr, payload: &[u8]) -> Vec<Event> {
-        let id = self.relays[&relay];
+        let id = self.id(relay);
         let mut slot = vec![0u8; SLOT];
         slot[HEADROOM..HEADROOM + payload.len()].copy_from_slice(payload);
-        match self.core.on_peer(id, from, &mut slot, payload.len()) {
+        match self.core_mut().on_peer(id, from, &mut slot, payload.len()) {
             Action::Forward(f) => {
-                self.core.sent(f.bill);
+                self.core_mut().sent(f.bill);
                 vec![Event::Relayed {
                     src: self.listener(),
                     dst: f.dst,
@@ -135,72 +198,11 @@ impl Relay {
         self.pump()
     }
 
-    /// The control thread's drain: commands (executed) before transmits, until both are empty.
+    /// The control thread's drain ([`Executor::pump`]): what it executed and sent, in order.
     fn pump(&mut self) -> Vec<Event> {
-        let mut events = Vec::new();
-        loop {
-            let mut busy = false;
-            while let Some(cmd) = self.h.server.poll_command() {
-                busy = true;
-                self.execute(cmd, &mut events);
-            }
-            while let Some(t) = self.h.server.poll_transmit() {
-                busy = true;
-                events.push(Event::Reply {
-                    to: t.to,
-                    bytes: t.payload.to_vec(),
-                });
-            }
-            if !busy {
-                return events;
-            }
-        }
-    }
-
-    /// What `Control::execute` does with a command, with a data plane that binds every relay socket.
-    fn execute(&mut self, cmd: Command, events: &mut Vec<Event>) {
-        let update = match &cmd {
-            Command::OpenRelay {
-                allocation,
-                client,
-                relay,
-                ..
-            } => {
-                let id = RelayId(self.next_relay);
-                self.next_relay += 1;
-                self.relays.insert(relay.0, id);
-                let update = RouteUpdate::AddRelay {
-                    id,
-                    allocation: *allocation,
-                    addr: relay.0,
-                    client: ClientKey {
-                        client: client.client,
-                        listener: 0,
-                    },
-                };
-                self.core.apply(update.clone());
-                events.push(Event::Route(update));
-                let now = self.h.now;
-                self.h.server.handle_relay_opened(now, *allocation, *relay);
-                return;
-            }
-            Command::CloseRelay { relay, .. } => self
-                .relays
-                .remove(&relay.0)
-                .and_then(|id| table_update(&cmd, id)),
-            Command::InstallPermission { relay, .. }
-            | Command::RemovePermission { relay, .. }
-            | Command::InstallChannel { relay, .. }
-            | Command::RemoveChannel { relay, .. } => self
-                .relays
-                .get(&relay.0)
-                .and_then(|id| table_update(&cmd, *id)),
-            Command::AllocationEnded { .. } => None,
-        };
-        if let Some(update) = update {
-            self.core.apply(update.clone());
-            events.push(Event::Route(update));
-        }
+        let now = self.h.now;
+        self.exec.pump(&mut self.h.server, now);
+        std::mem::take(&mut self.exec.plane.events)
     }
 
     fn request(
@@ -308,7 +310,7 @@ fn channel_bind_is_routed_before_it_is_answered_and_channel_data_flows_both_ways
     let mut r = Relay::new();
     let alice = Creds::alice();
     let relay = r.allocate(client(1), &alice);
-    let id = r.relays[&relay];
+    let id = r.id(relay);
 
     let events = r.bind(client(1), &alice, 0x4000, peer(1));
     assert!(matches!(&events[..], [
@@ -333,7 +335,7 @@ fn channel_bind_is_routed_before_it_is_answered_and_channel_data_flows_both_ways
     );
     // An unbound channel is dropped and counted.
     assert!(r.client(client(1), &channel_data(0x4001, b"x")).is_empty());
-    assert_eq!(r.core.stats().drops(Drop::NoChannel), 1);
+    assert_eq!(r.core().stats().drops(Drop::NoChannel), 1);
 }
 
 #[test]
@@ -344,7 +346,7 @@ fn send_needs_a_permission_and_peer_data_without_a_channel_is_a_data_indication(
 
     assert!(r.send(client(1), peer(1), b"early").is_empty());
     assert!(r.peer(relay, peer(1), b"early").is_empty());
-    assert_eq!(r.core.stats().drops(Drop::NoPermission), 2);
+    assert_eq!(r.core().stats().drops(Drop::NoPermission), 2);
 
     let events = r.permit(client(1), &alice, peer(1));
     assert!(matches!(
@@ -375,7 +377,7 @@ fn send_needs_a_permission_and_peer_data_without_a_channel_is_a_data_indication(
     let events = r.advance(Duration::from_secs(301));
     assert!(
         events.contains(&Event::Route(RouteUpdate::RemovePermission {
-            relay: r.relays[&relay],
+            relay: r.id(relay),
             peer: peer(1).ip(),
         }))
     );
@@ -408,7 +410,7 @@ fn usage_is_what_the_worker_sent_and_is_reported_when_the_relay_closes() {
         &[Attribute::Lifetime(0)],
         Some(&alice),
     );
-    let id = r.relays.get(&relay).copied();
+    let id = r.relay_id(relay);
     assert_eq!(id, None, "the relay socket is closed");
     assert!(events
         .iter()
@@ -590,7 +592,7 @@ fn an_explicit_allow_opens_the_relays_own_ip_but_not_its_service_ports_or_relay_
         assert!(r.peer(relay, peer, b"no").is_empty(), "{peer}");
     }
     assert_eq!(
-        r.core.stats().drops(Drop::OwnAddress),
+        r.core().stats().drops(Drop::OwnAddress),
         2 * closed.len() as u64
     );
 }
@@ -615,7 +617,7 @@ fn an_expired_channel_stops_relaying_but_its_permission_may_outlive_it() {
         "{events:?}"
     );
     assert!(r.client(client(1), &channel_data(0x4000, b"x")).is_empty());
-    assert_eq!(r.core.stats().drops(Drop::NoChannel), 1);
+    assert_eq!(r.core().stats().drops(Drop::NoChannel), 1);
     // Peer data now comes as a Data indication (the permission still holds).
     let events = r.peer(relay, peer(1), b"y");
     let [Event::Relayed { bytes, .. }] = &events[..] else {
@@ -667,7 +669,7 @@ fn nothing_is_relayed_once_the_allocation_is_gone() {
     let mut r = Relay::new();
     let alice = Creds::alice();
     let relay = r.allocate(client(1), &alice);
-    let id = r.relays[&relay];
+    let id = r.id(relay);
     r.bind(client(1), &alice, 0x4000, peer(1));
     r.request(
         client(1),
@@ -675,12 +677,15 @@ fn nothing_is_relayed_once_the_allocation_is_gone() {
         &[Attribute::Lifetime(0)],
         Some(&alice),
     );
-    assert_eq!(r.core.table().relay_count(), 0);
+    assert_eq!(r.core().table().relay_count(), 0);
     assert!(r.client(client(1), &channel_data(0x4000, b"x")).is_empty());
     assert!(r.send(client(1), peer(1), b"x").is_empty());
     let mut slot = vec![0u8; SLOT];
-    assert_eq!(r.core.on_peer(id, peer(1), &mut slot, 1), Action::Done);
-    let s = r.core.stats();
+    assert_eq!(
+        r.core_mut().on_peer(id, peer(1), &mut slot, 1),
+        Action::Done
+    );
+    let s = r.core().stats();
     assert_eq!(
         (
             s.drops(Drop::NoChannel),
@@ -696,7 +701,7 @@ fn a_revoked_identity_is_relayed_nothing_once_its_allocation_is_terminated() {
     let mut r = Relay::new();
     let carol = Creds::rest(SECRET_NEW, "carol", UNIX0 + 3600);
     let relay = r.allocate(client(1), &carol);
-    let id = r.relays[&relay];
+    let id = r.id(relay);
     r.bind(client(1), &carol, 0x4000, peer(1));
     assert_eq!(
         r.client(client(1), &channel_data(0x4000, b"x")),
@@ -710,11 +715,14 @@ fn a_revoked_identity_is_relayed_nothing_once_its_allocation_is_terminated() {
         Event::Route(RouteUpdate::RemoveChannel { peer: p, .. }) if *p == peer(1))),
         "{events:?}"
     );
-    assert_eq!(r.core.table().relay_count(), 0, "{events:?}");
+    assert_eq!(r.core().table().relay_count(), 0, "{events:?}");
     assert!(r.client(client(1), &channel_data(0x4000, b"x")).is_empty());
     let mut slot = vec![0u8; SLOT];
-    assert_eq!(r.core.on_peer(id, peer(1), &mut slot, 1), Action::Done);
-    let s = r.core.stats();
+    assert_eq!(
+        r.core_mut().on_peer(id, peer(1), &mut slot, 1),
+        Action::Done
+    );
+    let s = r.core().stats();
     assert_eq!((s.drops(Drop::NoChannel), s.drops(Drop::NoRelay)), (1, 1));
 }
 
@@ -772,7 +780,7 @@ mod random {
             let peers = [peer(1), peer(2), sa("8.8.8.8:53"), own(12345), own(50050), bob_relay];
             let mut permitted = std::collections::HashSet::new();
             let mut billed = Counters::default();
-            let alloc = r.core.table().relay(r.relays[&relay]).unwrap().allocation;
+            let alloc = r.core().table().relay(r.id(relay)).unwrap().allocation;
             for op in ops {
                 let events = match op {
                     Op::Permit(p) => r.permit(client(1), &alice, peers[p]),
@@ -781,7 +789,7 @@ mod random {
                     Op::ChannelData(c, n) => {
                         r.client(client(1), &channel_data(c, &vec![n; usize::from(n)]))
                     }
-                    Op::Peer(p, n) if r.relays.contains_key(&relay) => {
+                    Op::Peer(p, n) if r.relay_id(relay).is_some() => {
                         let events = r.peer(relay, peers[p], &vec![n; usize::from(n)]);
                         if !events.is_empty() {
                             billed.to_client_bytes += u64::from(n);
@@ -870,7 +878,7 @@ fn a_reloaded_peer_policy_removes_denied_permissions_and_channels_and_the_data_p
     let mut r = Relay::new();
     let alice = Creds::alice();
     let relay = r.allocate(client(1), &alice);
-    let id = r.relays[&relay];
+    let id = r.id(relay);
     let (denied, kept) = (peer(1), sa("9.9.9.9:7000"));
     assert!(success(&r.bind(client(1), &alice, 0x4000, denied)));
     assert!(success(&r.bind(client(1), &alice, 0x4001, kept)));
@@ -1072,7 +1080,7 @@ fn behind_one_to_one_nat_clients_see_the_public_address_and_relay_to_each_other(
     assert_eq!((alice_pub.ip(), bob_pub.ip()), (public, public));
     let bound = |a: SocketAddr| SocketAddr::new(private, a.port());
     assert!(
-        r.relays.contains_key(&bound(alice_pub)),
+        r.relay_id(bound(alice_pub)).is_some(),
         "bound on the private IP"
     );
 

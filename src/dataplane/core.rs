@@ -7,8 +7,6 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_channel::TrySendError;
-
 use super::{ControlTx, Drop, ToControl, WorkerStats, HEADROOM};
 use crate::budget::{SourceLimiter, MAX_AMPLIFICATION};
 use crate::policy::OwnAddresses;
@@ -274,17 +272,13 @@ impl Core {
                 },
             });
         }
-        let msg = ToControl::Stun {
-            worker: self.worker,
-            listener,
-            client: from,
-            bytes: data.to_vec(),
-        };
-        match self.to_control.try_send(msg) {
-            Ok(()) => Action::Done,
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.drop(Drop::ControlBusy)
-            }
+        if self
+            .to_control
+            .try_send_stun(self.worker, listener, from, data)
+        {
+            Action::Done
+        } else {
+            self.drop(Drop::ControlBusy)
         }
     }
 

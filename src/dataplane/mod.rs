@@ -44,7 +44,7 @@ use std::sync::Arc;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crossbeam_channel::{Receiver, SendError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, SendError, Sender};
 use crossbeam_utils::CachePadded;
 
 pub use self::core::{Action, Bill, Core, Direction, Forward, Out};
@@ -140,7 +140,7 @@ pub enum ToControl {
 /// The workers' end of the control queue: one FIFO for everything (so that a STUN message and the
 /// `StreamClosed` after it arrive in that order), with an admission bound for STUN copies only.
 ///
-/// - [`ControlTx::try_send`] of a [`ToControl::Stun`] is admitted only while the queued STUN messages
+/// - [`ControlTx::try_send_stun`] of a [`ToControl::Stun`] is admitted only while the queued STUN messages
 ///   stay within [`StunQueue`]'s count and byte bounds; otherwise it is refused at once and the worker
 ///   drops and counts it ([`Drop::ControlBusy`]). A worker never waits for the control thread.
 /// - [`ControlTx::send`] (accounting: `RelayClosed`, `StreamClosed`, `Counters`, `WorkerExited`) is
@@ -218,16 +218,31 @@ impl ControlTx {
         self.tx.send(msg)
     }
 
-    /// Queue a message that may be refused: a STUN copy beyond the bounds is refused with `Full`.
-    pub fn try_send(&self, msg: ToControl) -> Result<(), TrySendError<ToControl>> {
-        let len = match &msg {
-            ToControl::Stun { bytes, .. } => bytes.len(),
-            _ => return self.tx.try_send(msg),
-        };
+    /// Queue a copy of the STUN message `bytes` that `worker` received from `client` on `listener`,
+    /// if the bounds admit it; false if refused. Admission is decided first, so that a refused message
+    /// costs no copy (no allocation under overload).
+    pub fn try_send_stun(
+        &self,
+        worker: usize,
+        listener: ListenerId,
+        client: SocketAddr,
+        bytes: &[u8],
+    ) -> bool {
+        let len = bytes.len();
         if !self.stun.admit(len) {
-            return Err(TrySendError::Full(msg));
+            return false;
         }
-        self.tx.try_send(msg).inspect_err(|_| self.stun.taken(len))
+        let msg = ToControl::Stun {
+            worker,
+            listener,
+            client,
+            bytes: bytes.to_vec(),
+        };
+        if self.tx.try_send(msg).is_err() {
+            self.stun.taken(len);
+            return false;
+        }
+        true
     }
 }
 

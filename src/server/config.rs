@@ -51,8 +51,9 @@ pub struct Config {
     pub max_channels_per_identity: usize,
     /// Whether Binding requests need long-term credentials.
     pub binding_requires_auth: bool,
-    /// Advertise PASSWORD-ALGORITHMS (MD5, SHA-256) with the RFC 8489 nonce cookie. Off by default: it
-    /// makes every 401 28 bytes larger, past 3× a minimal Allocate, so validation refuses it.
+    /// Advertise PASSWORD-ALGORITHMS (MD5, SHA-256) with the RFC 8489 nonce cookie. It makes the 401
+    /// 28 bytes larger, so over UDP it is advertised only to requests that the larger 401 stays within
+    /// 3× of (a minimal Allocate gets the plain 401); TCP and TLS clients always get it.
     pub password_algorithms: bool,
     /// Which peers may be relayed to.
     pub peer_policy: PeerPolicy,
@@ -148,17 +149,6 @@ impl Config {
                      {MIN_ALLOCATE}-byte Allocate ({limit}), so it would never be sent over UDP; use \
                      at most {room} bytes",
                     self.realm
-                ),
-            );
-        }
-        let advertised = challenge_len(&self.realm, true);
-        if self.password_algorithms && advertised > limit {
-            return err(
-                "password_algorithms",
-                &format!(
-                    "PASSWORD-ALGORITHMS and its longer nonce make the 401 {advertised} bytes, more \
-                     than {MAX_AMPLIFICATION}× a minimal {MIN_ALLOCATE}-byte Allocate ({limit}), so \
-                     it would never be sent over UDP; turn it off"
                 ),
             );
         }

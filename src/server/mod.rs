@@ -53,6 +53,10 @@ use ports::PortPool;
 /// in [`MAX_AMPLIFICATION`]× this, or a client could never be challenged.
 pub(crate) const MIN_ALLOCATE: usize = wire::HEADER_LEN + 8;
 
+/// What PASSWORD-ALGORITHMS advertises, in order of the server's preference (RFC 8489 §14.11): both
+/// without parameters, 4 bytes each on the wire.
+const ADVERTISED_ALGORITHMS: [u16; 2] = [password_algorithm::MD5, password_algorithm::SHA256];
+
 /// UDP's protocol number, the only REQUESTED-TRANSPORT a UDP relay serves (RFC 8656 §7.2).
 const PROTO_UDP: u8 = 17;
 /// Bytes of queued transmits after which new ones are dropped (the caller is not draining).
@@ -134,12 +138,18 @@ pub struct Server<R> {
     limiter: SourceLimiter,
     /// The relay's own addresses and which relayed addresses are live, shared with the workers.
     own: Arc<OwnAddresses>,
+    /// With `password_algorithms`: the size of the 401 that advertises them (without FINGERPRINT),
+    /// to tell which requests it fits ([`Server::advertises_algorithms`]).
+    advertised_challenge: Option<usize>,
 }
 
 impl<R: RngCore> Server<R> {
     /// A server with `config`, drawing randomness from `rng` (a CSPRNG in production; seeded in tests).
     pub fn new(config: Config, mut rng: R) -> Result<Self, ConfigError> {
         config.validate()?;
+        let advertised_challenge = config
+            .password_algorithms
+            .then(|| challenge_len(&config.realm, true));
         let nonce_key = NonceKey::random(&mut rng);
         let limiter = SourceLimiter::new(config.challenge_rate, [rng.next_u64(), rng.next_u64()]);
         let (users, userhashes) = static_users(&config);
@@ -178,6 +188,7 @@ impl<R: RngCore> Server<R> {
             stats: Stats::default(),
             limiter,
             own,
+            advertised_challenge,
         })
     }
 
@@ -1205,17 +1216,14 @@ impl<R: RngCore> Server<R> {
             match (a.password_algorithms, a.password_algorithm) {
                 (None, None) => {}
                 (Some(list), Some((alg, params))) => {
-                    let mut ours = [0u8; 8];
-                    let ours = wire::password_algorithms(
-                        &[password_algorithm::MD5, password_algorithm::SHA256],
-                        &mut ours,
-                    )
-                    .ok()
-                    .and_then(|a| match a {
-                        Attribute::PasswordAlgorithms(l) => Some(l.as_bytes()),
-                        _ => None,
-                    })
-                    .unwrap_or_default();
+                    let mut ours = [0u8; 4 * ADVERTISED_ALGORITHMS.len()];
+                    let ours = wire::password_algorithms(&ADVERTISED_ALGORITHMS, &mut ours)
+                        .ok()
+                        .and_then(|a| match a {
+                            Attribute::PasswordAlgorithms(l) => Some(l.as_bytes()),
+                            _ => None,
+                        })
+                        .unwrap_or_default();
                     if list.as_bytes() != ours || !params.is_empty() {
                         return Err(Reject::BadRequest);
                     }
@@ -1336,7 +1344,7 @@ impl<R: RngCore> Server<R> {
             }
             Reject::StaleNonce => ErrorCode::StaleNonce,
         };
-        let algorithms = self.config.password_algorithms;
+        let algorithms = self.advertises_algorithms(five, msg);
         let features = if algorithms {
             FEATURE_PASSWORD_ALGORITHMS
         } else {
@@ -1367,6 +1375,24 @@ impl<R: RngCore> Server<R> {
             }
             Reject::BadRequest => {}
         }
+    }
+
+    /// Whether the 401 or 438 to `req` advertises PASSWORD-ALGORITHMS (RFC 8489 §9.2.4), with the
+    /// nonce cookie's feature bit that records it. Only where that longer answer fits: always to TCP
+    /// and TLS clients (exempt from the amplification bound), and over UDP when it stays within
+    /// [`MAX_AMPLIFICATION`]× the request; a smaller UDP request gets the plain 401 with a featureless
+    /// nonce. Bid-down protection holds per client: [`Server::authenticate`] reads the feature bits from
+    /// the nonce, which the MAC covers, so a client is held to exactly what it was told.
+    fn advertises_algorithms(&self, five: FiveTuple, req: &Message<'_>) -> bool {
+        let Some(len) = self.advertised_challenge else {
+            return false;
+        };
+        let fingerprint = if req.attrs.fingerprint.is_some() {
+            wire::FINGERPRINT_LEN
+        } else {
+            0
+        };
+        five.transport.is_stream() || len + fingerprint <= udp_answer_limit(req)
     }
 
     /// Answer 420 if the request carries unknown comprehension-required attributes (RFC 8489 §6.3.1.1).
@@ -1410,7 +1436,7 @@ impl<R: RngCore> Server<R> {
             Answer::Unauthenticated(now) => (None, Some(now)),
         };
         let max_len = match budget {
-            Some(_) => (MAX_AMPLIFICATION * req.as_bytes().len()).min(MAX_RESPONSE),
+            Some(_) => udp_answer_limit(req),
             None => MAX_RESPONSE,
         };
         let mut refused = None;
@@ -1476,6 +1502,11 @@ impl<R: RngCore> Server<R> {
     }
 }
 
+/// The largest unauthenticated answer to `req` over UDP: [`MAX_AMPLIFICATION`]× its size (design §3).
+fn udp_answer_limit(req: &Message<'_>) -> usize {
+    (MAX_AMPLIFICATION * req.as_bytes().len()).min(MAX_RESPONSE)
+}
+
 /// Append MESSAGE-INTEGRITY(-SHA256) with the request's key and FINGERPRINT when the request had one.
 fn finish(
     mut w: MessageWriter<'_>,
@@ -1508,17 +1539,18 @@ fn challenge_body(
     w.add(&Attribute::Realm(realm))?;
     w.add(&Attribute::Nonce(nonce))?;
     if algorithms {
-        let mut scratch = [0u8; 8];
+        let mut scratch = [0u8; 4 * ADVERTISED_ALGORITHMS.len()];
         w.add(&wire::password_algorithms(
-            &[password_algorithm::MD5, password_algorithm::SHA256],
+            &ADVERTISED_ALGORITHMS,
             &mut scratch,
         )?)?;
     }
     Ok(())
 }
 
-/// Size of the 401 that a request without FINGERPRINT gets with `realm` and `password_algorithms`: what
-/// config validation holds to [`MAX_AMPLIFICATION`]× a [`MIN_ALLOCATE`]-byte Allocate.
+/// Size of the 401 that a request without FINGERPRINT gets with `realm`, advertising
+/// PASSWORD-ALGORITHMS or not. Config validation holds the plain one to [`MAX_AMPLIFICATION`]× a
+/// [`MIN_ALLOCATE`]-byte Allocate; the advertising one decides which UDP requests may get it.
 fn challenge_len(realm: &str, password_algorithms: bool) -> usize {
     let features = if password_algorithms {
         FEATURE_PASSWORD_ALGORITHMS

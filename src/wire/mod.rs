@@ -29,6 +29,8 @@ pub const HEADER_LEN: usize = 20;
 pub const CHANNEL_HEADER_LEN: usize = 4;
 /// The value XORed into the CRC-32 of FINGERPRINT (RFC 8489 §14.7).
 pub const FINGERPRINT_XOR: u32 = 0x5354_554E;
+/// Size of a FINGERPRINT attribute on the wire: its 4-byte header and the CRC-32 (RFC 8489 §14.7).
+pub const FINGERPRINT_LEN: usize = 8;
 
 /// Why bytes were rejected. Small and `Copy` so that the hot path can count it without formatting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -84,7 +84,7 @@ impl<'b> MessageWriter<'b> {
     /// Append FINGERPRINT (RFC 8489 §14.7). It must be the last attribute.
     pub fn add_fingerprint(&mut self) -> Result<(), Error> {
         let at = self.len;
-        self.reserve(t::FINGERPRINT, 4)?;
+        self.reserve(t::FINGERPRINT, super::FINGERPRINT_LEN - 4)?;
         let crc = fingerprint(self.buf, at);
         self.buf[at + 4..at + 8].copy_from_slice(&crc.to_be_bytes());
         Ok(())

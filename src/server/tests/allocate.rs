@@ -118,17 +118,150 @@ fn settings_that_would_push_the_challenge_past_3x_are_refused() {
     assert_eq!(e.key, "realm");
     assert!(e.problem.contains("the 401 88 bytes"), "{e}");
     assert!(e.problem.contains("at most 12 bytes"), "{e}");
-    // PASSWORD-ALGORITHMS and the RFC 8489 nonce cookie add 28 bytes: refused whatever the realm.
-    let e = Server::new(
+    // PASSWORD-ALGORITHMS and the RFC 8489 nonce cookie add 28 bytes; that 401 goes only where it fits
+    // (see `password_algorithms_are_advertised_only_where_the_401_fits`), so the setting is accepted.
+    assert_eq!(super::super::challenge_len(REALM, true), 108);
+    assert!(Server::new(
         Config {
-            realm: "t".into(),
             password_algorithms: true,
             ..config()
         },
         StdRng::seed_from_u64(1),
     )
-    .unwrap_err();
-    assert_eq!(e.key, "password_algorithms", "{e}");
+    .is_ok());
+}
+
+fn with_algorithms() -> Harness {
+    Harness::with(Config {
+        password_algorithms: true,
+        ..config()
+    })
+}
+
+/// The RFC 8489 §9.2 cookie that opens a nonce advertising security features.
+const NONCE_COOKIE: &str = "obMatJos2";
+
+/// The types of the attributes of `m`, in order.
+fn types(m: &Message<'_>) -> Vec<u16> {
+    m.attributes().map(|a| a.typ()).collect()
+}
+
+/// RFC 8489 §9.2.4 with design §3: PASSWORD-ALGORITHMS (and the nonce's feature bit) is advertised over
+/// UDP only to a request its 401 stays within 3× of, and always over TCP; a minimal Allocate gets the
+/// plain 401 with a featureless nonce.
+#[test]
+fn password_algorithms_are_advertised_only_where_the_401_fits() {
+    let mut h = with_algorithms();
+    // 28 bytes: the 108-byte 401 would be 3.9×, so the plain one (80 bytes) goes out.
+    let out = h.challenge(client(1));
+    let m = out.one().msg();
+    assert_eq!(m.as_bytes().len(), 80);
+    assert_eq!(
+        types(&m),
+        vec![attr_type::ERROR_CODE, attr_type::REALM, attr_type::NONCE]
+    );
+    assert!(!m.attrs.nonce.unwrap().starts_with(NONCE_COOKIE));
+    // 36 bytes (SOFTWARE "abcd"): 3× is 108, exactly the advertising 401.
+    let attrs = [RT_UDP, Attribute::Software("abcd")];
+    let out = h.request(client(2), Method::ALLOCATE, &attrs, None);
+    let m = out.one().msg();
+    assert_eq!(m.attrs.error_code.map(|e| e.0), Some(401));
+    assert_eq!(m.as_bytes().len(), 108);
+    assert_eq!(
+        types(&m),
+        vec![
+            attr_type::ERROR_CODE,
+            attr_type::REALM,
+            attr_type::NONCE,
+            attr_type::PASSWORD_ALGORITHMS
+        ]
+    );
+    assert!(m.attrs.nonce.unwrap().starts_with(NONCE_COOKIE));
+    // TCP clients cannot spoof their source: a minimal Allocate gets the advertising 401.
+    let tcp = FiveTuple {
+        transport: Transport::Tcp,
+        ..client(3)
+    };
+    let out = h.request(tcp, Method::ALLOCATE, &[RT_UDP], None);
+    let m = out.one().msg();
+    assert!(m.attrs.password_algorithms.is_some());
+    assert!(m.attrs.nonce.unwrap().starts_with(NONCE_COOKIE));
+    assert_eq!(h.server.stats().amplification_refused, 0);
+    assert_eq!(h.server.stats().challenges, 3);
+}
+
+/// An Allocate signed with `key` (MESSAGE-INTEGRITY), echoing `list` as PASSWORD-ALGORITHMS and choosing
+/// `choice`, with the harness's nonce for `five`.
+fn allocate_choosing(
+    h: &mut Harness,
+    five: FiveTuple,
+    list: Option<&[u16]>,
+    choice: Option<u16>,
+    key: &[u8],
+) -> Out {
+    let tid = h.next_tid();
+    let nonce = h.nonces[&five.client].clone();
+    let mut buf = [0u8; 512];
+    let typ = MessageType::new(Method::ALLOCATE, Class::Request);
+    let mut w = MessageWriter::new(&mut buf, typ, tid).unwrap();
+    w.add(&RT_UDP).unwrap();
+    let mut scratch = [0u8; 16];
+    if let Some(list) = list {
+        w.add(&wire::password_algorithms(list, &mut scratch).unwrap())
+            .unwrap();
+    }
+    if let Some(algorithm) = choice {
+        w.add(&Attribute::PasswordAlgorithm {
+            algorithm,
+            params: &[],
+        })
+        .unwrap();
+    }
+    w.add(&Attribute::Username("alice")).unwrap();
+    w.add(&Attribute::Realm(REALM)).unwrap();
+    w.add(&Attribute::Nonce(&nonce)).unwrap();
+    w.add_integrity(key).unwrap();
+    let n = w.finish();
+    h.send(five, &buf[..n])
+}
+
+/// RFC 8489 §9.2.4: with an advertising nonce, a client may pick SHA-256 by echoing the list exactly;
+/// an altered list (bid-down) or a list without a choice gets 400; neither attribute means MD5. A
+/// featureless nonce (the plain 401) holds the client to MD5.
+#[test]
+fn sha256_is_chosen_against_the_advertised_list() {
+    use crate::wire::password_algorithm::{MD5, SHA256};
+    let md5 = Creds::alice().key;
+    let sha256 = crate::auth::long_term_key_sha256("alice", REALM, "alice-pass");
+    let mut h = with_algorithms();
+    let big = [RT_UDP, Attribute::Software("abcd")];
+    let featured = |h: &mut Harness, n: u16| {
+        let out = h.request(client(n), Method::ALLOCATE, &big, None);
+        let nonce = out.one().msg().attrs.nonce.unwrap().to_string();
+        assert!(nonce.starts_with(NONCE_COOKIE));
+        h.nonces.insert(client(n).client, nonce);
+    };
+    featured(&mut h, 1);
+    let both: &[u16] = &[MD5, SHA256];
+    let out = allocate_choosing(&mut h, client(1), Some(both), Some(SHA256), &sha256);
+    assert!(out.sent.is_empty(), "{:?}", out.sent);
+    assert_eq!(opened(&out.commands).1.len(), 1);
+    // Bid-down: the echoed list differs from what was advertised.
+    featured(&mut h, 2);
+    let out = allocate_choosing(&mut h, client(2), Some(&[SHA256]), Some(SHA256), &sha256);
+    assert_eq!(out.error(), Some(400));
+    let out = allocate_choosing(&mut h, client(2), Some(both), None, &md5);
+    assert_eq!(out.error(), Some(400));
+    // Neither attribute: MD5, as RFC 8489 §9.2.4 allows.
+    let out = allocate_choosing(&mut h, client(2), None, None, &md5);
+    assert!(out.sent.is_empty(), "{:?}", out.sent);
+    assert_eq!(opened(&out.commands).1.len(), 1);
+    // A featureless nonce: the SHA-256 key is not in play, only MD5 verifies.
+    h.challenge(client(3));
+    let out = allocate_choosing(&mut h, client(3), Some(both), Some(SHA256), &sha256);
+    assert_eq!(out.error(), Some(401));
+    let out = allocate_choosing(&mut h, client(3), None, None, &md5);
+    assert!(out.sent.is_empty(), "{:?}", out.sent);
 }
 
 #[test]
