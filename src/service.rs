@@ -10,6 +10,7 @@
 //! May use: every module.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -74,6 +75,9 @@ pub fn start(config: &RelayConfig) -> io::Result<Service> {
 
 /// Start with explicit relay settings (tests adjust them); `config` supplies the API and metering.
 pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Service> {
+    let started_unix = unix_ms() / 1000;
+    // Batches the usage writer could not store (`/metrics`).
+    let write_failures = Arc::new(AtomicU64::new(0));
     let mut store = None;
     let mut writer = None;
     if let Some(u) = &config.fixed.usage {
@@ -101,6 +105,7 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
             let (stop, stopped) = bounded::<()>(1);
             let (every, retention) = (u.checkpoint, u.retention);
             let tick = to_control.clone();
+            let failures = write_failures.clone();
             let t = std::thread::Builder::new()
                 .name("turnpike-checkpoint".into())
                 .spawn(move || loop {
@@ -117,7 +122,7 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
             Some(
                 std::thread::Builder::new()
                     .name("turnpike-usage".into())
-                    .spawn(move || write_usage(store, &rx, retention))?,
+                    .spawn(move || write_usage(store, &rx, retention, &failures))?,
             )
         }
         _ => None,
@@ -158,6 +163,8 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
                 .map_err(io::Error::other)?;
             let revoke_tx = to_control.clone();
             let metrics_tx = to_control.clone();
+            let streams = relay.streams().clone();
+            let stream_listeners = !(relay.tcp_addrs().is_empty() && relay.tls_addrs().is_empty());
             let hooks = Hooks {
                 revoke: Box::new(move |identity, until, terminate| {
                     let _ = revoke_tx.send(ToControl::Revoke {
@@ -169,7 +176,15 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
                 metrics: Box::new(move || {
                     let (tx, rx) = bounded(1);
                     metrics_tx.send(ToControl::Metrics(tx)).ok()?;
-                    rx.recv_timeout(Duration::from_secs(2)).ok()
+                    let mut snap = rx.recv_timeout(Duration::from_secs(2)).ok()?;
+                    // What the control thread does not hold: the process's start, the stream
+                    // side's connection counts, the usage writer's failures.
+                    snap.started_unix = started_unix;
+                    if stream_listeners {
+                        snap.streams = streams.stats.snapshot();
+                    }
+                    snap.usage_write_failures = write_failures.load(Ordering::Relaxed);
+                    Some(snap)
                 }),
             };
             let db = a.revocations_db.clone();
@@ -279,7 +294,12 @@ pub fn load_tls(files: &TlsFiles, keys: [&str; 2]) -> Result<Arc<rustls::ServerC
 
 /// The usage writer: stores records in batches as they come, and prunes rows older than `retention`
 /// at start and every [`usage::PRUNE_EVERY`].
-fn write_usage(mut store: usage::Store, rx: &Receiver<UsageRecord>, retention: Duration) {
+fn write_usage(
+    mut store: usage::Store,
+    rx: &Receiver<UsageRecord>,
+    retention: Duration,
+    failures: &AtomicU64,
+) {
     let prune = |store: &usage::Store| match store.prune(unix_ms(), retention) {
         Ok(0) => {}
         Ok(n) => tracing::info!(rows = n, "usage: pruned rows past the retention"),
@@ -302,6 +322,7 @@ fn write_usage(mut store: usage::Store, rx: &Receiver<UsageRecord>, retention: D
         }
         if !batch.is_empty() {
             if let Err(e) = store.record(&batch) {
+                failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("usage records lost: {e}");
             }
             batch.clear();
