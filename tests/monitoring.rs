@@ -613,6 +613,10 @@ fn dashboard_and_rules_against_prometheus_scraping_a_relay_under_traffic() {
         !screen.contains("to_peer 0 pkt/s"),
         "relayed packets per second under traffic:\n{screen}"
     );
+    assert!(
+        !screen.contains("uptime       unknown") && screen.contains("no reload since start"),
+        "the relay exports its start and reload times:\n{screen}"
+    );
 
     // Enough scrapes for the rate windows, with the traffic in them.
     wait_for("12 scrapes in Prometheus", Duration::from_secs(40), || {
