@@ -4,7 +4,8 @@
 //! ```text
 //!  accept ─▶ connection permit (max_connections; none: close) ─▶ [TLS handshake ≤ header_read_timeout]
 //!    ─▶ hyper http1 (header_read_timeout, max_header_bytes, max_headers; 431 / close)
-//!    ─▶ request metrics (route, status, latency) ─▶ TimeoutLayer (request_timeout: 408) ─▶ GlobalConcurrencyLimit (max_concurrent_requests)
+//!    ─▶ request metrics (route, status, latency) ─▶ TimeoutLayer (request_timeout: 408)
+//!    ─▶ GlobalConcurrencyLimit (max_concurrent_requests)
 //!    ─▶ RequestBodyLimit (max_body_bytes: 413) ─▶ Api::handle (on the blocking pool unless it only
 //!       computes: minting, /healthz)
 //! ```
