@@ -82,6 +82,9 @@ pub struct Fixed {
     pub relay_ips: Vec<IpAddr>,
     /// Relay port range, inclusive (`relay.port_min` ..= `relay.port_max`).
     pub relay_ports: RangeInclusive<u16>,
+    /// 1:1 NAT (`relay.external`): (private, public) pairs. The private IP is one of `relay_ips`, of
+    /// the same family; clients are told the public one (XOR-RELAYED-ADDRESS, the token API).
+    pub external: Vec<(IpAddr, IpAddr)>,
     /// `[lifetimes]`.
     pub lifetimes: Lifetimes,
     /// Whether Binding requests need credentials.
@@ -330,11 +333,34 @@ impl RelayConfig {
             binding_requires_auth: f.binding_requires_auth,
             password_algorithms: f.password_algorithms,
             peer_policy: self.peer_policy(),
+            own_ips: self.public_ips(),
+            external: f.external.clone(),
             alternate_server: f.alternate_server,
             challenge_rate: l.quotas.challenge_rate,
             channel_range: f.channel_range,
             ..server::Config::default()
         }
+    }
+
+    /// The relay's public IPs as configured: `api.public_addresses`, `public_tcp_addresses` and
+    /// `public_tls_addresses` given as IP literals (a host name is not resolved), and the public side
+    /// of `relay.external`. They are own addresses, denied as peers like the relay IPs.
+    pub fn public_ips(&self) -> Vec<IpAddr> {
+        let mut ips: Vec<IpAddr> = self.fixed.external.iter().map(|e| e.1).collect();
+        if let Some(me) = self.live.api.as_ref().and_then(|a| a.fleet.first()) {
+            ips.extend(
+                me.addresses
+                    .iter()
+                    .chain(&me.tcp_addresses)
+                    .chain(&me.tls_addresses)
+                    .filter_map(|a| a.parse::<SocketAddr>().ok())
+                    .map(|a| a.ip())
+                    .filter(|ip| !ip.is_unspecified()),
+            );
+        }
+        ips.sort_unstable();
+        ips.dedup();
+        ips
     }
 
     /// The HTTP API's settings, if `[api]` is present.
@@ -358,6 +384,15 @@ impl RelayConfig {
 }
 
 impl Fixed {
+    /// Where clients reach the local address `addr`: behind 1:1 NAT (`relay.external`) a private
+    /// address is reached at its public one; any other address as it is.
+    pub fn advertised(&self, addr: SocketAddr) -> SocketAddr {
+        self.external
+            .iter()
+            .find(|e| e.0 == addr.ip())
+            .map_or(addr, |e| SocketAddr::new(e.1, addr.port()))
+    }
+
     /// What differs between these settings (the running ones) and `new` (a reloaded file's): one line
     /// per setting, naming its key with the running and the new value. None of them can change live;
     /// a reload reports these lines and keeps the running values.
@@ -376,6 +411,7 @@ impl Fixed {
             pin_workers,
             relay_ips,
             relay_ports,
+            external,
             lifetimes,
             binding_requires_auth,
             password_algorithms,
@@ -412,6 +448,7 @@ impl Fixed {
             "pin_workers" => pin_workers,
             "relay.addresses" => relay_ips,
             "relay.port_min..relay.port_max" => relay_ports,
+            "relay.external" => external,
             "lifetimes" => lifetimes,
             "binding_requires_auth" => binding_requires_auth,
             "password_algorithms" => password_algorithms,

@@ -564,9 +564,21 @@ fn credentials(cli: &Cli, id: &str, ttl: u64, route: Option<&str>) -> ExitCode {
             vec![turnpike::api::FleetRelay {
                 id: f.relay_id.clone(),
                 region: "default".into(),
-                addresses: f.listen.iter().map(ToString::to_string).collect(),
-                tcp_addresses: f.listen_tcp.iter().map(ToString::to_string).collect(),
-                tls_addresses: f.listen_tls.iter().map(ToString::to_string).collect(),
+                addresses: f
+                    .listen
+                    .iter()
+                    .map(|a| f.advertised(*a).to_string())
+                    .collect(),
+                tcp_addresses: f
+                    .listen_tcp
+                    .iter()
+                    .map(|a| f.advertised(*a).to_string())
+                    .collect(),
+                tls_addresses: f
+                    .listen_tls
+                    .iter()
+                    .map(|a| f.advertised(*a).to_string())
+                    .collect(),
             }],
             "default".into(),
         ),

@@ -300,6 +300,9 @@ pub struct OwnAddresses {
     relay_ports: Option<RangeInclusive<u16>>,
     /// Canonical service addresses (from the policy); an unspecified IP matches every own address.
     services: Vec<(IpAddr, u16)>,
+    /// 1:1 NAT (`relay.external`): (private relay IP the sockets bind, public IP clients see), both
+    /// canonical. Empty on most hosts, so the translations below cost one length check per packet.
+    external: Vec<(IpAddr, IpAddr)>,
 }
 
 #[derive(Debug)]
@@ -342,6 +345,74 @@ impl OwnAddresses {
             own,
             relay_ports: Some(relay_ports),
             services: policy.services.clone(),
+            external: Vec::new(),
+        }
+    }
+
+    /// Behind 1:1 NAT (`relay.external`): each `(private, public)` pair maps a relay IP that the
+    /// sockets bind to the public IP that clients see. Both are own addresses; a public one is judged
+    /// as its private one (live relayed ports, service ports, allows), so that a peer naming another
+    /// allocation's *public* relayed address gets the relay-to-relay exemption. A pair whose private
+    /// side is not a relay IP is ignored (validation refuses it). An explicit allow in `policy` that
+    /// covers either IP of a pair opens both (never their service ports or relay port range).
+    pub fn with_external(mut self, policy: &PeerPolicy, pairs: &[(IpAddr, IpAddr)]) -> Self {
+        for &(private, public) in pairs {
+            let (private, public) = (canonical(private), canonical(public));
+            if !self
+                .own
+                .iter()
+                .any(|o| o.ip == private && !o.live.is_empty())
+            {
+                continue;
+            }
+            if self
+                .external
+                .iter()
+                .any(|e| e.0 == private || e.1 == public)
+            {
+                continue;
+            }
+            self.external.push((private, public));
+            if !self.own.iter().any(|o| o.ip == public) {
+                self.own.push(OwnIp {
+                    ip: public,
+                    allowed: AtomicBool::new(false),
+                    live: Box::new([]),
+                });
+            }
+        }
+        self.set_allows(policy);
+        self
+    }
+
+    /// Where a datagram to `peer` really goes: a peer on one of our public (1:1 NAT) IPs is sent to
+    /// the private IP behind it, so that relay to relay stays on the host and needs no NAT hairpin.
+    /// Every other address is returned as it is. Allocation-free: safe per packet.
+    #[inline]
+    pub fn bound(&self, peer: SocketAddr) -> SocketAddr {
+        if self.external.is_empty() {
+            return peer;
+        }
+        let ip = canonical(peer.ip());
+        match self.external.iter().find(|e| e.1 == ip) {
+            Some(&(private, _)) => SocketAddr::new(private, peer.port()),
+            None => peer,
+        }
+    }
+
+    /// How clients see the relay address `addr`: a private (1:1 NAT) relay IP becomes its public IP.
+    /// Used for XOR-RELAYED-ADDRESS, and for the source of a datagram that another of our relay
+    /// sockets sent (see [`Self::bound`]), so that it matches the permission its receiver installed
+    /// for our public relayed address. Every other address is returned as it is. Allocation-free.
+    #[inline]
+    pub fn advertised(&self, addr: SocketAddr) -> SocketAddr {
+        if self.external.is_empty() {
+            return addr;
+        }
+        let ip = canonical(addr.ip());
+        match self.external.iter().find(|e| e.0 == ip) {
+            Some(&(_, public)) => SocketAddr::new(public, addr.port()),
+            None => addr,
         }
     }
 
@@ -381,6 +452,8 @@ impl OwnAddresses {
     /// [`PeerPolicy`] decides). Allocation-free and lock-free: safe per packet.
     #[inline]
     pub fn check(&self, peer: SocketAddr) -> Option<Result<(), Denied>> {
+        // A public (1:1 NAT) IP is judged as the private one behind it.
+        let (named, peer) = (peer, self.bound(peer));
         let ip = canonical(peer.ip());
         let Some(own) = self.own.iter().find(|o| o.ip == ip) else {
             // A NAT64, 6to4, Teredo or IPv4-compatible encoding of an own IPv4 address reaches it through a translator: refused,
@@ -416,10 +489,21 @@ impl OwnAddresses {
         {
             return Some(Err(Denied::ServicePort));
         }
-        Some(if own.allowed.load(Ordering::Acquire) {
+        let allowed =
+            own.allowed.load(Ordering::Acquire) || (named != peer && self.public_allowed(ip));
+        Some(if allowed {
             Ok(())
         } else {
             Err(Denied::OwnAddress)
+        })
+    }
+
+    /// Whether an explicit allow covers the public IP paired with the private relay IP `private`.
+    fn public_allowed(&self, private: IpAddr) -> bool {
+        self.external.iter().filter(|e| e.0 == private).any(|e| {
+            self.own
+                .iter()
+                .any(|o| o.ip == e.1 && o.allowed.load(Ordering::Acquire))
         })
     }
 
@@ -680,6 +764,49 @@ mod tests {
                 "{v6}"
             );
         }
+    }
+
+    /// 1:1 NAT: the public IP is own and judged as the private one behind it, so a peer naming
+    /// another allocation's public relayed address is relayed to (at the private address), and no
+    /// other port of either IP is.
+    #[test]
+    fn external_public_ips_are_own_and_judged_as_their_private_ip() {
+        let (private, public) = (ip("10.0.0.5"), ip("198.51.99.7"));
+        let other = ip("10.0.0.6");
+        let policy = PeerPolicy::new().with_service_ports(vec![sa("10.0.0.5:3478")]);
+        let own = OwnAddresses::new(&policy, [], &[private, other], 50000..=50099)
+            .with_external(&policy, &[(private, public)]);
+        assert!(own.contains(public));
+        let at = |a: &str| own.check(sa(a));
+        assert_eq!(at("198.51.99.7:50007"), Some(Err(Denied::OwnAddress)));
+        own.set_live(sa("10.0.0.5:50007"), true);
+        assert_eq!(at("198.51.99.7:50007"), Some(Ok(())), "relay to relay");
+        assert_eq!(at("198.51.99.7:50008"), Some(Err(Denied::OwnAddress)));
+        assert_eq!(at("198.51.99.7:3478"), Some(Err(Denied::ServicePort)));
+        assert_eq!(at("198.51.99.7:53"), Some(Err(Denied::OwnAddress)));
+        assert_eq!(at("[::ffff:198.51.99.7]:53"), Some(Err(Denied::OwnAddress)));
+        assert_eq!(at("[64:ff9b::c633:6307]:53"), Some(Err(Denied::OwnAddress)));
+        // The translations, both ways; other addresses pass unchanged.
+        assert_eq!(own.bound(sa("198.51.99.7:50007")), sa("10.0.0.5:50007"));
+        assert_eq!(own.bound(sa("[::ffff:198.51.99.7]:9")), sa("10.0.0.5:9"));
+        assert_eq!(
+            own.advertised(sa("10.0.0.5:50007")),
+            sa("198.51.99.7:50007")
+        );
+        for a in ["10.0.0.6:50007", "8.8.8.8:53"] {
+            assert_eq!(own.bound(sa(a)), sa(a));
+            assert_eq!(own.advertised(sa(a)), sa(a));
+        }
+        // An allow on the public IP opens both IPs, but not the relay range or the service ports.
+        own.set_allows(&PeerPolicy::new().with_allow(vec![cidr("198.51.99.7/32")]));
+        assert_eq!(at("198.51.99.7:53"), Some(Ok(())));
+        assert_eq!(at("198.51.99.7:3478"), Some(Err(Denied::ServicePort)));
+        assert_eq!(at("198.51.99.7:50008"), Some(Err(Denied::OwnAddress)));
+        // A pair whose private side is not a relay IP is ignored.
+        let none = OwnAddresses::new(&policy, [], &[other], 50000..=50099)
+            .with_external(&policy, &[(private, public)]);
+        assert!(!none.contains(public));
+        assert_eq!(none.bound(sa("198.51.99.7:1")), sa("198.51.99.7:1"));
     }
 
     fn sa(s: &str) -> SocketAddr {

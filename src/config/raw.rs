@@ -86,6 +86,15 @@ pub(super) struct RawRelay {
     pub(super) addresses: Vec<String>,
     pub(super) port_min: u16,
     pub(super) port_max: u16,
+    pub(super) external: Vec<RawExternal>,
+}
+
+/// One `relay.external` pair (1:1 NAT): the relay address the sockets bind, the address clients see.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawExternal {
+    pub(super) private: String,
+    pub(super) public: String,
 }
 
 #[derive(Deserialize)]
@@ -174,6 +183,7 @@ impl Default for RawRelay {
             addresses: Vec::new(),
             port_min: *d.relay_ports.start(),
             port_max: *d.relay_ports.end(),
+            external: Vec::new(),
         }
     }
 }

@@ -440,14 +440,24 @@ fn listen_errors() {
         "port 0",
     );
     assert_error(
-        &format!("listen = [\"192.0.2.1:3478\", \"0.0.0.0:3478\"]\n{relay}"),
+        &format!("listen = [\"0.0.0.0:3478\", \"0.0.0.0:3478\"]\n{relay}"),
         "listen[1]",
-        "unspecified addresses are not supported yet; list each address",
+        "twice",
     );
+    // Wildcards are listen addresses; the token API then needs the addresses clients reach.
+    let c = RelayConfig::from_toml(&format!(
+        "listen = [\"0.0.0.0:3478\", \"[::]:3478\"]\nlisten_tcp = [\"0.0.0.0:3478\"]\n{relay}"
+    ))
+    .unwrap();
+    assert_eq!(c.fixed.listen, [sa("0.0.0.0:3478"), sa("[::]:3478")]);
     assert_error(
-        &format!("listen = [\"[::]:3478\"]\n{relay}"),
-        "listen[0]",
-        "unspecified",
+        &format!(
+            "listen = [\"0.0.0.0:3478\"]\n{relay}[api]\nlisten = \"127.0.0.1:8080\"\n\
+             access_keys = [\"c2VjcmV0LWtleS1vZi10aGlydHktdHdvLWJ5dGVzISE=\"]\n\
+             revocations_database = \"/tmp/r.db\"\n"
+        ),
+        "api.public_addresses",
+        "0.0.0.0:3478",
     );
     assert_error(
         &format!("listen = [\"192.0.2.1\"]\n{relay}"),
@@ -719,4 +729,112 @@ fn pid_file_defaults_to_none() {
         Some(Path::new("/run/turnpike/turnpike.pid"))
     );
     assert_error(&operator_with("pid_file = \"\""), "pid_file", "empty");
+}
+
+/// `relay.external` (1:1 NAT) and the public addresses: both feed the own-address set, the external
+/// pairs reach the TURN core, and the token API announces the public side of a NAT-ed listener.
+#[test]
+fn external_pairs_and_public_addresses_are_own_addresses() {
+    const KEY: &str = "c2VjcmV0LWtleS1vZi10aGlydHktdHdvLWJ5dGVzISE=";
+    let c = RelayConfig::from_toml(&format!(
+        "listen = [\"10.0.0.5:3478\"]\n\
+         [relay]\naddresses = [\"10.0.0.5\", \"2001:db8::5\"]\n\
+         external = [{{ private = \"10.0.0.5\", public = \"198.51.99.7\" }}]\n\
+         [rest]\nsecrets = [\"s\"]\n\
+         [api]\nlisten = \"127.0.0.1:8080\"\naccess_keys = [\"{KEY}\"]\n\
+         revocations_database = \"/tmp/r.db\"\n\
+         public_tls_addresses = [\"198.51.99.8:443\", \"turn.example.org:443\"]\n"
+    ))
+    .unwrap();
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert_eq!(c.fixed.external, [(ip("10.0.0.5"), ip("198.51.99.7"))]);
+    let s = c.server();
+    assert_eq!(s.external, c.fixed.external);
+    // The external public IP and the literal public address; the host name is not resolved.
+    assert_eq!(s.own_ips, [ip("198.51.99.7"), ip("198.51.99.8")]);
+    // The API's default UDP address is the listener as seen from outside.
+    let me = &c.live.api.as_ref().unwrap().fleet[0];
+    assert_eq!(me.addresses, ["198.51.99.7:3478"]);
+
+    // What a plain public address contributes, without NAT.
+    let plain = RelayConfig::from_toml(&format!(
+        "{OPERATOR}\n[api]\nlisten = \"127.0.0.1:8080\"\naccess_keys = [\"{KEY}\"]\n\
+         revocations_database = \"/tmp/r.db\"\n\
+         public_addresses = [\"[2001:db8:1::9]:3478\", \"198.51.99.9:3478\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        plain.server().own_ips,
+        [ip("198.51.99.9"), ip("2001:db8:1::9")]
+    );
+    assert!(RelayConfig::from_toml(OPERATOR)
+        .unwrap()
+        .server()
+        .own_ips
+        .is_empty());
+}
+
+#[test]
+fn external_errors_name_the_key() {
+    let with = |ext: &str| {
+        format!(
+            "[relay]\naddresses = [\"10.0.0.5\", \"10.0.0.6\", \"2001:db8::5\"]\nexternal = [{ext}]\n\
+             [rest]\nsecrets = [\"s\"]\n"
+        )
+    };
+    for (ext, key, fact) in [
+        (
+            r#"{ private = "10.0.0.9", public = "198.51.99.7" }"#,
+            "relay.external[0].private",
+            "not one of relay.addresses",
+        ),
+        (
+            r#"{ private = "10.0.0.5", public = "2001:db8:9::7" }"#,
+            "relay.external[0].public",
+            "same family",
+        ),
+        (
+            r#"{ private = "10.0.0.5", public = "0.0.0.0" }"#,
+            "relay.external[0].public",
+            "specific address",
+        ),
+        (
+            r#"{ private = "10.0.0.5", public = "10.0.0.6" }"#,
+            "relay.external[0].public",
+            "not a relay address",
+        ),
+        (
+            r#"{ private = "10.0.0.5", public = "198.51.99.7:3478" }"#,
+            "relay.external[0].public",
+            "no port",
+        ),
+        (
+            r#"{ private = "10.0.0.5", public = "198.51.99.7" }, { private = "10.0.0.5", public = "198.51.99.8" }"#,
+            "relay.external[1].private",
+            "mapped twice",
+        ),
+        (
+            r#"{ private = "10.0.0.5", public = "198.51.99.7" }, { private = "10.0.0.6", public = "198.51.99.7" }"#,
+            "relay.external[1].public",
+            "two relay addresses",
+        ),
+        (r#"{ private = "10.0.0.5" }"#, "relay.external", "public"),
+    ] {
+        let e = error(&with(ext));
+        assert!(e.key.starts_with(key), "{ext}: {e}");
+        assert!(
+            e.problem.contains(fact),
+            "{ext}: {e:?} should mention {fact:?}"
+        );
+    }
+    // A reload reports a changed mapping as a fixed setting.
+    let old = RelayConfig::from_toml(&with("")).unwrap();
+    let new = RelayConfig::from_toml(&with(r#"{ private = "10.0.0.5", public = "198.51.99.7" }"#))
+        .unwrap();
+    let lines = old.fixed.changes(&new.fixed);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].starts_with("relay.external: changed from [] to [(10.0.0.5, 198.51.99.7)]"),
+        "{lines:#?}"
+    );
 }

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawUser};
+use super::raw::{RawConfig, RawExternal, RawUser};
 use super::{
     parse_log_level, ConfigError, Fixed, Lifetimes, Live, PeerLists, Quotas, RelayConfig,
     StreamLimits, TlsFiles, LOG_LEVELS, MAX_DRAIN, MAX_WORKERS,
@@ -233,6 +233,7 @@ impl RawConfig {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let external = external(&self.relay.external, &relay_ips)?;
         let (port_min, port_max) = (self.relay.port_min, self.relay.port_max);
         if port_min > port_max {
             return Err(ConfigError::new(
@@ -338,6 +339,7 @@ impl RawConfig {
             pin_workers: self.pin_workers,
             relay_ips,
             relay_ports: port_min..=port_max,
+            external,
             lifetimes: Lifetimes {
                 default: lifetimes.default,
                 max: lifetimes.max,
@@ -418,6 +420,60 @@ impl RawConfig {
     }
 }
 
+/// `relay.external` (1:1 NAT): each private address is one of `relay.addresses`, its public address
+/// of the same family, neither given twice, and the public one a specific address that is not itself
+/// a relay address.
+fn external(
+    raw: &[RawExternal],
+    relay_ips: &[IpAddr],
+) -> Result<Vec<(IpAddr, IpAddr)>, ConfigError> {
+    let mut pairs: Vec<(IpAddr, IpAddr)> = Vec::with_capacity(raw.len());
+    for (i, e) in raw.iter().enumerate() {
+        let parse = |side: &str, s: &str| {
+            IpAddr::from_str(s).map_err(|_| {
+                ConfigError::new(
+                    format!("relay.external[{i}].{side}"),
+                    format!("{s:?} is not an IPv4 or IPv6 address (no port here)"),
+                )
+            })
+        };
+        let (private, public) = (parse("private", &e.private)?, parse("public", &e.public)?);
+        let key = |side: &str| format!("relay.external[{i}].{side}");
+        if !relay_ips.contains(&private) {
+            return Err(ConfigError::new(
+                key("private"),
+                format!("{private} is not one of relay.addresses: the private side is the relay address the sockets bind"),
+            ));
+        }
+        if private.is_ipv4() != public.is_ipv4() {
+            return Err(ConfigError::new(
+                key("public"),
+                format!("{public} is not of the same family as {private}"),
+            ));
+        }
+        if public.is_unspecified() || public.is_multicast() || relay_ips.contains(&public) {
+            return Err(ConfigError::new(
+                key("public"),
+                format!("{public} must be the specific address clients reach {private} at, not a relay address"),
+            ));
+        }
+        if pairs.iter().any(|p| p.0 == private) {
+            return Err(ConfigError::new(
+                key("private"),
+                format!("{private} is mapped twice"),
+            ));
+        }
+        if pairs.iter().any(|p| p.1 == public) {
+            return Err(ConfigError::new(
+                key("public"),
+                format!("{public} is the public address of two relay addresses"),
+            ));
+        }
+        pairs.push((private, public));
+    }
+    Ok(pairs)
+}
+
 /// Longest timer a key may set (lifetimes, stream idle timeout): a day, in seconds. Beyond it is a
 /// typo, and the bound keeps every `now + timer` far from overflowing.
 const MAX_TIMER_SECONDS: u64 = 86_400;
@@ -450,14 +506,8 @@ fn listen_addrs(name: &str, list: &[String]) -> Result<Vec<SocketAddr>, ConfigEr
                 format!("{s:?} is not an IP:port address (e.g. \"192.0.2.1:3478\" or \"[2001:db8::1]:3478\")"),
             )
         })?;
-        if addr.ip().is_unspecified() {
-            return Err(ConfigError::new(
-                key,
-                format!(
-                    "unspecified addresses are not supported yet; list each address (got {addr})"
-                ),
-            ));
-        }
+        // A wildcard ("0.0.0.0", "[::]") listens on every interface address of its family, one
+        // socket each (`sys::expand_wildcards`), so replies leave from the address the client used.
         if addr.port() == 0 {
             return Err(ConfigError::new(
                 key,

@@ -235,6 +235,28 @@ impl Drop for RelayHandle {
     }
 }
 
+/// Listen addresses with each wildcard replaced by the host's interface addresses of its family
+/// ([`sys::expand_wildcards`]): replies leave from the address the client sent to, and its 5-tuple
+/// names it. An error if a wildcard finds no address to bind.
+fn expand_wildcards(listen: &[SocketAddr]) -> io::Result<Vec<SocketAddr>> {
+    if !listen.iter().any(|a| a.ip().is_unspecified()) {
+        return Ok(listen.to_vec());
+    }
+    let ifaddrs = sys::interface_addrs()?;
+    let out = sys::expand_wildcards(listen, &ifaddrs);
+    for a in listen.iter().filter(|a| a.ip().is_unspecified()) {
+        if !out
+            .iter()
+            .any(|o| o.port() == a.port() && o.is_ipv4() == a.is_ipv4())
+        {
+            return Err(io::Error::other(format!(
+                "listen {a}: the host has no interface address of that family to listen on"
+            )));
+        }
+    }
+    Ok(out)
+}
+
 /// Bind the listeners, start the workers and the control thread.
 pub fn start(settings: Settings) -> io::Result<RelayHandle> {
     let (backend, note) = dataplane::choose_backend(settings.backend).map_err(io::Error::other)?;
@@ -260,7 +282,7 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         }
     }
     // Worker 0 binds first so that a port 0 resolves once and the others share it.
-    let mut listen = settings.listen.clone();
+    let mut listen = expand_wildcards(&settings.listen)?;
     let mut sockets: Vec<Vec<UdpSocket>> = Vec::with_capacity(workers);
     for _ in 0..workers {
         let mut mine = Vec::with_capacity(listen.len());
@@ -279,8 +301,8 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
             "listen_tls needs a TLS certificate and key",
         ));
     }
-    let mut listen_tcp = stream.listen_tcp.clone();
-    let mut listen_tls = stream.listen_tls.clone();
+    let mut listen_tcp = expand_wildcards(&stream.listen_tcp)?;
+    let mut listen_tls = expand_wildcards(&stream.listen_tls)?;
     let mut tcp_sockets: Vec<Vec<StreamListener>> = Vec::with_capacity(workers);
     for _ in 0..workers {
         let mut mine = Vec::new();

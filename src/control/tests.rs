@@ -1019,3 +1019,108 @@ fn an_invalid_reload_changes_nothing() {
     );
     assert_eq!(error_code(&events), None);
 }
+
+/// Issue 10 finding 2, from the file: the public addresses in the config (`api.public_addresses`) and
+/// the public side of `relay.external` are the relay's own, denied like the relay IPs, while a
+/// neighbouring public address stays an ordinary peer.
+#[test]
+fn configured_public_addresses_are_denied_peers() {
+    let file = crate::config::RelayConfig::from_toml(&format!(
+        "realm = \"turnpike\"\nlisten = [\"203.0.114.10:3478\"]\n\
+         [relay]\naddresses = [\"203.0.114.10\", \"10.0.0.5\"]\nport_min = 50000\nport_max = 50099\n\
+         external = [{{ private = \"10.0.0.5\", public = \"198.51.99.7\" }}]\n\
+         [[users]]\nname = \"alice\"\npassword = \"alice-pass\"\n\
+         [api]\nlisten = \"127.0.0.1:8080\"\naccess_keys = [\"{}\"]\n\
+         revocations_database = \"/tmp/unused.db\"\npublic_addresses = [\"198.51.99.9:3478\"]\n",
+        "c2VjcmV0LWtleS1vZi10aGlydHktdHdvLWJ5dGVzISE="
+    ))
+    .unwrap();
+    let mut r = Relay::with(file.server());
+    let alice = Creds::alice();
+    r.allocate(client(1), &alice);
+    for peer in ["198.51.99.9:53", "198.51.99.7:53", "198.51.99.7:50001"] {
+        let peer = sa(peer);
+        assert_eq!(
+            error_code(&r.permit(client(1), &alice, peer)),
+            Some(403),
+            "{peer}"
+        );
+        assert_eq!(
+            error_code(&r.bind(client(1), &alice, 0x4000, peer)),
+            Some(403),
+            "{peer}"
+        );
+    }
+    assert!(success(&r.permit(client(1), &alice, sa("198.51.99.10:53"))));
+}
+
+/// 1:1 NAT (`relay.external`): the relay binds the private address and tells clients the public one.
+/// Two relayed clients reach each other at their public relayed addresses; the data stays on the host
+/// (sent to the private address, no NAT hairpin) and arrives from the sender's public relayed address,
+/// which is what the receiver permitted. No other port of either IP is relayed to.
+#[test]
+fn behind_one_to_one_nat_clients_see_the_public_address_and_relay_to_each_other() {
+    let (private, public) = ("10.0.0.5".parse().unwrap(), "198.51.99.7".parse().unwrap());
+    let mut r = Relay::with(Config {
+        relay_ips: vec![private],
+        external: vec![(private, public)],
+        ..config()
+    });
+    let (alice, bob) = (Creds::alice(), Creds::bob());
+    let alice_pub = r.allocate(client(1), &alice);
+    let bob_pub = r.allocate(client(2), &bob);
+    assert_eq!((alice_pub.ip(), bob_pub.ip()), (public, public));
+    let bound = |a: SocketAddr| SocketAddr::new(private, a.port());
+    assert!(
+        r.relays.contains_key(&bound(alice_pub)),
+        "bound on the private IP"
+    );
+
+    assert!(success(&r.permit(client(1), &alice, bob_pub)));
+    assert!(success(&r.bind(client(2), &bob, 0x4001, alice_pub)));
+    // Alice → bob: sent from alice's socket to bob's private address.
+    assert_eq!(
+        r.send(client(1), bob_pub, b"hi bob"),
+        vec![relayed(bound(alice_pub), bound(bob_pub), b"hi bob")]
+    );
+    // It arrives on bob's socket from alice's private address; bob's channel names her public one.
+    assert_eq!(
+        r.peer(bound(bob_pub), bound(alice_pub), b"hi bob"),
+        vec![relayed(
+            r.listener(),
+            client(2).client,
+            &channel_data(0x4001, b"hi bob")
+        )]
+    );
+    // Bob → alice over his channel, and back to bob as a Data indication naming bob's public address.
+    assert_eq!(
+        r.client(client(2), &channel_data(0x4001, b"hi alice")),
+        vec![relayed(bound(bob_pub), bound(alice_pub), b"hi alice")]
+    );
+    let back = r.peer(bound(alice_pub), bound(bob_pub), b"hi alice");
+    let [Event::Relayed { bytes, .. }] = back.as_slice() else {
+        panic!("{back:?}");
+    };
+    assert_eq!(
+        Message::parse(bytes).unwrap().attrs.xor_peer_address,
+        Some(bob_pub)
+    );
+
+    // Other ports of the public and the private IP: refused at request time and dropped per packet.
+    for port in [53, 50099] {
+        for ip in [public, private] {
+            let other = SocketAddr::new(ip, port);
+            assert_eq!(
+                error_code(&r.permit(client(1), &alice, other)),
+                Some(403),
+                "{other}"
+            );
+        }
+        assert!(r
+            .send(client(1), SocketAddr::new(public, port), b"no")
+            .is_empty());
+        assert!(r
+            .peer(bound(alice_pub), SocketAddr::new(private, port), b"no")
+            .is_empty());
+    }
+}

@@ -218,7 +218,7 @@ impl Core {
                 let start = HEADROOM + wire::CHANNEL_HEADER_LEN;
                 Action::Forward(Forward {
                     out: Out::Relay(route.relay),
-                    dst: route.peer,
+                    dst: self.own.bound(route.peer),
                     range: start..start + n,
                     bill: Bill {
                         relay: route.relay,
@@ -272,7 +272,7 @@ impl Core {
             let start = HEADROOM + (payload.as_ptr() as usize - data.as_ptr() as usize);
             return Action::Forward(Forward {
                 out: Out::Relay(relay),
-                dst: peer,
+                dst: self.own.bound(peer),
                 range: start..start + payload.len(),
                 bill: Bill {
                     relay,
@@ -347,6 +347,9 @@ impl Core {
         len: usize,
     ) -> Action {
         self.stats.count_rx();
+        // Behind 1:1 NAT another of our relay sockets sends from its private address: the receiver's
+        // permission and channel name the public one (`OwnAddresses::bound`, `advertised`).
+        let from = self.own.advertised(from);
         let Some(r) = self.table.relay_mut(relay) else {
             return self.drop(Drop::NoRelay);
         };

@@ -60,6 +60,10 @@ pub struct Config {
     /// addresses): denied peers like loopback unless an explicit allow opens them, and never at a service
     /// port or in the relay port range ([`crate::policy::OwnAddresses`]). The relay IPs always are.
     pub own_ips: Vec<IpAddr>,
+    /// 1:1 NAT (`relay.external`): (private relay IP, public IP) pairs. Relay sockets bind the private
+    /// IP; XOR-RELAYED-ADDRESS carries the public one. Both are own addresses
+    /// ([`crate::policy::OwnAddresses::with_external`]).
+    pub external: Vec<(IpAddr, IpAddr)>,
     /// Where to send clients (300 Try Alternate) when this relay is full or draining.
     pub alternate_server: Option<SocketAddr>,
     /// Unauthenticated answers (401, 438, 400, 420, Binding success) per second per source network
@@ -95,6 +99,7 @@ impl Default for Config {
             password_algorithms: false,
             peer_policy: PeerPolicy::new(),
             own_ips: Vec::new(),
+            external: Vec::new(),
             alternate_server: None,
             channel_range: crate::wire::ChannelRange::Rfc8656,
             challenge_rate: 100,

@@ -148,12 +148,15 @@ impl<R: RngCore> Server<R> {
             .iter()
             .map(|ip| PortPool::new(*ip, config.relay_ports.clone()))
             .collect();
-        let own = Arc::new(OwnAddresses::new(
-            &config.peer_policy,
-            config.own_ips.iter().copied(),
-            &config.relay_ips,
-            config.relay_ports.clone(),
-        ));
+        let own = Arc::new(
+            OwnAddresses::new(
+                &config.peer_policy,
+                config.own_ips.iter().copied(),
+                &config.relay_ips,
+                config.relay_ports.clone(),
+            )
+            .with_external(&config.peer_policy, &config.external),
+        );
         Ok(Server {
             config,
             rng,
@@ -1141,7 +1144,10 @@ impl<R: RngCore> Server<R> {
         };
         let typ = MessageType::new(Method::ALLOCATE, Class::Success);
         let signer = alloc.signer();
-        let relays = alloc.relays;
+        // Behind 1:1 NAT clients are told the public address of the socket (relay.external).
+        let relays = alloc
+            .relays
+            .map(|r| r.map(|slot| self.own.advertised(slot.addr.0)));
         let (lifetime, client, token, address_error) = (
             alloc.lifetime,
             alloc.five_tuple.client,
@@ -1154,8 +1160,8 @@ impl<R: RngCore> Server<R> {
             alloc.allocate_tid,
             Some(&signer),
             |w| {
-                for slot in relays.iter().flatten() {
-                    w.add(&Attribute::XorRelayedAddress(slot.addr.0))?;
+                for addr in relays.iter().flatten() {
+                    w.add(&Attribute::XorRelayedAddress(*addr))?;
                 }
                 w.add(&Attribute::Lifetime(lifetime))?;
                 if let Some(t) = token {

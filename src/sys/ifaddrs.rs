@@ -2,7 +2,37 @@
 //! peers must not reach.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// Listen addresses with every wildcard (`0.0.0.0:p`, `[::]:p`) replaced by one address per interface
+/// address of its family (`ifaddrs`, as [`interface_addrs`] lists them), same port, in order and
+/// without duplicates. IPv6 link-local addresses are left out (they need a scope id to bind).
+///
+/// A socket bound to a specific address receives only what was sent to it and sends from it, so each
+/// client's replies leave from the address it sent to, and its 5-tuple names that address, with no
+/// per-packet work. Addresses added to the host later are not served until a restart.
+pub fn expand_wildcards(listen: &[SocketAddr], ifaddrs: &[IpAddr]) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(listen.len());
+    for a in listen {
+        let ips: Vec<IpAddr> = if a.ip().is_unspecified() {
+            ifaddrs
+                .iter()
+                .copied()
+                .filter(|ip| ip.is_ipv4() == a.is_ipv4() && !ip.is_unspecified())
+                .filter(|ip| !matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80))
+                .collect()
+        } else {
+            vec![a.ip()]
+        };
+        for ip in ips {
+            let addr = SocketAddr::new(ip, a.port());
+            if !out.contains(&addr) {
+                out.push(addr);
+            }
+        }
+    }
+    out
+}
 
 /// Every IPv4 and IPv6 address configured on the host's interfaces (the addresses themselves, not the
 /// ranges routed to them), without duplicates.
@@ -54,6 +84,27 @@ pub fn interface_addrs() -> io::Result<Vec<IpAddr>> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wildcards_expand_to_the_interface_addresses_of_their_family() {
+        let ifs: Vec<IpAddr> = ["127.0.0.1", "198.18.0.2", "::1", "fe80::1", "2001:db8::2"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            expand_wildcards(&[sa("0.0.0.0:3478"), sa("198.18.0.2:3478")], &ifs),
+            [sa("127.0.0.1:3478"), sa("198.18.0.2:3478")]
+        );
+        assert_eq!(
+            expand_wildcards(&[sa("[::]:3479")], &ifs),
+            [sa("[::1]:3479"), sa("[2001:db8::2]:3479")]
+        );
+        assert_eq!(
+            expand_wildcards(&[sa("192.0.2.1:1"), sa("0.0.0.0:2")], &[]),
+            [sa("192.0.2.1:1")]
+        );
+    }
 
     #[test]
     fn loopback_is_listed() {

@@ -20,7 +20,7 @@ pub mod uring;
 #[cfg(feature = "xdp")]
 pub mod xdp;
 
-pub use ifaddrs::interface_addrs;
+pub use ifaddrs::{expand_wildcards, interface_addrs};
 
 /// Call a libc function and turn `-1` into the thread's `errno` as an `io::Error`.
 macro_rules! syscall {

@@ -14,6 +14,7 @@ use turnpike::wire::{
     Attribute, ChannelData, Class, Message, MessageType, MessageWriter, Method, TransactionId,
 };
 
+pub mod netns;
 pub mod pg;
 
 /// A TCP port free on loopback at the time of the call.

@@ -94,8 +94,23 @@ pub(super) fn api(raw: RawApi, fixed: &Fixed) -> Result<(FixedApi, LiveApi), Con
             ))
         }
     };
+    // By default clients reach the relay at its listeners; behind 1:1 NAT (relay.external) a listener
+    // on a private address is reached at the public one.
+    let outside = |a: &SocketAddr| fixed.advertised(*a).to_string();
+    // A wildcard listener is no address a client can be given.
+    let wildcard =
+        |key: &str, listen: &[SocketAddr]| match listen.iter().find(|a| a.ip().is_unspecified()) {
+            Some(a) => Err(ConfigError::new(
+                format!("api.{key}"),
+                format!(
+                "needed: a listener is the wildcard {a}; list the host:port clients reach it at"
+            ),
+            )),
+            None => Ok(()),
+        };
     let addresses = if raw.public_addresses.is_empty() {
-        listen.iter().map(ToString::to_string).collect()
+        wildcard("public_addresses", listen)?;
+        listen.iter().map(outside).collect()
     } else {
         raw.public_addresses
             .iter()
@@ -106,7 +121,8 @@ pub(super) fn api(raw: RawApi, fixed: &Fixed) -> Result<(FixedApi, LiveApi), Con
     // TCP and TLS listeners are announced too (default: the listen_tcp / listen_tls addresses).
     let public = |key: &str, given: &[String], listen: &[SocketAddr]| {
         if given.is_empty() {
-            Ok(listen.iter().map(ToString::to_string).collect())
+            wildcard(key, listen)?;
+            Ok(listen.iter().map(outside).collect())
         } else {
             given
                 .iter()

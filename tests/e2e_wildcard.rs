@@ -1,0 +1,127 @@
+//! End to end, on every backend: a wildcard listener (`0.0.0.0:port`) on a host with two addresses on
+//! one interface (issue 15). A client sending to either address gets every answer (Binding, Allocate,
+//! relayed data) from that address, and the relay's own-address deny list covers every interface
+//! address, including one that no configuration names.
+//!
+//! Runs in a network namespace the test creates (root only; skipped with a message otherwise), with no
+//! route out, so nothing leaves the machine.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use common::netns::{ip, Netns};
+use common::*;
+use turnpike::policy::PeerPolicy;
+use turnpike::wire::{Attribute, Message, Method};
+
+const CLIENT_IP: &str = "198.18.0.1";
+/// The relay side's interface carries two addresses: a private-range one and a public one, which
+/// is also the relay IP.
+const LISTEN_A: &str = "198.18.0.2";
+const LISTEN_B: &str = "203.0.114.10";
+/// One more interface address that no configuration names.
+const OTHER_IF_IP: &str = "203.0.114.99";
+
+#[test]
+fn a_wildcard_listener_answers_from_the_address_the_client_used() {
+    let name = format!("tp-wild-{}", std::process::id());
+    let Some(ns) = Netns::create(&name) else {
+        return;
+    };
+    let n = ns.0.as_str();
+    for args in [
+        vec!["-n", n, "link", "set", "lo", "up"],
+        vec![
+            "-n", n, "link", "add", "tpv0", "type", "veth", "peer", "name", "tpv1",
+        ],
+        vec!["-n", n, "addr", "add", "198.18.0.1/15", "dev", "tpv0"],
+        vec!["-n", n, "addr", "add", "198.18.0.2/15", "dev", "tpv1"],
+        vec!["-n", n, "addr", "add", "203.0.114.10/32", "dev", "tpv1"],
+        vec!["-n", n, "addr", "add", "203.0.114.99/32", "dev", "tpv1"],
+        vec!["-n", n, "link", "set", "tpv0", "up"],
+        vec!["-n", n, "link", "set", "tpv1", "up"],
+    ] {
+        ip(&args).unwrap();
+    }
+    let name = ns.0.clone();
+    // The whole scenario runs on a thread inside the namespace; the relay's threads inherit it.
+    std::thread::spawn(move || {
+        turnpike::sys::enter_netns(&name).unwrap();
+        for (i, backend) in backends().into_iter().enumerate() {
+            in_namespace(backend, 3478 + i as u16, 40000 + 1000 * i as u16);
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+fn in_namespace(backend: turnpike::dataplane::BackendKind, port: u16, base: u16) {
+    let mut s = settings(backend, 2, base);
+    s.server.relay_ips = vec![LISTEN_B.parse().unwrap()];
+    // The clients and the test peer live in the benchmarking range: allow it, as an operator would
+    // allow an internal network. The relay's public addresses are not allowed.
+    s.server.peer_policy = PeerPolicy::new().with_allow(vec!["198.18.0.0/15".parse().unwrap()]);
+    s.listen = vec![SocketAddr::from(([0, 0, 0, 0], port))];
+    let relay = start(s);
+    let at = |ip: &str| SocketAddr::new(ip.parse().unwrap(), port);
+    let peer = UdpSocket::bind((CLIENT_IP, 0)).unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+
+    for server in [at(LISTEN_A), at(LISTEN_B)] {
+        // `Client::recv` asserts that every datagram comes from `server`.
+        let mut c = Client::new_on(CLIENT_IP, server, "alice", "alice-pass");
+        let binding = c.transact(Method::BINDING, &[], false);
+        let m = Message::parse(&binding).unwrap();
+        assert_eq!(
+            m.attrs.xor_mapped_address,
+            Some(c.local()),
+            "{backend:?} via {server}"
+        );
+        let relayed = c.allocate();
+        assert_eq!(relayed.ip().to_string(), LISTEN_B);
+
+        // Relayed data both ways; the peer's data reaches the client from the address it used.
+        c.permit(peer_addr);
+        c.send_indication(peer_addr, b"out");
+        let mut buf = [0u8; 64];
+        let (len, from) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..len], from), (&b"out"[..], relayed));
+        peer.send_to(b"back", relayed).unwrap();
+        let m = c.recv();
+        let m = Message::parse(&m).unwrap();
+        assert_eq!(m.message_type().method, Method::DATA);
+        assert_eq!(m.attrs.data, Some(&b"back"[..]), "{backend:?} via {server}");
+
+        // Every interface address is own: refused as a peer at a service port, the listener port on
+        // every address included, and anywhere on the public ones.
+        for target in [
+            SocketAddr::new(OTHER_IF_IP.parse().unwrap(), 53),
+            SocketAddr::new(LISTEN_B.parse().unwrap(), 53),
+            at(OTHER_IF_IP),
+            at(LISTEN_A),
+            at(CLIENT_IP),
+        ] {
+            let r = c.authed(
+                Method::CREATE_PERMISSION,
+                &[Attribute::XorPeerAddress(target)],
+            );
+            assert_eq!(
+                Client::error_code(&r),
+                Some(403),
+                "{backend:?} via {server}: CreatePermission {target}"
+            );
+        }
+        // An allowed-range address of the host at another port is open (the allow covers it).
+        let open = SocketAddr::new(IpAddr::from([198, 18, 0, 2]), 9);
+        let r = c.authed(
+            Method::CREATE_PERMISSION,
+            &[Attribute::XorPeerAddress(open)],
+        );
+        assert_eq!(Client::error_code(&r), None, "{backend:?}: {open}");
+    }
+    relay.stop().unwrap();
+}
