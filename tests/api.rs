@@ -709,17 +709,24 @@ fn a_revoke_through_the_api_stops_a_live_allocation_relaying_and_its_usage_says_
         (&serde_json::json!(true), &serde_json::json!(true))
     );
 
-    // Within a bounded wait the relay stops forwarding the client's channel data.
+    // Within a bounded wait the relay stops forwarding the client's channel data. The revoke is
+    // applied by the control thread after the API answers: bounded in time (10 s, at most 500
+    // rounds), not only in rounds, which a relay still forwarding would use up in milliseconds.
     p.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let mut buf = [0u8; 2048];
     let mut stopped = false;
-    for _ in 0..50 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for _ in 0..500 {
         c.send_channel(0x4000, &[0x5A; 100]);
         if p.recv_from(&mut buf).is_err() {
             stopped = true;
             break;
         }
+        if Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
     assert!(stopped, "the revoked allocation still relays");
     eventually("the revoked allocation's final row", || {
