@@ -53,6 +53,19 @@ impl SourceLimiter {
         }
     }
 
+    /// Change the rate (a reload): every bucket starts full at the new rate, as a new table would,
+    /// without allocating one. The same rate changes nothing.
+    pub(crate) fn set_rate(&mut self, rate: u32) {
+        if u64::from(rate) == self.rate {
+            return;
+        }
+        self.rate = u64::from(rate);
+        self.burst = self.rate.saturating_mul(2).max(1);
+        for b in self.buckets.iter_mut() {
+            b.last = None;
+        }
+    }
+
     /// Take one answer from the bucket of `ip`'s network at `now`. False: over the limit, stay silent.
     pub(crate) fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
         if self.rate == 0 {
@@ -126,6 +139,14 @@ mod tests {
         );
         let mut off = SourceLimiter::new(0, [0, 0]);
         assert!((0..10_000).all(|_| off.allow(a, t0)));
+        // The same rate: nothing changes (a spent source stays spent); a new rate: a fresh burst at
+        // it, for sources that had spent theirs.
+        l.set_rate(10);
+        assert!(!l.allow(a, t0 + Duration::from_secs(60)));
+        l.set_rate(1);
+        assert_eq!((0..5).filter(|_| l.allow(a, t0)).count(), 2);
+        off.set_rate(1);
+        assert_eq!((0..5).filter(|_| off.allow(a, t0)).count(), 2);
     }
 
     #[test]

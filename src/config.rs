@@ -475,7 +475,8 @@ pub struct OpenFiles {
     /// The soft open-file limit in force.
     pub limit: u64,
     /// Descriptors kept for everything but relay sockets and stream connections: listeners and their
-    /// clones, rings, epoll and eventfds per worker, the API, the database, stdio.
+    /// clones, rings, epoll and eventfds per worker, the API's listeners and its
+    /// `api.limits.max_connections`, the database, stdio.
     pub reserve: u64,
     /// (`quotas.max_allocations`, `streams.max_connections`) as configured.
     pub configured: (usize, usize),
@@ -485,8 +486,8 @@ pub struct OpenFiles {
 
 /// Descriptors per worker besides its listeners: epoll, eventfd, ring, stream poller, slack.
 const FDS_PER_WORKER: u64 = 8;
-/// Descriptors of the process as a whole: stdio, the API and its connections, SQLite (database,
-/// WAL, shared memory, the lock), signal handling, slack.
+/// Descriptors of the process as a whole: stdio, SQLite (database, WAL, shared memory, the lock),
+/// signal handling, slack. The API's connections are counted apart (`api.limits.max_connections`).
 const FDS_PROCESS: u64 = 128;
 
 impl OpenFiles {
@@ -508,7 +509,13 @@ impl RelayConfig {
         let f = &self.fixed;
         let listeners = (f.listen.len() + f.listen_tcp.len() + f.listen_tls.len()) as u64;
         // The control thread holds a clone of every worker's listener sockets.
-        let reserve = f.workers as u64 * (FDS_PER_WORKER + 2 * listeners) + FDS_PROCESS;
+        let mut reserve = f.workers as u64 * (FDS_PER_WORKER + 2 * listeners) + FDS_PROCESS;
+        if let Some(api) = &f.api {
+            // Its listeners (the API's, `/metrics`'s own) and every connection they may hold at once:
+            // both share the one `max_connections` budget.
+            let api_listeners = 1 + u64::from(api.metrics_listen.is_some());
+            reserve += api_listeners + api.limits.max_connections as u64;
+        }
         let streams = !(f.listen_tcp.is_empty() && f.listen_tls.is_empty());
         let allocations = self.live.quotas.max_allocations;
         let connections = f.streams.max_connections;
@@ -521,8 +528,8 @@ impl RelayConfig {
                 "quotas.max_allocations",
                 format!(
                     "the open-file limit (RLIMIT_NOFILE) is {limit}, and {reserve} descriptors are needed \
-                     before any allocation (workers and listeners); raise it (LimitNOFILE= in the \
-                     systemd unit, ulimit -n)"
+                     before any allocation (workers, listeners, api.limits.max_connections); raise it \
+                     (LimitNOFILE= in the systemd unit, ulimit -n) or lower api.limits.max_connections"
                 ),
             ));
         }

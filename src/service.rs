@@ -10,6 +10,7 @@
 //! May use: every module.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -100,6 +101,9 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
         .then(api::control_plane_runtime)
         .transpose()?;
     let pool = config.fixed.fleet.clone().map(fleet::Pool::new);
+    let started_unix = unix_ms() / 1000;
+    // Batches the usage writer could not store (`/metrics`).
+    let write_failures = Arc::new(AtomicU64::new(0));
     let mut store = None;
     let mut writer = None;
     if let Some(u) = &config.fixed.usage {
@@ -151,6 +155,7 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
             let (stop, stopped) = bounded::<()>(1);
             let (every, retention) = (u.checkpoint, u.retention);
             let tick = to_control.clone();
+            let failures = write_failures.clone();
             let t = std::thread::Builder::new()
                 .name("turnpike-checkpoint".into())
                 .spawn(move || loop {
@@ -167,7 +172,7 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
             Some(
                 std::thread::Builder::new()
                     .name("turnpike-usage".into())
-                    .spawn(move || write_usage(store, &rx, retention))?,
+                    .spawn(move || write_usage(store, &rx, retention, &failures))?,
             )
         }
         _ => None,
@@ -231,6 +236,9 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
                 .map_err(io::Error::other)?;
             let revoke_tx = to_control.clone();
             let registry = watcher.clone();
+            let metrics_tx = to_control.clone();
+            let streams = relay.streams().clone();
+            let stream_listeners = !(relay.tcp_addrs().is_empty() && relay.tls_addrs().is_empty());
             let hooks = Hooks {
                 revoke: Box::new(move |identity, until, terminate| {
                     let _ = revoke_tx.send(ToControl::Revoke {
@@ -239,7 +247,19 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
                         terminate,
                     });
                 }),
-                metrics: Box::new(metrics_probe(to_control.clone())),
+                metrics: Box::new(move || {
+                    let (tx, rx) = bounded(1);
+                    metrics_tx.send(ToControl::Metrics(tx)).ok()?;
+                    let mut snap = rx.recv_timeout(Duration::from_secs(2)).ok()?;
+                    // What the control thread does not hold: the process's start, the stream
+                    // side's connection counts, the usage writer's failures.
+                    snap.started_unix = started_unix;
+                    if stream_listeners {
+                        snap.streams = streams.stats.snapshot();
+                    }
+                    snap.usage_write_failures = write_failures.load(Ordering::Relaxed);
+                    Some(snap)
+                }),
                 fleet_revoke: pool
                     .clone()
                     .map(|p| fleet_revoke_hook(p, rt.handle().clone())),
@@ -657,7 +677,12 @@ pub fn load_tls(files: &TlsFiles, keys: [&str; 2]) -> Result<Arc<rustls::ServerC
 
 /// The usage writer: stores records in batches as they come, and prunes rows older than `retention`
 /// at start and every [`usage::PRUNE_EVERY`].
-fn write_usage(mut store: usage::Store, rx: &Receiver<UsageRecord>, retention: Duration) {
+fn write_usage(
+    mut store: usage::Store,
+    rx: &Receiver<UsageRecord>,
+    retention: Duration,
+    failures: &AtomicU64,
+) {
     let prune = |store: &usage::Store| match store.prune(unix_ms(), retention) {
         Ok(0) => {}
         Ok(n) => tracing::info!(rows = n, "usage: pruned rows past the retention"),
@@ -680,6 +705,7 @@ fn write_usage(mut store: usage::Store, rx: &Receiver<UsageRecord>, retention: D
         }
         if !batch.is_empty() {
             if let Err(e) = store.record(&batch) {
+                failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("usage records lost: {e}");
             }
             batch.clear();

@@ -273,17 +273,42 @@ fn render(
             .unwrap_or("?")
             .to_string(),
     );
+    // Seconds since a Unix timestamp the relay exports (0 or absent: none).
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let since = |name: &str| {
+        let at = after.sum(name);
+        (at > 0.0).then(|| Duration::from_secs_f64((now - at).max(0.0)))
+    };
+    let started = since("turnpike_process_start_time_seconds");
     line(
         "uptime",
-        "unknown: the relay does not export its start time yet".into(),
+        started.map_or_else(|| "unknown (not exported)".into(), human),
     );
+    // The configuration the relay runs: the last reload's, or the one it started with.
+    let loaded = since("turnpike_last_reload_success_timestamp_seconds");
     let config_text = match config {
         None => "no configuration file given (--config)".into(),
-        Some((p, Ok(age))) => format!(
-            "{} modified {} ago; last reload: not exported by the relay yet",
-            p.display(),
-            human(age)
-        ),
+        Some((p, Ok(age))) => {
+            let applied = loaded.or(started);
+            let reload = match loaded {
+                Some(l) => format!("last reload {} ago", human(l)),
+                None => "no reload since start".into(),
+            };
+            let stale = applied.is_some_and(|a| age < a);
+            format!(
+                "{} modified {} ago; {reload}{}",
+                p.display(),
+                human(age),
+                if stale {
+                    " (changed since: reload to apply)"
+                } else {
+                    ""
+                }
+            )
+        }
         Some((p, Err(e))) => format!("{}: {e}", p.display()),
     };
     line("config", config_text);
@@ -368,7 +393,19 @@ fn render(
     } else {
         String::new()
     };
-    line("workers", format!("{}: {shown}{more}", ids.len()));
+    // Workers whose loop exited (the relay then drains and stops with an error).
+    let exited: Vec<String> = after
+        .by("turnpike_worker_ready", "worker")
+        .into_iter()
+        .filter(|(_, ready)| *ready == 0.0)
+        .map(|(w, _)| format!("#{w}"))
+        .collect();
+    let exited = if exited.is_empty() {
+        String::new()
+    } else {
+        format!("; NOT READY (exited): {}", exited.join(", "))
+    };
+    line("workers", format!("{}: {shown}{more}{exited}", ids.len()));
     out
 }
 
@@ -476,6 +513,53 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("by reason: malformed 1"), "{out}");
+        assert!(out.contains("uptime       unknown"), "{out}");
         assert!(out.lines().count() <= 24, "one screen:\n{out}");
+    }
+
+    #[test]
+    fn summary_shows_uptime_the_last_reload_and_workers_not_ready() {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let text = ONE.replace(
+            "turnpike_draining 0\n",
+            &format!(
+                "turnpike_draining 0\nturnpike_process_start_time_seconds {}\n\
+                 turnpike_last_reload_success_timestamp_seconds {}\n\
+                 turnpike_worker_ready{{worker=\"0\"}} 1\nturnpike_worker_ready{{worker=\"1\"}} 0\n",
+                now - 7200,
+                now - 600
+            ),
+        );
+        let m = Metrics::parse(&text);
+        let file = Path::new("/etc/turnpike/turnpike.toml");
+        // The file was written just now, after the last reload: it is not what the relay runs.
+        let out = render(
+            "u",
+            &m,
+            &m,
+            Duration::from_secs(1),
+            Some((file, Ok(Duration::ZERO))),
+        );
+        assert!(out.contains("uptime       2h 0m"), "{out}");
+        assert!(
+            out.contains("last reload 10m 0s ago (changed since: reload to apply)"),
+            "{out}"
+        );
+        assert!(out.contains("NOT READY (exited): #1"), "{out}");
+        // Older than the last reload: nothing to apply.
+        let out = render(
+            "u",
+            &m,
+            &m,
+            Duration::from_secs(1),
+            Some((file, Ok(Duration::from_secs(3600)))),
+        );
+        assert!(
+            out.contains("modified 1h 0m ago; last reload 10m 0s ago\n"),
+            "{out}"
+        );
     }
 }

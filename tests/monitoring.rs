@@ -12,7 +12,8 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use common::*;
 use serde_json::Value;
 use turnpike::auth::RestSecrets;
-use turnpike::wire::{Attribute, Method};
+use turnpike::wire::{Attribute, Class, Method};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const DASHBOARD: &str = "tuning/monitoring/turnpike-dashboard.json";
@@ -31,9 +32,16 @@ const SECRET: &str = "monitoring-test-secret";
 const KEY_B64: &str = "dHVybnBpa2UtdGVzdC1hY2Nlc3Mta2V5";
 /// Relay ports of this test's relay.
 const PORT_BASE: u16 = 33000;
-/// Metrics the traffic below does not move (a serving relay is not draining; the TURN core's drops
-/// need traffic this test does not make): their panels must return series, not non-zero values.
-const NOT_MOVED: [&str; 2] = ["turnpike_draining", "turnpike_server_dropped_total"];
+/// Metrics the traffic below does not move (a serving relay is not draining; the TURN core's drops,
+/// reloads, usage write failures and refused stream connections need events this test does not
+/// make): their panels must return series, not non-zero values.
+const NOT_MOVED: [&str; 5] = [
+    "turnpike_draining",
+    "turnpike_server_dropped_total",
+    "turnpike_reloads_total",
+    "turnpike_usage_write_failures_total",
+    "turnpike_stream_refused_total",
+];
 
 fn root(rel: &str) -> PathBuf {
     Path::new(ROOT).join(rel)
@@ -250,9 +258,18 @@ fn sample_names(text: &str) -> BTreeSet<String> {
 /// What /metrics renders for a relay that has seen every kind of event (the same renderer the API
 /// serves), plus `up`, which Prometheus adds to every scrape.
 fn rendered_names() -> BTreeSet<String> {
-    use turnpike::metrics::{render, ServerSnapshot, Snapshot, WorkerSnapshot};
+    use turnpike::metrics::{
+        render, HttpMetrics, ServerSnapshot, Snapshot, StreamSnapshot, WorkerSnapshot,
+    };
+    let http = HttpMetrics::new(&["token"]);
+    http.record(0, 200, Duration::from_millis(1));
     let snap = Snapshot {
         backend: "epoll",
+        streams: vec![StreamSnapshot {
+            transport: "tcp",
+            ..StreamSnapshot::default()
+        }],
+        http: Some(http.snapshot()),
         workers: vec![WorkerSnapshot {
             drops: vec![("not_turn", 1)],
             ..WorkerSnapshot::default()
@@ -421,10 +438,19 @@ fn value(sample: &Value) -> f64 {
     sample["value"][1].as_str().unwrap().parse().unwrap()
 }
 
-/// A little of everything until `stop`: channel data both ways, and each ~second a new allocation
+/// A Binding request over a TCP connection, and its answer read (bounded by the read timeout).
+fn stream_binding(conn: &mut TcpStream, c: &mut Client) {
+    let (_, req) = c.build(Method::BINDING, Class::Request, &[], false);
+    conn.write_all(&req).unwrap();
+    let mut buf = [0u8; 512];
+    let _ = conn.read(&mut buf);
+}
+
+/// A little of everything until `stop`: channel data both ways, and each round a new allocation
 /// (a 401 challenge first), an Allocate on a taken 5-tuple (437), a wrong password (401
-/// bad_credentials) and a datagram that is not TURN (a data-plane drop). Bounded to 60 s.
-fn traffic(server: SocketAddr, stop: &AtomicBool) {
+/// bad_credentials), a datagram that is not TURN (a data-plane drop), and Binding over TCP on a
+/// connection that stays open and on a new one. Bounded to 60 s.
+fn traffic(server: SocketAddr, tcp: SocketAddr, stop: &AtomicBool) {
     let mint = |id: &str| {
         RestSecrets::new(vec![SECRET.as_bytes().to_vec()])
             .mint(id, unix_now(), 3600)
@@ -437,6 +463,12 @@ fn traffic(server: SocketAddr, stop: &AtomicBool) {
     c.bind(0x4000, p.local_addr().unwrap());
     let payload = [0x5A; 200];
     let mut buf = [0u8; 2048];
+    let connect = || {
+        let conn = TcpStream::connect(tcp).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        conn
+    };
+    let mut kept = connect();
     let started = Instant::now();
     let mut round = 0u32;
     while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
@@ -461,6 +493,8 @@ fn traffic(server: SocketAddr, stop: &AtomicBool) {
         let refused = wrong.authed(Method::ALLOCATE, &[Attribute::RequestedTransport(17)]);
         assert_eq!(Client::error_code(&refused), Some(401));
         c.sock.send_to(&[0xFF; 8], server).unwrap();
+        stream_binding(&mut kept, &mut c);
+        stream_binding(&mut connect(), &mut c);
     }
 }
 
@@ -483,12 +517,13 @@ fn dashboard_and_rules_against_prometheus_scraping_a_relay_under_traffic() {
     let dir = std::env::temp_dir().join(format!("turnpike-monitoring-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let (listen, api) = (free_udp_port(), free_tcp_port());
+    let (listen, api, tcp) = (free_udp_port(), free_tcp_port(), free_tcp_port());
     let config = dir.join("turnpike.toml");
     std::fs::write(
         &config,
         format!(
-            "listen = [\"127.0.0.1:{listen}\"]\nworkers = 2\npin_workers = false\ndrain_seconds = 0\n\
+            "listen = [\"127.0.0.1:{listen}\"]\nlisten_tcp = [\"127.0.0.1:{tcp}\"]\n\
+             workers = 2\npin_workers = false\ndrain_seconds = 0\n\
              [relay]\naddresses = [\"127.0.0.1\"]\nport_min = {PORT_BASE}\nport_max = {}\n\
              [rest]\nsecrets = [\"{SECRET}\"]\n[peers]\nallow = [\"127.0.0.0/8\"]\n\
              [api]\nlisten = \"127.0.0.1:{api}\"\naccess_keys = [\"{KEY_B64}\"]\n\
@@ -542,9 +577,10 @@ fn dashboard_and_rules_against_prometheus_scraping_a_relay_under_traffic() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let server = SocketAddr::from(([127, 0, 0, 1], listen));
+    let stream = SocketAddr::from(([127, 0, 0, 1], tcp));
     let traffic = {
         let stop = stop.clone();
-        std::thread::spawn(move || traffic(server, &stop))
+        std::thread::spawn(move || traffic(server, stream, &stop))
     };
 
     // `turnpike status` reads the same relay while the traffic runs.
@@ -576,6 +612,10 @@ fn dashboard_and_rules_against_prometheus_scraping_a_relay_under_traffic() {
     assert!(
         !screen.contains("to_peer 0 pkt/s"),
         "relayed packets per second under traffic:\n{screen}"
+    );
+    assert!(
+        !screen.contains("uptime       unknown") && screen.contains("no reload since start"),
+        "the relay exports its start and reload times:\n{screen}"
     );
 
     // Enough scrapes for the rate windows, with the traffic in them.
@@ -643,7 +683,7 @@ fn dashboard_and_rules_against_prometheus_scraping_a_relay_under_traffic() {
             expr: r["query"].as_str().unwrap().to_string(),
         })
         .collect();
-    assert_eq!(rules.len(), 6, "{rules:?}");
+    assert_eq!(rules.len(), 12, "{rules:?}");
     assert_eq!(
         missing(&rules, &names),
         Vec::<(String, String)>::new(),

@@ -1,8 +1,10 @@
 //! The Debian package and its systemd unit (issue 15): `cargo deb` builds it (scripts/deb/build.sh) and
 //! `dpkg-deb -c` lists the expected files; `dpkg -i` installs it (the system user, the conffile's
 //! group) and `dpkg --purge` removes it; `systemd-analyze verify` accepts the unit, with and without
-//! the XDP drop-in; sd_notify through a NOTIFY_SOCKET the test owns (PID 1 is not systemd here); and
-//! the example configuration, which `check-config` refuses until its placeholders are filled in.
+//! the XDP drop-in; the installed relay, filled in, runs as the unit's user, answers `turnpike status`
+//! and takes `turnpike reload` (README "Install on a host", without systemd); sd_notify through a
+//! NOTIFY_SOCKET the test owns (PID 1 is not systemd here); and the example configuration, which
+//! `check-config` refuses until its placeholders are filled in.
 //!
 //! With CI=true a missing tool (cargo-deb, dpkg, systemd-analyze) fails the test instead of skipping.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -312,6 +314,155 @@ impl Drop for Installed {
     }
 }
 
+/// README "Install on a host", steps 3 to 5, on the installed package where PID 1 is not systemd:
+/// the installed example filled in (loopback, free ports), the directories the unit's
+/// StateDirectory= and RuntimeDirectory= would create, and `/usr/bin/turnpike` run as the unit's
+/// user. It reads the root:turnpike 0640 conffile, writes its pid file and usage database there;
+/// `turnpike status` reads it, `turnpike reload --config` (through `pid_file`) applies an edit, and
+/// SIGTERM stops it cleanly.
+fn walk_installed_as_the_service_user() {
+    const CONF: &str = "/etc/turnpike/turnpike.toml";
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let listen = udp.local_addr().unwrap().port();
+    drop(udp);
+    let api = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let installed = std::fs::read_to_string(CONF).unwrap();
+    let text = installed
+        .replace(
+            "listen = [\"CHANGE-ME:3478\"]",
+            &format!("listen = [\"127.0.0.1:{listen}\"]"),
+        )
+        .replace("addresses = [\"CHANGE-ME\"]", "addresses = [\"127.0.0.1\"]")
+        .replace(
+            "secrets = [\"CHANGE-ME\"]",
+            "secrets = [\"n0t-a-placeholder-but-a-long-random-secret\"]",
+        )
+        .replace(
+            "access_keys = [\"CHANGE-ME\"]",
+            "access_keys = [\"dHVybnBpa2UtdGVzdC1hY2Nlc3Mta2V5\"]",
+        )
+        .replace(
+            "listen = \"127.0.0.1:8080\"",
+            &format!("listen = \"127.0.0.1:{api}\""),
+        )
+        .replace("drain_seconds = 30", "drain_seconds = 0");
+    // sudoedit keeps the file's owner and mode.
+    std::fs::write(CONF, &text).unwrap();
+    run(Command::new("/usr/bin/turnpike").args(["check-config", "--config", CONF]));
+    for (dir, mode) in [("/var/lib/turnpike", 0o750), ("/run/turnpike", 0o755)] {
+        std::fs::create_dir_all(dir).unwrap();
+        run(Command::new("chown").args(["turnpike:turnpike", dir]));
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let _dirs = RemoveOnDrop(vec!["/var/lib/turnpike", "/run/turnpike"]);
+    let child = Command::new("setpriv")
+        .args([
+            "--reuid",
+            "turnpike",
+            "--regid",
+            "turnpike",
+            "--init-groups",
+            "--",
+        ])
+        .args(["/usr/bin/turnpike", "--config", CONF, "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut relay = Killed(child);
+    let metrics = || {
+        ureq::get(&format!("http://127.0.0.1:{api}/metrics"))
+            .call()
+            .ok()
+            .and_then(|r| r.into_string().ok())
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !metrics().contains("turnpike_allocations") {
+        assert!(
+            relay.0.try_wait().unwrap().is_none(),
+            "the installed relay exited as the turnpike user"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the installed relay did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pid = std::fs::read_to_string("/run/turnpike/turnpike.pid").unwrap();
+    assert_eq!(
+        pid.trim(),
+        relay.0.id().to_string(),
+        "pid_file in the RuntimeDirectory"
+    );
+    assert!(
+        Path::new("/var/lib/turnpike/usage.db").exists(),
+        "usage database in the StateDirectory"
+    );
+    let status = run(Command::new("/usr/bin/turnpike").args(["status", "--config", CONF]));
+    let screen = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        screen.contains(&format!("127.0.0.1:{api}/metrics: serving")),
+        "{screen}"
+    );
+
+    // Step 5: an edit, then `turnpike reload`; the relay applies it.
+    std::fs::write(
+        CONF,
+        text.replace("log_level = \"info\"", "log_level = \"debug\""),
+    )
+    .unwrap();
+    run(Command::new("/usr/bin/turnpike").args(["reload", "--config", CONF]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !metrics().contains("turnpike_reloads_total{result=\"success\"} 1") {
+        assert!(
+            Instant::now() < deadline,
+            "the reload was not applied:\n{}",
+            metrics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    run(Command::new("kill").args(["-TERM", &relay.0.id().to_string()]));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(s) = relay.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "SIGTERM did not stop the relay");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        !Path::new("/run/turnpike/turnpike.pid").exists(),
+        "the pid file is removed at exit"
+    );
+    std::fs::write(CONF, installed).unwrap();
+}
+
+/// Kills and reaps a child when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Removes directories when dropped.
+struct RemoveOnDrop(Vec<&'static str>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
 /// `systemd-analyze verify turnpike.service`: success and not a word of warning.
 fn verify_unit() {
     let out = run(Command::new("systemd-analyze").args(["verify", "turnpike.service"]));
@@ -423,6 +574,7 @@ fn debian_package_builds_lists_installs_verifies_and_purges() {
         .unwrap();
     assert_eq!(check.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&check.stderr).contains("listen[0]"));
+    walk_installed_as_the_service_user();
 
     verify_unit();
     // With the XDP drop-in enabled as the README says.

@@ -199,3 +199,82 @@ fn reload_applies_a_good_file_live_and_a_broken_one_changes_nothing() {
     drop(relay);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Sends `n` Binding requests at once from `c`'s socket; how many successes came back (each read
+/// waits at most 500 ms, so a silent relay ends the count).
+fn bindings_answered(c: &mut Client, n: usize) -> usize {
+    use turnpike::wire::{Class, Method};
+    for _ in 0..n {
+        let (_, req) = c.build(Method::BINDING, Class::Request, &[], false);
+        c.sock.send_to(&req, c.server).unwrap();
+    }
+    c.sock
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 1500];
+    let mut answered = 0;
+    while answered < n {
+        match c.sock.recv_from(&mut buf) {
+            Ok(_) => answered += 1,
+            Err(_) => break,
+        }
+    }
+    answered
+}
+
+#[test]
+fn reload_gives_the_workers_binding_answers_the_new_challenge_rate() {
+    let dir = std::env::temp_dir().join(format!("turnpike-reload-rate-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (udp, api) = (free_udp_port(), free_port());
+    let path = dir.join("turnpike.toml");
+    // 1 answer per second per source, a burst of 2: Binding is answered in the workers, each with its
+    // own shard of this budget.
+    let with_rate =
+        |rate: u32| format!("challenge_rate = {rate}\n{}", config(&dir, udp, api, 2, ""));
+    std::fs::write(&path, with_rate(1)).unwrap();
+    let log = dir.join("stdout");
+    let child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let relay = Relay(child, dir.join("turnpike.pid"));
+    wait_for("the pid file", || relay.1.exists());
+    wait_for("/metrics", || metrics(api).contains("turnpike_allocations"));
+    let server: SocketAddr = format!("127.0.0.1:{udp}").parse().unwrap();
+    let mut c = Client::new(server, "alice", "alice-pass");
+    let before = bindings_answered(&mut c, 20);
+    assert!(
+        (1..20).contains(&before),
+        "at 1/s only the burst is answered: {before} of 20"
+    );
+
+    std::fs::write(&path, with_rate(1000)).unwrap();
+    reload(&path, None);
+    let text = || std::fs::read_to_string(&log).unwrap();
+    wait_for("the reload in the log", || {
+        text().contains("configuration reloaded")
+    });
+    assert_eq!(
+        bindings_answered(&mut c, 20),
+        20,
+        "at 1000/s (a burst of 2000) every Binding is answered: the worker has the new rate"
+    );
+
+    std::fs::write(&path, with_rate(1)).unwrap();
+    reload(&path, None);
+    wait_for("the second reload", || {
+        text().matches("configuration reloaded").count() >= 2
+    });
+    let after = bindings_answered(&mut c, 20);
+    assert!(
+        (1..20).contains(&after),
+        "back at 1/s: {after} of 20 answered"
+    );
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -5,7 +5,8 @@
 //! ```text
 //!  accept ─▶ connection permit (max_connections; none: close) ─▶ [TLS handshake ≤ header_read_timeout]
 //!    ─▶ hyper http1 (header_read_timeout, max_header_bytes, max_headers; 431 / close)
-//!    ─▶ TimeoutLayer (request_timeout: 408) ─▶ GlobalConcurrencyLimit (max_concurrent_requests)
+//!    ─▶ request metrics (route, status, latency) ─▶ TimeoutLayer (request_timeout: 408)
+//!    ─▶ GlobalConcurrencyLimit (max_concurrent_requests)
 //!    ─▶ RequestBodyLimit (max_body_bytes: 413) ─▶ Api::handle (on the blocking pool unless it only
 //!       computes: minting, /healthz)
 //! ```
@@ -17,7 +18,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -38,6 +39,24 @@ use super::{Api, Limits, Request, Response};
 pub const GRACE: Duration = Duration::from_secs(5);
 /// The token endpoint's path.
 const TOKEN_PATH: &str = "/networkTraversal/:issueRelayConfiguration";
+/// The `route` label values of the request metrics, in [`route`]'s order.
+pub(super) const ROUTES: [&str; 7] = [
+    "token", "revoke", "usage", "healthz", "readyz", "metrics", "other",
+];
+
+/// The index in [`ROUTES`] of a request path (a bounded label: unknown paths are `other`).
+fn route(path: &str) -> usize {
+    match path {
+        TOKEN_PATH => 0,
+        "/admin/revoke" => 1,
+        "/usage" => 2,
+        "/healthz" => 3,
+        "/readyz" => 4,
+        "/metrics" => 5,
+        _ => 6,
+    }
+}
+
 /// Threads answering requests ([`Api::handle`] may wait on SQLite or the control thread).
 const BLOCKING_THREADS: usize = 8;
 
@@ -217,6 +236,7 @@ fn router(
     requests: &Arc<Semaphore>,
     metrics_only: bool,
 ) -> Router {
+    let counted = api.http_metrics().clone();
     let api = api.clone();
     let max_body = limits.max_body_bytes;
     Router::new()
@@ -232,6 +252,20 @@ fn router(
             limits.request_timeout,
         ))
         .layer(axum::middleware::map_response(json_errors))
+        // Outermost: every answer the service gives (the layers' 408 and 413 included) is counted
+        // by route and status, its time from the request head to the response head. Refusals
+        // hyper makes itself (431, a connection closed at the header timeout) never reach it.
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let counted = counted.clone();
+                async move {
+                    let (at, started) = (route(req.uri().path()), Instant::now());
+                    let resp = next.run(req).await;
+                    counted.record(at, resp.status().as_u16(), started.elapsed());
+                    resp
+                }
+            },
+        ))
 }
 
 /// Give the layers' own refusals (408, 413: empty or plain-text bodies) the cloud API's error JSON.

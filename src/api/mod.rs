@@ -250,6 +250,8 @@ pub struct Api {
     store: Mutex<revocations::Store>,
     /// Signatures of admin requests applied, with the Unix second after which they are too old anyway.
     replay: Mutex<HashMap<String, u64>>,
+    /// Requests by route and status, and their latency (counted by the HTTP layer, shown in `/metrics`).
+    http_metrics: Arc<metrics::HttpMetrics>,
 }
 
 /// The API settings a reload may replace (the live part of [`Config`], and the REST secrets).
@@ -334,7 +336,13 @@ impl Api {
             hooks,
             store: Mutex::new(store),
             replay: Mutex::new(HashMap::new()),
+            http_metrics: Arc::new(metrics::HttpMetrics::new(&http::ROUTES)),
         })
+    }
+
+    /// The request counters the HTTP layer fills.
+    pub(crate) fn http_metrics(&self) -> &Arc<metrics::HttpMetrics> {
+        &self.http_metrics
     }
 
     /// A handle that replaces this API's live settings (a reload).
@@ -406,11 +414,14 @@ impl Api {
 
     fn metrics(&self) -> Response {
         match (self.hooks.metrics)() {
-            Some(m) => Response::text(
-                200,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                metrics::render(&m),
-            ),
+            Some(mut m) => {
+                m.http = Some(self.http_metrics.snapshot());
+                Response::text(
+                    200,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    metrics::render(&m),
+                )
+            }
             None => Response::error(503, "Unavailable", "the relay is not answering"),
         }
     }

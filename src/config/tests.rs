@@ -596,6 +596,43 @@ fn caps_are_fitted_under_the_open_file_limit() {
 }
 
 #[test]
+fn the_apis_connections_count_in_the_open_file_budget() {
+    const API: &str = "[api]\nlisten = \"127.0.0.1:8080\"\naccess_keys = [\"dHVybnBpa2UtdGVzdC1hY2Nlc3Mta2V5\"]\n\
+                       revocations_database = \"/tmp/r.db\"\n";
+    let udp_only = RelayConfig::from_toml(&operator_with("workers = 2"))
+        .unwrap()
+        .fit_open_files(20_000)
+        .unwrap();
+    // Its listener and every connection `api.limits.max_connections` lets it hold.
+    let mut c = RelayConfig::from_toml(&format!(
+        "workers = 2\n{OPERATOR}{API}[api.limits]\nmax_connections = 5000\n"
+    ))
+    .unwrap();
+    let fit = c.fit_open_files(20_000).unwrap();
+    assert_eq!(fit.reserve, udp_only.reserve + 1 + 5000);
+    assert_eq!(fit.fitted.0, 20_000 - fit.reserve as usize);
+    assert_eq!(c.live.quotas.max_allocations, fit.fitted.0);
+    // A separate /metrics listener is one more; the connection budget is shared.
+    let mut c = RelayConfig::from_toml(&format!(
+        "workers = 2\n{OPERATOR}{API}metrics_listen = \"127.0.0.1:9090\"\n\
+         [api.limits]\nmax_connections = 5000\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.fit_open_files(20_000).unwrap().reserve,
+        udp_only.reserve + 2 + 5000
+    );
+    // An API that alone takes the whole limit: not even one allocation fits, and the error says
+    // which key to lower.
+    let mut c = RelayConfig::from_toml(&format!(
+        "workers = 2\n{OPERATOR}{API}[api.limits]\nmax_connections = 20000\n"
+    ))
+    .unwrap();
+    let e = c.fit_open_files(20_000).unwrap_err();
+    assert!(e.problem.contains("api.limits.max_connections"), "{e}");
+}
+
+#[test]
 fn fleet_ledger_keys_are_checked() {
     let usage = "[usage]\ndatabase = \"/tmp/u.db\"\n";
     let ok = format!(

@@ -80,7 +80,9 @@ impl Control {
             workers: self
                 .stats
                 .iter()
-                .map(|w| WorkerSnapshot {
+                .zip(&self.exec.plane.workers)
+                .map(|(w, handle)| WorkerSnapshot {
+                    ready: handle.thread.as_ref().is_some_and(|t| !t.is_finished()),
                     rx: w.rx(),
                     tx: w.tx(),
                     drops: dataplane::Drop::ALL
@@ -99,6 +101,7 @@ impl Control {
                     .filter(|(_, n)| *n > 0)
                     .map(|(code, n)| (code.code(), n))
                     .collect(),
+                max_allocations: self.server.max_allocations() as u64,
                 permissions: self.exec.permissions,
                 channels: self.exec.channels,
                 challenges: s.challenges,
@@ -115,6 +118,9 @@ impl Control {
                     ("amplification_refused", s.amplification_refused),
                 ],
             },
+            // The process's own facts, the stream side's and the API's: filled in by who serves
+            // the snapshot (service, api).
+            ..Snapshot::default()
         }
     }
 

@@ -733,8 +733,13 @@ impl Control {
         let Some((config, reply)) = staged else {
             return;
         };
+        let rate = config.challenge_rate;
         let result = self.server.reload(config);
         if let Ok(revoked) = &result {
+            // The workers answer Binding with their own shards of the same budget.
+            for w in &self.exec.plane.workers {
+                w.send(WorkerMsg::BindingRate(rate));
+            }
             for r in revoked {
                 tracing::info!(
                     allocation = r.allocation.0,

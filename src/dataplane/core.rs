@@ -126,6 +126,13 @@ impl Core {
         self
     }
 
+    /// A reload's new Binding budget rate (when this worker answers Binding).
+    pub fn set_binding_rate(&mut self, rate: u32) {
+        if let Some(b) = &mut self.binding {
+            b.set_rate(rate);
+        }
+    }
+
     /// Apply a route update; a removed relay's counters go to the control thread.
     pub fn apply(&mut self, update: RouteUpdate) {
         if update == RouteUpdate::ReportCounters {

@@ -272,6 +272,9 @@ pub enum WorkerMsg {
         /// The message.
         bytes: Vec<u8>,
     },
+    /// A reload changed the budget of unauthenticated answers (`challenge_rate`, per source per
+    /// second): the worker's Binding shard takes the new rate.
+    BindingRate(u32),
     /// Exit the loop.
     Stop,
 }

@@ -82,19 +82,57 @@ impl Default for StreamLimits {
     }
 }
 
-/// Counters of the stream side, over all workers.
+/// Counters of the stream side, over all workers. The per-transport ones are indexed by
+/// [`StreamStats::TRANSPORTS`] (0: TCP, 1: TLS). Counted per connection, never per message.
 #[derive(Debug, Default)]
 pub struct StreamStats {
-    /// Connections accepted.
-    pub accepted: AtomicU64,
-    /// Connections refused by a limit.
-    pub refused: AtomicU64,
+    /// Connections accepted, by transport.
+    pub accepted: [AtomicU64; 2],
+    /// Connections refused by a limit, by transport.
+    pub refused: [AtomicU64; 2],
     /// Connections closed for a malformed frame or a TLS error.
     pub malformed: AtomicU64,
     /// Connections closed by a timeout.
     pub timed_out: AtomicU64,
-    /// Connections open now.
-    pub open: AtomicUsize,
+    /// Connections open now, by transport.
+    pub open: [AtomicUsize; 2],
+}
+
+impl StreamStats {
+    /// The transports' names, in index order.
+    pub const TRANSPORTS: [&'static str; 2] = ["tcp", "tls"];
+
+    /// Connections accepted, both transports.
+    pub fn accepted_total(&self) -> u64 {
+        self.accepted
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Connections refused, both transports.
+    pub fn refused_total(&self) -> u64 {
+        self.refused.iter().map(|a| a.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Connections open now, both transports.
+    pub fn open_total(&self) -> usize {
+        self.open.iter().map(|a| a.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Per transport, for `/metrics`.
+    pub fn snapshot(&self) -> Vec<crate::metrics::StreamSnapshot> {
+        Self::TRANSPORTS
+            .iter()
+            .enumerate()
+            .map(|(i, transport)| crate::metrics::StreamSnapshot {
+                transport,
+                open: self.open[i].load(Ordering::Relaxed) as u64,
+                accepted: self.accepted[i].load(Ordering::Relaxed),
+                refused: self.refused[i].load(Ordering::Relaxed),
+            })
+            .collect()
+    }
 }
 
 /// What every worker's stream side shares: limits, the current TLS configuration, connection counts.
@@ -130,12 +168,12 @@ impl StreamShared {
         self.tls.read().ok().and_then(|t| t.clone())
     }
 
-    /// Count a new connection from `ip` if the limits allow it.
-    fn admit(&self, ip: IpAddr) -> bool {
+    /// Count a new connection from `ip` (over TLS: `tls`) if the limits allow it.
+    fn admit(&self, ip: IpAddr, tls: bool) -> bool {
         let Ok(mut per_ip) = self.per_ip.lock() else {
             return false;
         };
-        if self.stats.open.load(Ordering::Relaxed) >= self.limits.max_connections {
+        if self.stats.open_total() >= self.limits.max_connections {
             return false;
         }
         let n = per_ip.entry(source_key(ip)).or_insert(0);
@@ -143,11 +181,11 @@ impl StreamShared {
             return false;
         }
         *n += 1;
-        self.stats.open.fetch_add(1, Ordering::Relaxed);
+        self.stats.open[usize::from(tls)].fetch_add(1, Ordering::Relaxed);
         true
     }
 
-    fn release(&self, ip: IpAddr) {
+    fn release(&self, ip: IpAddr, tls: bool) {
         if let Ok(mut per_ip) = self.per_ip.lock() {
             let k = source_key(ip);
             if let Some(n) = per_ip.get_mut(&k) {
@@ -157,7 +195,7 @@ impl StreamShared {
                 }
             }
         }
-        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+        self.stats.open[usize::from(tls)].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -441,15 +479,17 @@ impl Streams {
                 }
             };
             let from = canonical(from);
+            let refused = &self.shared.stats.refused[usize::from(tls)];
             if tls && self.handshaking >= self.shared.limits.max_tls_handshakes {
                 // Refused before any handshake work: the socket closes as it drops.
-                self.shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+                refused.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            if !self.shared.admit(from.ip()) {
-                self.shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            if !self.shared.admit(from.ip(), tls) {
+                refused.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            let over_tls = tls;
             let tls = if tls {
                 let conn = self
                     .shared
@@ -458,7 +498,7 @@ impl Streams {
                 match conn {
                     Some(c) => Some(Box::new(c)),
                     None => {
-                        self.shared.release(from.ip());
+                        self.shared.release(from.ip(), over_tls);
                         continue;
                     }
                 }
@@ -480,7 +520,7 @@ impl Streams {
                 .is_err()
             {
                 self.free.push(slot);
-                self.shared.release(from.ip());
+                self.shared.release(from.ip(), over_tls);
                 continue;
             }
             let key = ClientKey {
@@ -503,7 +543,7 @@ impl Streams {
                 want_write: false,
             });
             self.by_key.insert(key, slot);
-            self.shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.accepted[usize::from(over_tls)].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -678,7 +718,7 @@ impl Streams {
         if c.handshaking {
             self.handshaking = self.handshaking.saturating_sub(1);
         }
-        self.shared.release(c.key.client.ip());
+        self.shared.release(c.key.client.ip(), c.tls.is_some());
         core.stream_closed(c.key);
     }
 }
@@ -841,8 +881,7 @@ mod tests {
     fn settle(s: &mut Streams, core: &mut Core, shared: &StreamShared, n: u64) {
         for _ in 0..200 {
             service(s, core);
-            let seen = shared.stats.accepted.load(Ordering::Relaxed)
-                + shared.stats.refused.load(Ordering::Relaxed);
+            let seen = shared.stats.accepted_total() + shared.stats.refused_total();
             if seen >= n {
                 return;
             }
@@ -889,7 +928,7 @@ mod tests {
         s.sweep(&core, Instant::now() + Duration::from_secs(5));
         assert!(!s.has_connections(), "no whole message by the deadline");
         assert_eq!(shared.stats.timed_out.load(Ordering::Relaxed), 1);
-        assert_eq!(shared.stats.open.load(Ordering::Relaxed), 0);
+        assert_eq!(shared.stats.open_total(), 0);
     }
 
     #[test]
@@ -961,18 +1000,26 @@ mod tests {
         let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
         let same_64: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:fffe".parse().unwrap();
         let other_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert!(shared.admit(a));
-        assert!(!shared.admit(same_64), "same /64: over the cap of 1");
-        assert!(shared.admit(other_64));
-        shared.release(a);
+        assert!(shared.admit(a, false));
+        assert!(!shared.admit(same_64, true), "same /64: over the cap of 1");
+        assert!(shared.admit(other_64, true));
+        shared.release(a, false);
         assert!(
-            shared.admit(same_64),
+            shared.admit(same_64, false),
             "released by the /64, not the address"
         );
         // IPv4 keys on the whole address.
-        assert!(shared.admit("192.0.2.1".parse().unwrap()));
-        assert!(shared.admit("192.0.2.2".parse().unwrap()));
-        assert_eq!(shared.stats.open.load(Ordering::Relaxed), 4);
+        assert!(shared.admit("192.0.2.1".parse().unwrap(), true));
+        assert!(shared.admit("192.0.2.2".parse().unwrap(), false));
+        assert_eq!(shared.stats.open_total(), 4);
+        // Counted by transport (the gauge `/metrics` shows): TCP, then TLS.
+        let open: Vec<(&str, u64)> = shared
+            .stats
+            .snapshot()
+            .iter()
+            .map(|t| (t.transport, t.open))
+            .collect();
+        assert_eq!(open, [("tcp", 2), ("tls", 2)]);
     }
 
     #[test]
@@ -986,8 +1033,10 @@ mod tests {
         // Three clients that connect and never send a ClientHello.
         let stalled: Vec<_> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
         settle(&mut s, &mut core, &shared, 3);
-        assert_eq!(shared.stats.accepted.load(Ordering::Relaxed), 2);
-        assert_eq!(shared.stats.refused.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.stats.accepted_total(), 2);
+        assert_eq!(shared.stats.refused_total(), 1);
+        let tls = shared.stats.snapshot()[1];
+        assert_eq!((tls.transport, tls.accepted, tls.refused), ("tls", 2, 1));
         assert_eq!(s.handshaking, 2);
         // The refused one is closed at once: its read sees EOF (bounded by a timeout).
         let mut third = &stalled[2];
@@ -1002,7 +1051,7 @@ mod tests {
         assert!(!s.has_connections());
         let _next = TcpStream::connect(addr).unwrap();
         settle(&mut s, &mut core, &shared, 4);
-        assert_eq!(shared.stats.accepted.load(Ordering::Relaxed), 3);
+        assert_eq!(shared.stats.accepted_total(), 3);
         assert_eq!(s.handshaking, 1);
         drop(stalled);
     }

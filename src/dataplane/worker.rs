@@ -229,6 +229,7 @@ fn drain_mailbox<I: Io>(
             WorkerMsg::SendStream { client, bytes } => {
                 streams.send(core, client, &bytes);
             }
+            WorkerMsg::BindingRate(rate) => core.set_binding_rate(rate),
             WorkerMsg::Stop => return Ok(true),
         }
     }

@@ -10,12 +10,15 @@
 //! May use: nothing else in turnpike.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 /// Bytes and packets relayed, per direction: the four usage numbers, for one relay socket, one
@@ -55,6 +58,21 @@ pub struct WorkerSnapshot {
     pub drops: Vec<(&'static str, u64)>,
     /// What its fast path relayed.
     pub relayed: Counters,
+    /// Its loop is running (false once it exited: the relay then drains and stops).
+    pub ready: bool,
+}
+
+/// TCP or TLS connections of one transport, over all workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamSnapshot {
+    /// `tcp` or `tls`.
+    pub transport: &'static str,
+    /// Open now.
+    pub open: u64,
+    /// Accepted since start.
+    pub accepted: u64,
+    /// Refused by a limit (connections, per source, TLS handshakes under way) since start.
+    pub refused: u64,
 }
 
 /// The TURN core's state and counters.
@@ -76,6 +94,8 @@ pub struct ServerSnapshot {
     pub auth_failures: Vec<(&'static str, u64)>,
     /// Datagrams the core dropped or refused, by reason.
     pub drops: Vec<(&'static str, u64)>,
+    /// The allocation quota (`quotas.max_allocations`, after fitting under the open-file limit).
+    pub max_allocations: u64,
 }
 
 /// Configuration reloads, counted where they happen (the SIGHUP handler) and read by the control thread
@@ -119,6 +139,101 @@ impl Reloads {
     }
 }
 
+/// Upper bounds (seconds) of the HTTP API's latency histogram buckets; one more bucket counts the rest.
+pub const HTTP_LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// Status codes counted one by one (100–599); others count as 599.
+const STATUSES: usize = 500;
+
+/// The HTTP API's request counters, by route and status, and a latency histogram by route: relaxed
+/// atomics in fixed tables, sized at start from the routes the API names. Written by the API's
+/// request layer (control plane), read by [`HttpMetrics::snapshot`].
+#[derive(Debug)]
+pub struct HttpMetrics {
+    routes: &'static [&'static str],
+    /// `routes.len() × STATUSES`: requests answered with status `100 + i`.
+    requests: Box<[AtomicU64]>,
+    /// `routes.len() × (buckets + 1)`: requests whose answer took up to each bound (not cumulative).
+    latency: Box<[AtomicU64]>,
+    /// Per route: the answers' total time in microseconds.
+    latency_sum_us: Box<[AtomicU64]>,
+}
+
+/// A copy of [`HttpMetrics`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HttpSnapshot {
+    /// (route, status, requests), only the non-zero ones.
+    pub requests: Vec<(&'static str, u16, u64)>,
+    /// Per route: requests per latency bucket ([`HTTP_LATENCY_BUCKETS`], then the rest; not
+    /// cumulative), and their total time in microseconds.
+    pub latency: Vec<(&'static str, Vec<u64>, u64)>,
+}
+
+impl HttpMetrics {
+    /// Counters for `routes` (the label values; the API picks one per request).
+    pub fn new(routes: &'static [&'static str]) -> Self {
+        let zeros = |n: usize| (0..n).map(|_| AtomicU64::new(0)).collect();
+        HttpMetrics {
+            routes,
+            requests: zeros(routes.len() * STATUSES),
+            latency: zeros(routes.len() * (HTTP_LATENCY_BUCKETS.len() + 1)),
+            latency_sum_us: zeros(routes.len()),
+        }
+    }
+
+    /// Count one request on route `route` (an index into the routes) answered with `status` after
+    /// `took`. An unknown route index is ignored.
+    pub fn record(&self, route: usize, status: u16, took: Duration) {
+        if route >= self.routes.len() {
+            return;
+        }
+        let code = usize::from(status.clamp(100, 599) - 100);
+        if let Some(c) = self.requests.get(route * STATUSES + code) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        let secs = took.as_secs_f64();
+        let bucket = HTTP_LATENCY_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(HTTP_LATENCY_BUCKETS.len());
+        if let Some(c) = self
+            .latency
+            .get(route * (HTTP_LATENCY_BUCKETS.len() + 1) + bucket)
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(s) = self.latency_sum_us.get(route) {
+            s.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// The counts now.
+    pub fn snapshot(&self) -> HttpSnapshot {
+        let width = HTTP_LATENCY_BUCKETS.len() + 1;
+        let mut out = HttpSnapshot::default();
+        for (r, route) in self.routes.iter().enumerate() {
+            for (i, c) in self.requests[r * STATUSES..(r + 1) * STATUSES]
+                .iter()
+                .enumerate()
+            {
+                let n = c.load(Ordering::Relaxed);
+                if n > 0 {
+                    out.requests.push((route, 100 + i as u16, n));
+                }
+            }
+            let buckets: Vec<u64> = self.latency[r * width..(r + 1) * width]
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect();
+            let sum_us = self.latency_sum_us[r].load(Ordering::Relaxed);
+            out.latency.push((route, buckets, sum_us));
+        }
+        out
+    }
+}
+
 /// Everything `/metrics` shows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
@@ -141,6 +256,14 @@ pub struct Snapshot {
     pub reloads: ReloadSnapshot,
     /// Datagrams the XDP fast path forwarded, both directions (0 without XDP).
     pub xdp_packets: u64,
+    /// When the process started (Unix seconds).
+    pub started_unix: u64,
+    /// TCP and TLS connections, by transport (empty without stream listeners).
+    pub streams: Vec<StreamSnapshot>,
+    /// Batches of usage records the metering writer could not store (the database refused them).
+    pub usage_write_failures: u64,
+    /// The HTTP API's requests, when the API serves this snapshot.
+    pub http: Option<HttpSnapshot>,
 }
 
 impl Snapshot {
@@ -220,12 +343,75 @@ pub fn render(snap: &Snapshot) -> String {
         "When the configuration was last reloaded successfully (Unix seconds; 0: not since start)",
         snap.reloads.last_ok_unix as i64,
     );
+    gauge(
+        &mut r,
+        "process_start_time_seconds",
+        "When the relay process started (Unix seconds)",
+        snap.started_unix as i64,
+    );
+    counter(
+        &mut r,
+        "usage_write_failures",
+        "Batches of usage records the metering writer could not store (the database refused them)",
+        snap.usage_write_failures,
+    );
+    let streams = || snap.streams.iter();
+    gauge_family(
+        &mut r,
+        "stream_connections",
+        "TCP and TLS connections open now, by transport",
+        streams().map(|t| (vec![("transport", t.transport.to_string())], t.open as i64)),
+    );
+    family(
+        &mut r,
+        "stream_accepted",
+        "TCP and TLS connections accepted, by transport",
+        streams().map(|t| (vec![("transport", t.transport.to_string())], t.accepted)),
+    );
+    family(
+        &mut r,
+        "stream_refused",
+        "TCP and TLS connections refused by a limit, by transport",
+        streams().map(|t| (vec![("transport", t.transport.to_string())], t.refused)),
+    );
+    if let Some(h) = &snap.http {
+        family(
+            &mut r,
+            "api_requests",
+            "HTTP API requests answered, by route and status",
+            h.requests.iter().map(|(route, status, n)| {
+                (
+                    vec![("route", route.to_string()), ("status", status.to_string())],
+                    *n,
+                )
+            }),
+        );
+        r.register(
+            "api_request_duration_seconds",
+            "Time to answer an HTTP API request, by route (from its headers to its response head)",
+            Histograms(
+                h.latency
+                    .iter()
+                    .map(|(route, buckets, sum_us)| {
+                        let labels = vec![("route".to_string(), route.to_string())];
+                        (labels, buckets.clone(), *sum_us as f64 / 1e6)
+                    })
+                    .collect(),
+            ),
+        );
+    }
     let s = &snap.server;
     gauge(
         &mut r,
         "allocations",
         "Live allocations",
         s.allocations as i64,
+    );
+    gauge(
+        &mut r,
+        "max_allocations",
+        "The allocation quota (quotas.max_allocations); Allocate beyond it gets 508",
+        s.max_allocations as i64,
     );
     counter(
         &mut r,
@@ -317,6 +503,12 @@ pub fn render(snap: &Snapshot) -> String {
         "Datagrams sent per worker",
         workers().map(|(k, w)| (vec![("worker", k.to_string())], w.tx)),
     );
+    gauge_family(
+        &mut r,
+        "worker_ready",
+        "1 while the worker's loop runs, 0 once it exited",
+        workers().map(|(k, w)| (vec![("worker", k.to_string())], i64::from(w.ready))),
+    );
     family(
         &mut r,
         "dropped_packets",
@@ -365,6 +557,50 @@ fn family(
     r.register(name, help, f);
 }
 
+fn gauge_family(
+    r: &mut Registry,
+    name: &str,
+    help: &str,
+    values: impl Iterator<Item = (Vec<(&'static str, String)>, i64)>,
+) {
+    let f: Family<Labels, Gauge> = Family::default();
+    for (labels, n) in values {
+        let labels: Labels = labels
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        f.get_or_create(&labels).set(n);
+    }
+    r.register(name, help, f);
+}
+
+/// Histograms from counted buckets ([`HttpSnapshot::latency`]): one per label set, with its buckets
+/// (not cumulative, the last one past [`HTTP_LATENCY_BUCKETS`]) and sum.
+#[derive(Debug)]
+struct Histograms(Vec<(Labels, Vec<u64>, f64)>);
+
+impl TypedMetric for Histograms {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Histograms {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (labels, buckets, sum) in &self.0 {
+            let bounds = HTTP_LATENCY_BUCKETS.iter().copied().chain([f64::MAX]);
+            let buckets: Vec<(f64, u64)> = bounds.zip(buckets.iter().copied()).collect();
+            let count = buckets.iter().map(|(_, n)| n).sum();
+            encoder
+                .encode_family(labels)?
+                .encode_histogram::<()>(*sum, count, &buckets, None)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -386,9 +622,11 @@ mod tests {
                         to_client_bytes: 50,
                         to_client_packets: 1,
                     },
+                    ready: false,
                 },
                 WorkerSnapshot {
                     rx: 1,
+                    ready: true,
                     ..WorkerSnapshot::default()
                 },
             ],
@@ -396,6 +634,22 @@ mod tests {
             control_queue: (2, 300),
             mailbox_full: 0,
             xdp_packets: 7,
+            started_unix: 1_699_999_000,
+            streams: vec![StreamSnapshot {
+                transport: "tls",
+                open: 2,
+                accepted: 5,
+                refused: 1,
+            }],
+            usage_write_failures: 3,
+            http: Some({
+                let h = HttpMetrics::new(&["token", "other"]);
+                h.record(0, 200, Duration::from_millis(3));
+                h.record(0, 200, Duration::from_secs(30));
+                h.record(1, 404, Duration::from_micros(10));
+                h.record(7, 200, Duration::ZERO); // no such route: ignored
+                h.snapshot()
+            }),
             reloads: {
                 let r = Reloads::default();
                 r.record(true, 1_700_000_000);
@@ -407,6 +661,7 @@ mod tests {
                 allocations: 3,
                 allocations_created: 4,
                 allocation_errors: vec![(508, 2)],
+                max_allocations: 1000,
                 auth_failures: vec![("revoked", 5)],
                 ..ServerSnapshot::default()
             },
@@ -431,6 +686,24 @@ mod tests {
             "turnpike_reloads_total{result=\"success\"} 1",
             "turnpike_reloads_total{result=\"failure\"} 2",
             "turnpike_last_reload_success_timestamp_seconds 1700000000",
+            "turnpike_process_start_time_seconds 1699999000",
+            "turnpike_max_allocations 1000",
+            "turnpike_worker_ready{worker=\"0\"} 0",
+            "turnpike_worker_ready{worker=\"1\"} 1",
+            "turnpike_stream_connections{transport=\"tls\"} 2",
+            "turnpike_stream_accepted_total{transport=\"tls\"} 5",
+            "turnpike_stream_refused_total{transport=\"tls\"} 1",
+            "turnpike_usage_write_failures_total 3",
+            "turnpike_api_requests_total{route=\"token\",status=\"200\"} 2",
+            "turnpike_api_requests_total{route=\"other\",status=\"404\"} 1",
+            // 3 ms is in the 5 ms bucket; 30 s only in +Inf.
+            "turnpike_api_request_duration_seconds_bucket{le=\"0.0025\",route=\"token\"} 0",
+            "turnpike_api_request_duration_seconds_bucket{le=\"0.005\",route=\"token\"} 1",
+            "turnpike_api_request_duration_seconds_bucket{le=\"10.0\",route=\"token\"} 1",
+            "turnpike_api_request_duration_seconds_bucket{le=\"+Inf\",route=\"token\"} 2",
+            "turnpike_api_request_duration_seconds_count{route=\"token\"} 2",
+            "turnpike_api_request_duration_seconds_sum{route=\"token\"} 30.003",
+            "turnpike_api_request_duration_seconds_count{route=\"other\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -568,6 +568,11 @@ impl<R: RngCore> Server<R> {
         self.allocations.len()
     }
 
+    /// The allocation quota in force (`max_allocations`, changed by a reload).
+    pub fn max_allocations(&self) -> usize {
+        self.config.max_allocations
+    }
+
     /// Free relay ports across all relay addresses (reserved ports count as used).
     pub fn free_ports(&self) -> usize {
         self.pools.iter().map(PortPool::free).sum()
