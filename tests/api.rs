@@ -1210,6 +1210,21 @@ fn tls_client(ca: &rcgen::CertifiedKey) -> Arc<rustls::ClientConfig> {
     )
 }
 
+/// `GET /healthz` over TLS for `localhost` with `client`: the whole answer, or "" when the handshake fails.
+fn tls_healthz(api: SocketAddr, client: Arc<rustls::ClientConfig>) -> String {
+    use std::io::{Read, Write};
+    let conn = rustls::ClientConnection::new(client, "localhost".try_into().unwrap()).unwrap();
+    let Ok(tcp) = std::net::TcpStream::connect(api) else {
+        return String::new();
+    };
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).to_string()
+}
+
 #[test]
 fn client_hello_then_close_notify_on_the_api_tls_port_neither_spins_nor_blocks() {
     use std::io::{Read, Write};
@@ -1239,20 +1254,7 @@ fn client_hello_then_close_notify_on_the_api_tls_port_neither_spins_nor_blocks()
         .unwrap();
     let relay = Relay { child };
     let client = tls_client(&cert);
-    let healthz = || -> String {
-        let conn =
-            rustls::ClientConnection::new(client.clone(), "localhost".try_into().unwrap()).unwrap();
-        let Ok(tcp) = std::net::TcpStream::connect(api) else {
-            return String::new();
-        };
-        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut s = rustls::StreamOwned::new(conn, tcp);
-        let _ =
-            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-        let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out);
-        String::from_utf8_lossy(&out).to_string()
-    };
+    let healthz = || tls_healthz(api, client.clone());
     let deadline = Instant::now() + Duration::from_secs(10);
     while !healthz().starts_with("HTTP/1.1 200") {
         assert!(Instant::now() < deadline, "the API did not come up");
@@ -1318,4 +1320,65 @@ fn a_credential_outliving_max_ttl_gets_401_and_the_api_never_mints_one() {
     let expiry: u64 = user.split(':').next().unwrap().parse().unwrap();
     assert!(expiry <= unix_now() + 3600, "{user}");
     relay.terminate();
+}
+
+/// The API's certificate reloads on SIGHUP like the TURN one: new connections get the new pair, and
+/// a client that trusts only the old one is refused from then on.
+#[test]
+fn the_api_certificate_reloads_on_sighup_for_new_connections() {
+    let dir = temp_dir("api-cert-reload");
+    let old = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let new = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_pem, key_pem) = (dir.join("api.crt"), dir.join("api.key"));
+    let install = |c: &rcgen::CertifiedKey| {
+        std::fs::write(&cert_pem, c.cert.pem()).unwrap();
+        std::fs::write(&key_pem, c.key_pair.serialize_pem()).unwrap();
+    };
+    install(&old);
+    let tls = format!(
+        "names = [\"localhost\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+        cert_pem.display(),
+        key_pem.display()
+    );
+    let reserved = reserve_udp();
+    let api_port = free_tcp_port();
+    let cfg = dir.join("turnpike.toml");
+    std::fs::write(
+        &cfg,
+        config_text(reserved.port(), api_port, 27000, &dir.join("u.db"), &tls),
+    )
+    .unwrap();
+    let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args(["--config", cfg.to_str().unwrap(), "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let relay = Relay { child };
+    // `/healthz` over TLS trusting only `ca`: the status line, or "" when the handshake fails.
+    let healthz = |ca: &rcgen::CertifiedKey| -> String {
+        let answer = tls_healthz(api, tls_client(ca));
+        answer.lines().next().unwrap_or("").to_string()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !healthz(&old).starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < deadline, "the API did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        healthz(&new),
+        "",
+        "a client trusting only the next certificate is refused"
+    );
+
+    install(&new);
+    let status = Command::new("kill")
+        .args(["-HUP", &relay.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    eventually("new connections get the reloaded certificate", || {
+        healthz(&new).starts_with("HTTP/1.1 200")
+    });
+    assert_eq!(healthz(&old), "", "the old certificate is no longer served");
 }
