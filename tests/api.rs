@@ -1227,7 +1227,7 @@ fn tls_healthz(api: SocketAddr, client: Arc<rustls::ClientConfig>) -> String {
 
 #[test]
 fn client_hello_then_close_notify_on_the_api_tls_port_neither_spins_nor_blocks() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let dir = temp_dir("close-notify");
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let (cert_pem, key_pem) = (dir.join("api.crt"), dir.join("api.key"));
