@@ -117,7 +117,9 @@ impl Cluster {
 
     /// One value from `psql`.
     pub fn psql(&self, sql: &str) -> String {
-        let out = Command::new("psql")
+        // The server's own psql, not Debian's wrapper: the wrapper looks over every cluster on the host
+        // and fails while another test's cluster is being dropped.
+        let out = Command::new(format!("/usr/lib/postgresql/{}/bin/psql", self.version))
             .arg(self.conninfo())
             .args(["-tAc", sql])
             .output()
