@@ -121,6 +121,23 @@ impl Relay {
         Relay { child }
     }
 
+    /// The binary with its API on TLS for `localhost`, trusted through `ca`: waits until `/healthz`
+    /// answers over TLS.
+    fn spawn_tls(config: &Path, api: SocketAddr, ca: &rcgen::CertifiedKey) -> Relay {
+        let child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+            .args(["--config", config.to_str().unwrap(), "--log-level", "warn"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("turnpike starts");
+        let relay = Relay { child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !tls_healthz(api, tls_client(ca)).starts_with("HTTP/1.1 200") {
+            assert!(Instant::now() < deadline, "the API did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        relay
+    }
+
     /// SIGTERM and wait (drain_seconds = 0: live allocations get final records).
     fn terminate(mut self) {
         Command::new("kill")
@@ -817,9 +834,14 @@ fn python_sdk_over_tls_with_a_certificate_made_by_the_test() {
     );
     let reserved = reserve_udp();
     let (listen, api_port) = (reserved.port(), free_tcp_port());
-    let text = config_text(listen, api_port, 45000, &dir.join("usage.db"), &tls);
-    let config = RelayConfig::from_toml(&text).unwrap();
-    let service = turnpike::service::start(&config).unwrap();
+    let cfg = dir.join("turnpike.toml");
+    std::fs::write(
+        &cfg,
+        config_text(listen, api_port, 45000, &dir.join("usage.db"), &tls),
+    )
+    .unwrap();
+    let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
+    let relay = Relay::spawn_tls(&cfg, api, &cert);
     let v = common::sdk::run_sdk(
         &format!("https://localhost:{api_port}"),
         KEY_B64,
@@ -832,7 +854,7 @@ fn python_sdk_over_tls_with_a_certificate_made_by_the_test() {
         .timeout(Duration::from_secs(2))
         .call()
         .is_err());
-    service.stop().unwrap();
+    relay.terminate();
 }
 
 const TOKEN_PATH: &str =
@@ -1247,19 +1269,9 @@ fn client_hello_then_close_notify_on_the_api_tls_port_neither_spins_nor_blocks()
     )
     .unwrap();
     let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
-        .args(["--config", cfg.to_str().unwrap(), "--log-level", "warn"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let relay = Relay { child };
+    let relay = Relay::spawn_tls(&cfg, api, &cert);
     let client = tls_client(&cert);
     let healthz = || tls_healthz(api, client.clone());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !healthz().starts_with("HTTP/1.1 200") {
-        assert!(Instant::now() < deadline, "the API did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 
     // RUSTSEC-2024-0336: a ClientHello, then a close_notify alert (a plaintext record before the
     // handshake is done). 32 such connections stay open.
@@ -1349,22 +1361,12 @@ fn the_api_certificate_reloads_on_sighup_for_new_connections() {
     )
     .unwrap();
     let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
-        .args(["--config", cfg.to_str().unwrap(), "--log-level", "warn"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let relay = Relay { child };
+    let relay = Relay::spawn_tls(&cfg, api, &old);
     // `/healthz` over TLS trusting only `ca`: the status line, or "" when the handshake fails.
     let healthz = |ca: &rcgen::CertifiedKey| -> String {
         let answer = tls_healthz(api, tls_client(ca));
         answer.lines().next().unwrap_or("").to_string()
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !healthz(&old).starts_with("HTTP/1.1 200") {
-        assert!(Instant::now() < deadline, "the API did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
     assert_eq!(
         healthz(&new),
         "",
