@@ -121,23 +121,6 @@ impl Relay {
         Relay { child }
     }
 
-    /// The binary with its API on TLS for `localhost`, trusted through `ca`: waits until `/healthz`
-    /// answers over TLS.
-    fn spawn_tls(config: &Path, api: SocketAddr, ca: &rcgen::CertifiedKey) -> Relay {
-        let child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
-            .args(["--config", config.to_str().unwrap(), "--log-level", "warn"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("turnpike starts");
-        let relay = Relay { child };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !tls_healthz(api, tls_client(ca)).starts_with("HTTP/1.1 200") {
-            assert!(Instant::now() < deadline, "the API did not come up");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        relay
-    }
-
     /// SIGTERM and wait (drain_seconds = 0: live allocations get final records).
     fn terminate(mut self) {
         Command::new("kill")
@@ -824,33 +807,16 @@ fn python_sdk_over_tls_with_a_certificate_made_by_the_test() {
     }
     let dir = temp_dir("tls");
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let (cert_pem, key_pem) = (dir.join("api.crt"), dir.join("api.key"));
-    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
-    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
-    let tls = format!(
-        "names = [\"localhost\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"",
-        cert_pem.display(),
-        key_pem.display()
-    );
-    let reserved = reserve_udp();
-    let (listen, api_port) = (reserved.port(), free_tcp_port());
-    let cfg = dir.join("turnpike.toml");
-    std::fs::write(
-        &cfg,
-        config_text(listen, api_port, 45000, &dir.join("usage.db"), &tls),
-    )
-    .unwrap();
-    let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
-    let relay = Relay::spawn_tls(&cfg, api, &cert);
+    let (relay, listen, api, cert_pem) = spawn_tls_relay(&dir, &cert, 45000);
     let v = common::sdk::run_sdk(
-        &format!("https://localhost:{api_port}"),
+        &format!("https://localhost:{}", api.port()),
         KEY_B64,
         Some(&cert_pem),
         true,
     );
-    check_sdk_result(&v, format!("127.0.0.1:{listen}").parse().unwrap());
+    check_sdk_result(&v, listen);
     // Plain HTTP to the TLS port gets nowhere.
-    assert!(ureq::get(&format!("http://127.0.0.1:{api_port}/healthz"))
+    assert!(ureq::get(&format!("http://{api}/healthz"))
         .timeout(Duration::from_secs(2))
         .call()
         .is_err());
@@ -1232,6 +1198,48 @@ fn tls_client(ca: &rcgen::CertifiedKey) -> Arc<rustls::ClientConfig> {
     )
 }
 
+/// Writes `cert` as the API's pair in `dir` (`api.crt`, `api.key`, replacing what was there).
+fn install_api_pair(dir: &Path, cert: &rcgen::CertifiedKey) -> PathBuf {
+    let cert_pem = dir.join("api.crt");
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(dir.join("api.key"), cert.key_pair.serialize_pem()).unwrap();
+    cert_pem
+}
+
+/// The binary with its API on TLS for `localhost` with `cert` (written to `dir`) and relay ports from
+/// `base`, once `/healthz` answers over TLS: the relay, its UDP listener, its API and the certificate file.
+fn spawn_tls_relay(
+    dir: &Path,
+    cert: &rcgen::CertifiedKey,
+    base: u16,
+) -> (Relay, SocketAddr, SocketAddr, PathBuf) {
+    let cert_pem = install_api_pair(dir, cert);
+    let tls = format!(
+        "names = [\"localhost\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+        cert_pem.display(),
+        dir.join("api.key").display()
+    );
+    let reserved = reserve_udp();
+    let (listen, api_port) = (reserved.port(), free_tcp_port());
+    let cfg = dir.join("turnpike.toml");
+    let text = config_text(listen, api_port, base, &dir.join("u.db"), &tls);
+    std::fs::write(&cfg, text).unwrap();
+    let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args(["--config", cfg.to_str().unwrap(), "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("turnpike starts");
+    let relay = Relay { child };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !tls_healthz(api, tls_client(cert)).starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < deadline, "the API did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let listen = format!("127.0.0.1:{listen}").parse().unwrap();
+    (relay, listen, api, cert_pem)
+}
+
 /// `GET /healthz` over TLS for `localhost` with `client`: the whole answer, or "" when the handshake fails.
 fn tls_healthz(api: SocketAddr, client: Arc<rustls::ClientConfig>) -> String {
     use std::io::{Read, Write};
@@ -1252,24 +1260,7 @@ fn client_hello_then_close_notify_on_the_api_tls_port_neither_spins_nor_blocks()
     use std::io::Write;
     let dir = temp_dir("close-notify");
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let (cert_pem, key_pem) = (dir.join("api.crt"), dir.join("api.key"));
-    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
-    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
-    let tls = format!(
-        "names = [\"localhost\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"",
-        cert_pem.display(),
-        key_pem.display()
-    );
-    let reserved = reserve_udp();
-    let api_port = free_tcp_port();
-    let cfg = dir.join("turnpike.toml");
-    std::fs::write(
-        &cfg,
-        config_text(reserved.port(), api_port, 50000, &dir.join("u.db"), &tls),
-    )
-    .unwrap();
-    let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
-    let relay = Relay::spawn_tls(&cfg, api, &cert);
+    let (relay, _, api, _) = spawn_tls_relay(&dir, &cert, 50000);
     let client = tls_client(&cert);
     let healthz = || tls_healthz(api, client.clone());
 
@@ -1341,27 +1332,7 @@ fn the_api_certificate_reloads_on_sighup_for_new_connections() {
     let dir = temp_dir("api-cert-reload");
     let old = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let new = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let (cert_pem, key_pem) = (dir.join("api.crt"), dir.join("api.key"));
-    let install = |c: &rcgen::CertifiedKey| {
-        std::fs::write(&cert_pem, c.cert.pem()).unwrap();
-        std::fs::write(&key_pem, c.key_pair.serialize_pem()).unwrap();
-    };
-    install(&old);
-    let tls = format!(
-        "names = [\"localhost\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"",
-        cert_pem.display(),
-        key_pem.display()
-    );
-    let reserved = reserve_udp();
-    let api_port = free_tcp_port();
-    let cfg = dir.join("turnpike.toml");
-    std::fs::write(
-        &cfg,
-        config_text(reserved.port(), api_port, 27000, &dir.join("u.db"), &tls),
-    )
-    .unwrap();
-    let api: SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
-    let relay = Relay::spawn_tls(&cfg, api, &old);
+    let (relay, _, api, _) = spawn_tls_relay(&dir, &old, 27000);
     // `/healthz` over TLS trusting only `ca`: the status line, or "" when the handshake fails.
     let healthz = |ca: &rcgen::CertifiedKey| -> String {
         let answer = tls_healthz(api, tls_client(ca));
@@ -1373,7 +1344,7 @@ fn the_api_certificate_reloads_on_sighup_for_new_connections() {
         "a client trusting only the next certificate is refused"
     );
 
-    install(&new);
+    install_api_pair(&dir, &new);
     let status = Command::new("kill")
         .args(["-HUP", &relay.child.id().to_string()])
         .status()

@@ -15,7 +15,7 @@ use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use common::netns::{ip, Netns};
+use common::netns::Netns;
 use common::*;
 use turnpike::policy::PeerPolicy;
 use turnpike::wire::{Attribute, Message, Method};
@@ -86,24 +86,13 @@ const OTHER_IF_IP: &str = "203.0.114.99";
 #[test]
 fn the_relays_own_addresses_are_denied_peers_in_a_namespace() {
     let name = format!("tp-own-{}", std::process::id());
-    let Some(ns) = Netns::create(&name) else {
+    let Some(ns) = Netns::with_veth_pair(
+        &name,
+        &["198.18.0.1/15", "203.0.114.99/32"],
+        &["198.18.0.2/15", "203.0.114.10/32"],
+    ) else {
         return;
     };
-    let n = ns.0.as_str();
-    for args in [
-        vec!["-n", n, "link", "set", "lo", "up"],
-        vec![
-            "-n", n, "link", "add", "tpv0", "type", "veth", "peer", "name", "tpv1",
-        ],
-        vec!["-n", n, "addr", "add", "198.18.0.1/15", "dev", "tpv0"],
-        vec!["-n", n, "addr", "add", "203.0.114.99/32", "dev", "tpv0"],
-        vec!["-n", n, "addr", "add", "198.18.0.2/15", "dev", "tpv1"],
-        vec!["-n", n, "addr", "add", "203.0.114.10/32", "dev", "tpv1"],
-        vec!["-n", n, "link", "set", "tpv0", "up"],
-        vec!["-n", n, "link", "set", "tpv1", "up"],
-    ] {
-        ip(&args).unwrap();
-    }
     let relay_ip: std::net::IpAddr = RELAY_IP.parse().unwrap();
     assert!(
         PeerPolicy::new()

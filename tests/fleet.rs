@@ -83,7 +83,7 @@ impl Relay {
                 .stderr(std::fs::File::create(&log).unwrap())
                 .spawn()
                 .unwrap();
-            if wait_ready(listen, &mut child) {
+            if common::wait_binding(Duration::from_secs(15), listen, &mut child) {
                 return Relay { child, listen };
             }
             let _ = child.kill();
@@ -121,27 +121,6 @@ impl Drop for Relay {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Wait (bounded) until the relay answers a Binding request; `false` if it exited or never answered.
-fn wait_ready(server: SocketAddr, child: &mut std::process::Child) -> bool {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let mut req = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
-    req.extend_from_slice(&[9u8; 12]);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut buf = [0u8; 512];
-    while Instant::now() < deadline {
-        if child.try_wait().ok().flatten().is_some() {
-            return false;
-        }
-        let _ = s.send_to(&req, server);
-        if s.recv_from(&mut buf).is_ok() {
-            return true;
-        }
-    }
-    false
 }
 
 /// A token API replica: the real binary, `turnpike api`, with the ledger on `cluster`.

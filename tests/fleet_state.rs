@@ -104,7 +104,7 @@ impl Relay {
                 .stderr(log)
                 .spawn()
                 .unwrap();
-            if wait_ready(self.listen, &mut child) {
+            if common::wait_binding(Duration::from_secs(20), self.listen, &mut child) {
                 self.child = Some(child);
                 return;
             }
@@ -149,27 +149,6 @@ impl Drop for Relay {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// Wait (bounded) until the relay answers a Binding request; `false` if it exited or never answered.
-fn wait_ready(server: SocketAddr, child: &mut Child) -> bool {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let mut req = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
-    req.extend_from_slice(&[9u8; 12]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut buf = [0u8; 512];
-    while Instant::now() < deadline {
-        if child.try_wait().ok().flatten().is_some() {
-            return false;
-        }
-        let _ = s.send_to(&req, server);
-        if s.recv_from(&mut buf).is_ok() {
-            return true;
-        }
-    }
-    false
 }
 
 /// A signed POST to the API at `api`, signed at `at`: the JSON answer or the status code.

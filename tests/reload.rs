@@ -15,6 +15,24 @@ use common::Client;
 
 const KEY_B64: &str = "a2V5LWtleS1rZXkta2V5LWtleS1rZXkta2V5LWtleQ==";
 
+impl Relay {
+    /// The binary on `config` (its pid file `turnpike.pid` beside it), stdout to `log`, once the pid
+    /// file exists and its `/metrics` on port `api` answers.
+    fn start(config: &Path, log: &Path, api: u16) -> Relay {
+        let child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+            .arg("--config")
+            .arg(config)
+            .stdout(std::fs::File::create(log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let relay = Relay(child, config.with_file_name("turnpike.pid"));
+        wait_for("the pid file", || relay.1.exists());
+        wait_for("/metrics", || metrics(api).contains("turnpike_allocations"));
+        relay
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -108,16 +126,7 @@ fn reload_applies_a_good_file_live_and_a_broken_one_changes_nothing() {
     let path = dir.join("turnpike.toml");
     std::fs::write(&path, config(&dir, udp, api, 1, PEERS)).unwrap();
     let log = dir.join("stdout");
-    let child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
-        .arg("--config")
-        .arg(&path)
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let relay = Relay(child, dir.join("turnpike.pid"));
-    wait_for("the pid file", || relay.1.exists());
-    wait_for("/metrics", || metrics(api).contains("turnpike_allocations"));
+    let relay = Relay::start(&path, &log, api);
     let server: SocketAddr = format!("127.0.0.1:{udp}").parse().unwrap();
     let (p1, p2) = (
         common::peer_on("127.0.0.2".parse().unwrap()),
@@ -235,16 +244,7 @@ fn reload_gives_the_workers_binding_answers_the_new_challenge_rate() {
         |rate: u32| format!("challenge_rate = {rate}\n{}", config(&dir, udp, api, 2, ""));
     std::fs::write(&path, with_rate(1)).unwrap();
     let log = dir.join("stdout");
-    let child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
-        .arg("--config")
-        .arg(&path)
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let relay = Relay(child, dir.join("turnpike.pid"));
-    wait_for("the pid file", || relay.1.exists());
-    wait_for("/metrics", || metrics(api).contains("turnpike_allocations"));
+    let relay = Relay::start(&path, &log, api);
     let server: SocketAddr = format!("127.0.0.1:{udp}").parse().unwrap();
     let mut c = Client::new(server, "alice", "alice-pass");
     let before = bindings_answered(&mut c, 20);

@@ -59,37 +59,43 @@ $$;
 "];
 
 /// The key of an advisory lock that serialises migrations across relays starting together.
-pub(crate) const MIGRATION_LOCK: i64 = 0x7475_726e_7069_6b65; // "turnpike"
+const MIGRATION_LOCK: i64 = 0x7475_726e_7069_6b65; // "turnpike"
 
 /// Apply the migrations the database lacks; returns the versions applied now.
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, Error> {
+    let steps = MIGRATIONS
+        .iter()
+        .enumerate()
+        .map(|(i, step)| (i as i32 + 1, *step));
+    apply_migrations(client, "schema_migrations", steps).await
+}
+
+/// Apply each `(version, sql)` step that `table` does not record yet, one transaction per step under
+/// [`MIGRATION_LOCK`]; returns the versions applied now. `table` is one of the crate's own constants.
+pub(crate) async fn apply_migrations(
+    client: &mut Client,
+    table: &str,
+    steps: impl Iterator<Item = (i32, &str)>,
+) -> Result<Vec<i32>, Error> {
     client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
+        .batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {table} (
                 version    integer PRIMARY KEY,
-                applied_at timestamptz NOT NULL DEFAULT now())",
-        )
+                applied_at timestamptz NOT NULL DEFAULT now())"
+        ))
         .await?;
+    let (done_sql, record_sql) = (
+        format!("SELECT 1 FROM {table} WHERE version = $1"),
+        format!("INSERT INTO {table} (version) VALUES ($1)"),
+    );
     let mut applied = Vec::new();
-    for (i, step) in MIGRATIONS.iter().enumerate() {
-        let version = i as i32 + 1;
+    for (version, step) in steps {
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await?;
-        let done = tx
-            .query_opt(
-                "SELECT 1 FROM schema_migrations WHERE version = $1",
-                &[&version],
-            )
-            .await?
-            .is_some();
-        if !done {
+        if tx.query_opt(&done_sql, &[&version]).await?.is_none() {
             tx.batch_execute(step).await?;
-            tx.execute(
-                "INSERT INTO schema_migrations (version) VALUES ($1)",
-                &[&version],
-            )
-            .await?;
+            tx.execute(&record_sql, &[&version]).await?;
             applied.push(version);
         }
         tx.commit().await?;

@@ -22,7 +22,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio_postgres::Client;
 
-use super::ledger::MIGRATION_LOCK;
+use super::ledger::apply_migrations;
 use super::{connect_notifying, migrate, runtime, Config, Error};
 
 /// The NOTIFY channel revocations are published on.
@@ -58,37 +58,8 @@ pub async fn migrate_all(client: &mut Client) -> Result<Vec<i32>, Error> {
 
 /// Apply the shared-state migrations the database lacks.
 async fn migrate_state(client: &mut Client) -> Result<Vec<i32>, Error> {
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS fleet_state_migrations (
-                version    integer PRIMARY KEY,
-                applied_at timestamptz NOT NULL DEFAULT now())",
-        )
-        .await?;
-    let mut applied = Vec::new();
-    for &(version, step) in STATE_MIGRATIONS {
-        let tx = client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await?;
-        let done = tx
-            .query_opt(
-                "SELECT 1 FROM fleet_state_migrations WHERE version = $1",
-                &[&version],
-            )
-            .await?
-            .is_some();
-        if !done {
-            tx.batch_execute(step).await?;
-            tx.execute(
-                "INSERT INTO fleet_state_migrations (version) VALUES ($1)",
-                &[&version],
-            )
-            .await?;
-            applied.push(version);
-        }
-        tx.commit().await?;
-    }
-    Ok(applied)
+    let steps = STATE_MIGRATIONS.iter().copied();
+    apply_migrations(client, "fleet_state_migrations", steps).await
 }
 
 /// One identity's revocation state, as stored and as notified.

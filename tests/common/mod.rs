@@ -27,6 +27,28 @@ pub fn free_tcp_port() -> u16 {
         .port()
 }
 
+/// Wait up to `within` until the relay `child` answers a Binding request on `server`; `false` if it
+/// exited or never answered.
+pub fn wait_binding(within: Duration, server: SocketAddr, child: &mut std::process::Child) -> bool {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut req = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+    req.extend_from_slice(&[9u8; 12]);
+    let deadline = std::time::Instant::now() + within;
+    let mut buf = [0u8; 512];
+    while std::time::Instant::now() < deadline {
+        if child.try_wait().ok().flatten().is_some() {
+            return false;
+        }
+        let _ = s.send_to(&req, server);
+        if s.recv_from(&mut buf).is_ok() {
+            return true;
+        }
+    }
+    false
+}
+
 /// A fresh, empty directory for one test: `$TMPDIR/turnpike-test-<name>-<pid>`.
 pub fn temp_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("turnpike-test-{name}-{}", std::process::id()));

@@ -26,6 +26,27 @@ impl Netns {
         }
         Some(Netns(name.into()))
     }
+
+    /// Create it with loopback up and one veth pair inside, `tpv0` with `addrs0` and `tpv1` with
+    /// `addrs1` (CIDR strings), both up; or `None` as [`Netns::create`].
+    pub fn with_veth_pair(name: &str, addrs0: &[&str], addrs1: &[&str]) -> Option<Netns> {
+        let ns = Netns::create(name)?;
+        let n = ns.0.as_str();
+        ip(&["-n", n, "link", "set", "lo", "up"]).unwrap();
+        ip(&[
+            "-n", n, "link", "add", "tpv0", "type", "veth", "peer", "name", "tpv1",
+        ])
+        .unwrap();
+        for (dev, addrs) in [("tpv0", addrs0), ("tpv1", addrs1)] {
+            for a in addrs {
+                ip(&["-n", n, "addr", "add", a, "dev", dev]).unwrap();
+            }
+        }
+        for dev in ["tpv0", "tpv1"] {
+            ip(&["-n", n, "link", "set", dev, "up"]).unwrap();
+        }
+        Some(ns)
+    }
 }
 
 impl Drop for Netns {
