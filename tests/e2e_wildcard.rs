@@ -9,8 +9,7 @@
 
 mod common;
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
 
 use common::netns::Netns;
 use common::*;
@@ -56,8 +55,9 @@ fn in_namespace(backend: turnpike::dataplane::BackendKind, port: u16, base: u16)
     s.listen = vec![SocketAddr::from(([0, 0, 0, 0], port))];
     let relay = start(s);
     let at = |ip: &str| SocketAddr::new(ip.parse().unwrap(), port);
-    let peer = UdpSocket::bind((CLIENT_IP, 0)).unwrap();
-    peer.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    // CLIENT_IP is an interface address of this namespace, so it is the relay's own: an ephemeral
+    // port could land in the relay range, where an own address is refused (`peer_on` avoids both).
+    let peer = peer_on(CLIENT_IP.parse().unwrap());
     let peer_addr = peer.local_addr().unwrap();
 
     for server in [at(LISTEN_A), at(LISTEN_B)] {
