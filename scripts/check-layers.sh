@@ -24,6 +24,7 @@ declare -A allowed=(
   [api]="auth metrics usage policy"
   [reload]="config control server metrics api"
   [service]="wire auth policy route server sys metrics dataplane control config usage api fleet xdp"
+  [sim]="wire auth route policy budget server dataplane control metrics"
 )
 
 status=0

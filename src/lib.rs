@@ -30,6 +30,8 @@ pub mod reload;
 pub mod route;
 pub mod server;
 pub mod service;
+#[doc(hidden)]
+pub mod sim;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod usage;

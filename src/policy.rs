@@ -429,6 +429,15 @@ impl OwnAddresses {
         }
     }
 
+    /// How many relayed transport addresses are marked live ([`Self::set_live`]).
+    pub fn live_count(&self) -> usize {
+        self.own
+            .iter()
+            .flat_map(|o| o.live.iter())
+            .map(|w| w.load(Ordering::Acquire).count_ones() as usize)
+            .sum()
+    }
+
     /// Whether `ip` is one of the relay's own addresses.
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);

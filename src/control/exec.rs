@@ -313,6 +313,22 @@ impl<P: Plane> Executor<P> {
         }
     }
 
+    /// The size of every map the executor keeps per client, relay or allocation, and its installed
+    /// permission and channel gauges, by name (the stateful fuzz target checks that all are zero once
+    /// every allocation has ended and every connection closed).
+    #[doc(hidden)]
+    pub fn state_sizes(&self) -> [(&'static str, usize); 6] {
+        let gauge = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        [
+            ("exec.stream_owners", self.stream_owners.len()),
+            ("exec.relays", self.relays.len()),
+            ("exec.owners", self.owners.len()),
+            ("exec.usage", self.usage.len()),
+            ("exec.permissions", gauge(self.permissions)),
+            ("exec.channels", gauge(self.channels)),
+        ]
+    }
+
     /// The relay socket at `addr` and the worker that owns it, while it is open.
     pub fn relay(&self, addr: SocketAddr) -> Option<(usize, RelayId)> {
         self.relays.get(&addr).copied()

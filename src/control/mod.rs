@@ -50,10 +50,10 @@ use exec::{Executor, Plane};
 
 /// STUN copies queued from the workers to the control thread at most; beyond it they are dropped and
 /// counted (accounting messages are not bounded by it: see [`ControlTx`]).
-const CONTROL_QUEUE: usize = 16 * 1024;
+pub(crate) const CONTROL_QUEUE: usize = 16 * 1024;
 /// Bytes of STUN copies queued at most (a stream message may be 64 KiB: the count alone would allow
 /// about 1 GiB).
-const CONTROL_QUEUE_BYTES: usize = 8 << 20;
+pub(crate) const CONTROL_QUEUE_BYTES: usize = 8 << 20;
 /// Messages queued from the control thread to one worker at most. Route updates wait for room (the
 /// worker never waits for the control thread, so it always makes room); replies to stream clients are
 /// dropped and counted.

@@ -303,6 +303,16 @@ impl RouteTable {
     pub fn channel_count(&self) -> usize {
         self.channels.len()
     }
+
+    /// Every relay socket's state.
+    pub fn relays(&self) -> impl Iterator<Item = &Relay> + '_ {
+        self.relays.values()
+    }
+
+    /// Number of clients with a relay socket here (Send indication routes).
+    pub fn client_count(&self) -> usize {
+        self.clients.len()
+    }
 }
 
 #[cfg(test)]

@@ -588,6 +588,23 @@ impl<R: RngCore> Server<R> {
         self.per_identity.len()
     }
 
+    /// The size of every table the server keeps per client, allocation or identity, by name (the
+    /// stateful fuzz target checks that all are empty once every allocation has ended). Nonces are
+    /// stateless and the unauthenticated-answer budget is a fixed table: neither is here.
+    #[doc(hidden)]
+    pub fn state_sizes(&self) -> [(&'static str, usize); 8] {
+        [
+            ("server.allocations", self.allocations.len()),
+            ("server.by_client", self.by_client.len()),
+            ("server.by_relay", self.by_relay.len()),
+            ("server.per_identity", self.per_identity.len()),
+            ("server.reservations", self.reservations.len()),
+            ("server.timers", self.timers.len()),
+            ("server.commands", self.commands.len()),
+            ("server.outbox", self.outbox.queue.len()),
+        ]
+    }
+
     fn client_stun(&mut self, now: Instant, unix_now: u64, five: FiveTuple, msg: &Message<'_>) {
         let typ = msg.message_type();
         match (typ.class, typ.method) {
