@@ -205,8 +205,9 @@ pub enum Op {
     },
 }
 
-/// Credentials an operation signs with: `user % 8` is 0–2 alice, 3–5 bob, 6 alice with a wrong
-/// password, 7 none at all.
+/// Credentials an operation of client `c` signs with: `user % 8` is 0–4 the client's own user
+/// (alice for even clients, bob for odd ones), 5 the other user, 6 its own user with a wrong password,
+/// 7 none at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Creds {
     /// Static user `USERS[i]`, or with a wrong password.
@@ -216,12 +217,13 @@ pub enum Creds {
 }
 
 impl Creds {
-    /// The credentials `user` chooses.
-    pub fn of(user: u8) -> Self {
+    /// The credentials `user` chooses for client `c`.
+    pub fn of(c: usize, user: u8) -> Self {
+        let own = c % USERS.len();
         match user % 8 {
-            0..=2 => Creds::User(0, true),
-            3..=5 => Creds::User(1, true),
-            6 => Creds::User(0, false),
+            0..=4 => Creds::User(own, true),
+            5 => Creds::User(own ^ 1, true),
+            6 => Creds::User(own, false),
             _ => Creds::None,
         }
     }
@@ -554,15 +556,11 @@ impl Sim {
                 if flags & 0x20 != 0 {
                     attrs.push(Attribute::DontFragment);
                 }
-                if self.clients[c].nonce.is_none() {
-                    // The 401 round: an unauthenticated Allocate, whose challenge brings the nonce.
-                    self.request(c, Method::ALLOCATE, &attrs, Creds::None, false);
-                }
                 self.request(
                     c,
                     Method::ALLOCATE,
                     &attrs,
-                    Creds::of(user),
+                    Creds::of(c, user),
                     flags & 0x40 != 0,
                 );
             }
@@ -573,13 +571,8 @@ impl Sim {
             } => {
                 let attrs: Vec<Attribute<'_>> =
                     lifetime(l).map(Attribute::Lifetime).into_iter().collect();
-                self.request(
-                    usize::from(client) % CLIENTS,
-                    Method::REFRESH,
-                    &attrs,
-                    Creds::of(user),
-                    false,
-                );
+                let c = usize::from(client) % CLIENTS;
+                self.request(c, Method::REFRESH, &attrs, Creds::of(c, user), false);
             }
             Op::Permit {
                 client,
@@ -592,7 +585,13 @@ impl Sim {
                     attrs.push(Attribute::XorPeerAddress(self.peer(second)));
                 }
                 let c = usize::from(client) % CLIENTS;
-                self.request(c, Method::CREATE_PERMISSION, &attrs, Creds::of(user), false);
+                self.request(
+                    c,
+                    Method::CREATE_PERMISSION,
+                    &attrs,
+                    Creds::of(c, user),
+                    false,
+                );
             }
             Op::Bind {
                 client,
@@ -605,7 +604,7 @@ impl Sim {
                     Attribute::XorPeerAddress(self.peer(peer)),
                 ];
                 let c = usize::from(client) % CLIENTS;
-                self.request(c, Method::CHANNEL_BIND, &attrs, Creds::of(user), false);
+                self.request(c, Method::CHANNEL_BIND, &attrs, Creds::of(c, user), false);
             }
             Op::Send { client, peer, len } => {
                 let data = vec![len; usize::from(len)];
@@ -680,6 +679,10 @@ impl Sim {
         creds: Creds,
         fingerprint: bool,
     ) {
+        if creds != Creds::None && self.clients[c].nonce.is_none() {
+            // The 401 round first: the same request unsigned, whose challenge brings the nonce.
+            self.request(c, method, attrs, Creds::None, fingerprint);
+        }
         self.tid += 1;
         let nonce = self.clients[c].nonce.clone();
         let signer = match (creds, nonce.as_deref()) {
@@ -916,10 +919,8 @@ impl Sim {
     fn finish(mut self, delete: bool) -> Summary {
         if delete {
             for c in 0..CLIENTS {
-                for user in [0, 3] {
-                    let attrs = [Attribute::Lifetime(0)];
-                    self.request(c, Method::REFRESH, &attrs, Creds::of(user), false);
-                }
+                let attrs = [Attribute::Lifetime(0)];
+                self.request(c, Method::REFRESH, &attrs, Creds::of(c, 0), false);
             }
             self.check();
         }
