@@ -8,6 +8,14 @@
 use proptest::prelude::*;
 use turnpike::sim::{self, Op};
 
+/// 64 cases (a few seconds in a debug build), or `PROPTEST_CASES` for a longer campaign.
+fn cases() -> u32 {
+    match std::env::var_os("PROPTEST_CASES") {
+        Some(_) => ProptestConfig::default().cases,
+        None => 64,
+    }
+}
+
 /// Operations biased towards the deep states: clients allocate, then permit and bind the first few
 /// peers, and data flows both ways between time steps.
 fn op() -> impl Strategy<Value = Op> {
@@ -43,9 +51,12 @@ fn op() -> impl Strategy<Value = Op> {
 #[test]
 fn every_table_is_empty_once_every_allocation_ends() {
     let config = ProptestConfig {
-        cases: 64,
+        cases: cases(),
+        // A hand-driven runner knows no source file: name the regressions file.
         failure_persistence: Some(Box::new(
-            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
+            proptest::test_runner::FileFailurePersistence::Direct(
+                "tests/stateful.proptest-regressions",
+            ),
         )),
         ..ProptestConfig::default()
     };
@@ -80,7 +91,7 @@ fn every_table_is_empty_once_every_allocation_ends() {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 64,
+        cases: cases(),
         failure_persistence: Some(Box::new(
             proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
         )),
