@@ -137,6 +137,9 @@ impl Io for Epoll {
             token,
             Interest::READABLE,
         )?;
+        // Datagrams that arrived before registration need no extra look: EPOLL_CTL_ADD polls the socket
+        // and queues an event at once if it is already readable (edge-triggered too), so the next wait
+        // reports it. A relay socket costs no `recvmmsg` that can only find it empty.
         match source {
             Out::Listener(l) => {
                 debug_assert_eq!(usize::from(l), self.listeners.len());
@@ -147,18 +150,13 @@ impl Io for Epoll {
                 self.relays.insert(id, socket);
             }
         }
-        // Datagrams may have arrived before registration: look at it once.
-        self.hot.push_back(token);
         Ok(())
     }
 
     fn deregister(&mut self, id: RelayId) -> io::Result<()> {
-        if let Some(socket) = self.relays.remove(&id) {
-            let _ = self
-                .poll
-                .registry()
-                .deregister(&mut SourceFd(&socket.as_raw_fd()));
-        }
+        // Closing the socket takes it out of the epoll set (the worker holds its only descriptor): no
+        // EPOLL_CTL_DEL first. Events or hot entries still naming it find no socket and are skipped.
+        self.relays.remove(&id);
         Ok(())
     }
 
