@@ -707,6 +707,14 @@ impl Control {
                 None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             let now = Instant::now();
+            // `recv_timeout` hands out queued messages before it reports a timeout: a queue that never
+            // runs empty (a flood of requests) must not starve the timers or the end of a drain.
+            if msg.is_ok() && deadline.is_some_and(|d| d <= now) {
+                if self.drain_deadline.is_some_and(|d| d <= now) {
+                    return self.stop(&rx);
+                }
+                self.server.handle_timeout(now);
+            }
             match msg {
                 Ok(ToControl::Stun {
                     worker,
