@@ -268,6 +268,17 @@ impl RelayConfig {
         Self::from_toml(&text)
     }
 
+    /// Reads and validates a configuration file for `turnpike api`: as [`load`](Self::load), without
+    /// the relay's own checks (no `[relay]` or listener is needed), with `[api]` and `[rest] secrets`
+    /// required.
+    pub fn load_api(path: &Path) -> Result<RelayConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("config", format!("cannot read {}: {e}", path.display()))
+        })?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| locate::toml_error(&text, &e))?;
+        raw.validate_as(true)
+    }
+
     /// The loopback demo configuration, [`DEFAULT_CONFIG`].
     pub fn embedded_default() -> RelayConfig {
         Self::from_toml(DEFAULT_CONFIG).expect("DEFAULT_CONFIG is valid (see its test)")
