@@ -132,8 +132,9 @@ enum Command {
     #[command(hide = true)]
     Man,
     /// Run the token API alone, without a relay (no listeners, no workers): [api], [rest], the
-    /// fleet list and [fleet] of the configuration. Several replicas can stand behind a load
-    /// balancer; with [fleet], GET /usage reads the ledger in PostgreSQL.
+    /// fleet list and [fleet] of the configuration (no listen or [relay] needed). Several replicas
+    /// can stand behind a load balancer; with [fleet] it applies the migrations at start and GET
+    /// /usage reads the ledger in PostgreSQL. SIGHUP reloads the keys, fleet list and certificate.
     Api,
     /// The fleet ledger's database ([fleet]).
     Db {

@@ -994,6 +994,10 @@ fn a_killed_relay_loses_at_most_its_last_checkpoint_and_counts_nothing_twice() {
             high[i]
         );
     }
+    eprintln!(
+        "kill -9: relay-3's ledger for alice {relay3:?} within [{low:?}, {high:?}] (short by {:?})",
+        [0, 1, 2, 3].map(|i| high[i] - relay3[i])
+    );
     let first = [("alice", sum(relay2, relay3)), ("bob", b.counts())];
     fleet.reconcile(&first, Duration::from_secs(5));
 
