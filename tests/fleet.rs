@@ -1104,6 +1104,83 @@ fn turnpike_api_alone_migrates_at_start_and_reloads_on_sighup() {
     );
 }
 
+/// `turnpike api` alone (no `[fleet]`: no database needed) serving TLS: SIGHUP reloads its
+/// certificate for new connections, as the relay's API does; a client trusting only the old one is
+/// refused from then on.
+#[test]
+fn turnpike_api_alone_reloads_its_certificate_on_sighup() {
+    use common::tls::{tls_client, tls_healthz};
+    let dir = temp_dir("apicert");
+    let old = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let new = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.join("api.crt"), dir.join("api.key"));
+    let install = |c: &rcgen::CertifiedKey| {
+        std::fs::write(&cert, c.cert.pem()).unwrap();
+        std::fs::write(&key, c.key_pair.serialize_pem()).unwrap();
+    };
+    install(&old);
+    let api: SocketAddr = format!("127.0.0.1:{}", common::free_tcp_port())
+        .parse()
+        .unwrap();
+    let config = dir.join("api.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[rest]\nsecrets = [\"{SECRET}\"]\n[api]\nlisten = \"{api}\"\n\
+             access_keys = [\"{KEY_B64}\"]\nrevocations_database = \"{}\"\n\
+             names = [\"localhost\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\
+             [[api.fleet]]\nid = \"static-a\"\nregion = \"default\"\naddresses = [\"198.51.100.1:3478\"]\n",
+            dir.join("revocations.db").display(),
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let log = dir.join("api.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .arg("--config")
+        .arg(&config)
+        .arg("api")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(log.with_extension("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    // The status line of `/healthz` over TLS trusting only `ca` ("" when the handshake fails).
+    let healthz = |ca: &rcgen::CertifiedKey| {
+        let answer = tls_healthz(api, tls_client(ca));
+        answer.lines().next().unwrap_or("").to_string()
+    };
+    let up = within(Duration::from_secs(15), || {
+        healthz(&old).starts_with("HTTP/1.1 200")
+    });
+    let running = child.try_wait().unwrap().is_none();
+    assert!(
+        up && running,
+        "turnpike api did not come up on TLS: {}",
+        std::fs::read_to_string(log.with_extension("stderr")).unwrap_or_default()
+    );
+    assert_eq!(healthz(&new), "", "the next certificate is not served yet");
+
+    install(&new);
+    let ok = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let reloaded = within(Duration::from_secs(10), || {
+        healthz(&new).starts_with("HTTP/1.1 200")
+    });
+    assert!(
+        reloaded,
+        "new connections get the reloaded certificate: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(healthz(&old), "", "the old certificate is no longer served");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// The shipper's throughput into PostgreSQL at its batch size (printed; run with --nocapture).
 #[test]
 fn shipper_throughput() {
