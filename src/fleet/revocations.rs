@@ -6,10 +6,11 @@
 //! so a captured old "lift" cannot undo a newer revoke anywhere in the fleet) and whether the revoke
 //! ended live allocations. [`apply`] writes a row and publishes it with `NOTIFY` in one transaction.
 //!
-//! Every relay runs a [`Listener`] (a task on the control-plane runtime): it `LISTEN`s, loads the whole table at start and after every
-//! reconnect (and every [`POLL`] as the fallback for a lost notification), and hands each change to the
-//! relay exactly as a local revocation, while keeping the relay's local SQLite store as the copy it
-//! starts from when the database is unreachable.
+//! Every relay runs a [`Listener`] (a task on the control-plane runtime): it `LISTEN`s, loads the
+//! whole table at start and after every reconnect (and every [`POLL`] as the fallback for a lost
+//! notification), and hands each change to the relay exactly as a local revocation, while keeping the
+//! relay's local SQLite store as the copy it starts from when the database is unreachable (and saying
+//! so in `/metrics` meanwhile).
 //!
 //! May use: usage, tokio-postgres.
 
