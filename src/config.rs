@@ -260,12 +260,22 @@ impl RelayConfig {
         raw.validate()
     }
 
+    /// Parses and validates a configuration for `turnpike api`: as [`from_toml`](Self::from_toml),
+    /// without the relay's own checks (no `[relay]` or listener is needed), with `[api]` and
+    /// `[rest] secrets` required.
+    pub fn from_toml_api(text: &str) -> Result<RelayConfig, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| locate::toml_error(text, &e))?;
+        raw.validate_as(true)
+    }
+
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new("config", format!("cannot read {}: {e}", path.display()))
-        })?;
-        Self::from_toml(&text)
+        Self::from_toml(&read(path)?)
+    }
+
+    /// Reads and validates a configuration file for `turnpike api` ([`from_toml_api`](Self::from_toml_api)).
+    pub fn load_api(path: &Path) -> Result<RelayConfig, ConfigError> {
+        Self::from_toml_api(&read(path)?)
     }
 
     /// The loopback demo configuration, [`DEFAULT_CONFIG`].
@@ -552,6 +562,12 @@ impl RelayConfig {
             fitted,
         })
     }
+}
+
+/// The text of the configuration file at `path`.
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new("config", format!("cannot read {}: {e}", path.display())))
 }
 
 /// Parses a `log_level` value (one of [`LOG_LEVELS`]).

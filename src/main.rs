@@ -132,8 +132,9 @@ enum Command {
     #[command(hide = true)]
     Man,
     /// Run the token API alone, without a relay (no listeners, no workers): [api], [rest], the
-    /// fleet list and [fleet] of the configuration. Several replicas can stand behind a load
-    /// balancer; with [fleet], GET /usage reads the ledger in PostgreSQL.
+    /// fleet list and [fleet] of the configuration (no listen or [relay] needed). Several replicas
+    /// can stand behind a load balancer; with [fleet] it applies the migrations at start and GET
+    /// /usage reads the ledger in PostgreSQL. SIGHUP reloads the keys, fleet list and certificate.
     Api,
     /// The fleet ledger's database ([fleet]).
     Db {
@@ -214,8 +215,8 @@ fn main() -> ExitCode {
             command: DbCommand::Migrate,
         }) => db_migrate(&cli),
         Some(Command::Status { ref url }) => status::run(cli.config.as_deref(), url.as_deref()),
-        Some(Command::Api) => match load(&cli) {
-            Ok(config) => run_api(&config),
+        Some(Command::Api) => match load_as(&cli, RelayConfig::load_api) {
+            Ok(config) => run_api(config, &cli),
             Err(e) => {
                 eprintln!("turnpike: configuration error: {e}");
                 ExitCode::from(2)
@@ -257,8 +258,16 @@ fn main() -> ExitCode {
 
 /// The configuration: the file or the embedded demo, with command-line overrides applied.
 fn load(cli: &Cli) -> Result<RelayConfig, String> {
+    load_as(cli, RelayConfig::load)
+}
+
+/// [`load`], the file read by `read` (`RelayConfig::load_api` for `turnpike api`).
+fn load_as(
+    cli: &Cli,
+    read: fn(&std::path::Path) -> Result<RelayConfig, turnpike::config::ConfigError>,
+) -> Result<RelayConfig, String> {
     let mut config = match &cli.config {
-        Some(path) => RelayConfig::load(path).map_err(|e| e.to_string())?,
+        Some(path) => read(path).map_err(|e| e.to_string())?,
         None => RelayConfig::embedded_default(),
     };
     if let Some(b) = cli.backend {
@@ -299,13 +308,12 @@ fn init_logging(level: tracing::Level) -> LogLevel {
     log_level
 }
 
-/// `turnpike api`: the token API alone until SIGTERM or SIGINT.
-fn run_api(config: &RelayConfig) -> ExitCode {
-    init_logging(config.live.log_level);
-    let signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ]);
+/// `turnpike api`: the token API alone until SIGTERM or SIGINT; SIGHUP reloads the configuration
+/// file (keys, fleet list, REST secrets, certificate, log level).
+fn run_api(mut config: RelayConfig, cli: &Cli) -> ExitCode {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let log_level = init_logging(config.live.log_level);
+    let signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]);
     let mut signals = match signals {
         Ok(s) => s,
         Err(e) => {
@@ -313,7 +321,7 @@ fn run_api(config: &RelayConfig) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let api = match turnpike::service::start_api(config) {
+    let api = match turnpike::service::start_api(&config) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("turnpike: cannot start: {e}");
@@ -325,7 +333,23 @@ fn run_api(config: &RelayConfig) -> ExitCode {
         NotifyState::Ready,
         NotifyState::Status(&format!("token API on {addr}")),
     ]);
-    let _ = signals.forever().next();
+    for signal in signals.forever() {
+        if signal != SIGHUP {
+            break;
+        }
+        tracing::info!("SIGHUP: reloading the configuration");
+        let mut states = vec![NotifyState::Reloading];
+        states.extend(NotifyState::monotonic_usec_now().ok());
+        notify(&states);
+        let new = load_as(cli, RelayConfig::load_api);
+        if api.reload(&mut config, new).is_ok() {
+            let level = LevelFilter::from_level(config.live.log_level);
+            if let Err(e) = log_level.modify(|l| *l = level) {
+                tracing::warn!("reload: cannot change the log level: {e}");
+            }
+        }
+        notify(&[NotifyState::Ready]);
+    }
     notify(&[NotifyState::Stopping]);
     api.stop();
     ExitCode::SUCCESS

@@ -10,7 +10,7 @@
 //! May use: every module.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -132,10 +132,12 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
                 .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))
         })
         .transpose()?;
-    let reached = match (&config.fixed.fleet, &copy) {
-        (Some(f), Some(copy)) => catch_up(f, copy),
+    let reached = match (&runtime, &pool, &copy) {
+        (Some(rt), Some(p), Some(copy)) => catch_up(rt.handle(), p, copy),
         _ => false,
     };
+    // Set while the relay serves from its local copy of the revocations (`/metrics`).
+    let local_copy = Arc::new(AtomicBool::new(false));
     let relay = control::start(settings)?;
     // The ledger's shipper reads the outbox and ships on the control-plane runtime, with pooled
     // connections; the relay never waits for it.
@@ -191,16 +193,19 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
             });
         }
     }
-    let (revocations, heartbeat) = match (&config.fixed.fleet, copy) {
-        (Some(f), Some(copy)) => (
+    let (revocations, heartbeat) = match (&config.fixed.fleet, &runtime, &pool, copy) {
+        (Some(f), Some(rt), Some(p), Some(copy)) => (
             Some(listen_for_revocations(
-                f,
+                rt.handle(),
+                p,
                 copy,
                 reached,
+                local_copy.clone(),
                 to_control.clone(),
-            )?),
+            )),
             Some(registry::Heartbeat::start(
-                f.clone(),
+                rt.handle(),
+                p.clone(),
                 registry_entry(config),
                 f.registry,
                 {
@@ -214,12 +219,18 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
                         })
                     })
                 },
-            )?),
+            )),
         ),
         _ => (None, None),
     };
-    let watcher = match (&config.fixed.fleet, config.api()) {
-        (Some(f), Some(_)) => Some(Arc::new(registry::Watcher::start(f.clone(), f.registry)?)),
+    // The relay's catch-up and listener apply the migrations: the registry reader needs not.
+    let watcher = match (&config.fixed.fleet, &runtime, &pool, config.api()) {
+        (Some(f), Some(rt), Some(p), Some(_)) => Some(Arc::new(registry::Watcher::start(
+            rt.handle(),
+            p.clone(),
+            f.registry,
+            false,
+        ))),
         _ => None,
     };
 
@@ -237,6 +248,7 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
             let revoke_tx = to_control.clone();
             let registry = watcher.clone();
             let metrics_tx = to_control.clone();
+            let local_copy = local_copy.clone();
             let streams = relay.streams().clone();
             let stream_listeners = !(relay.tcp_addrs().is_empty() && relay.tls_addrs().is_empty());
             let hooks = Hooks {
@@ -258,6 +270,7 @@ pub fn start_with(config: &RelayConfig, mut settings: Settings) -> io::Result<Se
                         snap.streams = streams.stats.snapshot();
                     }
                     snap.usage_write_failures = write_failures.load(Ordering::Relaxed);
+                    snap.revocations_local_copy = local_copy.load(Ordering::Relaxed);
                     Some(snap)
                 }),
                 fleet_revoke: pool
@@ -320,22 +333,25 @@ fn registry_entry(config: &RelayConfig) -> registry::Relay {
     }
 }
 
-/// Bring the local copy of the revocations up to date from the fleet's store, within
+/// Bring the local copy of the revocations up to date from the fleet's store (applying the migrations
+/// first, with `migrate`), on the control-plane `runtime` through `pool`, within
 /// [`REVOCATION_CATCH_UP`]; when PostgreSQL cannot be reached, say once that the relay serves with the
 /// copy (the listener keeps retrying). Returns whether it reached the database.
-fn catch_up(fleet: &crate::fleet::Config, copy: &api::revocations::Store) -> bool {
-    let loaded = crate::fleet::runtime().and_then(|rt| {
-        rt.block_on(async {
-            tokio::time::timeout(REVOCATION_CATCH_UP, async {
-                let mut client = crate::fleet::connect(fleet).await?;
-                if fleet.migrate {
-                    revocations::migrate_all(&mut client).await?;
-                }
-                revocations::load(&client).await
-            })
-            .await
-            .unwrap_or_else(|_| Err(crate::fleet::Error::Io("timed out".into())))
+fn catch_up(
+    runtime: &tokio::runtime::Handle,
+    pool: &fleet::Pool,
+    copy: &api::revocations::Store,
+) -> bool {
+    let loaded = runtime.block_on(async {
+        tokio::time::timeout(REVOCATION_CATCH_UP, async {
+            let mut conn = pool.get(REVOCATION_CATCH_UP).await?;
+            if pool.config().migrate {
+                revocations::migrate_all(&mut conn).await?;
+            }
+            revocations::load(&conn).await
         })
+        .await
+        .unwrap_or_else(|_| Err(fleet::Error::Io("timed out".into())))
     });
     match loaded {
         Ok(rows) => {
@@ -363,15 +379,18 @@ fn catch_up(fleet: &crate::fleet::Config, copy: &api::revocations::Store) -> boo
 
 /// Apply the fleet's revocations here exactly as local ones (refuse the credentials; end live
 /// allocations unless the revoke said not to), as they are published, and keep `copy` (the local
-/// store) up to date with them.
+/// store) up to date with them: a task on the control-plane `runtime`, with `pool`'s settings.
 fn listen_for_revocations(
-    fleet: &crate::fleet::Config,
+    runtime: &tokio::runtime::Handle,
+    pool: &fleet::Pool,
     copy: api::revocations::Store,
     reached: bool,
+    local_copy: Arc<AtomicBool>,
     to_control: Sender<ToControl>,
-) -> io::Result<revocations::Listener> {
+) -> revocations::Listener {
     revocations::Listener::start(
-        fleet.clone(),
+        runtime,
+        pool.clone(),
         Box::new(move |r| {
             let _ = to_control.send(ToControl::Revoke {
                 identity: r.identity.as_str().into(),
@@ -383,6 +402,7 @@ fn listen_for_revocations(
             }
         }),
         reached,
+        local_copy,
     )
 }
 
@@ -443,7 +463,8 @@ fn ledger_hook(pool: fleet::Pool, runtime: tokio::runtime::Handle) -> api::Ledge
 
 /// The token API on its own (`turnpike api`): no listeners, no workers, no relay. Several replicas
 /// with the same configuration can stand behind a load balancer: they share the REST secret and, with
-/// `[fleet]`, read usage from the ledger.
+/// `[fleet]`, read usage from the ledger. Its configuration is read with
+/// [`RelayConfig::load_api`] (no `[relay]` needed); SIGHUP reloads it ([`ApiService::reload`]).
 #[derive(Debug)]
 pub struct ApiService {
     api: ApiHandle,
@@ -454,14 +475,14 @@ pub struct ApiService {
     runtime: tokio::runtime::Runtime,
 }
 
-/// Start the token API alone from `config`'s `[api]`, `[rest]`, fleet list and `[fleet]`.
-pub fn start_api(config: &RelayConfig) -> io::Result<ApiService> {
+/// `config`'s `[api]` for the API alone: its fleet is `[[api.fleet]]` (the first entry of a relay's
+/// list is the relay itself; this process has none), which must not be empty.
+fn api_alone(config: &RelayConfig) -> io::Result<api::Config> {
     let Some(mut a) = config.api() else {
         return Err(io::Error::other(
             "api: `turnpike api` needs an [api] section",
         ));
     };
-    // The fleet's first entry is the process's own relay; this one has none.
     if !a.fleet.is_empty() {
         a.fleet.remove(0);
     }
@@ -470,11 +491,52 @@ pub fn start_api(config: &RelayConfig) -> io::Result<ApiService> {
             "api.fleet: `turnpike api` hands out the relays of [[api.fleet]]; list them there",
         ));
     }
+    Ok(a)
+}
+
+/// Apply the fleet's migrations at start (`[fleet] migrate`), within [`REVOCATION_CATCH_UP`]. Returns
+/// whether they are in; if not (PostgreSQL unreachable), the registry reader retries them.
+fn migrate_at_start(runtime: &tokio::runtime::Handle, pool: &fleet::Pool) -> bool {
+    let applied = runtime.block_on(async {
+        tokio::time::timeout(REVOCATION_CATCH_UP, async {
+            let mut conn = pool.get(REVOCATION_CATCH_UP).await?;
+            revocations::migrate_all(&mut conn).await
+        })
+        .await
+        .unwrap_or_else(|_| Err(fleet::Error::Io("timed out".into())))
+    });
+    match applied {
+        Ok(v) => {
+            tracing::info!(versions = ?v, "fleet: migrations applied (none: up to date)");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(
+                "fleet: PostgreSQL unreachable at start ({e}); the migrations are retried, and the \
+                 API answers from the static fleet meanwhile"
+            );
+            false
+        }
+    }
+}
+
+/// Start the token API alone from `config`'s `[api]`, `[rest]`, fleet list and `[fleet]`. With
+/// `[fleet]` it applies the migrations first (bounded; retried when the database is unreachable).
+pub fn start_api(config: &RelayConfig) -> io::Result<ApiService> {
+    let a = api_alone(config)?;
     let runtime = api::control_plane_runtime()?;
     let pool = config.fixed.fleet.clone().map(fleet::Pool::new);
-    let watcher = match &config.fixed.fleet {
-        Some(f) => Some(Arc::new(registry::Watcher::start(f.clone(), f.registry)?)),
-        None => None,
+    let watcher = match (&config.fixed.fleet, &pool) {
+        (Some(f), Some(p)) => {
+            let migrated = !f.migrate || migrate_at_start(runtime.handle(), p);
+            Some(Arc::new(registry::Watcher::start(
+                runtime.handle(),
+                p.clone(),
+                f.registry,
+                !migrated,
+            )))
+        }
+        _ => None,
     };
     let tls = config
         .live
@@ -530,6 +592,50 @@ impl ApiService {
     /// Replaces the API's TLS configuration (SIGHUP), if it runs TLS.
     pub fn api_tls(&self) -> Option<api::ApiTls> {
         self.api.tls()
+    }
+
+    /// Reload from `new` (the file just read with [`RelayConfig::load_api`], or why it could not be):
+    /// the access keys, names, trusted proxies, fleet list, regions and REST secrets apply to requests
+    /// that start from now on, and the API's certificate to new connections. Settings that need a
+    /// restart (listen addresses, databases, `[fleet]`) are kept, one warning each. On any error
+    /// nothing changes. `running` becomes the new configuration on success.
+    pub fn reload(
+        &self,
+        running: &mut RelayConfig,
+        new: Result<RelayConfig, String>,
+    ) -> Result<(), String> {
+        let result = new.and_then(|new| {
+            let a = api_alone(&new).map_err(|e| e.to_string())?;
+            let cert = match (
+                self.api.tls(),
+                new.live.api.as_ref().and_then(|l| l.tls.as_ref()),
+            ) {
+                (Some(slot), Some(files)) => {
+                    Some((slot, load_tls(files, API_TLS_KEYS)?, files.cert.clone()))
+                }
+                _ => None,
+            };
+            Ok((new, a, cert))
+        });
+        match result {
+            Ok((new, a, cert)) => {
+                for line in running.fixed.changes(&new.fixed) {
+                    tracing::warn!("reload: {line}");
+                }
+                self.api_reload.set(a, new.live.rest_secrets.clone());
+                if let Some((slot, cfg, path)) = cert {
+                    slot.set(cfg);
+                    tracing::info!(cert = %path.display(), "API TLS certificate reloaded");
+                }
+                running.live = new.live;
+                tracing::info!("configuration reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!("reload failed, nothing changed: configuration error: {e}");
+                Err(e)
+            }
+        }
     }
 
     /// The fleet's connections, when `[fleet]` is configured.

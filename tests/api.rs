@@ -10,9 +10,9 @@ mod common;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::tls::{tls_client, tls_healthz};
 use common::*;
 use turnpike::api::sign;
 use turnpike::auth::RestSecrets;
@@ -1184,20 +1184,6 @@ fn cpu_ticks(pid: u32) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
-fn tls_client(ca: &rcgen::CertifiedKey) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.cert.der().clone()).unwrap();
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
-    )
-}
-
 /// Writes `cert` as the API's pair in `dir` (`api.crt`, `api.key`, replacing what was there).
 fn install_api_pair(dir: &Path, cert: &rcgen::CertifiedKey) -> PathBuf {
     let cert_pem = dir.join("api.crt");
@@ -1238,21 +1224,6 @@ fn spawn_tls_relay(
     }
     let listen = format!("127.0.0.1:{listen}").parse().unwrap();
     (relay, listen, api, cert_pem)
-}
-
-/// `GET /healthz` over TLS for `localhost` with `client`: the whole answer, or "" when the handshake fails.
-fn tls_healthz(api: SocketAddr, client: Arc<rustls::ClientConfig>) -> String {
-    use std::io::{Read, Write};
-    let conn = rustls::ClientConnection::new(client, "localhost".try_into().unwrap()).unwrap();
-    let Ok(tcp) = std::net::TcpStream::connect(api) else {
-        return String::new();
-    };
-    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut s = rustls::StreamOwned::new(conn, tcp);
-    let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    String::from_utf8_lossy(&out).to_string()
 }
 
 #[test]

@@ -893,3 +893,35 @@ fn external_errors_name_the_key() {
         "{lines:#?}"
     );
 }
+
+/// `turnpike api` reads the same file format without the relay's checks: no listener and no `[relay]`
+/// needed, but `[api]` and the REST secrets it mints with are.
+#[test]
+fn the_api_alone_needs_no_relay_section_but_an_api_and_secrets() {
+    const API: &str = r#"
+[rest]
+secrets = ["s3cret"]
+[api]
+listen = "127.0.0.1:8080"
+access_keys = ["dHVybnBpa2UtdGVzdC1hY2Nlc3Mta2V5"]
+revocations_database = "/tmp/revocations.db"
+[[api.fleet]]
+id = "eu-1"
+region = "eu"
+addresses = ["203.0.113.5:3478"]
+"#;
+    let c = RelayConfig::from_toml_api(API).unwrap();
+    assert_eq!(c.api().unwrap().fleet.last().unwrap().id, "eu-1");
+    // The relay itself still needs its relay addresses.
+    assert_eq!(
+        RelayConfig::from_toml(API).unwrap_err().key,
+        "relay.addresses"
+    );
+    let no_api = "[rest]\nsecrets = [\"s3cret\"]\n";
+    assert_eq!(RelayConfig::from_toml_api(no_api).unwrap_err().key, "api");
+    let no_secrets = API.replace("secrets = [\"s3cret\"]", "");
+    assert_eq!(
+        RelayConfig::from_toml_api(&no_secrets).unwrap_err().key,
+        "rest.secrets"
+    );
+}

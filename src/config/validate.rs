@@ -57,6 +57,13 @@ fn reject_placeholders(raw: &RawConfig) -> Result<(), ConfigError> {
 impl RawConfig {
     /// Checks every key in file order and builds the validated configuration.
     pub(super) fn validate(self) -> Result<RelayConfig, ConfigError> {
+        self.validate_as(false)
+    }
+
+    /// [`validate`](Self::validate) for `turnpike api` (`api_only`): the token API alone relays
+    /// nothing, so the TURN core's checks (relay addresses, users or secrets, lifetimes) are left out;
+    /// it needs `[api]` and the REST secrets it mints with.
+    pub(super) fn validate_as(self, api_only: bool) -> Result<RelayConfig, ConfigError> {
         reject_placeholders(&self)?;
         if self.listen.is_empty() {
             return Err(ConfigError::new(
@@ -382,30 +389,44 @@ impl RawConfig {
             tls,
             api: None,
         };
-        // The TURN core's own checks, before [api], as the file reads.
-        RelayConfig {
-            fixed: fixed.clone(),
-            live: live.clone(),
+        if api_only && self.api.is_none() {
+            return Err(ConfigError::new(
+                "api",
+                "`turnpike api` needs an [api] section: listen, access_keys and the [[api.fleet]] it hands out",
+            ));
         }
-        .server()
-        .validate()
-        .map_err(|e| {
-            let key = match e.key {
-                "relay_ips" => "relay.addresses",
-                "relay_ports" => "relay.port_min",
-                "default_lifetime" => "lifetimes.default",
-                "max_lifetime" => "lifetimes.max",
-                "permission_lifetime" => "lifetimes.permission",
-                "channel_lifetime" => "lifetimes.channel",
-                "nonce_lifetime" => "lifetimes.nonce",
-                "max_channels_per_allocation" => "quotas.max_channels_per_allocation",
-                "max_permissions_per_identity" => "quotas.max_permissions_per_identity",
-                "max_channels_per_identity" => "quotas.max_channels_per_identity",
-                // realm, users, and reservation_lifetime (not configurable, so never wrong).
-                other => other,
-            };
-            ConfigError::new(key, e.problem)
-        })?;
+        if api_only && live.rest_secrets.is_empty() {
+            return Err(ConfigError::new(
+                "rest.secrets",
+                "`turnpike api` mints REST credentials with them: the relays' shared secrets are needed",
+            ));
+        }
+        // The TURN core's own checks, before [api], as the file reads (not for the API alone).
+        if !api_only {
+            RelayConfig {
+                fixed: fixed.clone(),
+                live: live.clone(),
+            }
+            .server()
+            .validate()
+            .map_err(|e| {
+                let key = match e.key {
+                    "relay_ips" => "relay.addresses",
+                    "relay_ports" => "relay.port_min",
+                    "default_lifetime" => "lifetimes.default",
+                    "max_lifetime" => "lifetimes.max",
+                    "permission_lifetime" => "lifetimes.permission",
+                    "channel_lifetime" => "lifetimes.channel",
+                    "nonce_lifetime" => "lifetimes.nonce",
+                    "max_channels_per_allocation" => "quotas.max_channels_per_allocation",
+                    "max_permissions_per_identity" => "quotas.max_permissions_per_identity",
+                    "max_channels_per_identity" => "quotas.max_channels_per_identity",
+                    // realm, users, and reservation_lifetime (not configurable, so never wrong).
+                    other => other,
+                };
+                ConfigError::new(key, e.problem)
+            })?;
+        }
         if let Some(raw) = self.api {
             let (fixed_api, api) = api::api(raw, &fixed)?;
             fixed.api = Some(fixed_api);

@@ -9,11 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::runtime::Handle;
-use tokio::runtime::RuntimeFlavor;
-use tokio::task::{block_in_place, JoinHandle};
+use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
-use super::{connect, runtime, Config, Error, Pool};
+use super::{blocking, connect, runtime, Config, Error, Pool, MAX_BACKOFF};
 use crate::usage::{Delta, IdentityUsage, Outbox};
 
 /// The ledger's schema, one step per version (1-based), each applied in one transaction.
@@ -171,24 +170,14 @@ pub async fn ship_once(
     outbox: &mut Outbox,
     batch: usize,
 ) -> Result<usize, Error> {
-    let deltas = sqlite(|| outbox.unshipped(batch))?;
+    let deltas = blocking(|| outbox.unshipped(batch))?;
     if deltas.is_empty() {
         return Ok(0);
     }
     insert_batch(client, &deltas).await?;
     let rowids: Vec<i64> = deltas.iter().map(|d| d.rowid).collect();
-    sqlite(|| outbox.mark_shipped(&rowids, crate::clock::unix_ms()))?;
+    blocking(|| outbox.mark_shipped(&rowids, crate::clock::unix_ms()))?;
     Ok(deltas.len())
-}
-
-/// Run a (short) SQLite call from async code: in `block_in_place` on a multi-thread runtime, so that
-/// the runtime's other tasks (the API) move to another thread meanwhile; inline on a current-thread
-/// one (the CLI's, the tests').
-fn sqlite<T>(f: impl FnOnce() -> T) -> T {
-    match Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(RuntimeFlavor::MultiThread) => block_in_place(f),
-        _ => f(),
-    }
 }
 
 /// Per-identity totals of the deltas whose interval ends in `[since_ms, until_ms)`, on `relay` or
@@ -243,8 +232,6 @@ pub fn bill_blocking(
     })
 }
 
-/// Longest wait between two attempts after failures.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long the shipper waits for a pooled connection before it counts the round as failed.
 const POOL_WAIT: Duration = Duration::from_secs(10);
 
@@ -289,7 +276,7 @@ async fn ship_loop(pool: &Pool, database: &std::path::Path, stop: &AtomicBool) {
         let stopping = stop.load(Ordering::Relaxed);
         let result = async {
             if outbox.is_none() {
-                outbox = Some(sqlite(|| Outbox::open(database))?);
+                outbox = Some(blocking(|| Outbox::open(database))?);
             }
             let mut conn = pool.get(POOL_WAIT).await?;
             let Some(o) = outbox.as_mut() else {

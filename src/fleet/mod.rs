@@ -8,10 +8,13 @@
 //! after the COMMIT. A crash or a lost acknowledgement between the two ships a batch again, and the
 //! key drops the copies: nothing is lost or counted twice. The relay never waits for PostgreSQL.
 //!
-//! Everything here runs on the control-plane tokio runtime (`api::control_plane_runtime`, the one the
-//! HTTP API runs on), never on the data plane: the shipper is a task there, and it, `GET /usage` and
-//! the fleet's other state share one bounded [`Pool`] of connections per process. One-off commands
-//! (`turnpike db migrate`, `turnpike usage`) use a small [`runtime`] of their own.
+//! Everything here runs on the one control-plane tokio runtime of the process
+//! (`api::control_plane_runtime`, the one the HTTP API runs on), never on the data plane: the shipper,
+//! the registry's heartbeat and reader ([`registry`]) and the revocation listener ([`revocations`])
+//! are tasks there, and they, `GET /usage` and `POST /admin/revoke` share one bounded [`Pool`] of
+//! connections per process (the listener's `LISTEN` session holds a dedicated connection with the
+//! pool's settings, [`Pool::dedicated`]). One-off commands (`turnpike db migrate`, `turnpike usage`)
+//! use a small [`runtime`] of their own.
 //!
 //! Schema changes are [`MIGRATIONS`], applied in order at start (or by `turnpike db migrate`) and
 //! recorded in `schema_migrations`. A bill for `[since, until)` sums the deltas whose interval *ends*
@@ -213,6 +216,22 @@ fn rustls_config(ca_file: &std::path::Path) -> Result<rustls::ClientConfig, Erro
         .map_err(|e| Error::Io(format!("tls: {e}")))?
         .with_root_certificates(roots)
         .with_no_client_auth())
+}
+
+/// The longest wait between two attempts to reach PostgreSQL after failures (the shipper, the
+/// heartbeat and the revocation listener back off up to it): a backlog ships, and a relay is listed
+/// and caught up again, within this of the database's return.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Run a short blocking call (an SQLite write, a question to the control thread) from a task: in
+/// `block_in_place` on a multi-thread runtime (the control plane's), so that the runtime's other
+/// tasks move to another thread meanwhile; inline on a current-thread one (the CLI's, the tests').
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
 }
 
 /// A small runtime for one-off work from a plain thread (`turnpike db migrate`, `turnpike usage`).

@@ -4,7 +4,8 @@
 //! connection, and a caller waits for one at most [`Pool::get`]'s timeout. Idle connections are
 //! kept for reuse; a closed one (the server restarted, the network cut it) is dropped when it comes
 //! back or is found idle, and the next `get` connects afresh. Nothing here is on the relay's data
-//! path: the shipper, the API's `/usage` and the fleet's other state use it.
+//! path: the shipper, the registry's heartbeat and reader, the API's `/usage` and revocations use it;
+//! the revocation listener's `LISTEN` session takes a [`Pool::dedicated`] connection beside it.
 //!
 //! Why not deadpool or bb8: this is all the pooling the fleet needs (bounded, reconnecting, no
 //! background tasks), in one small file over the tokio-postgres client we already use.
@@ -18,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::Client;
 
-use super::{connect, Config, Error};
+use super::{connect, connect_notifying, Config, Error};
 
 /// A bounded set of connections to the database of one [`Config`]. Cheap to clone (shared).
 #[derive(Debug, Clone)]
@@ -79,6 +80,17 @@ impl Pool {
             inner: self.inner.clone(),
             _permit: permit,
         })
+    }
+
+    /// A connection of its own with the pool's settings, outside its bound, handing every NOTIFY
+    /// payload to `notifications` ([`connect_notifying`]): for a session that holds its connection for
+    /// the process's life (the revocation listener's `LISTEN`), which would otherwise take a slot
+    /// from the shipper and the API for good.
+    pub async fn dedicated(
+        &self,
+        notifications: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> Result<Client, Error> {
+        connect_notifying(&self.inner.config, Some(notifications)).await
     }
 
     /// Connections open and idle now (for tests and metrics).

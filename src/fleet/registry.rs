@@ -2,18 +2,20 @@
 //! draining flag, live allocations and capacity into `fleet_relays` ([`Heartbeat`]); the token API
 //! reads back the relays that can take clients ([`Watcher`]): a heartbeat fresher than the stale
 //! timeout (by the database's clock, so relay clocks do not matter), not draining and not full.
+//! Both are tasks on the control-plane runtime, with connections from the process's [`Pool`].
 //!
 //! May use: usage, tokio-postgres.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use tokio::runtime::Handle;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
-use super::{connect, runtime, Config, Error};
+use super::{blocking, Error, Pool};
 
 /// The registry's table (shared-state migration 11).
 pub(crate) const SCHEMA: &str = "
@@ -127,74 +129,69 @@ pub async fn live(client: &Client, stale: Duration) -> Result<Vec<Relay>, Error>
         .collect())
 }
 
-/// Asks the relay for its load (`None` when it does not answer).
-pub type LoadProbe = Box<dyn Fn() -> Option<Load> + Send>;
+/// Asks the relay for its load (`None` when it does not answer). It may block briefly (it asks the
+/// control thread); the heartbeat calls it through [`blocking`](super::blocking).
+pub type LoadProbe = Box<dyn Fn() -> Option<Load> + Send + Sync>;
 
-/// The relay's heartbeat thread.
+/// How long one heartbeat or registry read may take (connection included) before it counts as failed:
+/// a stalled database must not hold up a stop for long.
+const ROUND: Duration = Duration::from_secs(5);
+
+/// The relay's heartbeat: a task on the control-plane runtime, with connections from the [`Pool`].
 #[derive(Debug)]
 pub struct Heartbeat {
     draining: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
-    wake: Sender<()>,
-    thread: Option<JoinHandle<()>>,
+    wake: Arc<Notify>,
+    runtime: Handle,
+    task: Option<JoinHandle<()>>,
 }
 
 /// Publishes "draining" at once (SIGTERM), from any thread.
 #[derive(Debug, Clone)]
 pub struct Drain {
     draining: Arc<AtomicBool>,
-    wake: Sender<()>,
+    wake: Arc<Notify>,
 }
 
 impl Drain {
     /// Mark the relay draining and heartbeat now.
     pub fn draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
-        let _ = self.wake.try_send(());
+        self.wake.notify_one();
     }
 }
 
 impl Heartbeat {
-    /// Heartbeat `relay` every `timing.heartbeat` with the load `probe` reports. Failures are logged
-    /// once per outage and retried at the next beat; the relay never waits for it.
+    /// Heartbeat `relay` every `timing.heartbeat` with the load `probe` reports, on `runtime` through
+    /// `pool`. Failures are logged once per outage and retried at the next beat; the relay never
+    /// waits for it.
     pub fn start(
-        config: Config,
+        runtime: &Handle,
+        pool: Pool,
         relay: Relay,
         timing: Timing,
         probe: LoadProbe,
-    ) -> std::io::Result<Heartbeat> {
+    ) -> Heartbeat {
         let draining = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
-        let (wake, woken) = bounded(1);
-        let flag = draining.clone();
-        let stopping = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("turnpike-heartbeat".into())
-            .spawn(move || {
-                let rt = match runtime() {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!("fleet registry: no heartbeat: {e}");
-                        return;
-                    }
-                };
-                Beater {
-                    config,
-                    relay,
-                    timing,
-                    probe,
-                    draining: flag,
-                    stop: stopping,
-                    woken,
-                }
-                .run(&rt);
-            })?;
-        Ok(Heartbeat {
+        let wake = Arc::new(Notify::new());
+        let beater = Beater {
+            pool,
+            relay,
+            timing,
+            probe,
+            draining: draining.clone(),
+            stop: stop.clone(),
+            wake: wake.clone(),
+        };
+        Heartbeat {
             draining,
             stop,
             wake,
-            thread: Some(thread),
-        })
+            runtime: runtime.clone(),
+            task: Some(runtime.spawn(beater.run())),
+        }
     }
 
     /// The handle that publishes draining.
@@ -205,65 +202,52 @@ impl Heartbeat {
         }
     }
 
-    /// A last heartbeat that says draining (so the relay leaves the answers at once), then stop.
+    /// A last heartbeat that says draining (so the relay leaves the answers at once), then stop
+    /// (bounded: the beat's own time limit). Call it from outside the runtime.
     pub fn stop(mut self) {
         self.draining.store(true, Ordering::Relaxed);
         self.stop.store(true, Ordering::Relaxed);
-        let _ = self.wake.try_send(());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        self.wake.notify_one();
+        if let Some(t) = self.task.take() {
+            let _ = self.runtime.block_on(t);
         }
     }
 }
 
-/// The heartbeat thread's state.
+/// The heartbeat task's state.
 struct Beater {
-    config: Config,
+    pool: Pool,
     relay: Relay,
     timing: Timing,
     probe: LoadProbe,
     draining: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
-    woken: Receiver<()>,
+    wake: Arc<Notify>,
 }
 
 impl Beater {
-    fn run(self, rt: &tokio::runtime::Runtime) {
-        let Beater {
-            config,
-            relay,
-            timing,
-            probe,
-            draining,
-            stop,
-            woken,
-        } = self;
-        let (config, relay) = (&config, &relay);
-        let mut client: Option<Client> = None;
+    async fn run(self) {
         let mut down_logged = false;
-        let mut last_round = false;
         loop {
+            // Stopping: this is the last beat (marked draining by `stop`).
+            let last_round = self.stop.load(Ordering::Relaxed);
             // A relay that no longer answers (stopping) is announced full and draining.
-            let mut load = probe().unwrap_or(Load {
+            let mut load = blocking(|| (self.probe)()).unwrap_or(Load {
                 draining: true,
                 allocations: 0,
                 capacity: 0,
             });
-            load.draining |= draining.load(Ordering::Relaxed);
-            // Bounded: a stalled database must not hold up a stop for long.
-            let result = rt.block_on(async {
-                tokio::time::timeout(Duration::from_secs(5), async {
-                    if client.as_ref().map_or(true, Client::is_closed) {
-                        client = Some(connect(config).await?);
-                    }
-                    match &client {
-                        Some(c) => beat(c, relay, load).await,
-                        None => Ok(()),
-                    }
-                })
-                .await
-                .unwrap_or_else(|_| Err(Error::Io("heartbeat timed out".into())))
-            });
+            load.draining |= self.draining.load(Ordering::Relaxed);
+            let result = tokio::time::timeout(ROUND, async {
+                let conn = self.pool.get(ROUND).await?;
+                let r = beat(&conn, &self.relay, load).await;
+                if r.is_err() {
+                    conn.discard();
+                }
+                r
+            })
+            .await
+            .unwrap_or_else(|_| Err(Error::Io("heartbeat timed out".into())));
             match result {
                 Ok(()) if down_logged => {
                     tracing::info!("fleet registry: heartbeats reach PostgreSQL again");
@@ -271,7 +255,6 @@ impl Beater {
                 }
                 Ok(()) => {}
                 Err(e) => {
-                    client = None;
                     if !down_logged {
                         tracing::warn!("fleet registry: heartbeat failed ({e}); retrying");
                         down_logged = true;
@@ -281,83 +264,83 @@ impl Beater {
             if last_round {
                 return;
             }
-            let _ = woken.recv_timeout(timing.heartbeat);
-            // Stopping: one last beat (marked draining by `stop`), then out.
-            last_round = stop.load(Ordering::Relaxed);
+            // The next beat, or at once when woken (draining, stopping).
+            let _ = tokio::time::timeout(self.timing.heartbeat, self.wake.notified()).await;
         }
     }
 }
 
-/// The token API's view of the registry: reread every heartbeat interval (at most every second) on a
-/// thread of its own; readers take a short control-plane lock, never a database round trip.
+/// The token API's view of the registry: reread every heartbeat interval (at most every second) by a
+/// task on the control-plane runtime; readers take a short control-plane lock, never a database round
+/// trip.
 #[derive(Debug)]
 pub struct Watcher {
     current: Arc<RwLock<Option<Arc<Vec<Relay>>>>>,
-    stop: Sender<()>,
+    stop: Arc<AtomicBool>,
+    wake: Arc<Notify>,
 }
 
 impl Watcher {
-    /// Start reading the registry per `config` and `timing`.
-    pub fn start(config: Config, timing: Timing) -> std::io::Result<Watcher> {
+    /// Start reading the registry on `runtime` through `pool`, per `timing`. With `migrate`, it first
+    /// applies the fleet's migrations ([`migrate_all`](super::revocations::migrate_all)), retried
+    /// at each read until they are in (`turnpike api` when its start-up attempt could not reach the
+    /// database).
+    pub fn start(runtime: &Handle, pool: Pool, timing: Timing, migrate: bool) -> Watcher {
         let current = Arc::new(RwLock::new(None));
-        let (stop, stopped) = bounded::<()>(1);
-        let shared = current.clone();
-        let every = timing.heartbeat.min(Duration::from_secs(1));
-        std::thread::Builder::new()
-            .name("turnpike-registry".into())
-            .spawn(move || {
-                let rt = match runtime() {
-                    Ok(rt) => rt,
+        let stop = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(Notify::new());
+        let (shared, stopping, woken) = (current.clone(), stop.clone(), wake.clone());
+        runtime.spawn(async move {
+            let every = timing.heartbeat.min(Duration::from_secs(1));
+            let mut migrated = !migrate;
+            let mut down_logged = false;
+            while !stopping.load(Ordering::Relaxed) {
+                let read = tokio::time::timeout(ROUND, async {
+                    let mut conn = pool.get(ROUND).await?;
+                    if !migrated {
+                        let v = super::revocations::migrate_all(&mut conn).await?;
+                        if !v.is_empty() {
+                            tracing::info!(versions = ?v, "fleet: applied migrations");
+                        }
+                        migrated = true;
+                    }
+                    let r = live(&conn, timing.stale).await;
+                    if r.is_err() {
+                        conn.discard();
+                    }
+                    r
+                })
+                .await
+                .unwrap_or_else(|_| Err(Error::Io("registry read timed out".into())));
+                let next = match read {
+                    Ok(relays) => {
+                        if down_logged {
+                            tracing::info!("fleet registry: read from PostgreSQL again");
+                            down_logged = false;
+                        }
+                        Some(Arc::new(relays))
+                    }
                     Err(e) => {
-                        tracing::error!("fleet registry: not read: {e}");
-                        return;
+                        if !down_logged {
+                            tracing::warn!(
+                                "fleet registry: unreadable ({e}); answering from the static fleet"
+                            );
+                            down_logged = true;
+                        }
+                        None
                     }
                 };
-                let mut client: Option<Client> = None;
-                let mut down_logged = false;
-                loop {
-                    let read = rt.block_on(async {
-                        tokio::time::timeout(Duration::from_secs(5), async {
-                            if client.as_ref().map_or(true, Client::is_closed) {
-                                client = Some(connect(&config).await?);
-                            }
-                            match &client {
-                                Some(c) => live(c, timing.stale).await,
-                                None => Ok(Vec::new()),
-                            }
-                        })
-                        .await
-                        .unwrap_or_else(|_| Err(Error::Io("registry read timed out".into())))
-                    });
-                    let next = match read {
-                        Ok(relays) => {
-                            if down_logged {
-                                tracing::info!("fleet registry: read from PostgreSQL again");
-                                down_logged = false;
-                            }
-                            Some(Arc::new(relays))
-                        }
-                        Err(e) => {
-                            client = None;
-                            if !down_logged {
-                                tracing::warn!(
-                                    "fleet registry: unreadable ({e}); answering from the static fleet"
-                                );
-                                down_logged = true;
-                            }
-                            None
-                        }
-                    };
-                    if let Ok(mut c) = shared.write() {
-                        *c = next;
-                    }
-                    match stopped.recv_timeout(every) {
-                        Err(RecvTimeoutError::Timeout) => {}
-                        _ => return,
-                    }
+                if let Ok(mut c) = shared.write() {
+                    *c = next;
                 }
-            })?;
-        Ok(Watcher { current, stop })
+                let _ = tokio::time::timeout(every, woken.notified()).await;
+            }
+        });
+        Watcher {
+            current,
+            stop,
+            wake,
+        }
     }
 
     /// The live relays at the last read; `None` when the registry is unreachable or empty (the caller
@@ -370,9 +353,10 @@ impl Watcher {
             .filter(|r| !r.is_empty())
     }
 
-    /// Stop reading (the thread ends after its current read, at most a few seconds on; the API may
+    /// Stop reading (the task ends after its current read, at most a few seconds on; the API may
     /// still hold this watcher, and then answers from its last read).
     pub fn stop(&self) {
-        let _ = self.stop.try_send(());
+        self.stop.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
     }
 }

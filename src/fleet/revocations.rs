@@ -6,24 +6,26 @@
 //! so a captured old "lift" cannot undo a newer revoke anywhere in the fleet) and whether the revoke
 //! ended live allocations. [`apply`] writes a row and publishes it with `NOTIFY` in one transaction.
 //!
-//! Every relay runs a [`Listener`]: it `LISTEN`s, loads the whole table at start and after every
-//! reconnect (and every [`POLL`] as the fallback for a lost notification), and hands each change to the
-//! relay exactly as a local revocation, while keeping the relay's local SQLite store as the copy it
-//! starts from when the database is unreachable.
+//! Every relay runs a [`Listener`] (a task on the control-plane runtime): it `LISTEN`s, loads the
+//! whole table at start and after every reconnect (and every [`POLL`] as the fallback for a lost
+//! notification), and hands each change to the relay exactly as a local revocation, while keeping the
+//! relay's local SQLite store as the copy it starts from when the database is unreachable (and saying
+//! so in `/metrics` meanwhile).
 //!
 //! May use: usage, tokio-postgres.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde_json::json;
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
 use super::ledger::apply_migrations;
-use super::{connect_notifying, migrate, runtime, Config, Error};
+use super::{blocking, migrate, Error, Pool, MAX_BACKOFF};
 
 /// The NOTIFY channel revocations are published on.
 pub const CHANNEL: &str = "turnpike_revocations";
@@ -171,47 +173,50 @@ fn parse_notification(payload: &str) -> Option<Revocation> {
 }
 
 /// Hands a revocation to the relay (refuse the credentials; end live allocations with `terminate`) and
-/// to its local copy. Called on the listener's thread.
+/// to its local copy. Called from the listener's task through [`blocking`] (it writes SQLite).
 pub type Apply = Box<dyn FnMut(&Revocation) + Send>;
 
-/// The relay's listener thread.
+/// The relay's listener: a task on the control-plane runtime, on a dedicated connection with the
+/// pool's settings ([`Pool::dedicated`]: `LISTEN` holds its session).
 #[derive(Debug)]
 pub struct Listener {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    runtime: Handle,
+    task: Option<JoinHandle<()>>,
 }
 
 impl Listener {
-    /// Start listening per `config`; `apply` gets every row at each (re)load and every change notified
-    /// in between, each identity's state once per change. `reached` says whether the start-up
-    /// catch-up reached the database (if not, it has said so, and the first failure here is not
-    /// logged again).
-    pub fn start(config: Config, apply: Apply, reached: bool) -> std::io::Result<Listener> {
+    /// Start listening on `runtime` with `pool`'s settings; `apply` gets every row at each (re)load and
+    /// every change notified in between, each identity's state once per change. `reached` says
+    /// whether the start-up catch-up reached the database (and applied the migrations); if not, it has
+    /// said so, and the first failure here is not logged again. `local_copy` is set while the relay
+    /// serves from the revocations it last saw (PostgreSQL unreachable: the `/metrics` gauge), and
+    /// cleared once it has caught up.
+    pub fn start(
+        runtime: &Handle,
+        pool: Pool,
+        apply: Apply,
+        reached: bool,
+        local_copy: Arc<AtomicBool>,
+    ) -> Listener {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("turnpike-revocations".into())
-            .spawn(move || {
-                let rt = match runtime() {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!("fleet revocations: not listening: {e}");
-                        return;
-                    }
-                };
-                rt.block_on(listen_loop(&config, apply, reached, &flag));
-            })?;
-        Ok(Listener {
+        local_copy.store(!reached, Ordering::Relaxed);
+        let task = runtime.spawn(async move {
+            listen_loop(&pool, apply, reached, &local_copy, &flag).await;
+        });
+        Listener {
             stop,
-            thread: Some(thread),
-        })
+            runtime: runtime.clone(),
+            task: Some(task),
+        }
     }
 
-    /// Stop listening.
+    /// Stop listening (within one step of its loop, 200 ms). Call it from outside the runtime.
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some(t) = self.task.take() {
+            let _ = self.runtime.block_on(t);
         }
     }
 }
@@ -226,29 +231,46 @@ fn hand_on(seen: &mut Seen, apply: &mut Apply, r: &Revocation) {
         Some(&(until, signed)) if signed > r.signed_ms || (until, signed) == state => {}
         _ => {
             seen.insert(r.identity.clone(), state);
-            apply(r);
+            blocking(|| apply(r));
         }
     }
 }
 
-async fn listen_loop(config: &Config, mut apply: Apply, reached: bool, stop: &AtomicBool) {
+/// How long connecting, migrating and loading may take before the session counts as failed.
+const CONNECT_WAIT: Duration = Duration::from_secs(10);
+
+async fn listen_loop(
+    pool: &Pool,
+    mut apply: Apply,
+    reached: bool,
+    local_copy: &AtomicBool,
+    stop: &AtomicBool,
+) {
     let mut seen = Seen::new();
-    let mut migrated = !config.migrate;
+    let mut migrated = reached || !pool.config().migrate;
     let mut backoff = Duration::from_millis(100);
     let mut down_logged = !reached;
     while !stop.load(Ordering::Relaxed) {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let session = async {
-            let mut client = connect_notifying(config, Some(tx)).await?;
-            if !migrated {
-                migrate_all(&mut client).await?;
-                migrated = true;
-            }
-            client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
-            // LISTEN first, then load: a change committed in between is both loaded and notified.
-            for r in load(&client).await? {
+            let client = tokio::time::timeout(CONNECT_WAIT, async {
+                let mut client = pool.dedicated(tx).await?;
+                if !migrated {
+                    migrate_all(&mut client).await?;
+                    migrated = true;
+                }
+                client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+                // LISTEN first, then load: a change committed in between is both loaded and notified.
+                let rows = load(&client).await?;
+                Ok::<_, Error>((client, rows))
+            })
+            .await
+            .unwrap_or_else(|_| Err(Error::Io("connecting timed out".into())));
+            let (client, rows) = client?;
+            for r in rows {
                 hand_on(&mut seen, &mut apply, &r);
             }
+            local_copy.store(false, Ordering::Relaxed);
             if down_logged {
                 tracing::info!("fleet revocations: reconnected to PostgreSQL and caught up");
                 down_logged = false;
@@ -264,7 +286,10 @@ async fn listen_loop(config: &Config, mut apply: Apply, reached: bool, stop: &At
                     },
                     Ok(None) => return Err(Error::Io("the connection ended".into())),
                     Err(_) if tokio::time::Instant::now() >= next_poll => {
-                        for r in load(&client).await? {
+                        let rows = tokio::time::timeout(CONNECT_WAIT, load(&client))
+                            .await
+                            .unwrap_or_else(|_| Err(Error::Io("reloading timed out".into())))?;
+                        for r in rows {
                             hand_on(&mut seen, &mut apply, &r);
                         }
                         next_poll = tokio::time::Instant::now() + POLL;
@@ -276,15 +301,16 @@ async fn listen_loop(config: &Config, mut apply: Apply, reached: bool, stop: &At
         }
         .await;
         if let Err(e) = session {
+            local_copy.store(true, Ordering::Relaxed);
             if !down_logged {
                 tracing::warn!(
-                    "fleet revocations: not listening ({e}); the relay keeps what it has applied, \
-                     retrying"
+                    "fleet revocations: not listening ({e}); the relay serves with the revocations \
+                     it last saw (its local copy), retrying"
                 );
                 down_logged = true;
             }
             let mut left = backoff;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff = (backoff * 2).min(MAX_BACKOFF);
             while !left.is_zero() && !stop.load(Ordering::Relaxed) {
                 let step = left.min(Duration::from_millis(100));
                 tokio::time::sleep(step).await;

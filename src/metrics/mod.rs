@@ -262,6 +262,9 @@ pub struct Snapshot {
     pub streams: Vec<StreamSnapshot>,
     /// Batches of usage records the metering writer could not store (the database refused them).
     pub usage_write_failures: u64,
+    /// With `[fleet]`: PostgreSQL is unreachable and the relay enforces the revocations it last saw
+    /// (its local copy), until its listener has caught up again.
+    pub revocations_local_copy: bool,
     /// The HTTP API's requests, when the API serves this snapshot.
     pub http: Option<HttpSnapshot>,
 }
@@ -354,6 +357,12 @@ pub fn render(snap: &Snapshot) -> String {
         "usage_write_failures",
         "Batches of usage records the metering writer could not store (the database refused them)",
         snap.usage_write_failures,
+    );
+    gauge(
+        &mut r,
+        "fleet_revocations_local_copy",
+        "1 while PostgreSQL is unreachable and the relay enforces the revocations it last saw (its local copy)",
+        i64::from(snap.revocations_local_copy),
     );
     let streams = || snap.streams.iter();
     gauge_family(
@@ -642,6 +651,7 @@ mod tests {
                 refused: 1,
             }],
             usage_write_failures: 3,
+            revocations_local_copy: true,
             http: Some({
                 let h = HttpMetrics::new(&["token", "other"]);
                 h.record(0, 200, Duration::from_millis(3));
@@ -694,6 +704,7 @@ mod tests {
             "turnpike_stream_accepted_total{transport=\"tls\"} 5",
             "turnpike_stream_refused_total{transport=\"tls\"} 1",
             "turnpike_usage_write_failures_total 3",
+            "turnpike_fleet_revocations_local_copy 1",
             "turnpike_api_requests_total{route=\"token\",status=\"200\"} 2",
             "turnpike_api_requests_total{route=\"other\",status=\"404\"} 1",
             // 3 ms is in the 5 ms bucket; 30 s only in +Inf.

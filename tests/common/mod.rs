@@ -17,6 +17,7 @@ use turnpike::wire::{
 pub mod netns;
 pub mod pg;
 pub mod sdk;
+pub mod tls;
 
 /// A TCP port free on loopback at the time of the call.
 pub fn free_tcp_port() -> u16 {
