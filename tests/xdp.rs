@@ -1150,3 +1150,123 @@ fn stop(relay: &mut Binary, name: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Datagrams from `peer` to `relayed`, 200 ms apart, until one does not reach `client` (its permission
+/// lapsed): how many did, each as ChannelData on `channel`. One counts as dropped only after 1.2 s of
+/// silence, so that a late one is still counted, not taken for a drop.
+fn probes_until_dropped(
+    client: &Client,
+    peer: &UdpSocket,
+    relayed: SocketAddr,
+    channel: u16,
+    name: &str,
+) -> u64 {
+    client
+        .sock
+        .set_read_timeout(Some(Duration::from_millis(1200)))
+        .unwrap();
+    let expected = channel_data(channel, b"probe", 0);
+    let mut delivered = 0;
+    for _ in 0..100 {
+        peer.send_to(b"probe", relayed).unwrap();
+        let mut buf = [0u8; 2048];
+        match client.sock.recv_from(&mut buf) {
+            Ok((n, _)) => {
+                assert_eq!(
+                    buf[..n],
+                    expected[..],
+                    "{name}: only ChannelData reaches the client"
+                );
+                delivered += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(_) => return delivered,
+        }
+    }
+    panic!("{name}: the channel was still relaying after 100 probes");
+}
+
+/// With XDP on, through the binary on each backend, with permissions that last 2 s and a channel that
+/// outlives them: a lapsed permission takes the channel out of the kernel (the peer's datagrams are
+/// dropped, as the worker drops them), and granting it again puts the channel back in the kernel, both
+/// by CreatePermission and by a ChannelBind refresh (which installs only the permission: the binding is
+/// still active). Every datagram relayed went through XDP (the workers relayed none), and the usage row
+/// is exact.
+#[test]
+fn a_permission_granted_again_puts_its_channel_back_in_the_kernel() {
+    if skip_unprivileged("xdp permission granted again") {
+        return;
+    }
+    for backend in common::backends() {
+        let name = format!("{backend:?}");
+        let topo = topology("g");
+        let dir = std::env::temp_dir().join(format!(
+            "turnpike-xdp-regrant-{}-{backend:?}",
+            std::process::id()
+        ));
+        let lifetimes = "[lifetimes]\npermission = 2\n";
+        let (mut relay, api, db) = start_binary(&topo, &dir, backend, true, lifetimes, &name);
+        let _pass = (
+            in_netns(&topo.client, || attach_pass_program("c0").unwrap()),
+            in_netns(&topo.peer, || attach_pass_program("p0").unwrap()),
+        );
+        let server: SocketAddr = V4.listener.parse().unwrap();
+        let mut client = in_netns(&topo.client, move || {
+            Client::new_on("198.18.1.2", server, "alice", "alice-pass")
+        });
+        let relayed = client.allocate();
+        let peer = bind(&topo.peer, V4.peer);
+        let peer_addr = peer.local_addr().unwrap();
+        let paths = || {
+            let text = scrape(&topo.relay, api);
+            (
+                metric(&text, "turnpike_path_packets_total{path=\"xdp\"}"),
+                metric(&text, "turnpike_path_packets_total{path=\"userspace\"}"),
+            )
+        };
+
+        let mut delivered = 0;
+        for how in ["ChannelBind", "CreatePermission", "a ChannelBind refresh"] {
+            match how {
+                "CreatePermission" => client.permit(peer_addr),
+                _ => client.bind(0x4001, peer_addr),
+            }
+            let (before, _) = paths();
+            peer.send_to(b"probe", relayed).unwrap();
+            assert_eq!(
+                client.recv(),
+                channel_data(0x4001, b"probe", 0),
+                "{name}: {how}"
+            );
+            delivered += 1;
+            assert_eq!(
+                paths().0,
+                before + 1,
+                "{name}: after {how} the channel runs in XDP"
+            );
+            delivered += probes_until_dropped(&client, &peer, relayed, 0x4001, &name);
+        }
+        assert_eq!(
+            paths(),
+            (delivered, 0),
+            "{name}: every datagram relayed went through XDP"
+        );
+
+        stop(&mut relay, &name);
+        let rows = usage_rows(&db);
+        let bytes = 5 * delivered as i64;
+        assert_eq!(
+            rows,
+            vec![(
+                "alice".to_string(),
+                Some("ended".to_string()),
+                0,
+                0,
+                bytes,
+                delivered as i64
+            )],
+            "{name}: exact usage"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
