@@ -813,37 +813,42 @@ fn config_path(dir: &std::path::Path) -> std::path::PathBuf {
     dir.join("turnpike.toml")
 }
 
-/// Datagrams from `peer` to `relayed` until one reaches `client` other than as ChannelData on `channel`
-/// (or none does), at most `tries` of them 200 ms apart: what the client got, if anything.
-fn until_not_channel(
+/// Datagrams "probe" from `peer` to `relayed`, 200 ms apart, until one reaches `client` other than as
+/// ChannelData on `channel` (returned), or none does (`None`, after 1.2 s of silence, so that a late one
+/// is still counted rather than taken for a drop): with how many arrived as ChannelData before.
+fn probe_until_not_channel(
     client: &Client,
     peer: &UdpSocket,
     relayed: SocketAddr,
     channel: u16,
-    tries: usize,
-) -> Option<Vec<u8>> {
+    name: &str,
+) -> (u64, Option<Vec<u8>>) {
     client
         .sock
-        .set_read_timeout(Some(Duration::from_millis(200)))
+        .set_read_timeout(Some(Duration::from_millis(1200)))
         .unwrap();
-    for _ in 0..tries {
+    let expected = channel_data(channel, b"probe", 0);
+    let mut delivered = 0;
+    for _ in 0..100 {
         peer.send_to(b"probe", relayed).unwrap();
         let mut buf = [0u8; 2048];
         match client.sock.recv_from(&mut buf) {
-            Ok((n, _)) if buf[..n] == channel_data(channel, b"probe", 0)[..] => {
+            Ok((n, _)) if buf[..n] == expected[..] => {
+                delivered += 1;
                 std::thread::sleep(Duration::from_millis(200));
             }
-            Ok((n, _)) => return Some(buf[..n].to_vec()),
-            Err(_) => return None,
+            Ok((n, _)) => return (delivered, Some(buf[..n].to_vec())),
+            Err(_) => return (delivered, None),
         }
     }
-    panic!("the channel was still forwarding after {tries} probes");
+    panic!("{name}: the channel was still relaying after 100 probes");
 }
 
 /// With XDP on, through the binary: a channel's expiry takes it out of the kernel (the peer's datagrams
 /// then reach the client as Data indications from the userspace path, its permission being live), and
 /// a reload whose peer policy denies the peer (a revocation of its permission and channel) stops the
-/// forwarding on both paths. The XDP counter moves only while the channel is bound.
+/// forwarding on both paths. The XDP counter moves only while the channel is bound, and the usage row
+/// holds exactly what both paths relayed.
 #[test]
 fn expiry_and_a_policy_revocation_take_the_kernel_entry_out() {
     if skip_unprivileged("xdp expiry and revocation") {
@@ -857,7 +862,7 @@ fn expiry_and_a_policy_revocation_take_the_kernel_entry_out() {
             std::process::id()
         ));
         let lifetimes = "[lifetimes]\nchannel = 2\n";
-        let (relay, api, _db) = start_binary(&topo, &dir, backend, true, lifetimes, &name);
+        let (mut relay, api, db) = start_binary(&topo, &dir, backend, true, lifetimes, &name);
         let _pass = (
             in_netns(&topo.client, || attach_pass_program("c0").unwrap()),
             in_netns(&topo.peer, || attach_pass_program("p0").unwrap()),
@@ -869,25 +874,30 @@ fn expiry_and_a_policy_revocation_take_the_kernel_entry_out() {
         let relayed = client.allocate();
         let peer = bind(&topo.peer, V4.peer);
         let peer_addr = peer.local_addr().unwrap();
-        let xdp_packets = || {
-            metric(
-                &scrape(&topo.relay, api),
-                "turnpike_path_packets_total{path=\"xdp\"}",
+        let paths = || {
+            let text = scrape(&topo.relay, api);
+            (
+                metric(&text, "turnpike_path_packets_total{path=\"xdp\"}"),
+                metric(&text, "turnpike_path_packets_total{path=\"userspace\"}"),
             )
         };
 
         // Expiry: bound, forwarded in XDP; once the channel expires the peer's datagram comes up
         // through userspace as a Data indication (the permission lives on), and XDP no longer counts.
         client.bind(0x4001, peer_addr);
-        let got = until_not_channel(&client, &peer, relayed, 0x4001, 100)
-            .expect("after the channel expired, a Data indication");
+        let (in_xdp, got) = probe_until_not_channel(&client, &peer, relayed, 0x4001, &name);
+        let got = got.expect("after the channel expired, a Data indication");
         let m = turnpike::wire::Message::parse(&got).unwrap();
         assert_eq!(m.attrs.data, Some(&b"probe"[..]), "{name}: Data indication");
-        let forwarded = xdp_packets();
-        assert!(forwarded >= 1, "{name}: the bound channel went through XDP");
+        assert!(in_xdp >= 1, "{name}: the bound channel relayed");
+        assert_eq!(
+            paths(),
+            (in_xdp, 1),
+            "{name}: the channel in XDP, the indication not"
+        );
         peer.send_to(b"probe", relayed).unwrap();
         let _indication = client.recv();
-        assert_eq!(xdp_packets(), forwarded, "{name}: no XDP after the expiry");
+        assert_eq!(paths(), (in_xdp, 2), "{name}: no XDP after the expiry");
 
         // Revocation: bind a second peer (RFC 8656 §12: the expired binding's peer stays reserved to its
         // channel), then reload a policy that denies the peers' range: the permission and channel go
@@ -896,19 +906,24 @@ fn expiry_and_a_policy_revocation_take_the_kernel_entry_out() {
         client.bind(0x4002, peer.local_addr().unwrap());
         peer.send_to(b"probe", relayed).unwrap();
         assert_eq!(client.recv(), channel_data(0x4002, b"probe", 0), "{name}");
-        assert_eq!(xdp_packets(), forwarded + 1, "{name}: rebound in XDP");
+        assert_eq!(paths(), (in_xdp + 1, 2), "{name}: rebound in XDP");
         let config = std::fs::read_to_string(config_path(&dir)).unwrap().replace(
             "allow = [\"198.19.2.0/24\", \"2001:2:0:2::/64\"]",
             "allow = [\"2001:2:0:2::/64\"]",
         );
         std::fs::write(config_path(&dir), config).unwrap();
         run(&["kill", "-HUP", &relay.0.id().to_string()]);
+        let (before_reload, got) = probe_until_not_channel(&client, &peer, relayed, 0x4002, &name);
         assert_eq!(
-            until_not_channel(&client, &peer, relayed, 0x4002, 100),
-            None,
+            got, None,
             "{name}: after the revocation nothing reaches the client"
         );
-        let after = xdp_packets();
+        let after = paths();
+        assert_eq!(
+            after,
+            (in_xdp + 1 + before_reload, 2),
+            "{name}: all of it in XDP"
+        );
         peer.send_to(b"probe", relayed).unwrap();
         client
             .sock
@@ -916,8 +931,20 @@ fn expiry_and_a_policy_revocation_take_the_kernel_entry_out() {
             .unwrap();
         let mut buf = [0u8; 64];
         assert!(client.sock.recv_from(&mut buf).is_err(), "{name}: dropped");
-        assert_eq!(xdp_packets(), after, "{name}: no XDP after the revocation");
-        drop(relay);
+        assert_eq!(paths(), after, "{name}: neither path after the revocation");
+
+        // The bill: every probe that reached the client, on either path (5 bytes each), nothing else.
+        stop(&mut relay, &name);
+        let packets = (after.0 + after.1) as i64;
+        let row = (
+            "alice".to_string(),
+            Some("ended".to_string()),
+            0,
+            0,
+            5 * packets,
+            packets,
+        );
+        assert_eq!(usage_rows(&db), vec![row], "{name}: exact usage");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
@@ -1151,41 +1178,6 @@ fn stop(relay: &mut Binary, name: &str) {
     }
 }
 
-/// Datagrams from `peer` to `relayed`, 200 ms apart, until one does not reach `client` (its permission
-/// lapsed): how many did, each as ChannelData on `channel`. One counts as dropped only after 1.2 s of
-/// silence, so that a late one is still counted, not taken for a drop.
-fn probes_until_dropped(
-    client: &Client,
-    peer: &UdpSocket,
-    relayed: SocketAddr,
-    channel: u16,
-    name: &str,
-) -> u64 {
-    client
-        .sock
-        .set_read_timeout(Some(Duration::from_millis(1200)))
-        .unwrap();
-    let expected = channel_data(channel, b"probe", 0);
-    let mut delivered = 0;
-    for _ in 0..100 {
-        peer.send_to(b"probe", relayed).unwrap();
-        let mut buf = [0u8; 2048];
-        match client.sock.recv_from(&mut buf) {
-            Ok((n, _)) => {
-                assert_eq!(
-                    buf[..n],
-                    expected[..],
-                    "{name}: only ChannelData reaches the client"
-                );
-                delivered += 1;
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(_) => return delivered,
-        }
-    }
-    panic!("{name}: the channel was still relaying after 100 probes");
-}
-
 /// With XDP on, through the binary on each backend, with permissions that last 2 s and a channel that
 /// outlives them: a lapsed permission takes the channel out of the kernel (the peer's datagrams are
 /// dropped, as the worker drops them), and granting it again puts the channel back in the kernel, both
@@ -1244,7 +1236,12 @@ fn a_permission_granted_again_puts_its_channel_back_in_the_kernel() {
                 before + 1,
                 "{name}: after {how} the channel runs in XDP"
             );
-            delivered += probes_until_dropped(&client, &peer, relayed, 0x4001, &name);
+            let (more, other) = probe_until_not_channel(&client, &peer, relayed, 0x4001, &name);
+            assert_eq!(
+                other, None,
+                "{name}: after the lapse nothing reaches the client"
+            );
+            delivered += more;
         }
         assert_eq!(
             paths(),
