@@ -31,6 +31,8 @@ pub struct Mirror {
     /// The UDP listener address of each listener id; `None` for TCP/TLS listeners.
     listeners: Vec<Option<SocketAddr>>,
     relays: HashMap<RelayId, Relay>,
+    /// The relays of each allocation (one per family), for checkpoints.
+    by_allocation: HashMap<AllocationId, Vec<RelayId>>,
     /// Every live relayed address (for relay-to-relay).
     relayed: HashSet<SocketAddr>,
     failures: u64,
@@ -64,6 +66,7 @@ impl Mirror {
             fast,
             listeners,
             relays: HashMap::new(),
+            by_allocation: HashMap::new(),
             relayed: HashSet::new(),
             failures: 0,
         }
@@ -100,6 +103,7 @@ impl Mirror {
                 let result = tables.add_relay(addr);
                 note(&mut self.failures, "add relay", addr, result);
                 self.relayed.insert(canonical(addr));
+                self.by_allocation.entry(allocation).or_default().push(id);
                 self.relays.insert(
                     id,
                     Relay {
@@ -173,6 +177,12 @@ impl Mirror {
             }
             RouteUpdate::RemoveRelay { id } => {
                 let r = self.relays.remove(&id)?;
+                if let Some(ids) = self.by_allocation.get_mut(&r.allocation) {
+                    ids.retain(|i| *i != id);
+                    if ids.is_empty() {
+                        self.by_allocation.remove(&r.allocation);
+                    }
+                }
                 self.relayed.remove(&canonical(r.addr));
                 match tables.remove_relay(r.addr) {
                     Ok(counters) => Some((r.allocation, counters)),
@@ -194,8 +204,12 @@ impl Mirror {
             return total;
         };
         let tables = fast.tables_ref();
-        for r in self.relays.values() {
-            if r.worker == worker && r.allocation == allocation {
+        let ids = self
+            .by_allocation
+            .get(&allocation)
+            .map_or(&[][..], Vec::as_slice);
+        for r in ids.iter().filter_map(|id| self.relays.get(id)) {
+            if r.worker == worker {
                 if let Ok(c) = tables.counters(r.addr) {
                     total.add(c);
                 }
