@@ -8,8 +8,9 @@
 //!     2001:2:0:1::2        2001:2:0:1::1              2001:2:0:2::1                 2001:2:0:2::2
 //! ```
 //!
-//! Needs root (CAP_NET_ADMIN and CAP_BPF); without them each test says so and returns. The channel entry
-//! is written by hand through `XdpTables`, the seam the route updates will call in phase 2.
+//! Needs root (CAP_NET_ADMIN and CAP_BPF); without them each test says so and returns. The first tests
+//! write channel entries by hand through `XdpTables`, the seam the route updates call; the others run
+//! the relay binary, whose route updates program the maps (`xdp::Mirror`).
 #![cfg(feature = "xdp")]
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -510,6 +511,9 @@ fn auto_keeps_userspace_and_native_fails_where_attaching_fails() {
     assert!(FastPath::start(&off).unwrap().is_none());
 }
 
+/// The API access key of the relays [`start_binary`] starts (admin role too: no `admin_keys`).
+const API_KEY_B64: &str = "a2V5LWtleS1rZXkta2V5LWtleS1rZXkta2V5LWtleQ==";
+
 /// The relay process in its namespace; killed when dropped (a failed assertion included).
 struct Binary(std::process::Child);
 
@@ -577,11 +581,7 @@ fn the_relay_binary_forwards_bound_channels_in_xdp_and_bills_exactly() {
     if skip_unprivileged("xdp through the relay binary") {
         return;
     }
-    let mut backends = vec![BackendKind::Epoll];
-    if turnpike::sys::uring::probe().is_ok() && turnpike::dataplane::uring::IMPLEMENTED {
-        backends.push(BackendKind::IoUring);
-    }
-    for backend in backends {
+    for backend in common::backends() {
         for xdp in [true, false] {
             relay_binary_run(backend, xdp);
         }
@@ -715,13 +715,7 @@ fn relay_binary_run(backend: BackendKind, xdp: bool) {
         );
     }
     // Stop the relay (SIGTERM; drain 0): final rows written, programs detached.
-    let pid = relay.0.id().to_string();
-    run(&["kill", "-TERM", &pid]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while relay.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "{name}: the relay did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    stop(&mut relay, &name);
     for dev in ["rc", "rp"] {
         let link = output(&["ip", "-n", &topo.relay, "link", "show", "dev", dev]);
         assert!(
@@ -782,7 +776,7 @@ fn start_binary(
          [relay]\naddresses = [\"198.19.2.1\", \"2001:2:0:2::1\"]\nport_min = 50000\nport_max = 50099\n\
          [[users]]\nname = \"alice\"\npassword = \"alice-pass\"\n\
          [peers]\nallow = [\"198.19.2.0/24\", \"2001:2:0:2::/64\"]\n\
-         [api]\nlisten = \"{api}\"\naccess_keys = [\"a2V5LWtleS1rZXkta2V5LWtleS1rZXkta2V5LWtleQ==\"]\n\
+         [api]\nlisten = \"{api}\"\naccess_keys = [\"{API_KEY_B64}\"]\n\
          [usage]\ndatabase = \"{db}\"\ncheckpoint_seconds = 1\n\
          {xdp_section}{extra}",
         db = db.display(),
@@ -819,47 +813,48 @@ fn config_path(dir: &std::path::Path) -> std::path::PathBuf {
     dir.join("turnpike.toml")
 }
 
-/// Datagrams from `peer` to `relayed` until one reaches `client` other than as ChannelData on `channel`
-/// (or none does), at most `tries` of them 200 ms apart: what the client got, if anything.
-fn until_not_channel(
+/// Datagrams "probe" from `peer` to `relayed`, 200 ms apart, until one reaches `client` other than as
+/// ChannelData on `channel` (returned), or none does (`None`, after 1.2 s of silence, so that a late one
+/// is still counted rather than taken for a drop): with how many arrived as ChannelData before.
+fn probe_until_not_channel(
     client: &Client,
     peer: &UdpSocket,
     relayed: SocketAddr,
     channel: u16,
-    tries: usize,
-) -> Option<Vec<u8>> {
+    name: &str,
+) -> (u64, Option<Vec<u8>>) {
     client
         .sock
-        .set_read_timeout(Some(Duration::from_millis(200)))
+        .set_read_timeout(Some(Duration::from_millis(1200)))
         .unwrap();
-    for _ in 0..tries {
+    let expected = channel_data(channel, b"probe", 0);
+    let mut delivered = 0;
+    for _ in 0..100 {
         peer.send_to(b"probe", relayed).unwrap();
         let mut buf = [0u8; 2048];
         match client.sock.recv_from(&mut buf) {
-            Ok((n, _)) if buf[..n] == channel_data(channel, b"probe", 0)[..] => {
+            Ok((n, _)) if buf[..n] == expected[..] => {
+                delivered += 1;
                 std::thread::sleep(Duration::from_millis(200));
             }
-            Ok((n, _)) => return Some(buf[..n].to_vec()),
-            Err(_) => return None,
+            Ok((n, _)) => return (delivered, Some(buf[..n].to_vec())),
+            Err(_) => return (delivered, None),
         }
     }
-    panic!("the channel was still forwarding after {tries} probes");
+    panic!("{name}: the channel was still relaying after 100 probes");
 }
 
 /// With XDP on, through the binary: a channel's expiry takes it out of the kernel (the peer's datagrams
 /// then reach the client as Data indications from the userspace path, its permission being live), and
 /// a reload whose peer policy denies the peer (a revocation of its permission and channel) stops the
-/// forwarding on both paths. The XDP counter moves only while the channel is bound.
+/// forwarding on both paths. The XDP counter moves only while the channel is bound, and the usage row
+/// holds exactly what both paths relayed.
 #[test]
 fn expiry_and_a_policy_revocation_take_the_kernel_entry_out() {
     if skip_unprivileged("xdp expiry and revocation") {
         return;
     }
-    let mut backends = vec![BackendKind::Epoll];
-    if turnpike::sys::uring::probe().is_ok() && turnpike::dataplane::uring::IMPLEMENTED {
-        backends.push(BackendKind::IoUring);
-    }
-    for backend in backends {
+    for backend in common::backends() {
         let name = format!("{backend:?}");
         let topo = topology("e");
         let dir = std::env::temp_dir().join(format!(
@@ -867,7 +862,7 @@ fn expiry_and_a_policy_revocation_take_the_kernel_entry_out() {
             std::process::id()
         ));
         let lifetimes = "[lifetimes]\nchannel = 2\n";
-        let (relay, api, _db) = start_binary(&topo, &dir, backend, true, lifetimes, &name);
+        let (mut relay, api, db) = start_binary(&topo, &dir, backend, true, lifetimes, &name);
         let _pass = (
             in_netns(&topo.client, || attach_pass_program("c0").unwrap()),
             in_netns(&topo.peer, || attach_pass_program("p0").unwrap()),
@@ -879,25 +874,30 @@ fn expiry_and_a_policy_revocation_take_the_kernel_entry_out() {
         let relayed = client.allocate();
         let peer = bind(&topo.peer, V4.peer);
         let peer_addr = peer.local_addr().unwrap();
-        let xdp_packets = || {
-            metric(
-                &scrape(&topo.relay, api),
-                "turnpike_path_packets_total{path=\"xdp\"}",
+        let paths = || {
+            let text = scrape(&topo.relay, api);
+            (
+                metric(&text, "turnpike_path_packets_total{path=\"xdp\"}"),
+                metric(&text, "turnpike_path_packets_total{path=\"userspace\"}"),
             )
         };
 
         // Expiry: bound, forwarded in XDP; once the channel expires the peer's datagram comes up
         // through userspace as a Data indication (the permission lives on), and XDP no longer counts.
         client.bind(0x4001, peer_addr);
-        let got = until_not_channel(&client, &peer, relayed, 0x4001, 100)
-            .expect("after the channel expired, a Data indication");
+        let (in_xdp, got) = probe_until_not_channel(&client, &peer, relayed, 0x4001, &name);
+        let got = got.expect("after the channel expired, a Data indication");
         let m = turnpike::wire::Message::parse(&got).unwrap();
         assert_eq!(m.attrs.data, Some(&b"probe"[..]), "{name}: Data indication");
-        let forwarded = xdp_packets();
-        assert!(forwarded >= 1, "{name}: the bound channel went through XDP");
+        assert!(in_xdp >= 1, "{name}: the bound channel relayed");
+        assert_eq!(
+            paths(),
+            (in_xdp, 1),
+            "{name}: the channel in XDP, the indication not"
+        );
         peer.send_to(b"probe", relayed).unwrap();
         let _indication = client.recv();
-        assert_eq!(xdp_packets(), forwarded, "{name}: no XDP after the expiry");
+        assert_eq!(paths(), (in_xdp, 2), "{name}: no XDP after the expiry");
 
         // Revocation: bind a second peer (RFC 8656 §12: the expired binding's peer stays reserved to its
         // channel), then reload a policy that denies the peers' range: the permission and channel go
@@ -906,19 +906,24 @@ fn expiry_and_a_policy_revocation_take_the_kernel_entry_out() {
         client.bind(0x4002, peer.local_addr().unwrap());
         peer.send_to(b"probe", relayed).unwrap();
         assert_eq!(client.recv(), channel_data(0x4002, b"probe", 0), "{name}");
-        assert_eq!(xdp_packets(), forwarded + 1, "{name}: rebound in XDP");
+        assert_eq!(paths(), (in_xdp + 1, 2), "{name}: rebound in XDP");
         let config = std::fs::read_to_string(config_path(&dir)).unwrap().replace(
             "allow = [\"198.19.2.0/24\", \"2001:2:0:2::/64\"]",
             "allow = [\"2001:2:0:2::/64\"]",
         );
         std::fs::write(config_path(&dir), config).unwrap();
         run(&["kill", "-HUP", &relay.0.id().to_string()]);
+        let (before_reload, got) = probe_until_not_channel(&client, &peer, relayed, 0x4002, &name);
         assert_eq!(
-            until_not_channel(&client, &peer, relayed, 0x4002, 100),
-            None,
+            got, None,
             "{name}: after the revocation nothing reaches the client"
         );
-        let after = xdp_packets();
+        let after = paths();
+        assert_eq!(
+            after,
+            (in_xdp + 1 + before_reload, 2),
+            "{name}: all of it in XDP"
+        );
         peer.send_to(b"probe", relayed).unwrap();
         client
             .sock
@@ -926,8 +931,339 @@ fn expiry_and_a_policy_revocation_take_the_kernel_entry_out() {
             .unwrap();
         let mut buf = [0u8; 64];
         assert!(client.sock.recv_from(&mut buf).is_err(), "{name}: dropped");
-        assert_eq!(xdp_packets(), after, "{name}: no XDP after the revocation");
-        drop(relay);
+        assert_eq!(paths(), after, "{name}: neither path after the revocation");
+
+        // The bill: every probe that reached the client, on either path (5 bytes each), nothing else.
+        stop(&mut relay, &name);
+        let packets = (after.0 + after.1) as i64;
+        let row = (
+            "alice".to_string(),
+            Some("ended".to_string()),
+            0,
+            0,
+            5 * packets,
+            packets,
+        );
+        assert_eq!(usage_rows(&db), vec![row], "{name}: exact usage");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// The REST secret of the revocation test (`[rest] secrets`).
+const REST_SECRET: &str = "xdp-revoke-secret";
+
+/// A revoke through the token API (`POST /admin/revoke`, which ends the identity's allocations by
+/// default) with XDP on, through the binary on each backend. Before it, one identity's channel is
+/// carried in XDP both ways (the XDP counter moves, the workers relay none of it) beside a Send and a
+/// Data indication on the userspace path, and a checkpoint bills both paths. After it, that
+/// identity's ChannelData reaches neither its peer nor its client on either path, another identity's
+/// channel still runs in XDP, and the revoked allocation's final usage row holds exactly what was
+/// relayed up to the revoke on both paths, with `end_reason` "revoked". (A fleet revocation reaches the
+/// control thread as the same `ToControl::Revoke` as this one: src/service.rs.)
+#[test]
+fn an_api_revoke_takes_the_identitys_channels_out_of_the_kernel_and_bills_exactly() {
+    if skip_unprivileged("xdp api revoke") {
+        return;
+    }
+    for backend in common::backends() {
+        revoke_run(backend);
+    }
+}
+
+fn revoke_run(backend: BackendKind) {
+    let name = format!("{backend:?}");
+    let topo = topology("v");
+    let dir = std::env::temp_dir().join(format!(
+        "turnpike-xdp-revoke-{}-{backend:?}",
+        std::process::id()
+    ));
+    let extra = format!("[rest]\nsecrets = [\"{REST_SECRET}\"]\n");
+    let (mut relay, api, db) = start_binary(&topo, &dir, backend, true, &extra, &name);
+    let _pass = (
+        in_netns(&topo.client, || attach_pass_program("c0").unwrap()),
+        in_netns(&topo.peer, || attach_pass_program("p0").unwrap()),
+    );
+    let paths = || {
+        let text = scrape(&topo.relay, api);
+        (
+            metric(&text, "turnpike_path_packets_total{path=\"xdp\"}"),
+            metric(&text, "turnpike_path_packets_total{path=\"userspace\"}"),
+        )
+    };
+    let secrets = turnpike::auth::RestSecrets::new(vec![REST_SECRET.as_bytes().to_vec()]);
+    let unix_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let rest_client = |id: &str| {
+        let cred = secrets.mint(id, unix_now, 600).unwrap();
+        let server: SocketAddr = V4.listener.parse().unwrap();
+        in_netns(&topo.client, move || {
+            Client::new_on("198.18.1.2", server, &cred.username, &cred.password)
+        })
+    };
+    let mut revoked = rest_client("mallory");
+    let mut kept = rest_client("kept");
+    let (relayed, relayed_kept) = (revoked.allocate(), kept.allocate());
+    let peer = bind(&topo.peer, V4.peer);
+    let peer_kept = bind(&topo.peer, "198.19.2.2:7001");
+    let (peer_addr, peer_kept_addr) = (peer.local_addr().unwrap(), peer_kept.local_addr().unwrap());
+    revoked.bind(0x4001, peer_addr);
+    kept.bind(0x4001, peer_kept_addr);
+
+    // One ChannelData round trip (client → peer → client), byte-exact: ((up bytes, up packets),
+    // (down bytes, down packets)) added to `bill`.
+    type Bill = ((i64, i64), (i64, i64));
+    let round = |client: &Client, peer: &UdpSocket, relayed: SocketAddr, i: u8, bill: &mut Bill| {
+        let payload = vec![i; 1 + usize::from(i) * 11];
+        client.send_channel(0x4001, &payload);
+        let (got, from) = recv(peer);
+        assert_eq!(
+            (got, from),
+            (payload.clone(), relayed),
+            "{name}: at the peer"
+        );
+        let back = vec![!i; 2 + usize::from(i) * 3];
+        peer.send_to(&back, relayed).unwrap();
+        assert_eq!(
+            client.recv(),
+            channel_data(0x4001, &back, 0),
+            "{name}: at the client"
+        );
+        bill.0 .0 += payload.len() as i64;
+        bill.0 .1 += 1;
+        bill.1 .0 += back.len() as i64;
+        bill.1 .1 += 1;
+    };
+    let (mut bill, mut bill_kept) = (((0, 0), (0, 0)), ((0, 0), (0, 0)));
+    for i in 0..10 {
+        round(&revoked, &peer, relayed, i, &mut bill);
+    }
+    for i in 0..3 {
+        round(&kept, &peer_kept, relayed_kept, i, &mut bill_kept);
+    }
+    assert_eq!(paths(), (26, 0), "{name}: the channels ran in XDP");
+
+    // The same allocation on the userspace path: a Send indication to the channel's peer, and a Data
+    // indication from a second peer that has a permission only.
+    revoked.send_indication(peer_addr, b"via userspace");
+    let (got, from) = recv(&peer);
+    assert_eq!(
+        (got.as_slice(), from),
+        (&b"via userspace"[..], relayed),
+        "{name}"
+    );
+    let other = bind(&topo.peer, "198.19.2.2:7002");
+    revoked.permit(other.local_addr().unwrap());
+    other.send_to(b"data indication", relayed).unwrap();
+    let indication = revoked.recv();
+    let m = turnpike::wire::Message::parse(&indication).unwrap();
+    assert_eq!(m.attrs.data, Some(&b"data indication"[..]), "{name}");
+    bill.0 .0 += 13;
+    bill.0 .1 += 1;
+    bill.1 .0 += 15;
+    bill.1 .1 += 1;
+    assert_eq!(paths(), (26, 2), "{name}: the indications ran in userspace");
+
+    // A checkpoint (every second) bills both paths while the allocation lives.
+    let row = |bill: Bill, reason: Option<&str>| -> UsageRow {
+        let ((up_b, up_p), (down_b, down_p)) = bill;
+        let reason = reason.map(str::to_string);
+        ("mallory".to_string(), reason, up_b, up_p, down_b, down_p)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !usage_rows(&db).contains(&row(bill, None)) {
+        assert!(
+            Instant::now() < deadline,
+            "{name}: no checkpoint with both paths' usage within 10 s: {:?}",
+            usage_rows(&db)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The revoke. Once a Refresh on the revoked credential is refused, the control thread has ended
+    // the allocation (the API hands it the revoke before it answers, and the Refresh comes after it),
+    // and with it taken the channel out of the maps; a Binding answered by the worker that owns the
+    // client's 5-tuple then shows that worker has taken its route update too.
+    let v = revoke(&topo.relay, api, "mallory");
+    assert_eq!(
+        (v["revoked"].as_bool(), v["terminated"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let r = revoked.authed(Method::REFRESH, &[]);
+    assert_eq!(
+        Client::error_code(&r),
+        Some(401),
+        "{name}: Refresh after the revoke"
+    );
+    let b = revoked.transact(Method::BINDING, &[], false);
+    Client::expect_success(&b);
+
+    // Nothing of the revoked identity's passes now, neither way, on either path; the other identity's
+    // channel still runs in XDP (and its round trip is done before the silence is checked).
+    revoked.send_channel(0x4001, b"after the revoke");
+    peer.send_to(b"after the revoke", relayed).unwrap();
+    round(&kept, &peer_kept, relayed_kept, 3, &mut bill_kept);
+    for (sock, what) in [(&peer, "the peer"), (&revoked.sock, "the revoked client")] {
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 2048];
+        let got = sock.recv_from(&mut buf);
+        assert!(
+            got.is_err(),
+            "{name}: {what} received {got:?} after the revoke"
+        );
+    }
+    assert_eq!(
+        paths(),
+        (28, 2),
+        "{name}: only the kept channel moved, in XDP"
+    );
+
+    stop(&mut relay, &name);
+    let rows = usage_rows(&db);
+    assert!(
+        rows.contains(&row(bill, Some("revoked"))),
+        "{name}: the revoked allocation's final row is exact: {rows:?}"
+    );
+    let ((up_b, up_p), (down_b, down_p)) = bill_kept;
+    assert!(
+        rows.iter()
+            .any(|r| r.0 == "kept" && (r.2, r.3, r.4, r.5) == (up_b, up_p, down_b, down_p)),
+        "{name}: the kept allocation's row is exact: {rows:?}"
+    );
+    assert_eq!(rows.len(), 2, "{name}: {rows:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `POST /admin/revoke` for `identity` (default horizon, terminate), signed with the config's access
+/// key, to the API in namespace `ns`: the answer's JSON.
+fn revoke(ns: &str, api: SocketAddr, identity: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(API_KEY_B64)
+        .unwrap();
+    let url = "/admin/revoke?api-version=2022-03-01-preview";
+    let body = format!("{{\"id\": \"{identity}\"}}");
+    let host = api.to_string();
+    let (date, hash, auth) = turnpike::api::sign::sign(
+        &key,
+        "POST",
+        url,
+        &host,
+        body.as_bytes(),
+        std::time::SystemTime::now(),
+    );
+    in_netns(ns, move || {
+        ureq::post(&format!("http://{host}{url}"))
+            .timeout(Duration::from_secs(5))
+            .set("x-ms-date", &date)
+            .set("x-ms-content-sha256", &hash)
+            .set("Authorization", &auth)
+            .set("Content-Type", "application/json")
+            .send_string(&body)
+            .unwrap_or_else(|e| panic!("revoke: {e}"))
+            .into_json()
+            .unwrap()
+    })
+}
+
+/// SIGTERM to the relay (drain 0) and a bounded wait for its exit: its final usage rows are written.
+fn stop(relay: &mut Binary, name: &str) {
+    run(&["kill", "-TERM", &relay.0.id().to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relay.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "{name}: the relay did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// With XDP on, through the binary on each backend, with permissions that last 2 s and a channel that
+/// outlives them: a lapsed permission takes the channel out of the kernel (the peer's datagrams are
+/// dropped, as the worker drops them), and granting it again puts the channel back in the kernel, both
+/// by CreatePermission and by a ChannelBind refresh (which installs only the permission: the binding is
+/// still active). Every datagram relayed went through XDP (the workers relayed none), and the usage row
+/// is exact.
+#[test]
+fn a_permission_granted_again_puts_its_channel_back_in_the_kernel() {
+    if skip_unprivileged("xdp permission granted again") {
+        return;
+    }
+    for backend in common::backends() {
+        let name = format!("{backend:?}");
+        let topo = topology("g");
+        let dir = std::env::temp_dir().join(format!(
+            "turnpike-xdp-regrant-{}-{backend:?}",
+            std::process::id()
+        ));
+        let lifetimes = "[lifetimes]\npermission = 2\n";
+        let (mut relay, api, db) = start_binary(&topo, &dir, backend, true, lifetimes, &name);
+        let _pass = (
+            in_netns(&topo.client, || attach_pass_program("c0").unwrap()),
+            in_netns(&topo.peer, || attach_pass_program("p0").unwrap()),
+        );
+        let server: SocketAddr = V4.listener.parse().unwrap();
+        let mut client = in_netns(&topo.client, move || {
+            Client::new_on("198.18.1.2", server, "alice", "alice-pass")
+        });
+        let relayed = client.allocate();
+        let peer = bind(&topo.peer, V4.peer);
+        let peer_addr = peer.local_addr().unwrap();
+        let paths = || {
+            let text = scrape(&topo.relay, api);
+            (
+                metric(&text, "turnpike_path_packets_total{path=\"xdp\"}"),
+                metric(&text, "turnpike_path_packets_total{path=\"userspace\"}"),
+            )
+        };
+
+        let mut delivered = 0;
+        for how in ["ChannelBind", "CreatePermission", "a ChannelBind refresh"] {
+            match how {
+                "CreatePermission" => client.permit(peer_addr),
+                _ => client.bind(0x4001, peer_addr),
+            }
+            let (before, _) = paths();
+            peer.send_to(b"probe", relayed).unwrap();
+            assert_eq!(
+                client.recv(),
+                channel_data(0x4001, b"probe", 0),
+                "{name}: {how}"
+            );
+            delivered += 1;
+            assert_eq!(
+                paths().0,
+                before + 1,
+                "{name}: after {how} the channel runs in XDP"
+            );
+            let (more, other) = probe_until_not_channel(&client, &peer, relayed, 0x4001, &name);
+            assert_eq!(
+                other, None,
+                "{name}: after the lapse nothing reaches the client"
+            );
+            delivered += more;
+        }
+        assert_eq!(
+            paths(),
+            (delivered, 0),
+            "{name}: every datagram relayed went through XDP"
+        );
+
+        stop(&mut relay, &name);
+        let rows = usage_rows(&db);
+        let bytes = 5 * delivered as i64;
+        assert_eq!(
+            rows,
+            vec![(
+                "alice".to_string(),
+                Some("ended".to_string()),
+                0,
+                0,
+                bytes,
+                delivered as i64
+            )],
+            "{name}: exact usage"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

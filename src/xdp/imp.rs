@@ -308,16 +308,15 @@ impl XdpTables {
             channel: key.channel,
         };
         let (relayed, peer) = (canonical(relayed), canonical(peer));
-        let slot = match self.relays.get_mut(&relayed) {
-            Some(entry) => {
-                entry.channels.retain(|c| *c != (key, peer));
-                entry.slot
-            }
-            None => 0,
-        };
+        let slot = self.relays.get(&relayed).map_or(0, |e| e.slot);
         let (pk, _, ck, _) = entries(key, relayed, peer, slot);
         absent_ok(self.to_peer.remove(&pk))?;
-        absent_ok(self.to_client.remove(&ck))
+        absent_ok(self.to_client.remove(&ck))?;
+        // Forgotten only once gone, so that `remove_relay` still removes what failed here.
+        if let Some(entry) = self.relays.get_mut(&relayed) {
+            entry.channels.retain(|c| *c != (key, peer));
+        }
+        Ok(())
     }
 
     /// The allocation at `relayed` ended: removes every channel through it and its relay-to-relay

@@ -3,9 +3,12 @@
 //!
 //! The control thread hands every [`RouteUpdate`] here just before it sends it to the owning worker.
 //! Removals therefore leave the kernel before (never after) they leave the worker's table: a permission
-//! or channel expiry, a revocation, a policy change on reload and the end of an allocation. Nothing is
-//! decided here: a channel reaches the maps only because the server accepted its ChannelBind (auth,
-//! permission, peer policy), and the mirror only leaves out what the program must not carry:
+//! or channel expiry, a revocation, a policy change on reload and the end of an allocation. The maps
+//! hold a channel exactly while the worker's table would relay it (`RouteTable::channel`: bound, and
+//! its peer IP permitted), so a permission that lapses takes the channel out of the kernel and one
+//! granted again (CreatePermission, or a ChannelBind refresh) puts it back. Nothing is decided here: a
+//! channel reaches the maps only because the server accepted its ChannelBind (auth, permission, peer
+//! policy), and the mirror only leaves out what the program must not carry:
 //! - channels of TCP/TLS clients (the program only rewrites UDP);
 //! - relay-to-relay channels (the peer is a relayed address of this host: the userspace path checks
 //!   it per packet, and the program passes it too, through its `relayed` map);
@@ -28,6 +31,8 @@ pub struct Mirror {
     /// The UDP listener address of each listener id; `None` for TCP/TLS listeners.
     listeners: Vec<Option<SocketAddr>>,
     relays: HashMap<RelayId, Relay>,
+    /// The relays of each allocation (one per family), for checkpoints.
+    by_allocation: HashMap<AllocationId, Vec<RelayId>>,
     /// Every live relayed address (for relay-to-relay).
     relayed: HashSet<SocketAddr>,
     failures: u64,
@@ -40,8 +45,18 @@ struct Relay {
     addr: SocketAddr,
     /// (client, listener) for UDP clients; `None` keeps every channel of the relay in userspace.
     client: Option<(SocketAddr, SocketAddr)>,
-    /// Channels in the maps: (number, peer).
-    channels: Vec<(u16, SocketAddr)>,
+    /// Peer IPs with a permission (IPv4-mapped ones as IPv4).
+    permissions: HashSet<IpAddr>,
+    /// The channels the worker's table has bound, each in the maps while its peer IP is permitted.
+    channels: Vec<Channel>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Channel {
+    number: u16,
+    peer: SocketAddr,
+    /// Whether the maps hold it now.
+    cached: bool,
 }
 
 impl Mirror {
@@ -51,6 +66,7 @@ impl Mirror {
             fast,
             listeners,
             relays: HashMap::new(),
+            by_allocation: HashMap::new(),
             relayed: HashSet::new(),
             failures: 0,
         }
@@ -87,6 +103,7 @@ impl Mirror {
                 let result = tables.add_relay(addr);
                 note(&mut self.failures, "add relay", addr, result);
                 self.relayed.insert(canonical(addr));
+                self.by_allocation.entry(allocation).or_default().push(id);
                 self.relays.insert(
                     id,
                     Relay {
@@ -94,6 +111,7 @@ impl Mirror {
                         worker,
                         addr,
                         client: listener.map(|l| (client, l)),
+                        permissions: HashSet::new(),
                         channels: Vec::new(),
                     },
                 );
@@ -105,19 +123,24 @@ impl Mirror {
                 peer,
             } => {
                 let r = self.relays.get_mut(&relay)?;
-                let (client, listener) = r.client?;
+                r.client?;
                 if self.relayed.contains(&canonical(peer)) {
                     return None;
                 }
-                let key = ChannelKey {
-                    client,
-                    listener,
-                    channel: channel.get(),
-                };
-                match tables.add_channel(key, r.addr, peer) {
-                    Ok(true) => r.channels.push((channel.get(), peer)),
-                    Ok(false) => {}
-                    Err(e) => note::<()>(&mut self.failures, "add channel", r.addr, Err(e)),
+                let number = channel.get();
+                if !r
+                    .channels
+                    .iter()
+                    .any(|c| (c.number, c.peer) == (number, peer))
+                {
+                    r.channels.push(Channel {
+                        number,
+                        peer,
+                        cached: false,
+                    });
+                }
+                if r.permissions.contains(&peer.ip().to_canonical()) {
+                    cache(tables, &mut self.failures, r, |c| c.number == number);
                 }
                 None
             }
@@ -127,28 +150,39 @@ impl Mirror {
                 peer,
             } => {
                 let r = self.relays.get_mut(&relay)?;
-                let channel = channel.get();
-                r.channels.retain(|c| *c != (channel, peer));
-                remove(tables, &mut self.failures, r, channel, peer);
+                let number = channel.get();
+                uncache(tables, &mut self.failures, r, |c| {
+                    (c.number, c.peer) == (number, peer)
+                });
+                r.channels.retain(|c| (c.number, c.peer) != (number, peer));
+                None
+            }
+            RouteUpdate::AddPermission { relay, peer } => {
+                // The channels to that IP that the worker will relay again.
+                let r = self.relays.get_mut(&relay)?;
+                r.permissions.insert(peer.to_canonical());
+                cache(tables, &mut self.failures, r, |c| {
+                    same_ip(c.peer.ip(), peer)
+                });
                 None
             }
             RouteUpdate::RemovePermission { relay, peer } => {
                 // A channel needs its permission: none to that peer IP may outlive it in the kernel.
                 let r = self.relays.get_mut(&relay)?;
-                let gone: Vec<(u16, SocketAddr)> = r
-                    .channels
-                    .iter()
-                    .copied()
-                    .filter(|(_, p)| same_ip(p.ip(), peer))
-                    .collect();
-                r.channels.retain(|(_, p)| !same_ip(p.ip(), peer));
-                for (channel, p) in gone {
-                    remove(tables, &mut self.failures, r, channel, p);
-                }
+                r.permissions.remove(&peer.to_canonical());
+                uncache(tables, &mut self.failures, r, |c| {
+                    same_ip(c.peer.ip(), peer)
+                });
                 None
             }
             RouteUpdate::RemoveRelay { id } => {
                 let r = self.relays.remove(&id)?;
+                if let Some(ids) = self.by_allocation.get_mut(&r.allocation) {
+                    ids.retain(|i| *i != id);
+                    if ids.is_empty() {
+                        self.by_allocation.remove(&r.allocation);
+                    }
+                }
                 self.relayed.remove(&canonical(r.addr));
                 match tables.remove_relay(r.addr) {
                     Ok(counters) => Some((r.allocation, counters)),
@@ -158,7 +192,7 @@ impl Mirror {
                     }
                 }
             }
-            RouteUpdate::AddPermission { .. } | RouteUpdate::ReportCounters => None,
+            RouteUpdate::ReportCounters => None,
         }
     }
 
@@ -170,8 +204,12 @@ impl Mirror {
             return total;
         };
         let tables = fast.tables_ref();
-        for r in self.relays.values() {
-            if r.worker == worker && r.allocation == allocation {
+        let ids = self
+            .by_allocation
+            .get(&allocation)
+            .map_or(&[][..], Vec::as_slice);
+        for r in ids.iter().filter_map(|id| self.relays.get(id)) {
+            if r.worker == worker {
                 if let Ok(c) = tables.counters(r.addr) {
                     total.add(c);
                 }
@@ -205,23 +243,51 @@ impl Mirror {
     }
 }
 
-fn remove(
+/// Puts the relay's channels that `which` picks and the maps lack into the maps (UDP clients only).
+fn cache(
     tables: &mut super::XdpTables,
     failures: &mut u64,
-    r: &Relay,
-    channel: u16,
-    peer: SocketAddr,
+    r: &mut Relay,
+    which: impl Fn(&Channel) -> bool,
 ) {
     let Some((client, listener)) = r.client else {
         return;
     };
-    let key = ChannelKey {
-        client,
-        listener,
-        channel,
+    for c in r.channels.iter_mut().filter(|c| !c.cached && which(c)) {
+        let key = ChannelKey {
+            client,
+            listener,
+            channel: c.number,
+        };
+        match tables.add_channel(key, r.addr, c.peer) {
+            Ok(cached) => c.cached = cached,
+            Err(e) => note::<()>(failures, "add channel", r.addr, Err(e)),
+        }
+    }
+}
+
+/// Takes the relay's channels that `which` picks out of the maps (they stay bound in the worker).
+fn uncache(
+    tables: &mut super::XdpTables,
+    failures: &mut u64,
+    r: &mut Relay,
+    which: impl Fn(&Channel) -> bool,
+) {
+    let Some((client, listener)) = r.client else {
+        return;
     };
-    let result = tables.remove_channel(key, r.addr, peer);
-    note(failures, "remove channel", r.addr, result);
+    for c in r.channels.iter_mut().filter(|c| c.cached && which(c)) {
+        let key = ChannelKey {
+            client,
+            listener,
+            channel: c.number,
+        };
+        match tables.remove_channel(key, r.addr, c.peer) {
+            Ok(()) => c.cached = false,
+            // Still cached: the next removal of it retries, and the relay's end removes it anyway.
+            Err(e) => note::<()>(failures, "remove channel", r.addr, Err(e)),
+        }
+    }
 }
 
 fn note<T>(failures: &mut u64, what: &str, relayed: SocketAddr, result: Result<T, XdpError>) {
