@@ -303,8 +303,9 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
             let s = sys::bind_udp(*addr, opts)
                 .map_err(|e| io::Error::new(e.kind(), format!("listen {addr}: {e}")))?;
             if addr.ip().is_unspecified() {
-                sys::set_pktinfo(&s, addr.is_ipv4())
-                    .map_err(|e| io::Error::new(e.kind(), format!("listen {addr}: pktinfo: {e}")))?;
+                sys::set_pktinfo(&s, addr.is_ipv4()).map_err(|e| {
+                    io::Error::new(e.kind(), format!("listen {addr}: pktinfo: {e}"))
+                })?;
             }
             let local = s.local_addr()?;
             if addr.port() == 0 {
@@ -656,7 +657,12 @@ impl Plane for Workers {
             .or_else(|| self.replies.iter().find_map(|w| w.get(socket)));
         if let Some(sock) = sock {
             // From the address the client sent to (a wildcard socket names it per datagram).
-            sys::mmsg::send_batch_from(std::os::fd::AsRawFd::as_raw_fd(sock), &[(to.client, payload)], src, |_, _| {});
+            sys::mmsg::send_batch_from(
+                std::os::fd::AsRawFd::as_raw_fd(sock),
+                &[(to.client, payload)],
+                src,
+                |_, _| {},
+            );
         }
     }
 

@@ -322,7 +322,9 @@ impl ListenerMap {
                                 && s.port() == l.port()
                                 && s.is_ipv4() == l.is_ipv4()
                         })
-                        .ok_or_else(|| io::Error::other(format!("listen {l}: no socket serves it")))?;
+                        .ok_or_else(|| {
+                            io::Error::other(format!("listen {l}: no socket serves it"))
+                        })?;
                     (j, Some(l.ip()))
                 }
             };
@@ -496,5 +498,32 @@ mod tests {
         on_client(&mut core, &stun(376));
         assert_eq!(queue.depth(), (1, 400));
         assert_eq!(stats.drops(Drop::ControlBusy), 2);
+    }
+
+    #[test]
+    fn a_wildcard_socket_serves_one_listener_per_address_and_a_fixed_one_its_own() {
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let sockets = [sa("0.0.0.0:3478"), sa("192.0.2.1:3479"), sa("[::]:3478")];
+        let listeners = [
+            sa("10.0.0.1:3478"),
+            sa("10.0.0.2:3478"),
+            sa("192.0.2.1:3479"),
+            sa("[2001:db8::2]:3478"),
+        ];
+        let map = ListenerMap::new(&sockets, &listeners).unwrap();
+        assert_eq!(map.listener(0, ip("10.0.0.2")), Some(1));
+        assert_eq!(map.listener(0, ip("10.0.0.1")), Some(0));
+        // A wildcard datagram without pktinfo, or to an address added after start: no listener.
+        assert_eq!(map.listener(0, None), None);
+        assert_eq!(map.listener(0, ip("10.9.9.9")), None);
+        assert_eq!(map.listener(2, ip("10.0.0.1")), None);
+        assert_eq!(map.listener(2, ip("2001:db8::2")), Some(3));
+        assert_eq!(map.listener(1, None), Some(2));
+        assert_eq!(map.listener(9, None), None);
+        assert_eq!(map.socket(1), Some((0, ip("10.0.0.2"))));
+        assert_eq!(map.socket(2), Some((1, None)));
+        assert_eq!(map.socket(4), None);
+        assert!(ListenerMap::new(&sockets[1..2], &listeners[..1]).is_err());
     }
 }

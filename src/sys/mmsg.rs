@@ -375,9 +375,12 @@ mod tests {
             assert_eq!(meta[i].local, Some(*ip));
             let text = &slab[i * 256..i * 256 + meta[i].len];
             assert_eq!(text, ip.to_string().as_bytes());
-            let sent = send_batch_from(w.as_raw_fd(), &[(meta[i].addr, b"re")], Some(*ip), |_, r| {
-                r.unwrap()
-            });
+            let sent = send_batch_from(
+                w.as_raw_fd(),
+                &[(meta[i].addr, b"re")],
+                Some(*ip),
+                |_, r| r.unwrap(),
+            );
             assert_eq!(sent, 1);
             let mut buf = [0u8; 8];
             let (n, from) = c.recv_from(&mut buf).unwrap();

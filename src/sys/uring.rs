@@ -785,7 +785,9 @@ impl Ring {
         let len = payloadlen.min(res.saturating_sub(HDR));
         let from = parse_sockaddr(&hdr[OUT_LEN..], namelen);
         let control = &hdr[OUT_LEN + NAME_LEN..];
-        let local = control.get(..controllen.min(CTRL_LEN)).and_then(parse_pktinfo);
+        let local = control
+            .get(..controllen.min(CTRL_LEN))
+            .and_then(parse_pktinfo);
         let truncated = flags & libc::MSG_TRUNC as u32 != 0 || res < HDR || from.is_none();
         (from.unwrap_or(unspecified), local, len, truncated)
     }

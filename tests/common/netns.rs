@@ -49,6 +49,16 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Add IPv6 addresses (CIDR strings) to `dev` without duplicate address detection (`nodad`), so
+    /// they are usable at once rather than tentative for a second or two.
+    pub fn add_v6_nodad(&self, dev: &str, addrs: &[&str]) {
+        for a in addrs {
+            ip(&["-n", &self.0, "addr", "add", a, "dev", dev, "nodad"]).unwrap();
+        }
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = ip(&["netns", "del", &self.0]);
