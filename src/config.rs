@@ -474,7 +474,8 @@ impl Fixed {
 pub struct OpenFiles {
     /// The soft open-file limit in force.
     pub limit: u64,
-    /// Descriptors kept for everything but relay sockets and stream connections: listeners and their
+    /// Descriptors kept for everything but relay sockets and stream connections: listeners (one UDP
+    /// socket per `listen` entry, wildcards included; one TCP/TLS socket per address) and the UDP ones'
     /// clones, rings, epoll and eventfds per worker, the API's listeners and its
     /// `api.limits.max_connections`, the database, stdio.
     pub reserve: u64,
@@ -507,9 +508,21 @@ impl RelayConfig {
     /// error when not even one allocation fits.
     pub fn fit_open_files(&mut self, limit: u64) -> Result<OpenFiles, ConfigError> {
         let f = &self.fixed;
-        let listeners = (f.listen.len() + f.listen_tcp.len() + f.listen_tls.len()) as u64;
-        // The control thread holds a clone of every worker's listener sockets.
-        let mut reserve = f.workers as u64 * (FDS_PER_WORKER + 2 * listeners) + FDS_PROCESS;
+        // Per worker: one UDP socket per listen entry, a wildcard included (it tells the addresses
+        // apart with pktinfo), and the control thread's clone of each for replies; one TCP/TLS socket
+        // per address, a wildcard expanded to the host's interface addresses as `control::start` does.
+        let udp = f.listen.len() as u64;
+        let wildcard = |l: &[std::net::SocketAddr]| l.iter().any(|a| a.ip().is_unspecified());
+        let ifaddrs = if wildcard(&f.listen_tcp) || wildcard(&f.listen_tls) {
+            crate::sys::interface_addrs().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let streams_bound = (crate::sys::expand_wildcards(&f.listen_tcp, &ifaddrs).len()
+            + crate::sys::expand_wildcards(&f.listen_tls, &ifaddrs).len())
+            as u64;
+        let mut reserve =
+            f.workers as u64 * (FDS_PER_WORKER + 2 * udp + streams_bound) + FDS_PROCESS;
         if let Some(api) = &f.api {
             // Its listeners (the API's, `/metrics`'s own) and every connection they may hold at once:
             // both share the one `max_connections` budget.

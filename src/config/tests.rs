@@ -596,6 +596,40 @@ fn caps_are_fitted_under_the_open_file_limit() {
 }
 
 #[test]
+fn listener_sockets_count_after_wildcard_handling() {
+    let reserve = |listen: &str, extra: &str| {
+        let text = OPERATOR.replace("192.0.2.1:3478\"]", &format!("{listen}\"]"));
+        RelayConfig::from_toml(&format!("workers = 2\n{extra}\n{text}"))
+            .unwrap()
+            .fit_open_files(20_000)
+            .unwrap()
+            .reserve
+    };
+    // A UDP wildcard is one socket per worker (pktinfo tells its addresses apart), plus its clone.
+    let fixed_udp = reserve("192.0.2.1:3478", "");
+    assert_eq!(
+        reserve("0.0.0.0:3478", ""),
+        fixed_udp,
+        "one UDP socket per entry"
+    );
+    // A TCP wildcard is bound once per interface address of its family, in every worker.
+    let v4 = crate::sys::interface_addrs()
+        .unwrap()
+        .iter()
+        .filter(|ip| ip.is_ipv4())
+        .count() as u64;
+    let tcp = |a: &str| format!("listen_tcp = [\"{a}\"]");
+    assert_eq!(
+        reserve("192.0.2.1:3478", &tcp("0.0.0.0:3478")),
+        fixed_udp + 2 * v4
+    );
+    assert_eq!(
+        reserve("192.0.2.1:3478", &tcp("192.0.2.1:3478")),
+        fixed_udp + 2
+    );
+}
+
+#[test]
 fn the_apis_connections_count_in_the_open_file_budget() {
     const API: &str = "[api]\nlisten = \"127.0.0.1:8080\"\naccess_keys = [\"dHVybnBpa2UtdGVzdC1hY2Nlc3Mta2V5\"]\n\
                        revocations_database = \"/tmp/r.db\"\n";
