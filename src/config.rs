@@ -506,21 +506,20 @@ impl RelayConfig {
     /// logs it: an allocation beyond the cap gets 508, a connection beyond it is refused and counted,
     /// where running out of descriptors would fail accept, relay sockets and the database alike). An
     /// error when not even one allocation fits.
-    pub fn fit_open_files(&mut self, limit: u64) -> Result<OpenFiles, ConfigError> {
+    ///
+    /// `stream_sockets` is the number of TCP/TLS listener sockets each worker binds: one per
+    /// `listen_tcp`/`listen_tls` address, a wildcard expanded to the host's interface addresses as
+    /// `control::start` binds them (the caller expands them: this module does no I/O).
+    pub fn fit_open_files(
+        &mut self,
+        limit: u64,
+        stream_sockets: usize,
+    ) -> Result<OpenFiles, ConfigError> {
         let f = &self.fixed;
         // Per worker: one UDP socket per listen entry, a wildcard included (it tells the addresses
-        // apart with pktinfo), and the control thread's clone of each for replies; one TCP/TLS socket
-        // per address, a wildcard expanded to the host's interface addresses as `control::start` does.
+        // apart with pktinfo), and the control thread's clone of each for replies; the TCP/TLS sockets.
         let udp = f.listen.len() as u64;
-        let wildcard = |l: &[std::net::SocketAddr]| l.iter().any(|a| a.ip().is_unspecified());
-        let ifaddrs = if wildcard(&f.listen_tcp) || wildcard(&f.listen_tls) {
-            crate::sys::interface_addrs().unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        let streams_bound = (crate::sys::expand_wildcards(&f.listen_tcp, &ifaddrs).len()
-            + crate::sys::expand_wildcards(&f.listen_tls, &ifaddrs).len())
-            as u64;
+        let streams_bound = stream_sockets as u64;
         let mut reserve =
             f.workers as u64 * (FDS_PER_WORKER + 2 * udp + streams_bound) + FDS_PROCESS;
         if let Some(api) = &f.api {

@@ -756,7 +756,21 @@ fn fit_open_files(config: &mut RelayConfig) -> Result<(), turnpike::config::Conf
             return Ok(());
         }
     };
-    let fit = config.fit_open_files(limit)?;
+    // TCP/TLS wildcards are bound once per interface address (`control::start`); UDP ones once.
+    let f = &config.fixed;
+    let ifaddrs = if f
+        .listen_tcp
+        .iter()
+        .chain(&f.listen_tls)
+        .any(|a| a.ip().is_unspecified())
+    {
+        turnpike::sys::interface_addrs().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let stream_sockets = turnpike::sys::expand_wildcards(&f.listen_tcp, &ifaddrs).len()
+        + turnpike::sys::expand_wildcards(&f.listen_tls, &ifaddrs).len();
+    let fit = config.fit_open_files(limit, stream_sockets)?;
     if fit.lowered() {
         // Name only the caps that came down (streams.max_connections only with stream listeners).
         let lowered: Vec<String> = [
