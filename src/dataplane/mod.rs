@@ -351,6 +351,11 @@ impl ListenerMap {
         }
     }
 
+    /// Whether socket `socket` is bound to a wildcard address (and reads pktinfo).
+    pub fn is_wildcard(&self, socket: u16) -> bool {
+        matches!(self.sockets.get(usize::from(socket)), Some(None))
+    }
+
     /// The socket index and source address (`Some` on a wildcard socket) that `listener`'s datagrams
     /// leave from.
     #[inline]
@@ -524,6 +529,7 @@ mod tests {
         assert_eq!(map.socket(1), Some((0, ip("10.0.0.2"))));
         assert_eq!(map.socket(2), Some((1, None)));
         assert_eq!(map.socket(4), None);
+        assert!(map.is_wildcard(0) && !map.is_wildcard(1) && map.is_wildcard(2));
         assert!(ListenerMap::new(&sockets[1..2], &listeners[..1]).is_err());
     }
 }

@@ -146,8 +146,7 @@ pub(super) fn run<I: Io>(setup: WorkerSetup, mut io: I) -> io::Result<()> {
     } = setup;
     for (i, l) in listeners.into_iter().enumerate() {
         let socket = u16::try_from(i).map_err(io::Error::other)?;
-        let wildcard = listener_map.listener(socket, None).is_none();
-        io.register(l, Out::Listener(socket), wildcard)?;
+        io.register(l, Out::Listener(socket), listener_map.is_wildcard(socket))?;
     }
     let mut meta = vec![Datagram::default(); I::BATCH];
     let mut notes = Notes {
