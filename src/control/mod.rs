@@ -20,6 +20,7 @@
 //!
 //! May use: server, route, sys, dataplane, wire, auth, policy, config, budget.
 
+use std::cell::Cell;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex};
@@ -58,6 +59,9 @@ const CONTROL_QUEUE_BYTES: usize = 8 << 20;
 /// worker never waits for the control thread, so it always makes room); replies to stream clients are
 /// dropped and counted.
 const MAILBOX: usize = 4096;
+/// Control messages handled at most before the workers with queued mail are woken, when the control
+/// queue does not run empty first (see [`Worker::queue`]).
+const WAKE_EVERY: usize = 64;
 
 /// What the relay needs to start.
 #[derive(Debug, Clone)]
@@ -446,6 +450,7 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         handles.push(Worker {
             tx,
             wake,
+            wake_due: Cell::new(false),
             thread: Some(thread),
         });
         stats.push(worker_stats);
@@ -504,28 +509,57 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
 struct Worker {
     tx: Sender<WorkerMsg>,
     wake: Arc<EventFd>,
+    /// Mail was queued ([`Worker::queue`]) since the worker was last woken.
+    wake_due: Cell<bool>,
     thread: Option<JoinHandle<io::Result<()>>>,
 }
 
 impl Worker {
-    /// Queue a message that must arrive (a route update), waiting for room in the bounded mailbox. The
-    /// wait is short: the worker never waits for the control thread, and every message already queued
-    /// has rung its eventfd. A worker that has exited refuses at once.
+    /// Queue a message that must arrive and wake the worker now (stop, counter reports: the control
+    /// thread waits for what follows). Waits for room in the bounded mailbox; the wait is short, as in
+    /// [`Worker::queue`]. A worker that has exited refuses at once.
     fn send(&self, msg: WorkerMsg) {
+        self.queue(msg);
+        self.wake();
+    }
+
+    /// Queue a message that must arrive (a route update) and leave the wake-up for [`Worker::wake`],
+    /// which the control loop calls once its queue runs empty, or every [`WAKE_EVERY`] messages: one
+    /// eventfd write (and one worker wake-up, on a shared core one context switch) per burst of
+    /// requests instead of one per update. Order is kept without it: the worker drains its mailbox
+    /// after every receive and before it looks a datagram up, and an update is queued before the
+    /// response that announces it is sent. A full mailbox wakes the worker before waiting for room
+    /// (the worker never waits for the control thread, so it always makes room); a worker that has
+    /// exited refuses at once.
+    fn queue(&self, msg: WorkerMsg) {
+        let msg = match self.tx.try_send(msg) {
+            Ok(()) => return self.wake_due.set(true),
+            Err(TrySendError::Disconnected(_)) => return,
+            Err(TrySendError::Full(msg)) => msg,
+        };
+        let _ = self.wake.notify();
         if self.tx.send(msg).is_ok() {
-            let _ = self.wake.notify();
+            self.wake_due.set(true);
         }
     }
 
-    /// Queue a message that may be dropped (a reply to a stream client). False if the mailbox was full.
-    fn try_send(&self, msg: WorkerMsg) -> bool {
+    /// Queue a message that may be dropped (a reply to a stream client); woken like [`Worker::queue`].
+    /// False if the mailbox was full.
+    fn try_queue(&self, msg: WorkerMsg) -> bool {
         match self.tx.try_send(msg) {
             Ok(()) => {
-                let _ = self.wake.notify();
+                self.wake_due.set(true);
                 true
             }
             Err(TrySendError::Full(_)) => false,
             Err(TrySendError::Disconnected(_)) => true,
+        }
+    }
+
+    /// Ring the worker's eventfd if mail was queued since the last time.
+    fn wake(&self) {
+        if self.wake_due.replace(false) {
+            let _ = self.wake.notify();
         }
     }
 }
@@ -623,7 +657,7 @@ impl Plane for Workers {
     fn add_relay(&mut self, worker: usize, socket: UdpSocket, update: RouteUpdate) {
         self.xdp.apply(worker, &update);
         if let Some(w) = self.workers.get(worker) {
-            w.send(WorkerMsg::AddRelay { socket, update });
+            w.queue(WorkerMsg::AddRelay { socket, update });
         }
     }
 
@@ -632,7 +666,7 @@ impl Plane for Workers {
     fn route(&mut self, worker: usize, update: RouteUpdate) -> Option<(AllocationId, Counters)> {
         let metered = self.xdp.apply(worker, &update);
         if let Some(w) = self.workers.get(worker) {
-            w.send(WorkerMsg::Route(update));
+            w.queue(WorkerMsg::Route(update));
         }
         metered
     }
@@ -671,7 +705,7 @@ impl Plane for Workers {
             client,
             bytes: payload.to_vec(),
         };
-        self.workers.get(worker).is_some_and(|w| w.try_send(msg))
+        self.workers.get(worker).is_some_and(|w| w.try_queue(msg))
     }
 }
 
@@ -702,6 +736,8 @@ pub struct UsageRecord {
 
 impl Control {
     fn run(mut self, rx: Receiver<ToControl>) -> io::Result<()> {
+        // Messages handled since the workers were last woken.
+        let mut unwoken = 0usize;
         loop {
             let now = Instant::now();
             let deadline = [self.server.poll_timeout(), self.drain_deadline]
@@ -713,6 +749,14 @@ impl Control {
                 None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             let now = Instant::now();
+            // `recv_timeout` hands out queued messages before it reports a timeout: a queue that never
+            // runs empty (a flood of requests) must not starve the timers or the end of a drain.
+            if msg.is_ok() && deadline.is_some_and(|d| d <= now) {
+                if self.drain_deadline.is_some_and(|d| d <= now) {
+                    return self.stop(&rx);
+                }
+                self.server.handle_timeout(now);
+            }
             match msg {
                 Ok(ToControl::Stun {
                     worker,
@@ -766,6 +810,13 @@ impl Control {
                 }
             }
             self.exec.pump(&mut self.server, now);
+            unwoken += 1;
+            if unwoken >= WAKE_EVERY || rx.is_empty() {
+                unwoken = 0;
+                for w in &self.exec.plane.workers {
+                    w.wake();
+                }
+            }
         }
     }
 
@@ -878,5 +929,82 @@ mod worker_exit_tests {
                 error: None
             }
         ));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod mailbox_tests {
+    use super::*;
+    use mio::unix::SourceFd;
+    use mio::{Events, Interest, Poll, Token};
+
+    /// A worker handle over a mailbox of `cap` messages, and a poller that sees its eventfd ring.
+    fn worker(cap: usize) -> (Worker, Receiver<WorkerMsg>, Poll) {
+        let (tx, rx) = bounded(cap);
+        let wake = Arc::new(EventFd::new().unwrap());
+        let poll = Poll::new().unwrap();
+        poll.registry()
+            .register(
+                &mut SourceFd(&wake.as_raw_fd()),
+                Token(0),
+                Interest::READABLE,
+            )
+            .unwrap();
+        let w = Worker {
+            tx,
+            wake,
+            wake_due: Cell::new(false),
+            thread: None,
+        };
+        (w, rx, poll)
+    }
+
+    fn rang(poll: &mut Poll, w: &Worker) -> bool {
+        let mut events = Events::with_capacity(4);
+        poll.poll(&mut events, Some(Duration::ZERO)).unwrap();
+        let rang = !events.is_empty();
+        w.wake.drain();
+        rang
+    }
+
+    #[test]
+    fn queued_mail_rings_once_when_woken_and_send_rings_at_once() {
+        let (w, rx, mut poll) = worker(16);
+        w.queue(WorkerMsg::Route(RouteUpdate::ReportCounters));
+        w.queue(WorkerMsg::Route(RouteUpdate::ReportCounters));
+        assert!(!rang(&mut poll, &w), "queue defers the wake-up");
+        w.wake();
+        assert!(rang(&mut poll, &w), "wake rings for the queued mail");
+        w.wake();
+        assert!(!rang(&mut poll, &w), "nothing queued since: no second ring");
+        w.send(WorkerMsg::Stop);
+        assert!(rang(&mut poll, &w), "send rings at once");
+        assert_eq!(rx.try_iter().count(), 3, "every message arrived");
+    }
+
+    #[test]
+    fn a_full_mailbox_wakes_the_worker_before_waiting_for_room() {
+        // Mail queued without a wake-up fills the mailbox; the next message must ring the eventfd
+        // before it waits, or a worker asleep in its poll would never make room.
+        let (w, rx, mut poll) = worker(1);
+        let drained = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut events = Events::with_capacity(4);
+            let mut got = 0;
+            while got < 2 && Instant::now() < deadline {
+                poll.poll(&mut events, Some(Duration::from_millis(100)))
+                    .unwrap();
+                if !events.is_empty() {
+                    got += rx.try_iter().count();
+                }
+            }
+            got
+        });
+        w.queue(WorkerMsg::Route(RouteUpdate::ReportCounters));
+        w.queue(WorkerMsg::Route(RouteUpdate::ReportCounters));
+        // The second message waits for room until the woken "worker" drained the first one.
+        w.wake();
+        assert_eq!(drained.join().unwrap(), 2);
     }
 }
