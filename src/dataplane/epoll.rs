@@ -312,7 +312,7 @@ mod tests {
         let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
         peer.send_to(b"early", addr).unwrap();
         let id = RelayId(3);
-        io.register(relay, Out::Relay(id)).unwrap();
+        io.register(relay, Out::Relay(id), false).unwrap();
         let mut meta = vec![Datagram::default(); BATCH];
         let mut notes = Notes {
             streams: false,
