@@ -58,6 +58,13 @@ if ! command -v clang >/dev/null 2>&1 || ! command -v llc >/dev/null 2>&1 ||
     clang llvm libbpf-dev linux-libc-dev ethtool iproute2 >/dev/null
 fi
 # --- end of the XDP block ---
+# 1:1 NAT test (tests/e2e_nat.rs, issue 15): the nft binary loads a DNAT/SNAT rule into a test namespace.
+if ! command -v nft >/dev/null 2>&1; then
+  echo "== installing nftables (NAT test)"
+  ${SUDO:-} env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  ${SUDO:-} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nftables >/dev/null
+fi
+# --- end of the NAT block ---
 # Packaging and monitoring tests (tests/package.rs, tests/monitoring.rs, issue 15): cargo-deb (crates.io;
 # pinned: the tests package the debug binary with --profile dev, which later versions may refuse),
 # systemd-analyze (Debian's systemd; PID 1 need not be systemd), prometheus and promtool (Debian).

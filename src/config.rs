@@ -484,7 +484,8 @@ impl Fixed {
 pub struct OpenFiles {
     /// The soft open-file limit in force.
     pub limit: u64,
-    /// Descriptors kept for everything but relay sockets and stream connections: listeners and their
+    /// Descriptors kept for everything but relay sockets and stream connections: listeners (one UDP
+    /// socket per `listen` entry, wildcards included; one TCP/TLS socket per address) and the UDP ones'
     /// clones, rings, epoll and eventfds per worker, the API's listeners and its
     /// `api.limits.max_connections`, the database, stdio.
     pub reserve: u64,
@@ -515,11 +516,22 @@ impl RelayConfig {
     /// logs it: an allocation beyond the cap gets 508, a connection beyond it is refused and counted,
     /// where running out of descriptors would fail accept, relay sockets and the database alike). An
     /// error when not even one allocation fits.
-    pub fn fit_open_files(&mut self, limit: u64) -> Result<OpenFiles, ConfigError> {
+    ///
+    /// `stream_sockets` is the number of TCP/TLS listener sockets each worker binds: one per
+    /// `listen_tcp`/`listen_tls` address, a wildcard expanded to the host's interface addresses as
+    /// `control::start` binds them (the caller expands them: this module does no I/O).
+    pub fn fit_open_files(
+        &mut self,
+        limit: u64,
+        stream_sockets: usize,
+    ) -> Result<OpenFiles, ConfigError> {
         let f = &self.fixed;
-        let listeners = (f.listen.len() + f.listen_tcp.len() + f.listen_tls.len()) as u64;
-        // The control thread holds a clone of every worker's listener sockets.
-        let mut reserve = f.workers as u64 * (FDS_PER_WORKER + 2 * listeners) + FDS_PROCESS;
+        // Per worker: one UDP socket per listen entry, a wildcard included (it tells the addresses
+        // apart with pktinfo), and the control thread's clone of each for replies; the TCP/TLS sockets.
+        let udp = f.listen.len() as u64;
+        let streams_bound = stream_sockets as u64;
+        let mut reserve =
+            f.workers as u64 * (FDS_PER_WORKER + 2 * udp + streams_bound) + FDS_PROCESS;
         if let Some(api) = &f.api {
             // Its listeners (the API's, `/metrics`'s own) and every connection they may hold at once:
             // both share the one `max_connections` budget.

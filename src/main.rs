@@ -780,17 +780,37 @@ fn fit_open_files(config: &mut RelayConfig) -> Result<(), turnpike::config::Conf
             return Ok(());
         }
     };
-    let fit = config.fit_open_files(limit)?;
+    // TCP/TLS wildcards are bound once per interface address (`control::start`); UDP ones once.
+    let f = &config.fixed;
+    let ifaddrs = if f
+        .listen_tcp
+        .iter()
+        .chain(&f.listen_tls)
+        .any(|a| a.ip().is_unspecified())
+    {
+        turnpike::sys::interface_addrs().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let stream_sockets = turnpike::sys::expand_wildcards(&f.listen_tcp, &ifaddrs).len()
+        + turnpike::sys::expand_wildcards(&f.listen_tls, &ifaddrs).len();
+    let fit = config.fit_open_files(limit, stream_sockets)?;
     if fit.lowered() {
+        // Name only the caps that came down (streams.max_connections only with stream listeners).
+        let lowered: Vec<String> = [
+            ("quotas.max_allocations", fit.configured.0, fit.fitted.0),
+            ("streams.max_connections", fit.configured.1, fit.fitted.1),
+        ]
+        .iter()
+        .filter(|(_, was, now)| was != now)
+        .map(|(key, was, now)| format!("{key} {was} lowered to {now}"))
+        .collect();
         tracing::warn!(
-            "the open-file limit (RLIMIT_NOFILE) is {limit}: quotas.max_allocations {} and \
-             streams.max_connections {} do not fit beside the {} descriptors the relay keeps; lowered to \
-             {} and {}. Raise the limit (LimitNOFILE= in the systemd unit, ulimit -n) or lower the caps.",
-            fit.configured.0,
-            fit.configured.1,
+            "the open-file limit (RLIMIT_NOFILE) is {limit}, and the relay keeps {} descriptors beside \
+             its relay sockets and connections: {}. Raise the limit (LimitNOFILE= in the systemd unit, \
+             ulimit -n) or lower the cap.",
             fit.reserve,
-            fit.fitted.0,
-            fit.fitted.1,
+            lowered.join(", "),
         );
     }
     Ok(())

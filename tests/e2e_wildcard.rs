@@ -114,3 +114,71 @@ fn in_namespace(backend: turnpike::dataplane::BackendKind, port: u16, base: u16)
     }
     relay.stop().unwrap();
 }
+
+const CLIENT_V6: &str = "2001:db8::1";
+/// The relay side's two IPv6 addresses on one interface.
+const LISTEN_V6_A: &str = "2001:db8::2";
+const LISTEN_V6_B: &str = "2001:db8:1::10";
+
+/// The same over IPv6: `[::]:port` answers Binding and Allocate, and relays peer data, from whichever
+/// of the interface's two IPv6 addresses the client sent to.
+#[test]
+fn an_ipv6_wildcard_listener_answers_from_the_address_the_client_used() {
+    let name = format!("tp-wild6-{}", std::process::id());
+    let Some(ns) = Netns::with_veth_pair(
+        &name,
+        &["198.18.0.1/15"],
+        &["198.18.0.2/15", "203.0.114.10/32"],
+    ) else {
+        return;
+    };
+    ns.add_v6_nodad("tpv0", &["2001:db8::1/64"]);
+    ns.add_v6_nodad("tpv1", &["2001:db8::2/64", "2001:db8:1::10/128"]);
+    let name = ns.0.clone();
+    std::thread::spawn(move || {
+        turnpike::sys::enter_netns(&name).unwrap();
+        for (i, backend) in backends().into_iter().enumerate() {
+            in_namespace_v6(backend, 3478 + i as u16, 40000 + 1000 * i as u16);
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+fn in_namespace_v6(backend: turnpike::dataplane::BackendKind, port: u16, base: u16) {
+    let mut s = settings(backend, 2, base);
+    s.server.relay_ips = vec![LISTEN_B.parse().unwrap()];
+    s.server.peer_policy = PeerPolicy::new().with_allow(vec!["198.18.0.0/15".parse().unwrap()]);
+    s.listen = vec![SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))];
+    let relay = start(s);
+    let at = |ip: &str| SocketAddr::new(ip.parse().unwrap(), port);
+    let peer = peer_on(CLIENT_IP.parse().unwrap());
+    let peer_addr = peer.local_addr().unwrap();
+    for server in [at(LISTEN_V6_A), at(LISTEN_V6_B)] {
+        // `Client::recv` asserts that every datagram comes from `server`.
+        let mut c = Client::new_on(CLIENT_V6, server, "alice", "alice-pass");
+        let binding = c.transact(Method::BINDING, &[], false);
+        let m = Message::parse(&binding).unwrap();
+        assert_eq!(
+            m.attrs.xor_mapped_address,
+            Some(c.local()),
+            "{backend:?} via {server}"
+        );
+        let relayed = c.allocate();
+        assert_eq!(relayed.ip().to_string(), LISTEN_B);
+        c.permit(peer_addr);
+        c.send_indication(peer_addr, b"out6");
+        let mut buf = [0u8; 64];
+        let (len, from) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..len], from), (&b"out6"[..], relayed));
+        peer.send_to(b"back6", relayed).unwrap();
+        let m = c.recv();
+        let m = Message::parse(&m).unwrap();
+        assert_eq!(
+            m.attrs.data,
+            Some(&b"back6"[..]),
+            "{backend:?} via {server}"
+        );
+    }
+    relay.stop().unwrap();
+}

@@ -278,3 +278,228 @@ fn reload_gives_the_workers_binding_answers_the_new_challenge_rate() {
     drop(relay);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `turnutils_peer` on 127.0.0.1:`port` (an explicit allow opens the relay's own address outside its
+/// service ports and relay range), killed when dropped.
+struct Tool(Child);
+
+impl Drop for Tool {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{tool} is needed in CI (Debian package coturn)"
+        );
+        eprintln!("SKIPPED: {tool} not installed");
+    }
+    found
+}
+
+/// Wait for `child` at most `limit`, then kill it; its output.
+fn bounded_output(mut child: Child, limit: Duration) -> std::process::Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    child.wait_with_output().unwrap()
+}
+
+/// Issue 15, "reload under traffic": uclient (channels, a static user) and the project's generator
+/// (its own user, its echo peer) relay for about 20 s while a reload rotates the REST secret (one
+/// removed, one kept, one added), removes a user, adds another, and denies one peer. Neither loses a
+/// packet; a credential of the removed secret and the removed user get 401 on their next request, one
+/// of the kept secret keeps working, and the denied peer's channel stops relaying.
+#[test]
+fn reload_under_traffic_loses_nothing_on_the_allocations_that_stay_valid() {
+    if !have("turnutils_uclient") || !have("turnutils_peer") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("turnpike-reload-load-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (udp, api, peer_port) = (free_udp_port(), free_port(), free_udp_port());
+    let path = dir.join("turnpike.toml");
+    let users = "[[users]]\nname = \"bench\"\npassword = \"bench-pass\"\n";
+    let before = format!(
+        "{users}[[users]]\nname = \"carol\"\npassword = \"carol-pass\"\n\
+         [rest]\nsecrets = [\"old-secret\", \"kept-secret\"]\n{PEERS}"
+    );
+    let after = format!(
+        "{users}[[users]]\nname = \"dave\"\npassword = \"dave-pass\"\n\
+         [rest]\nsecrets = [\"new-secret\", \"kept-secret\"]\n{PEERS}deny = [\"127.0.0.3/32\"]\n"
+    );
+    // coturn's turnutils_uclient picks channel numbers up to 0x7FFF (RFC 5766).
+    let file = |extra: &str| {
+        format!(
+            "legacy_channel_numbers = true\n{}",
+            config(&dir, udp, api, 2, extra)
+        )
+    };
+    std::fs::write(&path, file(&before)).unwrap();
+    let log = dir.join("stdout");
+    let relay = Relay::start(&path, &log, api);
+    let server: SocketAddr = format!("127.0.0.1:{udp}").parse().unwrap();
+
+    // The clients whose fate the reload decides, allocated before it.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mint = |secret: &str, id: &str| {
+        turnpike::auth::RestSecrets::new(vec![secret.as_bytes().to_vec()])
+            .mint(id, now, 600)
+            .unwrap()
+    };
+    let (old, kept) = (
+        mint("old-secret", "olduser"),
+        mint("kept-secret", "keptuser"),
+    );
+    let mut old_c = Client::new(server, &old.username, &old.password);
+    let mut kept_c = Client::new(server, &kept.username, &kept.password);
+    let mut carol = Client::new(server, "carol", "carol-pass");
+    for c in [&mut old_c, &mut kept_c, &mut carol] {
+        c.allocate();
+    }
+    let denied = common::peer_on("127.0.0.3".parse().unwrap());
+    let allowed = common::peer_on("127.0.0.2".parse().unwrap());
+    kept_c.bind(0x4000, denied.local_addr().unwrap());
+    kept_c.bind(0x4001, allowed.local_addr().unwrap());
+    assert_eq!(relayed(&kept_c, &denied, 0x4000, 5), 5);
+
+    // The traffic: turnutils_peer echoes for uclient, the generator brings its own echo peer (on
+    // 127.0.0.5, which the allow opens and the new deny does not touch).
+    let _peer = Tool(
+        Command::new("turnutils_peer")
+            .args(["-L", "127.0.0.1", "-p", &peer_port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let bench = Command::new(env!("CARGO_BIN_EXE_turnpike-bench"))
+        .args(["--server", &server.to_string(), "--json", "-q"])
+        .args([
+            "--user",
+            "bench",
+            "--password",
+            "bench-pass",
+            "--clients",
+            "4",
+        ])
+        .args([
+            "--rate",
+            "1000",
+            "--duration",
+            "20",
+            "--echo",
+            "127.0.0.5:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // uclient: 2 clients, 400 messages each over channels, from alice (a user both files keep).
+    let mut uclient = Command::new("turnutils_uclient")
+        .args(["-u", "alice", "-w", "alice-pass", "-e", "127.0.0.1"])
+        .args(["-r", &peer_port.to_string(), "-p", &udp.to_string()])
+        .args(["-n", "400", "-m", "2", "-l", "160", "127.0.0.1"])
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // A few seconds into the traffic: the reload.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        uclient.try_wait().unwrap().is_none(),
+        "uclient still relays when the reload comes"
+    );
+    std::fs::write(&path, file(&after)).unwrap();
+    reload(&path, None);
+    let text = || std::fs::read_to_string(&log).unwrap();
+    wait_for("the reload in the log", || {
+        text().contains("configuration reloaded")
+    });
+
+    // The removed secret's credential and the removed user: 401 on the next request.
+    for (who, c) in [("old secret", &mut old_c), ("removed user", &mut carol)] {
+        let r = c.authed(turnpike::wire::Method::REFRESH, &[]);
+        assert_eq!(Client::error_code(&r), Some(401), "{who}");
+    }
+    // The kept secret's credential works, its allowed peer relays, its denied peer's channel stops.
+    let r = kept_c.authed(turnpike::wire::Method::REFRESH, &[]);
+    assert_eq!(Client::error_code(&r), None, "kept secret");
+    assert_eq!(
+        relayed(&kept_c, &denied, 0x4000, 3),
+        0,
+        "denied peer cut off"
+    );
+    assert_eq!(
+        relayed(&kept_c, &allowed, 0x4001, 5),
+        5,
+        "allowed peer relays"
+    );
+    // A credential of the new secret and the new user allocate.
+    let new = mint("new-secret", "newuser");
+    Client::new(server, &new.username, &new.password).allocate();
+    Client::new(server, "dave", "dave-pass").allocate();
+
+    let out = bounded_output(bench, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "turnpike-bench: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let step = &v["steps"][0];
+    let (sent, received) = (
+        step["sent"].as_u64().unwrap(),
+        step["received"].as_u64().unwrap(),
+    );
+    eprintln!("generator: {sent} sent, {received} echoed through the relay");
+    assert!(sent > 10_000, "the generator ran: {step}");
+    assert_eq!(
+        received, sent,
+        "the generator lost packets across the reload: {step}"
+    );
+
+    let out = bounded_output(uclient, Duration::from_secs(60));
+    let text_out =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "uclient: {text_out}");
+    let lost = text_out
+        .lines()
+        .rev()
+        .find_map(|l| l.split("Total lost packets ").nth(1))
+        .and_then(|rest| rest.split(|ch: char| !ch.is_ascii_digit()).next())
+        .and_then(|d| d.parse::<u64>().ok());
+    assert_eq!(
+        lost,
+        Some(0),
+        "uclient lost packets across the reload: {text_out}"
+    );
+    let totals = text_out
+        .lines()
+        .rev()
+        .find(|l| l.contains("tot_send_msgs="));
+    eprintln!("uclient: {}", totals.unwrap_or("no totals line"));
+    assert!(
+        totals.is_some_and(|l| !l.contains("tot_recv_msgs=0,")),
+        "{text_out}"
+    );
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&dir);
+}

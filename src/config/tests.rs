@@ -567,7 +567,7 @@ fn durations_and_sizes_are_bounded() {
 fn caps_are_fitted_under_the_open_file_limit() {
     // UDP only: the allocations take what is left beside the reserve.
     let mut c = RelayConfig::from_toml(&operator_with("workers = 2")).unwrap();
-    let fit = c.fit_open_files(20_000).unwrap();
+    let fit = c.fit_open_files(20_000, 0).unwrap();
     assert_eq!(fit.reserve, 2 * (8 + 2) + 128);
     assert_eq!(fit.configured, (100_000, 10_000));
     assert_eq!(fit.fitted, (20_000 - 148, 10_000), "no stream listeners");
@@ -580,7 +580,7 @@ fn caps_are_fitted_under_the_open_file_limit() {
         "workers = 1\nlisten_tcp = [\"192.0.2.1:3478\"]\nquotas.max_allocations = 30000",
     ))
     .unwrap();
-    let fit = c.fit_open_files(10_000).unwrap();
+    let fit = c.fit_open_files(10_000, 1).unwrap();
     let available = 10_000 - fit.reserve;
     assert_eq!(fit.fitted.0 + fit.fitted.1, available as usize);
     assert_eq!(fit.fitted.0, (available * 3 / 4) as usize);
@@ -589,10 +589,31 @@ fn caps_are_fitted_under_the_open_file_limit() {
     // Caps that fit are left alone; a limit below the reserve is an error naming the key and limit.
     let mut c =
         RelayConfig::from_toml(&operator_with("workers = 1\nquotas.max_allocations = 10")).unwrap();
-    assert!(!c.fit_open_files(1024).unwrap().lowered());
-    let e = c.fit_open_files(64).unwrap_err();
+    assert!(!c.fit_open_files(1024, 0).unwrap().lowered());
+    let e = c.fit_open_files(64, 0).unwrap_err();
     assert_eq!(e.key, "quotas.max_allocations");
     assert!(e.problem.contains("RLIMIT_NOFILE) is 64"), "{e}");
+}
+
+#[test]
+fn listener_sockets_count_after_wildcard_handling() {
+    let reserve = |listen: &str, stream_sockets: usize| {
+        let text = OPERATOR.replace("192.0.2.1:3478\"]", &format!("{listen}\"]"));
+        RelayConfig::from_toml(&format!("workers = 2\n{text}"))
+            .unwrap()
+            .fit_open_files(20_000, stream_sockets)
+            .unwrap()
+            .reserve
+    };
+    // A UDP wildcard is one socket per worker (pktinfo tells its addresses apart), plus its clone.
+    let fixed_udp = reserve("192.0.2.1:3478", 0);
+    assert_eq!(
+        reserve("0.0.0.0:3478", 0),
+        fixed_udp,
+        "one UDP socket per entry"
+    );
+    // Each TCP/TLS socket (a wildcard expanded by the caller) is one per worker, with no clone.
+    assert_eq!(reserve("192.0.2.1:3478", 3), fixed_udp + 2 * 3);
 }
 
 #[test]
@@ -601,14 +622,14 @@ fn the_apis_connections_count_in_the_open_file_budget() {
                        revocations_database = \"/tmp/r.db\"\n";
     let udp_only = RelayConfig::from_toml(&operator_with("workers = 2"))
         .unwrap()
-        .fit_open_files(20_000)
+        .fit_open_files(20_000, 0)
         .unwrap();
     // Its listener and every connection `api.limits.max_connections` lets it hold.
     let mut c = RelayConfig::from_toml(&format!(
         "workers = 2\n{OPERATOR}{API}[api.limits]\nmax_connections = 5000\n"
     ))
     .unwrap();
-    let fit = c.fit_open_files(20_000).unwrap();
+    let fit = c.fit_open_files(20_000, 0).unwrap();
     assert_eq!(fit.reserve, udp_only.reserve + 1 + 5000);
     assert_eq!(fit.fitted.0, 20_000 - fit.reserve as usize);
     assert_eq!(c.live.quotas.max_allocations, fit.fitted.0);
@@ -619,7 +640,7 @@ fn the_apis_connections_count_in_the_open_file_budget() {
     ))
     .unwrap();
     assert_eq!(
-        c.fit_open_files(20_000).unwrap().reserve,
+        c.fit_open_files(20_000, 0).unwrap().reserve,
         udp_only.reserve + 2 + 5000
     );
     // An API that alone takes the whole limit: not even one allocation fits, and the error says
@@ -628,7 +649,7 @@ fn the_apis_connections_count_in_the_open_file_budget() {
         "workers = 2\n{OPERATOR}{API}[api.limits]\nmax_connections = 20000\n"
     ))
     .unwrap();
-    let e = c.fit_open_files(20_000).unwrap_err();
+    let e = c.fit_open_files(20_000, 0).unwrap_err();
     assert!(e.problem.contains("api.limits.max_connections"), "{e}");
 }
 

@@ -522,8 +522,9 @@ fn listen_addrs(name: &str, list: &[String]) -> Result<Vec<SocketAddr>, ConfigEr
                 format!("{s:?} is not an IP:port address (e.g. \"192.0.2.1:3478\" or \"[2001:db8::1]:3478\")"),
             )
         })?;
-        // A wildcard ("0.0.0.0", "[::]") listens on every interface address of its family, one
-        // socket each (`sys::expand_wildcards`), so replies leave from the address the client used.
+        // A wildcard ("0.0.0.0", "[::]") listens on every interface address of its family: over UDP
+        // one socket with pktinfo (`dataplane::ListenerMap`), so replies leave from the address the
+        // client used; over TCP/TLS one socket per address (`sys::expand_wildcards`).
         if addr.port() == 0 {
             return Err(ConfigError::new(
                 key,

@@ -244,8 +244,10 @@ impl Drop for RelayHandle {
 }
 
 /// Listen addresses with each wildcard replaced by the host's interface addresses of its family
-/// ([`sys::expand_wildcards`]): replies leave from the address the client sent to, and its 5-tuple
-/// names it. An error if a wildcard finds no address to bind.
+/// ([`sys::expand_wildcards`]): the listeners a client can send to, one [`ListenerId`] each, and the
+/// local address of its 5-tuple. A UDP wildcard is still served by one socket per worker (with
+/// pktinfo, see [`dataplane::ListenerMap`]); a TCP/TLS one is bound per address. An error if a wildcard
+/// finds no address.
 fn expand_wildcards(listen: &[SocketAddr]) -> io::Result<Vec<SocketAddr>> {
     if !listen.iter().any(|a| a.ip().is_unspecified()) {
         return Ok(listen.to_vec());
@@ -289,19 +291,42 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
             ));
         }
     }
-    // Worker 0 binds first so that a port 0 resolves once and the others share it.
+    // One socket per listen entry and worker, a wildcard one with pktinfo; one listener id per address
+    // clients can send to. Worker 0 binds first so that a port 0 resolves once and the others share it.
     let mut listen = expand_wildcards(&settings.listen)?;
+    let mut bound: Vec<SocketAddr> = Vec::with_capacity(settings.listen.len());
+    for a in &settings.listen {
+        if !bound.contains(a) {
+            bound.push(*a);
+        }
+    }
     let mut sockets: Vec<Vec<UdpSocket>> = Vec::with_capacity(workers);
     for _ in 0..workers {
-        let mut mine = Vec::with_capacity(listen.len());
-        for addr in listen.iter_mut() {
+        let mut mine = Vec::with_capacity(bound.len());
+        for addr in bound.iter_mut() {
             let s = sys::bind_udp(*addr, opts)
                 .map_err(|e| io::Error::new(e.kind(), format!("listen {addr}: {e}")))?;
-            *addr = s.local_addr()?;
+            if addr.ip().is_unspecified() {
+                sys::set_pktinfo(&s, addr.is_ipv4()).map_err(|e| {
+                    io::Error::new(e.kind(), format!("listen {addr}: pktinfo: {e}"))
+                })?;
+            }
+            let local = s.local_addr()?;
+            if addr.port() == 0 {
+                for l in listen.iter_mut().filter(|l| {
+                    l.port() == 0
+                        && l.is_ipv4() == addr.is_ipv4()
+                        && (l.ip() == addr.ip() || addr.ip().is_unspecified())
+                }) {
+                    l.set_port(local.port());
+                }
+            }
+            *addr = local;
             mine.push(s);
         }
         sockets.push(mine);
     }
+    let listener_map = dataplane::ListenerMap::new(&bound, &listen)?;
     // Stream listeners get the ids after the UDP listeners': TCP, then TLS.
     let stream = &settings.stream;
     if !stream.listen_tls.is_empty() && stream.tls.is_none() {
@@ -405,6 +430,7 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
                 }
             },
             listeners: mine,
+            listener_map: listener_map.clone(),
             streams: Streams::new(
                 tcp,
                 first_stream,
@@ -442,6 +468,7 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         xdp,
         workers: handles,
         replies,
+        listener_map,
         relay_opts: UdpOptions {
             reuse_port: false,
             recv_buffer: settings.recv_buffer,
@@ -609,8 +636,10 @@ struct Workers {
     /// The XDP maps, programmed by the same route updates as the workers (before them).
     xdp: crate::xdp::Mirror,
     workers: Vec<Worker>,
-    /// `replies[worker][listener]`: clones of each worker's listener sockets.
+    /// `replies[worker][socket]`: clones of each worker's listener sockets.
     replies: Vec<Vec<UdpSocket>>,
+    /// Which socket and source address each listener's replies leave from.
+    listener_map: dataplane::ListenerMap,
     relay_opts: UdpOptions,
 }
 
@@ -647,14 +676,27 @@ impl Plane for Workers {
     }
 
     fn reply_udp(&mut self, worker: usize, listener: usize, to: FiveTuple, payload: &[u8]) {
+        let Some((socket, src)) = ListenerId::try_from(listener)
+            .ok()
+            .and_then(|l| self.listener_map.socket(l))
+        else {
+            return;
+        };
+        let socket = usize::from(socket);
         // A lost worker's sockets are closed: any other worker's socket on the listener will do.
         let sock = self
             .replies
             .get(worker)
-            .and_then(|w| w.get(listener))
-            .or_else(|| self.replies.iter().find_map(|w| w.get(listener)));
+            .and_then(|w| w.get(socket))
+            .or_else(|| self.replies.iter().find_map(|w| w.get(socket)));
         if let Some(sock) = sock {
-            let _ = sock.send_to(payload, to.client);
+            // From the address the client sent to (a wildcard socket names it per datagram).
+            sys::mmsg::send_batch_from(
+                std::os::fd::AsRawFd::as_raw_fd(sock),
+                &[(to.client, payload)],
+                src,
+                |_, _| {},
+            );
         }
     }
 

@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -25,7 +25,7 @@ use mio::{Events, Interest, Poll, Token};
 use super::worker::{send_error, Bill, Datagram, Io, Notes, Sent};
 use super::{Drop, Out, WorkerSetup, BATCH, HEADROOM, SLOT};
 use crate::route::RelayId;
-use crate::sys::mmsg::{recv_batch, send_batch, RecvMeta, MAX_BATCH};
+use crate::sys::mmsg::{recv_batch, recv_batch_pktinfo, send_batch_from, RecvMeta, MAX_BATCH};
 use crate::sys::EventFd;
 
 const WAKE: Token = Token(usize::MAX);
@@ -46,7 +46,8 @@ pub(super) struct Epoll {
     events: Events,
     /// The worker's eventfd.
     wake: Arc<EventFd>,
-    listeners: Vec<UdpSocket>,
+    /// Listener sockets by index, and whether each reads pktinfo (bound to a wildcard address).
+    listeners: Vec<(UdpSocket, bool)>,
     relays: HashMap<RelayId, UdpSocket>,
     /// Sockets that may still hold datagrams.
     hot: VecDeque<Token>,
@@ -57,8 +58,8 @@ pub(super) struct Epoll {
     /// `BATCH` slots of `SLOT` bytes.
     slab: Vec<u8>,
     recv_meta: [RecvMeta; BATCH],
-    /// Forwards of the current batch: (socket, destination, slab offset, length, bill).
-    pending: Vec<(Out, SocketAddr, usize, usize, Bill)>,
+    /// Forwards of the current batch: (socket, source address, destination, slab offset, length, bill).
+    pending: Vec<(Out, Option<IpAddr>, SocketAddr, usize, usize, Bill)>,
 }
 
 impl Epoll {
@@ -86,7 +87,7 @@ impl Epoll {
 
     fn fd(&self, out: Out) -> Option<RawFd> {
         match out {
-            Out::Listener(l) => self.listeners.get(usize::from(l)).map(AsRawFd::as_raw_fd),
+            Out::Listener(l) => self.listeners.get(usize::from(l)).map(|s| s.0.as_raw_fd()),
             Out::Relay(r) => self.relays.get(&r).map(AsRawFd::as_raw_fd),
         }
     }
@@ -94,19 +95,24 @@ impl Epoll {
     /// One `recvmmsg` on the socket of `token`: its source, how many datagrams arrived, and whether more
     /// may be waiting. `Ok(None)` if the socket is gone.
     fn recv_one(&mut self, token: Token) -> io::Result<Option<(Out, usize, bool)>> {
-        let (fd, source) = if token.0 < RELAY_BASE {
-            let Some(l) = self.listeners.get(token.0) else {
+        let (fd, source, pktinfo) = if token.0 < RELAY_BASE {
+            let Some((l, pktinfo)) = self.listeners.get(token.0) else {
                 return Ok(None);
             };
-            (l.as_raw_fd(), Out::Listener(token.0 as u16))
+            (l.as_raw_fd(), Out::Listener(token.0 as u16), *pktinfo)
         } else {
             let id = RelayId((token.0 - RELAY_BASE) as u32);
             let Some(s) = self.relays.get(&id) else {
                 return Ok(None);
             };
-            (s.as_raw_fd(), Out::Relay(id))
+            (s.as_raw_fd(), Out::Relay(id), false)
         };
-        match recv_batch(fd, &mut self.slab, SLOT, HEADROOM, &mut self.recv_meta) {
+        let recv = if pktinfo {
+            recv_batch_pktinfo
+        } else {
+            recv_batch
+        };
+        match recv(fd, &mut self.slab, SLOT, HEADROOM, &mut self.recv_meta) {
             Ok(n) => Ok(Some((source, n, n == BATCH))),
             // ICMP errors surface as recv errors on UDP sockets; they concern one earlier send only.
             Err(e)
@@ -127,7 +133,7 @@ impl Io for Epoll {
     /// One flush reports each datagram of the batch once.
     const MAX_SENT: usize = BATCH;
 
-    fn register(&mut self, socket: UdpSocket, source: Out) -> io::Result<()> {
+    fn register(&mut self, socket: UdpSocket, source: Out, pktinfo: bool) -> io::Result<()> {
         let token = match source {
             Out::Listener(l) => Token(usize::from(l)),
             Out::Relay(id) => Token(RELAY_BASE + id.0 as usize),
@@ -143,7 +149,7 @@ impl Io for Epoll {
         match source {
             Out::Listener(l) => {
                 debug_assert_eq!(usize::from(l), self.listeners.len());
-                self.listeners.push(socket);
+                self.listeners.push((socket, pktinfo));
             }
             Out::Relay(id) => {
                 // A socket replaced under the same id closes here, which takes it out of the epoll set.
@@ -206,6 +212,7 @@ impl Io for Epoll {
             for (d, m) in meta.iter_mut().zip(&self.recv_meta[..got]) {
                 *d = Datagram {
                     source,
+                    local: m.local,
                     from: m.addr,
                     len: m.len,
                     truncated: m.truncated,
@@ -225,6 +232,7 @@ impl Io for Epoll {
         &mut self,
         i: usize,
         out: Out,
+        src: Option<IpAddr>,
         dst: SocketAddr,
         range: Range<usize>,
         bill: Bill,
@@ -235,33 +243,37 @@ impl Io for Epoll {
             return;
         }
         self.pending
-            .push((out, dst, i * SLOT + range.start, range.len(), bill));
+            .push((out, src, dst, i * SLOT + range.start, range.len(), bill));
     }
 
     fn flush(&mut self, sent: &mut Vec<Sent>) {
         let mut i = 0;
         while i < self.pending.len() {
-            let out = self.pending[i].0;
+            let (out, src) = (self.pending[i].0, self.pending[i].1);
             let mut group: [(SocketAddr, &[u8]); MAX_BATCH] =
                 [(SocketAddr::from(([0, 0, 0, 0], 0)), &[]); MAX_BATCH];
             let first = i;
             let mut k = 0;
-            while i < self.pending.len() && self.pending[i].0 == out && k < MAX_BATCH {
-                let (_, dst, start, len, _) = self.pending[i];
+            // One run per socket and source address: one sendmmsg shares one control message.
+            while i < self.pending.len()
+                && (self.pending[i].0, self.pending[i].1) == (out, src)
+                && k < MAX_BATCH
+            {
+                let (_, _, dst, start, len, _) = self.pending[i];
                 group[k] = (dst, &self.slab[start..start + len]);
                 k += 1;
                 i += 1;
             }
             let Some(fd) = self.fd(out) else {
                 for p in &self.pending[first..i] {
-                    sent.push((p.4, Err(Drop::SendFailed)));
+                    sent.push((p.5, Err(Drop::SendFailed)));
                 }
                 continue;
             };
             let pending = &self.pending[first..i];
-            send_batch(fd, &group[..k], |j, result| {
+            send_batch_from(fd, &group[..k], src, |j, result| {
                 let why = result.map_err(|e| send_error(e.raw_os_error().unwrap_or(0)));
-                sent.push((pending[j].4, why));
+                sent.push((pending[j].5, why));
             });
         }
         self.pending.clear();
@@ -269,7 +281,7 @@ impl Io for Epoll {
 
     fn send_to(&mut self, out: Out, dst: SocketAddr, bytes: &[u8]) -> Result<(), Drop> {
         let sock = match out {
-            Out::Listener(l) => self.listeners.get(usize::from(l)),
+            Out::Listener(l) => self.listeners.get(usize::from(l)).map(|s| &s.0),
             Out::Relay(r) => self.relays.get(&r),
         };
         match sock.map(|s| s.send_to(bytes, dst)) {
@@ -300,7 +312,7 @@ mod tests {
         let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
         peer.send_to(b"early", addr).unwrap();
         let id = RelayId(3);
-        io.register(relay, Out::Relay(id)).unwrap();
+        io.register(relay, Out::Relay(id), false).unwrap();
         let mut meta = vec![Datagram::default(); BATCH];
         let mut notes = Notes {
             streams: false,
@@ -335,7 +347,7 @@ mod tests {
         let relay =
             crate::sys::bind_udp("127.0.0.1:0".parse().unwrap(), Default::default()).unwrap();
         let id = RelayId(7);
-        io.register(relay, Out::Relay(id)).unwrap();
+        io.register(relay, Out::Relay(id), false).unwrap();
         let p = UdpSocket::bind("127.0.0.1:0").unwrap();
         p.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let good = p.local_addr().unwrap();
@@ -351,6 +363,7 @@ mod tests {
             io.send(
                 i,
                 Out::Relay(id),
+                None,
                 dst,
                 HEADROOM..HEADROOM + 10,
                 bill,

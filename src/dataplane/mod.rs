@@ -39,7 +39,7 @@ pub mod uring;
 mod worker;
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -279,13 +279,100 @@ pub enum WorkerMsg {
     Stop,
 }
 
+/// Which UDP listener (the local address of a client's 5-tuple, a [`ListenerId`]) a datagram arrived
+/// on, and which socket and source address a datagram to that client leaves from.
+///
+/// A socket bound to a specific address is one listener. A socket bound to a wildcard address
+/// (`0.0.0.0:p`, `[::]:p`, with [`crate::sys::set_pktinfo`]) serves one listener per interface address
+/// of its family found at start: each datagram's destination (its `IP_PKTINFO` / `IPV6_PKTINFO`) names
+/// the listener, and what goes back to that client carries the same address as its source. A datagram
+/// to an address the map does not know (one added to the host after start, or an IPv6 link-local one)
+/// is dropped and counted ([`Drop::UnknownLocal`]): the listener set is fixed until a restart.
+#[derive(Debug, Clone, Default)]
+pub struct ListenerMap {
+    /// By listener id: (socket index, the source address to name: `Some` on a wildcard socket).
+    ids: Vec<(u16, Option<IpAddr>)>,
+    /// By socket index: the listener of a socket bound to a specific address; `None` for a wildcard one.
+    sockets: Vec<Option<ListenerId>>,
+}
+
+impl ListenerMap {
+    /// The map of UDP `listeners` (by id: the addresses clients send to, every wildcard's port
+    /// resolved) over the bound `sockets` (by index; a wildcard one with an unspecified IP). A listener
+    /// goes to the socket bound to exactly its address, else to the wildcard socket of its port and
+    /// family. An error names a listener no socket serves.
+    pub fn new(sockets: &[SocketAddr], listeners: &[SocketAddr]) -> io::Result<Self> {
+        let mut map = ListenerMap {
+            ids: Vec::with_capacity(listeners.len()),
+            sockets: vec![None; sockets.len()],
+        };
+        for (id, l) in listeners.iter().enumerate() {
+            let id = ListenerId::try_from(id).map_err(io::Error::other)?;
+            let fixed = sockets.iter().position(|s| s == l);
+            let entry = match fixed {
+                Some(j) => {
+                    map.sockets[j] = Some(id);
+                    (j, None)
+                }
+                None => {
+                    let j = sockets
+                        .iter()
+                        .position(|s| {
+                            s.ip().is_unspecified()
+                                && s.port() == l.port()
+                                && s.is_ipv4() == l.is_ipv4()
+                        })
+                        .ok_or_else(|| {
+                            io::Error::other(format!("listen {l}: no socket serves it"))
+                        })?;
+                    (j, Some(l.ip()))
+                }
+            };
+            let socket = u16::try_from(entry.0).map_err(io::Error::other)?;
+            map.ids.push((socket, entry.1));
+        }
+        Ok(map)
+    }
+
+    /// The listener of a datagram that arrived on socket `socket` with destination `local` (from
+    /// pktinfo; `None` on a socket bound to a specific address).
+    #[inline]
+    pub fn listener(&self, socket: u16, local: Option<IpAddr>) -> Option<ListenerId> {
+        match self.sockets.get(usize::from(socket))? {
+            Some(id) => Some(*id),
+            None => {
+                let local = local?;
+                let i = self
+                    .ids
+                    .iter()
+                    .position(|&(s, src)| s == socket && src == Some(local))?;
+                ListenerId::try_from(i).ok()
+            }
+        }
+    }
+
+    /// Whether socket `socket` is bound to a wildcard address (and reads pktinfo).
+    pub fn is_wildcard(&self, socket: u16) -> bool {
+        matches!(self.sockets.get(usize::from(socket)), Some(None))
+    }
+
+    /// The socket index and source address (`Some` on a wildcard socket) that `listener`'s datagrams
+    /// leave from.
+    #[inline]
+    pub fn socket(&self, listener: ListenerId) -> Option<(u16, Option<IpAddr>)> {
+        self.ids.get(usize::from(listener)).copied()
+    }
+}
+
 /// What a worker thread needs to run.
 #[derive(Debug)]
 pub struct WorkerSetup {
     /// The packet logic.
     pub core: Core,
-    /// Its listeners, in config order.
+    /// Its UDP listener sockets, by socket index of `listener_map`.
     pub listeners: Vec<UdpSocket>,
+    /// Which listener each datagram on them belongs to.
+    pub listener_map: ListenerMap,
     /// Its TCP/TLS listeners and connections.
     pub streams: stream::Streams,
     /// Its mailbox.
@@ -416,5 +503,33 @@ mod tests {
         on_client(&mut core, &stun(376));
         assert_eq!(queue.depth(), (1, 400));
         assert_eq!(stats.drops(Drop::ControlBusy), 2);
+    }
+
+    #[test]
+    fn a_wildcard_socket_serves_one_listener_per_address_and_a_fixed_one_its_own() {
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let sockets = [sa("0.0.0.0:3478"), sa("192.0.2.1:3479"), sa("[::]:3478")];
+        let listeners = [
+            sa("10.0.0.1:3478"),
+            sa("10.0.0.2:3478"),
+            sa("192.0.2.1:3479"),
+            sa("[2001:db8::2]:3478"),
+        ];
+        let map = ListenerMap::new(&sockets, &listeners).unwrap();
+        assert_eq!(map.listener(0, ip("10.0.0.2")), Some(1));
+        assert_eq!(map.listener(0, ip("10.0.0.1")), Some(0));
+        // A wildcard datagram without pktinfo, or to an address added after start: no listener.
+        assert_eq!(map.listener(0, None), None);
+        assert_eq!(map.listener(0, ip("10.9.9.9")), None);
+        assert_eq!(map.listener(2, ip("10.0.0.1")), None);
+        assert_eq!(map.listener(2, ip("2001:db8::2")), Some(3));
+        assert_eq!(map.listener(1, None), Some(2));
+        assert_eq!(map.listener(9, None), None);
+        assert_eq!(map.socket(1), Some((0, ip("10.0.0.2"))));
+        assert_eq!(map.socket(2), Some((1, None)));
+        assert_eq!(map.socket(4), None);
+        assert!(map.is_wildcard(0) && !map.is_wildcard(1) && map.is_wildcard(2));
+        assert!(ListenerMap::new(&sockets[1..2], &listeners[..1]).is_err());
     }
 }

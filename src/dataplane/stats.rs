@@ -39,11 +39,14 @@ pub enum Drop {
     BindingRateLimited,
     /// A Binding success not sent: it would have been more than 3× its request.
     BindingAmplification,
+    /// A wildcard listener received it at an address that was not on the host at start (see
+    /// [`ListenerMap`](super::ListenerMap)).
+    UnknownLocal,
 }
 
 impl Drop {
     /// All reasons, in counter order.
-    pub const ALL: [Drop; 14] = [
+    pub const ALL: [Drop; 15] = [
         Drop::NotTurn,
         Drop::Malformed,
         Drop::NoChannel,
@@ -58,6 +61,7 @@ impl Drop {
         Drop::StreamQueueFull,
         Drop::BindingRateLimited,
         Drop::BindingAmplification,
+        Drop::UnknownLocal,
     ];
 
     /// A short name for metrics.
@@ -77,6 +81,7 @@ impl Drop {
             Drop::StreamQueueFull => "stream_queue_full",
             Drop::BindingRateLimited => "binding_rate_limited",
             Drop::BindingAmplification => "binding_amplification",
+            Drop::UnknownLocal => "unknown_local",
         }
     }
 }

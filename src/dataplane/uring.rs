@@ -24,7 +24,7 @@
 //! are allocated with the ring; the socket table grows only when relays are added.
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -35,7 +35,7 @@ use hashbrown::HashMap;
 use super::worker::{send_error, Bill, Datagram, Io, Notes, Sent};
 use super::{Drop, Out, WorkerSetup, HEADROOM, MAX_DATAGRAM, SLOT};
 use crate::route::RelayId;
-use crate::sys::uring::{Buf, Completion, Ring, RingConfig};
+use crate::sys::uring::{Buf, Completion, Ring, RingConfig, HDR};
 use crate::sys::EventFd;
 
 /// Whether this backend is implemented.
@@ -48,6 +48,10 @@ const BUFFERS: u16 = 512;
 const ENTRIES: u32 = 256;
 /// Datagrams handed to the loop per batch.
 const BATCH: usize = 64;
+/// Bytes in front of each [`SLOT`] of the ring's buffers: the kernel writes its receive header, the
+/// source address and a pktinfo control message ([`HDR`] bytes) in front of the payload, more than the
+/// data plane's [`HEADROOM`]. The loop sees `slot[PAD..]`, so its layout is the same as epoll's.
+const PAD: usize = (HDR - HEADROOM + 7) & !7;
 
 pub(super) fn run(setup: WorkerSetup) -> io::Result<()> {
     let io = Uring::new(setup.wake.clone(), setup.streams.fd())?;
@@ -80,8 +84,8 @@ impl Uring {
         let ring = Ring::new(RingConfig {
             entries: ENTRIES,
             buffers: BUFFERS,
-            slot_size: SLOT,
-            headroom: HEADROOM,
+            slot_size: PAD + SLOT,
+            headroom: PAD + HEADROOM,
             max_payload: MAX_DATAGRAM,
         })?;
         let mut u = Uring {
@@ -116,7 +120,9 @@ impl Io for Uring {
     /// Every send in flight holds a buffer; the batch's own failures come on top.
     const MAX_SENT: usize = BUFFERS as usize + BATCH;
 
-    fn register(&mut self, socket: UdpSocket, source: Out) -> io::Result<()> {
+    /// Every receive has room for a pktinfo control message (one buffer ring feeds all sockets), so
+    /// `pktinfo` needs nothing here: the kernel writes one only on sockets with the option.
+    fn register(&mut self, socket: UdpSocket, source: Out, _pktinfo: bool) -> io::Result<()> {
         let Uring {
             socks, ring, retry, ..
         } = self;
@@ -189,6 +195,7 @@ impl Io for Uring {
                         from,
                         len,
                         truncated,
+                        local,
                         more,
                     } => {
                         let Some(s) = socks.get_mut(tag) else {
@@ -203,6 +210,7 @@ impl Io for Uring {
                         if live {
                             meta[n] = Datagram {
                                 source,
+                                local,
                                 from,
                                 len,
                                 truncated,
@@ -256,7 +264,7 @@ impl Io for Uring {
 
     fn slot_mut(&mut self, i: usize) -> &mut [u8] {
         match self.bufs.get(i).and_then(Option::as_ref) {
-            Some(buf) => self.ring.buf_mut(buf),
+            Some(buf) => self.ring.buf_mut(buf).get_mut(PAD..).unwrap_or_default(),
             None => &mut [],
         }
     }
@@ -265,6 +273,7 @@ impl Io for Uring {
         &mut self,
         i: usize,
         out: Out,
+        src: Option<IpAddr>,
         dst: SocketAddr,
         range: Range<usize>,
         bill: Bill,
@@ -281,7 +290,8 @@ impl Io for Uring {
         };
         let index = buf.index();
         // The buffer returns to the kernel's ring when the send completes (or at once if it fails).
-        match self.ring.send(buf, fd, tag, range, dst) {
+        let range = range.start + PAD..range.end + PAD;
+        match self.ring.send(buf, fd, tag, range, dst, src) {
             Ok(()) => {
                 if let Some(b) = self.bills.get_mut(index) {
                     *b = Some(bill);

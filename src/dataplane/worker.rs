@@ -6,6 +6,11 @@
 //!   └──────────────── sweep stream timeouts ◀─────────── until the backend has nothing more ◀─┘
 //! ```
 //!
+//! UDP listeners: a backend knows listener *sockets* (by index) and reports each datagram's
+//! destination address where the socket is bound to a wildcard; the loop turns (socket, destination)
+//! into the [`ListenerId`] that `Core` and the control thread know, and a listener back into its socket
+//! and source address for sends ([`ListenerMap`]).
+//!
 //! A backend ([`Io`]) only registers sockets, receives a batch of datagrams into buffers it owns, and
 //! sends a batch out of those same buffers. Everything else (the mailbox, dispatch to [`Core`], the
 //! stream-or-UDP branch, the sweep, counting what was sent) is here. The loop is generic over the
@@ -21,7 +26,7 @@
 //! only that datagram.
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -29,15 +34,17 @@ use crossbeam_channel::Receiver;
 
 use super::stream::{Streams, SWEEP};
 pub(super) use super::Bill;
-use super::{Action, Core, Drop, Forward, Out, WorkerMsg, WorkerSetup};
+use super::{Action, Core, Drop, Forward, ListenerMap, Out, WorkerMsg, WorkerSetup};
 use crate::route::{ClientKey, RelayId, RouteUpdate};
 
 /// One received datagram of the current batch; its bytes are in the backend's slot `i`
 /// ([`Io::slot_mut`]) at `HEADROOM..HEADROOM + len`.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Datagram {
-    /// The socket it arrived on.
+    /// The socket it arrived on (`Out::Listener` carries the listener *socket* index).
     pub source: Out,
+    /// Its destination address, on a listener socket bound to a wildcard address.
+    pub local: Option<IpAddr>,
     /// Its sender.
     pub from: SocketAddr,
     /// Payload bytes.
@@ -50,6 +57,7 @@ impl Default for Datagram {
     fn default() -> Self {
         Datagram {
             source: Out::Listener(0),
+            local: None,
             from: SocketAddr::from(([0, 0, 0, 0], 0)),
             len: 0,
             truncated: false,
@@ -77,8 +85,9 @@ pub(super) trait Io {
     /// Send outcomes reported between two settles at most (the loop reserves room for them once).
     const MAX_SENT: usize;
 
-    /// Own `socket` and receive on it; its datagrams come with `source`.
-    fn register(&mut self, socket: UdpSocket, source: Out) -> io::Result<()>;
+    /// Own `socket` and receive on it; its datagrams come with `source`. With `pktinfo` (a listener
+    /// socket bound to a wildcard address) each datagram's destination address is read too.
+    fn register(&mut self, socket: UdpSocket, source: Out, pktinfo: bool) -> io::Result<()>;
 
     /// Stop receiving on relay socket `id` and close it (once nothing of it is in flight).
     fn deregister(&mut self, id: RelayId) -> io::Result<()>;
@@ -94,12 +103,15 @@ pub(super) trait Io {
     /// The whole slot of datagram `i` of the current batch.
     fn slot_mut(&mut self, i: usize) -> &mut [u8];
 
-    /// Send `range` of datagram `i`'s slot to `dst` from `out` (queued until [`Io::flush`] or sent at
-    /// once). Its outcome goes to `sent`, now or with a later [`Io::recv`].
+    /// Send `range` of datagram `i`'s slot to `dst` from `out` (a listener by socket index), naming
+    /// source address `src` if given (a wildcard socket), queued until [`Io::flush`] or sent at once.
+    /// Its outcome goes to `sent`, now or with a later [`Io::recv`].
+    #[allow(clippy::too_many_arguments)]
     fn send(
         &mut self,
         i: usize,
         out: Out,
+        src: Option<IpAddr>,
         dst: SocketAddr,
         range: Range<usize>,
         bill: Bill,
@@ -127,13 +139,14 @@ pub(super) fn run<I: Io>(setup: WorkerSetup, mut io: I) -> io::Result<()> {
     let WorkerSetup {
         mut core,
         listeners,
+        listener_map,
         mut streams,
         mailbox,
         wake: _wake,
     } = setup;
     for (i, l) in listeners.into_iter().enumerate() {
-        let id = u16::try_from(i).map_err(io::Error::other)?;
-        io.register(l, Out::Listener(id))?;
+        let socket = u16::try_from(i).map_err(io::Error::other)?;
+        io.register(l, Out::Listener(socket), listener_map.is_wildcard(socket))?;
     }
     let mut meta = vec![Datagram::default(); I::BATCH];
     let mut notes = Notes {
@@ -166,10 +179,12 @@ pub(super) fn run<I: Io>(setup: WorkerSetup, mut io: I) -> io::Result<()> {
                     core.drop(Drop::Truncated);
                     continue;
                 }
-                let slot = io.slot_mut(i);
                 let action = match d.source {
-                    Out::Listener(l) => core.on_client(l, d.from, slot, d.len),
-                    Out::Relay(r) => core.on_peer(r, d.from, slot, d.len),
+                    Out::Listener(socket) => match listener_map.listener(socket, d.local) {
+                        Some(l) => core.on_client(l, d.from, io.slot_mut(i), d.len),
+                        None => core.drop(Drop::UnknownLocal),
+                    },
+                    Out::Relay(r) => core.on_peer(r, d.from, io.slot_mut(i), d.len),
                 };
                 let Action::Forward(Forward {
                     out,
@@ -196,12 +211,27 @@ pub(super) fn run<I: Io>(setup: WorkerSetup, mut io: I) -> io::Result<()> {
                             core.sent(bill);
                         }
                     }
-                    _ => io.send(i, out, dst, range, bill, &mut notes.sent),
+                    _ => match outgoing(&listener_map, out) {
+                        Some((out, src)) => io.send(i, out, src, dst, range, bill, &mut notes.sent),
+                        None => notes.sent.push((bill, Err(Drop::SendFailed))),
+                    },
                 }
             }
             io.flush(&mut notes.sent);
             settle(&mut core, &mut notes.sent);
         }
+    }
+}
+
+/// The socket (a listener by socket index) and source address that datagrams from `out` leave from.
+#[inline]
+fn outgoing(map: &ListenerMap, out: Out) -> Option<(Out, Option<IpAddr>)> {
+    match out {
+        Out::Listener(l) => {
+            let (socket, src) = map.socket(l)?;
+            Some((Out::Listener(socket), src))
+        }
+        Out::Relay(_) => Some((out, None)),
     }
 }
 
@@ -216,7 +246,7 @@ fn drain_mailbox<I: Io>(
         match msg {
             WorkerMsg::AddRelay { socket, update } => {
                 if let RouteUpdate::AddRelay { id, .. } = update {
-                    io.register(socket, Out::Relay(id))?;
+                    io.register(socket, Out::Relay(id), false)?;
                 }
                 core.apply(update);
             }

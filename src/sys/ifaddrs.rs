@@ -1,5 +1,5 @@
 //! The host's interface addresses (`getifaddrs(3)`), read once at start: the relay's own addresses that
-//! peers must not reach.
+//! peers must not reach, and the addresses a wildcard listener serves.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -8,9 +8,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 /// address of its family (`ifaddrs`, as [`interface_addrs`] lists them), same port, in order and
 /// without duplicates. IPv6 link-local addresses are left out (they need a scope id to bind).
 ///
-/// A socket bound to a specific address receives only what was sent to it and sends from it, so each
-/// client's replies leave from the address it sent to, and its 5-tuple names that address, with no
-/// per-packet work. Addresses added to the host later are not served until a restart.
+/// These are the listeners a client can send to (one id each, the local address of its 5-tuple). TCP
+/// and TLS bind one socket per address; UDP binds one socket per wildcard and tells them apart per
+/// datagram with pktinfo (`dataplane::ListenerMap`). Addresses added to the host later are not served
+/// until a restart (a UDP datagram to one is dropped and counted as `unknown_local`).
 pub fn expand_wildcards(listen: &[SocketAddr], ifaddrs: &[IpAddr]) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = Vec::with_capacity(listen.len());
     for a in listen {

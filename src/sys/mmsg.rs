@@ -3,13 +3,21 @@
 //! Receives land in one caller-owned slab, datagram `i` at `slab[i * stride + headroom ..][.. stride -
 //! headroom]`, so that no allocation happens per call and the data plane can write headers in front of
 //! a payload in place.
+//!
+//! A listener bound to a wildcard address receives with one preallocated control buffer per batch slot
+//! ([`recv_batch_pktinfo`]) and learns each datagram's destination address from its `IP_PKTINFO` /
+//! `IPV6_PKTINFO`; its replies name their source address in one control message shared by the whole
+//! `sendmmsg` ([`send_batch_from`]). Every other socket passes no control buffer at all.
 
 use std::io;
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 
-use super::{sockaddr_to_std, std_to_sockaddr, syscall};
+use super::{
+    parse_pktinfo, sockaddr_to_std, std_to_sockaddr, syscall, write_pktinfo, PktinfoBuf,
+    PKTINFO_SPACE,
+};
 
 /// The most datagrams one call moves.
 pub const MAX_BATCH: usize = 64;
@@ -23,6 +31,8 @@ pub struct RecvMeta {
     pub addr: SocketAddr,
     /// It did not fit and was cut (MSG_TRUNC): drop it.
     pub truncated: bool,
+    /// Its destination address, from `IP_PKTINFO` / `IPV6_PKTINFO` ([`recv_batch_pktinfo`] only).
+    pub local: Option<IpAddr>,
 }
 
 impl Default for RecvMeta {
@@ -31,6 +41,7 @@ impl Default for RecvMeta {
             len: 0,
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             truncated: false,
+            local: None,
         }
     }
 }
@@ -44,6 +55,29 @@ pub fn recv_batch(
     headroom: usize,
     meta: &mut [RecvMeta],
 ) -> io::Result<usize> {
+    recv(fd, slab, stride, headroom, meta, false)
+}
+
+/// [`recv_batch`] on a socket with [`super::set_pktinfo`]: each datagram's destination address goes to
+/// [`RecvMeta::local`] (`None` if the kernel attached none).
+pub fn recv_batch_pktinfo(
+    fd: RawFd,
+    slab: &mut [u8],
+    stride: usize,
+    headroom: usize,
+    meta: &mut [RecvMeta],
+) -> io::Result<usize> {
+    recv(fd, slab, stride, headroom, meta, true)
+}
+
+fn recv(
+    fd: RawFd,
+    slab: &mut [u8],
+    stride: usize,
+    headroom: usize,
+    meta: &mut [RecvMeta],
+    pktinfo: bool,
+) -> io::Result<usize> {
     let n = meta.len().min(MAX_BATCH).min(slab.len() / stride.max(1));
     if n == 0 || headroom >= stride {
         return Ok(0);
@@ -54,6 +88,8 @@ pub fn recv_batch(
     let mut iovs: [MaybeUninit<libc::iovec>; MAX_BATCH] = [MaybeUninit::uninit(); MAX_BATCH];
     let mut addrs: [MaybeUninit<libc::sockaddr_storage>; MAX_BATCH] =
         [const { MaybeUninit::uninit() }; MAX_BATCH];
+    // Control buffers on the stack (no allocation), written by the kernel only when `pktinfo`.
+    let mut controls: [MaybeUninit<PktinfoBuf>; MAX_BATCH] = [MaybeUninit::uninit(); MAX_BATCH];
     let base = slab.as_mut_ptr();
     for i in 0..n {
         // SAFETY: `i * stride + headroom < n * stride <= slab.len()`, so the pointer stays inside `slab`.
@@ -69,10 +105,16 @@ pub fn recv_batch(
         h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         h.msg_hdr.msg_iov = iovs[i].as_mut_ptr();
         h.msg_hdr.msg_iovlen = 1;
+        if pktinfo {
+            let c = controls[i].write(PktinfoBuf::default());
+            h.msg_hdr.msg_control = c.0.as_mut_ptr().cast();
+            h.msg_hdr.msg_controllen = PKTINFO_SPACE;
+        }
         hdrs[i].write(h);
     }
     // SAFETY (inside the macro): every header points at a live iovec into `slab` (borrowed mutably for the
-    // call) and at a live sockaddr_storage; `n <= MAX_BATCH` headers are passed.
+    // call), at a live sockaddr_storage and, with `pktinfo`, at a live control buffer of the length given;
+    // `n <= MAX_BATCH` headers are passed.
     let got = match syscall!(recvmmsg(
         fd,
         hdrs.as_mut_ptr().cast::<libc::mmsghdr>(),
@@ -88,10 +130,18 @@ pub fn recv_batch(
         // SAFETY: entries below `n` were initialised above, and the kernel only wrote into them.
         let (h, a) = unsafe { (hdrs[i].assume_init_ref(), addrs[i].assume_init_ref()) };
         let addr = sockaddr_to_std(a, h.msg_hdr.msg_namelen);
+        let local = if pktinfo {
+            // SAFETY: with `pktinfo` entry `i < n` was initialised above.
+            let c = unsafe { controls[i].assume_init_ref() };
+            c.0.get(..h.msg_hdr.msg_controllen).and_then(parse_pktinfo)
+        } else {
+            None
+        };
         meta[i] = RecvMeta {
             len: h.msg_len as usize,
             addr: addr.unwrap_or(RecvMeta::default().addr),
             truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || addr.is_none(),
+            local,
         };
     }
     Ok(got)
@@ -106,12 +156,26 @@ pub fn recv_batch(
 pub fn send_batch(
     fd: RawFd,
     msgs: &[(SocketAddr, &[u8])],
+    outcome: impl FnMut(usize, Result<(), &io::Error>),
+) -> usize {
+    send_batch_from(fd, msgs, None, outcome)
+}
+
+/// [`send_batch`], every datagram leaving from source address `src` (an `IP_PKTINFO` /
+/// `IPV6_PKTINFO` control message; for a socket bound to a wildcard address). `None` sends without
+/// one, as [`send_batch`] does.
+pub fn send_batch_from(
+    fd: RawFd,
+    msgs: &[(SocketAddr, &[u8])],
+    src: Option<IpAddr>,
     mut outcome: impl FnMut(usize, Result<(), &io::Error>),
 ) -> usize {
+    let mut control = PktinfoBuf::default();
+    let control_len = src.map_or(0, |ip| write_pktinfo(&mut control, ip));
     let mut at = 0;
     let mut sent = 0;
     while at < msgs.len() {
-        match sendmmsg(fd, &msgs[at..]) {
+        match sendmmsg(fd, &msgs[at..], &mut control, control_len) {
             Ok(k) => {
                 // k ≥ 1 here; a short count means datagram `at + k` was refused, which the next call
                 // reports.
@@ -137,8 +201,13 @@ pub fn send_batch(
 }
 
 /// One `sendmmsg` of up to [`MAX_BATCH`] of `msgs` (at least one): how many the kernel took (≥ 1), or the
-/// error of the first.
-fn sendmmsg(fd: RawFd, msgs: &[(SocketAddr, &[u8])]) -> io::Result<usize> {
+/// error of the first. Each carries the first `control_len` bytes of `control` (none if 0).
+fn sendmmsg(
+    fd: RawFd,
+    msgs: &[(SocketAddr, &[u8])],
+    control: &mut PktinfoBuf,
+    control_len: usize,
+) -> io::Result<usize> {
     let n = msgs.len().min(MAX_BATCH);
     // Only the first `n` entries are initialised.
     let mut hdrs: [MaybeUninit<libc::mmsghdr>; MAX_BATCH] =
@@ -159,11 +228,16 @@ fn sendmmsg(fd: RawFd, msgs: &[(SocketAddr, &[u8])]) -> io::Result<usize> {
         h.msg_hdr.msg_namelen = len;
         h.msg_hdr.msg_iov = iovs[i].as_mut_ptr();
         h.msg_hdr.msg_iovlen = 1;
+        if control_len > 0 {
+            h.msg_hdr.msg_control = control.0.as_mut_ptr().cast();
+            h.msg_hdr.msg_controllen = control_len.min(PKTINFO_SPACE);
+        }
         hdrs[i].write(h);
     }
     loop {
         // SAFETY (inside the macro): each header points at a live iovec over a borrowed `&[u8]` the
-        // kernel only reads, and at a live sockaddr of the given length; `n <= MAX_BATCH`.
+        // kernel only reads, at a live sockaddr of the given length and, if any, at the borrowed control
+        // buffer of at most its size, which the kernel only reads; `n <= MAX_BATCH`.
         match syscall!(sendmmsg(
             fd,
             hdrs.as_mut_ptr().cast::<libc::mmsghdr>(),
@@ -262,5 +336,65 @@ mod tests {
             1
         );
         assert!(meta[0].truncated);
+    }
+
+    /// A wildcard socket learns which address each datagram was sent to, and its reply leaves from it.
+    #[test]
+    fn a_wildcard_socket_reads_the_destination_and_replies_from_it() {
+        let w = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        w.set_nonblocking(true).unwrap();
+        crate::sys::set_pktinfo(&w, true).unwrap();
+        let port = w.local_addr().unwrap().port();
+        let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let targets: [IpAddr; 2] = ["127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap()];
+        for ip in targets {
+            c.send_to(ip.to_string().as_bytes(), SocketAddr::new(ip, port))
+                .unwrap();
+        }
+        let mut slab = vec![0u8; 4 * 256];
+        let mut meta = [RecvMeta::default(); 4];
+        let mut got = 0;
+        for _ in 0..200 {
+            got += recv_batch_pktinfo(
+                w.as_raw_fd(),
+                &mut slab[got * 256..],
+                256,
+                0,
+                &mut meta[got..],
+            )
+            .unwrap();
+            if got == 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(got, 2);
+        for (i, ip) in targets.iter().enumerate() {
+            assert_eq!(meta[i].local, Some(*ip));
+            let text = &slab[i * 256..i * 256 + meta[i].len];
+            assert_eq!(text, ip.to_string().as_bytes());
+            let sent = send_batch_from(
+                w.as_raw_fd(),
+                &[(meta[i].addr, b"re")],
+                Some(*ip),
+                |_, r| r.unwrap(),
+            );
+            assert_eq!(sent, 1);
+            let mut buf = [0u8; 8];
+            let (n, from) = c.recv_from(&mut buf).unwrap();
+            assert_eq!((&buf[..n], from), (&b"re"[..], SocketAddr::new(*ip, port)));
+        }
+        // Without the option no control buffer is passed and nothing is read.
+        let plain = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.send_to(b"x", plain.local_addr().unwrap()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        plain.set_nonblocking(true).unwrap();
+        assert_eq!(
+            recv_batch(plain.as_raw_fd(), &mut slab, 256, 0, &mut meta).unwrap(),
+            1
+        );
+        assert_eq!(meta[0].local, None);
     }
 }

@@ -7,7 +7,7 @@
 //! May use: libc, socket2, io-uring, core_affinity.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -96,6 +96,113 @@ pub fn bind_tcp(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListe
     sock.bind(&addr.into())?;
     sock.listen(backlog)?;
     Ok(sock.into())
+}
+
+/// Ask for each datagram's destination address (`IP_PKTINFO` on IPv4, `IPV6_RECVPKTINFO` on IPv6) on
+/// `sock`, a listener bound to a wildcard address, so that the receive batch can tell which of the
+/// host's addresses the client sent to ([`parse_pktinfo`]) and the reply can leave from it
+/// ([`write_pktinfo`]).
+pub fn set_pktinfo(sock: &std::net::UdpSocket, v4: bool) -> io::Result<()> {
+    let (level, name) = if v4 {
+        (libc::IPPROTO_IP, libc::IP_PKTINFO)
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+    };
+    let one: libc::c_int = 1;
+    syscall!(setsockopt(
+        sock.as_raw_fd(),
+        level,
+        name,
+        // SAFETY (inside the macro): `one` lives across the call and its size is passed.
+        (&one as *const libc::c_int).cast(),
+        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+    ))?;
+    Ok(())
+}
+
+/// `CMSG_ALIGN`: control message parts are aligned to the size of `size_t`.
+const fn cmsg_align(len: usize) -> usize {
+    let a = std::mem::size_of::<usize>();
+    (len + a - 1) & !(a - 1)
+}
+/// `sizeof(struct cmsghdr)` rounded up, where a control message's data starts.
+const CMSG_HDR: usize = cmsg_align(std::mem::size_of::<libc::cmsghdr>());
+/// The control buffer one destination/source address needs: `CMSG_SPACE(sizeof(struct in6_pktinfo))`,
+/// which also holds an `in_pktinfo`.
+pub const PKTINFO_SPACE: usize = CMSG_HDR + cmsg_align(std::mem::size_of::<libc::in6_pktinfo>());
+
+/// A control-message buffer of [`PKTINFO_SPACE`] bytes, aligned as a `cmsghdr` must be.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(8))]
+pub struct PktinfoBuf(pub [u8; PKTINFO_SPACE]);
+
+impl Default for PktinfoBuf {
+    fn default() -> Self {
+        PktinfoBuf([0; PKTINFO_SPACE])
+    }
+}
+
+/// The destination address of a received datagram: the `IP_PKTINFO` (`ipi_addr`) or `IPV6_PKTINFO`
+/// (`ipi6_addr`) control message in `control` (the `controllen` bytes the kernel wrote). `None` if
+/// there is none or it is cut short. Reads bytes only, with every length checked.
+pub fn parse_pktinfo(control: &[u8]) -> Option<IpAddr> {
+    let word = std::mem::size_of::<usize>();
+    let mut at = 0;
+    while at + CMSG_HDR <= control.len() {
+        let h = &control[at..];
+        let len = usize::from_ne_bytes(h.get(..word)?.try_into().ok()?);
+        let level = i32::from_ne_bytes(h.get(word..word + 4)?.try_into().ok()?);
+        let kind = i32::from_ne_bytes(h.get(word + 4..word + 8)?.try_into().ok()?);
+        if len < CMSG_HDR || len > h.len() {
+            return None;
+        }
+        let data = &h[CMSG_HDR..len];
+        match (level, kind) {
+            // struct in_pktinfo { int ipi_ifindex; struct in_addr ipi_spec_dst, ipi_addr; }
+            (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                let ip: [u8; 4] = data.get(8..12)?.try_into().ok()?;
+                return Some(IpAddr::V4(Ipv4Addr::from(ip)));
+            }
+            // struct in6_pktinfo { struct in6_addr ipi6_addr; unsigned int ipi6_ifindex; }
+            (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                let ip: [u8; 16] = data.get(..16)?.try_into().ok()?;
+                return Some(IpAddr::V6(Ipv6Addr::from(ip)));
+            }
+            _ => {}
+        }
+        at += cmsg_align(len);
+    }
+    None
+}
+
+/// Write one `IP_PKTINFO` (`ipi_spec_dst`) or `IPV6_PKTINFO` (`ipi6_addr`) control message naming `src`
+/// as the source address of a datagram sent from a wildcard socket, into `buf`. Returns its length
+/// (the `msg_controllen` to pass). The interface index is 0: the routing table picks it.
+pub fn write_pktinfo(buf: &mut PktinfoBuf, src: IpAddr) -> usize {
+    let word = std::mem::size_of::<usize>();
+    let (level, kind, data_len) = match src {
+        IpAddr::V4(_) => (
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            std::mem::size_of::<libc::in_pktinfo>(),
+        ),
+        IpAddr::V6(_) => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_PKTINFO,
+            std::mem::size_of::<libc::in6_pktinfo>(),
+        ),
+    };
+    let b = &mut buf.0;
+    b.fill(0);
+    b[..word].copy_from_slice(&(CMSG_HDR + data_len).to_ne_bytes());
+    b[word..word + 4].copy_from_slice(&level.to_ne_bytes());
+    b[word + 4..word + 8].copy_from_slice(&kind.to_ne_bytes());
+    let data = &mut b[CMSG_HDR..];
+    match src {
+        IpAddr::V4(ip) => data[4..8].copy_from_slice(&ip.octets()),
+        IpAddr::V6(ip) => data[..16].copy_from_slice(&ip.octets()),
+    }
+    CMSG_HDR + cmsg_align(data_len)
 }
 
 fn set_dont_fragment(sock: &Socket, v4: bool) -> io::Result<()> {

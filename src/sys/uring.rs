@@ -21,13 +21,16 @@
 //!
 //! # Buffer layout
 //! Buffers are `slot_size`-byte slots of one page-aligned slab. In multishot mode the kernel writes an
-//! `io_uring_recvmsg_out` header and the source address in front of the payload; the provided buffer
-//! starts `HDR` bytes before `headroom`, so that the payload lands exactly at `headroom` and the header
-//! space becomes the caller's headroom once the address has been read out:
+//! `io_uring_recvmsg_out` header, the source address and room for one control message (a wildcard
+//! listener's `IP_PKTINFO` / `IPV6_PKTINFO`: the address the datagram was sent to) in front of the
+//! payload; the provided buffer starts `HDR` bytes before `headroom`, so that the payload lands exactly
+//! at `headroom` and the header space becomes the caller's headroom once the addresses have been read
+//! out. The control room is the same for every socket (one buffer ring feeds them all); a socket without
+//! the option gets no control message, and its 40 bytes stay unwritten:
 //!
 //! ```text
-//! slot:  [ 0 .. headroom-44 | recvmsg_out (16) | sockaddr (28) | payload (≤ max_payload) | ... ]
-//!                           ^ provided buffer  ^ headroom-28   ^ headroom
+//! slot:  [ 0 .. headroom-84 | recvmsg_out (16) | sockaddr (28) | control (40) | payload (≤ max_payload) ]
+//!                           ^ provided buffer  ^ headroom-68   ^ headroom-40  ^ headroom
 //! ```
 //!
 //! # user_data
@@ -40,7 +43,7 @@
 
 use std::alloc::Layout;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::ops::Range;
 use std::os::fd::RawFd;
 use std::ptr::{addr_of_mut, NonNull};
@@ -50,12 +53,14 @@ use std::time::{Duration, Instant};
 use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 
-use super::std_to_sockaddr;
+use super::{parse_pktinfo, std_to_sockaddr, write_pktinfo, PktinfoBuf, PKTINFO_SPACE};
 
-/// Bytes the kernel writes in front of a multishot payload: `io_uring_recvmsg_out` and a `sockaddr_in6`.
-const HDR: usize = OUT_LEN + NAME_LEN;
+/// Bytes the kernel writes in front of a multishot payload: `io_uring_recvmsg_out`, a `sockaddr_in6` and
+/// a control buffer for one pktinfo message.
+pub const HDR: usize = OUT_LEN + NAME_LEN + CTRL_LEN;
 const OUT_LEN: usize = 16;
 const NAME_LEN: usize = std::mem::size_of::<libc::sockaddr_in6>();
+const CTRL_LEN: usize = PKTINFO_SPACE;
 /// The provided buffer group (one per ring).
 const BGID: u16 = 0;
 /// Completions copied out of the completion queue at a time.
@@ -163,7 +168,8 @@ pub struct RingConfig {
     pub buffers: u16,
     /// Bytes per buffer slot.
     pub slot_size: usize,
-    /// Where in its slot a payload lands; at least 44 (the kernel's header and address go in front).
+    /// Where in its slot a payload lands; at least [`HDR`] (the kernel's header, address and control
+    /// message go in front).
     pub headroom: usize,
     /// The largest payload received whole (longer ones are cut and flagged truncated);
     /// `headroom + max_payload <= slot_size`.
@@ -198,6 +204,8 @@ pub enum Completion {
         len: usize,
         /// It did not fit (or its address could not be read): drop it.
         truncated: bool,
+        /// The address it was sent to, on a socket with [`super::set_pktinfo`].
+        local: Option<IpAddr>,
         /// The socket's receive is still armed. If false, arm it again (unless the socket is going away).
         more: bool,
     },
@@ -310,6 +318,8 @@ struct SendHdr {
     msg: libc::msghdr,
     iov: libc::iovec,
     addr: libc::sockaddr_storage,
+    /// The source address of a send from a wildcard socket.
+    control: PktinfoBuf,
 }
 
 /// One entry of a provided buffer ring (`struct io_uring_buf`). The `resv` field of entry 0 is the
@@ -367,7 +377,7 @@ impl Ring {
         }
         if cfg.headroom < HDR || cfg.headroom + cfg.max_payload > cfg.slot_size {
             return Err(invalid(
-                "need headroom >= 44 and headroom + max_payload <= slot_size",
+                "need headroom >= HDR (84) and headroom + max_payload <= slot_size",
             ));
         }
         let n = usize::from(cfg.buffers);
@@ -389,8 +399,12 @@ impl Ring {
             leak: false,
         };
         let recv_hdr = mem.recv_hdr.as_ptr::<libc::msghdr>();
-        // SAFETY: `recv_hdr` is a zeroed, aligned msghdr allocation that nothing else uses yet.
-        unsafe { (*recv_hdr).msg_namelen = NAME_LEN as libc::socklen_t };
+        // SAFETY: `recv_hdr` is a zeroed, aligned msghdr allocation that nothing else uses yet. In
+        // multishot mode the kernel reads only the two lengths (the control bytes go into each buffer).
+        unsafe {
+            (*recv_hdr).msg_namelen = NAME_LEN as libc::socklen_t;
+            (*recv_hdr).msg_controllen = CTRL_LEN;
+        }
         // SAFETY: the buffer ring region is page aligned, `buffers` entries long, zeroed (so its tail is 0),
         // and lives until after the ring is closed (field order, and `Drop` unregisters it first).
         unsafe {
@@ -498,8 +512,10 @@ impl Ring {
         }
     }
 
-    /// Send `range` of `buf`'s slot to `dst` from `fd`, without copying. The buffer returns to the kernel's
-    /// ring when the send completes ([`Completion::Sent`] with `tag`), or at once if this fails.
+    /// Send `range` of `buf`'s slot to `dst` from `fd`, without copying; with `src`, from that source
+    /// address (`IP_PKTINFO` / `IPV6_PKTINFO`, for a socket bound to a wildcard address). The buffer
+    /// returns to the kernel's ring when the send completes ([`Completion::Sent`] with `tag`), or at once
+    /// if this fails.
     pub fn send(
         &mut self,
         buf: Buf,
@@ -507,6 +523,7 @@ impl Ring {
         tag: u32,
         range: Range<usize>,
         dst: SocketAddr,
+        src: Option<IpAddr>,
     ) -> io::Result<()> {
         let i = buf.index();
         if self.state.get(i) != Some(&State::App)
@@ -537,6 +554,11 @@ impl Ring {
             (*msg).msg_namelen = addr_len;
             (*msg).msg_iov = addr_of_mut!((*hdr).iov);
             (*msg).msg_iovlen = 1;
+            if let Some(src) = src {
+                let control = &mut *addr_of_mut!((*hdr).control);
+                (*msg).msg_controllen = write_pktinfo(control, src);
+                (*msg).msg_control = control.0.as_mut_ptr().cast();
+            }
             msg
         };
         let sqe = opcode::SendMsg::new(Fd(fd), hdr)
@@ -668,13 +690,14 @@ impl Ring {
                         self.state[usize::from(b)] = State::App;
                         self.held += 1;
                         let buf = Buf(b);
-                        let (from, len, truncated) = self.parse_recv(&buf, res as usize);
+                        let (from, local, len, truncated) = self.parse_recv(&buf, res as usize);
                         Some(Completion::Recv {
                             tag,
                             buf,
                             from,
                             len,
                             truncated,
+                            local,
                             more,
                         })
                     }
@@ -747,20 +770,26 @@ impl Ring {
         tail.store(self.tail, Ordering::Release);
     }
 
-    /// Read the kernel's `io_uring_recvmsg_out` and source address in front of the payload.
-    fn parse_recv(&mut self, buf: &Buf, res: usize) -> (SocketAddr, usize, bool) {
+    /// Read the kernel's `io_uring_recvmsg_out`, the source address and a pktinfo control message (the
+    /// destination address) in front of the payload.
+    fn parse_recv(&mut self, buf: &Buf, res: usize) -> (SocketAddr, Option<IpAddr>, usize, bool) {
         let base = self.headroom - HDR;
         let slot = self.buf_mut(buf);
         let unspecified = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
         let Some(hdr) = slot.get(base..base + HDR) else {
-            return (unspecified, 0, true);
+            return (unspecified, None, 0, true);
         };
         let word = |k: usize| u32::from_ne_bytes([hdr[k], hdr[k + 1], hdr[k + 2], hdr[k + 3]]);
-        let (namelen, payloadlen, flags) = (word(0) as usize, word(8) as usize, word(12));
+        let (namelen, controllen) = (word(0) as usize, word(4) as usize);
+        let (payloadlen, flags) = (word(8) as usize, word(12));
         let len = payloadlen.min(res.saturating_sub(HDR));
         let from = parse_sockaddr(&hdr[OUT_LEN..], namelen);
+        let control = &hdr[OUT_LEN + NAME_LEN..];
+        let local = control
+            .get(..controllen.min(CTRL_LEN))
+            .and_then(parse_pktinfo);
         let truncated = flags & libc::MSG_TRUNC as u32 != 0 || res < HDR || from.is_none();
-        (from.unwrap_or(unspecified), len, truncated)
+        (from.unwrap_or(unspecified), local, len, truncated)
     }
 
     /// Cancel everything and reap until nothing is in flight (at most about a second). True if drained.
@@ -867,7 +896,7 @@ mod tests {
     use std::os::fd::AsRawFd;
 
     const SLOT: usize = 512;
-    const HEAD: usize = 48;
+    const HEAD: usize = 96;
 
     fn ring(buffers: u16) -> Ring {
         Ring::new(RingConfig {
@@ -945,20 +974,21 @@ mod tests {
                 from,
                 len,
                 truncated,
+                local,
                 more,
             } = c
             else {
                 panic!("unexpected {c:?}");
             };
             assert_eq!(
-                (tag, from, truncated, more),
-                (42, a.local_addr().unwrap(), false, true)
+                (tag, from, truncated, local, more),
+                (42, a.local_addr().unwrap(), false, None, true)
             );
             let slot = ring.buf_mut(&buf);
             assert_eq!(&slot[HEAD..HEAD + len], &payloads[got][..]);
             // Write a 2-byte marker into the headroom and send marker + payload back, from the same slot.
             slot[HEAD - 2..HEAD].copy_from_slice(b"ok");
-            ring.send(buf, b.as_raw_fd(), 42, HEAD - 2..HEAD + len, from)
+            ring.send(buf, b.as_raw_fd(), 42, HEAD - 2..HEAD + len, from, None)
                 .unwrap();
             got += 1;
             got == payloads.len()
@@ -1123,5 +1153,51 @@ mod tests {
         assert!(ring.buf_mut(&Buf(99)).is_empty());
         ring.release(Buf(99));
         assert_eq!(ring.buffers_held(), 0);
+    }
+
+    /// A wildcard socket's datagrams carry the address they were sent to, and a send with that source
+    /// leaves from it.
+    #[test]
+    fn a_wildcard_socket_reads_the_destination_and_replies_from_it() {
+        let mut ring = ring(8);
+        let w = UdpSocket::bind("0.0.0.0:0").unwrap();
+        w.set_nonblocking(true).unwrap();
+        crate::sys::set_pktinfo(&w, true).unwrap();
+        let port = w.local_addr().unwrap().port();
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        ring.recv(w.as_raw_fd(), 7).unwrap();
+        ring.submit_and_wait(0).unwrap();
+        let targets: [IpAddr; 2] = ["127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap()];
+        for ip in targets {
+            c.send_to(b"hi", SocketAddr::new(ip, port)).unwrap();
+        }
+        let mut got = 0;
+        reap(&mut ring, |ring, comp| {
+            let Completion::Recv {
+                buf,
+                from,
+                len,
+                local,
+                ..
+            } = comp
+            else {
+                return false;
+            };
+            assert_eq!(local, Some(targets[got]));
+            assert_eq!(&ring.buf_mut(&buf)[HEAD..HEAD + len], b"hi");
+            ring.send(buf, w.as_raw_fd(), 7, HEAD..HEAD + len, from, local)
+                .unwrap();
+            got += 1;
+            got == targets.len()
+        });
+        ring.submit_and_wait(0).unwrap();
+        for ip in targets {
+            let mut b = [0u8; 8];
+            let (n, from) = c.recv_from(&mut b).unwrap();
+            assert_eq!((&b[..n], from), (&b"hi"[..], SocketAddr::new(ip, port)));
+        }
+        ring.cancel_recv(7).unwrap();
+        settle(&mut ring);
     }
 }

@@ -49,6 +49,61 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Add IPv6 addresses (CIDR strings) to `dev` without duplicate address detection (`nodad`), so
+    /// they are usable at once rather than tentative for a second or two.
+    pub fn add_v6_nodad(&self, dev: &str, addrs: &[&str]) {
+        for a in addrs {
+            ip(&["-n", &self.0, "addr", "add", a, "dev", dev, "nodad"]).unwrap();
+        }
+    }
+}
+
+impl Netns {
+    /// A veth pair from `dev` in this namespace to `peer_dev` in `other`, with an address (CIDR) on
+    /// each end, both up.
+    pub fn link(&self, dev: &str, addr: &str, other: &Netns, peer_dev: &str, peer_addr: &str) {
+        let (a, b) = (self.0.as_str(), other.0.as_str());
+        ip(&[
+            "-n", a, "link", "add", dev, "type", "veth", "peer", "name", peer_dev, "netns", b,
+        ])
+        .unwrap();
+        for (ns, d, cidr) in [(a, dev, addr), (b, peer_dev, peer_addr)] {
+            ip(&["-n", ns, "addr", "add", cidr, "dev", d]).unwrap();
+            ip(&["-n", ns, "link", "set", d, "up"]).unwrap();
+            ip(&["-n", ns, "link", "set", "lo", "up"]).unwrap();
+        }
+    }
+
+    /// Run `program` with `args` inside this namespace (`ip netns exec`), feeding it `stdin`; an error
+    /// with its output if it fails.
+    pub fn exec(&self, program: &str, args: &[&str], stdin: &str) -> Result<(), String> {
+        use std::io::Write;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.0, program])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("{program}: {e}"))?;
+        if let Some(mut i) = child.stdin.take() {
+            i.write_all(stdin.as_bytes()).map_err(|e| e.to_string())?;
+        }
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{program} {}: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = ip(&["netns", "del", &self.0]);
