@@ -11,13 +11,28 @@
 //! A relay socket, and everything routed through it, belongs to the worker that owns the allocation's
 //! client 5-tuple (the one whose SO_REUSEPORT listener the kernel hashes that client to).
 //!
+//! # Memory
+//! A worker's state per relay socket is one [`Relay`] in one map, plus one entry in the client index.
+//! Its permissions and channels are inline sets ([`SmallMap`]) sized for a typical call (one peer):
+//! nothing else on the heap until an allocation has more, when they spill to hash maps (on the
+//! control path: [`RouteTable::apply`]). Client ChannelData finds its peer through the client's relay
+//! sockets (at most two), so there is no table-wide channel map.
+//!
 //! May use: wire, metrics (the counters type), hashbrown.
+
+mod small;
 
 use core::net::{IpAddr, SocketAddr};
 
-use hashbrown::{HashMap, HashSet};
+use hashbrown::HashMap;
 
 pub use crate::metrics::Counters;
+pub use small::{SmallMap, SmallSet};
+
+/// Permissions of one relay socket kept inline (more spill to the heap).
+pub const INLINE_PERMISSIONS: usize = 1;
+/// Channels of one relay socket kept inline (more spill to the heap).
+pub const INLINE_CHANNELS: usize = 1;
 
 /// Index of a listener within a worker (the same index in every worker: the config's `listen` order).
 pub type ListenerId = u16;
@@ -131,11 +146,83 @@ pub struct Relay {
     /// The client it serves.
     pub client: ClientKey,
     /// Peer IPs with a permission.
-    pub permissions: HashSet<IpAddr>,
-    /// Peer → channel number, for peer → client ChannelData.
-    pub channels: HashMap<SocketAddr, ChannelNumber>,
+    pub permissions: SmallSet<IpAddr, INLINE_PERMISSIONS>,
+    /// The channels bound through this relay socket.
+    pub channels: Channels,
     /// What was relayed.
     pub counters: Counters,
+}
+
+/// A relay socket's channel bindings, looked up both ways: peer → number for peer → client
+/// ChannelData, number → peer for client → peer. Inline, the one list serves both (a scan of
+/// [`INLINE_CHANNELS`] entries); once spilled, a second map indexes the numbers so both stay O(1).
+#[derive(Debug, Default)]
+pub struct Channels {
+    by_peer: SmallMap<SocketAddr, ChannelNumber, INLINE_CHANNELS>,
+    /// Present exactly while `by_peer` is spilled.
+    by_number: Option<Box<HashMap<ChannelNumber, SocketAddr>>>,
+}
+
+impl Channels {
+    /// The channel bound to `peer`.
+    #[inline]
+    pub fn get(&self, peer: &SocketAddr) -> Option<&ChannelNumber> {
+        self.by_peer.get(peer)
+    }
+
+    /// The peer bound to channel `number`.
+    #[inline]
+    pub fn peer(&self, number: ChannelNumber) -> Option<SocketAddr> {
+        match &self.by_number {
+            Some(map) => map.get(&number).copied(),
+            None => self
+                .by_peer
+                .iter()
+                .find(|(_, n)| **n == number)
+                .map(|(p, _)| *p),
+        }
+    }
+
+    /// Bind `number` to `peer` (replacing `peer`'s previous binding). Control path: may allocate.
+    fn insert(&mut self, peer: SocketAddr, number: ChannelNumber) {
+        if let Some(old) = self.by_peer.insert(peer, number) {
+            if let Some(map) = &mut self.by_number {
+                if map.get(&old) == Some(&peer) {
+                    map.remove(&old);
+                }
+            }
+        }
+        match (&self.by_peer, &mut self.by_number) {
+            (SmallMap::Spilled(_), Some(map)) => {
+                map.insert(number, peer);
+            }
+            (SmallMap::Spilled(all), None) => {
+                self.by_number = Some(Box::new(all.iter().map(|(p, n)| (*n, *p)).collect()));
+            }
+            (SmallMap::Inline(_), _) => {}
+        }
+    }
+
+    /// Unbind `peer` if it is bound to `number`.
+    fn remove(&mut self, peer: SocketAddr, number: ChannelNumber) {
+        if self.by_peer.get(&peer) != Some(&number) {
+            return;
+        }
+        self.by_peer.remove(&peer);
+        if let Some(map) = &mut self.by_number {
+            map.remove(&number);
+        }
+    }
+
+    /// Number of bindings.
+    pub fn len(&self) -> usize {
+        self.by_peer.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.by_peer.is_empty()
+    }
 }
 
 /// Where a client's ChannelData goes.
@@ -151,8 +238,6 @@ pub struct ChannelRoute {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     relays: HashMap<RelayId, Relay>,
-    /// (client, channel) → route, for client → peer ChannelData.
-    channels: HashMap<(ClientKey, ChannelNumber), ChannelRoute>,
     /// client → its relay sockets (one per family), for Send indications.
     clients: HashMap<ClientKey, [Option<RelayId>; 2]>,
 }
@@ -181,17 +266,14 @@ impl RouteTable {
                         allocation,
                         addr,
                         client,
-                        permissions: HashSet::new(),
-                        channels: HashMap::new(),
+                        permissions: SmallSet::new(),
+                        channels: Channels::default(),
                         counters: Counters::default(),
                     },
                 );
             }
             RouteUpdate::RemoveRelay { id } => {
                 let relay = self.relays.remove(&id)?;
-                for channel in relay.channels.values() {
-                    self.channels.remove(&(relay.client, *channel));
-                }
                 if let Some(slots) = self.clients.get_mut(&relay.client) {
                     for s in slots.iter_mut() {
                         if *s == Some(id) {
@@ -221,8 +303,6 @@ impl RouteTable {
             } => {
                 if let Some(r) = self.relays.get_mut(&relay) {
                     r.channels.insert(peer, channel);
-                    self.channels
-                        .insert((r.client, channel), ChannelRoute { relay, peer });
                 }
             }
             RouteUpdate::ReportCounters => {}
@@ -232,16 +312,7 @@ impl RouteTable {
                 peer,
             } => {
                 if let Some(r) = self.relays.get_mut(&relay) {
-                    if r.channels.get(&peer) == Some(&channel) {
-                        r.channels.remove(&peer);
-                    }
-                    if self
-                        .channels
-                        .get(&(r.client, channel))
-                        .is_some_and(|c| c.relay == relay && c.peer == peer)
-                    {
-                        self.channels.remove(&(r.client, channel));
-                    }
+                    r.channels.remove(peer, channel);
                 }
             }
         }
@@ -251,14 +322,21 @@ impl RouteTable {
     /// Client ChannelData: where channel `channel` of `client` goes, if bound and permitted.
     #[inline]
     pub fn channel(&self, client: ClientKey, channel: u16) -> Option<ChannelRoute> {
-        let route = *self
-            .channels
-            .get(&(client, ChannelNumber::bound(channel)))?;
-        let relay = self.relays.get(&route.relay)?;
-        relay
-            .permissions
-            .contains(&route.peer.ip())
-            .then_some(route)
+        let number = ChannelNumber::bound(channel);
+        // A channel number is bound once per allocation (RFC 8656 §12), so at most one of the client's
+        // relay sockets (one per family) has it.
+        for id in self.clients.get(&client)?.iter().flatten() {
+            let Some(relay) = self.relays.get(id) else {
+                continue;
+            };
+            if let Some(peer) = relay.channels.peer(number) {
+                return relay
+                    .permissions
+                    .contains(&peer.ip())
+                    .then_some(ChannelRoute { relay: *id, peer });
+            }
+        }
+        None
     }
 
     /// Send indication: the relay of `client` for `peer`'s family, if `peer` is permitted there.
@@ -299,9 +377,9 @@ impl RouteTable {
         self.relays.len()
     }
 
-    /// Number of channel routes.
+    /// Number of channel bindings (counted over the relays: diagnostics and tests, not the fast path).
     pub fn channel_count(&self) -> usize {
-        self.channels.len()
+        self.relays.values().map(|r| r.channels.len()).sum()
     }
 }
 
@@ -404,5 +482,57 @@ mod tests {
         });
         assert!(t.channel(client(), 0x4001).is_none());
         assert!(t.relay(id).unwrap().channels.is_empty());
+    }
+
+    #[test]
+    fn many_permissions_and_channels_spill_and_stay_routed_both_ways() {
+        let mut t = RouteTable::new();
+        let id = RelayId(3);
+        t.apply(RouteUpdate::AddRelay {
+            id,
+            allocation: AllocationId(1),
+            addr: "203.0.113.1:50000".parse().unwrap(),
+            client: client(),
+        });
+        let peer = |i: u16| SocketAddr::from(([8, 8, (i >> 8) as u8, i as u8], 1000 + i));
+        let n = 3 * (INLINE_CHANNELS + INLINE_PERMISSIONS) as u16 + 5;
+        for i in 0..n {
+            t.apply(RouteUpdate::AddPermission {
+                relay: id,
+                peer: peer(i).ip(),
+            });
+            t.apply(RouteUpdate::AddChannel {
+                relay: id,
+                channel: ChannelNumber::new(0x4000 + i).unwrap(),
+                peer: peer(i),
+            });
+        }
+        assert_eq!(t.channel_count(), usize::from(n));
+        for i in 0..n {
+            assert_eq!(
+                t.channel(client(), 0x4000 + i),
+                Some(ChannelRoute {
+                    relay: id,
+                    peer: peer(i)
+                })
+            );
+            let r = t.relay(id).unwrap();
+            assert_eq!(r.channels.get(&peer(i)).map(|c| c.get()), Some(0x4000 + i));
+            assert_eq!(t.send_route(client(), peer(i)), Some(id));
+        }
+        t.apply(RouteUpdate::RemoveChannel {
+            relay: id,
+            channel: ChannelNumber::new(0x4000 + 1).unwrap(),
+            peer: peer(1),
+        });
+        t.apply(RouteUpdate::RemovePermission {
+            relay: id,
+            peer: peer(2).ip(),
+        });
+        assert_eq!(t.channel(client(), 0x4001), None, "unbound");
+        assert_eq!(t.channel(client(), 0x4002), None, "no permission");
+        assert_eq!(t.send_route(client(), peer(2)), None);
+        assert!(t.channel(client(), 0x4003).is_some());
+        assert_eq!(t.channel_count(), usize::from(n) - 1);
     }
 }
