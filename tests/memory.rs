@@ -165,6 +165,15 @@ fn userspace_state_per_allocation_at_100k_is_at_most_1_kib() {
         idle - empty,
         full - empty
     );
+    let t0 = live_bytes();
+    let table = std::mem::take(&mut exec.plane.table);
+    drop(table);
+    let t1 = live_bytes();
+    drop(exec);
+    let t2 = live_bytes();
+    drop(server);
+    let t3 = live_bytes();
+    println!("BREAKDOWN table {} exec {} server {}", (t0-t1)/ALLOCATIONS as i64, (t1-t2)/ALLOCATIONS as i64, (t2-t3)/ALLOCATIONS as i64);
     assert!(
         per <= BUDGET,
         "{per} bytes per allocation, more than {BUDGET}"

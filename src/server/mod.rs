@@ -43,6 +43,7 @@ pub use types::{
 use crate::auth::{self, NonceCheck, NonceKey, RestError, FEATURE_PASSWORD_ALGORITHMS};
 use crate::budget::{SourceLimiter, MAX_AMPLIFICATION};
 use crate::policy::OwnAddresses;
+use crate::route::{SmallMap, INLINE_CHANNELS, INLINE_PERMISSIONS};
 use crate::wire::{
     self, family, password_algorithm, Attribute, Class, Kind, Message, MessageType, MessageWriter,
     Method,
@@ -121,7 +122,8 @@ pub struct Server<R> {
     users: HashMap<Box<str>, StaticUser>,
     userhashes: HashMap<[u8; 32], Box<str>>,
     pools: Vec<PortPool>,
-    allocations: HashMap<AllocationId, Allocation>,
+    /// Boxed: the map's spare buckets then cost a pointer each, not a whole allocation.
+    allocations: HashMap<AllocationId, Box<Allocation>>,
     by_client: HashMap<FiveTuple, AllocationId>,
     by_relay: HashMap<RelayAddr, AllocationId>,
     /// What each identity holds, for its quotas; an identity holding nothing has no entry.
@@ -361,9 +363,7 @@ impl<R: RngCore> Server<R> {
                             });
                         }
                     } else {
-                        let peer = binding.peer;
                         alloc.channels.remove(&number);
-                        alloc.peer_channels.remove(&peer);
                         hold(&mut self.per_identity, &alloc.identity, |h| {
                             h.channels = h.channels.saturating_sub(1)
                         });
@@ -485,7 +485,6 @@ impl<R: RngCore> Server<R> {
                 let Some(b) = alloc.channels.remove(&number) else {
                     continue;
                 };
-                alloc.peer_channels.remove(&peer);
                 self.timers.remove(&(b.expires, Timer::Channel(id, number)));
                 hold(&mut self.per_identity, &alloc.identity, |h| {
                     h.channels = h.channels.saturating_sub(1)
@@ -796,9 +795,8 @@ impl<R: RngCore> Server<R> {
             address_error,
             reservation_token: token_out,
             dont_fragment: a.dont_fragment,
-            permissions: HashMap::new(),
-            channels: HashMap::new(),
-            peer_channels: HashMap::new(),
+            permissions: SmallMap::new(),
+            channels: SmallMap::new(),
         };
         hold(&mut self.per_identity, &alloc.identity, |h| {
             h.allocations += 1;
@@ -815,7 +813,7 @@ impl<R: RngCore> Server<R> {
             });
         }
         self.timers.insert((expires, Timer::Allocation(id)));
-        self.allocations.insert(id, alloc);
+        self.allocations.insert(id, Box::new(alloc));
     }
 
     fn refresh(&mut self, now: Instant, unix_now: u64, five: FiveTuple, msg: &Message<'_>) {
@@ -917,7 +915,7 @@ impl<R: RngCore> Server<R> {
         // RFC 8656 §11.2: a channel is bound to one peer and a peer to one channel, including during the
         // 5 minutes after a binding expired.
         let conflict = alloc.channels.get(&number).is_some_and(|b| b.peer != peer)
-            || alloc.peer_channels.get(&peer).is_some_and(|c| *c != number);
+            || alloc.channel_of(peer).is_some_and(|c| c != number);
         if conflict {
             return self.reply_error(five, msg, s, ErrorCode::BadRequest);
         }
@@ -945,7 +943,6 @@ impl<R: RngCore> Server<R> {
                 active: true,
             },
         );
-        alloc.peer_channels.insert(peer, number);
         if previous.is_none() {
             hold(&mut self.per_identity, &alloc.identity, |h| h.channels += 1);
         }
@@ -1788,9 +1785,11 @@ struct Allocation {
     address_error: Option<(u8, ErrorCode)>,
     reservation_token: Option<u64>,
     dont_fragment: bool,
-    permissions: HashMap<IpAddr, Instant>,
-    channels: HashMap<u16, ChannelBinding>,
-    peer_channels: HashMap<SocketAddr, u16>,
+    /// Peer IP → when its permission expires. Inline for a typical call, spilled beyond.
+    permissions: SmallMap<IpAddr, Instant, INLINE_PERMISSIONS>,
+    /// Channel number → its binding (a peer is bound to at most one number, RFC 8656 §11.2:
+    /// [`Allocation::channel_of`] finds it).
+    channels: SmallMap<u16, ChannelBinding, INLINE_CHANNELS>,
 }
 
 impl Allocation {
@@ -1803,6 +1802,14 @@ impl Allocation {
 
     fn signer(&self) -> Signer {
         self.signer
+    }
+
+    /// The channel number `peer` is bound to (active or cooling down).
+    fn channel_of(&self, peer: SocketAddr) -> Option<u16> {
+        self.channels
+            .iter()
+            .find(|(_, b)| b.peer == peer)
+            .map(|(n, _)| *n)
     }
 
     /// The relay socket of the peer's family.
