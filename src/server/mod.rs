@@ -26,12 +26,13 @@ mod config;
 mod ports;
 mod types;
 
+use core::hash::BuildHasher;
 use core::net::{IpAddr, SocketAddr};
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hashbrown::HashMap;
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 use rand::RngCore;
 
 pub use config::{Config, ConfigError};
@@ -124,8 +125,11 @@ pub struct Server<R> {
     pools: Vec<PortPool>,
     /// Boxed: the map's spare buckets then cost a pointer each, not a whole allocation.
     allocations: HashMap<AllocationId, Box<Allocation>>,
-    by_client: HashMap<FiveTuple, AllocationId>,
-    by_relay: HashMap<RelayAddr, AllocationId>,
+    /// Client 5-tuple → its allocation: ids hashed by their allocation's 5-tuple, which is stored once,
+    /// in the allocation ([`Server::allocation_on`]).
+    by_client: HashTable<AllocationId>,
+    /// Hashes `by_client`'s 5-tuples.
+    hasher: DefaultHashBuilder,
     /// What each identity holds, for its quotas; an identity holding nothing has no entry.
     per_identity: HashMap<Box<str>, Holdings>,
     /// identity → revocation horizon: its REST credentials expiring at or before it are refused.
@@ -177,8 +181,8 @@ impl<R: RngCore> Server<R> {
             userhashes,
             pools,
             allocations: HashMap::new(),
-            by_client: HashMap::new(),
-            by_relay: HashMap::new(),
+            by_client: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
             per_identity: HashMap::new(),
             revoked: HashMap::new(),
             reservations: HashMap::new(),
@@ -253,7 +257,6 @@ impl<R: RngCore> Server<R> {
         let Some(i) = alloc.pending_relay(relay) else {
             return;
         };
-        self.by_relay.remove(&relay);
         release_port(&mut self.pools, relay);
         let attempts = alloc.open_attempts;
         alloc.open_attempts += 1;
@@ -273,7 +276,6 @@ impl<R: RngCore> Server<R> {
         match retry {
             Some(addr) => {
                 alloc.relays[i] = Some(RelaySlot { addr, open: false });
-                self.by_relay.insert(addr, allocation);
                 self.commands.push_back(Command::OpenRelay {
                     allocation,
                     client: alloc.five_tuple,
@@ -306,7 +308,7 @@ impl<R: RngCore> Server<R> {
     /// 5-tuple of a stream allocation is the connection). Nothing happens for a connection without one.
     pub fn handle_connection_closed(&mut self, now: Instant, client: FiveTuple) {
         let _ = now;
-        if let Some(id) = self.by_client.get(&client).copied() {
+        if let Some(id) = self.allocation_on(client) {
             self.free_allocation(id);
         }
     }
@@ -635,9 +637,8 @@ impl<R: RngCore> Server<R> {
         };
         let s = Answer::Signed(&auth.signer);
         if let Some(existing) = self
-            .by_client
-            .get(&five)
-            .and_then(|id| self.allocations.get(id))
+            .allocation_on(five)
+            .and_then(|id| self.allocations.get(&id))
         {
             // RFC 8656 §7.2: a retransmission gets the same answer; anything else on a used 5-tuple is 437.
             let code = if *existing.username != *auth.username {
@@ -802,9 +803,7 @@ impl<R: RngCore> Server<R> {
             h.allocations += 1;
             h.reservations += usize::from(token_out.is_some());
         });
-        self.by_client.insert(five, id);
         for slot in alloc.relays.iter().flatten() {
-            self.by_relay.insert(slot.addr, id);
             self.commands.push_back(Command::OpenRelay {
                 allocation: id,
                 client: five,
@@ -814,6 +813,13 @@ impl<R: RngCore> Server<R> {
         }
         self.timers.insert((expires, Timer::Allocation(id)));
         self.allocations.insert(id, Box::new(alloc));
+        let (allocations, hasher) = (&self.allocations, &self.hasher);
+        self.by_client
+            .insert_unique(hasher.hash_one(five), id, |id| {
+                allocations
+                    .get(id)
+                    .map_or(0, |a| hasher.hash_one(a.five_tuple))
+            });
     }
 
     fn refresh(&mut self, now: Instant, unix_now: u64, five: FiveTuple, msg: &Message<'_>) {
@@ -1005,12 +1011,22 @@ impl<R: RngCore> Server<R> {
         self.per_identity.get(identity).copied().unwrap_or_default()
     }
 
+    /// The allocation on the client 5-tuple `five`, live or not.
+    fn allocation_on(&self, five: FiveTuple) -> Option<AllocationId> {
+        self.by_client
+            .find(self.hasher.hash_one(five), |id| {
+                self.allocations
+                    .get(id)
+                    .is_some_and(|a| a.five_tuple == five)
+            })
+            .copied()
+    }
+
     /// An active allocation on `five` that has not expired (even if its timer has not run yet).
     fn live_allocation(&self, now: Instant, five: FiveTuple) -> Option<&Allocation> {
         let alloc = self
-            .by_client
-            .get(&five)
-            .and_then(|id| self.allocations.get(id))?;
+            .allocation_on(five)
+            .and_then(|id| self.allocations.get(&id))?;
         (alloc.active && alloc.expires > now).then_some(alloc)
     }
 
@@ -1093,7 +1109,6 @@ impl<R: RngCore> Server<R> {
             }
         }
         for slot in alloc.relays.iter().flatten() {
-            self.by_relay.remove(&slot.addr);
             release_port(&mut self.pools, slot.addr);
             if slot.open {
                 self.own.set_live(slot.addr.0, false);
@@ -1103,8 +1118,11 @@ impl<R: RngCore> Server<R> {
                 });
             }
         }
-        if self.by_client.get(&alloc.five_tuple) == Some(&id) {
-            self.by_client.remove(&alloc.five_tuple);
+        if let Ok(entry) = self
+            .by_client
+            .find_entry(self.hasher.hash_one(alloc.five_tuple), |x| *x == id)
+        {
+            entry.remove();
         }
         // A port reserved by this allocation's EVEN-PORT ends with it.
         if let Some((token, r)) = alloc
