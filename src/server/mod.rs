@@ -321,56 +321,7 @@ impl<R: RngCore> Server<R> {
             }
             self.timers.pop_first();
             match timer {
-                Timer::Allocation(id) => self.free_allocation(id),
-                Timer::Permission(id, ip) => {
-                    let Some(alloc) = self.allocations.get_mut(&id) else {
-                        continue;
-                    };
-                    if alloc.permissions.remove(&ip).is_some() {
-                        hold(&mut self.per_identity, &alloc.identity, |h| {
-                            h.permissions = h.permissions.saturating_sub(1)
-                        });
-                    }
-                    if let Some(relay) = alloc.relay_for(ip) {
-                        self.commands.push_back(Command::RemovePermission {
-                            allocation: id,
-                            relay,
-                            peer: ip,
-                        });
-                    }
-                }
-                Timer::Channel(id, number) => {
-                    let Some(alloc) = self.allocations.get_mut(&id) else {
-                        continue;
-                    };
-                    let Some(binding) = alloc.channels.get_mut(&number) else {
-                        continue;
-                    };
-                    if binding.active {
-                        binding.active = false;
-                        binding.expires = at + CHANNEL_COOLDOWN;
-                        self.timers
-                            .insert((binding.expires, Timer::Channel(id, number)));
-                        let peer = binding.peer;
-                        if let (Some(relay), Some(channel)) = (
-                            alloc.relay_for(peer.ip()),
-                            Some(ChannelNumber::bound(number)),
-                        ) {
-                            self.commands.push_back(Command::RemoveChannel {
-                                allocation: id,
-                                client: alloc.five_tuple,
-                                relay,
-                                channel,
-                                peer: PeerAddr(peer),
-                            });
-                        }
-                    } else {
-                        alloc.channels.remove(&number);
-                        hold(&mut self.per_identity, &alloc.identity, |h| {
-                            h.channels = h.channels.saturating_sub(1)
-                        });
-                    }
-                }
+                Timer::Allocation(id) => self.expire(id, at),
                 Timer::Reservation(token) => {
                     if let Some(r) = self.reservations.remove(&token) {
                         release_port(&mut self.pools, r.relay);
@@ -484,10 +435,9 @@ impl<R: RngCore> Server<R> {
             }
             let alloc = self.allocations.get_mut(&id).expect_alloc();
             for &(number, peer) in &channels {
-                let Some(b) = alloc.channels.remove(&number) else {
+                if alloc.channels.remove(&number).is_none() {
                     continue;
-                };
-                self.timers.remove(&(b.expires, Timer::Channel(id, number)));
+                }
                 hold(&mut self.per_identity, &alloc.identity, |h| {
                     h.channels = h.channels.saturating_sub(1)
                 });
@@ -502,10 +452,9 @@ impl<R: RngCore> Server<R> {
                 }
             }
             for &ip in &permissions {
-                let Some(expires) = alloc.permissions.remove(&ip) else {
+                if alloc.permissions.remove(&ip).is_none() {
                     continue;
-                };
-                self.timers.remove(&(expires, Timer::Permission(id, ip)));
+                }
                 hold(&mut self.per_identity, &alloc.identity, |h| {
                     h.permissions = h.permissions.saturating_sub(1)
                 });
@@ -526,6 +475,7 @@ impl<R: RngCore> Server<R> {
                     .map(|(n, p)| (ChannelNumber::bound(n), PeerAddr(p)))
                     .collect(),
             });
+            self.arm(id);
         }
         Ok(revoked)
     }
@@ -791,6 +741,7 @@ impl<R: RngCore> Server<R> {
             open_attempts: 0,
             active: false,
             expires,
+            due: expires,
             lifetime,
             allocate_tid: msg.transaction_id(),
             address_error,
@@ -846,9 +797,8 @@ impl<R: RngCore> Server<R> {
         if lifetime == 0 {
             self.free_allocation(id);
         } else {
-            self.timers.remove(&(alloc.expires, Timer::Allocation(id)));
             alloc.expires = now + secs(lifetime);
-            self.timers.insert((alloc.expires, Timer::Allocation(id)));
+            self.arm(id);
         }
         self.reply(five, msg, Class::Success, s, |w| {
             w.add(&Attribute::Lifetime(lifetime))
@@ -952,11 +902,7 @@ impl<R: RngCore> Server<R> {
         if previous.is_none() {
             hold(&mut self.per_identity, &alloc.identity, |h| h.channels += 1);
         }
-        if let Some(old) = previous {
-            self.timers
-                .remove(&(old.expires, Timer::Channel(id, number)));
-        }
-        self.timers.insert((expires, Timer::Channel(id, number)));
+        self.arm(id);
         // A binding also installs or refreshes the permission (RFC 8656 §11.2); install it before the
         // channel so that the data plane never has a channel without its permission.
         self.install_permission(now, id, peer.ip());
@@ -1050,9 +996,7 @@ impl<R: RngCore> Server<R> {
         let expires = now + secs(self.config.permission_lifetime);
         let alloc = self.allocations.get_mut(&id).expect_alloc();
         match alloc.permissions.insert(ip, expires) {
-            Some(old) => {
-                self.timers.remove(&(old, Timer::Permission(id, ip)));
-            }
+            Some(_) => {}
             None => {
                 hold(&mut self.per_identity, &alloc.identity, |h| {
                     h.permissions += 1
@@ -1067,7 +1011,87 @@ impl<R: RngCore> Server<R> {
                 }
             }
         }
-        self.timers.insert((expires, Timer::Permission(id, ip)));
+        self.arm(id);
+    }
+
+    /// (Re)arm allocation `id`'s one timer at its earliest deadline ([`Allocation::due`]).
+    fn arm(&mut self, id: AllocationId) {
+        let Some(alloc) = self.allocations.get_mut(&id) else {
+            return;
+        };
+        let due = alloc
+            .permissions
+            .values()
+            .chain(alloc.channels.values().map(|b| &b.expires))
+            .fold(alloc.expires, |due, at| due.min(*at));
+        if due != alloc.due || !self.timers.contains(&(due, Timer::Allocation(id))) {
+            self.timers.remove(&(alloc.due, Timer::Allocation(id)));
+            alloc.due = due;
+            self.timers.insert((due, Timer::Allocation(id)));
+        }
+    }
+
+    /// Allocation `id`'s timer fired at `at` (its timer entry is gone): end what is due by then, in the
+    /// order RFC 8656 gives each its lifetime, and re-arm for the rest. The allocation's own expiry ends
+    /// everything (§7); an expired permission is removed (§9); an expired channel binding stops routing
+    /// and cools down for 5 minutes before its number and peer are free again (§12).
+    fn expire(&mut self, id: AllocationId, at: Instant) {
+        let Some(alloc) = self.allocations.get_mut(&id) else {
+            return;
+        };
+        if alloc.expires <= at {
+            return self.free_allocation(id);
+        }
+        let (identity, five) = (&alloc.identity, alloc.five_tuple);
+        let relays = alloc.relays;
+        let relay_for = |ip: IpAddr| {
+            relays
+                .iter()
+                .flatten()
+                .find(|r| r.addr.0.is_ipv4() == ip.is_ipv4())
+                .map(|r| r.addr)
+        };
+        let (commands, per_identity) = (&mut self.commands, &mut self.per_identity);
+        alloc.permissions.retain(|ip, expires| {
+            if *expires > at {
+                return true;
+            }
+            hold(per_identity, identity, |h| {
+                h.permissions = h.permissions.saturating_sub(1)
+            });
+            if let Some(relay) = relay_for(*ip) {
+                commands.push_back(Command::RemovePermission {
+                    allocation: id,
+                    relay,
+                    peer: *ip,
+                });
+            }
+            false
+        });
+        alloc.channels.retain(|number, binding| {
+            if binding.expires > at {
+                return true;
+            }
+            if !binding.active {
+                hold(per_identity, identity, |h| {
+                    h.channels = h.channels.saturating_sub(1)
+                });
+                return false;
+            }
+            binding.active = false;
+            binding.expires += CHANNEL_COOLDOWN;
+            if let Some(relay) = relay_for(binding.peer.ip()) {
+                commands.push_back(Command::RemoveChannel {
+                    allocation: id,
+                    client: five,
+                    relay,
+                    channel: ChannelNumber::bound(*number),
+                    peer: PeerAddr(binding.peer),
+                });
+            }
+            true
+        });
+        self.arm(id);
     }
 
     /// Remove an allocation and everything it holds, returning every port, counter and timer.
@@ -1080,10 +1104,8 @@ impl<R: RngCore> Server<R> {
         let Some(alloc) = self.allocations.remove(&id) else {
             return;
         };
-        self.timers.remove(&(alloc.expires, Timer::Allocation(id)));
+        self.timers.remove(&(alloc.due, Timer::Allocation(id)));
         for (number, b) in &alloc.channels {
-            self.timers
-                .remove(&(b.expires, Timer::Channel(id, *number)));
             if let (true, Some(relay), Some(channel)) = (
                 b.active,
                 alloc.relay_for(b.peer.ip()),
@@ -1098,8 +1120,7 @@ impl<R: RngCore> Server<R> {
                 });
             }
         }
-        for (ip, expires) in &alloc.permissions {
-            self.timers.remove(&(*expires, Timer::Permission(id, *ip)));
+        for ip in alloc.permissions.keys() {
             if let Some(relay) = alloc.relay_for(*ip) {
                 self.commands.push_back(Command::RemovePermission {
                     allocation: id,
@@ -1157,9 +1178,8 @@ impl<R: RngCore> Server<R> {
         alloc.active = true;
         self.stats.allocations_created += 1;
         let expires = now + secs(alloc.lifetime);
-        self.timers.remove(&(alloc.expires, Timer::Allocation(id)));
         alloc.expires = expires;
-        self.timers.insert((expires, Timer::Allocation(id)));
+        self.arm(id);
         self.allocate_success(id);
     }
 
@@ -1736,9 +1756,9 @@ enum Reject {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
+    /// An allocation's earliest deadline ([`Allocation::due`]): its expiry, a permission's, a channel
+    /// binding's or the end of its cool-down. One timer per allocation, however much it holds.
     Allocation(AllocationId),
-    Permission(AllocationId, IpAddr),
-    Channel(AllocationId, u16),
     Reservation(u64),
 }
 
@@ -1798,6 +1818,9 @@ struct Allocation {
     open_attempts: u8,
     active: bool,
     expires: Instant,
+    /// When its one timer is armed: the earliest of `expires` and its permissions' and channels'
+    /// deadlines ([`Server::arm`]).
+    due: Instant,
     lifetime: u32,
     allocate_tid: wire::TransactionId,
     address_error: Option<(u8, ErrorCode)>,
