@@ -9,11 +9,13 @@
 //! [`Executor::stun`], [`Executor::pump`] and [`Executor::relay_closed`]: there is no second copy.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use crossbeam_channel::Sender;
+use hashbrown::{DefaultHashBuilder, HashTable};
 use rand::RngCore;
 
 use super::UsageRecord;
@@ -57,13 +59,17 @@ pub struct Executor<P> {
     stream_owners: HashMap<ClientKey, usize>,
     /// relay address → (worker, slot).
     relays: HashMap<SocketAddr, (usize, RelayId)>,
-    /// allocation client → owning worker.
-    owners: HashMap<FiveTuple, usize>,
+    /// Allocation client → owning worker ([`PendingUsage::worker`]): ids hashed by their pending
+    /// usage's client, which is stored once, there.
+    owners: HashTable<AllocationId>,
+    /// Hashes `owners`' clients.
+    hasher: DefaultHashBuilder,
     next_relay: u32,
     /// The worker whose STUN copy is being handled (new relay sockets go to it).
     current_worker: usize,
     /// Usage of allocations until both the server's end report and every relay's final counters are in.
-    pub(crate) usage: HashMap<AllocationId, PendingUsage>,
+    /// Boxed: the map's spare buckets then cost a pointer each.
+    pub(crate) usage: HashMap<AllocationId, Box<PendingUsage>>,
     pub(crate) usage_sink: Option<Sender<UsageRecord>>,
     /// Installed permissions and channels (for metrics).
     pub(crate) permissions: u64,
@@ -76,6 +82,8 @@ pub struct Executor<P> {
 #[derive(Debug, Default)]
 pub(crate) struct PendingUsage {
     pub(crate) client: Option<FiveTuple>,
+    /// The worker that owns its relay sockets (and its client's flow).
+    pub(crate) worker: usize,
     /// The first relayed transport address (for abuse look-ups in the ledger).
     pub(crate) relayed: Option<SocketAddr>,
     pub(crate) identity: Option<Box<str>>,
@@ -105,7 +113,8 @@ impl<P: Plane> Executor<P> {
             listeners,
             stream_owners: HashMap::new(),
             relays: HashMap::new(),
-            owners: HashMap::new(),
+            owners: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
             next_relay: 0,
             current_worker: 0,
             usage: HashMap::new(),
@@ -207,11 +216,14 @@ impl<P: Plane> Executor<P> {
             }
             return;
         }
+        let usage = &self.usage;
         let worker = self
             .owners
-            .get(&five)
-            .copied()
-            .unwrap_or(self.current_worker);
+            .find(self.hasher.hash_one(five), |id| {
+                usage.get(id).is_some_and(|p| p.client == Some(five))
+            })
+            .and_then(|id| usage.get(id))
+            .map_or(self.current_worker, |p| p.worker);
         self.plane.reply_udp(worker, listener, five, payload);
     }
 
@@ -233,7 +245,6 @@ impl<P: Plane> Executor<P> {
                         let id = RelayId(self.next_relay);
                         self.next_relay = self.next_relay.wrapping_add(1);
                         self.relays.insert(relay.0, (worker, id));
-                        self.owners.insert(client, worker);
                         let identity = server.allocation_identity(allocation);
                         let pending = self.usage.entry(allocation).or_default();
                         if pending.client.is_none() {
@@ -241,10 +252,21 @@ impl<P: Plane> Executor<P> {
                         }
                         pending.relayed.get_or_insert(relay.0);
                         pending.client = Some(client);
+                        pending.worker = worker;
                         if pending.identity.is_none() {
                             pending.identity = identity.map(Box::from);
                         }
                         pending.open_relays += 1;
+                        let hash = self.hasher.hash_one(client);
+                        if self.owners.find(hash, |x| *x == allocation).is_none() {
+                            let (usage, hasher) = (&self.usage, &self.hasher);
+                            self.owners.insert_unique(hash, allocation, |id| {
+                                usage
+                                    .get(id)
+                                    .and_then(|p| p.client)
+                                    .map_or(0, |c| hasher.hash_one(c))
+                            });
+                        }
                         let update = RouteUpdate::AddRelay {
                             id,
                             allocation,
@@ -298,7 +320,12 @@ impl<P: Plane> Executor<P> {
                 pending.ended = true;
                 pending.reason = reason;
                 if let Some(client) = pending.client {
-                    self.owners.remove(&client);
+                    if let Ok(owner) = self
+                        .owners
+                        .find_entry(self.hasher.hash_one(client), |x| *x == allocation)
+                    {
+                        owner.remove();
+                    }
                 }
                 self.finish_usage(allocation);
             }
