@@ -275,7 +275,7 @@ impl<R: RngCore> Server<R> {
         let alloc = self.allocations.get_mut(&allocation).expect_alloc();
         match retry {
             Some(addr) => {
-                alloc.relays[i] = Some(RelaySlot { addr, open: false });
+                alloc.relays[i] = Some(RelaySlot::new(addr));
                 self.commands.push_back(Command::OpenRelay {
                     allocation,
                     client: alloc.five_tuple,
@@ -732,11 +732,8 @@ impl<R: RngCore> Server<R> {
             identity: auth.identity,
             signer: auth.signer,
             relays: [
-                Some(RelaySlot {
-                    addr: primary,
-                    open: false,
-                }),
-                additional.map(|addr| RelaySlot { addr, open: false }),
+                Some(RelaySlot::new(primary)),
+                additional.map(RelaySlot::new),
             ],
             open_attempts: 0,
             active: false,
@@ -758,7 +755,7 @@ impl<R: RngCore> Server<R> {
             self.commands.push_back(Command::OpenRelay {
                 allocation: id,
                 client: five,
-                relay: slot.addr,
+                relay: slot.addr(),
                 dont_fragment: alloc.dont_fragment,
             });
         }
@@ -785,7 +782,7 @@ impl<R: RngCore> Server<R> {
                 .relays
                 .iter()
                 .flatten()
-                .any(|r| family_of(r.addr.0.ip()) == f)
+                .any(|r| family_of(r.addr().0.ip()) == f)
             {
                 return self.reply_error(five, msg, s, ErrorCode::PeerAddressFamilyMismatch);
             }
@@ -1048,8 +1045,8 @@ impl<R: RngCore> Server<R> {
             relays
                 .iter()
                 .flatten()
-                .find(|r| r.addr.0.is_ipv4() == ip.is_ipv4())
-                .map(|r| r.addr)
+                .find(|r| r.addr().0.is_ipv4() == ip.is_ipv4())
+                .map(|r| r.addr())
         };
         let (commands, per_identity) = (&mut self.commands, &mut self.per_identity);
         alloc.permissions.retain(|ip, expires| {
@@ -1130,12 +1127,12 @@ impl<R: RngCore> Server<R> {
             }
         }
         for slot in alloc.relays.iter().flatten() {
-            release_port(&mut self.pools, slot.addr);
+            release_port(&mut self.pools, slot.addr());
             if slot.open {
-                self.own.set_live(slot.addr.0, false);
+                self.own.set_live(slot.addr().0, false);
                 self.commands.push_back(Command::CloseRelay {
                     allocation: id,
-                    relay: slot.addr,
+                    relay: slot.addr(),
                 });
             }
         }
@@ -1193,7 +1190,7 @@ impl<R: RngCore> Server<R> {
         // Behind 1:1 NAT clients are told the public address of the socket (relay.external).
         let relays = alloc
             .relays
-            .map(|r| r.map(|slot| self.own.advertised(slot.addr.0)));
+            .map(|r| r.map(|slot| self.own.advertised(slot.addr().0)));
         let (lifetime, client, token, address_error) = (
             alloc.lifetime,
             alloc.five_tuple.client,
@@ -1792,10 +1789,48 @@ fn hold(map: &mut HashMap<Box<str>, Holdings>, identity: &str, f: impl FnOnce(&m
     }
 }
 
+/// One relay socket of an allocation. The address is packed (a relay address never has an IPv6 flow
+/// label or scope): 20 bytes instead of a `SocketAddr`'s 32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct RelaySlot {
-    addr: RelayAddr,
+    /// The IP: an IPv4 address in the first 4 bytes when `!v6`.
+    ip: [u8; 16],
+    port: u16,
+    v6: bool,
     open: bool,
+}
+
+impl RelaySlot {
+    /// A slot for `addr`, not bound yet.
+    fn new(addr: RelayAddr) -> Self {
+        let mut ip = [0; 16];
+        let v6 = match addr.0.ip() {
+            IpAddr::V4(v4) => {
+                ip[..4].copy_from_slice(&v4.octets());
+                false
+            }
+            IpAddr::V6(v6) => {
+                ip = v6.octets();
+                true
+            }
+        };
+        RelaySlot {
+            ip,
+            port: addr.0.port(),
+            v6,
+            open: false,
+        }
+    }
+
+    /// Its address.
+    fn addr(&self) -> RelayAddr {
+        let ip = if self.v6 {
+            IpAddr::from(self.ip)
+        } else {
+            IpAddr::from([self.ip[0], self.ip[1], self.ip[2], self.ip[3]])
+        };
+        RelayAddr(SocketAddr::new(ip, self.port))
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -1838,7 +1873,7 @@ impl Allocation {
     fn pending_relay(&self, relay: RelayAddr) -> Option<usize> {
         self.relays
             .iter()
-            .position(|r| r.is_some_and(|r| r.addr == relay && !r.open))
+            .position(|r| r.is_some_and(|r| r.addr() == relay && !r.open))
     }
 
     fn signer(&self) -> Signer {
@@ -1858,8 +1893,8 @@ impl Allocation {
         self.relays
             .iter()
             .flatten()
-            .find(|r| r.addr.0.is_ipv4() == peer.is_ipv4())
-            .map(|r| r.addr)
+            .find(|r| r.addr().0.is_ipv4() == peer.is_ipv4())
+            .map(|r| r.addr())
     }
 }
 
