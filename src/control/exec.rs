@@ -20,7 +20,9 @@ use rand::RngCore;
 
 use super::UsageRecord;
 use crate::clock::unix_ms;
-use crate::route::{AllocationId, ClientKey, Counters, ListenerId, RelayId, RouteUpdate};
+use crate::route::{
+    AllocationId, ClientKey, Counters, ListenerId, PackedAddr, RelayId, RouteUpdate,
+};
 use crate::server::{Command, EndReason, FiveTuple, Server, Transport};
 
 /// The outside world of the command executor: relay sockets and the workers.
@@ -58,7 +60,7 @@ pub struct Executor<P> {
     /// TCP/TLS connection → the worker that owns it.
     stream_owners: HashMap<ClientKey, usize>,
     /// relay address → (worker, slot).
-    relays: HashMap<SocketAddr, (usize, RelayId)>,
+    relays: HashMap<SocketAddr, (u32, RelayId)>,
     /// Allocation client → owning worker ([`PendingUsage::worker`]): ids hashed by their pending
     /// usage's client, which is stored once, there.
     owners: HashTable<AllocationId>,
@@ -83,9 +85,9 @@ pub struct Executor<P> {
 pub(crate) struct PendingUsage {
     pub(crate) client: Option<FiveTuple>,
     /// The worker that owns its relay sockets (and its client's flow).
-    pub(crate) worker: usize,
+    pub(crate) worker: u32,
     /// The first relayed transport address (for abuse look-ups in the ledger).
-    pub(crate) relayed: Option<SocketAddr>,
+    pub(crate) relayed: Option<PackedAddr>,
     pub(crate) identity: Option<Box<str>>,
     /// When its first relay socket opened (Unix milliseconds).
     pub(crate) started_ms: u64,
@@ -96,7 +98,7 @@ pub(crate) struct PendingUsage {
     /// The final counters of its closed relay sockets.
     pub(crate) usage: Counters,
     /// Relay sockets whose final counters have not arrived.
-    pub(crate) open_relays: usize,
+    pub(crate) open_relays: u32,
     /// What the last checkpoint recorded (to skip unchanged ones).
     pub(crate) checkpointed: Option<Counters>,
 }
@@ -223,7 +225,7 @@ impl<P: Plane> Executor<P> {
                 usage.get(id).is_some_and(|p| p.client == Some(five))
             })
             .and_then(|id| usage.get(id))
-            .map_or(self.current_worker, |p| p.worker);
+            .map_or(self.current_worker, |p| p.worker as usize);
         self.plane.reply_udp(worker, listener, five, payload);
     }
 
@@ -244,15 +246,16 @@ impl<P: Plane> Executor<P> {
                     Ok(socket) => {
                         let id = RelayId(self.next_relay);
                         self.next_relay = self.next_relay.wrapping_add(1);
-                        self.relays.insert(relay.0, (worker, id));
+                        self.relays.insert(relay.0, (worker as u32, id));
                         let identity = server.allocation_identity(allocation);
                         let pending = self.usage.entry(allocation).or_default();
                         if pending.client.is_none() {
                             pending.started_ms = unix_ms();
                         }
-                        pending.relayed.get_or_insert(relay.0);
+                        pending.relayed.get_or_insert(PackedAddr::new(relay.0));
                         pending.client = Some(client);
-                        pending.worker = worker;
+                        // Workers are counted in the tens (one per core).
+                        pending.worker = worker as u32;
                         if pending.identity.is_none() {
                             pending.identity = identity.map(Box::from);
                         }
@@ -288,7 +291,7 @@ impl<P: Plane> Executor<P> {
             Command::CloseRelay { relay, .. } => {
                 if let Some((worker, id)) = self.relays.remove(&relay.0) {
                     if let Some(update) = table_update(&cmd, id) {
-                        self.route(worker, update);
+                        self.route(worker as usize, update);
                     }
                 }
             }
@@ -306,7 +309,7 @@ impl<P: Plane> Executor<P> {
                 }
                 if let Some(&(worker, id)) = self.relays.get(&relay.0) {
                     if let Some(update) = table_update(&cmd, id) {
-                        self.route(worker, update);
+                        self.route(worker as usize, update);
                     }
                 }
             }
@@ -342,7 +345,7 @@ impl<P: Plane> Executor<P> {
 
     /// The relay socket at `addr` and the worker that owns it, while it is open.
     pub fn relay(&self, addr: SocketAddr) -> Option<(usize, RelayId)> {
-        self.relays.get(&addr).copied()
+        self.relays.get(&addr).map(|&(w, id)| (w as usize, id))
     }
 
     fn listener_of(&self, client: FiveTuple) -> Option<ListenerId> {
@@ -380,7 +383,7 @@ impl<P: Plane> Executor<P> {
             allocation: allocation.0,
             identity: p.identity.unwrap_or_default(),
             client: p.client,
-            relayed: p.relayed,
+            relayed: p.relayed.map(PackedAddr::get),
             started_ms: p.started_ms,
             at_ms: unix_ms(),
             done: true,

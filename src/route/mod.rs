@@ -67,6 +67,63 @@ impl ChannelNumber {
     }
 }
 
+/// A relay or peer transport address in 19 bytes instead of a `SocketAddr`'s 32: the IP and the
+/// port, without an IPv6 flow label or scope id (relay addresses come from the config, peer addresses
+/// from XOR-PEER-ADDRESS, and the kernel reports received IPv6 sources with a zero flow label; only
+/// link-local peers, denied by policy, carry a scope).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PackedAddr {
+    /// An IPv4 address in the first 4 bytes when `!v6`.
+    ip: [u8; 16],
+    port: u16,
+    v6: bool,
+}
+
+impl PackedAddr {
+    /// Pack `addr` (dropping an IPv6 flow label and scope id).
+    #[inline]
+    pub fn new(addr: SocketAddr) -> Self {
+        let mut ip = [0; 16];
+        let v6 = match addr.ip() {
+            IpAddr::V4(v4) => {
+                let [a, b, c, d] = v4.octets();
+                ip[0] = a;
+                ip[1] = b;
+                ip[2] = c;
+                ip[3] = d;
+                false
+            }
+            IpAddr::V6(v6) => {
+                ip = v6.octets();
+                true
+            }
+        };
+        PackedAddr {
+            ip,
+            port: addr.port(),
+            v6,
+        }
+    }
+
+    /// The address.
+    #[inline]
+    pub fn get(self) -> SocketAddr {
+        let [a, b, c, d, ..] = self.ip;
+        let ip = if self.v6 {
+            IpAddr::from(self.ip)
+        } else {
+            IpAddr::from([a, b, c, d])
+        };
+        SocketAddr::new(ip, self.port)
+    }
+
+    /// Whether it is an IPv6 address.
+    #[inline]
+    pub fn is_ipv6(self) -> bool {
+        self.v6
+    }
+}
+
 /// A server-assigned allocation id: never reused within one `Server`'s life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AllocationId(pub u64);
@@ -141,8 +198,6 @@ pub enum RouteUpdate {
 pub struct Relay {
     /// The allocation.
     pub allocation: AllocationId,
-    /// The relay socket's address.
-    pub addr: SocketAddr,
     /// The client it serves.
     pub client: ClientKey,
     /// Peer IPs with a permission.
@@ -155,73 +210,116 @@ pub struct Relay {
 
 /// A relay socket's channel bindings, looked up both ways: peer → number for peer → client
 /// ChannelData, number → peer for client → peer. Inline, the one list serves both (a scan of
-/// [`INLINE_CHANNELS`] entries); once spilled, a second map indexes the numbers so both stay O(1).
+/// [`INLINE_CHANNELS`] entries); once spilled, a map each way keeps both O(1).
+#[derive(Debug)]
+pub enum Channels {
+    /// Up to [`INLINE_CHANNELS`] bindings.
+    Inline([Option<(PackedAddr, ChannelNumber)>; INLINE_CHANNELS]),
+    /// More (a spilled set stays spilled).
+    Spilled(Box<SpilledChannels>),
+}
+
+/// The maps of a [`Channels`] with more than [`INLINE_CHANNELS`] bindings.
 #[derive(Debug, Default)]
-pub struct Channels {
-    by_peer: SmallMap<SocketAddr, ChannelNumber, INLINE_CHANNELS>,
-    /// Present exactly while `by_peer` is spilled.
-    by_number: Option<Box<HashMap<ChannelNumber, SocketAddr>>>,
+pub struct SpilledChannels {
+    by_peer: HashMap<PackedAddr, ChannelNumber>,
+    by_number: HashMap<ChannelNumber, PackedAddr>,
+}
+
+impl Default for Channels {
+    fn default() -> Self {
+        Channels::Inline([None; INLINE_CHANNELS])
+    }
 }
 
 impl Channels {
     /// The channel bound to `peer`.
     #[inline]
     pub fn get(&self, peer: &SocketAddr) -> Option<&ChannelNumber> {
-        self.by_peer.get(peer)
+        let peer = PackedAddr::new(*peer);
+        match self {
+            Channels::Inline(items) => items
+                .iter()
+                .flatten()
+                .find(|(p, _)| *p == peer)
+                .map(|(_, n)| n),
+            Channels::Spilled(s) => s.by_peer.get(&peer),
+        }
     }
 
     /// The peer bound to channel `number`.
     #[inline]
     pub fn peer(&self, number: ChannelNumber) -> Option<SocketAddr> {
-        match &self.by_number {
-            Some(map) => map.get(&number).copied(),
-            None => self
-                .by_peer
+        match self {
+            Channels::Inline(items) => items
                 .iter()
-                .find(|(_, n)| **n == number)
-                .map(|(p, _)| *p),
+                .flatten()
+                .find(|(_, n)| *n == number)
+                .map(|(p, _)| p.get()),
+            Channels::Spilled(s) => s.by_number.get(&number).map(|p| p.get()),
         }
     }
 
     /// Bind `number` to `peer` (replacing `peer`'s previous binding). Control path: may allocate.
     fn insert(&mut self, peer: SocketAddr, number: ChannelNumber) {
-        if let Some(old) = self.by_peer.insert(peer, number) {
-            if let Some(map) = &mut self.by_number {
-                if map.get(&old) == Some(&peer) {
-                    map.remove(&old);
+        let peer = PackedAddr::new(peer);
+        if let Channels::Inline(items) = self {
+            let at = items
+                .iter()
+                .position(|e| e.is_some_and(|(p, _)| p == peer))
+                .or_else(|| items.iter().position(Option::is_none));
+            if let Some(slot) = at.and_then(|i| items.get_mut(i)) {
+                *slot = Some((peer, number));
+                return;
+            }
+            let mut spilled = SpilledChannels::default();
+            for (p, n) in items.iter().flatten() {
+                spilled.by_peer.insert(*p, *n);
+                spilled.by_number.insert(*n, *p);
+            }
+            *self = Channels::Spilled(Box::new(spilled));
+        }
+        if let Channels::Spilled(s) = self {
+            if let Some(old) = s.by_peer.insert(peer, number) {
+                if s.by_number.get(&old) == Some(&peer) {
+                    s.by_number.remove(&old);
                 }
             }
-        }
-        match (&self.by_peer, &mut self.by_number) {
-            (SmallMap::Spilled(_), Some(map)) => {
-                map.insert(number, peer);
-            }
-            (SmallMap::Spilled(all), None) => {
-                self.by_number = Some(Box::new(all.iter().map(|(p, n)| (*n, *p)).collect()));
-            }
-            (SmallMap::Inline(_), _) => {}
+            s.by_number.insert(number, peer);
         }
     }
 
     /// Unbind `peer` if it is bound to `number`.
     fn remove(&mut self, peer: SocketAddr, number: ChannelNumber) {
-        if self.by_peer.get(&peer) != Some(&number) {
-            return;
-        }
-        self.by_peer.remove(&peer);
-        if let Some(map) = &mut self.by_number {
-            map.remove(&number);
+        let peer = PackedAddr::new(peer);
+        match self {
+            Channels::Inline(items) => {
+                for e in items.iter_mut() {
+                    if *e == Some((peer, number)) {
+                        *e = None;
+                    }
+                }
+            }
+            Channels::Spilled(s) => {
+                if s.by_peer.get(&peer) == Some(&number) {
+                    s.by_peer.remove(&peer);
+                    s.by_number.remove(&number);
+                }
+            }
         }
     }
 
     /// Number of bindings.
     pub fn len(&self) -> usize {
-        self.by_peer.len()
+        match self {
+            Channels::Inline(items) => items.iter().flatten().count(),
+            Channels::Spilled(s) => s.by_peer.len(),
+        }
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.by_peer.is_empty()
+        self.len() == 0
     }
 }
 
@@ -264,7 +362,6 @@ impl RouteTable {
                     id,
                     Relay {
                         allocation,
-                        addr,
                         client,
                         permissions: SmallSet::new(),
                         channels: Channels::default(),

@@ -228,7 +228,10 @@ mod tests {
         assert!(matches!(m, SmallMap::Inline(_)), "two fit inline");
         assert_eq!(m.insert(3, 30), None);
         assert!(matches!(m, SmallMap::Spilled(_)), "the third spills");
-        assert_eq!((m.get(&1), m.get(&2), m.get(&3)), (Some(&11), Some(&20), Some(&30)));
+        assert_eq!(
+            (m.get(&1), m.get(&2), m.get(&3)),
+            (Some(&11), Some(&20), Some(&30))
+        );
         assert_eq!(m.len(), 3);
         assert_eq!(m.remove(&2), Some(20));
         assert_eq!(m.get(&2), None);

@@ -44,7 +44,7 @@ pub use types::{
 use crate::auth::{self, NonceCheck, NonceKey, RestError, FEATURE_PASSWORD_ALGORITHMS};
 use crate::budget::{SourceLimiter, MAX_AMPLIFICATION};
 use crate::policy::OwnAddresses;
-use crate::route::{SmallMap, INLINE_CHANNELS, INLINE_PERMISSIONS};
+use crate::route::{PackedAddr, SmallMap, INLINE_CHANNELS, INLINE_PERMISSIONS};
 use crate::wire::{
     self, family, password_algorithm, Attribute, Class, Kind, Message, MessageType, MessageWriter,
     Method,
@@ -421,8 +421,8 @@ impl<R: RngCore> Server<R> {
             let channels: Vec<(u16, SocketAddr)> = alloc
                 .channels
                 .iter()
-                .filter(|(_, b)| b.active && self.check_peer(alloc, b.peer).is_err())
-                .map(|(n, b)| (*n, b.peer))
+                .filter(|(_, b)| b.active && self.check_peer(alloc, b.peer.get()).is_err())
+                .map(|(n, b)| (*n, b.peer.get()))
                 .collect();
             let permissions: Vec<IpAddr> = alloc
                 .permissions
@@ -867,7 +867,10 @@ impl<R: RngCore> Server<R> {
         }
         // RFC 8656 §11.2: a channel is bound to one peer and a peer to one channel, including during the
         // 5 minutes after a binding expired.
-        let conflict = alloc.channels.get(&number).is_some_and(|b| b.peer != peer)
+        let conflict = alloc
+            .channels
+            .get(&number)
+            .is_some_and(|b| b.peer.get() != peer)
             || alloc.channel_of(peer).is_some_and(|c| c != number);
         if conflict {
             return self.reply_error(five, msg, s, ErrorCode::BadRequest);
@@ -891,7 +894,7 @@ impl<R: RngCore> Server<R> {
         let previous = alloc.channels.insert(
             number,
             ChannelBinding {
-                peer,
+                peer: PackedAddr::new(peer),
                 expires,
                 active: true,
             },
@@ -1077,13 +1080,13 @@ impl<R: RngCore> Server<R> {
             }
             binding.active = false;
             binding.expires += CHANNEL_COOLDOWN;
-            if let Some(relay) = relay_for(binding.peer.ip()) {
+            if let Some(relay) = relay_for(binding.peer.get().ip()) {
                 commands.push_back(Command::RemoveChannel {
                     allocation: id,
                     client: five,
                     relay,
                     channel: ChannelNumber::bound(*number),
-                    peer: PeerAddr(binding.peer),
+                    peer: PeerAddr(binding.peer.get()),
                 });
             }
             true
@@ -1105,7 +1108,7 @@ impl<R: RngCore> Server<R> {
         for (number, b) in &alloc.channels {
             if let (true, Some(relay), Some(channel)) = (
                 b.active,
-                alloc.relay_for(b.peer.ip()),
+                alloc.relay_for(b.peer.get().ip()),
                 Some(ChannelNumber::bound(*number)),
             ) {
                 self.commands.push_back(Command::RemoveChannel {
@@ -1113,7 +1116,7 @@ impl<R: RngCore> Server<R> {
                     client: alloc.five_tuple,
                     relay,
                     channel,
-                    peer: PeerAddr(b.peer),
+                    peer: PeerAddr(b.peer.get()),
                 });
             }
         }
@@ -1789,53 +1792,32 @@ fn hold(map: &mut HashMap<Box<str>, Holdings>, identity: &str, f: impl FnOnce(&m
     }
 }
 
-/// One relay socket of an allocation. The address is packed (a relay address never has an IPv6 flow
-/// label or scope): 20 bytes instead of a `SocketAddr`'s 32.
+/// One relay socket of an allocation (its address packed: config relay IPs have no flow label or scope).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct RelaySlot {
-    /// The IP: an IPv4 address in the first 4 bytes when `!v6`.
-    ip: [u8; 16],
-    port: u16,
-    v6: bool,
+    addr: PackedAddr,
     open: bool,
 }
 
 impl RelaySlot {
     /// A slot for `addr`, not bound yet.
     fn new(addr: RelayAddr) -> Self {
-        let mut ip = [0; 16];
-        let v6 = match addr.0.ip() {
-            IpAddr::V4(v4) => {
-                ip[..4].copy_from_slice(&v4.octets());
-                false
-            }
-            IpAddr::V6(v6) => {
-                ip = v6.octets();
-                true
-            }
-        };
         RelaySlot {
-            ip,
-            port: addr.0.port(),
-            v6,
+            addr: PackedAddr::new(addr.0),
             open: false,
         }
     }
 
     /// Its address.
     fn addr(&self) -> RelayAddr {
-        let ip = if self.v6 {
-            IpAddr::from(self.ip)
-        } else {
-            IpAddr::from([self.ip[0], self.ip[1], self.ip[2], self.ip[3]])
-        };
-        RelayAddr(SocketAddr::new(ip, self.port))
+        RelayAddr(self.addr.get())
     }
 }
 
 #[derive(Debug, Clone, Copy)]
 struct ChannelBinding {
-    peer: SocketAddr,
+    /// Packed: a peer address from XOR-PEER-ADDRESS has no flow label or scope.
+    peer: PackedAddr,
     /// End of the binding while active; end of the cool-down while not.
     expires: Instant,
     active: bool,
@@ -1884,7 +1866,7 @@ impl Allocation {
     fn channel_of(&self, peer: SocketAddr) -> Option<u16> {
         self.channels
             .iter()
-            .find(|(_, b)| b.peer == peer)
+            .find(|(_, b)| b.peer.get() == peer)
             .map(|(n, _)| *n)
     }
 
