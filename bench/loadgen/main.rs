@@ -9,6 +9,10 @@
 //!   a bare forwarder instead (no TURN).
 //! - `alloc`: every client loops Allocate (401 round, then authenticated) and delete (Refresh LIFETIME 0).
 //! - `binding`: STUN Binding requests in windows of `--window` per socket.
+//! - `hold`: `--clients` clients allocate and bind channel 0x4000 to the generator's echo peer (one
+//!   permission and one channel each, `--window` at a time), then hold them while the server's RSS
+//!   (`--server-pid`) is read before and after: bytes of resident memory per allocation, sockets included
+//!   (`scripts/memory.sh`).
 //! - `spoof`, `storm`, `streams`: hostile load for `scripts/reliability.sh` (see `abuse`): an
 //!   unauthenticated flood from `--sources` loopback addresses, an authenticated Refresh /
 //!   CreatePermission / ChannelBind storm from `--clients` clients, and `--tcp-conns` / `--tls-conns`
@@ -167,6 +171,7 @@ enum Scenario {
     Relay,
     Alloc,
     Binding,
+    Hold,
     Spoof,
     Storm,
     Streams,
@@ -187,6 +192,7 @@ fn main() -> ExitCode {
             Scenario::Relay => relay_scenario(&cli),
             Scenario::Alloc => alloc_scenario(&cli),
             Scenario::Binding => binding_scenario(&cli),
+            Scenario::Hold => hold_scenario(&cli),
             Scenario::Spoof => spoof_scenario(&cli),
             Scenario::Storm => storm_scenario(&cli),
             Scenario::Streams => streams_scenario(&cli),
@@ -470,6 +476,41 @@ fn alloc_scenario(cli: &Cli) -> io::Result<Value> {
         "errors": st.errors, "timeouts": st.timeouts, "retransmits": st.retransmits, "left": st.left,
         "error_codes": st.codes.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "server_cpu_s": cpu,
+    }))
+}
+
+fn hold_scenario(cli: &Cli) -> io::Result<Value> {
+    let echo = bind_udp(cli.echo, UdpOptions::default())?;
+    let peer = echo.local_addr()?;
+    let mut poll = mio::Poll::new()?;
+    let mut cs = turn::open_clients(cli.clients, cli.server, &auth(cli), &poll, 0, None)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cli.server_pid.and_then(ProcSample::read);
+    let st = turn::drive(
+        &mut cs,
+        &mut poll,
+        0,
+        cli.server,
+        Plan::Setup {
+            peer: Some(peer),
+            window: cli.window,
+        },
+        Instant::now() + Duration::from_secs_f64(cli.duration.max(1.0)),
+    )?;
+    let ok = cs.iter().filter(|c| c.is_ready()).count();
+    // Let the workers apply the last route updates before reading.
+    std::thread::sleep(Duration::from_millis(500));
+    let after = cli.server_pid.and_then(ProcSample::read);
+    drop(echo);
+    Ok(json!({
+        "scenario": "hold", "label": cli.label, "server": cli.server.to_string(),
+        "requested": cli.clients, "allocated": ok, "seconds": st.seconds,
+        "errors": st.errors, "timeouts": st.timeouts,
+        "rss_before_kib": before.map(|s| s.rss_kib), "rss_after_kib": after.map(|s| s.rss_kib),
+        "bytes_per_allocation": match (before, after) {
+            (Some(b), Some(a)) if ok > 0 => Some((a.rss_kib as f64 - b.rss_kib as f64) * 1024.0 / ok as f64),
+            _ => None,
+        },
     }))
 }
 

@@ -9,16 +9,20 @@
 //! [`Executor::stun`], [`Executor::pump`] and [`Executor::relay_closed`]: there is no second copy.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use crossbeam_channel::Sender;
+use hashbrown::{DefaultHashBuilder, HashTable};
 use rand::RngCore;
 
 use super::UsageRecord;
 use crate::clock::unix_ms;
-use crate::route::{AllocationId, ClientKey, Counters, ListenerId, RelayId, RouteUpdate};
+use crate::route::{
+    AllocationId, ClientKey, Counters, ListenerId, PackedAddr, RelayId, RouteUpdate,
+};
 use crate::server::{Command, EndReason, FiveTuple, Server, Transport};
 
 /// The outside world of the command executor: relay sockets and the workers.
@@ -56,14 +60,18 @@ pub struct Executor<P> {
     /// TCP/TLS connection → the worker that owns it.
     stream_owners: HashMap<ClientKey, usize>,
     /// relay address → (worker, slot).
-    relays: HashMap<SocketAddr, (usize, RelayId)>,
-    /// allocation client → owning worker.
-    owners: HashMap<FiveTuple, usize>,
+    relays: HashMap<SocketAddr, (u32, RelayId)>,
+    /// Allocation client → owning worker ([`PendingUsage::worker`]): ids hashed by their pending
+    /// usage's client, which is stored once, there.
+    owners: HashTable<AllocationId>,
+    /// Hashes `owners`' clients.
+    hasher: DefaultHashBuilder,
     next_relay: u32,
     /// The worker whose STUN copy is being handled (new relay sockets go to it).
     current_worker: usize,
     /// Usage of allocations until both the server's end report and every relay's final counters are in.
-    pub(crate) usage: HashMap<AllocationId, PendingUsage>,
+    /// Boxed: the map's spare buckets then cost a pointer each.
+    pub(crate) usage: HashMap<AllocationId, Box<PendingUsage>>,
     pub(crate) usage_sink: Option<Sender<UsageRecord>>,
     /// Installed permissions and channels (for metrics).
     pub(crate) permissions: u64,
@@ -76,8 +84,10 @@ pub struct Executor<P> {
 #[derive(Debug, Default)]
 pub(crate) struct PendingUsage {
     pub(crate) client: Option<FiveTuple>,
+    /// The worker that owns its relay sockets (and its client's flow).
+    pub(crate) worker: u32,
     /// The first relayed transport address (for abuse look-ups in the ledger).
-    pub(crate) relayed: Option<SocketAddr>,
+    pub(crate) relayed: Option<PackedAddr>,
     pub(crate) identity: Option<Box<str>>,
     /// When its first relay socket opened (Unix milliseconds).
     pub(crate) started_ms: u64,
@@ -88,7 +98,7 @@ pub(crate) struct PendingUsage {
     /// The final counters of its closed relay sockets.
     pub(crate) usage: Counters,
     /// Relay sockets whose final counters have not arrived.
-    pub(crate) open_relays: usize,
+    pub(crate) open_relays: u32,
     /// What the last checkpoint recorded (to skip unchanged ones).
     pub(crate) checkpointed: Option<Counters>,
 }
@@ -105,7 +115,8 @@ impl<P: Plane> Executor<P> {
             listeners,
             stream_owners: HashMap::new(),
             relays: HashMap::new(),
-            owners: HashMap::new(),
+            owners: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
             next_relay: 0,
             current_worker: 0,
             usage: HashMap::new(),
@@ -207,11 +218,14 @@ impl<P: Plane> Executor<P> {
             }
             return;
         }
+        let usage = &self.usage;
         let worker = self
             .owners
-            .get(&five)
-            .copied()
-            .unwrap_or(self.current_worker);
+            .find(self.hasher.hash_one(five), |id| {
+                usage.get(id).is_some_and(|p| p.client == Some(five))
+            })
+            .and_then(|id| usage.get(id))
+            .map_or(self.current_worker, |p| p.worker as usize);
         self.plane.reply_udp(worker, listener, five, payload);
     }
 
@@ -232,19 +246,30 @@ impl<P: Plane> Executor<P> {
                     Ok(socket) => {
                         let id = RelayId(self.next_relay);
                         self.next_relay = self.next_relay.wrapping_add(1);
-                        self.relays.insert(relay.0, (worker, id));
-                        self.owners.insert(client, worker);
+                        self.relays.insert(relay.0, (worker as u32, id));
                         let identity = server.allocation_identity(allocation);
                         let pending = self.usage.entry(allocation).or_default();
                         if pending.client.is_none() {
                             pending.started_ms = unix_ms();
                         }
-                        pending.relayed.get_or_insert(relay.0);
+                        pending.relayed.get_or_insert(PackedAddr::new(relay.0));
                         pending.client = Some(client);
+                        // Workers are counted in the tens (one per core).
+                        pending.worker = worker as u32;
                         if pending.identity.is_none() {
                             pending.identity = identity.map(Box::from);
                         }
                         pending.open_relays += 1;
+                        let hash = self.hasher.hash_one(client);
+                        if self.owners.find(hash, |x| *x == allocation).is_none() {
+                            let (usage, hasher) = (&self.usage, &self.hasher);
+                            self.owners.insert_unique(hash, allocation, |id| {
+                                usage
+                                    .get(id)
+                                    .and_then(|p| p.client)
+                                    .map_or(0, |c| hasher.hash_one(c))
+                            });
+                        }
                         let update = RouteUpdate::AddRelay {
                             id,
                             allocation,
@@ -266,7 +291,7 @@ impl<P: Plane> Executor<P> {
             Command::CloseRelay { relay, .. } => {
                 if let Some((worker, id)) = self.relays.remove(&relay.0) {
                     if let Some(update) = table_update(&cmd, id) {
-                        self.route(worker, update);
+                        self.route(worker as usize, update);
                     }
                 }
             }
@@ -284,7 +309,7 @@ impl<P: Plane> Executor<P> {
                 }
                 if let Some(&(worker, id)) = self.relays.get(&relay.0) {
                     if let Some(update) = table_update(&cmd, id) {
-                        self.route(worker, update);
+                        self.route(worker as usize, update);
                     }
                 }
             }
@@ -298,7 +323,12 @@ impl<P: Plane> Executor<P> {
                 pending.ended = true;
                 pending.reason = reason;
                 if let Some(client) = pending.client {
-                    self.owners.remove(&client);
+                    if let Ok(owner) = self
+                        .owners
+                        .find_entry(self.hasher.hash_one(client), |x| *x == allocation)
+                    {
+                        owner.remove();
+                    }
                 }
                 self.finish_usage(allocation);
             }
@@ -331,7 +361,7 @@ impl<P: Plane> Executor<P> {
 
     /// The relay socket at `addr` and the worker that owns it, while it is open.
     pub fn relay(&self, addr: SocketAddr) -> Option<(usize, RelayId)> {
-        self.relays.get(&addr).copied()
+        self.relays.get(&addr).map(|&(w, id)| (w as usize, id))
     }
 
     fn listener_of(&self, client: FiveTuple) -> Option<ListenerId> {
@@ -369,7 +399,7 @@ impl<P: Plane> Executor<P> {
             allocation: allocation.0,
             identity: p.identity.unwrap_or_default(),
             client: p.client,
-            relayed: p.relayed,
+            relayed: p.relayed.map(PackedAddr::get),
             started_ms: p.started_ms,
             at_ms: unix_ms(),
             done: true,

@@ -44,7 +44,7 @@ impl<P: Plane> Executor<P> {
                 allocation: allocation.0,
                 identity: p.identity.clone().unwrap_or_default(),
                 client: p.client,
-                relayed: p.relayed,
+                relayed: p.relayed.map(crate::route::PackedAddr::get),
                 started_ms: p.started_ms,
                 at_ms,
                 done: last,

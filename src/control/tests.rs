@@ -45,6 +45,8 @@ enum Event {
 struct Bench {
     core: Core,
     events: Vec<Event>,
+    /// Relay id → its address, from the AddRelay updates (the worker's table does not keep it).
+    addrs: std::collections::HashMap<RelayId, SocketAddr>,
 }
 
 impl Plane for Bench {
@@ -60,6 +62,9 @@ impl Plane for Bench {
 
     fn route(&mut self, worker: usize, update: RouteUpdate) -> Option<(AllocationId, Counters)> {
         assert_eq!(worker, 0, "one worker");
+        if let RouteUpdate::AddRelay { id, addr, .. } = update {
+            self.addrs.insert(id, addr);
+        }
         self.core.apply(update.clone());
         self.events.push(Event::Route(update));
         None
@@ -102,6 +107,7 @@ impl Relay {
         let bench = Bench {
             core: Core::new(0, tx, Arc::default(), range, own),
             events: Vec::new(),
+            addrs: Default::default(),
         };
         let listeners = vec![(client(0).server, Transport::Udp)];
         Relay {
@@ -145,7 +151,7 @@ impl Relay {
             self.core_mut()
                 .on_client(0, five.client, &mut slot, bytes.len())
         {
-            let src = self.core().table().relay(f.bill.relay).unwrap().addr;
+            let src = self.exec.plane.addrs[&f.bill.relay];
             events.push(Event::Relayed {
                 src,
                 dst: f.dst,

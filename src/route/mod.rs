@@ -11,13 +11,28 @@
 //! A relay socket, and everything routed through it, belongs to the worker that owns the allocation's
 //! client 5-tuple (the one whose SO_REUSEPORT listener the kernel hashes that client to).
 //!
+//! # Memory
+//! A worker's state per relay socket is one [`Relay`] in one map, plus one entry in the client index.
+//! Its permissions and channels are inline sets ([`SmallMap`]) sized for a typical call (one peer):
+//! nothing else on the heap until an allocation has more, when they spill to hash maps (on the
+//! control path: [`RouteTable::apply`]). Client ChannelData finds its peer through the client's relay
+//! sockets (at most two), so there is no table-wide channel map.
+//!
 //! May use: wire, metrics (the counters type), hashbrown.
+
+mod small;
 
 use core::net::{IpAddr, SocketAddr};
 
-use hashbrown::{HashMap, HashSet};
+use hashbrown::HashMap;
 
 pub use crate::metrics::Counters;
+pub use small::{SmallMap, SmallSet};
+
+/// Permissions of one relay socket kept inline (more spill to the heap).
+pub const INLINE_PERMISSIONS: usize = 1;
+/// Channels of one relay socket kept inline (more spill to the heap).
+pub const INLINE_CHANNELS: usize = 1;
 
 /// Index of a listener within a worker (the same index in every worker: the config's `listen` order).
 pub type ListenerId = u16;
@@ -49,6 +64,63 @@ impl ChannelNumber {
     /// The number.
     pub fn get(self) -> u16 {
         self.0
+    }
+}
+
+/// A relay or peer transport address in 19 bytes instead of a `SocketAddr`'s 32: the IP and the
+/// port, without an IPv6 flow label or scope id (relay addresses come from the config, peer addresses
+/// from XOR-PEER-ADDRESS, and the kernel reports received IPv6 sources with a zero flow label; only
+/// link-local peers, denied by policy, carry a scope).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PackedAddr {
+    /// An IPv4 address in the first 4 bytes when `!v6`.
+    ip: [u8; 16],
+    port: u16,
+    v6: bool,
+}
+
+impl PackedAddr {
+    /// Pack `addr` (dropping an IPv6 flow label and scope id).
+    #[inline]
+    pub fn new(addr: SocketAddr) -> Self {
+        let mut ip = [0; 16];
+        let v6 = match addr.ip() {
+            IpAddr::V4(v4) => {
+                let [a, b, c, d] = v4.octets();
+                ip[0] = a;
+                ip[1] = b;
+                ip[2] = c;
+                ip[3] = d;
+                false
+            }
+            IpAddr::V6(v6) => {
+                ip = v6.octets();
+                true
+            }
+        };
+        PackedAddr {
+            ip,
+            port: addr.port(),
+            v6,
+        }
+    }
+
+    /// The address.
+    #[inline]
+    pub fn get(self) -> SocketAddr {
+        let [a, b, c, d, ..] = self.ip;
+        let ip = if self.v6 {
+            IpAddr::from(self.ip)
+        } else {
+            IpAddr::from([a, b, c, d])
+        };
+        SocketAddr::new(ip, self.port)
+    }
+
+    /// Whether it is an IPv6 address.
+    #[inline]
+    pub fn is_ipv6(self) -> bool {
+        self.v6
     }
 }
 
@@ -126,16 +198,129 @@ pub enum RouteUpdate {
 pub struct Relay {
     /// The allocation.
     pub allocation: AllocationId,
-    /// The relay socket's address.
-    pub addr: SocketAddr,
     /// The client it serves.
     pub client: ClientKey,
     /// Peer IPs with a permission.
-    pub permissions: HashSet<IpAddr>,
-    /// Peer → channel number, for peer → client ChannelData.
-    pub channels: HashMap<SocketAddr, ChannelNumber>,
+    pub permissions: SmallSet<IpAddr, INLINE_PERMISSIONS>,
+    /// The channels bound through this relay socket.
+    pub channels: Channels,
     /// What was relayed.
     pub counters: Counters,
+}
+
+/// A relay socket's channel bindings, looked up both ways: peer → number for peer → client
+/// ChannelData, number → peer for client → peer. Inline, the one list serves both (a scan of
+/// [`INLINE_CHANNELS`] entries); once spilled, a map each way keeps both O(1).
+#[derive(Debug)]
+pub enum Channels {
+    /// Up to [`INLINE_CHANNELS`] bindings.
+    Inline([Option<(PackedAddr, ChannelNumber)>; INLINE_CHANNELS]),
+    /// More (a spilled set stays spilled).
+    Spilled(Box<SpilledChannels>),
+}
+
+/// The maps of a [`Channels`] with more than [`INLINE_CHANNELS`] bindings.
+#[derive(Debug, Default)]
+pub struct SpilledChannels {
+    by_peer: HashMap<PackedAddr, ChannelNumber>,
+    by_number: HashMap<ChannelNumber, PackedAddr>,
+}
+
+impl Default for Channels {
+    fn default() -> Self {
+        Channels::Inline([None; INLINE_CHANNELS])
+    }
+}
+
+impl Channels {
+    /// The channel bound to `peer`.
+    #[inline]
+    pub fn get(&self, peer: &SocketAddr) -> Option<&ChannelNumber> {
+        let peer = PackedAddr::new(*peer);
+        match self {
+            Channels::Inline(items) => items
+                .iter()
+                .flatten()
+                .find(|(p, _)| *p == peer)
+                .map(|(_, n)| n),
+            Channels::Spilled(s) => s.by_peer.get(&peer),
+        }
+    }
+
+    /// The peer bound to channel `number`.
+    #[inline]
+    pub fn peer(&self, number: ChannelNumber) -> Option<SocketAddr> {
+        match self {
+            Channels::Inline(items) => items
+                .iter()
+                .flatten()
+                .find(|(_, n)| *n == number)
+                .map(|(p, _)| p.get()),
+            Channels::Spilled(s) => s.by_number.get(&number).map(|p| p.get()),
+        }
+    }
+
+    /// Bind `number` to `peer` (replacing `peer`'s previous binding). Control path: may allocate.
+    fn insert(&mut self, peer: SocketAddr, number: ChannelNumber) {
+        let peer = PackedAddr::new(peer);
+        if let Channels::Inline(items) = self {
+            let at = items
+                .iter()
+                .position(|e| e.is_some_and(|(p, _)| p == peer))
+                .or_else(|| items.iter().position(Option::is_none));
+            if let Some(slot) = at.and_then(|i| items.get_mut(i)) {
+                *slot = Some((peer, number));
+                return;
+            }
+            let mut spilled = SpilledChannels::default();
+            for (p, n) in items.iter().flatten() {
+                spilled.by_peer.insert(*p, *n);
+                spilled.by_number.insert(*n, *p);
+            }
+            *self = Channels::Spilled(Box::new(spilled));
+        }
+        if let Channels::Spilled(s) = self {
+            if let Some(old) = s.by_peer.insert(peer, number) {
+                if s.by_number.get(&old) == Some(&peer) {
+                    s.by_number.remove(&old);
+                }
+            }
+            s.by_number.insert(number, peer);
+        }
+    }
+
+    /// Unbind `peer` if it is bound to `number`.
+    fn remove(&mut self, peer: SocketAddr, number: ChannelNumber) {
+        let peer = PackedAddr::new(peer);
+        match self {
+            Channels::Inline(items) => {
+                for e in items.iter_mut() {
+                    if *e == Some((peer, number)) {
+                        *e = None;
+                    }
+                }
+            }
+            Channels::Spilled(s) => {
+                if s.by_peer.get(&peer) == Some(&number) {
+                    s.by_peer.remove(&peer);
+                    s.by_number.remove(&number);
+                }
+            }
+        }
+    }
+
+    /// Number of bindings.
+    pub fn len(&self) -> usize {
+        match self {
+            Channels::Inline(items) => items.iter().flatten().count(),
+            Channels::Spilled(s) => s.by_peer.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Where a client's ChannelData goes.
@@ -151,8 +336,6 @@ pub struct ChannelRoute {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     relays: HashMap<RelayId, Relay>,
-    /// (client, channel) → route, for client → peer ChannelData.
-    channels: HashMap<(ClientKey, ChannelNumber), ChannelRoute>,
     /// client → its relay sockets (one per family), for Send indications.
     clients: HashMap<ClientKey, [Option<RelayId>; 2]>,
 }
@@ -179,19 +362,15 @@ impl RouteTable {
                     id,
                     Relay {
                         allocation,
-                        addr,
                         client,
-                        permissions: HashSet::new(),
-                        channels: HashMap::new(),
+                        permissions: SmallSet::new(),
+                        channels: Channels::default(),
                         counters: Counters::default(),
                     },
                 );
             }
             RouteUpdate::RemoveRelay { id } => {
                 let relay = self.relays.remove(&id)?;
-                for channel in relay.channels.values() {
-                    self.channels.remove(&(relay.client, *channel));
-                }
                 if let Some(slots) = self.clients.get_mut(&relay.client) {
                     for s in slots.iter_mut() {
                         if *s == Some(id) {
@@ -221,8 +400,6 @@ impl RouteTable {
             } => {
                 if let Some(r) = self.relays.get_mut(&relay) {
                     r.channels.insert(peer, channel);
-                    self.channels
-                        .insert((r.client, channel), ChannelRoute { relay, peer });
                 }
             }
             RouteUpdate::ReportCounters => {}
@@ -232,16 +409,7 @@ impl RouteTable {
                 peer,
             } => {
                 if let Some(r) = self.relays.get_mut(&relay) {
-                    if r.channels.get(&peer) == Some(&channel) {
-                        r.channels.remove(&peer);
-                    }
-                    if self
-                        .channels
-                        .get(&(r.client, channel))
-                        .is_some_and(|c| c.relay == relay && c.peer == peer)
-                    {
-                        self.channels.remove(&(r.client, channel));
-                    }
+                    r.channels.remove(peer, channel);
                 }
             }
         }
@@ -251,14 +419,21 @@ impl RouteTable {
     /// Client ChannelData: where channel `channel` of `client` goes, if bound and permitted.
     #[inline]
     pub fn channel(&self, client: ClientKey, channel: u16) -> Option<ChannelRoute> {
-        let route = *self
-            .channels
-            .get(&(client, ChannelNumber::bound(channel)))?;
-        let relay = self.relays.get(&route.relay)?;
-        relay
-            .permissions
-            .contains(&route.peer.ip())
-            .then_some(route)
+        let number = ChannelNumber::bound(channel);
+        // A channel number is bound once per allocation (RFC 8656 §12), so at most one of the client's
+        // relay sockets (one per family) has it.
+        for id in self.clients.get(&client)?.iter().flatten() {
+            let Some(relay) = self.relays.get(id) else {
+                continue;
+            };
+            if let Some(peer) = relay.channels.peer(number) {
+                return relay
+                    .permissions
+                    .contains(&peer.ip())
+                    .then_some(ChannelRoute { relay: *id, peer });
+            }
+        }
+        None
     }
 
     /// Send indication: the relay of `client` for `peer`'s family, if `peer` is permitted there.
@@ -299,9 +474,9 @@ impl RouteTable {
         self.relays.len()
     }
 
-    /// Number of channel routes.
+    /// Number of channel bindings (counted over the relays: diagnostics and tests, not the fast path).
     pub fn channel_count(&self) -> usize {
-        self.channels.len()
+        self.relays.values().map(|r| r.channels.len()).sum()
     }
 
     /// Every relay socket's state.
@@ -414,5 +589,57 @@ mod tests {
         });
         assert!(t.channel(client(), 0x4001).is_none());
         assert!(t.relay(id).unwrap().channels.is_empty());
+    }
+
+    #[test]
+    fn many_permissions_and_channels_spill_and_stay_routed_both_ways() {
+        let mut t = RouteTable::new();
+        let id = RelayId(3);
+        t.apply(RouteUpdate::AddRelay {
+            id,
+            allocation: AllocationId(1),
+            addr: "203.0.113.1:50000".parse().unwrap(),
+            client: client(),
+        });
+        let peer = |i: u16| SocketAddr::from(([8, 8, (i >> 8) as u8, i as u8], 1000 + i));
+        let n = 3 * (INLINE_CHANNELS + INLINE_PERMISSIONS) as u16 + 5;
+        for i in 0..n {
+            t.apply(RouteUpdate::AddPermission {
+                relay: id,
+                peer: peer(i).ip(),
+            });
+            t.apply(RouteUpdate::AddChannel {
+                relay: id,
+                channel: ChannelNumber::new(0x4000 + i).unwrap(),
+                peer: peer(i),
+            });
+        }
+        assert_eq!(t.channel_count(), usize::from(n));
+        for i in 0..n {
+            assert_eq!(
+                t.channel(client(), 0x4000 + i),
+                Some(ChannelRoute {
+                    relay: id,
+                    peer: peer(i)
+                })
+            );
+            let r = t.relay(id).unwrap();
+            assert_eq!(r.channels.get(&peer(i)).map(|c| c.get()), Some(0x4000 + i));
+            assert_eq!(t.send_route(client(), peer(i)), Some(id));
+        }
+        t.apply(RouteUpdate::RemoveChannel {
+            relay: id,
+            channel: ChannelNumber::new(0x4000 + 1).unwrap(),
+            peer: peer(1),
+        });
+        t.apply(RouteUpdate::RemovePermission {
+            relay: id,
+            peer: peer(2).ip(),
+        });
+        assert_eq!(t.channel(client(), 0x4001), None, "unbound");
+        assert_eq!(t.channel(client(), 0x4002), None, "no permission");
+        assert_eq!(t.send_route(client(), peer(2)), None);
+        assert!(t.channel(client(), 0x4003).is_some());
+        assert_eq!(t.channel_count(), usize::from(n) - 1);
     }
 }

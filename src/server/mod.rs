@@ -26,12 +26,13 @@ mod config;
 mod ports;
 mod types;
 
+use core::hash::BuildHasher;
 use core::net::{IpAddr, SocketAddr};
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hashbrown::HashMap;
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 use rand::RngCore;
 
 pub use config::{Config, ConfigError};
@@ -43,6 +44,7 @@ pub use types::{
 use crate::auth::{self, NonceCheck, NonceKey, RestError, FEATURE_PASSWORD_ALGORITHMS};
 use crate::budget::{SourceLimiter, MAX_AMPLIFICATION};
 use crate::policy::OwnAddresses;
+use crate::route::{PackedAddr, SmallMap, INLINE_CHANNELS, INLINE_PERMISSIONS};
 use crate::wire::{
     self, family, password_algorithm, Attribute, Class, Kind, Message, MessageType, MessageWriter,
     Method,
@@ -121,9 +123,13 @@ pub struct Server<R> {
     users: HashMap<Box<str>, StaticUser>,
     userhashes: HashMap<[u8; 32], Box<str>>,
     pools: Vec<PortPool>,
-    allocations: HashMap<AllocationId, Allocation>,
-    by_client: HashMap<FiveTuple, AllocationId>,
-    by_relay: HashMap<RelayAddr, AllocationId>,
+    /// Boxed: the map's spare buckets then cost a pointer each, not a whole allocation.
+    allocations: HashMap<AllocationId, Box<Allocation>>,
+    /// Client 5-tuple → its allocation: ids hashed by their allocation's 5-tuple, which is stored once,
+    /// in the allocation ([`Server::allocation_on`]).
+    by_client: HashTable<AllocationId>,
+    /// Hashes `by_client`'s 5-tuples.
+    hasher: DefaultHashBuilder,
     /// What each identity holds, for its quotas; an identity holding nothing has no entry.
     per_identity: HashMap<Box<str>, Holdings>,
     /// identity → revocation horizon: its REST credentials expiring at or before it are refused.
@@ -175,8 +181,8 @@ impl<R: RngCore> Server<R> {
             userhashes,
             pools,
             allocations: HashMap::new(),
-            by_client: HashMap::new(),
-            by_relay: HashMap::new(),
+            by_client: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
             per_identity: HashMap::new(),
             revoked: HashMap::new(),
             reservations: HashMap::new(),
@@ -251,7 +257,6 @@ impl<R: RngCore> Server<R> {
         let Some(i) = alloc.pending_relay(relay) else {
             return;
         };
-        self.by_relay.remove(&relay);
         release_port(&mut self.pools, relay);
         let attempts = alloc.open_attempts;
         alloc.open_attempts += 1;
@@ -270,8 +275,7 @@ impl<R: RngCore> Server<R> {
         let alloc = self.allocations.get_mut(&allocation).expect_alloc();
         match retry {
             Some(addr) => {
-                alloc.relays[i] = Some(RelaySlot { addr, open: false });
-                self.by_relay.insert(addr, allocation);
+                alloc.relays[i] = Some(RelaySlot::new(addr));
                 self.commands.push_back(Command::OpenRelay {
                     allocation,
                     client: alloc.five_tuple,
@@ -304,7 +308,7 @@ impl<R: RngCore> Server<R> {
     /// 5-tuple of a stream allocation is the connection). Nothing happens for a connection without one.
     pub fn handle_connection_closed(&mut self, now: Instant, client: FiveTuple) {
         let _ = now;
-        if let Some(id) = self.by_client.get(&client).copied() {
+        if let Some(id) = self.allocation_on(client) {
             self.free_allocation(id);
         }
     }
@@ -317,58 +321,7 @@ impl<R: RngCore> Server<R> {
             }
             self.timers.pop_first();
             match timer {
-                Timer::Allocation(id) => self.free_allocation(id),
-                Timer::Permission(id, ip) => {
-                    let Some(alloc) = self.allocations.get_mut(&id) else {
-                        continue;
-                    };
-                    if alloc.permissions.remove(&ip).is_some() {
-                        hold(&mut self.per_identity, &alloc.identity, |h| {
-                            h.permissions = h.permissions.saturating_sub(1)
-                        });
-                    }
-                    if let Some(relay) = alloc.relay_for(ip) {
-                        self.commands.push_back(Command::RemovePermission {
-                            allocation: id,
-                            relay,
-                            peer: ip,
-                        });
-                    }
-                }
-                Timer::Channel(id, number) => {
-                    let Some(alloc) = self.allocations.get_mut(&id) else {
-                        continue;
-                    };
-                    let Some(binding) = alloc.channels.get_mut(&number) else {
-                        continue;
-                    };
-                    if binding.active {
-                        binding.active = false;
-                        binding.expires = at + CHANNEL_COOLDOWN;
-                        self.timers
-                            .insert((binding.expires, Timer::Channel(id, number)));
-                        let peer = binding.peer;
-                        if let (Some(relay), Some(channel)) = (
-                            alloc.relay_for(peer.ip()),
-                            Some(ChannelNumber::bound(number)),
-                        ) {
-                            self.commands.push_back(Command::RemoveChannel {
-                                allocation: id,
-                                client: alloc.five_tuple,
-                                relay,
-                                channel,
-                                peer: PeerAddr(peer),
-                            });
-                        }
-                    } else {
-                        let peer = binding.peer;
-                        alloc.channels.remove(&number);
-                        alloc.peer_channels.remove(&peer);
-                        hold(&mut self.per_identity, &alloc.identity, |h| {
-                            h.channels = h.channels.saturating_sub(1)
-                        });
-                    }
-                }
+                Timer::Allocation(id) => self.expire(id, at),
                 Timer::Reservation(token) => {
                     if let Some(r) = self.reservations.remove(&token) {
                         release_port(&mut self.pools, r.relay);
@@ -468,8 +421,8 @@ impl<R: RngCore> Server<R> {
             let channels: Vec<(u16, SocketAddr)> = alloc
                 .channels
                 .iter()
-                .filter(|(_, b)| b.active && self.check_peer(alloc, b.peer).is_err())
-                .map(|(n, b)| (*n, b.peer))
+                .filter(|(_, b)| b.active && self.check_peer(alloc, b.peer.get()).is_err())
+                .map(|(n, b)| (*n, b.peer.get()))
                 .collect();
             let permissions: Vec<IpAddr> = alloc
                 .permissions
@@ -482,11 +435,9 @@ impl<R: RngCore> Server<R> {
             }
             let alloc = self.allocations.get_mut(&id).expect_alloc();
             for &(number, peer) in &channels {
-                let Some(b) = alloc.channels.remove(&number) else {
+                if alloc.channels.remove(&number).is_none() {
                     continue;
-                };
-                alloc.peer_channels.remove(&peer);
-                self.timers.remove(&(b.expires, Timer::Channel(id, number)));
+                }
                 hold(&mut self.per_identity, &alloc.identity, |h| {
                     h.channels = h.channels.saturating_sub(1)
                 });
@@ -501,10 +452,9 @@ impl<R: RngCore> Server<R> {
                 }
             }
             for &ip in &permissions {
-                let Some(expires) = alloc.permissions.remove(&ip) else {
+                if alloc.permissions.remove(&ip).is_none() {
                     continue;
-                };
-                self.timers.remove(&(expires, Timer::Permission(id, ip)));
+                }
                 hold(&mut self.per_identity, &alloc.identity, |h| {
                     h.permissions = h.permissions.saturating_sub(1)
                 });
@@ -525,6 +475,7 @@ impl<R: RngCore> Server<R> {
                     .map(|(n, p)| (ChannelNumber::bound(n), PeerAddr(p)))
                     .collect(),
             });
+            self.arm(id);
         }
         Ok(revoked)
     }
@@ -653,9 +604,8 @@ impl<R: RngCore> Server<R> {
         };
         let s = Answer::Signed(&auth.signer);
         if let Some(existing) = self
-            .by_client
-            .get(&five)
-            .and_then(|id| self.allocations.get(id))
+            .allocation_on(five)
+            .and_then(|id| self.allocations.get(&id))
         {
             // RFC 8656 §7.2: a retransmission gets the same answer; anything else on a used 5-tuple is 437.
             let code = if *existing.username != *auth.username {
@@ -799,40 +749,42 @@ impl<R: RngCore> Server<R> {
             identity: auth.identity,
             signer: auth.signer,
             relays: [
-                Some(RelaySlot {
-                    addr: primary,
-                    open: false,
-                }),
-                additional.map(|addr| RelaySlot { addr, open: false }),
+                Some(RelaySlot::new(primary)),
+                additional.map(RelaySlot::new),
             ],
             open_attempts: 0,
             active: false,
             expires,
+            due: expires,
             lifetime,
             allocate_tid: msg.transaction_id(),
             address_error,
             reservation_token: token_out,
             dont_fragment: a.dont_fragment,
-            permissions: HashMap::new(),
-            channels: HashMap::new(),
-            peer_channels: HashMap::new(),
+            permissions: SmallMap::new(),
+            channels: SmallMap::new(),
         };
         hold(&mut self.per_identity, &alloc.identity, |h| {
             h.allocations += 1;
             h.reservations += usize::from(token_out.is_some());
         });
-        self.by_client.insert(five, id);
         for slot in alloc.relays.iter().flatten() {
-            self.by_relay.insert(slot.addr, id);
             self.commands.push_back(Command::OpenRelay {
                 allocation: id,
                 client: five,
-                relay: slot.addr,
+                relay: slot.addr(),
                 dont_fragment: alloc.dont_fragment,
             });
         }
         self.timers.insert((expires, Timer::Allocation(id)));
-        self.allocations.insert(id, alloc);
+        self.allocations.insert(id, Box::new(alloc));
+        let (allocations, hasher) = (&self.allocations, &self.hasher);
+        self.by_client
+            .insert_unique(hasher.hash_one(five), id, |id| {
+                allocations
+                    .get(id)
+                    .map_or(0, |a| hasher.hash_one(a.five_tuple))
+            });
     }
 
     fn refresh(&mut self, now: Instant, unix_now: u64, five: FiveTuple, msg: &Message<'_>) {
@@ -847,7 +799,7 @@ impl<R: RngCore> Server<R> {
                 .relays
                 .iter()
                 .flatten()
-                .any(|r| family_of(r.addr.0.ip()) == f)
+                .any(|r| family_of(r.addr().0.ip()) == f)
             {
                 return self.reply_error(five, msg, s, ErrorCode::PeerAddressFamilyMismatch);
             }
@@ -859,9 +811,8 @@ impl<R: RngCore> Server<R> {
         if lifetime == 0 {
             self.free_allocation(id);
         } else {
-            self.timers.remove(&(alloc.expires, Timer::Allocation(id)));
             alloc.expires = now + secs(lifetime);
-            self.timers.insert((alloc.expires, Timer::Allocation(id)));
+            self.arm(id);
         }
         self.reply(five, msg, Class::Success, s, |w| {
             w.add(&Attribute::Lifetime(lifetime))
@@ -933,8 +884,11 @@ impl<R: RngCore> Server<R> {
         }
         // RFC 8656 §11.2: a channel is bound to one peer and a peer to one channel, including during the
         // 5 minutes after a binding expired.
-        let conflict = alloc.channels.get(&number).is_some_and(|b| b.peer != peer)
-            || alloc.peer_channels.get(&peer).is_some_and(|c| *c != number);
+        let conflict = alloc
+            .channels
+            .get(&number)
+            .is_some_and(|b| b.peer.get() != peer)
+            || alloc.channel_of(peer).is_some_and(|c| c != number);
         if conflict {
             return self.reply_error(five, msg, s, ErrorCode::BadRequest);
         }
@@ -957,20 +911,15 @@ impl<R: RngCore> Server<R> {
         let previous = alloc.channels.insert(
             number,
             ChannelBinding {
-                peer,
+                peer: PackedAddr::new(peer),
                 expires,
                 active: true,
             },
         );
-        alloc.peer_channels.insert(peer, number);
         if previous.is_none() {
             hold(&mut self.per_identity, &alloc.identity, |h| h.channels += 1);
         }
-        if let Some(old) = previous {
-            self.timers
-                .remove(&(old.expires, Timer::Channel(id, number)));
-        }
-        self.timers.insert((expires, Timer::Channel(id, number)));
+        self.arm(id);
         // A binding also installs or refreshes the permission (RFC 8656 §11.2); install it before the
         // channel so that the data plane never has a channel without its permission.
         self.install_permission(now, id, peer.ip());
@@ -1025,12 +974,22 @@ impl<R: RngCore> Server<R> {
         self.per_identity.get(identity).copied().unwrap_or_default()
     }
 
+    /// The allocation on the client 5-tuple `five`, live or not.
+    fn allocation_on(&self, five: FiveTuple) -> Option<AllocationId> {
+        self.by_client
+            .find(self.hasher.hash_one(five), |id| {
+                self.allocations
+                    .get(id)
+                    .is_some_and(|a| a.five_tuple == five)
+            })
+            .copied()
+    }
+
     /// An active allocation on `five` that has not expired (even if its timer has not run yet).
     fn live_allocation(&self, now: Instant, five: FiveTuple) -> Option<&Allocation> {
         let alloc = self
-            .by_client
-            .get(&five)
-            .and_then(|id| self.allocations.get(id))?;
+            .allocation_on(five)
+            .and_then(|id| self.allocations.get(&id))?;
         (alloc.active && alloc.expires > now).then_some(alloc)
     }
 
@@ -1054,9 +1013,7 @@ impl<R: RngCore> Server<R> {
         let expires = now + secs(self.config.permission_lifetime);
         let alloc = self.allocations.get_mut(&id).expect_alloc();
         match alloc.permissions.insert(ip, expires) {
-            Some(old) => {
-                self.timers.remove(&(old, Timer::Permission(id, ip)));
-            }
+            Some(_) => {}
             None => {
                 hold(&mut self.per_identity, &alloc.identity, |h| {
                     h.permissions += 1
@@ -1071,7 +1028,87 @@ impl<R: RngCore> Server<R> {
                 }
             }
         }
-        self.timers.insert((expires, Timer::Permission(id, ip)));
+        self.arm(id);
+    }
+
+    /// (Re)arm allocation `id`'s one timer at its earliest deadline ([`Allocation::due`]).
+    fn arm(&mut self, id: AllocationId) {
+        let Some(alloc) = self.allocations.get_mut(&id) else {
+            return;
+        };
+        let due = alloc
+            .permissions
+            .values()
+            .chain(alloc.channels.values().map(|b| &b.expires))
+            .fold(alloc.expires, |due, at| due.min(*at));
+        if due != alloc.due || !self.timers.contains(&(due, Timer::Allocation(id))) {
+            self.timers.remove(&(alloc.due, Timer::Allocation(id)));
+            alloc.due = due;
+            self.timers.insert((due, Timer::Allocation(id)));
+        }
+    }
+
+    /// Allocation `id`'s timer fired at `at` (its timer entry is gone): end what is due by then, in the
+    /// order RFC 8656 gives each its lifetime, and re-arm for the rest. The allocation's own expiry ends
+    /// everything (§7); an expired permission is removed (§9); an expired channel binding stops routing
+    /// and cools down for 5 minutes before its number and peer are free again (§12).
+    fn expire(&mut self, id: AllocationId, at: Instant) {
+        let Some(alloc) = self.allocations.get_mut(&id) else {
+            return;
+        };
+        if alloc.expires <= at {
+            return self.free_allocation(id);
+        }
+        let (identity, five) = (&alloc.identity, alloc.five_tuple);
+        let relays = alloc.relays;
+        let relay_for = |ip: IpAddr| {
+            relays
+                .iter()
+                .flatten()
+                .find(|r| r.addr().0.is_ipv4() == ip.is_ipv4())
+                .map(|r| r.addr())
+        };
+        let (commands, per_identity) = (&mut self.commands, &mut self.per_identity);
+        alloc.permissions.retain(|ip, expires| {
+            if *expires > at {
+                return true;
+            }
+            hold(per_identity, identity, |h| {
+                h.permissions = h.permissions.saturating_sub(1)
+            });
+            if let Some(relay) = relay_for(*ip) {
+                commands.push_back(Command::RemovePermission {
+                    allocation: id,
+                    relay,
+                    peer: *ip,
+                });
+            }
+            false
+        });
+        alloc.channels.retain(|number, binding| {
+            if binding.expires > at {
+                return true;
+            }
+            if !binding.active {
+                hold(per_identity, identity, |h| {
+                    h.channels = h.channels.saturating_sub(1)
+                });
+                return false;
+            }
+            binding.active = false;
+            binding.expires += CHANNEL_COOLDOWN;
+            if let Some(relay) = relay_for(binding.peer.get().ip()) {
+                commands.push_back(Command::RemoveChannel {
+                    allocation: id,
+                    client: five,
+                    relay,
+                    channel: ChannelNumber::bound(*number),
+                    peer: PeerAddr(binding.peer.get()),
+                });
+            }
+            true
+        });
+        self.arm(id);
     }
 
     /// Remove an allocation and everything it holds, returning every port, counter and timer.
@@ -1084,13 +1121,11 @@ impl<R: RngCore> Server<R> {
         let Some(alloc) = self.allocations.remove(&id) else {
             return;
         };
-        self.timers.remove(&(alloc.expires, Timer::Allocation(id)));
+        self.timers.remove(&(alloc.due, Timer::Allocation(id)));
         for (number, b) in &alloc.channels {
-            self.timers
-                .remove(&(b.expires, Timer::Channel(id, *number)));
             if let (true, Some(relay), Some(channel)) = (
                 b.active,
-                alloc.relay_for(b.peer.ip()),
+                alloc.relay_for(b.peer.get().ip()),
                 Some(ChannelNumber::bound(*number)),
             ) {
                 self.commands.push_back(Command::RemoveChannel {
@@ -1098,12 +1133,11 @@ impl<R: RngCore> Server<R> {
                     client: alloc.five_tuple,
                     relay,
                     channel,
-                    peer: PeerAddr(b.peer),
+                    peer: PeerAddr(b.peer.get()),
                 });
             }
         }
-        for (ip, expires) in &alloc.permissions {
-            self.timers.remove(&(*expires, Timer::Permission(id, *ip)));
+        for ip in alloc.permissions.keys() {
             if let Some(relay) = alloc.relay_for(*ip) {
                 self.commands.push_back(Command::RemovePermission {
                     allocation: id,
@@ -1113,18 +1147,20 @@ impl<R: RngCore> Server<R> {
             }
         }
         for slot in alloc.relays.iter().flatten() {
-            self.by_relay.remove(&slot.addr);
-            release_port(&mut self.pools, slot.addr);
+            release_port(&mut self.pools, slot.addr());
             if slot.open {
-                self.own.set_live(slot.addr.0, false);
+                self.own.set_live(slot.addr().0, false);
                 self.commands.push_back(Command::CloseRelay {
                     allocation: id,
-                    relay: slot.addr,
+                    relay: slot.addr(),
                 });
             }
         }
-        if self.by_client.get(&alloc.five_tuple) == Some(&id) {
-            self.by_client.remove(&alloc.five_tuple);
+        if let Ok(entry) = self
+            .by_client
+            .find_entry(self.hasher.hash_one(alloc.five_tuple), |x| *x == id)
+        {
+            entry.remove();
         }
         // A port reserved by this allocation's EVEN-PORT ends with it.
         if let Some((token, r)) = alloc
@@ -1159,9 +1195,8 @@ impl<R: RngCore> Server<R> {
         alloc.active = true;
         self.stats.allocations_created += 1;
         let expires = now + secs(alloc.lifetime);
-        self.timers.remove(&(alloc.expires, Timer::Allocation(id)));
         alloc.expires = expires;
-        self.timers.insert((expires, Timer::Allocation(id)));
+        self.arm(id);
         self.allocate_success(id);
     }
 
@@ -1175,7 +1210,7 @@ impl<R: RngCore> Server<R> {
         // Behind 1:1 NAT clients are told the public address of the socket (relay.external).
         let relays = alloc
             .relays
-            .map(|r| r.map(|slot| self.own.advertised(slot.addr.0)));
+            .map(|r| r.map(|slot| self.own.advertised(slot.addr().0)));
         let (lifetime, client, token, address_error) = (
             alloc.lifetime,
             alloc.five_tuple.client,
@@ -1738,9 +1773,9 @@ enum Reject {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
+    /// An allocation's earliest deadline ([`Allocation::due`]): its expiry, a permission's, a channel
+    /// binding's or the end of its cool-down. One timer per allocation, however much it holds.
     Allocation(AllocationId),
-    Permission(AllocationId, IpAddr),
-    Channel(AllocationId, u16),
     Reservation(u64),
 }
 
@@ -1774,15 +1809,32 @@ fn hold(map: &mut HashMap<Box<str>, Holdings>, identity: &str, f: impl FnOnce(&m
     }
 }
 
+/// One relay socket of an allocation (its address packed: config relay IPs have no flow label or scope).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct RelaySlot {
-    addr: RelayAddr,
+    addr: PackedAddr,
     open: bool,
+}
+
+impl RelaySlot {
+    /// A slot for `addr`, not bound yet.
+    fn new(addr: RelayAddr) -> Self {
+        RelaySlot {
+            addr: PackedAddr::new(addr.0),
+            open: false,
+        }
+    }
+
+    /// Its address.
+    fn addr(&self) -> RelayAddr {
+        RelayAddr(self.addr.get())
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
 struct ChannelBinding {
-    peer: SocketAddr,
+    /// Packed: a peer address from XOR-PEER-ADDRESS has no flow label or scope.
+    peer: PackedAddr,
     /// End of the binding while active; end of the cool-down while not.
     expires: Instant,
     active: bool,
@@ -1800,14 +1852,19 @@ struct Allocation {
     open_attempts: u8,
     active: bool,
     expires: Instant,
+    /// When its one timer is armed: the earliest of `expires` and its permissions' and channels'
+    /// deadlines ([`Server::arm`]).
+    due: Instant,
     lifetime: u32,
     allocate_tid: wire::TransactionId,
     address_error: Option<(u8, ErrorCode)>,
     reservation_token: Option<u64>,
     dont_fragment: bool,
-    permissions: HashMap<IpAddr, Instant>,
-    channels: HashMap<u16, ChannelBinding>,
-    peer_channels: HashMap<SocketAddr, u16>,
+    /// Peer IP → when its permission expires. Inline for a typical call, spilled beyond.
+    permissions: SmallMap<IpAddr, Instant, INLINE_PERMISSIONS>,
+    /// Channel number → its binding (a peer is bound to at most one number, RFC 8656 §11.2:
+    /// [`Allocation::channel_of`] finds it).
+    channels: SmallMap<u16, ChannelBinding, INLINE_CHANNELS>,
 }
 
 impl Allocation {
@@ -1815,11 +1872,19 @@ impl Allocation {
     fn pending_relay(&self, relay: RelayAddr) -> Option<usize> {
         self.relays
             .iter()
-            .position(|r| r.is_some_and(|r| r.addr == relay && !r.open))
+            .position(|r| r.is_some_and(|r| r.addr() == relay && !r.open))
     }
 
     fn signer(&self) -> Signer {
         self.signer
+    }
+
+    /// The channel number `peer` is bound to (active or cooling down).
+    fn channel_of(&self, peer: SocketAddr) -> Option<u16> {
+        self.channels
+            .iter()
+            .find(|(_, b)| b.peer.get() == peer)
+            .map(|(n, _)| *n)
     }
 
     /// The relay socket of the peer's family.
@@ -1827,8 +1892,8 @@ impl Allocation {
         self.relays
             .iter()
             .flatten()
-            .find(|r| r.addr.0.is_ipv4() == peer.is_ipv4())
-            .map(|r| r.addr)
+            .find(|r| r.addr().0.is_ipv4() == peer.is_ipv4())
+            .map(|r| r.addr())
     }
 }
 
