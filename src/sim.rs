@@ -41,7 +41,7 @@ use crate::dataplane::{
     Action, ControlTx, Core, Direction, Drop, StunQueue, ToControl, WorkerStats, HEADROOM,
     MAX_DATAGRAM, SLOT,
 };
-use crate::route::{AllocationId, ClientKey, Counters, RouteUpdate};
+use crate::route::{AllocationId, ClientKey, Counters, RelayId, RouteUpdate};
 use crate::server::{Config, FiveTuple, Server, Stats, Transport};
 use crate::wire::{Attribute, Class, Message, MessageType, MessageWriter, Method, TransactionId};
 
@@ -375,6 +375,8 @@ struct Workers {
     relays: Vec<SocketAddr>,
     /// Replies to clients since the last look.
     replies: Vec<(FiveTuple, Vec<u8>)>,
+    /// Relay id → its address, from the AddRelay updates (a worker's table does not keep it).
+    addrs: HashMap<RelayId, SocketAddr>,
 }
 
 impl Plane for Workers {
@@ -385,7 +387,8 @@ impl Plane for Workers {
     }
 
     fn add_relay(&mut self, worker: usize, (): (), update: RouteUpdate) {
-        if let RouteUpdate::AddRelay { addr, .. } = update {
+        if let RouteUpdate::AddRelay { id, addr, .. } = update {
+            self.addrs.insert(id, addr);
             if !self.relays.contains(&addr) {
                 self.relays.push(addr);
             }
@@ -473,6 +476,7 @@ impl Sim {
             cores,
             relays: Vec::new(),
             replies: Vec::new(),
+            addrs: HashMap::new(),
         };
         let (sink, usage): (Sender<UsageRecord>, _) = crossbeam_channel::unbounded();
         let listeners = vec![(LISTEN, Transport::Udp), (LISTEN, Transport::Tcp)];
@@ -743,6 +747,7 @@ impl Sim {
             .get(f.range.clone())
             .expect("a forward lies within its slot")
             .to_vec();
+        let from = self.exec.plane.addrs.get(&f.bill.relay).copied();
         let core = &mut self.exec.plane.cores[worker];
         let mut relay_to_relay = None;
         if f.bill.dir != Direction::Answer {
@@ -755,7 +760,7 @@ impl Sim {
             if f.bill.dir == Direction::ToPeer {
                 billed.to_peer_bytes += n;
                 billed.to_peer_packets += 1;
-                relay_to_relay = Some((relay.addr, f.dst));
+                relay_to_relay = Some((from.expect("every live relay was added"), f.dst));
             } else {
                 billed.to_client_bytes += n;
                 billed.to_client_packets += 1;

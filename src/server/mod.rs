@@ -543,11 +543,10 @@ impl<R: RngCore> Server<R> {
     /// stateful fuzz target checks that all are empty once every allocation has ended). Nonces are
     /// stateless and the unauthenticated-answer budget is a fixed table: neither is here.
     #[doc(hidden)]
-    pub fn state_sizes(&self) -> [(&'static str, usize); 8] {
+    pub fn state_sizes(&self) -> [(&'static str, usize); 7] {
         [
             ("server.allocations", self.allocations.len()),
             ("server.by_client", self.by_client.len()),
-            ("server.by_relay", self.by_relay.len()),
             ("server.per_identity", self.per_identity.len()),
             ("server.reservations", self.reservations.len()),
             ("server.timers", self.timers.len()),
