@@ -21,4 +21,8 @@ if [ -z "${NO_BUILD:-}" ]; then
 fi
 mkdir -p target/man
 "$target/$dir/turnpike" man >target/man/turnpike.1
-exec cargo deb --locked --no-build --profile "$profile" "$@"
+# A stripped binary in the package (the release profile keeps debug info for perf): its symbols go to a
+# separate turnpike-dbgsym .ddeb beside it, for crash analysis.
+debug=()
+[ "$profile" = release ] && debug=(--dbgsym)
+exec cargo deb --locked --no-build --profile "$profile" "${debug[@]}" "$@"
