@@ -391,15 +391,20 @@ fn relay_scenario(cli: &Cli) -> io::Result<Value> {
                 .find(|s| s.offered == b && s.passes(cli.max_loss))
         });
         // A last step the generator could not fully offer, but which the server delivered without loss,
-        // shows the server does at least that much: report it, marked as a lower bound.
+        // shows the server does at least that much: report it, marked as a lower bound. The best is a
+        // lower bound too when the sweep ended at the generator's limit without the server ever losing
+        // more than allowed: the server's own limit was never reached.
         if let Some(last) = steps.last() {
             let limited = out.get("generator_limited").is_some();
-            if limited
-                && last.loss() < cli.max_loss
-                && best.map_or(true, |b| last.delivered_pps() > b.delivered_pps())
-            {
-                best = Some(last);
-                out["best_is_lower_bound"] = json!(true);
+            if limited && last.loss() < cli.max_loss {
+                if best.map_or(true, |b| last.delivered_pps() > b.delivered_pps()) {
+                    best = Some(last);
+                }
+                if steps.iter().all(|s| s.passes(cli.max_loss))
+                    || best.is_some_and(|b| std::ptr::eq(b, last))
+                {
+                    out["best_is_lower_bound"] = json!(true);
+                }
             }
         }
         out["best"] = best.map_or(Value::Null, |s| step_json(s, cli));
