@@ -9,10 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::runtime::Handle;
-use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
-use super::{blocking, connect, runtime, Config, Error, Pool, MAX_BACKOFF};
+use super::{blocking, connect, runtime, Config, Error, Pool, Task, MAX_BACKOFF};
 use crate::usage::{Delta, IdentityUsage, Outbox};
 
 /// The ledger's schema, one step per version (1-based), each applied in one transaction.
@@ -237,11 +236,7 @@ const POOL_WAIT: Duration = Duration::from_secs(10);
 
 /// The shipper: a task on the control-plane runtime, with connections from the process's [`Pool`].
 #[derive(Debug)]
-pub struct Shipper {
-    stop: Arc<AtomicBool>,
-    runtime: Handle,
-    task: Option<JoinHandle<()>>,
-}
+pub struct Shipper(Task);
 
 impl Shipper {
     /// Start shipping the outbox of the usage database at `database` through `pool`, on `runtime`
@@ -250,20 +245,14 @@ impl Shipper {
     pub fn start(runtime: &Handle, pool: Pool, database: PathBuf) -> Shipper {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let task = runtime.spawn(async move { ship_loop(&pool, &database, &flag).await });
-        Shipper {
-            stop,
-            runtime: runtime.clone(),
-            task: Some(task),
-        }
+        Shipper(Task::spawn(runtime, stop, async move {
+            ship_loop(&pool, &database, &flag).await
+        }))
     }
 
     /// Ship what is left (bounded: one more round), then stop. Call it from outside the runtime.
-    pub fn stop(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.task.take() {
-            let _ = self.runtime.block_on(t);
-        }
+    pub fn stop(self) {
+        self.0.stop(|| {});
     }
 }
 

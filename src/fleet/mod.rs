@@ -42,6 +42,40 @@ use crate::usage;
 pub mod registry;
 pub mod revocations;
 
+/// A fleet task on the control-plane runtime with its stop flag (the shipper, the revocation
+/// listener, the heartbeat): the task reads the flag; [`Task::stop`] sets it and waits for the task to
+/// end. Called from outside the runtime.
+#[derive(Debug)]
+pub struct Task {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    runtime: tokio::runtime::Handle,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Task {
+    /// Spawn `future` on `runtime`; it stops when `stop` is set.
+    pub fn spawn(
+        runtime: &tokio::runtime::Handle,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        future: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Task {
+        Task {
+            stop,
+            runtime: runtime.clone(),
+            task: Some(runtime.spawn(future)),
+        }
+    }
+
+    /// Set the stop flag, run `wake` (to cut a wait short), and wait for the task to end.
+    pub fn stop(mut self, wake: impl FnOnce()) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        wake();
+        if let Some(t) = self.task.take() {
+            let _ = self.runtime.block_on(t);
+        }
+    }
+}
+
 /// How the relay talks to the database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tls {

@@ -12,10 +12,9 @@ use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
-use super::{blocking, Error, Pool};
+use super::{blocking, Error, Pool, Task};
 
 /// The registry's table (shared-state migration 11).
 pub(crate) const SCHEMA: &str = "
@@ -141,10 +140,8 @@ const ROUND: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Heartbeat {
     draining: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
     wake: Arc<Notify>,
-    runtime: Handle,
-    task: Option<JoinHandle<()>>,
+    task: Task,
 }
 
 /// Publishes "draining" at once (SIGTERM), from any thread.
@@ -187,10 +184,8 @@ impl Heartbeat {
         };
         Heartbeat {
             draining,
-            stop,
             wake,
-            runtime: runtime.clone(),
-            task: Some(runtime.spawn(beater.run())),
+            task: Task::spawn(runtime, stop, beater.run()),
         }
     }
 
@@ -204,13 +199,10 @@ impl Heartbeat {
 
     /// A last heartbeat that says draining (so the relay leaves the answers at once), then stop
     /// (bounded: the beat's own time limit). Call it from outside the runtime.
-    pub fn stop(mut self) {
+    pub fn stop(self) {
         self.draining.store(true, Ordering::Relaxed);
-        self.stop.store(true, Ordering::Relaxed);
-        self.wake.notify_one();
-        if let Some(t) = self.task.take() {
-            let _ = self.runtime.block_on(t);
-        }
+        let wake = self.wake;
+        self.task.stop(|| wake.notify_one());
     }
 }
 

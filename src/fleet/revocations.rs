@@ -21,11 +21,10 @@ use std::time::Duration;
 
 use serde_json::json;
 use tokio::runtime::Handle;
-use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
 use super::ledger::apply_migrations;
-use super::{blocking, migrate, Error, Pool, MAX_BACKOFF};
+use super::{blocking, migrate, Error, Pool, Task, MAX_BACKOFF};
 
 /// The NOTIFY channel revocations are published on.
 pub const CHANNEL: &str = "turnpike_revocations";
@@ -179,11 +178,7 @@ pub type Apply = Box<dyn FnMut(&Revocation) + Send>;
 /// The relay's listener: a task on the control-plane runtime, on a dedicated connection with the
 /// pool's settings ([`Pool::dedicated`]: `LISTEN` holds its session).
 #[derive(Debug)]
-pub struct Listener {
-    stop: Arc<AtomicBool>,
-    runtime: Handle,
-    task: Option<JoinHandle<()>>,
-}
+pub struct Listener(Task);
 
 impl Listener {
     /// Start listening on `runtime` with `pool`'s settings; `apply` gets every row at each (re)load and
@@ -202,22 +197,14 @@ impl Listener {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         local_copy.store(!reached, Ordering::Relaxed);
-        let task = runtime.spawn(async move {
+        Listener(Task::spawn(runtime, stop, async move {
             listen_loop(&pool, apply, reached, &local_copy, &flag).await;
-        });
-        Listener {
-            stop,
-            runtime: runtime.clone(),
-            task: Some(task),
-        }
+        }))
     }
 
     /// Stop listening (within one step of its loop, 200 ms). Call it from outside the runtime.
-    pub fn stop(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.task.take() {
-            let _ = self.runtime.block_on(t);
-        }
+    pub fn stop(self) {
+        self.0.stop(|| {});
     }
 }
 
