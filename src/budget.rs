@@ -14,6 +14,20 @@ use std::time::Instant;
 /// The most an unauthenticated answer over UDP may be, as a multiple of its request's size.
 pub(crate) const MAX_AMPLIFICATION: usize = 3;
 
+/// The largest unauthenticated answer over UDP to a request of `request_len` bytes.
+pub(crate) fn answer_limit(request_len: usize) -> usize {
+    MAX_AMPLIFICATION * request_len
+}
+
+/// Why an unauthenticated UDP answer is not sent ([`SourceLimiter::admit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// It would have been more than [`MAX_AMPLIFICATION`]× its request.
+    Amplification,
+    /// Its source's network (/32, /64) was over its rate.
+    RateLimited,
+}
+
 /// Buckets in the table (64 KiB of state).
 const SLOTS: usize = 4096;
 
@@ -63,6 +77,26 @@ impl SourceLimiter {
         self.burst = self.rate.saturating_mul(2).max(1);
         for b in self.buckets.iter_mut() {
             b.last = None;
+        }
+    }
+
+    /// The one check of every unauthenticated UDP answer (design §3), once its size is known: an
+    /// answer of `answer_len` bytes to a request of `request_len` may go to `ip` at `now` if it is
+    /// within [`answer_limit`] and the source's network has a token left. An answer too large spends
+    /// no token.
+    pub(crate) fn admit(
+        &mut self,
+        ip: IpAddr,
+        now: Instant,
+        request_len: usize,
+        answer_len: usize,
+    ) -> Result<(), Refused> {
+        if answer_len > answer_limit(request_len) {
+            Err(Refused::Amplification)
+        } else if !self.allow(ip, now) {
+            Err(Refused::RateLimited)
+        } else {
+            Ok(())
         }
     }
 

@@ -468,8 +468,14 @@ impl Sim {
                 let to_control = ControlTx::new(tx.clone(), stun_queue.clone());
                 let own = server.own_addresses().clone();
                 // As `control::start` without `binding_requires_auth`: the worker answers Binding.
+                // Its 401s stay with the server here: the worker's nonce expiry reads the real
+                // clock, the sim's server a fake one.
+                let answers = crate::dataplane::Answers {
+                    binding: true,
+                    challenger: None,
+                };
                 Core::new(k, to_control, s.clone(), range, own)
-                    .answer_binding(SourceLimiter::new(rate, [k as u64, 1]))
+                    .answer_unauthenticated(SourceLimiter::new(rate, [k as u64, 1]), answers)
             })
             .collect();
         let plane = Workers {

@@ -1,20 +1,29 @@
 //! Credentials: long-term keys, TURN REST API credentials and stateless nonces.
 //!
-//! This module is deterministic: it reads no clock, does no IO and depends on no other turnpike
-//! module. Time always comes in as an argument (`unix_now`, seconds since the Unix epoch), and
-//! randomness only through a caller-supplied RNG ([`NonceKey::random`]).
+//! This module is deterministic: it reads no clock and does no IO; it uses `wire` and `budget` only
+//! (for the challenge it writes). Time always comes in as an argument (`unix_now`, seconds since the
+//! Unix epoch), and randomness only through a caller-supplied RNG ([`NonceKey::random`]).
 //!
 //! - [`long_term_key_md5`] / [`long_term_key_sha256`]: the RFC 8489 §9.2.2 long-term key that
 //!   keys MESSAGE-INTEGRITY (MD5) or MESSAGE-INTEGRITY-SHA256 (SHA-256).
 //! - [`RestSecrets`]: time-limited TURN REST API credentials, with secret rotation.
 //! - [`NonceKey`]: stateless NONCE values (RFC 8489 §9.2) bound to the client's transport
 //!   address, so the server keeps no per-client nonce state.
+//! - [`Challenger`]: the 401 / 438 answer that carries a fresh nonce, written by the server and by
+//!   the data-plane workers alike.
 
 use md5::{Digest as _, Md5};
 use sha2::Sha256;
 
+mod challenge;
 mod nonce;
 mod rest;
+
+pub(crate) use challenge::Unsent;
+pub use challenge::{
+    challenge_len, is_plain_challenge, Challenge, ChallengeRequest, Challenger,
+    ADVERTISED_ALGORITHMS,
+};
 
 pub use nonce::{
     Nonce, NonceCheck, NonceKey, FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY,

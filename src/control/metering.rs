@@ -104,7 +104,8 @@ impl Control {
                 max_allocations: self.server.max_allocations() as u64,
                 permissions: self.exec.permissions,
                 channels: self.exec.channels,
-                challenges: s.challenges,
+                // The workers answer most 401s themselves.
+                challenges: s.challenges + self.stats.iter().map(|w| w.challenges()).sum::<u64>(),
                 auth_failures: vec![
                     ("bad_credentials", bad_credentials),
                     ("stale_nonce", s.stale_nonces),

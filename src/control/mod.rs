@@ -418,16 +418,19 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
                     settings.server.channel_range,
                     server.own_addresses().clone(),
                 );
-                // Binding is stateless: each worker answers it with its own shard of the budget,
-                // unless it must be authenticated (the control thread's job).
-                if settings.server.binding_requires_auth {
-                    core
-                } else {
-                    core.answer_binding(SourceLimiter::new(
-                        settings.server.challenge_rate,
-                        [key_rng.next_u64(), key_rng.next_u64()],
-                    ))
-                }
+                // Binding is stateless, and so is the 401 to a request without integrity: each
+                // worker answers them over UDP with its own shard of the budget, Binding unless it
+                // must be authenticated (the control thread's job), the 401 with the server's
+                // challenger (its nonce key, realm and algorithms), so that the server verifies it.
+                let answers = dataplane::Answers {
+                    binding: !settings.server.binding_requires_auth,
+                    challenger: Some(server.challenger().clone()),
+                };
+                let budget = SourceLimiter::new(
+                    settings.server.challenge_rate,
+                    [key_rng.next_u64(), key_rng.next_u64()],
+                );
+                core.answer_unauthenticated(budget, answers)
             },
             listeners: mine,
             listener_map: listener_map.clone(),
@@ -829,7 +832,8 @@ impl Control {
         let rate = config.challenge_rate;
         let result = self.server.reload(config);
         if let Ok(revoked) = &result {
-            // The workers answer Binding with their own shards of the same budget.
+            // The workers answer Binding and 401s with their own shards of the same budget (the
+            // realm and password_algorithms need a restart: their challenger stays the server's).
             for w in &self.exec.plane.workers {
                 w.send(WorkerMsg::BindingRate(rate));
             }

@@ -1,6 +1,6 @@
 //! A worker's packet logic, independent of the event loop: every per-packet decision, sans-IO.
 //!
-//! May use: wire, route, policy, metrics, budget.
+//! May use: wire, route, policy, metrics, budget, auth (the challenge it shares with the server).
 
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{ControlTx, Drop, ToControl, WorkerStats, HEADROOM};
-use crate::budget::{SourceLimiter, MAX_AMPLIFICATION};
+use crate::auth::{self, Challenge, ChallengeRequest, Challenger, Unsent};
+use crate::budget::{Refused, SourceLimiter};
 use crate::policy::OwnAddresses;
 use crate::route::{ClientKey, ListenerId, RelayId, RouteTable, RouteUpdate};
 use crate::wire::{
@@ -59,6 +60,13 @@ impl Bill {
         dir: Direction::Answer,
         payload: 0,
     };
+
+    /// The bill of a worker's own 401 challenge: as [`Bill::ANSWER`], counted as a challenge.
+    pub const CHALLENGE: Bill = Bill {
+        relay: RelayId(u32::MAX),
+        dir: Direction::Challenge,
+        payload: 0,
+    };
 }
 
 /// Which way a relayed datagram goes.
@@ -70,6 +78,8 @@ pub enum Direction {
     ToClient,
     /// The worker's own answer to a client (Binding success, [`Bill::ANSWER`]): nothing relayed.
     Answer,
+    /// The worker's own 401 challenge to a client ([`Bill::CHALLENGE`]): nothing relayed.
+    Challenge,
 }
 
 /// A worker socket.
@@ -92,9 +102,25 @@ pub struct Core {
     channel_range: wire::ChannelRange,
     /// The relay's own addresses and the live relayed ones (shared with the control thread).
     own: Arc<OwnAddresses>,
-    /// This worker's shard of the unauthenticated-answer budget, when the worker answers Binding
-    /// itself ([`Core::answer_binding`]); `None`: Binding goes to the control thread.
-    binding: Option<SourceLimiter>,
+    /// This worker's shard of the unauthenticated-answer budget, when the worker answers stateless
+    /// requests itself ([`Core::answer_unauthenticated`]); `None`: they go to the control thread.
+    budget: Option<SourceLimiter>,
+    /// Whether UDP Binding requests are answered here.
+    binding: bool,
+    /// The server's challenger, when a UDP request that certainly gets a plain 401 is answered here.
+    challenger: Option<Challenger>,
+}
+
+/// What a worker answers itself ([`Core::answer_unauthenticated`]).
+#[derive(Debug, Clone, Default)]
+pub struct Answers {
+    /// Binding requests (not for a server with `binding_requires_auth`: there Binding must be
+    /// authenticated by the control thread).
+    pub binding: bool,
+    /// Requests that certainly get a plain 401 ([`auth::is_plain_challenge`]), written with a clone
+    /// of the server's challenger (`Server::challenger`, handed over by `control`) so that the server
+    /// verifies the nonce.
+    pub challenger: Option<Challenger>,
 }
 
 impl Core {
@@ -114,21 +140,29 @@ impl Core {
             tid_state: 0x9E37_79B9_7F4A_7C15 ^ worker as u64,
             channel_range,
             own,
-            binding: None,
+            budget: None,
+            binding: false,
+            challenger: None,
         }
     }
 
-    /// Answer Binding requests from UDP clients here, in the receive slot, spending `budget` (this
-    /// worker's own shard of the per-source budget of unauthenticated answers). Not for a server with
-    /// `binding_requires_auth`: there Binding must be authenticated by the control thread.
-    pub(crate) fn answer_binding(mut self, budget: SourceLimiter) -> Self {
-        self.binding = Some(budget);
+    /// Answer `answers` from UDP clients here, in the receive slot, spending `budget` (this worker's
+    /// own shard of the per-source budget of unauthenticated answers). Stream clients' requests
+    /// always go to the control thread (exempt from the budget there).
+    pub(crate) fn answer_unauthenticated(
+        mut self,
+        budget: SourceLimiter,
+        answers: Answers,
+    ) -> Self {
+        self.budget = Some(budget);
+        self.binding = answers.binding;
+        self.challenger = answers.challenger;
         self
     }
 
-    /// A reload's new Binding budget rate (when this worker answers Binding).
+    /// A reload's new rate of the unauthenticated-answer budget (when this worker answers any).
     pub fn set_binding_rate(&mut self, rate: u32) {
-        if let Some(b) = &mut self.binding {
+        if let Some(b) = &mut self.budget {
             b.set_rate(rate);
         }
     }
@@ -226,13 +260,17 @@ impl Core {
                 })
             }
             Some(Kind::Stun) => {
-                // A UDP Binding is answered here (stream clients' go to the control thread).
-                if !stream && self.binding.is_some() {
-                    if let Some(answer) = binding_request(data) {
-                        return self.answer(listener, from, slot, len, answer);
+                let Ok(msg) = Message::parse(data) else {
+                    return self.drop(Drop::Malformed);
+                };
+                // A UDP Binding and a plain challenge are answered here (stream clients' go to the
+                // control thread).
+                if !stream && self.budget.is_some() {
+                    if let Some(answer) = self.stateless(&msg) {
+                        return self.answer(listener, from, slot, answer);
                     }
                 }
-                self.on_client_stun(listener, from, key, data)
+                self.on_client_stun(listener, from, key, data, &msg)
             }
             _ => self.drop(Drop::NotTurn),
         }
@@ -244,10 +282,8 @@ impl Core {
         from: SocketAddr,
         key: ClientKey,
         data: &[u8],
+        msg: &Message<'_>,
     ) -> Action {
-        let Ok(msg) = Message::parse(data) else {
-            return self.drop(Drop::Malformed);
-        };
         let typ = msg.message_type();
         if (typ.class, typ.method) == (Class::Indication, Method::SEND) {
             // Send indications stay in the worker (RFC 8656 §11.2): permission check, then send the DATA
@@ -289,46 +325,96 @@ impl Core {
         }
     }
 
-    /// Answer a Binding request (RFC 8489 §8.1) in its own slot: a success with XOR-MAPPED-ADDRESS, and
-    /// FINGERPRINT when the request had one, sent only if it is at most [`MAX_AMPLIFICATION`]× the
-    /// request and the source's network has a token left (checked once the size is known, so that an
-    /// answer too large spends no token).
+    /// What of `msg` the worker answers itself, if anything.
+    #[inline]
+    fn stateless(&self, msg: &Message<'_>) -> Option<Stateless> {
+        let typ = msg.message_type();
+        if (typ.class, typ.method) == (Class::Request, Method::BINDING) {
+            // An unknown comprehension-required attribute: the 420 with UNKNOWN-ATTRIBUTES is the
+            // control thread's.
+            return (self.binding && msg.unknown_required().is_empty()).then(|| {
+                Stateless::Binding {
+                    tid: msg.transaction_id(),
+                    fingerprint: msg.attrs.fingerprint.is_some(),
+                    len: msg.as_bytes().len(),
+                }
+            });
+        }
+        (self.challenger.is_some() && auth::is_plain_challenge(msg))
+            .then(|| Stateless::Challenge(ChallengeRequest::of(msg)))
+    }
+
+    /// Answer a stateless request in its own slot: a Binding success (RFC 8489 §8.1) with
+    /// XOR-MAPPED-ADDRESS, or the server's 401 (the same function writes it there); FINGERPRINT when
+    /// the request had one. Sent only if it is at most 3× the request and the source's network has a
+    /// token left ([`SourceLimiter::admit`], checked once the size is known, so that an answer too
+    /// large spends no token).
     fn answer(
         &mut self,
         listener: ListenerId,
         from: SocketAddr,
         slot: &mut [u8],
-        len: usize,
-        req: BindingRequest,
+        req: Stateless,
     ) -> Action {
-        let max = (MAX_AMPLIFICATION * len).min(slot.len().saturating_sub(HEADROOM));
-        let Some(buf) = slot.get_mut(HEADROOM..HEADROOM + max) else {
-            return self.drop(Drop::BindingAmplification);
+        let (Some(budget), Some(buf)) = (self.budget.as_mut(), slot.get_mut(HEADROOM..)) else {
+            return self.drop(Drop::Truncated);
         };
-        let typ = MessageType::new(Method::BINDING, Class::Success);
-        let written = MessageWriter::new(buf, typ, req.tid).and_then(|mut w| {
-            w.add(&Attribute::XorMappedAddress(from))?;
-            if req.fingerprint {
-                w.add_fingerprint()?;
+        let now = Instant::now();
+        let (written, bill) = match req {
+            Stateless::Binding {
+                tid,
+                fingerprint,
+                len,
+            } => {
+                let typ = MessageType::new(Method::BINDING, Class::Success);
+                let n = MessageWriter::new(buf, typ, tid)
+                    .and_then(|mut w| {
+                        w.add(&Attribute::XorMappedAddress(from))?;
+                        if fingerprint {
+                            w.add_fingerprint()?;
+                        }
+                        Ok(w.finish())
+                    })
+                    .map_err(Unsent::Write)
+                    .and_then(|n| {
+                        budget
+                            .admit(from.ip(), now, len, n)
+                            .map(|()| n)
+                            .map_err(Unsent::Refused)
+                    });
+                (n, Bill::ANSWER)
             }
-            Ok(w.finish())
-        });
-        let Ok(n) = written else {
-            return self.drop(Drop::BindingAmplification);
+            Stateless::Challenge(req) => {
+                let Some(challenger) = &self.challenger else {
+                    return self.drop(Drop::Truncated);
+                };
+                let unix_now = crate::clock::unix_now();
+                let n = challenger.write(
+                    buf,
+                    req,
+                    from,
+                    Challenge::Unauthenticated,
+                    unix_now,
+                    Some((budget, now)),
+                );
+                (n, Bill::CHALLENGE)
+            }
         };
-        let allowed = self
-            .binding
-            .as_mut()
-            .is_some_and(|budget| budget.allow(from.ip(), Instant::now()));
-        if !allowed {
-            return self.drop(Drop::BindingRateLimited);
+        let binding = bill == Bill::ANSWER;
+        match written {
+            Ok(n) => Action::Forward(Forward {
+                out: Out::Listener(listener),
+                dst: from,
+                range: HEADROOM..HEADROOM + n,
+                bill,
+            }),
+            Err(Unsent::Refused(Refused::RateLimited)) if binding => {
+                self.drop(Drop::BindingRateLimited)
+            }
+            Err(Unsent::Refused(Refused::RateLimited)) => self.drop(Drop::ChallengeRateLimited),
+            Err(_) if binding => self.drop(Drop::BindingAmplification),
+            Err(_) => self.drop(Drop::ChallengeAmplification),
         }
-        Action::Forward(Forward {
-            out: Out::Listener(listener),
-            dst: from,
-            range: HEADROOM..HEADROOM + n,
-            bill: Bill::ANSWER,
-        })
     }
 
     /// A datagram from `from` on relay socket `relay`, at `slot[HEADROOM..HEADROOM + len]`.
@@ -396,9 +482,10 @@ impl Core {
     /// totals. A relay removed meanwhile (its final counters already reported) credits the worker only.
     #[inline]
     pub fn sent(&mut self, bill: Bill) {
-        if bill.dir == Direction::Answer {
-            self.stats.count_binding();
-            return;
+        match bill.dir {
+            Direction::Answer => return self.stats.count_binding(),
+            Direction::Challenge => return self.stats.count_challenge(),
+            Direction::ToPeer | Direction::ToClient => {}
         }
         let n = u64::from(bill.payload);
         let to_peer = bill.dir == Direction::ToPeer;
@@ -443,29 +530,18 @@ impl Core {
     }
 }
 
-/// What answering a Binding request needs of it, copied out so that the slot can be overwritten.
+/// What answering a stateless request needs of it, copied out so that the slot can be overwritten.
 #[derive(Debug, Clone, Copy)]
-struct BindingRequest {
-    tid: wire::TransactionId,
-    fingerprint: bool,
-}
-
-/// `data` is a well-formed Binding request (FINGERPRINT, when present, verified by the parse) with no
-/// unknown comprehension-required attribute (a 420 with UNKNOWN-ATTRIBUTES is the control thread's).
-#[inline]
-fn binding_request(data: &[u8]) -> Option<BindingRequest> {
-    // The message type first, so that other requests are parsed once only (by the control thread).
-    if data.get(..2) != Some(&[0x00, 0x01]) {
-        return None;
-    }
-    let msg = Message::parse(data).ok()?;
-    let typ = msg.message_type();
-    ((typ.class, typ.method) == (Class::Request, Method::BINDING)
-        && msg.unknown_required().is_empty())
-    .then(|| BindingRequest {
-        tid: msg.transaction_id(),
-        fingerprint: msg.attrs.fingerprint.is_some(),
-    })
+enum Stateless {
+    /// A well-formed Binding request (FINGERPRINT, when present, verified by the parse) with no
+    /// unknown comprehension-required attribute.
+    Binding {
+        tid: wire::TransactionId,
+        fingerprint: bool,
+        len: usize,
+    },
+    /// A request that certainly gets a plain 401 ([`auth::is_plain_challenge`]).
+    Challenge(ChallengeRequest),
 }
 
 #[cfg(test)]
@@ -589,7 +665,14 @@ mod tests {
 
     fn answering(rate: u32) -> (Core, crossbeam_channel::Receiver<ToControl>) {
         let (core, rx) = core();
-        (core.answer_binding(SourceLimiter::new(rate, [5, 6])), rx)
+        let answers = Answers {
+            binding: true,
+            challenger: None,
+        };
+        (
+            core.answer_unauthenticated(SourceLimiter::new(rate, [5, 6]), answers),
+            rx,
+        )
     }
 
     #[test]
@@ -615,7 +698,7 @@ mod tests {
             let xma = if f.dst.is_ipv4() { 12 } else { 24 };
             let len = wire::HEADER_LEN + xma + if fingerprint { 8 } else { 0 };
             assert_eq!(f.range.len(), len);
-            assert!(f.range.len() <= MAX_AMPLIFICATION * req.len());
+            assert!(f.range.len() <= crate::budget::MAX_AMPLIFICATION * req.len());
         }
         assert!(rx.try_recv().is_err(), "no control-thread hop");
         // Billed as an answer only: no relay, no relayed totals.

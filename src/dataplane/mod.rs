@@ -47,7 +47,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crossbeam_channel::{Receiver, SendError, Sender};
 use crossbeam_utils::CachePadded;
 
-pub use self::core::{Action, Bill, Core, Direction, Forward, Out};
+pub use self::core::{Action, Answers, Bill, Core, Direction, Forward, Out};
 pub use stats::{Drop, WorkerStats};
 
 use crate::route::{AllocationId, ClientKey, Counters, ListenerId, RouteUpdate};
@@ -273,7 +273,7 @@ pub enum WorkerMsg {
         bytes: Vec<u8>,
     },
     /// A reload changed the budget of unauthenticated answers (`challenge_rate`, per source per
-    /// second): the worker's Binding shard takes the new rate.
+    /// second): the worker's shard (Binding successes and 401s) takes the new rate.
     BindingRate(u32),
     /// Exit the loop.
     Stop,

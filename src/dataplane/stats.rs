@@ -39,6 +39,10 @@ pub enum Drop {
     BindingRateLimited,
     /// A Binding success not sent: it would have been more than 3× its request.
     BindingAmplification,
+    /// A 401 challenge not sent: its source's network (/32, /64) was over its budget.
+    ChallengeRateLimited,
+    /// A 401 challenge not sent: it would have been more than 3× its request.
+    ChallengeAmplification,
     /// A wildcard listener received it at an address that was not on the host at start (see
     /// [`ListenerMap`](super::ListenerMap)).
     UnknownLocal,
@@ -46,7 +50,7 @@ pub enum Drop {
 
 impl Drop {
     /// All reasons, in counter order.
-    pub const ALL: [Drop; 15] = [
+    pub const ALL: [Drop; 17] = [
         Drop::NotTurn,
         Drop::Malformed,
         Drop::NoChannel,
@@ -61,6 +65,8 @@ impl Drop {
         Drop::StreamQueueFull,
         Drop::BindingRateLimited,
         Drop::BindingAmplification,
+        Drop::ChallengeRateLimited,
+        Drop::ChallengeAmplification,
         Drop::UnknownLocal,
     ];
 
@@ -81,6 +87,8 @@ impl Drop {
             Drop::StreamQueueFull => "stream_queue_full",
             Drop::BindingRateLimited => "binding_rate_limited",
             Drop::BindingAmplification => "binding_amplification",
+            Drop::ChallengeRateLimited => "challenge_rate_limited",
+            Drop::ChallengeAmplification => "challenge_amplification",
             Drop::UnknownLocal => "unknown_local",
         }
     }
@@ -96,6 +104,8 @@ pub struct WorkerStats {
     relayed: CachePadded<[AtomicU64; 4]>,
     /// Binding successes the worker answered itself and the kernel took.
     bindings: CachePadded<AtomicU64>,
+    /// 401 challenges the worker answered itself and the kernel took.
+    challenges: CachePadded<AtomicU64>,
 }
 
 impl WorkerStats {
@@ -140,6 +150,18 @@ impl WorkerStats {
     /// [`Drop::BindingRateLimited`], [`Drop::BindingAmplification`]).
     pub fn bindings(&self) -> u64 {
         self.bindings.load(Ordering::Relaxed)
+    }
+
+    /// One 401 challenge answered by the worker was sent.
+    #[inline]
+    pub(crate) fn count_challenge(&self) {
+        self.challenges.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// 401 challenges answered by the worker and sent (refusals are drops:
+    /// [`Drop::ChallengeRateLimited`], [`Drop::ChallengeAmplification`]).
+    pub fn challenges(&self) -> u64 {
+        self.challenges.load(Ordering::Relaxed)
     }
 
     /// What the fast path relayed (sent successfully).

@@ -3,9 +3,8 @@
 use core::net::{IpAddr, SocketAddr};
 use core::ops::RangeInclusive;
 
-use super::challenge_len;
 use super::MIN_ALLOCATE;
-use crate::auth::RestSecrets;
+use crate::auth::{challenge_len, RestSecrets};
 use crate::budget::MAX_AMPLIFICATION;
 use crate::policy::PeerPolicy;
 use crate::wire::pad4;

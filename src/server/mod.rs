@@ -41,8 +41,11 @@ pub use types::{
     Transmit, Transport,
 };
 
-use crate::auth::{self, NonceCheck, NonceKey, RestError, FEATURE_PASSWORD_ALGORITHMS};
-use crate::budget::{SourceLimiter, MAX_AMPLIFICATION};
+use crate::auth::{
+    self, Challenge, ChallengeRequest, Challenger, NonceCheck, NonceKey, RestError, Unsent,
+    ADVERTISED_ALGORITHMS, FEATURE_PASSWORD_ALGORITHMS,
+};
+use crate::budget::{Refused, SourceLimiter};
 use crate::policy::OwnAddresses;
 use crate::route::{PackedAddr, SmallMap, INLINE_CHANNELS, INLINE_PERMISSIONS};
 use crate::wire::{
@@ -52,12 +55,8 @@ use crate::wire::{
 use ports::PortPool;
 
 /// The smallest valid Allocate: the header and REQUESTED-TRANSPORT (RFC 8656 §7.1). Its 401 must fit
-/// in [`MAX_AMPLIFICATION`]× this, or a client could never be challenged.
+/// in [`crate::budget::MAX_AMPLIFICATION`]× this, or a client could never be challenged.
 pub(crate) const MIN_ALLOCATE: usize = wire::HEADER_LEN + 8;
-
-/// What PASSWORD-ALGORITHMS advertises, in order of the server's preference (RFC 8489 §14.11): both
-/// without parameters, 4 bytes each on the wire.
-const ADVERTISED_ALGORITHMS: [u16; 2] = [password_algorithm::MD5, password_algorithm::SHA256];
 
 /// UDP's protocol number, the only REQUESTED-TRANSPORT a UDP relay serves (RFC 8656 §7.2).
 const PROTO_UDP: u8 = 17;
@@ -119,7 +118,8 @@ pub struct Revoked {
 pub struct Server<R> {
     config: Config,
     rng: R,
-    nonce_key: NonceKey,
+    /// The nonce key, realm and PASSWORD-ALGORITHMS of every 401 and 438 (the workers hold clones).
+    challenger: Challenger,
     users: HashMap<Box<str>, StaticUser>,
     userhashes: HashMap<[u8; 32], Box<str>>,
     pools: Vec<PortPool>,
@@ -144,19 +144,18 @@ pub struct Server<R> {
     limiter: SourceLimiter,
     /// The relay's own addresses and which relayed addresses are live, shared with the workers.
     own: Arc<OwnAddresses>,
-    /// With `password_algorithms`: the size of the 401 that advertises them (without FINGERPRINT),
-    /// to tell which requests it fits ([`Server::advertises_algorithms`]).
-    advertised_challenge: Option<usize>,
 }
 
 impl<R: RngCore> Server<R> {
     /// A server with `config`, drawing randomness from `rng` (a CSPRNG in production; seeded in tests).
     pub fn new(config: Config, mut rng: R) -> Result<Self, ConfigError> {
         config.validate()?;
-        let advertised_challenge = config
-            .password_algorithms
-            .then(|| challenge_len(&config.realm, true));
-        let nonce_key = NonceKey::random(&mut rng);
+        let challenger = Challenger::new(
+            NonceKey::random(&mut rng),
+            &config.realm,
+            config.nonce_lifetime,
+            config.password_algorithms,
+        );
         let limiter = SourceLimiter::new(config.challenge_rate, [rng.next_u64(), rng.next_u64()]);
         let (users, userhashes) = static_users(&config);
         let pools = config
@@ -176,7 +175,7 @@ impl<R: RngCore> Server<R> {
         Ok(Server {
             config,
             rng,
-            nonce_key,
+            challenger,
             users,
             userhashes,
             pools,
@@ -194,7 +193,6 @@ impl<R: RngCore> Server<R> {
             stats: Stats::default(),
             limiter,
             own,
-            advertised_challenge,
         })
     }
 
@@ -484,6 +482,12 @@ impl<R: RngCore> Server<R> {
     /// and close: the data plane checks every peer against them per packet.
     pub fn own_addresses(&self) -> &Arc<OwnAddresses> {
         &self.own
+    }
+
+    /// What the 401s and 438s are written with: the workers answer an unauthenticated request with a
+    /// clone of it ([`auth::is_plain_challenge`]), so that the server verifies the nonces they mint.
+    pub fn challenger(&self) -> &Challenger {
+        &self.challenger
     }
 
     /// The identity usage of allocation `id` is billed to, while it lives.
@@ -1259,7 +1263,8 @@ impl<R: RngCore> Server<R> {
             return Err(Reject::BadRequest);
         }
         let features = match self
-            .nonce_key
+            .challenger
+            .key()
             .verify(five.client, nonce.as_bytes(), unix_now)
         {
             NonceCheck::Valid { features } => features,
@@ -1391,31 +1396,35 @@ impl<R: RngCore> Server<R> {
             return;
         }
         let answer = Answer::Unauthenticated(now);
-        let code = match reject {
+        let challenge = match reject {
             Reject::BadRequest => {
                 return self.reply_error(five, msg, answer, ErrorCode::BadRequest)
             }
             Reject::Challenge | Reject::Unauthenticated | Reject::Revoked => {
-                ErrorCode::Unauthenticated
+                Challenge::Unauthenticated
             }
-            Reject::StaleNonce => ErrorCode::StaleNonce,
+            Reject::StaleNonce => Challenge::StaleNonce,
         };
-        let algorithms = self.advertises_algorithms(five, msg);
-        let features = if algorithms {
-            FEATURE_PASSWORD_ALGORITHMS
-        } else {
-            0
-        };
-        let expiry = unix_now.saturating_add(u64::from(self.config.nonce_lifetime));
-        let nonce = self.nonce_key.mint(five.client, features, expiry);
-        // Lent out for the call (no copy): `reply` borrows the whole server.
-        let realm = core::mem::take(&mut self.config.realm);
-        let sent = self.reply(five, msg, Class::Error, answer, |w| {
-            challenge_body(w, code, &realm, nonce.as_str(), algorithms)
+        let request = ChallengeRequest::of(msg);
+        let (challenger, limiter) = (&self.challenger, &mut self.limiter);
+        let budget = (!five.transport.is_stream()).then_some((limiter, now));
+        let mut unsent = None;
+        let queued = self.outbox.push(five, MAX_RESPONSE, |buf| {
+            challenger
+                .write(buf, request, five.client, challenge, unix_now, budget)
+                .map_err(|e| {
+                    unsent = Some(e);
+                    wire::Error::BufferTooSmall
+                })
         });
-        self.config.realm = realm;
-        if !sent {
-            return;
+        match unsent {
+            Some(Unsent::Refused(why)) => return self.count_refused(why),
+            Some(Unsent::Write(_)) => return,
+            None if !queued => {
+                self.stats.outbox_overflow += 1;
+                return;
+            }
+            None => {}
         }
         let s = &mut self.stats;
         match reject {
@@ -1431,24 +1440,6 @@ impl<R: RngCore> Server<R> {
             }
             Reject::BadRequest => {}
         }
-    }
-
-    /// Whether the 401 or 438 to `req` advertises PASSWORD-ALGORITHMS (RFC 8489 §9.2.4), with the
-    /// nonce cookie's feature bit that records it. Only where that longer answer fits: always to TCP
-    /// and TLS clients (exempt from the amplification bound), and over UDP when it stays within
-    /// [`MAX_AMPLIFICATION`]× the request; a smaller UDP request gets the plain 401 with a featureless
-    /// nonce. Bid-down protection holds per client: [`Server::authenticate`] reads the feature bits from
-    /// the nonce, which the MAC covers, so a client is held to exactly what it was told.
-    fn advertises_algorithms(&self, five: FiveTuple, req: &Message<'_>) -> bool {
-        let Some(len) = self.advertised_challenge else {
-            return false;
-        };
-        let fingerprint = if req.attrs.fingerprint.is_some() {
-            wire::FINGERPRINT_LEN
-        } else {
-            0
-        };
-        five.transport.is_stream() || len + fingerprint <= udp_answer_limit(req)
     }
 
     /// Answer 420 if the request carries unknown comprehension-required attributes (RFC 8489 §6.3.1.1).
@@ -1474,7 +1465,7 @@ impl<R: RngCore> Server<R> {
     /// FINGERPRINT when the request had one. True when it was queued.
     ///
     /// An unauthenticated answer (401, 438, 400, 420, Binding success) over UDP, whose source may be
-    /// spoofed, is sent only if it is at most [`MAX_AMPLIFICATION`]× its request and the source's
+    /// spoofed, is sent only if it is at most [`crate::budget::MAX_AMPLIFICATION`]× its request and the source's
     /// budget has a token left (design §3). TCP and TLS clients cannot spoof their source: exempt.
     fn reply(
         &mut self,
@@ -1491,34 +1482,34 @@ impl<R: RngCore> Server<R> {
             Answer::Unauthenticated(_) if five.transport.is_stream() => (None, None),
             Answer::Unauthenticated(now) => (None, Some(now)),
         };
-        let max_len = match budget {
-            Some(_) => udp_answer_limit(req),
-            None => MAX_RESPONSE,
-        };
         let mut refused = None;
         let (limiter, client) = (&mut self.limiter, five.client.ip());
+        let request_len = req.as_bytes().len();
         let sent = self.outbox.push(five, MAX_RESPONSE, |buf| {
             let mut w = MessageWriter::new(buf, typ, req.transaction_id())?;
             body(&mut w)?;
             let n = finish(w, signer, fingerprint)?;
-            // Checked once the size is known, so that an answer too large to send spends no token.
-            if n > max_len {
-                refused = Some(Refused::Amplification);
-            } else if budget.is_some_and(|now| !limiter.allow(client, now)) {
-                refused = Some(Refused::RateLimited);
-            }
-            match refused {
-                Some(_) => Err(wire::Error::BufferTooSmall),
-                None => Ok(n),
+            match budget.map(|now| limiter.admit(client, now, request_len, n)) {
+                Some(Err(why)) => {
+                    refused = Some(why);
+                    Err(wire::Error::BufferTooSmall)
+                }
+                _ => Ok(n),
             }
         });
         match refused {
-            Some(Refused::Amplification) => self.stats.amplification_refused += 1,
-            Some(Refused::RateLimited) => self.stats.rate_limited += 1,
+            Some(why) => self.count_refused(why),
             None if !sent => self.stats.outbox_overflow += 1,
             None => {}
         }
         sent
+    }
+
+    fn count_refused(&mut self, why: Refused) {
+        match why {
+            Refused::Amplification => self.stats.amplification_refused += 1,
+            Refused::RateLimited => self.stats.rate_limited += 1,
+        }
     }
 
     fn reply_error(
@@ -1558,11 +1549,6 @@ impl<R: RngCore> Server<R> {
     }
 }
 
-/// The largest unauthenticated answer to `req` over UDP: [`MAX_AMPLIFICATION`]× its size (design §3).
-fn udp_answer_limit(req: &Message<'_>) -> usize {
-    (MAX_AMPLIFICATION * req.as_bytes().len()).min(MAX_RESPONSE)
-}
-
 /// Append MESSAGE-INTEGRITY(-SHA256) with the request's key and FINGERPRINT when the request had one.
 fn finish(
     mut w: MessageWriter<'_>,
@@ -1580,50 +1566,6 @@ fn finish(
         w.add_fingerprint()?;
     }
     Ok(w.finish())
-}
-
-/// The body of a 401 or 438: ERROR-CODE, REALM, NONCE and, when advertised, PASSWORD-ALGORITHMS; only
-/// what RFC 8489 §9.2.4 requires.
-fn challenge_body(
-    w: &mut MessageWriter<'_>,
-    code: ErrorCode,
-    realm: &str,
-    nonce: &str,
-    algorithms: bool,
-) -> Result<(), wire::Error> {
-    error_code(w, code)?;
-    w.add(&Attribute::Realm(realm))?;
-    w.add(&Attribute::Nonce(nonce))?;
-    if algorithms {
-        let mut scratch = [0u8; 4 * ADVERTISED_ALGORITHMS.len()];
-        w.add(&wire::password_algorithms(
-            &ADVERTISED_ALGORITHMS,
-            &mut scratch,
-        )?)?;
-    }
-    Ok(())
-}
-
-/// Size of the 401 that a request without FINGERPRINT gets with `realm`, advertising
-/// PASSWORD-ALGORITHMS or not. Config validation holds the plain one to [`MAX_AMPLIFICATION`]× a
-/// [`MIN_ALLOCATE`]-byte Allocate; the advertising one decides which UDP requests may get it.
-fn challenge_len(realm: &str, password_algorithms: bool) -> usize {
-    let features = if password_algorithms {
-        FEATURE_PASSWORD_ALGORITHMS
-    } else {
-        0
-    };
-    // Nonce lengths depend only on the feature bits, never on the key, address or expiry.
-    let nonce = NonceKey::new([0; 32]).mint(SocketAddr::from(([0, 0, 0, 0], 0)), features, 0);
-    let mut buf = [0u8; MAX_RESPONSE];
-    let typ = MessageType::new(Method::ALLOCATE, Class::Error);
-    MessageWriter::new(&mut buf, typ, wire::TransactionId::default())
-        .and_then(|mut w| {
-            let code = ErrorCode::Unauthenticated;
-            challenge_body(&mut w, code, realm, nonce.as_str(), password_algorithms)?;
-            Ok(w.finish())
-        })
-        .unwrap_or(usize::MAX)
 }
 
 fn error_code(w: &mut MessageWriter<'_>, code: ErrorCode) -> Result<(), wire::Error> {
@@ -1746,13 +1688,6 @@ struct Authenticated {
 enum Answer<'s> {
     Signed(&'s Signer),
     Unauthenticated(Instant),
-}
-
-/// Why an unauthenticated answer was not sent.
-#[derive(Debug, Clone, Copy)]
-enum Refused {
-    Amplification,
-    RateLimited,
 }
 
 /// Why authentication refused a request.

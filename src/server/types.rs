@@ -2,6 +2,7 @@
 //! `route`, which carries them to the data plane), the commands and transmits it emits, and protocol
 //! error codes.
 
+use crate::auth::Challenge;
 use core::net::{IpAddr, SocketAddr};
 
 pub use crate::route::{AllocationId, ChannelNumber};
@@ -216,11 +217,11 @@ impl ErrorCode {
         match self {
             ErrorCode::TryAlternate => 300,
             ErrorCode::BadRequest => 400,
-            ErrorCode::Unauthenticated => 401,
+            ErrorCode::Unauthenticated => Challenge::Unauthenticated.code(),
             ErrorCode::Forbidden => 403,
             ErrorCode::UnknownAttribute => 420,
             ErrorCode::AllocationMismatch => 437,
-            ErrorCode::StaleNonce => 438,
+            ErrorCode::StaleNonce => Challenge::StaleNonce.code(),
             ErrorCode::AddressFamilyNotSupported => 440,
             ErrorCode::WrongCredentials => 441,
             ErrorCode::UnsupportedTransport => 442,
@@ -235,11 +236,11 @@ impl ErrorCode {
         match self {
             ErrorCode::TryAlternate => "Try Alternate",
             ErrorCode::BadRequest => "Bad Request",
-            ErrorCode::Unauthenticated => "Unauthorized",
+            ErrorCode::Unauthenticated => Challenge::Unauthenticated.reason(),
             ErrorCode::Forbidden => "Forbidden",
             ErrorCode::UnknownAttribute => "Unknown Attribute",
             ErrorCode::AllocationMismatch => "Allocation Mismatch",
-            ErrorCode::StaleNonce => "Stale Nonce",
+            ErrorCode::StaleNonce => Challenge::StaleNonce.reason(),
             ErrorCode::AddressFamilyNotSupported => "Address Family not Supported",
             ErrorCode::WrongCredentials => "Wrong Credentials",
             ErrorCode::UnsupportedTransport => "Unsupported Transport Protocol",

@@ -112,7 +112,7 @@ fn settings_that_would_push_the_challenge_past_3x_are_refused() {
         )
     };
     // The 401 is 68 bytes plus the padded realm: up to 12 bytes of realm fit in 84.
-    assert_eq!(super::super::challenge_len("123456789012", false), 84);
+    assert_eq!(crate::auth::challenge_len("123456789012", false), 84);
     assert!(with_realm("123456789012").is_ok());
     let e = with_realm("turn.example.org").unwrap_err();
     assert_eq!(e.key, "realm");
@@ -120,7 +120,7 @@ fn settings_that_would_push_the_challenge_past_3x_are_refused() {
     assert!(e.problem.contains("at most 12 bytes"), "{e}");
     // PASSWORD-ALGORITHMS and the RFC 8489 nonce cookie add 28 bytes; that 401 goes only where it fits
     // (see `password_algorithms_are_advertised_only_where_the_401_fits`), so the setting is accepted.
-    assert_eq!(super::super::challenge_len(REALM, true), 108);
+    assert_eq!(crate::auth::challenge_len(REALM, true), 108);
     assert!(Server::new(
         Config {
             password_algorithms: true,
