@@ -17,13 +17,14 @@ use std::time::Duration;
 use crossbeam_channel::Receiver;
 
 use super::exec::{Executor, Plane};
-use crate::dataplane::{Action, Core, Drop, ToControl, HEADROOM, SLOT};
+use crate::budget::SourceLimiter;
+use crate::dataplane::{Action, Answers, Core, Direction, Drop, ToControl, HEADROOM, SLOT};
 use crate::route::{AllocationId, ClientKey, Counters, RelayId, RouteUpdate};
 use crate::server::tests::{
     client, config, loopback_config, peer, Creds, Harness, SECRET_NEW, UNIX0,
 };
 use crate::server::{Config, FiveTuple, Transport};
-use crate::wire::{Attribute, Class, Message, Method};
+use crate::wire::{self, Attribute, Class, Message, MessageType, MessageWriter, Method};
 
 /// One thing that happened, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +33,8 @@ enum Event {
     Route(RouteUpdate),
     /// A server transmit: always to a client's 5-tuple.
     Reply { to: FiveTuple, bytes: Vec<u8> },
+    /// The worker's own answer to a client (a Binding success, a 401), from the listener.
+    Answered { to: FiveTuple, bytes: Vec<u8> },
     /// A datagram the worker sent: from a relay address to a peer, or from the listener to a client.
     Relayed {
         src: SocketAddr,
@@ -100,12 +103,35 @@ impl Relay {
     }
 
     fn with(config: Config) -> Self {
+        Self::with_core(config, |core, _| core)
+    }
+
+    /// A worker that answers Binding and plain challenges itself, as `control::start` configures it
+    /// (its nonce clock the harness's start, [`UNIX0`]).
+    fn answering(config: Config) -> Self {
+        let rate = config.challenge_rate;
+        let binding = !config.binding_requires_auth;
+        Self::with_core(config, |core, server| {
+            let answers = Answers {
+                binding,
+                challenger: Some(server.challenger().clone()),
+            };
+            core.answer_unauthenticated(SourceLimiter::new(rate, [1, 2]), answers)
+                .with_unix_clock(|| UNIX0)
+        })
+    }
+
+    fn with_core(
+        config: Config,
+        setup: impl FnOnce(Core, &crate::server::Server<rand::rngs::StdRng>) -> Core,
+    ) -> Self {
         let range = config.channel_range;
         let (tx, rx) = crossbeam_channel::bounded(64);
         let h = Harness::with(config);
         let own = h.server.own_addresses().clone();
+        let core = setup(Core::new(0, tx, Arc::default(), range, own), &h.server);
         let bench = Bench {
-            core: Core::new(0, tx, Arc::default(), range, own),
+            core,
             events: Vec::new(),
             addrs: Default::default(),
         };
@@ -151,12 +177,18 @@ impl Relay {
             self.core_mut()
                 .on_client(0, five.client, &mut slot, bytes.len())
         {
-            let src = self.exec.plane.addrs[&f.bill.relay];
-            events.push(Event::Relayed {
-                src,
-                dst: f.dst,
-                bytes: slot[f.range.clone()].to_vec(),
-            });
+            let bytes = slot[f.range.clone()].to_vec();
+            if matches!(f.bill.dir, Direction::Answer | Direction::Challenge) {
+                assert_eq!(f.dst, five.client);
+                events.push(Event::Answered { to: five, bytes });
+            } else {
+                let src = self.exec.plane.addrs[&f.bill.relay];
+                events.push(Event::Relayed {
+                    src,
+                    dst: f.dst,
+                    bytes,
+                });
+            }
             self.core_mut().sent(f.bill);
         }
         while let Ok(msg) = self.from_worker.try_recv() {
@@ -275,12 +307,12 @@ impl Relay {
     }
 }
 
-/// The single server reply among `events`.
+/// The single reply among `events` (the server's, or the worker's own).
 fn reply(events: &[Event]) -> Message<'_> {
     let replies: Vec<&Vec<u8>> = events
         .iter()
         .filter_map(|e| match e {
-            Event::Reply { bytes, .. } => Some(bytes),
+            Event::Reply { bytes, .. } | Event::Answered { bytes, .. } => Some(bytes),
             _ => None,
         })
         .collect();
@@ -456,7 +488,7 @@ fn no_server_output_addresses_a_peer() {
     let mut replies = 0;
     for e in &events {
         match e {
-            Event::Reply { to, .. } => {
+            Event::Reply { to, .. } | Event::Answered { to, .. } => {
                 replies += 1;
                 assert!(clients.contains(to), "{e:?}");
             }
@@ -826,7 +858,9 @@ mod random {
                             billed.to_peer_packets += 1;
                         }
                         Event::Relayed { dst, .. } => prop_assert_eq!(*dst, client(1).client),
-                        Event::Reply { to, .. } => prop_assert_eq!(*to, client(1)),
+                        Event::Reply { to, .. } | Event::Answered { to, .. } => {
+                            prop_assert_eq!(*to, client(1))
+                        }
                         Event::Route(_) => {}
                     }
                 }
@@ -1137,4 +1171,245 @@ fn behind_one_to_one_nat_clients_see_the_public_address_and_relay_to_each_other(
             .peer(bound(alice_pub), SocketAddr::new(private, port), b"no")
             .is_empty());
     }
+}
+
+/// An unauthenticated request as a client writes it: `attrs`, FINGERPRINT if `fingerprint`.
+fn unsigned(method: Method, tid: u8, attrs: &[Attribute<'_>], fingerprint: bool) -> Vec<u8> {
+    let mut buf = vec![0u8; 512];
+    let typ = MessageType::new(method, Class::Request);
+    let mut w = MessageWriter::new(&mut buf, typ, wire::TransactionId([tid; 12])).unwrap();
+    for a in attrs {
+        w.add(a).unwrap();
+    }
+    if fingerprint {
+        w.add_fingerprint().unwrap();
+    }
+    let n = w.finish();
+    buf.truncate(n);
+    buf
+}
+
+/// What the server alone answers to `bytes` from `five` (a fresh server of the same seed, so the
+/// same nonce key, at the same Unix time).
+fn server_answer(config: &Config, five: FiveTuple, bytes: &[u8]) -> Option<Vec<u8>> {
+    let mut h = Harness::with(config.clone());
+    let out = h.send(five, bytes);
+    assert!(out.sent.len() <= 1, "{out:?}");
+    out.sent.first().map(|t| t.bytes.clone())
+}
+
+/// The worker's 401 is the server's, byte for byte, for every method it answers, with and without
+/// FINGERPRINT, IPv4 and IPv6 clients, and PASSWORD-ALGORITHMS advertised where it fits (and not in
+/// a request too small for it); nothing reaches the control thread.
+#[test]
+fn the_workers_401_is_the_servers_byte_for_byte() {
+    let v6 = FiveTuple {
+        client: sa("[2001:db8:1:2::1]:4000"),
+        ..client(1)
+    };
+    let transport = Attribute::RequestedTransport(17);
+    let peer_attr = Attribute::XorPeerAddress(peer(1));
+    let lifetime = Attribute::Lifetime(600);
+    let channel = Attribute::ChannelNumber(0x4000);
+    let software = Attribute::Software("a client with a longer name, so the 401 may grow");
+    let requests: Vec<(Method, Vec<Attribute<'_>>)> = vec![
+        (Method::ALLOCATE, vec![transport.clone()]),
+        (Method::ALLOCATE, vec![transport.clone(), software.clone()]),
+        (Method::REFRESH, vec![lifetime]),
+        (Method::CREATE_PERMISSION, vec![peer_attr.clone()]),
+        (Method::CHANNEL_BIND, vec![channel, peer_attr, software]),
+    ];
+    let mut compared = 0;
+    for password_algorithms in [false, true] {
+        let config = Config {
+            password_algorithms,
+            ..config()
+        };
+        let mut r = Relay::answering(config.clone());
+        for (i, (method, attrs)) in requests.iter().enumerate() {
+            for fingerprint in [false, true] {
+                for five in [client(1), v6] {
+                    let bytes = unsigned(*method, i as u8, attrs, fingerprint);
+                    let events = r.client(five, &bytes);
+                    let [Event::Answered { to, bytes: ours }] = events.as_slice() else {
+                        panic!("not answered by the worker: {method:?} {events:?}");
+                    };
+                    assert_eq!(*to, five);
+                    let theirs = server_answer(&config, five, &bytes).unwrap();
+                    assert_eq!(ours, &theirs, "{method:?} fp={fingerprint} {five:?}");
+                    let msg = Message::parse(ours).unwrap();
+                    assert_eq!(msg.attrs.error_code.map(|e| e.0), Some(401));
+                    assert_eq!(msg.attrs.fingerprint.is_some(), fingerprint);
+                    compared += 1;
+                }
+            }
+        }
+        // Every one answered, sent and counted by the worker; none reached the server.
+        assert_eq!(r.core().stats().challenges(), 5 * 2 * 2);
+        assert_eq!(r.h.server.stats().challenges, 0);
+    }
+    assert_eq!(compared, 2 * 5 * 2 * 2);
+}
+
+/// The 401 round through the worker: its nonce is one the server accepts, the Allocate succeeds, and
+/// the challenge is counted once, by the worker.
+#[test]
+fn a_nonce_the_worker_minted_is_accepted_by_the_server() {
+    for password_algorithms in [false, true] {
+        let mut r = Relay::answering(Config {
+            password_algorithms,
+            ..config()
+        });
+        let alice = Creds::alice();
+        let first = r.request(
+            client(1),
+            Method::ALLOCATE,
+            &[Attribute::RequestedTransport(17)],
+            None,
+        );
+        assert!(
+            matches!(first.as_slice(), [Event::Answered { .. }]),
+            "{first:?}"
+        );
+        let nonce = reply(&first).attrs.nonce.unwrap().to_string();
+        r.h.nonces.insert(client(1).client, nonce);
+        let events = r.request(
+            client(1),
+            Method::ALLOCATE,
+            &[Attribute::RequestedTransport(17)],
+            Some(&alice),
+        );
+        assert!(success(&events), "{events:?}");
+        assert_eq!(r.core().stats().challenges(), 1);
+        assert_eq!(r.h.server.stats().challenges, 0);
+        assert_eq!(r.h.server.stats().auth_failures, 0);
+        // The signed requests that follow go to the server, with the same nonce.
+        assert!(success(&r.permit(client(1), &alice, peer(1))));
+    }
+}
+
+/// The worker spends its own shard of the per-source budget on 401s and Binding successes alike;
+/// what is refused is counted and not passed on. A 401 more than 3× its request is never sent, by
+/// the worker as by the server.
+#[test]
+fn the_workers_401s_share_the_budget_and_the_amplification_bound() {
+    let mut r = Relay::answering(Config {
+        challenge_rate: 1,
+        ..config()
+    });
+    let allocate = |tid| {
+        unsigned(
+            Method::ALLOCATE,
+            tid,
+            &[Attribute::RequestedTransport(17)],
+            true,
+        )
+    };
+    let answered = (0..4)
+        .filter(|i| !r.client(client(1), &allocate(*i)).is_empty())
+        .count();
+    assert_eq!(answered, 2, "a burst of twice the rate");
+    assert_eq!(r.core().stats().drops(Drop::ChallengeRateLimited), 2);
+    let binding = unsigned(Method::BINDING, 9, &[], true);
+    assert!(r.client(client(1), &binding).is_empty(), "one budget");
+    assert_eq!(r.core().stats().drops(Drop::BindingRateLimited), 1);
+    assert_eq!(r.h.server.stats().challenges, 0, "nothing passed on");
+    // Another source has its own budget; a reload's rate reaches the worker's shard.
+    let other = FiveTuple {
+        client: sa("198.51.100.99:4000"),
+        ..client(1)
+    };
+    assert_eq!(r.client(other, &allocate(5)).len(), 1);
+    r.core_mut().set_binding_rate(5);
+    assert_eq!(r.client(client(1), &allocate(6)).len(), 1);
+
+    // 20 bytes in, an 84-byte 401 out: over 3×, neither answered nor passed on.
+    let bare = unsigned(Method::ALLOCATE, 7, &[], false);
+    assert_eq!(bare.len(), wire::HEADER_LEN);
+    assert!(r.client(client(2), &bare).is_empty());
+    assert_eq!(r.core().stats().drops(Drop::ChallengeAmplification), 1);
+    assert_eq!(server_answer(&config(), client(2), &bare), None);
+}
+
+/// What is not certainly a plain 401 goes to the control thread as before: a signed request (here
+/// with a nonce the server never minted: 438), an unauthenticated one with a malformed
+/// XOR-PEER-ADDRESS (dropped silently by the server), and an unknown method (400).
+#[test]
+fn requests_that_are_not_plain_challenges_reach_the_server() {
+    let mut r = Relay::answering(config());
+    let alice = Creds::alice();
+    r.h.nonces
+        .insert(client(1).client, "not-a-nonce-of-ours".into());
+    let events = r.request(
+        client(1),
+        Method::ALLOCATE,
+        &[Attribute::RequestedTransport(17)],
+        Some(&alice),
+    );
+    assert!(
+        matches!(events.as_slice(), [Event::Reply { .. }]),
+        "{events:?}"
+    );
+    assert_eq!(error_code(&events), Some(438));
+
+    let mut malformed = unsigned(
+        Method::CREATE_PERMISSION,
+        3,
+        &[Attribute::XorPeerAddress(peer(1))],
+        false,
+    );
+    // XOR-PEER-ADDRESS of the IPv4 family with a 4-byte value.
+    malformed[3] -= 4;
+    malformed[wire::HEADER_LEN + 3] = 4;
+    malformed.truncate(wire::HEADER_LEN + 8);
+    assert!(
+        Message::parse(&malformed)
+            .unwrap()
+            .attrs
+            .malformed_peer_address
+    );
+    let before = r.h.server.stats().malformed;
+    assert!(r.client(client(1), &malformed).is_empty());
+    assert_eq!(
+        r.h.server.stats().malformed,
+        before + 1,
+        "the server dropped it"
+    );
+
+    let unknown = unsigned(Method(0x00a), 4, &[], false);
+    assert_eq!(error_code(&r.client(client(1), &unknown)), Some(400));
+    assert_eq!(r.core().stats().challenges(), 0);
+}
+
+/// The realm and `password_algorithms` need a restart: a reload that changes them keeps the
+/// server's, and the worker's 401 still names the realm the server checks.
+#[test]
+fn a_reload_of_the_realm_changes_neither_the_servers_nor_the_workers_challenge() {
+    let mut r = Relay::answering(config());
+    let reloaded = Config {
+        realm: "elsewhere".into(),
+        password_algorithms: true,
+        ..config()
+    };
+    r.h.server.reload(reloaded).unwrap();
+    let bytes = unsigned(
+        Method::ALLOCATE,
+        1,
+        &[Attribute::RequestedTransport(17)],
+        false,
+    );
+    let events = r.client(client(1), &bytes);
+    assert_eq!(
+        reply(&events).attrs.realm,
+        Some(crate::server::tests::REALM)
+    );
+    let [Event::Answered { bytes: ours, .. }] = events.as_slice() else {
+        panic!("{events:?}");
+    };
+    assert_eq!(
+        Some(ours.clone()),
+        server_answer(&config(), client(1), &bytes)
+    );
+    let alice = Creds::alice();
+    assert!(r.allocate(client(1), &alice).port() > 0);
 }

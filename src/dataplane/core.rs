@@ -109,6 +109,8 @@ pub struct Core {
     binding: bool,
     /// The server's challenger, when a UDP request that certainly gets a plain 401 is answered here.
     challenger: Option<Challenger>,
+    /// Unix seconds, for a challenge's nonce expiry: [`crate::clock::unix_now`] (a fake in tests).
+    unix_clock: fn() -> u64,
 }
 
 /// What a worker answers itself ([`Core::answer_unauthenticated`]).
@@ -143,7 +145,15 @@ impl Core {
             budget: None,
             binding: false,
             challenger: None,
+            unix_clock: crate::clock::unix_now,
         }
+    }
+
+    /// Read Unix time from `clock` instead of the system's (a scenario's fake clock).
+    #[cfg(test)]
+    pub(crate) fn with_unix_clock(mut self, clock: fn() -> u64) -> Self {
+        self.unix_clock = clock;
+        self
     }
 
     /// Answer `answers` from UDP clients here, in the receive slot, spending `budget` (this worker's
@@ -388,7 +398,7 @@ impl Core {
                 let Some(challenger) = &self.challenger else {
                     return self.drop(Drop::Truncated);
                 };
-                let unix_now = crate::clock::unix_now();
+                let unix_now = (self.unix_clock)();
                 let n = challenger.write(
                     buf,
                     req,
@@ -788,5 +798,113 @@ mod tests {
         assert_eq!(send(&mut core, CLIENT4, &bad, false).0, Action::Done);
         assert!(rx.try_recv().is_err());
         assert_eq!(core.stats().drops(Drop::Malformed), 1);
+    }
+
+    /// A core that answers Binding and plain challenges, with the challenger of realm "turnpike".
+    fn challenging(rate: u32) -> (Core, crossbeam_channel::Receiver<ToControl>, Challenger) {
+        let (core, rx) = core();
+        let challenger = Challenger::new(auth::NonceKey::new([7; 32]), "turnpike", 600, false);
+        let answers = Answers {
+            binding: true,
+            challenger: Some(challenger.clone()),
+        };
+        let core = core
+            .answer_unauthenticated(SourceLimiter::new(rate, [5, 6]), answers)
+            .with_unix_clock(|| 1_800_000_000);
+        (core, rx, challenger)
+    }
+
+    fn request(method: Method, attrs: &[Attribute<'_>], fingerprint: bool) -> Vec<u8> {
+        let mut buf = [0u8; 256];
+        let typ = MessageType::new(method, Class::Request);
+        let mut w = MessageWriter::new(&mut buf, typ, wire::TransactionId([3; 12])).unwrap();
+        for a in attrs {
+            w.add(a).unwrap();
+        }
+        if fingerprint {
+            w.add_fingerprint().unwrap();
+        }
+        let n = w.finish();
+        buf[..n].to_vec()
+    }
+
+    #[test]
+    fn a_plain_challenge_is_answered_in_the_slot_with_a_nonce_of_the_servers_key() {
+        let (mut core, rx, challenger) = challenging(100);
+        let peer = Attribute::XorPeerAddress("8.8.8.8:53".parse().unwrap());
+        let cases = [
+            (Method::ALLOCATE, Attribute::RequestedTransport(17)),
+            (Method::REFRESH, Attribute::Lifetime(0)),
+            (Method::CREATE_PERMISSION, peer.clone()),
+            (Method::CHANNEL_BIND, peer),
+        ];
+        for (method, attr) in cases {
+            for fingerprint in [false, true] {
+                let req = request(method, &[attr.clone()], fingerprint);
+                let (action, slot) = send(&mut core, CLIENT4, &req, false);
+                let Action::Forward(f) = action else {
+                    panic!("not answered: {method:?}");
+                };
+                assert_eq!((f.out, f.bill), (Out::Listener(3), Bill::CHALLENGE));
+                assert_eq!(f.dst, CLIENT4.parse().unwrap());
+                let resp = Message::parse(&slot[f.range.clone()]).unwrap();
+                let typ = resp.message_type();
+                assert_eq!((typ.class, typ.method), (Class::Error, method));
+                assert_eq!(resp.transaction_id(), wire::TransactionId([3; 12]));
+                assert_eq!(resp.attrs.error_code.map(|e| e.0), Some(401));
+                assert_eq!(resp.attrs.realm, Some("turnpike"));
+                assert_eq!(resp.attrs.fingerprint.is_some(), fingerprint);
+                let nonce = resp.attrs.nonce.unwrap();
+                assert_eq!(
+                    challenger
+                        .key()
+                        .verify(f.dst, nonce.as_bytes(), 1_800_000_600),
+                    auth::NonceCheck::Valid { features: 0 },
+                    "valid for the nonce lifetime"
+                );
+                assert!(f.range.len() <= crate::budget::MAX_AMPLIFICATION * req.len());
+                core.sent(f.bill);
+            }
+        }
+        assert!(rx.try_recv().is_err(), "no control-thread hop");
+        assert_eq!(core.stats().challenges(), 8);
+        assert_eq!(
+            (core.stats().bindings(), core.stats().relayed()),
+            (0, Counters::default())
+        );
+    }
+
+    #[test]
+    fn signed_stream_and_other_requests_go_to_the_control_thread() {
+        let (mut core, rx, _) = challenging(100);
+        let to_control = |rx: &crossbeam_channel::Receiver<ToControl>| {
+            matches!(rx.try_recv(), Ok(ToControl::Stun { .. }))
+        };
+        let allocate = request(
+            Method::ALLOCATE,
+            &[Attribute::RequestedTransport(17)],
+            false,
+        );
+        // From a TCP/TLS client: the server answers it (exempt from the budget there).
+        assert_eq!(send(&mut core, CLIENT4, &allocate, true).0, Action::Done);
+        assert!(to_control(&rx));
+        // With MESSAGE-INTEGRITY: only the server can judge it.
+        let mut buf = [0u8; 256];
+        let typ = MessageType::new(Method::ALLOCATE, Class::Request);
+        let mut w = MessageWriter::new(&mut buf, typ, wire::TransactionId([4; 12])).unwrap();
+        w.add(&Attribute::RequestedTransport(17)).unwrap();
+        w.add_integrity(&[1; 16]).unwrap();
+        let n = w.finish();
+        assert_eq!(send(&mut core, CLIENT4, &buf[..n], false).0, Action::Done);
+        assert!(to_control(&rx));
+        // Not a method that always needs credentials: the 400 is the server's.
+        let unknown = request(Method(0x00a), &[], false);
+        assert_eq!(send(&mut core, CLIENT4, &unknown, false).0, Action::Done);
+        assert!(to_control(&rx));
+        // A worker without the challenger passes every request on.
+        let (mut plain, rx) = answering(100);
+        assert_eq!(send(&mut plain, CLIENT4, &allocate, false).0, Action::Done);
+        assert!(to_control(&rx));
+        assert_eq!(core.stats().challenges() + plain.stats().challenges(), 0);
     }
 }
