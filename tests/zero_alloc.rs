@@ -1,6 +1,7 @@
 //! Zero allocations on the packet path: a counting global allocator watches the whole process while, on
 //! every backend, 100,000 ChannelData packets are relayed each way in steady state and 100,000 Binding
-//! requests are answered in the worker; and while a worker refuses STUN copies to a full control queue.
+//! and unauthenticated Allocate requests (the 401 round) are answered in the worker; and while a worker
+//! refuses STUN copies to a full control queue.
 //!
 //! The allocator counts process-wide, so the scenarios run one after another in one test.
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -19,7 +20,7 @@ const WINDOW: usize = 32;
 #[test]
 fn the_packet_path_allocates_nothing() {
     relaying_channel_data_allocates_nothing();
-    answering_binding_in_the_worker_allocates_nothing();
+    answering_binding_and_challenges_in_the_worker_allocates_nothing();
     refusing_stun_copies_allocates_nothing();
 }
 
@@ -74,9 +75,10 @@ fn relaying_channel_data_allocates_nothing() {
     }
 }
 
-/// Binding (RFC 8489 §8.1) is answered in the worker's receive slot: no allocation per request. The
-/// budget is unlimited (`challenge_rate = 0`) so that every request is answered.
-fn answering_binding_in_the_worker_allocates_nothing() {
+/// Binding (RFC 8489 §8.1) and the 401 to an Allocate without credentials are answered in the
+/// worker's receive slot: no allocation per request (a request handed to the control thread would be
+/// copied). The budget is unlimited (`challenge_rate = 0`) so that every request is answered.
+fn answering_binding_and_challenges_in_the_worker_allocates_nothing() {
     for (i, backend) in backends().into_iter().enumerate() {
         let mut s = settings(backend, 1, 32000 + 1000 * i as u16);
         s.server.challenge_rate = 0;
@@ -86,21 +88,36 @@ fn answering_binding_in_the_worker_allocates_nothing() {
         sock.set_read_timeout(Some(std::time::Duration::from_secs(3)))
             .unwrap();
         // A 20-byte Binding request: type 0x0001, length 0, the magic cookie, a transaction id.
-        let mut request = [0u8; 20];
-        request[..8].copy_from_slice(&[0x00, 0x01, 0, 0, 0x21, 0x12, 0xA4, 0x42]);
+        let mut binding = [0u8; 20];
+        binding[..8].copy_from_slice(&[0x00, 0x01, 0, 0, 0x21, 0x12, 0xA4, 0x42]);
+        // A 28-byte Allocate without credentials: type 0x0003, REQUESTED-TRANSPORT UDP.
+        let mut allocate = [0u8; 28];
+        allocate[..8].copy_from_slice(&[0x00, 0x03, 0, 8, 0x21, 0x12, 0xA4, 0x42]);
+        allocate[20..].copy_from_slice(&[0x00, 0x19, 0, 4, 17, 0, 0, 0]);
         let mut buf = [0u8; 2048];
         let mut run = |requests: usize| {
             let mut done = 0;
             while done < requests {
                 let n = WINDOW.min(requests - done);
                 for k in 0..n {
+                    let request = if k % 2 == 0 {
+                        &mut binding[..]
+                    } else {
+                        &mut allocate[..]
+                    };
                     request[8..16].copy_from_slice(&((done + k) as u64).to_be_bytes());
-                    sock.send_to(&request, server).unwrap();
+                    sock.send_to(request, server).unwrap();
                 }
                 for _ in 0..n {
                     let (len, from) = sock.recv_retry(&mut buf).unwrap();
-                    // A Binding success (0x0101) with XOR-MAPPED-ADDRESS (12 bytes for IPv4).
-                    assert!(len == 32 && from == server && buf[..2] == [0x01, 0x01]);
+                    assert_eq!(from, server);
+                    match [buf[0], buf[1]] {
+                        // A Binding success with XOR-MAPPED-ADDRESS (12 bytes for IPv4).
+                        [0x01, 0x01] => assert_eq!(len, 32),
+                        // An Allocate error: the 401, within 3× its request.
+                        [0x01, 0x13] => assert!(len <= 3 * allocate.len()),
+                        other => panic!("unexpected answer {other:?}"),
+                    }
                 }
                 done += n;
             }
@@ -112,7 +129,7 @@ fn answering_binding_in_the_worker_allocates_nothing() {
         assert_eq!(
             after - before,
             0,
-            "{backend:?}: {} allocations while answering {PACKETS} Bindings",
+            "{backend:?}: {} allocations while answering {PACKETS} Bindings and Allocates",
             after - before
         );
         relay.stop().unwrap();
