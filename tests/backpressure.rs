@@ -14,7 +14,7 @@ use turnpike::wire::{Attribute, Method};
 
 /// STUN copies queued at most, in bytes (`control::CONTROL_QUEUE_BYTES`).
 const QUEUE_BYTES: usize = 8 << 20;
-/// The flood: rounds of `PER_ROUND` Binding requests of `SIZE` bytes.
+/// The flood: rounds of `PER_ROUND` requests of `SIZE` bytes.
 const ROUNDS: usize = 40;
 const PER_ROUND: usize = 100;
 const SIZE: usize = 3000;
@@ -22,21 +22,25 @@ const SIZE: usize = 3000;
 const SMALL_ROUNDS: usize = 40;
 const SMALL_PER_ROUND: usize = 450;
 
-/// A minimal Allocate request (no credentials) with transaction id `n`: it goes to the control thread
-/// (a Binding no longer does: the worker answers it).
+/// A request of a method the relay does not know (0x00a), with transaction id `n`: it goes to the
+/// control thread, which answers 400 (a Binding and an Allocate without credentials no longer do:
+/// the worker answers them).
+const UNKNOWN_METHOD: [u8; 2] = [0x00, 0x0a];
+
+/// A minimal request of [`UNKNOWN_METHOD`] with transaction id `n`.
 fn request(n: u32) -> Vec<u8> {
-    let mut m = vec![0x00, 0x03, 0, 0];
+    let mut m = vec![UNKNOWN_METHOD[0], UNKNOWN_METHOD[1], 0, 0];
     m.extend_from_slice(&0x2112_A442u32.to_be_bytes());
     m.extend_from_slice(&[0; 8]);
     m.extend_from_slice(&n.to_be_bytes());
     m
 }
 
-/// An Allocate request of `SIZE` bytes (an unknown comprehension-optional attribute pads it), with
-/// transaction id `n`.
+/// A request of [`UNKNOWN_METHOD`] of `SIZE` bytes (an unknown comprehension-optional attribute pads
+/// it), with transaction id `n`.
 fn big_request(n: u32) -> Vec<u8> {
     let pad = (SIZE - 24) as u16;
-    let mut m = vec![0x00, 0x03];
+    let mut m = UNKNOWN_METHOD.to_vec();
     m.extend_from_slice(&(pad + 4).to_be_bytes());
     m.extend_from_slice(&0x2112_A442u32.to_be_bytes());
     m.extend_from_slice(&[0; 8]);
