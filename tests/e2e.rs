@@ -22,6 +22,17 @@ fn binding_allocate_permission_channel_and_data_both_ways() {
         );
 
         let relayed = c.allocate();
+        // The 401 round was answered in a worker, and its nonce accepted by the server; the metric
+        // counts the workers' 401s with the server's.
+        let challenges: u64 = relay.worker_stats().iter().map(|w| w.challenges()).sum();
+        assert_eq!(challenges, 1, "{backend:?}");
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        relay
+            .shutdown_sender()
+            .send(turnpike::dataplane::ToControl::Metrics(tx))
+            .unwrap();
+        let m = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        assert_eq!(m.server.challenges, 1, "{backend:?}");
         let p = peer();
         c.permit(p.local_addr().unwrap());
         // Send indication → peer, from the relayed address.
