@@ -1213,10 +1213,10 @@ fn the_workers_401_is_the_servers_byte_for_byte() {
     let channel = Attribute::ChannelNumber(0x4000);
     let software = Attribute::Software("a client with a longer name, so the 401 may grow");
     let requests: Vec<(Method, Vec<Attribute<'_>>)> = vec![
-        (Method::ALLOCATE, vec![transport.clone()]),
-        (Method::ALLOCATE, vec![transport.clone(), software.clone()]),
+        (Method::ALLOCATE, vec![transport]),
+        (Method::ALLOCATE, vec![transport, software]),
         (Method::REFRESH, vec![lifetime]),
-        (Method::CREATE_PERMISSION, vec![peer_attr.clone()]),
+        (Method::CREATE_PERMISSION, vec![peer_attr]),
         (Method::CHANNEL_BIND, vec![channel, peer_attr, software]),
     ];
     let mut compared = 0;

@@ -835,12 +835,12 @@ mod tests {
         let cases = [
             (Method::ALLOCATE, Attribute::RequestedTransport(17)),
             (Method::REFRESH, Attribute::Lifetime(0)),
-            (Method::CREATE_PERMISSION, peer.clone()),
+            (Method::CREATE_PERMISSION, peer),
             (Method::CHANNEL_BIND, peer),
         ];
         for (method, attr) in cases {
             for fingerprint in [false, true] {
-                let req = request(method, &[attr.clone()], fingerprint);
+                let req = request(method, &[attr], fingerprint);
                 let (action, slot) = send(&mut core, CLIENT4, &req, false);
                 let Action::Forward(f) = action else {
                     panic!("not answered: {method:?}");
