@@ -733,3 +733,59 @@ fn soak_two_minutes_fd_count_flat_and_rss_bounded() {
     let out = relay.terminate();
     assert!(out.status.success(), "{out:?}");
 }
+
+/// Long-running flows refresh as a real client does (ChannelBind again, Refresh at half the granted
+/// lifetime, 438 retried with the new nonce), against a relay whose lifetimes are seconds long: past
+/// every lifetime the flows still relay, and the relay answered every refresh with success. The same
+/// flows with refreshing off stop once their permission lapses, so the lifetimes really bite.
+#[test]
+fn flows_refresh_past_short_lifetimes_and_every_refresh_succeeds() {
+    let lifetimes = "[lifetimes]\ndefault = 4\nmax = 4\npermission = 3\nchannel = 4\nnonce = 3\n";
+    let mut relay = Relay::new("refresh", "epoll", 15000, lifetimes);
+    relay.spawn();
+    let run = |refresh: &str, secs: &str| {
+        bench(
+            relay.udp,
+            &[
+                "--clients",
+                "4",
+                "--rate",
+                "1000",
+                "--duration",
+                secs,
+                "--interval",
+                "2",
+                "--refresh-interval",
+                refresh,
+            ],
+            Duration::from_secs(60),
+        )
+    };
+    let v = run("1", "12");
+    let r = &v["refresh"];
+    let steps = v["steps"].as_array().unwrap();
+    assert!(steps.len() >= 5, "{v}");
+    for s in steps {
+        let (sent, got) = (s["sent"].as_u64().unwrap(), s["received"].as_u64().unwrap());
+        assert!(
+            sent > 0 && 2 * got >= sent,
+            "a step lost most packets: {s}\n{r}"
+        );
+    }
+    assert_eq!(r["refresh_errors"], 0, "{r}");
+    // 12 s at 1 s and 2 s intervals: every flow bound again and refreshed several times, and its 3 s
+    // nonce went stale at least once.
+    assert!(r["channel_binds"].as_u64().unwrap() >= 4 * 3, "{r}");
+    assert!(r["refreshes"].as_u64().unwrap() >= 4 * 2, "{r}");
+    assert!(r["stale_nonce"].as_u64().unwrap() >= 1, "{r}");
+
+    let v = run("0", "8");
+    let last = v["steps"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(v["refresh"]["channel_binds"], 0, "{v}");
+    assert_eq!(
+        last["received"], 0,
+        "without refreshing, the flows outlive their permission: {last}"
+    );
+    let out = relay.terminate();
+    assert!(out.status.success(), "{out:?}");
+}
