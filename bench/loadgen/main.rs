@@ -200,6 +200,7 @@ fn main() -> ExitCode {
             );
         })
     } else {
+        let wall = Instant::now();
         let out = match cli.scenario {
             Scenario::Relay => relay_scenario(&cli),
             Scenario::Alloc => alloc_scenario(&cli),
@@ -209,7 +210,13 @@ fn main() -> ExitCode {
             Scenario::Storm => storm_scenario(&cli),
             Scenario::Streams => streams_scenario(&cli),
         };
-        out.map(|v| {
+        out.map(|mut v| {
+            // The generator's own CPU over its run: on a shared machine it says whether the generator
+            // itself was starved (CPU seconds well below the wall time of a spinning generator).
+            if let Some(me) = ProcSample::read(std::process::id()) {
+                v["generator_cpu_s"] = json!(me.cpu_seconds);
+                v["generator_wall_s"] = json!(wall.elapsed().as_secs_f64());
+            }
             if cli.json {
                 println!("{v:#}");
             } else {

@@ -149,9 +149,11 @@ pub enum Plan {
 }
 
 /// Open `n` client sockets registered with `poll` as tokens `token_base..`. Against a loopback server
-/// they bind 127.0.1.1, then 127.0.2.1… (16 000 sockets each, so ephemeral ports never run out), never
-/// 127.0.0.x: that is where relay addresses live in the benches, and a client socket must not take a port
-/// the relay wants.
+/// each binds an address of its own, 127.0.1.1, 127.0.1.2, … 127.0.254.254 (then round again), as
+/// clients on the internet do: the relay's per-source budget for unauthenticated answers (its
+/// `challenge_rate`, 100/s per /32) then limits each client, not the generator as a whole (a churn of
+/// 200/s from one address gets 401s for only 100 of them). Never 127.0.0.x: that is where relay
+/// addresses live in the benches, and a client socket must not take a port the relay wants.
 pub fn open_clients(
     n: usize,
     target: SocketAddr,
@@ -165,7 +167,8 @@ pub fn open_clients(
     for i in 0..n {
         let ip = match target {
             SocketAddr::V4(t) if t.ip().is_loopback() => {
-                std::net::IpAddr::from([127, 0, (1 + i / 16_000) as u8, 1])
+                let k = i % (254 * 254);
+                std::net::IpAddr::from([127, 0, (1 + k / 254) as u8, (1 + k % 254) as u8])
             }
             SocketAddr::V4(_) => std::net::IpAddr::from([0, 0, 0, 0]),
             SocketAddr::V6(_) => std::net::IpAddr::from([0u16; 8]),
