@@ -244,6 +244,19 @@ impl ApiReplica {
             .collect())
     }
 
+    /// `turnpike_reloads_total` on its `/metrics`: (success, failure).
+    fn reloads(&self) -> (u64, u64) {
+        let (status, body) = http(self.addr, "GET", "/metrics", None);
+        assert_eq!(status, 200, "{body}");
+        let count = |result: &str| {
+            let name = format!("turnpike_reloads_total{{result=\"{result}\"}} ");
+            body.lines()
+                .find_map(|l| l.strip_prefix(&name)?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name}in /metrics:\n{body}"))
+        };
+        (count("success"), count("failure"))
+    }
+
     /// `GET /usage` (signed with the admin key), fleet-wide: identity → totals.
     fn usage(&self) -> Vec<(String, [u64; 4])> {
         let (status, body) = http(
@@ -1096,10 +1109,20 @@ fn turnpike_api_alone_migrates_at_start_and_reloads_on_sighup() {
         Err(401),
         "the old key, reloaded away"
     );
+    assert_eq!(
+        replica.reloads(),
+        (1, 0),
+        "the reload is counted on /metrics"
+    );
 
     // A file that does not validate (no fleet to hand out): the running settings stay.
     replica.reload(&[], KEY_B64);
-    std::thread::sleep(Duration::from_secs(1));
+    let counted = within(Duration::from_secs(10), || replica.reloads() == (1, 1));
+    assert!(
+        counted,
+        "the failed reload is counted: {:?}",
+        replica.reloads()
+    );
     assert_eq!(replica.answered(KEY2_B64), only(b));
     let log = std::fs::read_to_string(dir.join("api.stderr")).unwrap_or_default();
     let out = std::fs::read_to_string(dir.join("api.stdout")).unwrap_or_default();
