@@ -92,6 +92,8 @@ default = 3600
 [quotas]
 max_allocations = 1000000
 max_allocations_per_user = 1000000
+max_permissions_per_identity = 1000000
+max_channels_per_identity = 1000000
 # bench only: the generator's echo peer is on loopback.
 [peers]
 allow = ["127.0.0.0/8"]
