@@ -606,7 +606,7 @@ impl ApiService {
     /// that start from now on, and the API's certificate to new connections. Settings that need a
     /// restart (listen addresses, databases, `[fleet]`) are kept, one warning each. On any error
     /// nothing changes. `running` becomes the new configuration on success. Either way the reload is
-    /// counted in `turnpike_reloads_total{result}`, as the relay's is ([`crate::reload::apply`]).
+    /// counted in `turnpike_reloads_total{result}`, as the relay counts its own SIGHUP reloads.
     pub fn reload(
         &self,
         running: &mut RelayConfig,
