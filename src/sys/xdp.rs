@@ -170,6 +170,7 @@ const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
 /// caller reads next. Blocks for the grace period: a few milliseconds, control thread only. Fails
 /// where the command is refused (`nohz_full` kernels: `EINVAL`; seccomp).
 pub fn wait_for_running_programs() -> io::Result<()> {
+    // SAFETY: membarrier(2) takes no pointers: a command, flags and a CPU id, all plain integers.
     super::syscall!(syscall(
         libc::SYS_membarrier,
         MEMBARRIER_CMD_GLOBAL,
