@@ -30,7 +30,7 @@ fi
 scale() { awk -v s="$1" -v k="$SCALE" 'BEGIN { v = s * k; if (v < 1) v = 1; printf "%d", v }'; }
 FLOOD_S=$(scale $FLOOD_S) STORM_S=$(scale $STORM_S) KILL_S=$(scale $KILL_S) STREAM_S=$(scale $STREAM_S)
 SOAK_S=${SOAK_SECONDS:-$(scale $SOAK_DEFAULT)}
-FLOWS=50 FLOW_RATE=20000 SOAK_RATE=40000 CHURN_RATE=200 KILL_RATE=2000
+FLOWS=50 FLOW_RATE=20000 SOAK_RATE=40000 CHURN_RATE=200 CHURN_CLIENTS=8 KILL_RATE=2000
 API_PORT=${API_PORT:-18480}
 TLS_PORT=${TLS_PORT:-15349}
 API=127.0.0.1:$API_PORT
@@ -145,6 +145,33 @@ loss_of() { j "$1" "d['steps'][-1]['loss']"; }
 p99_of() { j "$1" "d['steps'][-1]['rtt_us']['p99']"; }
 pct() { awk -v x="$1" 'BEGIN { if (x ~ /^-?[0-9]/) printf "%.4f", 100 * x; else print "-" }'; }
 want() { case " $ONLY " in *" $1 "*) return 0 ;; esac; return 1; }
+# udp_drops TP_PORT RELAY_MIN RELAY_MAX: kernel receive drops per UDP socket class in this namespace
+# (/proc/net/udp, cumulative over each socket's life): "listener relay_sockets gen_clients other", and
+# the namespace's Udp RcvbufErrors and NoPorts (/proc/net/snmp).
+udp_drops() { python3 - "$@" <<'P' 2>/dev/null || echo "- - - - - -"
+import sys
+port, lo, hi = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+d = {"listener": 0, "relay": 0, "clients": 0, "other": 0}
+for l in list(open("/proc/net/udp"))[1:]:
+    f = l.split()
+    ip_hex, p_hex = f[1].split(":")
+    ip = ".".join(str(int(ip_hex[i:i + 2], 16)) for i in (6, 4, 2, 0))
+    p, drops = int(p_hex, 16), int(f[-1])
+    if p == port:
+        d["listener"] += drops
+    elif ip == "127.0.0.1" and lo <= p <= hi:
+        d["relay"] += drops
+    elif ip.startswith("127.0.") and ip != "127.0.0.1":
+        d["clients"] += drops
+    else:
+        d["other"] += drops
+snmp = [l.split() for l in open("/proc/net/snmp") if l.startswith("Udp:")]
+u = dict(zip(snmp[0][1:], map(int, snmp[1][1:])))
+print(d["listener"], d["relay"], d["clients"], d["other"], u["RcvbufErrors"], u["NoPorts"])
+P
+}
+# cpu_s PID: user+system CPU seconds of a process (0 when gone).
+cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 rows_sql() { python3 - "$1" "$2" <<'P' 2>/dev/null || echo "-"
 import sqlite3, sys
 c = sqlite3.connect(sys.argv[1])
@@ -161,9 +188,21 @@ if want 1; then
   flows "$OUT/flood-flows.json" $((FLOOD_S + 1)) $FLOW_RATE &
   fpid=$!
   sleep 1.5
+  # Where the flows' packets are lost: kernel drops per socket class just before the flood and near its
+  # end (while the flows' sockets still exist), and the CPU the relay and the two generators used.
+  d0=$(udp_drops "$TP_PORT" 10000 29999)
+  c0=$(cpu_s "$SERVER_PID")
+  t0=$(date +%s.%N)
   taskset -c "$GEN_CPUS" "$BIN/turnpike-bench" --server "$SERVER_ADDR" --scenario spoof --sources "$SOURCES" \
-    --duration "$FLOOD_S" --json -q >"$OUT/flood-spoof.json" || echo "   spoof generator failed"
+    --duration "$FLOOD_S" --json -q >"$OUT/flood-spoof.json" &
+  spid=$!
+  sleep "$(awk -v s="$FLOOD_S" 'BEGIN { print s * 0.9 }')"
+  d1=$(udp_drops "$TP_PORT" 10000 29999)
+  c1=$(cpu_s "$SERVER_PID")
+  t1=$(date +%s.%N)
+  wait $spid || echo "   spoof generator failed"
   wait $fpid || echo "   flow generator failed"
+  echo "$d0 | $d1 | $c0 | $c1 | $t0 $t1" >"$OUT/flood-drops.txt"
   rss1=$(rss_kib "$SERVER_PID")
   growth=$(awk -v a="$rss0" -v b="$rss1" 'BEGIN { printf "%.1f", (b - a) / 1024 }')
   fig 1 "RSS growth (MB)" "$growth" "<= 10" "$(cmp $growth '<=' 10)"
@@ -176,7 +215,21 @@ if want 1; then
   fig 1 "unauth requests sent (/s)" "$(j "$OUT/flood-spoof.json" "int(d['requests_per_s'])")"
   fig 1 "answers per source over run (max)" "$(j "$OUT/flood-spoof.json" "d['max_answers_per_source']")" \
     "<= 200 x s" "$(cmp "$(j "$OUT/flood-spoof.json" "d['max_answers_per_source']")" '<=' $((200 * FLOOD_S)))"
-  fig 1 "server drops by reason" "$(curl -sf "http://$API/metrics" | awk '/^turnpike_server_dropped_total/ {gsub(/.*reason="/, "", $1); gsub(/".*/, "", $1); if ($2 > 0) printf "%s=%s ", $1, $2}')"
+  fig 1 "relay drops by reason" "$(curl -sf "http://$API/metrics" | awk '/^turnpike_dropped_packets_total/ {gsub(/.*reason="/, "", $1); gsub(/".*/, "", $1); if ($2 > 0) printf "%s=%s ", $1, $2}')"
+  # The loss's whereabouts (flood start to 90% of it): the listener's receive queue (flood and the
+  # flows' ChannelData share it), the relay sockets (the echo's replies), the generator's sockets.
+  read -r l0 r0 g0 o0 rb0 np0 <<<"$d0"
+  read -r l1 r1 g1 o1 rb1 np1 <<<"$d1"
+  span=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
+  fig 1 "kernel drops: listener / relay sockets / gen clients / other" \
+    "$((l1 - l0)) / $((r1 - r0)) / $((g1 - g0)) / $((o1 - o0))"
+  fig 1 "kernel UDP RcvbufErrors / NoPorts (ICMP unreachables)" "$((rb1 - rb0)) / $((np1 - np0))"
+  fig 1 "flow packets lost (sent - received)" "$(j "$OUT/flood-flows.json" "d['steps'][-1]['sent'] - d['steps'][-1]['received']")"
+  fig 1 "flow generator send shortfall" "$(j "$OUT/flood-flows.json" "'%d refused, %.2f%% below offered' % (d['steps'][-1]['send_failed'], max(0, 100 * (1 - d['steps'][-1]['sent'] / (d['steps'][-1]['offered_pps'] * d['steps'][-1]['seconds']))))")"
+  # The relay's over the flood; each generator's over its own run (both run on CPU $GEN_CPUS).
+  genpct() { j "$1" "'%.0f' % (100 * d['generator_cpu_s'] / d['generator_wall_s'])"; }
+  fig 1 "CPU % of a core: relay / flows gen / spoof gen" \
+    "$(awk -v s="$span" -v a="$c0" -v b="$c1" 'BEGIN { printf "%.0f", 100 * (b - a) / s }') / $(genpct "$OUT/flood-flows.json") / $(genpct "$OUT/flood-spoof.json")"
   rel_stop
 fi
 
@@ -348,31 +401,37 @@ if want 7; then
   SCEN=soak
   chunk=10
   [ "$SOAK_S" -lt 60 ] && chunk=5
-  echo "== 7 soak: ${SOAK_S}s at $SOAK_RATE pkt/s with $CHURN_RATE allocations/s created and deleted"
+  echo "== 7 soak: ${SOAK_S}s at $SOAK_RATE pkt/s with $CHURN_RATE allocations/s created and deleted ($CHURN_CLIENTS clients)"
   rel_config "$OUT/soak.toml" && rel_start "$OUT/soak.toml"
   dat="$OUT/soak.dat"
-  start=$(date +%s)
-  # Churn: CHURN_RATE allocate+delete cycles each second (one client, so none is left behind), bounded by
-  # the soak's length.
-  (
-    end=$((start + SOAK_S))
-    while [ "$(date +%s)" -lt "$end" ]; do
-      taskset -c "$GEN_CPUS" "$BIN/turnpike-bench" --server "$SERVER_ADDR" --scenario alloc --clients 1 \
-        --count $CHURN_RATE --duration 1 --json -q >>"$OUT/soak-churn.jsonl" 2>/dev/null || true
-      sleep 0.$((RANDOM % 3 + 5))
-    done
-  ) &
-  cpid=$!
-  # The flows: one generator, a step (loss, p99) every `chunk` seconds.
-  flows "$OUT/soak-flows.json" "$SOAK_S" $SOAK_RATE --interval $chunk &
+  # The flows first (they refresh their allocations, permissions and channels every --refresh-interval),
+  # a step (loss, p99) every `chunk` seconds. They outlast the churn by three chunks, so the end sample
+  # (churn stopped and drained) is taken while they still hold their allocations.
+  flows "$OUT/soak-flows.json" $((SOAK_S + 3 * chunk)) $SOAK_RATE --interval $chunk &
   fpid=$!
+  for _ in $(seq 1 300); do
+    [ "$(metric '^turnpike_allocations$')" -ge $FLOWS ] && break
+    sleep 0.1
+  done
+  # sample T: one line "t rss_kib fds allocations" (fds first: the metrics request opens a connection).
+  sample() { local f; f=$(fds "$SERVER_PID"); echo "$1 $(rss_kib "$SERVER_PID") $f $(metric '^turnpike_allocations$')"; }
+  start=$(date +%s)
+  sample 0 >"$OUT/soak-start.dat"
+  # Churn: one generator for the whole soak, CHURN_CLIENTS clients paced to CHURN_RATE cycles/s in total
+  # (one client alone is bound by its round trips), deletes counted per chunk; at its end it deletes what
+  # its cycles under way hold.
+  taskset -c "$GEN_CPUS" "$BIN/turnpike-bench" --server "$SERVER_ADDR" --scenario alloc --clients "$CHURN_CLIENTS" \
+    --churn-rate $CHURN_RATE --duration "$SOAK_S" --interval $chunk --json -q >"$OUT/soak-churn.json" &
+  cpid=$!
   : >"$OUT/soak-proc.dat"
-  while kill -0 $fpid 2>/dev/null && [ $(($(date +%s) - start)) -le $((SOAK_S + 60)) ]; do
-    echo "$(($(date +%s) - start)) $(rss_kib "$SERVER_PID") $(fds "$SERVER_PID")" >>"$OUT/soak-proc.dat"
+  while kill -0 $cpid 2>/dev/null && [ $(($(date +%s) - start)) -le $((SOAK_S + 60)) ]; do
+    sample $(($(date +%s) - start)) >>"$OUT/soak-proc.dat"
     sleep $chunk
   done
-  wait $fpid || true
-  wait $cpid || true
+  wait $cpid || echo "   churn generator failed"
+  sleep 1
+  sample $(($(date +%s) - start)) >"$OUT/soak-end.dat"
+  wait $fpid || echo "   flow generator failed"
   # Join: process samples and the generator's steps, by time.
   python3 - "$OUT/soak-proc.dat" "$OUT/soak-flows.json" "$dat" <<'P'
 import json, sys
@@ -382,46 +441,79 @@ try:
 except Exception:
     steps = []
 with open(sys.argv[3], "w") as f:
-    f.write("# t_s rss_kib fds loss_pct p99_us\n")
-    for k, (t, rss, fds) in enumerate(proc):
+    f.write("# t_s rss_kib fds allocations loss_pct p99_us\n")
+    for k, (t, rss, fds, allocs) in enumerate(proc):
         s = steps[k] if k < len(steps) else None
         loss = f"{100 * s['loss']:.4f}" if s else "-"
         p99 = f"{s['rtt_us']['p99']}" if s else "-"
-        f.write(f"{t} {rss} {fds} {loss} {p99}\n")
+        f.write(f"{t} {rss} {fds} {allocs} {loss} {p99}\n")
 P
-  python3 - "$dat" "$OUT/soak-summary.txt" "$OUT/soak-churn.jsonl" <<'P'
+  python3 - "$dat" "$OUT/soak-summary.txt" "$OUT/soak-churn.json" "$OUT/soak-flows.json" \
+    "$OUT/soak-start.dat" "$OUT/soak-end.dat" <<'P'
 import json, sys
-# The first sample is taken before the flows hold their allocations: leave it out.
-rows = [l.split() for l in open(sys.argv[1]) if not l.startswith("#")][1:]
-t = [float(r[0]) for r in rows]; rss = [float(r[1]) for r in rows]; fds = [int(r[2]) for r in rows]
-loss = [float(r[3]) for r in rows if r[3] != "-"]; p99 = [float(r[4]) for r in rows if r[4] != "-"]
-n = len(t)
-slope = 0.0
-if n > 1:
-    mt, mr = sum(t) / n, sum(rss) / n
+def load(p):
+    try:
+        return json.load(open(p))
+    except Exception:
+        return {}
+def slope_per_h(t, y):
+    n = len(t)
+    if n < 2:
+        return 0.0
+    mt, my = sum(t) / n, sum(y) / n
     den = sum((x - mt) ** 2 for x in t)
-    slope = sum((x - mt) * (y - mr) for x, y in zip(t, rss)) / den * 3600 / 1024 if den else 0.0
-churn = 0
-try:
-    text, dec, i = open(sys.argv[3]).read(), json.JSONDecoder(), 0
-    while True:
-        while i < len(text) and text[i].isspace(): i += 1
-        if i >= len(text): break
-        v, i = dec.raw_decode(text, i)
-        churn += v.get("deletes", 0)
-except Exception:
-    pass
-with open(sys.argv[2], "w") as f:
-    f.write(f"{slope:.2f}\t{(rss[-1]-rss[0])/1024 if n else 0:.1f}\t{min(fds) if n else 0}-{max(fds) if n else 0}\t"
-            f"{max(loss) if loss else '-'}\t{max(p99) if p99 else '-'}\t{churn / max(t[-1], 1) if n else 0:.0f}\n")
+    return sum((x - mt) * (v - my) for x, v in zip(t, y)) / den * 3600 if den else 0.0
+rows = [l.split() for l in open(sys.argv[1]) if not l.startswith("#")]
+t = [float(r[0]) for r in rows]; rss = [float(r[1]) for r in rows]; fds = [int(r[2]) for r in rows]
+# fds beyond the live allocations (one relay socket each): what a leak would grow.
+extra = [int(r[2]) - int(r[3]) for r in rows]
+churn, flows = load(sys.argv[3]), load(sys.argv[4])
+steps = flows.get("steps", [])
+loss = [100 * s["loss"] for s in steps]; p99 = [s["rtt_us"]["p99"] for s in steps]
+s0 = open(sys.argv[5]).read().split(); s1 = open(sys.argv[6]).read().split()
+per = churn.get("deletes_per_interval") or []
+iv = churn.get("interval_s") or 1
+ref = flows.get("refresh", {})
+dur_h = (t[-1] - t[0]) / 3600 if len(t) > 1 else 0
+fields = [
+    f"{slope_per_h(t, rss) / 1024:.2f}",                                # RSS slope MB/h
+    f"{(rss[-1] - rss[0]) / 1024 if rss else 0:.1f}",                   # RSS growth MB
+    f"{s0[2]}", f"{s1[2]}",                                             # fds start, end
+    f"{s0[3]}", f"{s1[3]}",                                             # allocations start, end
+    f"{min(fds) if fds else 0}-{max(fds) if fds else 0}",               # fds min-max
+    f"{min(extra) if extra else 0}-{max(extra) if extra else 0}",       # fds - allocations min-max
+    f"{slope_per_h(t, extra) * dur_h:.1f}",                             # its drift over the run
+    f"{max(loss) if loss else '-'}", f"{max(p99) if p99 else '-'}",
+    f"{churn.get('allocations_per_s', 0):.0f}",
+    f"{min(per) / iv if per else 0:.0f}",                               # slowest chunk, alloc/s
+    f"{churn.get('errors', '-')}/{churn.get('timeouts', '-')}/{churn.get('left', '-')}",
+    f"{ref.get('channel_binds', '-')}+{ref.get('refreshes', '-')}",
+    f"{ref.get('refresh_errors', '-')}",
+    f"{churn.get('left', 0)}",
+]
+open(sys.argv[2], "w").write("\t".join(fields) + "\n")
 P
-  IFS=$'\t' read -r slope growth fdr maxloss maxp99 churn <"$OUT/soak-summary.txt"
+  IFS=$'\t' read -r slope growth fd0 fd1 al0 al1 fdr exr drift maxloss maxp99 churn churnmin cerr refok referr left \
+    <"$OUT/soak-summary.txt"
   fig 7 "RSS slope (MB/h)" "$slope"
   fig 7 "RSS growth over run (MB)" "$growth" "<= 5" "$(cmp "$growth" '<=' 5)"
-  fig 7 "relay fds min-max" "$fdr" "flat" "$(awk -v r="$fdr" 'BEGIN { split(r, a, "-"); print (a[2] - a[1] <= 10) ? 1 : 0 }')"
+  # The fd count moves with the live allocations (one relay socket each); no leak means: back where it
+  # started once the churn stopped (the flows still live), and no upward drift beside the allocations.
+  # A churn cycle whose delete went unanswered leaves its allocation (and socket) until it expires, so
+  # the verdict is on the fds beyond the live allocations.
+  fig 7 "relay fds start / end (churn stopped)" "$fd0 / $fd1 (allocations $al0 / $al1)"
+  fig 7 "fds - live allocations start / end" "$((fd0 - al0)) / $((fd1 - al1))" "end <= start + 2" \
+    "$(cmp $((fd1 - al1)) '<=' $((fd0 - al0 + 2)))"
+  fig 7 "relay fds min-max during churn" "$fdr"
+  fig 7 "fds - live allocations min-max" "$exr"
+  fig 7 "fds - live allocations drift over run" "$drift" "<= 2" "$(cmp "$drift" '<=' 2)"
   fig 7 "worst chunk loss (%)" "$maxloss" "< 0.1" "$(cmp "$maxloss" '<' 0.1)"
   fig 7 "worst chunk p99 (us)" "$maxp99"
+  fig 7 "flow refreshes ok (bind+refresh)" "$refok"
+  fig 7 "flow refresh errors" "$referr" "0" "$(cmp "$referr" '==' 0)"
   fig 7 "churn achieved (alloc/s)" "$churn" ">= $CHURN_RATE" "$(cmp "$churn" '>=' $((CHURN_RATE * 9 / 10)))"
+  fig 7 "churn slowest chunk (alloc/s)" "$churnmin"
+  fig 7 "churn errors/timeouts/left" "$cerr"
   rel_stop
   bench_need_gnuplot
   if command -v gnuplot >/dev/null 2>&1; then
@@ -431,12 +523,13 @@ set output "$OUT/soak.png"
 set multiplot layout 3,1 title "soak: $SOAK_RATE pkt/s, $CHURN_RATE allocations/s churn"
 set grid; set xlabel "seconds"
 set ylabel "RSS (MiB)"; set y2label "fds"; set y2tics; set ytics nomirror
-plot "$dat" u 1:(\$2/1024) w lp pt 7 ps 0.5 title "RSS", "" u 1:3 axes x1y2 w lp pt 5 ps 0.5 title "fds"
+plot "$dat" u 1:(\$2/1024) w lp pt 7 ps 0.5 title "RSS", "" u 1:3 axes x1y2 w lp pt 5 ps 0.5 title "fds", \
+  "" u 1:(\$3-\$4) axes x1y2 w lp pt 4 ps 0.5 title "fds - allocations"
 unset y2label; unset y2tics
 set ylabel "loss (%)"
-plot "$dat" u 1:4 w lp pt 7 ps 0.5 title "loss per chunk"
+plot "$dat" u 1:5 w lp pt 7 ps 0.5 title "loss per chunk"
 set ylabel "p99 RTT (us)"
-plot "$dat" u 1:5 w lp pt 7 ps 0.5 title "p99 per chunk"
+plot "$dat" u 1:6 w lp pt 7 ps 0.5 title "p99 per chunk"
 unset multiplot
 G
   fi

@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 
 use crate::api::{self, Api, ApiHandle, Hooks};
-use crate::clock::unix_ms;
+use crate::clock::{unix_ms, unix_now};
 use crate::config::{Backend, RelayConfig, TlsFiles};
 use crate::control::{self, RelayHandle, Settings, UsageRecord};
 use crate::dataplane::stream::{tls_config, TlsFile};
 use crate::dataplane::{BackendKind, ToControl};
 use crate::fleet::{registry, revocations};
+use crate::metrics::Reloads;
 use crate::server::Transport;
 use crate::{fleet, usage};
 
@@ -469,6 +470,8 @@ fn ledger_hook(pool: fleet::Pool, runtime: tokio::runtime::Handle) -> api::Ledge
 pub struct ApiService {
     api: ApiHandle,
     api_reload: api::ApiReload,
+    /// Reloads of this process (SIGHUP), counted as the relay's are and shown on `/metrics`.
+    reloads: Arc<Reloads>,
     pool: Option<fleet::Pool>,
     /// The registry as this API reads it.
     watcher: Option<Arc<registry::Watcher>>,
@@ -546,13 +549,16 @@ pub fn start_api(config: &RelayConfig) -> io::Result<ApiService> {
         .map(|f| load_tls(f, API_TLS_KEYS))
         .transpose()
         .map_err(io::Error::other)?;
+    let reloads: Arc<Reloads> = Arc::default();
+    let reloads_seen = reloads.clone();
     let hooks = Hooks {
         // No relay here: a revocation is stored (and answered) only.
         revoke: Box::new(|_, _, _| {}),
-        // Ready while it runs; no relay counters to report.
-        metrics: Box::new(|| {
+        // Ready while it runs; no relay counters to report, only this process's reloads.
+        metrics: Box::new(move || {
             Some(crate::metrics::Snapshot {
                 backend: "none",
+                reloads: reloads_seen.snapshot(),
                 ..Default::default()
             })
         }),
@@ -572,6 +578,7 @@ pub fn start_api(config: &RelayConfig) -> io::Result<ApiService> {
     Ok(ApiService {
         api,
         api_reload,
+        reloads,
         pool,
         watcher,
         runtime,
@@ -598,7 +605,8 @@ impl ApiService {
     /// the access keys, names, trusted proxies, fleet list, regions and REST secrets apply to requests
     /// that start from now on, and the API's certificate to new connections. Settings that need a
     /// restart (listen addresses, databases, `[fleet]`) are kept, one warning each. On any error
-    /// nothing changes. `running` becomes the new configuration on success.
+    /// nothing changes. `running` becomes the new configuration on success. Either way the reload is
+    /// counted in `turnpike_reloads_total{result}`, as the relay counts its own SIGHUP reloads.
     pub fn reload(
         &self,
         running: &mut RelayConfig,
@@ -617,6 +625,7 @@ impl ApiService {
             };
             Ok((new, a, cert))
         });
+        self.reloads.record(result.is_ok(), unix_now());
         match result {
             Ok((new, a, cert)) => {
                 for line in running.fixed.changes(&new.fixed) {

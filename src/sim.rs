@@ -396,7 +396,7 @@ impl Plane for Workers {
         self.route(worker, update);
     }
 
-    fn route(&mut self, worker: usize, update: RouteUpdate) -> Option<(AllocationId, Counters)> {
+    fn route(&mut self, worker: usize, update: RouteUpdate) -> Option<AllocationId> {
         self.cores
             .get_mut(worker)
             .expect("the executor names a worker that exists")

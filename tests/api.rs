@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
+use common::http::{key_of, raw};
 use common::tls::{tls_client, tls_healthz};
 use common::*;
 use turnpike::api::sign;
@@ -24,10 +25,7 @@ const KEY_B64: &str = "dHVybnBpa2UtdGVzdC1hY2Nlc3Mta2V5";
 const SECRET: &str = "secret";
 
 fn key() -> Vec<u8> {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD
-        .decode(KEY_B64)
-        .unwrap()
+    key_of(KEY_B64)
 }
 
 /// A free UDP port for a relay's listener. The relay refuses to start on a port another socket holds
@@ -216,39 +214,11 @@ fn exchange(c: &Client, p: &UdpSocket, relayed: SocketAddr, n: usize, size: usiz
 }
 
 fn signed_get(api: SocketAddr, url: &str) -> serde_json::Value {
-    let host = api.to_string();
-    let (date, hash, auth) = sign::sign(&key(), "GET", url, &host, b"", SystemTime::now());
-    ureq::get(&format!("http://{host}{url}"))
-        .set("x-ms-date", &date)
-        .set("x-ms-content-sha256", &hash)
-        .set("Authorization", &auth)
-        .call()
-        .unwrap()
-        .into_json()
-        .unwrap()
+    http::signed_get(api, &key(), url)
 }
 
 fn signed_post(api: SocketAddr, url: &str, body: &str) -> Result<serde_json::Value, u16> {
-    let host = api.to_string();
-    let (date, hash, auth) = sign::sign(
-        &key(),
-        "POST",
-        url,
-        &host,
-        body.as_bytes(),
-        SystemTime::now(),
-    );
-    match ureq::post(&format!("http://{host}{url}"))
-        .set("x-ms-date", &date)
-        .set("x-ms-content-sha256", &hash)
-        .set("Authorization", &auth)
-        .set("Content-Type", "application/json")
-        .send_string(body)
-    {
-        Ok(r) => Ok(r.into_json().unwrap()),
-        Err(ureq::Error::Status(code, _)) => Err(code),
-        Err(e) => panic!("{e}"),
-    }
+    http::signed_post_at(api, &key(), url, body, SystemTime::now())
 }
 
 #[test]
@@ -839,35 +809,6 @@ fn signed_bytes(host: &str, url: &str, body: &str, key: &[u8], at: SystemTime) -
         body.len()
     )
     .into_bytes()
-}
-
-/// Send `req` on a fresh connection and read the answer: (status, body); status 0 when the server
-/// closed without answering.
-fn raw(api: SocketAddr, req: &[u8]) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(api).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let _ = s.write_all(req);
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
-}
-
-fn key_of(b64: &str) -> Vec<u8> {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .unwrap()
 }
 
 #[test]

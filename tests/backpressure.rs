@@ -187,3 +187,71 @@ fn a_worker_exit_makes_the_relay_not_ready_and_end_with_an_error() {
         );
     }
 }
+
+/// Metrics requests kept in flight on the control queue: it never runs empty while they flow (each
+/// reply is answered by a new request long before the control thread could take the other
+/// `IN_FLIGHT - 1`, even with this thread descheduled for a while: they take it about a second).
+const IN_FLIGHT: usize = 1 << 17;
+
+#[test]
+fn timers_and_the_end_of_a_drain_run_while_the_control_queue_never_runs_empty() {
+    for (i, backend) in backends().into_iter().enumerate() {
+        let mut s = settings(backend, 1, 47000 + 1000 * i as u16);
+        // An allocation of one second: its expiry is the control thread's next timer.
+        s.server.default_lifetime = 1;
+        s.server.max_lifetime = 1;
+        s.drain = Duration::from_millis(300);
+        let mut relay = start(s);
+        let mut c = Client::new(relay.listen_addrs()[0], "alice", "alice-pass");
+        c.allocate();
+        let to_control = relay.shutdown_sender();
+        let (reply_tx, replies) = crossbeam_channel::unbounded();
+        let ask = || {
+            to_control
+                .send(ToControl::Metrics(reply_tx.clone()))
+                .is_ok()
+        };
+        for _ in 0..IN_FLIGHT {
+            assert!(ask());
+        }
+        // The allocation expires although the queue never runs empty (generous bounds: 20 s, and
+        // a count far beyond what the flood needs).
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        let mut expired = false;
+        for _ in 0..50_000_000u64 {
+            if std::time::Instant::now() > until {
+                break;
+            }
+            let m = replies.recv_timeout(Duration::from_secs(5)).unwrap();
+            if m.server.allocations == 0 {
+                expired = true;
+                break;
+            }
+            assert!(ask());
+        }
+        assert!(
+            expired,
+            "{backend:?}: the allocation outlived its lifetime under a flood of control messages"
+        );
+        // A drain begins behind the flood and ends while it goes on: the control thread stops and
+        // drops its queue, so that a request can no longer be sent.
+        relay.shutdown();
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        let mut stopped = false;
+        for _ in 0..50_000_000u64 {
+            if std::time::Instant::now() > until {
+                break;
+            }
+            let _ = replies.recv_timeout(Duration::from_millis(200));
+            if !ask() {
+                stopped = true;
+                break;
+            }
+        }
+        assert!(
+            stopped,
+            "{backend:?}: the drain never ended under a flood of control messages"
+        );
+        relay.join().unwrap();
+    }
+}

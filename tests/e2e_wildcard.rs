@@ -14,7 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use common::netns::Netns;
 use common::*;
 use turnpike::policy::PeerPolicy;
-use turnpike::wire::{Attribute, Message, Method};
+use turnpike::wire::{Attribute, Method};
 
 const CLIENT_IP: &str = "198.18.0.1";
 /// The relay side's interface carries two addresses: a private-range one and a public one, which
@@ -58,32 +58,14 @@ fn in_namespace(backend: turnpike::dataplane::BackendKind, port: u16, base: u16)
     // CLIENT_IP is an interface address of this namespace, so it is the relay's own: an ephemeral
     // port could land in the relay range, where an own address is refused (`peer_on` avoids both).
     let peer = peer_on(CLIENT_IP.parse().unwrap());
-    let peer_addr = peer.local_addr().unwrap();
 
     for server in [at(LISTEN_A), at(LISTEN_B)] {
-        // `Client::recv` asserts that every datagram comes from `server`.
+        // `Client::recv` asserts that every datagram comes from `server`: the peer's data reaches
+        // the client from the address it used.
         let mut c = Client::new_on(CLIENT_IP, server, "alice", "alice-pass");
-        let binding = c.transact(Method::BINDING, &[], false);
-        let m = Message::parse(&binding).unwrap();
-        assert_eq!(
-            m.attrs.xor_mapped_address,
-            Some(c.local()),
-            "{backend:?} via {server}"
-        );
-        let relayed = c.allocate();
+        let what = format!("{backend:?} via {server}");
+        let relayed = binding_allocate_and_relay(&mut c, &peer, (b"out", b"back"), &what);
         assert_eq!(relayed.ip().to_string(), LISTEN_B);
-
-        // Relayed data both ways; the peer's data reaches the client from the address it used.
-        c.permit(peer_addr);
-        c.send_indication(peer_addr, b"out");
-        let mut buf = [0u8; 64];
-        let (len, from) = peer.recv_from(&mut buf).unwrap();
-        assert_eq!((&buf[..len], from), (&b"out"[..], relayed));
-        peer.send_to(b"back", relayed).unwrap();
-        let m = c.recv();
-        let m = Message::parse(&m).unwrap();
-        assert_eq!(m.message_type().method, Method::DATA);
-        assert_eq!(m.attrs.data, Some(&b"back"[..]), "{backend:?} via {server}");
 
         // Every interface address is own: refused as a peer at a service port, the listener port on
         // every address included, and anywhere on the public ones.
@@ -153,32 +135,12 @@ fn in_namespace_v6(backend: turnpike::dataplane::BackendKind, port: u16, base: u
     let relay = start(s);
     let at = |ip: &str| SocketAddr::new(ip.parse().unwrap(), port);
     let peer = peer_on(CLIENT_IP.parse().unwrap());
-    let peer_addr = peer.local_addr().unwrap();
     for server in [at(LISTEN_V6_A), at(LISTEN_V6_B)] {
         // `Client::recv` asserts that every datagram comes from `server`.
         let mut c = Client::new_on(CLIENT_V6, server, "alice", "alice-pass");
-        let binding = c.transact(Method::BINDING, &[], false);
-        let m = Message::parse(&binding).unwrap();
-        assert_eq!(
-            m.attrs.xor_mapped_address,
-            Some(c.local()),
-            "{backend:?} via {server}"
-        );
-        let relayed = c.allocate();
+        let what = format!("{backend:?} via {server}");
+        let relayed = binding_allocate_and_relay(&mut c, &peer, (b"out6", b"back6"), &what);
         assert_eq!(relayed.ip().to_string(), LISTEN_B);
-        c.permit(peer_addr);
-        c.send_indication(peer_addr, b"out6");
-        let mut buf = [0u8; 64];
-        let (len, from) = peer.recv_from(&mut buf).unwrap();
-        assert_eq!((&buf[..len], from), (&b"out6"[..], relayed));
-        peer.send_to(b"back6", relayed).unwrap();
-        let m = c.recv();
-        let m = Message::parse(&m).unwrap();
-        assert_eq!(
-            m.attrs.data,
-            Some(&b"back6"[..]),
-            "{backend:?} via {server}"
-        );
     }
     relay.stop().unwrap();
 }

@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::pg::{postgres_available, Cluster};
-use common::{temp_dir, Client};
+use common::{temp_dir, Client, RecvRetry};
 use turnpike::fleet;
 use turnpike::usage::{self, IdentityUsage};
 use turnpike::wire::{Attribute, Method};
@@ -244,6 +244,19 @@ impl ApiReplica {
             .collect())
     }
 
+    /// `turnpike_reloads_total` on its `/metrics`: (success, failure).
+    fn reloads(&self) -> (u64, u64) {
+        let (status, body) = http(self.addr, "GET", "/metrics", None);
+        assert_eq!(status, 200, "{body}");
+        let count = |result: &str| {
+            let name = format!("turnpike_reloads_total{{result=\"{result}\"}} ");
+            body.lines()
+                .find_map(|l| l.strip_prefix(&name)?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name}in /metrics:\n{body}"))
+        };
+        (count("success"), count("failure"))
+    }
+
     /// `GET /usage` (signed with the admin key), fleet-wide: identity → totals.
     fn usage(&self) -> Vec<(String, [u64; 4])> {
         let (status, body) = http(
@@ -299,7 +312,6 @@ fn http_body(
     key: Option<&str>,
     body: &str,
 ) -> (u16, String) {
-    use std::io::{Read, Write};
     let host = addr.to_string();
     let mut req = format!("{method} {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     if !body.is_empty() {
@@ -309,10 +321,7 @@ fn http_body(
         );
     }
     if let Some(key) = key {
-        use base64::Engine as _;
-        let key = base64::engine::general_purpose::STANDARD
-            .decode(key)
-            .unwrap();
+        let key = common::http::key_of(key);
         let (date, hash, auth) = turnpike::api::sign::sign(
             &key,
             method,
@@ -327,24 +336,7 @@ fn http_body(
     }
     req += "\r\n";
     req += body;
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return (0, String::new());
-    };
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let _ = s.write_all(req.as_bytes());
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
+    common::http::raw(addr, req.as_bytes())
 }
 
 /// One client's traffic through one allocation, counted by the two ends.
@@ -359,6 +351,13 @@ struct Flow {
 }
 
 const CHANNEL: u16 = 0x4000;
+
+/// The leg of a [`Flow::round_trip`] that got nothing.
+#[derive(Debug)]
+enum Lost {
+    ToPeer,
+    ToClient,
+}
 
 impl Flow {
     fn open(server: SocketAddr, user: &str) -> Flow {
@@ -375,58 +374,54 @@ impl Flow {
         }
     }
 
-    /// `rounds` round trips of `size` bytes, one each way, as received at each end.
-    fn exchange(&mut self, rounds: usize, size: usize) {
+    /// One round trip (payload byte `k`): `size` bytes of ChannelData to the peer, then `size + 1`
+    /// bytes back to the client, counted as received at each end. The leg that got nothing within the
+    /// sockets' timeout (the way back is not tried when the way out failed).
+    fn round_trip(&mut self, k: u32, size: usize) -> Result<(), Lost> {
         let mut buf = [0u8; 2048];
-        for k in 0..rounds {
-            self.client.send_channel(CHANNEL, &vec![k as u8; size]);
-            let (n, from) = self.peer.recv_from(&mut buf).expect("peer receives");
-            assert_eq!(from, self.relayed);
-            self.to_peer.0 += n as u64;
-            self.to_peer.1 += 1;
-            self.peer
-                .send_to(&vec![k as u8; size + 1], self.relayed)
-                .unwrap();
-            let got = self.client.recv();
-            assert!(got.len() >= 4 && got[0] & 0xc0 == 0x40, "ChannelData");
-            let len = u16::from_be_bytes([got[2], got[3]]) as u64;
-            self.to_client.0 += len;
-            self.to_client.1 += 1;
+        self.client.send_channel(CHANNEL, &vec![k as u8; size]);
+        match self.peer.recv_retry(&mut buf) {
+            Ok((n, from)) if from == self.relayed => {
+                self.to_peer.0 += n as u64;
+                self.to_peer.1 += 1;
+            }
+            _ => return Err(Lost::ToPeer),
+        }
+        self.peer
+            .send_to(&vec![k as u8; size + 1], self.relayed)
+            .unwrap();
+        match self.client.sock.recv_retry(&mut buf) {
+            Ok((n, from)) if from == self.client.server && n >= 4 && buf[0] & 0xc0 == 0x40 => {
+                self.to_client.0 += u16::from_be_bytes([buf[2], buf[3]]) as u64;
+                self.to_client.1 += 1;
+                Ok(())
+            }
+            _ => Err(Lost::ToClient),
         }
     }
 
-    /// Round trips of `size` bytes at a fixed `rate` per second for `duration`, counted as received at
-    /// each end; returns how many datagrams were lost (not there within the sockets' 3 s timeout).
+    /// `rounds` round trips of `size` bytes, one each way; every one arrives.
+    fn exchange(&mut self, rounds: usize, size: usize) {
+        for k in 0..rounds {
+            if let Err(leg) = self.round_trip(k as u32, size) {
+                panic!("round trip {k}: nothing arrived {leg:?}");
+            }
+        }
+    }
+
+    /// Round trips of `size` bytes at a fixed `rate` per second for `duration`; returns how many were
+    /// lost (a leg not there within the sockets' 3 s timeout).
     fn paced(&mut self, rate: u32, duration: Duration, size: usize) -> u64 {
         let every = Duration::from_secs(1) / rate;
         let start = Instant::now();
-        let mut buf = [0u8; 2048];
         let (mut lost, mut k) = (0, 0u32);
         while start.elapsed() < duration {
             if let Some(wait) = (start + every * k).checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
             k += 1;
-            self.client.send_channel(CHANNEL, &vec![k as u8; size]);
-            match self.peer.recv_from(&mut buf) {
-                Ok((n, _)) => {
-                    self.to_peer.0 += n as u64;
-                    self.to_peer.1 += 1;
-                }
-                Err(_) => {
-                    lost += 1;
-                    continue;
-                }
-            }
-            self.peer
-                .send_to(&vec![k as u8; size + 1], self.relayed)
-                .unwrap();
-            match self.client.sock.recv(&mut buf) {
-                Ok(n) if n >= 4 && buf[0] & 0xc0 == 0x40 => {
-                    self.to_client.0 += u16::from_be_bytes([buf[2], buf[3]]) as u64;
-                    self.to_client.1 += 1;
-                }
-                _ => lost += 1,
+            if self.round_trip(k, size).is_err() {
+                lost += 1;
             }
         }
         lost
@@ -435,24 +430,10 @@ impl Flow {
     /// Round trips of `size` bytes, as fast as they come back, until one is not answered (the relay
     /// died; at most 10,000): after each, when it ended and the counts so far.
     fn until_lost(&mut self, size: usize) -> Vec<(Instant, [u64; 4])> {
-        let mut buf = [0u8; 2048];
         let mut history = Vec::new();
         for k in 0..10_000u32 {
-            self.client.send_channel(CHANNEL, &vec![k as u8; size]);
-            let Ok((n, _)) = self.peer.recv_from(&mut buf) else {
+            if self.round_trip(k, size).is_err() {
                 break;
-            };
-            self.to_peer.0 += n as u64;
-            self.to_peer.1 += 1;
-            self.peer
-                .send_to(&vec![k as u8; size + 1], self.relayed)
-                .unwrap();
-            match self.client.sock.recv(&mut buf) {
-                Ok(n) if n >= 4 && buf[0] & 0xc0 == 0x40 => {
-                    self.to_client.0 += u16::from_be_bytes([buf[2], buf[3]]) as u64;
-                    self.to_client.1 += 1;
-                }
-                _ => break,
             }
             history.push((Instant::now(), self.counts()));
             std::thread::sleep(Duration::from_millis(1));
@@ -1096,10 +1077,20 @@ fn turnpike_api_alone_migrates_at_start_and_reloads_on_sighup() {
         Err(401),
         "the old key, reloaded away"
     );
+    assert_eq!(
+        replica.reloads(),
+        (1, 0),
+        "the reload is counted on /metrics"
+    );
 
     // A file that does not validate (no fleet to hand out): the running settings stay.
     replica.reload(&[], KEY_B64);
-    std::thread::sleep(Duration::from_secs(1));
+    let counted = within(Duration::from_secs(10), || replica.reloads() == (1, 1));
+    assert!(
+        counted,
+        "the failed reload is counted: {:?}",
+        replica.reloads()
+    );
     assert_eq!(replica.answered(KEY2_B64), only(b));
     let log = std::fs::read_to_string(dir.join("api.stderr")).unwrap_or_default();
     let out = std::fs::read_to_string(dir.join("api.stdout")).unwrap_or_default();

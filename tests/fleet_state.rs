@@ -16,7 +16,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::pg::{postgres_available, Cluster};
 use common::{free_tcp_port, temp_dir, Client};
-use turnpike::api::sign;
 use turnpike::wire::{Attribute, Method};
 
 const KEY_B64: &str = "dHVybnBpa2UtdGVzdC1hY2Nlc3Mta2V5";
@@ -30,10 +29,7 @@ const STALE: Duration = Duration::from_secs(4);
 const STATIC_US: &str = "198.51.100.7:3478";
 
 fn key() -> Vec<u8> {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD
-        .decode(KEY_B64)
-        .unwrap()
+    common::http::key_of(KEY_B64)
 }
 
 /// One relay of the fleet: its config file and, while it runs, the process.
@@ -158,19 +154,7 @@ fn signed_post_at(
     body: &str,
     at: SystemTime,
 ) -> Result<serde_json::Value, u16> {
-    let host = api.to_string();
-    let (date, hash, auth) = sign::sign(&key(), "POST", url, &host, body.as_bytes(), at);
-    match ureq::post(&format!("http://{host}{url}"))
-        .set("x-ms-date", &date)
-        .set("x-ms-content-sha256", &hash)
-        .set("Authorization", &auth)
-        .set("Content-Type", "application/json")
-        .send_string(body)
-    {
-        Ok(r) => Ok(r.into_json().unwrap()),
-        Err(ureq::Error::Status(code, _)) => Err(code),
-        Err(e) => panic!("{e}"),
-    }
+    common::http::signed_post_at(api, &key(), url, body, at)
 }
 
 fn signed_post(api: SocketAddr, url: &str, body: &str) -> Result<serde_json::Value, u16> {

@@ -12,7 +12,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use turnpike::auth::long_term_key_md5;
 use turnpike::control::exec::{Executor, Plane};
-use turnpike::route::{AllocationId, ClientKey, Counters, RouteTable, RouteUpdate};
+use turnpike::route::{AllocationId, ClientKey, RouteTable, RouteUpdate};
 use turnpike::server::{Config, FiveTuple, Server, Transport};
 use turnpike::sys::alloc::{live_bytes, CountingAlloc};
 use turnpike::wire::{
@@ -43,7 +43,7 @@ impl Plane for Tables {
         self.table.apply(update);
     }
 
-    fn route(&mut self, _: usize, update: RouteUpdate) -> Option<(AllocationId, Counters)> {
+    fn route(&mut self, _: usize, update: RouteUpdate) -> Option<AllocationId> {
         self.table.apply(update);
         None
     }

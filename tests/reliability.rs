@@ -231,6 +231,19 @@ checkpoint_seconds = 1
         }
     }
 
+    /// The relay's live allocations, from its `/metrics` (`turnpike_allocations`); 0 if unreadable.
+    fn allocations(&self) -> u64 {
+        let Ok(r) = ureq::get(&format!("http://{}/metrics", self.api)).call() else {
+            return 0;
+        };
+        r.into_string()
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("turnpike_allocations "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
+
     fn rss_kib(&self) -> u64 {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         s.lines()
@@ -632,7 +645,9 @@ fn stream_abuse_leaves_the_relay_allocating_and_its_fds_flat() {
 }
 
 /// Scenario 7, the suite's 2-minute soak: flows at a fixed rate with allocations created and deleted
-/// all along. The fd count is flat and RSS grows at most 5 MB.
+/// all along by one paced churn over 8 clients. The fd count moves with the live allocations; "flat"
+/// is the script's definition: once the churn has stopped (and deleted what it held), the relay holds
+/// the same descriptors as before it started, the flows still live. RSS grows at most 5 MB.
 #[test]
 fn soak_two_minutes_fd_count_flat_and_rss_bounded() {
     let mut relay = Relay::new("soak", "epoll", 15500, "");
@@ -644,7 +659,7 @@ fn soak_two_minutes_fd_count_flat_and_rss_bounded() {
             "--scenario",
             "alloc",
             "--clients",
-            "1",
+            "8",
             "--count",
             "200",
             "--duration",
@@ -653,7 +668,6 @@ fn soak_two_minutes_fd_count_flat_and_rss_bounded() {
         Duration::from_secs(30),
     );
     let (fds0, rss0) = (relay.fd_targets(), relay.rss_kib());
-    let soak = Duration::from_secs(120);
     let flows = bench_bg(
         relay.udp,
         &[
@@ -667,43 +681,38 @@ fn soak_two_minutes_fd_count_flat_and_rss_bounded() {
             "10",
         ],
     );
-    let start = Instant::now();
-    let mut cycles = 0u64;
-    // Churn cycles the generator gave up on (no answer, or an error) or that its run's deadline cut off
-    // while they held an allocation ("left"): each may leave one allocation, and its relay socket, until
-    // the allocation expires.
-    let mut abandoned = 0u64;
-    // The fd count once the flows hold their allocations (they keep them to the end: the generator
-    // sends no delete), taken between churn runs.
-    let mut settled: Option<Vec<String>> = None;
-    while start.elapsed() < soak {
-        if settled.is_none() && start.elapsed() > Duration::from_secs(15) {
-            settled = Some(relay.fd_targets());
-        }
-        let v = bench(
-            relay.udp,
-            &[
-                "--scenario",
-                "alloc",
-                "--clients",
-                "1",
-                "--count",
-                "100",
-                "--duration",
-                "1",
-            ],
-            Duration::from_secs(30),
-        );
-        cycles += v["deletes"].as_u64().unwrap_or(0);
-        abandoned += ["timeouts", "errors", "left"]
-            .iter()
-            .map(|k| v[k].as_u64().unwrap())
-            .sum::<u64>();
-        std::thread::sleep(Duration::from_millis(500));
-        assert!(relay.alive());
+    // The fds once the flows hold their allocations (they keep them to the end: the generator sends no
+    // delete), before the churn starts.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while relay.allocations() < 20 {
+        assert!(Instant::now() < deadline, "the flows did not allocate");
+        std::thread::sleep(Duration::from_millis(100));
     }
-    // Still during the flows: every churned allocation is gone, so the count is back to the settled one.
-    let settled = settled.unwrap();
+    let settled = relay.fd_targets();
+    let v = bench(
+        relay.udp,
+        &[
+            "--scenario",
+            "alloc",
+            "--clients",
+            "8",
+            "--churn-rate",
+            "100",
+            "--duration",
+            "100",
+        ],
+        Duration::from_secs(150),
+    );
+    assert!(relay.alive());
+    let cycles = v["deletes"].as_u64().unwrap();
+    // Churn cycles the generator gave up on (no answer, or an error) or that its drain cut off while
+    // they held an allocation ("left"): each may leave one allocation, and its relay socket, until the
+    // allocation expires.
+    let abandoned = ["timeouts", "errors", "left"]
+        .iter()
+        .map(|k| v[k].as_u64().unwrap())
+        .sum::<u64>();
+    // Still during the flows: every churned allocation is gone, so the fds are the settled ones.
     let new = relay.new_fds_settle(&settled);
     eprintln!(
         "soak: fds {} at start, {} with the flows, {} new after {cycles} cycles ({abandoned} abandoned): {new:?}",
@@ -730,6 +739,62 @@ fn soak_two_minutes_fd_count_flat_and_rss_bounded() {
     assert!(cycles > 0);
     let grown = relay.rss_kib().saturating_sub(rss0);
     assert!(grown <= 5 * 1024, "RSS grew {grown} KiB over the soak");
+    let out = relay.terminate();
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Long-running flows refresh as a real client does (ChannelBind again, Refresh at half the granted
+/// lifetime, 438 retried with the new nonce), against a relay whose lifetimes are seconds long: past
+/// every lifetime the flows still relay, and the relay answered every refresh with success. The same
+/// flows with refreshing off stop once their permission lapses, so the lifetimes really bite.
+#[test]
+fn flows_refresh_past_short_lifetimes_and_every_refresh_succeeds() {
+    let lifetimes = "[lifetimes]\ndefault = 4\nmax = 4\npermission = 3\nchannel = 4\nnonce = 3\n";
+    let mut relay = Relay::new("refresh", "epoll", 15000, lifetimes);
+    relay.spawn();
+    let run = |refresh: &str, secs: &str| {
+        bench(
+            relay.udp,
+            &[
+                "--clients",
+                "4",
+                "--rate",
+                "1000",
+                "--duration",
+                secs,
+                "--interval",
+                "2",
+                "--refresh-interval",
+                refresh,
+            ],
+            Duration::from_secs(60),
+        )
+    };
+    let v = run("1", "12");
+    let r = &v["refresh"];
+    let steps = v["steps"].as_array().unwrap();
+    assert!(steps.len() >= 5, "{v}");
+    for s in steps {
+        let (sent, got) = (s["sent"].as_u64().unwrap(), s["received"].as_u64().unwrap());
+        assert!(
+            sent > 0 && 2 * got >= sent,
+            "a step lost most packets: {s}\n{r}"
+        );
+    }
+    assert_eq!(r["refresh_errors"], 0, "{r}");
+    // 12 s at 1 s and 2 s intervals: every flow bound again and refreshed several times, and its 3 s
+    // nonce went stale at least once.
+    assert!(r["channel_binds"].as_u64().unwrap() >= 4 * 3, "{r}");
+    assert!(r["refreshes"].as_u64().unwrap() >= 4 * 2, "{r}");
+    assert!(r["stale_nonce"].as_u64().unwrap() >= 1, "{r}");
+
+    let v = run("0", "8");
+    let last = v["steps"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(v["refresh"]["channel_binds"], 0, "{v}");
+    assert_eq!(
+        last["received"], 0,
+        "without refreshing, the flows outlive their permission: {last}"
+    );
     let out = relay.terminate();
     assert!(out.status.success(), "{out:?}");
 }

@@ -356,10 +356,13 @@ fn channel_data_is_forwarded_in_xdp_both_ways_and_falls_back_when_removed() {
             "{name}: passed as unknown"
         );
 
-        // Ending the relay returns its final counters and frees everything.
+        // Ending the relay frees everything; its retired meter settles into its final counters.
         let tables = fast.tables();
         assert!(tables.add_channel(key, relayed, peer_addr).unwrap());
-        let last = tables.remove_relay(relayed).unwrap();
+        let retired = tables.remove_relay(relayed).unwrap().expect("a meter");
+        let [Ok(last)] = &tables.settle(&[retired])[..] else {
+            panic!("{name}: one reading");
+        };
         assert_eq!(
             (last.to_peer_bytes, last.to_client_bytes),
             (13, 16),
@@ -856,31 +859,19 @@ fn expiry_and_a_policy_revocation_take_the_kernel_entry_out() {
     }
     for backend in common::backends() {
         let name = format!("{backend:?}");
-        let topo = topology("e");
-        let dir = std::env::temp_dir().join(format!(
-            "turnpike-xdp-expiry-{}-{backend:?}",
-            std::process::id()
-        ));
-        let lifetimes = "[lifetimes]\nchannel = 2\n";
-        let (mut relay, api, db) = start_binary(&topo, &dir, backend, true, lifetimes, &name);
-        let _pass = (
-            in_netns(&topo.client, || attach_pass_program("c0").unwrap()),
-            in_netns(&topo.peer, || attach_pass_program("p0").unwrap()),
-        );
-        let server: SocketAddr = V4.listener.parse().unwrap();
-        let mut client = in_netns(&topo.client, move || {
-            Client::new_on("198.18.1.2", server, "alice", "alice-pass")
-        });
-        let relayed = client.allocate();
-        let peer = bind(&topo.peer, V4.peer);
+        let Scene {
+            topo,
+            dir,
+            mut relay,
+            api,
+            db,
+            _pass,
+            mut client,
+            relayed,
+            peer,
+        } = Scene::start("e", "expiry", backend, "[lifetimes]\nchannel = 2\n", &name);
         let peer_addr = peer.local_addr().unwrap();
-        let paths = || {
-            let text = scrape(&topo.relay, api);
-            (
-                metric(&text, "turnpike_path_packets_total{path=\"xdp\"}"),
-                metric(&text, "turnpike_path_packets_total{path=\"userspace\"}"),
-            )
-        };
+        let paths = || paths(&topo, api);
 
         // Expiry: bound, forwarded in XDP; once the channel expires the peer's datagram comes up
         // through userspace as a Data indication (the permission lives on), and XDP no longer counts.
@@ -983,13 +974,7 @@ fn revoke_run(backend: BackendKind) {
         in_netns(&topo.client, || attach_pass_program("c0").unwrap()),
         in_netns(&topo.peer, || attach_pass_program("p0").unwrap()),
     );
-    let paths = || {
-        let text = scrape(&topo.relay, api);
-        (
-            metric(&text, "turnpike_path_packets_total{path=\"xdp\"}"),
-            metric(&text, "turnpike_path_packets_total{path=\"userspace\"}"),
-        )
-    };
+    let paths = || paths(&topo, api);
     let secrets = turnpike::auth::RestSecrets::new(vec![REST_SECRET.as_bytes().to_vec()]);
     let unix_now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1168,6 +1153,64 @@ fn revoke(ns: &str, api: SocketAddr, identity: &str) -> serde_json::Value {
     })
 }
 
+/// The datagrams relayed on each path as the relay's `/metrics` counts them: (XDP, userspace).
+fn paths(topo: &Topology, api: SocketAddr) -> (u64, u64) {
+    let text = scrape(&topo.relay, api);
+    (
+        metric(&text, "turnpike_path_packets_total{path=\"xdp\"}"),
+        metric(&text, "turnpike_path_packets_total{path=\"userspace\"}"),
+    )
+}
+
+/// The set-up of the lifetime tests: the binary with XDP on in a fresh topology, pass programs on the
+/// client's and the peer's interfaces, alice's allocation and a peer socket. Fields drop in order: the
+/// sockets and programs first, the relay, then the namespaces.
+struct Scene {
+    peer: UdpSocket,
+    client: Client,
+    relayed: SocketAddr,
+    _pass: (turnpike::xdp::PassProgram, turnpike::xdp::PassProgram),
+    relay: Binary,
+    api: SocketAddr,
+    db: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    topo: Topology,
+}
+
+impl Scene {
+    /// In topology `tag`, with its files in `turnpike-xdp-{what}-…`, `extra` appended to the
+    /// relay's configuration.
+    fn start(tag: &str, what: &str, backend: BackendKind, extra: &str, name: &str) -> Scene {
+        let topo = topology(tag);
+        let dir = std::env::temp_dir().join(format!(
+            "turnpike-xdp-{what}-{}-{backend:?}",
+            std::process::id()
+        ));
+        let (relay, api, db) = start_binary(&topo, &dir, backend, true, extra, name);
+        let _pass = (
+            in_netns(&topo.client, || attach_pass_program("c0").unwrap()),
+            in_netns(&topo.peer, || attach_pass_program("p0").unwrap()),
+        );
+        let server: SocketAddr = V4.listener.parse().unwrap();
+        let mut client = in_netns(&topo.client, move || {
+            Client::new_on("198.18.1.2", server, "alice", "alice-pass")
+        });
+        let relayed = client.allocate();
+        let peer = bind(&topo.peer, V4.peer);
+        Scene {
+            peer,
+            client,
+            relayed,
+            _pass,
+            relay,
+            api,
+            db,
+            dir,
+            topo,
+        }
+    }
+}
+
 /// SIGTERM to the relay (drain 0) and a bounded wait for its exit: its final usage rows are written.
 fn stop(relay: &mut Binary, name: &str) {
     run(&["kill", "-TERM", &relay.0.id().to_string()]);
@@ -1191,31 +1234,25 @@ fn a_permission_granted_again_puts_its_channel_back_in_the_kernel() {
     }
     for backend in common::backends() {
         let name = format!("{backend:?}");
-        let topo = topology("g");
-        let dir = std::env::temp_dir().join(format!(
-            "turnpike-xdp-regrant-{}-{backend:?}",
-            std::process::id()
-        ));
-        let lifetimes = "[lifetimes]\npermission = 2\n";
-        let (mut relay, api, db) = start_binary(&topo, &dir, backend, true, lifetimes, &name);
-        let _pass = (
-            in_netns(&topo.client, || attach_pass_program("c0").unwrap()),
-            in_netns(&topo.peer, || attach_pass_program("p0").unwrap()),
+        let Scene {
+            topo,
+            dir,
+            mut relay,
+            api,
+            db,
+            _pass,
+            mut client,
+            relayed,
+            peer,
+        } = Scene::start(
+            "g",
+            "regrant",
+            backend,
+            "[lifetimes]\npermission = 2\n",
+            &name,
         );
-        let server: SocketAddr = V4.listener.parse().unwrap();
-        let mut client = in_netns(&topo.client, move || {
-            Client::new_on("198.18.1.2", server, "alice", "alice-pass")
-        });
-        let relayed = client.allocate();
-        let peer = bind(&topo.peer, V4.peer);
         let peer_addr = peer.local_addr().unwrap();
-        let paths = || {
-            let text = scrape(&topo.relay, api);
-            (
-                metric(&text, "turnpike_path_packets_total{path=\"xdp\"}"),
-                metric(&text, "turnpike_path_packets_total{path=\"userspace\"}"),
-            )
-        };
+        let paths = || paths(&topo, api);
 
         let mut delivered = 0;
         for how in ["ChannelBind", "CreatePermission", "a ChannelBind refresh"] {

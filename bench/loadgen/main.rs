@@ -25,6 +25,7 @@ mod abuse;
 mod forwarder;
 mod pace;
 mod proc;
+mod refresh;
 mod relay;
 mod turn;
 
@@ -39,6 +40,7 @@ use serde_json::{json, Value};
 
 use pace::Sweep;
 use proc::ProcSample;
+use refresh::Keeper;
 use relay::{StepResult, Traffic};
 use turn::{Auth, Plan, CHANNEL};
 use turnpike::sys::{bind_udp, UdpOptions};
@@ -140,9 +142,19 @@ struct Cli {
     /// Forwarder peer address (the generator's --echo).
     #[arg(long, default_value = "127.0.0.1:40000")]
     peer: SocketAddr,
-    /// relay: report a step every this many seconds over --duration (a soak's figures over time).
+    /// relay: report a step every this many seconds over --duration (a soak's figures over time);
+    /// alloc: count deletes per interval of this length (`deletes_per_interval`).
     #[arg(long)]
     interval: Option<f64>,
+    /// relay: each flow sends ChannelBind again every this many seconds (refreshing its permission,
+    /// 300 s, and its channel), and Refresh at half the allocation LIFETIME the server granted, as a
+    /// real client does; 0: never refresh (the flows then stop at the permission's lifetime).
+    #[arg(long, default_value_t = 60.0)]
+    refresh_interval: f64,
+    /// alloc: start at most this many allocate+delete cycles per second, all clients together (default:
+    /// as fast as the clients go).
+    #[arg(long)]
+    churn_rate: Option<f64>,
     /// spoof: distinct source addresses in 127.16.0.0 and up.
     #[arg(long, default_value_t = 65_536)]
     sources: usize,
@@ -188,6 +200,7 @@ fn main() -> ExitCode {
             );
         })
     } else {
+        let wall = Instant::now();
         let out = match cli.scenario {
             Scenario::Relay => relay_scenario(&cli),
             Scenario::Alloc => alloc_scenario(&cli),
@@ -197,7 +210,13 @@ fn main() -> ExitCode {
             Scenario::Storm => storm_scenario(&cli),
             Scenario::Streams => streams_scenario(&cli),
         };
-        out.map(|v| {
+        out.map(|mut v| {
+            // The generator's own CPU over its run: on a shared machine it says whether the generator
+            // itself was starved (CPU seconds well below the wall time of a spinning generator).
+            if let Some(me) = ProcSample::read(std::process::id()) {
+                v["generator_cpu_s"] = json!(me.cpu_seconds);
+                v["generator_wall_s"] = json!(wall.elapsed().as_secs_f64());
+            }
             if cli.json {
                 println!("{v:#}");
             } else {
@@ -285,6 +304,7 @@ fn relay_scenario(cli: &Cli) -> io::Result<Value> {
         });
         _idle = idle;
     }
+    let mut keepers = Vec::new();
     let clients = if cli.bare {
         let mut v = Vec::new();
         for _ in 0..cli.clients {
@@ -337,6 +357,12 @@ fn relay_scenario(cli: &Cli) -> io::Result<Value> {
                 .registry()
                 .deregister(&mut mio::unix::SourceFd(&c.sock.as_raw_fd()));
         }
+        let every = (cli.refresh_interval.max(0.0) * 1e9) as u64;
+        keepers = cs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Keeper::new(c, peer, every, i as u64))
+            .collect();
         cs.into_iter().map(|c| c.sock).collect()
     };
     let channel = (!cli.bare).then_some(CHANNEL);
@@ -344,6 +370,7 @@ fn relay_scenario(cli: &Cli) -> io::Result<Value> {
     traffic.progress = !cli.quiet;
     traffic.burst = cli.burst.clamp(1, 64);
     traffic.idle_sleep = Duration::from_micros(cli.idle_sleep_us);
+    traffic.keep_alive(keepers);
     let drain = Duration::from_millis(300);
     // Warm-up: caches, route tables, socket buffers.
     traffic.step(cli.rate.min(10_000.0), Duration::from_millis(300), drain)?;
@@ -430,6 +457,13 @@ fn relay_scenario(cli: &Cli) -> io::Result<Value> {
         }
     }
     out["steps"] = steps.iter().map(|s| step_json(s, cli)).collect();
+    let r = &traffic.refresh;
+    out["refresh"] = json!({
+        "interval_s": cli.refresh_interval, "channel_binds": r.channel_binds, "refreshes": r.refreshes,
+        "stale_nonce": r.stale_nonce, "retransmits": r.retransmits, "timeouts": r.timeouts,
+        "refresh_errors": r.errors,
+        "error_codes": r.codes.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+    });
     Ok(out)
 }
 
@@ -466,6 +500,11 @@ fn alloc_scenario(cli: &Cli) -> io::Result<Value> {
         cli.server,
         Plan::Churn {
             max: cli.count.unwrap_or(u64::MAX),
+            rate: cli.churn_rate.filter(|&r| r > 0.0),
+            interval: cli
+                .interval
+                .filter(|&i| i > 0.0)
+                .map(Duration::from_secs_f64),
         },
         Instant::now() + Duration::from_secs_f64(cli.duration),
     )?;
@@ -476,8 +515,11 @@ fn alloc_scenario(cli: &Cli) -> io::Result<Value> {
     };
     Ok(json!({
         "scenario": "alloc", "label": cli.label, "server": cli.server.to_string(), "clients": cli.clients,
-        "seconds": st.seconds, "allocations": st.allocations, "deletes": st.deletes,
-        "allocations_per_s": st.allocations as f64 / st.seconds.max(1e-9),
+        "churn_rate": cli.churn_rate,
+        "seconds": st.seconds, "offered_seconds": st.offered_seconds,
+        "allocations": st.allocations, "deletes": st.deletes,
+        "allocations_per_s": st.allocations as f64 / st.offered_seconds.max(1e-9),
+        "interval_s": cli.interval, "deletes_per_interval": st.deletes_per_interval,
         "errors": st.errors, "timeouts": st.timeouts, "retransmits": st.retransmits, "left": st.left,
         "error_codes": st.codes.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "server_cpu_s": cpu,

@@ -9,7 +9,9 @@
 //!
 //! One thread does everything, spinning: send what the [`Pacer`] says is due (one sendmmsg per flow per
 //! iteration), then drain whatever sockets are readable with recvmmsg. The echo peer replies with one
-//! sendmmsg per received batch.
+//! sendmmsg per received batch. Every 10 ms the flows' [`Keeper`]s (if any) send their due refreshes;
+//! the answers, STUN among the ChannelData on the same sockets, go to them and are never counted as
+//! relayed packets.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -20,13 +22,17 @@ use hdrhistogram::Histogram;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use turnpike::sys::mmsg::{recv_batch, send_batch, RecvMeta, MAX_BATCH};
+use turnpike::wire::Message;
 
 use crate::pace::{FlowRx, Pacer, Probe, PROBE_LEN};
 use crate::proc::ProcSample;
+use crate::refresh::{Keeper, RefreshStats};
 use crate::turn::new_histogram;
 
 const ECHO: Token = Token(usize::MAX - 1);
 const SLOT: usize = 2048;
+/// How often the keepers are polled.
+const KEEP_EVERY_NS: u64 = 10_000_000;
 
 /// One paced traffic run.
 #[derive(Debug)]
@@ -53,6 +59,10 @@ pub struct Traffic {
     /// Sleep this long when an iteration found nothing to do (zero: spin). A real-time (SCHED_FIFO)
     /// generator must sleep, or the kernel's RT throttling stops it for 50 ms every second.
     pub idle_sleep: Duration,
+    /// One keeper per flow (`None`: that flow is not refreshed), indexed like `clients`.
+    keepers: Vec<Option<Keeper>>,
+    /// What the keepers did over the whole run.
+    pub refresh: RefreshStats,
 }
 
 /// What one step (one offered rate for one duration) measured.
@@ -147,7 +157,18 @@ impl Traffic {
             progress: false,
             burst: 1,
             idle_sleep: Duration::ZERO,
+            keepers: Vec::new(),
+            refresh: RefreshStats::default(),
         })
+    }
+
+    /// Refresh the flows from now on: `keepers[i]` keeps flow `i` (client socket `i`) alive.
+    pub fn keep_alive(&mut self, keepers: Vec<Option<Keeper>>) {
+        let now = self.now_ns();
+        self.keepers = keepers;
+        for k in self.keepers.iter_mut().flatten() {
+            k.start(now);
+        }
     }
 
     /// Offer `rate` packets/s for `duration`, then wait `drain` for stragglers.
@@ -183,9 +204,14 @@ impl Traffic {
         let mut cpu_end = None;
         let burst = self.burst.max(1);
         let mut owed = 0usize;
+        let mut next_keep = 0u64;
         loop {
             let now = self.now_ns() - t0_ns;
             let mut idle = true;
+            if now >= next_keep && !self.keepers.is_empty() {
+                next_keep = now + KEEP_EVERY_NS;
+                self.keep();
+            }
             if now < send_end {
                 owed += pacer.due(now) as usize;
                 if owed >= burst {
@@ -243,6 +269,16 @@ impl Traffic {
 
     fn now_ns(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64
+    }
+
+    /// Let every keeper retransmit or start what is due.
+    fn keep(&mut self) {
+        let now = self.now_ns();
+        for (k, sock) in self.keepers.iter_mut().zip(&self.clients) {
+            if let Some(k) = k {
+                k.poll(now, sock, self.target, &mut self.refresh);
+            }
+        }
     }
 
     /// Send `n` bursts of `burst` packets, spread round robin over the flows, one sendmmsg per flow.
@@ -334,6 +370,12 @@ impl Traffic {
             for j in 0..n {
                 let d = &self.slab[j * SLOT..j * SLOT + self.meta[j].len];
                 if hdr > 0 && !matches!(d.first(), Some(0x40..=0x7F)) {
+                    // STUN (RFC 7983: first byte 0-3): a refresh's answer, for the flow's keeper.
+                    if let (Some(0..=3), Ok(m), Some(Some(k))) =
+                        (d.first(), Message::parse(d), self.keepers.get_mut(i))
+                    {
+                        k.on_message(&m, now, sock, self.target, &mut self.refresh);
+                    }
                     continue;
                 }
                 let Some(p) = d.get(hdr..).and_then(Probe::read) else {

@@ -73,6 +73,8 @@ pub struct Client {
     pub sock: UdpSocket,
     /// Its relayed address once allocated.
     pub relayed: Option<SocketAddr>,
+    /// The allocation's LIFETIME as the server granted it, seconds.
+    pub lifetime: Option<u32>,
     bind: SocketAddr,
     buffers: Option<usize>,
     username: String,
@@ -109,9 +111,17 @@ pub struct CtlStats {
     /// deleted, or an authenticated Allocate in flight): each may leave one allocation, and its relay
     /// socket, on the server until it expires.
     pub left: u64,
-    /// Wall time of the run, seconds.
+    /// Seconds during which new churn cycles started (up to the deadline or `max`).
+    pub offered_seconds: f64,
+    /// Deletes in each consecutive interval (churn with an interval only).
+    pub deletes_per_interval: Vec<u64>,
+    /// Wall time of the run, seconds (a churn's drain after its deadline included).
     pub seconds: f64,
 }
+
+/// How long a churn's cycles under way at its deadline get to finish (two full retransmission
+/// rounds would be 8 s; this is enough for any answered request).
+pub const DRAIN: Duration = Duration::from_secs(3);
 
 /// What a control run does.
 #[derive(Debug, Clone, Copy)]
@@ -124,17 +134,26 @@ pub enum Plan {
         /// Clients in flight at once.
         window: usize,
     },
-    /// Every client loops 401 → Allocate → delete until the deadline or `max` allocations.
+    /// Every client loops 401 → Allocate → delete until the deadline or `max` allocations. At the
+    /// deadline no new cycle starts; cycles under way finish (their allocations deleted) within
+    /// [`DRAIN`].
     Churn {
         /// Stop after this many allocations.
         max: u64,
+        /// Start at most this many cycles per second, all clients together (`None`: each client starts
+        /// its next cycle as soon as its delete is answered).
+        rate: Option<f64>,
+        /// Count deletes per interval of this length (`CtlStats::deletes_per_interval`).
+        interval: Option<Duration>,
     },
 }
 
 /// Open `n` client sockets registered with `poll` as tokens `token_base..`. Against a loopback server
-/// they bind 127.0.1.1, then 127.0.2.1… (16 000 sockets each, so ephemeral ports never run out), never
-/// 127.0.0.x: that is where relay addresses live in the benches, and a client socket must not take a port
-/// the relay wants.
+/// each binds an address of its own, 127.0.1.1, 127.0.1.2, … 127.0.254.254 (then round again), as
+/// clients on the internet do: the relay's per-source budget for unauthenticated answers (its
+/// `challenge_rate`, 100/s per /32) then limits each client, not the generator as a whole (a churn of
+/// 200/s from one address gets 401s for only 100 of them). Never 127.0.0.x: that is where relay
+/// addresses live in the benches, and a client socket must not take a port the relay wants.
 pub fn open_clients(
     n: usize,
     target: SocketAddr,
@@ -148,7 +167,8 @@ pub fn open_clients(
     for i in 0..n {
         let ip = match target {
             SocketAddr::V4(t) if t.ip().is_loopback() => {
-                std::net::IpAddr::from([127, 0, (1 + i / 16_000) as u8, 1])
+                let k = i % (254 * 254);
+                std::net::IpAddr::from([127, 0, (1 + k / 254) as u8, (1 + k % 254) as u8])
             }
             SocketAddr::V4(_) => std::net::IpAddr::from([0, 0, 0, 0]),
             SocketAddr::V6(_) => std::net::IpAddr::from([0u16; 8]),
@@ -172,6 +192,7 @@ pub fn open_clients(
             buffers,
             sock,
             relayed: None,
+            lifetime: None,
             username,
             password,
             realm: None,
@@ -307,7 +328,8 @@ pub fn build(
     Ok(w.finish())
 }
 
-/// Drive `clients` through `plan` against `target` until it is done or `deadline` passes.
+/// Drive `clients` through `plan` against `target` until it is done or `deadline` passes (a churn
+/// then drains its cycles under way for up to [`DRAIN`] more).
 pub fn drive(
     clients: &mut [Client],
     poll: &mut Poll,
@@ -320,46 +342,68 @@ pub fn drive(
     let mut st = CtlStats::default();
     let mut events = Events::with_capacity(1024);
     let mut buf = vec![0u8; 4096];
-    let peer = match plan {
-        Plan::Setup { peer, .. } => peer,
-        Plan::Churn { .. } => None,
+    let (peer, window, max, rate, interval) = match plan {
+        Plan::Setup { peer, window } => (peer, window.max(1), u64::MAX, None, None),
+        Plan::Churn {
+            max,
+            rate,
+            interval,
+        } => (None, clients.len(), max, rate, interval),
     };
-    let window = match plan {
-        Plan::Setup { window, .. } => window.max(1),
-        Plan::Churn { .. } => clients.len(),
+    let churn = matches!(plan, Plan::Churn { .. });
+    let mut q = Cycles {
+        idle: (0..clients.len()).collect(),
+        active: 0,
+        finished: 0,
     };
-    let mut next_idle = 0usize;
-    let mut active = 0usize;
-    let mut finished = 0usize;
+    let mut started = 0u64;
+    let mut draining = false;
+    let mut next_interval = interval.filter(|i| !i.is_zero()).map(|i| (start + i, i));
+    let mut interval_base = 0u64;
     let mut last_scan = Instant::now();
     loop {
-        // Start idle clients while the window has room.
-        while active < window && next_idle < clients.len() {
-            let c = &mut clients[next_idle];
-            next_idle += 1;
-            if c.step == Step::Idle {
-                c.step = Step::Allocate;
-                c.nonce = None;
-                c.cycle_start = Instant::now();
-                c.send_request(target, peer, true);
-                active += 1;
+        let now = Instant::now();
+        if churn && !draining && (now >= deadline || st.allocations >= max) {
+            // No new cycle from here; a client still in its 401 round holds nothing on the server.
+            draining = true;
+            st.offered_seconds = start.elapsed().as_secs_f64();
+            q.idle.clear();
+            for c in clients.iter_mut() {
+                if c.step == Step::Allocate && c.nonce.is_none() {
+                    c.step = Step::Idle;
+                    q.active -= 1;
+                }
             }
         }
-        if matches!(plan, Plan::Setup { .. }) && finished >= clients.len() {
+        if let Some((at, every)) = next_interval.filter(|(at, _)| !draining && now >= *at) {
+            st.deletes_per_interval.push(st.deletes - interval_base);
+            interval_base = st.deletes;
+            next_interval = Some((at + every, every));
+        }
+        // Start idle clients while the window (and, for a paced churn, the rate) has room.
+        let allowed = match rate {
+            Some(r) => (r * start.elapsed().as_secs_f64()) as u64 + 1,
+            None => u64::MAX,
+        };
+        while !draining && q.active < window && started < allowed {
+            let Some(i) = q.idle.pop_front() else { break };
+            let Some(c) = clients.get_mut(i) else { break };
+            c.step = Step::Allocate;
+            c.nonce = None;
+            c.cycle_start = Instant::now();
+            c.send_request(target, peer, true);
+            q.active += 1;
+            started += 1;
+        }
+        if !churn && q.finished >= clients.len() {
             break;
         }
-        // Churn stops once `max` allocations were made and every client has deleted its own: a bounded
-        // churn leaves no allocation behind.
-        if let Plan::Churn { max } = plan {
-            if st.allocations >= max
-                && clients
-                    .iter()
-                    .all(|c| matches!(c.step, Step::Idle | Step::Failed))
-            {
-                break;
-            }
+        // A churn ends once every cycle under way has finished: a bounded churn leaves no allocation
+        // behind.
+        if churn && draining && q.active == 0 {
+            break;
         }
-        if Instant::now() >= deadline {
+        if now >= deadline && (!churn || now >= deadline + DRAIN) {
             break;
         }
         match poll.poll(&mut events, Some(Duration::from_millis(1))) {
@@ -378,7 +422,9 @@ pub fn drive(
                 let Ok(m) = Message::parse(&buf[..n]) else {
                     continue;
                 };
-                if m.transaction_id() != c.tid || matches!(c.step, Step::Ready | Step::Failed) {
+                if m.transaction_id() != c.tid
+                    || matches!(c.step, Step::Idle | Step::Ready | Step::Failed)
+                {
                     continue;
                 }
                 let class = m.message_type().class;
@@ -397,10 +443,11 @@ pub fn drive(
                         c.nonce = m.attrs.nonce.map(str::to_string);
                         c.send_request(target, peer, true);
                     }
-                    (Class::Success, _) => match (c.step, plan) {
-                        (Step::Allocate, _) => {
+                    (Class::Success, _) => match c.step {
+                        Step::Allocate => {
                             st.allocations += 1;
                             c.relayed = m.attrs.xor_relayed_address;
+                            c.lifetime = m.attrs.lifetime;
                             match plan {
                                 Plan::Setup { peer: Some(_), .. } => {
                                     c.step = Step::Bind;
@@ -408,8 +455,8 @@ pub fn drive(
                                 }
                                 Plan::Setup { .. } => {
                                     c.step = Step::Ready;
-                                    active -= 1;
-                                    finished += 1;
+                                    q.active -= 1;
+                                    q.finished += 1;
                                 }
                                 Plan::Churn { .. } => {
                                     c.step = Step::Delete;
@@ -417,41 +464,30 @@ pub fn drive(
                                 }
                             }
                         }
-                        (Step::Bind, _) => {
+                        Step::Bind => {
                             st.channels += 1;
                             c.step = Step::Ready;
-                            active -= 1;
-                            finished += 1;
+                            q.active -= 1;
+                            q.finished += 1;
                         }
-                        (Step::Delete, _) => {
+                        Step::Delete => {
                             st.deletes += 1;
-                            c.relayed = None;
-                            if matches!(plan, Plan::Churn { max } if st.allocations >= max) {
-                                c.step = Step::Idle;
-                                continue;
-                            }
                             // The next cycle is a new client: new 5-tuple, and the 401 round again.
-                            c.reopen(poll, ev.token())?;
-                            c.nonce = None;
-                            c.step = Step::Allocate;
-                            c.send_request(target, peer, true);
+                            q.end_cycle(c, i, poll, ev.token(), churn, draining)?;
                         }
                         _ => {}
                     },
                     _ => {
                         st.errors += 1;
                         *st.codes.entry(code.unwrap_or(0)).or_default() += 1;
-                        if matches!(plan, Plan::Churn { .. }) {
-                            c.reopen(poll, ev.token())?;
-                        }
-                        fail_or_restart(c, plan, target, &mut active, &mut finished);
+                        q.end_cycle(c, i, poll, ev.token(), churn, draining)?;
                     }
                 }
             }
         }
         if last_scan.elapsed() >= Duration::from_millis(50) {
             last_scan = Instant::now();
-            for c in clients.iter_mut() {
+            for (i, c) in clients.iter_mut().enumerate() {
                 if matches!(c.step, Step::Idle | Step::Ready | Step::Failed)
                     || c.sent_at.elapsed() < RTO
                 {
@@ -459,7 +495,7 @@ pub fn drive(
                 }
                 if c.tries >= MAX_TRIES {
                     st.timeouts += 1;
-                    fail_or_restart(c, plan, target, &mut active, &mut finished);
+                    q.end_cycle(c, i, poll, Token(token_base + i), churn, draining)?;
                 } else {
                     st.retransmits += 1;
                     c.send_request(target, peer, false);
@@ -467,7 +503,10 @@ pub fn drive(
             }
         }
     }
-    if matches!(plan, Plan::Churn { .. }) {
+    if churn {
+        if !draining {
+            st.offered_seconds = start.elapsed().as_secs_f64();
+        }
         st.left = clients
             .iter()
             .filter(|c| c.step == Step::Delete || (c.step == Step::Allocate && c.nonce.is_some()))
@@ -477,28 +516,41 @@ pub fn drive(
     Ok(st)
 }
 
-fn fail_or_restart(
-    c: &mut Client,
-    plan: Plan,
-    target: SocketAddr,
-    active: &mut usize,
-    finished: &mut usize,
-) {
-    match plan {
-        Plan::Setup { .. } => {
+/// Which clients are in a cycle (set-up: allocating; churn: 401 → Allocate → delete) and which wait
+/// for one.
+struct Cycles {
+    idle: std::collections::VecDeque<usize>,
+    active: usize,
+    finished: usize,
+}
+
+impl Cycles {
+    /// Client `i`'s cycle is over (done, refused or timed out). Set-up: it has failed. Churn: its next
+    /// cycle is a new client (a fresh socket, a new 5-tuple: coturn keeps a deleted or failed
+    /// allocation's 5-tuple busy with 437 for a while), queued unless the churn is draining.
+    fn end_cycle(
+        &mut self,
+        c: &mut Client,
+        i: usize,
+        poll: &Poll,
+        token: Token,
+        churn: bool,
+        draining: bool,
+    ) -> io::Result<()> {
+        self.active = self.active.saturating_sub(1);
+        if !churn {
             c.step = Step::Failed;
-            *active -= 1;
-            *finished += 1;
+            self.finished += 1;
+            return Ok(());
         }
-        Plan::Churn { .. } => {
-            // Whatever state the server has, delete is idempotent enough: start over with a fresh 401
-            // round (an allocation that survived makes the next Allocate fail with 437 until it expires,
-            // which shows up as errors).
-            c.nonce = None;
-            c.step = Step::Allocate;
-            c.cycle_start = Instant::now();
-            c.send_request(target, None, true);
+        c.reopen(poll, token)?;
+        c.step = Step::Idle;
+        c.nonce = None;
+        c.relayed = None;
+        if !draining {
+            self.idle.push_back(i);
         }
+        Ok(())
     }
 }
 

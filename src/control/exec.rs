@@ -34,9 +34,11 @@ pub trait Plane {
     /// Hand `worker` a new relay socket with the table entry that routes it.
     fn add_relay(&mut self, worker: usize, socket: Self::Socket, update: RouteUpdate);
     /// Send `worker` a change to its route table. Every table change after a relay's creation leaves
-    /// the control thread here (the kernel fast path that mirrors the tables is programmed here). A
-    /// removed relay's counters metered outside the worker (XDP) come back, to be added to its usage.
-    fn route(&mut self, worker: usize, update: RouteUpdate) -> Option<(AllocationId, Counters)>;
+    /// the control thread here (the kernel fast path that mirrors the tables is programmed here).
+    /// `Some(allocation)` when a removed relay was metered outside the worker (XDP) too: those
+    /// counters come later, through [`Executor::meter_settled`], and the allocation's final usage
+    /// record waits for them.
+    fn route(&mut self, worker: usize, update: RouteUpdate) -> Option<AllocationId>;
     /// What a fast path outside the worker (XDP) relayed so far for `worker`'s live relays of
     /// `allocation` (metering checkpoints).
     fn fast_path_live(&self, _worker: usize, _allocation: AllocationId) -> Counters {
@@ -99,6 +101,8 @@ pub(crate) struct PendingUsage {
     pub(crate) usage: Counters,
     /// Relay sockets whose final counters have not arrived.
     pub(crate) open_relays: u32,
+    /// Removed relays whose fast-path (XDP) meters have not been settled.
+    pub(crate) open_meters: u32,
     /// What the last checkpoint recorded (to skip unchanged ones).
     pub(crate) checkpointed: Option<Counters>,
 }
@@ -335,12 +339,20 @@ impl<P: Plane> Executor<P> {
         }
     }
 
-    /// Send `update` to `worker` through the plane; a closed relay's counters metered by the plane's
-    /// fast path are added to its usage.
+    /// Send `update` to `worker` through the plane; a closed relay metered by the plane's fast path
+    /// holds its allocation's final record until [`meter_settled`](Self::meter_settled).
     fn route(&mut self, worker: usize, update: RouteUpdate) {
-        if let Some((allocation, metered)) = self.plane.route(worker, update) {
-            self.usage.entry(allocation).or_default().usage.add(metered);
+        if let Some(allocation) = self.plane.route(worker, update) {
+            self.usage.entry(allocation).or_default().open_meters += 1;
         }
+    }
+
+    /// A closed relay's fast-path meter was read for the last time: add it to its allocation's usage.
+    pub fn meter_settled(&mut self, allocation: AllocationId, c: Counters) {
+        let pending = self.usage.entry(allocation).or_default();
+        pending.usage.add(c);
+        pending.open_meters = pending.open_meters.saturating_sub(1);
+        self.finish_usage(allocation);
     }
 
     /// The size of every map the executor keeps per client, relay or allocation, and its installed
@@ -379,12 +391,13 @@ impl<P: Plane> Executor<P> {
         self.finish_usage(allocation);
     }
 
-    /// Emit an allocation's usage once the server has ended it and every relay socket has reported.
+    /// Emit an allocation's usage once the server has ended it, every relay socket has reported and
+    /// every fast-path meter of its relays has settled.
     fn finish_usage(&mut self, allocation: AllocationId) {
         let done = self
             .usage
             .get(&allocation)
-            .is_some_and(|p| p.ended && p.open_relays == 0);
+            .is_some_and(|p| p.ended && p.open_relays == 0 && p.open_meters == 0);
         if !done {
             return;
         }

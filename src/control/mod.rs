@@ -484,6 +484,7 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         exec: Executor::new(plane, listeners, settings.usage_sink.clone()),
         drain: settings.drain,
         drain_deadline: None,
+        settle_deadline: None,
         stats: stats.clone(),
         backend,
         stun_queue,
@@ -617,6 +618,8 @@ struct Control {
     exec: Executor<Workers>,
     drain: Duration,
     drain_deadline: Option<Instant>,
+    /// When the retired XDP meters of removed relays are read ([`Control::settle_meters`]).
+    settle_deadline: Option<Instant>,
     /// Every worker's counters (for metrics).
     stats: Vec<Arc<WorkerStats>>,
     backend: BackendKind,
@@ -665,8 +668,9 @@ impl Plane for Workers {
     }
 
     /// Applied to the XDP maps first: a removal leaves the kernel before the worker's table, and a
-    /// closed relay's XDP meter is returned to be folded into its usage.
-    fn route(&mut self, worker: usize, update: RouteUpdate) -> Option<(AllocationId, Counters)> {
+    /// closed relay's XDP meter is retired, to be folded into its usage when it settles
+    /// ([`Control::settle_meters`]).
+    fn route(&mut self, worker: usize, update: RouteUpdate) -> Option<AllocationId> {
         let metered = self.xdp.apply(worker, &update);
         if let Some(w) = self.workers.get(worker) {
             w.queue(WorkerMsg::Route(update));
@@ -743,10 +747,14 @@ impl Control {
         let mut unwoken = 0usize;
         loop {
             let now = Instant::now();
-            let deadline = [self.server.poll_timeout(), self.drain_deadline]
-                .into_iter()
-                .flatten()
-                .min();
+            let deadline = [
+                self.server.poll_timeout(),
+                self.drain_deadline,
+                self.settle_deadline,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let msg = match deadline {
                 Some(d) => rx.recv_timeout(d.saturating_duration_since(now)),
                 None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -813,6 +821,14 @@ impl Control {
                 }
             }
             self.exec.pump(&mut self.server, now);
+            if self.exec.plane.xdp.has_retired() {
+                let due = *self
+                    .settle_deadline
+                    .get_or_insert(now + crate::xdp::SETTLE_AFTER);
+                if due <= now {
+                    self.settle_meters();
+                }
+            }
             unwoken += 1;
             if unwoken >= WAKE_EVERY || rx.is_empty() {
                 unwoken = 0;
@@ -879,7 +895,17 @@ impl Control {
         self.begin_drain(now);
     }
 
+    /// Read the retired XDP meters of removed relays (one wait for the kernel's running programs)
+    /// and fold them into their allocations' usage, which may end them.
+    fn settle_meters(&mut self) {
+        self.settle_deadline = None;
+        for (allocation, counters) in self.exec.plane.xdp.settle() {
+            self.exec.meter_settled(allocation, counters);
+        }
+    }
+
     fn stop(mut self, rx: &Receiver<ToControl>) -> io::Result<()> {
+        self.settle_meters();
         self.final_usage(rx);
         for w in &self.exec.plane.workers {
             w.send(WorkerMsg::Stop);

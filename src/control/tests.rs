@@ -50,6 +50,9 @@ struct Bench {
     events: Vec<Event>,
     /// Relay id → its address, from the AddRelay updates (the worker's table does not keep it).
     addrs: std::collections::HashMap<RelayId, SocketAddr>,
+    /// Relay id → its allocation, when a fast path outside the worker (as XDP) meters the relays too:
+    /// their removal then says the allocation's meter is still to settle.
+    fast_path: Option<std::collections::HashMap<RelayId, AllocationId>>,
 }
 
 impl Plane for Bench {
@@ -63,14 +66,27 @@ impl Plane for Bench {
         self.route(worker, update);
     }
 
-    fn route(&mut self, worker: usize, update: RouteUpdate) -> Option<(AllocationId, Counters)> {
+    fn route(&mut self, worker: usize, update: RouteUpdate) -> Option<AllocationId> {
         assert_eq!(worker, 0, "one worker");
-        if let RouteUpdate::AddRelay { id, addr, .. } = update {
+        if let RouteUpdate::AddRelay {
+            id,
+            addr,
+            allocation,
+            ..
+        } = update
+        {
             self.addrs.insert(id, addr);
+            if let Some(fast) = &mut self.fast_path {
+                fast.insert(id, allocation);
+            }
         }
+        let metered = match (&mut self.fast_path, &update) {
+            (Some(fast), RouteUpdate::RemoveRelay { id }) => fast.remove(id),
+            _ => None,
+        };
         self.core.apply(update.clone());
         self.events.push(Event::Route(update));
-        None
+        metered
     }
 
     fn reply_udp(&mut self, worker: usize, listener: usize, to: FiveTuple, payload: &[u8]) {
@@ -134,6 +150,7 @@ impl Relay {
             core,
             events: Vec::new(),
             addrs: Default::default(),
+            fast_path: None,
         };
         let listeners = vec![(client(0).server, Transport::Udp)];
         Relay {
@@ -464,6 +481,67 @@ fn usage_is_what_the_worker_sent_and_is_reported_when_the_relay_closes() {
             to_client_bytes: 7,
             to_client_packets: 1,
         }
+    );
+}
+
+/// A relay metered by a fast path outside the worker too (XDP): the allocation's final usage record
+/// waits for that meter to settle (`Mirror::settle`, after the kernel's running programs are done
+/// with it) and adds it once, besides what the worker's relay socket reported.
+#[test]
+fn a_fast_path_meter_settles_into_the_final_usage_record_once() {
+    let mut r = Relay::new();
+    let (sink, records) = crossbeam_channel::unbounded();
+    r.exec.usage_sink = Some(sink);
+    r.exec.plane.fast_path = Some(Default::default());
+    let alice = Creds::alice();
+    let relay = r.allocate(client(1), &alice);
+    r.bind(client(1), &alice, 0x4000, peer(1));
+    assert_eq!(
+        r.client(client(1), &channel_data(0x4000, &[1; 10])).len(),
+        1
+    );
+    assert_eq!(r.peer(relay, peer(1), &[3; 7]).len(), 1);
+    r.request(
+        client(1),
+        Method::REFRESH,
+        &[Attribute::Lifetime(0)],
+        Some(&alice),
+    );
+    let [ToControl::RelayClosed {
+        allocation,
+        counters,
+    }] = std::mem::take(&mut r.reports)[..]
+    else {
+        panic!("{:?}", r.reports);
+    };
+    r.exec.relay_closed(allocation, counters);
+    assert!(
+        records.try_recv().is_err(),
+        "the final record waits for the fast path's meter"
+    );
+    let fast = Counters {
+        to_peer_bytes: 1000,
+        to_peer_packets: 4,
+        to_client_bytes: 300,
+        to_client_packets: 2,
+    };
+    r.exec.meter_settled(allocation, fast);
+    let record = records.try_recv().expect("the final record");
+    assert!(record.done);
+    assert_eq!(
+        record.usage,
+        Counters {
+            to_peer_bytes: 1010,
+            to_peer_packets: 5,
+            to_client_bytes: 307,
+            to_client_packets: 3,
+        }
+    );
+    assert!(records.try_recv().is_err(), "one final record");
+    assert!(
+        r.exec.state_sizes().iter().all(|(_, n)| *n == 0),
+        "{:?}",
+        r.exec.state_sizes()
     );
 }
 

@@ -158,9 +158,36 @@ pub fn enter_netns(name: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// `MEMBARRIER_CMD_GLOBAL` (linux/membarrier.h; `MEMBARRIER_CMD_SHARED` before Linux 4.16).
+const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+
+/// Waits until every XDP program run that started before the call has returned.
+///
+/// XDP programs run inside RCU read-side critical sections (the driver's NAPI poll with bottom halves
+/// off, or `rcu_read_lock` for generic XDP), so one RCU grace period is enough; `membarrier(2)` with
+/// `MEMBARRIER_CMD_GLOBAL` is `synchronize_rcu()` on a machine with more than one CPU (and nothing is
+/// left to wait for on one). The grace period also orders the programs' map writes before what the
+/// caller reads next. Blocks for the grace period: a few milliseconds, control thread only. Fails
+/// where the command is refused (`nohz_full` kernels: `EINVAL`; seccomp).
+pub fn wait_for_running_programs() -> io::Result<()> {
+    // SAFETY: membarrier(2) takes no pointers: a command, flags and a CPU id, all plain integers.
+    super::syscall!(syscall(
+        libc::SYS_membarrier,
+        MEMBARRIER_CMD_GLOBAL,
+        0 as libc::c_uint,
+        0 as libc::c_int
+    ))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_grace_period_can_be_waited_for() {
+        assert!(wait_for_running_programs().is_ok());
+    }
 
     #[test]
     fn layouts_match_the_c_structs() {

@@ -8,8 +8,9 @@ use aya::programs::xdp::XdpLinkId;
 use aya::programs::{Xdp, XdpFlags};
 use aya::Ebpf;
 
-use super::{ChannelKey, PathCounters, XdpError, XdpMode, XdpSettings};
+use super::{ChannelKey, PathCounters, RetiredMeter, XdpError, XdpMode, XdpSettings};
 use crate::route::Counters;
+use crate::sys::xdp::wait_for_running_programs;
 use crate::sys::xdp::{
     Meter, RelayedKey, ToClientKey, ToClientValue, ToPeerKey, ToPeerValue, FAMILY_V4, FAMILY_V6,
     PATH_ABORTED, PATH_PASS_FIB, PATH_PASS_NOT_IP_UDP, PATH_PASS_NO_ENTRY,
@@ -171,7 +172,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// after userspace has accepted a ChannelBind (its permission and peer policy already decided),
 /// [`remove_channel`](Self::remove_channel) before or together with the userspace removal (expiry,
 /// revocation), and [`remove_relay`](Self::remove_relay) when the allocation ends: it removes every
-/// channel through that relayed address and returns the final XDP counters to fold into usage.
+/// channel through that relayed address and retires its meter, whose final XDP counters
+/// [`settle`](Self::settle) returns to fold into usage.
 pub struct XdpTables {
     to_peer: BpfHashMap<MapData, ToPeerKey, ToPeerValue>,
     to_client: BpfHashMap<MapData, ToClientKey, ToClientValue>,
@@ -320,11 +322,14 @@ impl XdpTables {
     }
 
     /// The allocation at `relayed` ended: removes every channel through it and its relay-to-relay
-    /// mark, and returns what XDP forwarded for it since [`add_relay`](Self::add_relay).
-    pub fn remove_relay(&mut self, relayed: SocketAddr) -> Result<Counters, XdpError> {
+    /// mark, and retires its meter slot. The slot is not read here: a program run on another CPU that
+    /// looked a channel up before the removal may still add its datagram to it. Hand the slot to
+    /// [`settle`](Self::settle) for what XDP forwarded since [`add_relay`](Self::add_relay); until
+    /// then it is not reused. `Ok(None)` for an address never added.
+    pub fn remove_relay(&mut self, relayed: SocketAddr) -> Result<Option<RetiredMeter>, XdpError> {
         let relayed = canonical(relayed);
         let Some(entry) = self.relays.remove(&relayed) else {
-            return Ok(Counters::default());
+            return Ok(None);
         };
         for (key, peer) in &entry.channels {
             let (pk, _, ck, _) = entries(*key, relayed, *peer, entry.slot);
@@ -332,10 +337,35 @@ impl XdpTables {
             absent_ok(self.to_client.remove(&ck))?;
         }
         absent_ok(self.relayed.remove(&relayed_key(relayed)))?;
-        let counters = self.read_meter(entry.slot)?;
-        self.zero_meter(entry.slot)?;
-        self.free_slots.push(entry.slot);
-        Ok(counters)
+        Ok(Some(RetiredMeter(entry.slot)))
+    }
+
+    /// The final readings of `retired` meters (from [`remove_relay`](Self::remove_relay)), in order;
+    /// their slots are free again afterwards (a slot that cannot be read is not reused).
+    ///
+    /// Exact: a program run reaches a meter slot only through a `to_peer` or `to_client` value it
+    /// looked up in the same run, and `remove_relay` deleted every such entry of these slots. The
+    /// runs that looked one up before the deletion all return within one RCU grace period, which
+    /// [`wait_for_running_programs`] waits out (once for the whole batch) before anything is read: no
+    /// datagram can be added to a slot after its reading, nor to the next relay that gets the slot.
+    /// Where the kernel refuses to wait (`nohz_full`), the caller's delay since the removal (the
+    /// mirror's [`SETTLE_AFTER`](super::SETTLE_AFTER), far beyond a program run) is what is left.
+    pub fn settle(&mut self, retired: &[RetiredMeter]) -> Vec<Result<Counters, XdpError>> {
+        if retired.is_empty() {
+            return Vec::new();
+        }
+        if let Err(e) = wait_for_running_programs() {
+            tracing::warn!("xdp: cannot wait for running programs (membarrier: {e}); reading the meters of removed relays after a delay only");
+        }
+        retired
+            .iter()
+            .map(|&RetiredMeter(slot)| {
+                let counters = self.read_meter(slot)?;
+                // `add_relay` zeroes it before its next relay.
+                self.free_slots.push(slot);
+                Ok(counters)
+            })
+            .collect()
     }
 
     /// What XDP has forwarded for the allocation at `relayed` (summed over CPUs; zero if unknown).

@@ -16,11 +16,16 @@
 //!
 //! A map call that fails leaves that channel on the userspace path (the worker's table still has it)
 //! and is logged and counted; this is the control thread, never the packet path.
+//!
+//! A removed relay's meter is read later, not at its removal: [`Mirror::apply`] retires it, and
+//! [`Mirror::settle`] (due [`SETTLE_AFTER`] later, one wait for the kernel's running programs per
+//! batch) returns what XDP forwarded for it, exactly ([`XdpTables::settle`](super::XdpTables::settle)).
 
 use core::net::{IpAddr, SocketAddr};
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
-use super::{ChannelKey, FastPath, XdpError};
+use super::{ChannelKey, FastPath, RetiredMeter, XdpError};
 use crate::route::{AllocationId, ClientKey, Counters, RelayId, RouteUpdate};
 
 /// Mirrors route updates into the loaded XDP program's maps; without one ([`Mirror::off`]) every call
@@ -35,8 +40,15 @@ pub struct Mirror {
     by_allocation: HashMap<AllocationId, Vec<RelayId>>,
     /// Every live relayed address (for relay-to-relay).
     relayed: HashSet<SocketAddr>,
+    /// Meters of removed relays, to be read by [`Mirror::settle`].
+    retired: Vec<(AllocationId, RetiredMeter)>,
     failures: u64,
 }
+
+/// How long after a relay's removal its meter is read at the latest ([`Mirror::settle`]): batches the
+/// waits for the kernel's running programs (one RCU grace period each) under allocation churn, and
+/// delays the allocation's final usage record by as much.
+pub const SETTLE_AFTER: Duration = Duration::from_millis(50);
 
 #[derive(Debug)]
 struct Relay {
@@ -68,6 +80,7 @@ impl Mirror {
             relays: HashMap::new(),
             by_allocation: HashMap::new(),
             relayed: HashSet::new(),
+            retired: Vec::new(),
             failures: 0,
         }
     }
@@ -83,13 +96,9 @@ impl Mirror {
     }
 
     /// Applies `update`, about to go to `worker`, to the maps. For `RemoveRelay` it returns the
-    /// allocation and what XDP forwarded for that relay over its life, to fold into its usage (the
-    /// meter is gone afterwards, so every byte is counted once).
-    pub fn apply(
-        &mut self,
-        worker: usize,
-        update: &RouteUpdate,
-    ) -> Option<(AllocationId, Counters)> {
+    /// allocation when the relay's meter is retired: what XDP forwarded for it comes from
+    /// [`settle`](Self::settle), once.
+    pub fn apply(&mut self, worker: usize, update: &RouteUpdate) -> Option<AllocationId> {
         let fast = self.fast.as_mut()?;
         let tables = fast.tables();
         match *update {
@@ -185,7 +194,11 @@ impl Mirror {
                 }
                 self.relayed.remove(&canonical(r.addr));
                 match tables.remove_relay(r.addr) {
-                    Ok(counters) => Some((r.allocation, counters)),
+                    Ok(retired) => {
+                        let retired = retired?;
+                        self.retired.push((r.allocation, retired));
+                        Some(r.allocation)
+                    }
                     Err(e) => {
                         note::<()>(&mut self.failures, "remove relay", r.addr, Err(e));
                         None
@@ -194,6 +207,39 @@ impl Mirror {
             }
             RouteUpdate::ReportCounters => None,
         }
+    }
+
+    /// Whether removed relays' meters wait for [`settle`](Self::settle).
+    pub fn has_retired(&self) -> bool {
+        !self.retired.is_empty()
+    }
+
+    /// The final XDP counters of every relay removed since the last call, by allocation (one entry per
+    /// relay that [`apply`](Self::apply) retired, each exactly once). Blocks for one RCU grace period
+    /// when there are any. A meter that cannot be read is logged and counted, and reported as zero so
+    /// that the allocation's usage record is not held forever.
+    pub fn settle(&mut self) -> Vec<(AllocationId, Counters)> {
+        let retired = std::mem::take(&mut self.retired);
+        let Some(fast) = self.fast.as_mut() else {
+            return Vec::new();
+        };
+        let slots: Vec<RetiredMeter> = retired.iter().map(|(_, m)| *m).collect();
+        let readings = fast.tables().settle(&slots);
+        let mut settled = Vec::with_capacity(retired.len());
+        for ((allocation, _), reading) in retired.into_iter().zip(readings) {
+            match reading {
+                Ok(c) => settled.push((allocation, c)),
+                Err(e) => {
+                    self.failures += 1;
+                    tracing::warn!(
+                        allocation = allocation.0,
+                        "xdp: cannot read a removed relay's meter: {e}"
+                    );
+                    settled.push((allocation, Counters::default()));
+                }
+            }
+        }
+        settled
     }
 
     /// What XDP has forwarded so far for `allocation`'s live relays owned by `worker` (a checkpoint

@@ -188,7 +188,11 @@ mod imp {
             match self.never {}
         }
         /// Never called: no value exists.
-        pub fn remove_relay(&mut self, _: SocketAddr) -> Result<Counters, XdpError> {
+        pub fn remove_relay(&mut self, _: SocketAddr) -> Result<Option<RetiredMeter>, XdpError> {
+            match self.never {}
+        }
+        /// Never called: no value exists.
+        pub fn settle(&mut self, _: &[RetiredMeter]) -> Vec<Result<Counters, XdpError>> {
             match self.never {}
         }
         /// Never called: no value exists.
@@ -205,4 +209,10 @@ mod imp {
 pub use imp::{FastPath, XdpTables};
 
 mod mirror;
-pub use mirror::Mirror;
+pub use mirror::{Mirror, SETTLE_AFTER};
+
+/// The meter slot of a removed relay ([`XdpTables::remove_relay`]): no new program run can reach it,
+/// but one that looked its channel up just before the removal may still be adding to it on another
+/// CPU. [`XdpTables::settle`] reads it once that can no longer happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetiredMeter(#[cfg_attr(not(feature = "xdp"), allow(dead_code))] u32);

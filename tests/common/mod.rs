@@ -14,6 +14,7 @@ use turnpike::wire::{
     Attribute, ChannelData, Class, Message, MessageType, MessageWriter, Method, TransactionId,
 };
 
+pub mod http;
 pub mod netns;
 pub mod pg;
 pub mod sdk;
@@ -277,6 +278,34 @@ impl Client {
         );
         self.sock.send_to(&msg, self.server).unwrap();
     }
+}
+
+/// The round of a fresh client `c` in the end-to-end tests: a Binding answered with the client's own
+/// address, an Allocate, and data both ways with `peer` (`out` in a Send indication, `back` to the
+/// relayed address, which arrives as a Data indication). Returns the relayed address; `what` names
+/// the case in failures.
+pub fn binding_allocate_and_relay(
+    c: &mut Client,
+    peer: &UdpSocket,
+    (out, back): (&[u8], &[u8]),
+    what: &str,
+) -> SocketAddr {
+    let binding = c.transact(Method::BINDING, &[], false);
+    let m = Message::parse(&binding).unwrap();
+    assert_eq!(m.attrs.xor_mapped_address, Some(c.local()), "{what}");
+    let relayed = c.allocate();
+    let peer_addr = peer.local_addr().unwrap();
+    c.permit(peer_addr);
+    c.send_indication(peer_addr, out);
+    let mut buf = [0u8; 64];
+    let (len, from) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!((&buf[..len], from), (out, relayed), "{what}");
+    peer.send_to(back, relayed).unwrap();
+    let m = c.recv();
+    let m = Message::parse(&m).unwrap();
+    assert_eq!(m.message_type().method, Method::DATA, "{what}");
+    assert_eq!(m.attrs.data, Some(back), "{what}");
+    relayed
 }
 
 /// A UDP peer.
