@@ -46,25 +46,40 @@ impl Challenge {
     }
 }
 
-/// What a challenge answers of its request, copied out of it (so that a worker can write the answer
-/// over the request, in its receive slot).
+/// What an unauthenticated answer (a challenge, or a worker's Binding success) needs of its request,
+/// copied out of it (so that a worker can write the answer over the request, in its receive slot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChallengeRequest {
+pub struct RequestFacts {
     method: Method,
     tid: wire::TransactionId,
     fingerprint: bool,
     len: usize,
 }
 
-impl ChallengeRequest {
+impl RequestFacts {
     /// The facts of `msg`.
     pub fn of(msg: &Message<'_>) -> Self {
-        ChallengeRequest {
+        RequestFacts {
             method: msg.message_type().method,
             tid: msg.transaction_id(),
             fingerprint: msg.attrs.fingerprint.is_some(),
             len: msg.as_bytes().len(),
         }
+    }
+
+    /// The request's transaction id.
+    pub fn tid(&self) -> wire::TransactionId {
+        self.tid
+    }
+
+    /// Whether the request carried FINGERPRINT (so the answer does).
+    pub fn fingerprint(&self) -> bool {
+        self.fingerprint
+    }
+
+    /// The request's length in bytes (the amplification bound's base).
+    pub fn request_len(&self) -> usize {
+        self.len
     }
 }
 
@@ -128,7 +143,7 @@ impl Challenger {
     /// within the bound of [`crate::budget::answer_limit`]; a smaller UDP request gets the plain 401
     /// with a featureless nonce. Bid-down protection holds per client: the server reads the feature
     /// bits from the nonce, which the MAC covers, so a client is held to exactly what it was told.
-    pub fn advertises(&self, req: ChallengeRequest, stream: bool) -> bool {
+    pub fn advertises(&self, req: RequestFacts, stream: bool) -> bool {
         let Some(len) = self.advertised else {
             return false;
         };
@@ -149,7 +164,7 @@ impl Challenger {
     pub(crate) fn write(
         &self,
         buf: &mut [u8],
-        req: ChallengeRequest,
+        req: RequestFacts,
         client: SocketAddr,
         challenge: Challenge,
         unix_now: u64,

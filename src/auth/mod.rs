@@ -21,8 +21,7 @@ mod rest;
 
 pub(crate) use challenge::Unsent;
 pub use challenge::{
-    challenge_len, is_plain_challenge, Challenge, ChallengeRequest, Challenger,
-    ADVERTISED_ALGORITHMS,
+    challenge_len, is_plain_challenge, Challenge, Challenger, RequestFacts, ADVERTISED_ALGORITHMS,
 };
 
 pub use nonce::{

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{ControlTx, Drop, ToControl, WorkerStats, HEADROOM};
-use crate::auth::{self, Challenge, ChallengeRequest, Challenger, Unsent};
+use crate::auth::{self, Challenge, Challenger, RequestFacts, Unsent};
 use crate::budget::{Refused, SourceLimiter};
 use crate::policy::OwnAddresses;
 use crate::route::{ClientKey, ListenerId, RelayId, RouteTable, RouteUpdate};
@@ -342,16 +342,11 @@ impl Core {
         if (typ.class, typ.method) == (Class::Request, Method::BINDING) {
             // An unknown comprehension-required attribute: the 420 with UNKNOWN-ATTRIBUTES is the
             // control thread's.
-            return (self.binding && msg.unknown_required().is_empty()).then(|| {
-                Stateless::Binding {
-                    tid: msg.transaction_id(),
-                    fingerprint: msg.attrs.fingerprint.is_some(),
-                    len: msg.as_bytes().len(),
-                }
-            });
+            return (self.binding && msg.unknown_required().is_empty())
+                .then(|| Stateless::Binding(RequestFacts::of(msg)));
         }
         (self.challenger.is_some() && auth::is_plain_challenge(msg))
-            .then(|| Stateless::Challenge(ChallengeRequest::of(msg)))
+            .then(|| Stateless::Challenge(RequestFacts::of(msg)))
     }
 
     /// Answer a stateless request in its own slot: a Binding success (RFC 8489 §8.1) with
@@ -371,16 +366,12 @@ impl Core {
         };
         let now = Instant::now();
         let (written, bill) = match req {
-            Stateless::Binding {
-                tid,
-                fingerprint,
-                len,
-            } => {
+            Stateless::Binding(req) => {
                 let typ = MessageType::new(Method::BINDING, Class::Success);
-                let n = MessageWriter::new(buf, typ, tid)
+                let n = MessageWriter::new(buf, typ, req.tid())
                     .and_then(|mut w| {
                         w.add(&Attribute::XorMappedAddress(from))?;
-                        if fingerprint {
+                        if req.fingerprint() {
                             w.add_fingerprint()?;
                         }
                         Ok(w.finish())
@@ -388,7 +379,7 @@ impl Core {
                     .map_err(Unsent::Write)
                     .and_then(|n| {
                         budget
-                            .admit(from.ip(), now, len, n)
+                            .admit(from.ip(), now, req.request_len(), n)
                             .map(|()| n)
                             .map_err(Unsent::Refused)
                     });
@@ -545,13 +536,9 @@ impl Core {
 enum Stateless {
     /// A well-formed Binding request (FINGERPRINT, when present, verified by the parse) with no
     /// unknown comprehension-required attribute.
-    Binding {
-        tid: wire::TransactionId,
-        fingerprint: bool,
-        len: usize,
-    },
+    Binding(RequestFacts),
     /// A request that certainly gets a plain 401 ([`auth::is_plain_challenge`]).
-    Challenge(ChallengeRequest),
+    Challenge(RequestFacts),
 }
 
 #[cfg(test)]

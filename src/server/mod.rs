@@ -42,7 +42,7 @@ pub use types::{
 };
 
 use crate::auth::{
-    self, Challenge, ChallengeRequest, Challenger, NonceCheck, NonceKey, RestError, Unsent,
+    self, Challenge, Challenger, NonceCheck, NonceKey, RequestFacts, RestError, Unsent,
     ADVERTISED_ALGORITHMS, FEATURE_PASSWORD_ALGORITHMS,
 };
 use crate::budget::{Refused, SourceLimiter};
@@ -1405,7 +1405,7 @@ impl<R: RngCore> Server<R> {
             }
             Reject::StaleNonce => Challenge::StaleNonce,
         };
-        let request = ChallengeRequest::of(msg);
+        let request = RequestFacts::of(msg);
         let (challenger, limiter) = (&self.challenger, &mut self.limiter);
         let budget = (!five.transport.is_stream()).then_some((limiter, now));
         let mut unsent = None;
