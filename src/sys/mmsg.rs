@@ -257,6 +257,36 @@ mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
 
+    type Recv = fn(RawFd, &mut [u8], usize, usize, &mut [RecvMeta]) -> io::Result<usize>;
+
+    /// Receives with `recv` from `sock` until `want` datagrams arrived (polling, at most 1 s); how many did.
+    fn receive(
+        recv: Recv,
+        sock: &std::net::UdpSocket,
+        slab: &mut [u8],
+        stride: usize,
+        headroom: usize,
+        meta: &mut [RecvMeta],
+        want: usize,
+    ) -> usize {
+        let mut got = 0;
+        for _ in 0..200 {
+            got += recv(
+                sock.as_raw_fd(),
+                &mut slab[got * stride..],
+                stride,
+                headroom,
+                &mut meta[got..],
+            )
+            .unwrap();
+            if got >= want {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        got
+    }
+
     #[test]
     fn batch_round_trip_over_loopback() {
         let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -272,22 +302,10 @@ mod tests {
         );
         let mut slab = vec![0u8; 16 * 512];
         let mut meta = [RecvMeta::default(); 16];
-        let mut got = 0;
-        for _ in 0..100 {
-            got += recv_batch(
-                b.as_raw_fd(),
-                &mut slab[got * 512..],
-                512,
-                8,
-                &mut meta[got..],
-            )
-            .unwrap();
-            if got == 10 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        assert_eq!(got, 10);
+        assert_eq!(
+            receive(recv_batch, &b, &mut slab, 512, 8, &mut meta, 10),
+            10
+        );
         for i in 0..10 {
             assert_eq!(meta[i].addr, a.local_addr().unwrap());
             assert_eq!(
@@ -355,22 +373,10 @@ mod tests {
         }
         let mut slab = vec![0u8; 4 * 256];
         let mut meta = [RecvMeta::default(); 4];
-        let mut got = 0;
-        for _ in 0..200 {
-            got += recv_batch_pktinfo(
-                w.as_raw_fd(),
-                &mut slab[got * 256..],
-                256,
-                0,
-                &mut meta[got..],
-            )
-            .unwrap();
-            if got == 2 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        assert_eq!(got, 2);
+        assert_eq!(
+            receive(recv_batch_pktinfo, &w, &mut slab, 256, 0, &mut meta, 2),
+            2
+        );
         for (i, ip) in targets.iter().enumerate() {
             assert_eq!(meta[i].local, Some(*ip));
             let text = &slab[i * 256..i * 256 + meta[i].len];
