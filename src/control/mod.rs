@@ -10,9 +10,10 @@
 //! - workers → control: one FIFO ([`ControlTx`]). STUN copies are admitted within a count and a byte
 //!   bound and dropped (counted per worker, `control_busy`) beyond it; accounting (`RelayClosed`,
 //!   `StreamClosed`, `Counters`, `WorkerExited`) is never refused and never blocks a worker.
-//! - control → worker: a bounded mailbox per worker. Route updates wait for room, which the worker
-//!   always makes (it never waits for the control thread); replies to stream clients are dropped and
-//!   counted when it is full.
+//! - control → worker: a bounded mailbox per worker, a wait-free single-producer ring (`rtrb`). Route
+//!   updates wait for room, which the worker always makes (it never waits for the control thread, not
+//!   even for a message half written); replies to stream clients are dropped and counted when it is
+//!   full.
 //!
 //! A worker whose loop ends while the relay runs (an error or a panic) is reported by its own thread:
 //! the relay closes that worker's listeners (so the kernel's SO_REUSEPORT groups stop handing it
@@ -20,16 +21,17 @@
 //!
 //! May use: server, route, sys, dataplane, wire, auth, policy, config, budget.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
+use rtrb::{Producer, PushError, RingBuffer};
 
 use crate::budget::SourceLimiter;
 use crate::clock::unix_now;
@@ -401,7 +403,7 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
     let mut stats = Vec::with_capacity(workers);
     let mut replies = Vec::with_capacity(workers);
     for (k, (mine, tcp)) in sockets.into_iter().zip(tcp_sockets).enumerate() {
-        let (tx, mailbox) = bounded(MAILBOX);
+        let (tx, mailbox) = RingBuffer::new(MAILBOX);
         let wake = Arc::new(EventFd::new()?);
         let worker_stats = Arc::new(WorkerStats::default());
         replies.push(
@@ -451,7 +453,7 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
             dataplane::run(setup, backend)
         })?;
         handles.push(Worker {
-            tx,
+            tx: RefCell::new(tx),
             wake,
             wake_due: Cell::new(false),
             thread: Some(thread),
@@ -511,7 +513,8 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
 
 #[derive(Debug)]
 struct Worker {
-    tx: Sender<WorkerMsg>,
+    /// Its mailbox (only the control thread sends to it).
+    tx: RefCell<Producer<WorkerMsg>>,
     wake: Arc<EventFd>,
     /// Mail was queued ([`Worker::queue`]) since the worker was last woken.
     wake_due: Cell<bool>,
@@ -536,27 +539,45 @@ impl Worker {
     /// (the worker never waits for the control thread, so it always makes room); a worker that has
     /// exited refuses at once.
     fn queue(&self, msg: WorkerMsg) {
-        let msg = match self.tx.try_send(msg) {
+        let mut tx = self.tx.borrow_mut();
+        if tx.is_abandoned() {
+            return;
+        }
+        let mut msg = match tx.push(msg) {
             Ok(()) => return self.wake_due.set(true),
-            Err(TrySendError::Disconnected(_)) => return,
-            Err(TrySendError::Full(msg)) => msg,
+            Err(PushError::Full(msg)) => msg,
         };
         let _ = self.wake.notify();
-        if self.tx.send(msg).is_ok() {
-            self.wake_due.set(true);
+        // Wait for room: yield first (on a shared core that runs the worker), then nap briefly.
+        for tries in 0u32.. {
+            if tx.is_abandoned() {
+                return;
+            }
+            match tx.push(msg) {
+                Ok(()) => return self.wake_due.set(true),
+                Err(PushError::Full(m)) => msg = m,
+            }
+            if tries < 64 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
         }
     }
 
     /// Queue a message that may be dropped (a reply to a stream client); woken like [`Worker::queue`].
     /// False if the mailbox was full.
     fn try_queue(&self, msg: WorkerMsg) -> bool {
-        match self.tx.try_send(msg) {
+        let mut tx = self.tx.borrow_mut();
+        if tx.is_abandoned() {
+            return true;
+        }
+        match tx.push(msg) {
             Ok(()) => {
                 self.wake_due.set(true);
                 true
             }
-            Err(TrySendError::Full(_)) => false,
-            Err(TrySendError::Disconnected(_)) => true,
+            Err(PushError::Full(_)) => false,
         }
     }
 
@@ -970,8 +991,8 @@ mod mailbox_tests {
     use mio::{Events, Interest, Poll, Token};
 
     /// A worker handle over a mailbox of `cap` messages, and a poller that sees its eventfd ring.
-    fn worker(cap: usize) -> (Worker, Receiver<WorkerMsg>, Poll) {
-        let (tx, rx) = bounded(cap);
+    fn worker(cap: usize) -> (Worker, rtrb::Consumer<WorkerMsg>, Poll) {
+        let (tx, rx) = RingBuffer::new(cap);
         let wake = Arc::new(EventFd::new().unwrap());
         let poll = Poll::new().unwrap();
         poll.registry()
@@ -982,7 +1003,7 @@ mod mailbox_tests {
             )
             .unwrap();
         let w = Worker {
-            tx,
+            tx: RefCell::new(tx),
             wake,
             wake_due: Cell::new(false),
             thread: None,
@@ -1010,14 +1031,14 @@ mod mailbox_tests {
         assert!(!rang(&mut poll, &w), "nothing queued since: no second ring");
         w.send(WorkerMsg::Stop);
         assert!(rang(&mut poll, &w), "send rings at once");
-        assert_eq!(rx.try_iter().count(), 3, "every message arrived");
+        assert_eq!(rx.slots(), 3, "every message arrived");
     }
 
     #[test]
     fn a_full_mailbox_wakes_the_worker_before_waiting_for_room() {
         // Mail queued without a wake-up fills the mailbox; the next message must ring the eventfd
         // before it waits, or a worker asleep in its poll would never make room.
-        let (w, rx, mut poll) = worker(1);
+        let (w, mut rx, mut poll) = worker(1);
         let drained = std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(10);
             let mut events = Events::with_capacity(4);
@@ -1026,7 +1047,9 @@ mod mailbox_tests {
                 poll.poll(&mut events, Some(Duration::from_millis(100)))
                     .unwrap();
                 if !events.is_empty() {
-                    got += rx.try_iter().count();
+                    while rx.pop().is_ok() {
+                        got += 1;
+                    }
                 }
             }
             got

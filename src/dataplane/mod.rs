@@ -44,7 +44,7 @@ use std::sync::Arc;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crossbeam_channel::{Receiver, SendError, Sender};
+use crossbeam_channel::{SendError, Sender};
 use crossbeam_utils::CachePadded;
 
 pub use self::core::{Action, Answers, Bill, Core, Direction, Forward, Out};
@@ -375,8 +375,10 @@ pub struct WorkerSetup {
     pub listener_map: ListenerMap,
     /// Its TCP/TLS listeners and connections.
     pub streams: stream::Streams,
-    /// Its mailbox.
-    pub mailbox: Receiver<WorkerMsg>,
+    /// Its mailbox: a wait-free single-producer ring, so that the worker never waits for the control
+    /// thread, not even for one caught half-way through a send (on a shared core it may be preempted
+    /// there for a whole time slice).
+    pub mailbox: rtrb::Consumer<WorkerMsg>,
     /// Rung after every mailbox send.
     pub wake: Arc<EventFd>,
 }

@@ -30,8 +30,6 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
-
 use super::stream::{Streams, SWEEP};
 pub(super) use super::Bill;
 use super::{Action, Core, Drop, Forward, ListenerMap, Out, WorkerMsg, WorkerSetup};
@@ -141,7 +139,7 @@ pub(super) fn run<I: Io>(setup: WorkerSetup, mut io: I) -> io::Result<()> {
         listeners,
         listener_map,
         mut streams,
-        mailbox,
+        mut mailbox,
         wake: _wake,
     } = setup;
     for (i, l) in listeners.into_iter().enumerate() {
@@ -161,7 +159,7 @@ pub(super) fn run<I: Io>(setup: WorkerSetup, mut io: I) -> io::Result<()> {
         loop {
             let n = io.recv(&mut meta, &mut notes)?;
             // Routes first (see the module doc).
-            if drain_mailbox(&mailbox, &mut core, &mut io, &mut streams)? {
+            if drain_mailbox(&mut mailbox, &mut core, &mut io, &mut streams)? {
                 return Ok(());
             }
             if n == 0 && !notes.streams && notes.sent.is_empty() {
@@ -237,12 +235,14 @@ fn outgoing(map: &ListenerMap, out: Out) -> Option<(Out, Option<IpAddr>)> {
 
 /// Apply every queued message from the control thread. True if told to stop.
 fn drain_mailbox<I: Io>(
-    mailbox: &Receiver<WorkerMsg>,
+    mailbox: &mut rtrb::Consumer<WorkerMsg>,
     core: &mut Core,
     io: &mut I,
     streams: &mut Streams,
 ) -> io::Result<bool> {
-    while let Ok(msg) = mailbox.try_recv() {
+    // A message the control thread is still writing is not visible yet, and nothing waits for it: the
+    // response that announces its route is sent after it is complete.
+    while let Ok(msg) = mailbox.pop() {
         match msg {
             WorkerMsg::AddRelay { socket, update } => {
                 if let RouteUpdate::AddRelay { id, .. } = update {
