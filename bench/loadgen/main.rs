@@ -83,8 +83,9 @@ struct Cli {
     /// traffic for the server); 1 spreads packets evenly.
     #[arg(long, default_value_t = 1)]
     burst: usize,
-    /// Sleep this many µs when the traffic loop finds nothing to do (0: spin). Use it when the generator
-    /// runs SCHED_FIFO (scripts with RT=1), where spinning triggers RT throttling.
+    /// Sleep this many µs when the traffic loop, a full-speed alloc churn or the Binding loop finds
+    /// nothing to do (0: spin). Use it when the generator runs SCHED_FIFO (scripts with RT=1), where
+    /// spinning triggers RT throttling.
     #[arg(long, default_value_t = 0)]
     idle_sleep_us: u64,
     /// Step the rate up from --rate by --sweep-factor until loss reaches --max-loss, then bisect.
@@ -505,6 +506,11 @@ fn alloc_scenario(cli: &Cli) -> io::Result<Value> {
                 .interval
                 .filter(|&i| i > 0.0)
                 .map(Duration::from_secs_f64),
+            spin: cli
+                .churn_rate
+                .filter(|&r| r > 0.0)
+                .is_none()
+                .then(|| Duration::from_micros(cli.idle_sleep_us)),
         },
         Instant::now() + Duration::from_secs_f64(cli.duration),
     )?;
@@ -568,6 +574,7 @@ fn binding_scenario(cli: &Cli) -> io::Result<Value> {
         cli.clients,
         cli.window,
         Duration::from_secs_f64(cli.duration),
+        Duration::from_micros(cli.idle_sleep_us),
     )?;
     let cpu1 = cli.server_pid.and_then(ProcSample::read);
     let cpu = match (cpu0, cpu1) {

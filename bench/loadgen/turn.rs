@@ -145,6 +145,10 @@ pub enum Plan {
         rate: Option<f64>,
         /// Count deletes per interval of this length (`CtlStats::deletes_per_interval`).
         interval: Option<Duration>,
+        /// `Some(idle_sleep)`: spin on the poll while cycles are under way, as the relay traffic loop
+        /// does, sleeping `idle_sleep` (if not zero) when it found nothing, so that the server does not
+        /// pay for waking the generator after every response; `None`: wait up to 1 ms (a paced churn).
+        spin: Option<Duration>,
     },
 }
 
@@ -342,13 +346,14 @@ pub fn drive(
     let mut st = CtlStats::default();
     let mut events = Events::with_capacity(1024);
     let mut buf = vec![0u8; 4096];
-    let (peer, window, max, rate, interval) = match plan {
-        Plan::Setup { peer, window } => (peer, window.max(1), u64::MAX, None, None),
+    let (peer, window, max, rate, interval, spin) = match plan {
+        Plan::Setup { peer, window } => (peer, window.max(1), u64::MAX, None, None, None),
         Plan::Churn {
             max,
             rate,
             interval,
-        } => (None, clients.len(), max, rate, interval),
+            spin,
+        } => (None, clients.len(), max, rate, interval, spin),
     };
     let churn = matches!(plan, Plan::Churn { .. });
     let mut q = Cycles {
@@ -406,10 +411,17 @@ pub fn drive(
         if now >= deadline && (!churn || now >= deadline + DRAIN) {
             break;
         }
-        match poll.poll(&mut events, Some(Duration::from_millis(1))) {
+        let wait = match spin {
+            Some(_) if q.active > 0 => Duration::ZERO,
+            _ => Duration::from_millis(1),
+        };
+        match poll.poll(&mut events, Some(wait)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
+        }
+        if let Some(nap) = spin.filter(|n| events.is_empty() && !n.is_zero()) {
+            std::thread::sleep(nap);
         }
         for ev in events.iter() {
             let Some(i) = ev.token().0.checked_sub(token_base) else {
@@ -576,6 +588,7 @@ pub fn binding(
     sockets: usize,
     window: usize,
     duration: Duration,
+    idle_sleep: Duration,
 ) -> io::Result<BindingStats> {
     let mut poll = Poll::new()?;
     let mut socks = Vec::with_capacity(sockets);
@@ -628,7 +641,11 @@ pub fn binding(
         st.sent += n as u64;
     }
     while start.elapsed() < duration {
-        poll.poll(&mut events, Some(Duration::from_millis(1)))?;
+        // Spin, as the relay traffic loop does (the server then never pays for waking the generator).
+        poll.poll(&mut events, Some(Duration::ZERO))?;
+        if events.is_empty() && !idle_sleep.is_zero() {
+            std::thread::sleep(idle_sleep);
+        }
         for ev in events.iter() {
             let i = ev.token().0;
             let Some(s) = socks.get(i) else { continue };
