@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use rtrb::{Producer, PushError, RingBuffer};
@@ -767,7 +767,6 @@ impl Control {
         // Messages handled since the workers were last woken.
         let mut unwoken = 0usize;
         loop {
-            let now = Instant::now();
             let deadline = [
                 self.server.poll_timeout(),
                 self.drain_deadline,
@@ -776,9 +775,14 @@ impl Control {
             .into_iter()
             .flatten()
             .min();
-            let msg = match deadline {
-                Some(d) => rx.recv_timeout(d.saturating_duration_since(now)),
-                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            // A queued message needs no clock reading to be taken (one fewer per message in a burst).
+            let msg = match rx.try_recv() {
+                Ok(msg) => Ok(msg),
+                Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
+                Err(TryRecvError::Empty) => match deadline {
+                    Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
+                    None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                },
             };
             let now = Instant::now();
             // `recv_timeout` hands out queued messages before it reports a timeout: a queue that never
