@@ -474,6 +474,8 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         workers: handles,
         replies,
         listener_map,
+        held: Vec::new(),
+        held_bytes: Vec::new(),
         relay_opts: UdpOptions {
             reuse_port: false,
             recv_buffer: settings.recv_buffer,
@@ -667,7 +669,67 @@ struct Workers {
     replies: Vec<Vec<UdpSocket>>,
     /// Which socket and source address each listener's replies leave from.
     listener_map: dataplane::ListenerMap,
+    /// Replies to UDP clients held until the end of the control loop's burst ([`Workers::flush`]):
+    /// one sendmmsg per burst and listener socket, and the clients' next requests then wake the worker
+    /// after the burst instead of preempting it on a shared core.
+    held: Vec<HeldReply>,
+    /// The held replies' bytes, back to back.
+    held_bytes: Vec<u8>,
     relay_opts: UdpOptions,
+}
+
+/// A reply held in [`Workers::held`]: from `replies[worker][socket]` (or any worker's clone of that
+/// socket, if the worker is gone by then), from address `src`, to `to`, bytes `at..at + len` of
+/// `held_bytes`.
+#[derive(Debug, Clone, Copy)]
+struct HeldReply {
+    worker: usize,
+    socket: usize,
+    src: Option<std::net::IpAddr>,
+    to: SocketAddr,
+    at: usize,
+    len: usize,
+}
+
+/// Replies held at most before they are sent anyway (a burst of the control loop is at most
+/// [`WAKE_EVERY`] messages, each answered by one reply or a few).
+const MAX_HELD: usize = 4 * WAKE_EVERY;
+
+impl Workers {
+    /// Send every held reply, in order: one sendmmsg per run of replies that leave from the same
+    /// socket and source address.
+    fn flush(&mut self) {
+        let mut start = 0;
+        while let Some(first) = self.held.get(start).copied() {
+            let same = |h: &HeldReply| {
+                (h.worker, h.socket, h.src) == (first.worker, first.socket, first.src)
+            };
+            let end = start + self.held[start..].iter().take_while(|h| same(h)).count();
+            // A lost worker's sockets are closed: any other worker's socket on the listener will do.
+            let sock = self
+                .replies
+                .get(first.worker)
+                .and_then(|w| w.get(first.socket))
+                .or_else(|| self.replies.iter().find_map(|w| w.get(first.socket)));
+            if let Some(sock) = sock {
+                let bytes = &self.held_bytes;
+                let msgs: Vec<(SocketAddr, &[u8])> = self.held[start..end]
+                    .iter()
+                    .filter_map(|h| Some((h.to, bytes.get(h.at..h.at + h.len)?)))
+                    .collect();
+                // From the address the client sent to (a wildcard socket names it per datagram).
+                sys::mmsg::send_batch_from(
+                    std::os::fd::AsRawFd::as_raw_fd(sock),
+                    &msgs,
+                    first.src,
+                    |_, _| {},
+                );
+            }
+            start = end;
+        }
+        self.held.clear();
+        self.held_bytes.clear();
+    }
 }
 
 impl Plane for Workers {
@@ -710,21 +772,17 @@ impl Plane for Workers {
         else {
             return;
         };
-        let socket = usize::from(socket);
-        // A lost worker's sockets are closed: any other worker's socket on the listener will do.
-        let sock = self
-            .replies
-            .get(worker)
-            .and_then(|w| w.get(socket))
-            .or_else(|| self.replies.iter().find_map(|w| w.get(socket)));
-        if let Some(sock) = sock {
-            // From the address the client sent to (a wildcard socket names it per datagram).
-            sys::mmsg::send_batch_from(
-                std::os::fd::AsRawFd::as_raw_fd(sock),
-                &[(to.client, payload)],
-                src,
-                |_, _| {},
-            );
+        self.held.push(HeldReply {
+            worker,
+            socket: usize::from(socket),
+            src,
+            to: to.client,
+            at: self.held_bytes.len(),
+            len: payload.len(),
+        });
+        self.held_bytes.extend_from_slice(payload);
+        if self.held.len() >= MAX_HELD {
+            self.flush();
         }
     }
 
@@ -857,6 +915,7 @@ impl Control {
             unwoken += 1;
             if unwoken >= WAKE_EVERY || rx.is_empty() {
                 unwoken = 0;
+                self.exec.plane.flush();
                 for w in &self.exec.plane.workers {
                     w.wake();
                 }
@@ -930,6 +989,7 @@ impl Control {
     }
 
     fn stop(mut self, rx: &Receiver<ToControl>) -> io::Result<()> {
+        self.exec.plane.flush();
         self.settle_meters();
         self.final_usage(rx);
         for w in &self.exec.plane.workers {
