@@ -506,11 +506,7 @@ fn alloc_scenario(cli: &Cli) -> io::Result<Value> {
                 .interval
                 .filter(|&i| i > 0.0)
                 .map(Duration::from_secs_f64),
-            spin: cli
-                .churn_rate
-                .filter(|&r| r > 0.0)
-                .is_none()
-                .then(|| Duration::from_micros(cli.idle_sleep_us)),
+            idle_sleep: Duration::from_micros(cli.idle_sleep_us),
         },
         Instant::now() + Duration::from_secs_f64(cli.duration),
     )?;

@@ -145,10 +145,11 @@ pub enum Plan {
         rate: Option<f64>,
         /// Count deletes per interval of this length (`CtlStats::deletes_per_interval`).
         interval: Option<Duration>,
-        /// `Some(idle_sleep)`: spin on the poll while cycles are under way, as the relay traffic loop
-        /// does, sleeping `idle_sleep` (if not zero) when it found nothing, so that the server does not
-        /// pay for waking the generator after every response; `None`: wait up to 1 ms (a paced churn).
-        spin: Option<Duration>,
+        /// A full-speed churn (no `rate`) spins on the poll while cycles are under way, as the relay
+        /// traffic loop does, so that the server does not pay for waking the generator after every
+        /// response, and sleeps this long (if not zero) when the poll found nothing. A paced churn
+        /// waits up to 1 ms in the poll instead.
+        idle_sleep: Duration,
     },
 }
 
@@ -352,8 +353,11 @@ pub fn drive(
             max,
             rate,
             interval,
-            spin,
-        } => (None, clients.len(), max, rate, interval, spin),
+            idle_sleep,
+        } => {
+            let spin = rate.is_none().then_some(idle_sleep);
+            (None, clients.len(), max, rate, interval, spin)
+        }
     };
     let churn = matches!(plan, Plan::Churn { .. });
     let mut q = Cycles {

@@ -540,17 +540,8 @@ impl Worker {
     /// response that announces it is sent. A full mailbox wakes the worker before waiting for room
     /// (the worker never waits for the control thread, so it always makes room); a worker that has
     /// exited refuses at once.
-    fn queue(&self, msg: WorkerMsg) {
+    fn queue(&self, mut msg: WorkerMsg) {
         let mut tx = self.tx.borrow_mut();
-        if tx.is_abandoned() {
-            return;
-        }
-        let mut msg = match tx.push(msg) {
-            Ok(()) => return self.wake_due.set(true),
-            Err(PushError::Full(msg)) => msg,
-        };
-        let _ = self.wake.notify();
-        // Wait for room: yield first (on a shared core that runs the worker), then nap briefly.
         for tries in 0u32.. {
             if tx.is_abandoned() {
                 return;
@@ -559,7 +550,11 @@ impl Worker {
                 Ok(()) => return self.wake_due.set(true),
                 Err(PushError::Full(m)) => msg = m,
             }
-            if tries < 64 {
+            // Full: wake the worker at once, then wait for room, yielding first (on a shared core
+            // that runs the worker) and then napping briefly.
+            if tries == 0 {
+                let _ = self.wake.notify();
+            } else if tries < 64 {
                 std::thread::yield_now();
             } else {
                 std::thread::sleep(Duration::from_micros(50));
