@@ -49,8 +49,8 @@ use crate::budget::{Refused, SourceLimiter};
 use crate::policy::OwnAddresses;
 use crate::route::{PackedAddr, SmallMap, INLINE_CHANNELS, INLINE_PERMISSIONS};
 use crate::wire::{
-    self, family, password_algorithm, Attribute, Class, Kind, Message, MessageType, MessageWriter,
-    Method,
+    self, family, password_algorithm, Attribute, Class, IntegrityKey, Kind, Message, MessageType,
+    MessageWriter, Method,
 };
 use ports::PortPool;
 
@@ -288,14 +288,14 @@ impl<R: RngCore> Server<R> {
                 self.activate_if_open(now, allocation);
             }
             None => {
-                let (five, tid, signer) = (alloc.five_tuple, alloc.allocate_tid, alloc.signer());
+                let (five, tid, mac) = (alloc.five_tuple, alloc.allocate_tid, alloc.signer.mac());
                 self.free_allocation(allocation);
                 self.count_allocate_error(ErrorCode::InsufficientCapacity);
                 self.reply_to(
                     five,
                     MessageType::new(Method::ALLOCATE, Class::Error),
                     tid,
-                    Some(&signer),
+                    Some(&mac),
                     |w| error_code(w, ErrorCode::InsufficientCapacity),
                 );
             }
@@ -583,7 +583,7 @@ impl<R: RngCore> Server<R> {
     fn binding(&mut self, now: Instant, unix_now: u64, five: FiveTuple, msg: &Message<'_>) {
         let signer = if self.config.binding_requires_auth {
             match self.authenticate(unix_now, five, msg) {
-                Ok(auth) => Some(auth.signer),
+                Ok(auth) => Some(auth.mac),
                 Err(reject) => return self.reject(now, unix_now, five, msg, reject),
             }
         } else {
@@ -605,7 +605,7 @@ impl<R: RngCore> Server<R> {
             Ok(auth) => auth,
             Err(reject) => return self.reject(now, unix_now, five, msg, reject),
         };
-        let s = Answer::Signed(&auth.signer);
+        let s = Answer::Signed(&auth.mac);
         if let Some(existing) = self
             .allocation_on(five)
             .and_then(|id| self.allocations.get(&id))
@@ -948,7 +948,7 @@ impl<R: RngCore> Server<R> {
         unix_now: u64,
         five: FiveTuple,
         msg: &Message<'_>,
-    ) -> Option<(AllocationId, Signer)> {
+    ) -> Option<(AllocationId, IntegrityKey)> {
         let auth = match self.authenticate(unix_now, five, msg) {
             Ok(auth) => auth,
             Err(reject) => {
@@ -956,7 +956,7 @@ impl<R: RngCore> Server<R> {
                 return None;
             }
         };
-        let s = Answer::Signed(&auth.signer);
+        let s = Answer::Signed(&auth.mac);
         let Some(alloc) = self.live_allocation(now, five) else {
             self.reply_error(five, msg, s, ErrorCode::AllocationMismatch);
             return None;
@@ -969,7 +969,7 @@ impl<R: RngCore> Server<R> {
         if self.unknown_attributes(five, msg, s) {
             return None;
         }
-        Some((id, auth.signer))
+        Some((id, auth.mac))
     }
 
     /// What `identity` holds now (nothing when it has no entry).
@@ -1209,7 +1209,7 @@ impl<R: RngCore> Server<R> {
             return;
         };
         let typ = MessageType::new(Method::ALLOCATE, Class::Success);
-        let signer = alloc.signer();
+        let mac = self.signing_key(&alloc.username, alloc.signer);
         // Behind 1:1 NAT clients are told the public address of the socket (relay.external).
         let relays = alloc
             .relays
@@ -1220,29 +1220,23 @@ impl<R: RngCore> Server<R> {
             alloc.reservation_token,
             alloc.address_error,
         );
-        self.reply_to(
-            alloc.five_tuple,
-            typ,
-            alloc.allocate_tid,
-            Some(&signer),
-            |w| {
-                for addr in relays.iter().flatten() {
-                    w.add(&Attribute::XorRelayedAddress(*addr))?;
-                }
-                w.add(&Attribute::Lifetime(lifetime))?;
-                if let Some(t) = token {
-                    w.add(&Attribute::ReservationToken(t))?;
-                }
-                if let Some((family, code)) = address_error {
-                    w.add(&Attribute::AddressErrorCode {
-                        family,
-                        code: code.code(),
-                        reason: code.reason(),
-                    })?;
-                }
-                w.add(&Attribute::XorMappedAddress(client))
-            },
-        );
+        self.reply_to(alloc.five_tuple, typ, alloc.allocate_tid, Some(&mac), |w| {
+            for addr in relays.iter().flatten() {
+                w.add(&Attribute::XorRelayedAddress(*addr))?;
+            }
+            w.add(&Attribute::Lifetime(lifetime))?;
+            if let Some(t) = token {
+                w.add(&Attribute::ReservationToken(t))?;
+            }
+            if let Some((family, code)) = address_error {
+                w.add(&Attribute::AddressErrorCode {
+                    family,
+                    code: code.code(),
+                    reason: code.reason(),
+                })?;
+            }
+            w.add(&Attribute::XorMappedAddress(client))
+        });
     }
 
     /// RFC 8489 §9.2.4: long-term credential checks, in the RFC's order.
@@ -1309,20 +1303,16 @@ impl<R: RngCore> Server<R> {
             (None, None) => return Err(Reject::BadRequest),
         };
         let use_sha256_mac = msg.has_integrity_sha256();
-        let verify = |key: &[u8]| {
-            if use_sha256_mac {
-                msg.verify_integrity_sha256(key)
-            } else {
-                msg.verify_integrity(key)
-            }
-        };
-        let (key, identity) = if let Some(user) = self.users.get(username) {
-            let key = if sha256_key {
-                Key::Sha256(user.sha256)
-            } else {
-                Key::Md5(user.md5)
+        let (key, mac, identity) = if let Some(user) = self.users.get(username) {
+            let (key, mac) = match (sha256_key, use_sha256_mac) {
+                (false, false) => (Key::Md5(user.md5), user.md5_integrity.clone()),
+                (false, true) => (Key::Md5(user.md5), IntegrityKey::new(&user.md5, true)),
+                (true, sha256) => (
+                    Key::Sha256(user.sha256),
+                    IntegrityKey::new(&user.sha256, sha256),
+                ),
             };
-            (key, username)
+            (key, mac, username)
         } else {
             let passwords = match self.config.rest_secrets.passwords(username, unix_now) {
                 Ok(p) => p,
@@ -1338,12 +1328,13 @@ impl<R: RngCore> Server<R> {
                 } else {
                     Key::Md5(auth::long_term_key_md5(username, realm, &password))
                 };
-                if verify(key.bytes()) {
-                    found = Some(key);
+                let mac = IntegrityKey::new(key.bytes(), use_sha256_mac);
+                if msg.verify_integrity_with(&mac) {
+                    found = Some((key, mac));
                     break;
                 }
             }
-            let Some(key) = found else {
+            let Some((key, mac)) = found else {
                 return Err(Reject::Unauthenticated);
             };
             let parsed = auth::parse_rest_username(username);
@@ -1363,9 +1354,10 @@ impl<R: RngCore> Server<R> {
                     key,
                     sha256: use_sha256_mac,
                 },
+                mac,
             });
         };
-        if !verify(key.bytes()) {
+        if !msg.verify_integrity_with(&mac) {
             return Err(Reject::Unauthenticated);
         }
         Ok(Authenticated {
@@ -1375,7 +1367,23 @@ impl<R: RngCore> Server<R> {
                 key,
                 sha256: use_sha256_mac,
             },
+            mac,
         })
+    }
+
+    /// `signer`, an allocation's key, ready to use: a static user's MESSAGE-INTEGRITY key as derived
+    /// at start (or reload), when the allocation's key is still that one.
+    fn signing_key(&self, username: &str, signer: Signer) -> IntegrityKey {
+        match (self.users.get(username), signer) {
+            (
+                Some(user),
+                Signer {
+                    key: Key::Md5(key),
+                    sha256: false,
+                },
+            ) if user.md5 == key => user.md5_integrity.clone(),
+            _ => signer.mac(),
+        }
     }
 
     /// Answer a request that failed authentication. Unauthenticated answers carry only what RFC 8489
@@ -1535,7 +1543,7 @@ impl<R: RngCore> Server<R> {
         five: FiveTuple,
         typ: MessageType,
         tid: wire::TransactionId,
-        signer: Option<&Signer>,
+        signer: Option<&IntegrityKey>,
         body: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), wire::Error>,
     ) {
         let sent = self.outbox.push(five, MAX_RESPONSE, |buf| {
@@ -1552,15 +1560,11 @@ impl<R: RngCore> Server<R> {
 /// Append MESSAGE-INTEGRITY(-SHA256) with the request's key and FINGERPRINT when the request had one.
 fn finish(
     mut w: MessageWriter<'_>,
-    signer: Option<&Signer>,
+    signer: Option<&IntegrityKey>,
     fingerprint: bool,
 ) -> Result<usize, wire::Error> {
-    if let Some(s) = signer {
-        if s.sha256 {
-            w.add_integrity_sha256(s.key.bytes())?;
-        } else {
-            w.add_integrity(s.key.bytes())?;
-        }
+    if let Some(key) = signer {
+        w.add_integrity_with(key)?;
     }
     if fingerprint {
         w.add_fingerprint()?;
@@ -1604,8 +1608,10 @@ fn static_users(config: &Config) -> StaticUsers {
     let mut users = HashMap::new();
     let mut userhashes = HashMap::new();
     for (name, password) in &config.users {
+        let md5 = auth::long_term_key_md5(name, &config.realm, password);
         let user = StaticUser {
-            md5: auth::long_term_key_md5(name, &config.realm, password),
+            md5,
+            md5_integrity: IntegrityKey::new(&md5, false),
             sha256: auth::long_term_key_sha256(name, &config.realm, password),
         };
         users.insert(name.as_str().into(), user);
@@ -1649,6 +1655,9 @@ fn release_port(pools: &mut [PortPool], relay: RelayAddr) {
 #[derive(Debug, Clone)]
 struct StaticUser {
     md5: [u8; 16],
+    /// `md5` ready for MESSAGE-INTEGRITY, what nearly every client uses: its key schedule is not
+    /// hashed again for each request and response.
+    md5_integrity: IntegrityKey,
     sha256: [u8; 32],
 }
 
@@ -1668,11 +1677,18 @@ impl Key {
     }
 }
 
-/// How to sign responses to an authenticated request: its key and its integrity attribute.
+/// How to sign responses to an authenticated request: its key and its integrity attribute. What an
+/// allocation keeps (34 bytes); [`IntegrityKey`] is the key ready to use.
 #[derive(Debug, Clone, Copy)]
 struct Signer {
     key: Key,
     sha256: bool,
+}
+
+impl Signer {
+    fn mac(&self) -> IntegrityKey {
+        IntegrityKey::new(self.key.bytes(), self.sha256)
+    }
 }
 
 #[derive(Debug)]
@@ -1680,13 +1696,15 @@ struct Authenticated {
     username: Box<str>,
     identity: Box<str>,
     signer: Signer,
+    /// `signer` ready to sign the response.
+    mac: IntegrityKey,
 }
 
 /// Who an answer is for: an authenticated request, signed with its key, or an unauthenticated one
 /// (received at the instant given), which is held to the source budget and the 3× bound.
 #[derive(Debug, Clone, Copy)]
 enum Answer<'s> {
-    Signed(&'s Signer),
+    Signed(&'s IntegrityKey),
     Unauthenticated(Instant),
 }
 
@@ -1807,10 +1825,6 @@ impl Allocation {
         self.relays
             .iter()
             .position(|r| r.is_some_and(|r| r.addr() == relay && !r.open))
-    }
-
-    fn signer(&self) -> Signer {
-        self.signer
     }
 
     /// The channel number `peer` is bound to (active or cooling down).

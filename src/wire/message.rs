@@ -14,14 +14,12 @@
 
 use core::net::SocketAddr;
 
-use hmac::{Hmac, Mac};
-use sha1::Sha1;
-use sha2::Sha256;
+use hmac::Mac;
 
 use super::attr::{AlgorithmIter, Attribute, U16Iter};
 use super::{
-    attr_type as t, pad4, Error, MessageType, TransactionId, FINGERPRINT_XOR, HEADER_LEN,
-    MAGIC_COOKIE,
+    attr_type as t, pad4, Error, IntegrityKey, MessageType, TransactionId, FINGERPRINT_XOR,
+    HEADER_LEN, MAGIC_COOKIE,
 };
 
 /// How many unknown comprehension-required attribute types are remembered for a 420 response.
@@ -241,37 +239,46 @@ impl<'a> Message<'a> {
     /// the attribute, with the length field set as if MESSAGE-INTEGRITY were the last attribute
     /// (RFC 8489 §14.5). False when the attribute is absent.
     pub fn verify_integrity(&self, key: &[u8]) -> bool {
-        let Some(at) = self.integrity else {
-            return false;
-        };
-        let Some(expected) = self.buf.get(at + 4..at + 24) else {
-            return false;
-        };
-        let Ok(mut mac) = Hmac::<Sha1>::new_from_slice(key) else {
-            return false;
-        };
-        feed_with_length(&mut mac, self.buf, at, at + 24 - HEADER_LEN);
-        mac.verify_slice(expected).is_ok()
+        self.verify_integrity_with(&IntegrityKey::new(key, false))
     }
 
     /// Verify MESSAGE-INTEGRITY-SHA256 with `key` (possibly truncated to 16–32 bytes, RFC 8489 §14.6), in
     /// constant time. False when the attribute is absent.
     pub fn verify_integrity_sha256(&self, key: &[u8]) -> bool {
-        let Some(at) = self.integrity_sha256 else {
-            return false;
-        };
-        let Some(hdr) = self.buf.get(at..at + 4) else {
-            return false;
-        };
-        let vlen = usize::from(u16::from_be_bytes([hdr[2], hdr[3]]));
-        let Some(expected) = self.buf.get(at + 4..at + 4 + vlen) else {
-            return false;
-        };
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
-            return false;
-        };
-        feed_with_length(&mut mac, self.buf, at, at + 4 + vlen - HEADER_LEN);
-        mac.verify_truncated_left(expected).is_ok()
+        self.verify_integrity_with(&IntegrityKey::new(key, true))
+    }
+
+    /// Verify the integrity attribute that `key` is for (MESSAGE-INTEGRITY, or MESSAGE-INTEGRITY-SHA256
+    /// possibly truncated to 16–32 bytes), in constant time. False when that attribute is absent.
+    pub fn verify_integrity_with(&self, key: &IntegrityKey) -> bool {
+        match key {
+            IntegrityKey::Sha1(mac) => {
+                let Some(at) = self.integrity else {
+                    return false;
+                };
+                let Some(expected) = self.buf.get(at + 4..at + 24) else {
+                    return false;
+                };
+                let mut mac = mac.clone();
+                feed_with_length(&mut mac, self.buf, at, at + 24 - HEADER_LEN);
+                mac.verify_slice(expected).is_ok()
+            }
+            IntegrityKey::Sha256(mac) => {
+                let Some(at) = self.integrity_sha256 else {
+                    return false;
+                };
+                let Some(hdr) = self.buf.get(at..at + 4) else {
+                    return false;
+                };
+                let vlen = usize::from(u16::from_be_bytes([hdr[2], hdr[3]]));
+                let Some(expected) = self.buf.get(at + 4..at + 4 + vlen) else {
+                    return false;
+                };
+                let mut mac = mac.clone();
+                feed_with_length(&mut mac, self.buf, at, at + 4 + vlen - HEADER_LEN);
+                mac.verify_truncated_left(expected).is_ok()
+            }
+        }
     }
 
     /// Whether FINGERPRINT is present and matches (RFC 8489 §14.7). [`Message::parse`] already refuses a

@@ -13,11 +13,13 @@
 
 mod attr;
 mod channel;
+mod integrity;
 mod message;
 mod writer;
 
 pub use attr::{password_algorithms, unknown_attributes, AlgorithmIter, Attribute, U16Iter};
 pub use channel::{ChannelData, ChannelRange, CHANNEL_RANGE};
+pub use integrity::IntegrityKey;
 pub use message::{Attributes, Message, PeerAddresses, MAX_UNKNOWN};
 pub use writer::{data_indication_in_place, data_indication_overhead, MessageWriter};
 

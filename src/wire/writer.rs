@@ -1,12 +1,12 @@
 //! Building STUN messages into a caller-provided buffer, without allocation.
 
-use hmac::{Hmac, Mac};
-use sha1::Sha1;
-use sha2::Sha256;
+use hmac::Mac;
 
 use super::attr::Attribute;
 use super::message::{fingerprint, set_length};
-use super::{attr_type as t, pad4, Error, MessageType, TransactionId, HEADER_LEN, MAGIC_COOKIE};
+use super::{
+    attr_type as t, pad4, Error, IntegrityKey, MessageType, TransactionId, HEADER_LEN, MAGIC_COOKIE,
+};
 
 /// Writes one STUN message into `buf`. The header's length field is kept up to date after every
 /// attribute, so the message is valid at any point. Integrity and fingerprint go last, in the order
@@ -59,25 +59,36 @@ impl<'b> MessageWriter<'b> {
     /// Append MESSAGE-INTEGRITY: HMAC-SHA1 with `key` over the message so far, with the length field
     /// already counting this attribute (RFC 8489 §14.5).
     pub fn add_integrity(&mut self, key: &[u8]) -> Result<(), Error> {
-        let mut mac = Hmac::<Sha1>::new_from_slice(key).map_err(|_| Error::ValueTooLong)?;
-        let at = self.len;
-        let value = self.reserve(t::MESSAGE_INTEGRITY, 20)?;
-        value.fill(0);
-        mac.update(&self.buf[..at]);
-        let tag = mac.finalize().into_bytes();
-        self.buf[at + 4..at + 24].copy_from_slice(&tag);
-        Ok(())
+        self.add_integrity_with(&IntegrityKey::new(key, false))
     }
 
     /// Append MESSAGE-INTEGRITY-SHA256 (full 32 bytes) with `key` (RFC 8489 §14.6).
     pub fn add_integrity_sha256(&mut self, key: &[u8]) -> Result<(), Error> {
-        let mut mac = Hmac::<Sha256>::new_from_slice(key).map_err(|_| Error::ValueTooLong)?;
+        self.add_integrity_with(&IntegrityKey::new(key, true))
+    }
+
+    /// Append the integrity attribute that `key` is for: MESSAGE-INTEGRITY, or MESSAGE-INTEGRITY-SHA256
+    /// (full 32 bytes).
+    pub fn add_integrity_with(&mut self, key: &IntegrityKey) -> Result<(), Error> {
         let at = self.len;
-        let value = self.reserve(t::MESSAGE_INTEGRITY_SHA256, 32)?;
-        value.fill(0);
-        mac.update(&self.buf[..at]);
-        let tag = mac.finalize().into_bytes();
-        self.buf[at + 4..at + 36].copy_from_slice(&tag);
+        match key {
+            IntegrityKey::Sha1(mac) => {
+                let value = self.reserve(t::MESSAGE_INTEGRITY, 20)?;
+                value.fill(0);
+                let mut mac = mac.clone();
+                mac.update(&self.buf[..at]);
+                let tag = mac.finalize().into_bytes();
+                self.buf[at + 4..at + 24].copy_from_slice(&tag);
+            }
+            IntegrityKey::Sha256(mac) => {
+                let value = self.reserve(t::MESSAGE_INTEGRITY_SHA256, 32)?;
+                value.fill(0);
+                let mut mac = mac.clone();
+                mac.update(&self.buf[..at]);
+                let tag = mac.finalize().into_bytes();
+                self.buf[at + 4..at + 36].copy_from_slice(&tag);
+            }
+        }
         Ok(())
     }
 

@@ -728,6 +728,46 @@ fn retransmitted_allocate_gets_the_same_response() {
     );
 }
 
+/// A static user's key is derived once per (re)load and reused to sign. An Allocate whose relay
+/// socket opens after a reload changed the password is answered with the key it was made with; a new
+/// request needs the new password, and its answer is signed with that.
+#[test]
+fn an_allocate_answered_after_a_password_change_is_signed_with_its_own_key() {
+    let mut h = Harness::new();
+    let (old, new) = (
+        Creds::alice(),
+        Creds::static_user("alice", "alice-new-pass"),
+    );
+    h.challenge(client(1));
+    let out = h.request(client(1), Method::ALLOCATE, &[RT_UDP], Some(&old));
+    let (id, relays) = opened(&out.commands);
+    let mut changed = config();
+    changed.users[0].1 = "alice-new-pass".into();
+    h.server.reload(changed).unwrap();
+    h.server.handle_relay_opened(h.now, id, relays[0]);
+    let answer = h.drain().one().bytes.clone();
+    let m = Message::parse(&answer).unwrap();
+    assert_eq!(
+        m.message_type(),
+        MessageType::new(Method::ALLOCATE, Class::Success)
+    );
+    assert!(m.verify_integrity(&old.key) && !m.verify_integrity(&new.key));
+
+    h.challenge(client(2));
+    let out = h.request(client(2), Method::ALLOCATE, &[RT_UDP], Some(&old));
+    assert_eq!(out.error(), Some(401));
+    let out = h.request(client(2), Method::ALLOCATE, &[RT_UDP], Some(&new));
+    let (id, relays) = opened(&out.commands);
+    h.server.handle_relay_opened(h.now, id, relays[0]);
+    let answer = h.drain().one().bytes.clone();
+    let m = Message::parse(&answer).unwrap();
+    assert_eq!(
+        m.message_type(),
+        MessageType::new(Method::ALLOCATE, Class::Success)
+    );
+    assert!(m.verify_integrity(&new.key) && !m.verify_integrity(&old.key));
+}
+
 #[test]
 fn refresh_clamps_lifetime() {
     let mut h = Harness::new();
