@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 use turnpike::auth::long_term_key_md5;
 use turnpike::sys::{bind_udp, UdpOptions};
-use turnpike::wire::{Attribute, Class, Message, Method, TransactionId};
+use turnpike::wire::{Attribute, Class, IntegrityKey, Message, Method, TransactionId};
 
 use crate::turn::{self, Auth, Client, Credentials, CHANNEL};
 
@@ -481,7 +481,7 @@ pub fn probe_allocate_tcp(
     }
     let realm = m.attrs.realm.unwrap_or("").to_string();
     let nonce = m.attrs.nonce.unwrap_or("").to_string();
-    let key = long_term_key_md5(&user, &realm, &pass);
+    let key = IntegrityKey::new(&long_term_key_md5(&user, &realm, &pass), false);
     let len = turn::build(
         &mut msg,
         Method::ALLOCATE,

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, UdpSocket};
 
-use turnpike::wire::{Attribute, Class, Message, Method, TransactionId};
+use turnpike::wire::{Attribute, Class, IntegrityKey, Message, Method, TransactionId};
 
 use crate::turn::{self, Client, Credentials, CHANNEL, MAX_TRIES, RTO};
 
@@ -67,7 +67,7 @@ pub struct Keeper {
     username: String,
     realm: String,
     nonce: String,
-    key: [u8; 16],
+    key: IntegrityKey,
     peer: SocketAddr,
     lifetime: u32,
     bind_every_ns: u64,
@@ -93,7 +93,7 @@ impl Keeper {
             username: c.username.to_string(),
             realm: c.realm.to_string(),
             nonce: c.nonce.to_string(),
-            key: *c.key,
+            key: c.key.clone(),
             peer,
             lifetime,
             bind_every_ns,

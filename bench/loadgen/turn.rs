@@ -16,7 +16,7 @@ use turnpike::auth::{long_term_key_md5, rest_password};
 use turnpike::sys::mmsg::{recv_batch, send_batch, RecvMeta, MAX_BATCH};
 use turnpike::sys::{bind_udp, UdpOptions};
 use turnpike::wire::{
-    Attribute, Class, Message, MessageType, MessageWriter, Method, TransactionId,
+    Attribute, Class, IntegrityKey, Message, MessageType, MessageWriter, Method, TransactionId,
 };
 
 /// Retransmission timeout for control requests.
@@ -81,7 +81,8 @@ pub struct Client {
     password: String,
     realm: Option<String>,
     nonce: Option<String>,
-    key: [u8; 16],
+    /// The long-term key, ready to sign (its HMAC key schedule hashed once per realm).
+    key: IntegrityKey,
     step: Step,
     tid: TransactionId,
     tid_counter: u64,
@@ -202,7 +203,7 @@ pub fn open_clients(
             password,
             realm: None,
             nonce: None,
-            key: [0; 16],
+            key: IntegrityKey::new(&[0; 16], false),
             step: Step::Idle,
             tid: TransactionId::default(),
             tid_counter: (i as u64) << 32,
@@ -218,9 +219,7 @@ impl Client {
     /// Replace the socket with a fresh one (a new 5-tuple): coturn keeps a deleted allocation's 5-tuple
     /// busy (437) for a while, and real churn comes from new clients anyway.
     fn reopen(&mut self, poll: &Poll, token: Token) -> io::Result<()> {
-        let _ = poll
-            .registry()
-            .deregister(&mut SourceFd(&self.sock.as_raw_fd()));
+        // Closing the old socket (on assignment) takes it out of the epoll set: no deregister call.
         self.sock = bind_udp(
             self.bind,
             UdpOptions {
@@ -310,7 +309,7 @@ pub struct Credentials<'a> {
     /// NONCE.
     pub nonce: &'a str,
     /// The long-term key.
-    pub key: &'a [u8; 16],
+    pub key: &'a IntegrityKey,
 }
 
 /// Build a request: `attrs` adds the method's attributes, then USERNAME/REALM/NONCE/MESSAGE-INTEGRITY if
@@ -328,7 +327,7 @@ pub fn build(
         w.add(&Attribute::Username(c.username))?;
         w.add(&Attribute::Realm(c.realm))?;
         w.add(&Attribute::Nonce(c.nonce))?;
-        w.add_integrity(c.key)?;
+        w.add_integrity_with(c.key)?;
     }
     Ok(w.finish())
 }
@@ -450,7 +449,10 @@ pub fn drive(
                         c.nonce = m.attrs.nonce.map(str::to_string);
                         let realm = m.attrs.realm.unwrap_or("");
                         if c.realm.as_deref() != Some(realm) {
-                            c.key = long_term_key_md5(&c.username, realm, &c.password);
+                            c.key = IntegrityKey::new(
+                                &long_term_key_md5(&c.username, realm, &c.password),
+                                false,
+                            );
                             c.realm = Some(realm.to_string());
                         }
                         c.send_request(target, peer, true);
@@ -499,6 +501,10 @@ pub fn drive(
                         q.end_cycle(c, i, poll, ev.token(), churn, draining)?;
                     }
                 }
+                // One answer per request is outstanding: the next one arrives after this, with an
+                // event of its own (a stale datagram still queued is read then, ahead of it). Not
+                // reading on to EAGAIN saves a syscall per answer.
+                break;
             }
         }
         if last_scan.elapsed() >= Duration::from_millis(50) {
