@@ -70,25 +70,21 @@ impl<'b> MessageWriter<'b> {
     /// Append the integrity attribute that `key` is for: MESSAGE-INTEGRITY, or MESSAGE-INTEGRITY-SHA256
     /// (full 32 bytes).
     pub fn add_integrity_with(&mut self, key: &IntegrityKey) -> Result<(), Error> {
-        let at = self.len;
         match key {
-            IntegrityKey::Sha1(mac) => {
-                let value = self.reserve(t::MESSAGE_INTEGRITY, 20)?;
-                value.fill(0);
-                let mut mac = mac.clone();
-                mac.update(&self.buf[..at]);
-                let tag = mac.finalize().into_bytes();
-                self.buf[at + 4..at + 24].copy_from_slice(&tag);
-            }
-            IntegrityKey::Sha256(mac) => {
-                let value = self.reserve(t::MESSAGE_INTEGRITY_SHA256, 32)?;
-                value.fill(0);
-                let mut mac = mac.clone();
-                mac.update(&self.buf[..at]);
-                let tag = mac.finalize().into_bytes();
-                self.buf[at + 4..at + 36].copy_from_slice(&tag);
-            }
+            IntegrityKey::Sha1(mac) => self.sign(t::MESSAGE_INTEGRITY, mac.clone()),
+            IntegrityKey::Sha256(mac) => self.sign(t::MESSAGE_INTEGRITY_SHA256, mac.clone()),
         }
+    }
+
+    /// Append attribute `typ` holding `mac` over the message so far, the length field already counting
+    /// the attribute.
+    fn sign<M: Mac>(&mut self, typ: u16, mut mac: M) -> Result<(), Error> {
+        let at = self.len;
+        let len = M::output_size();
+        self.reserve(typ, len)?.fill(0);
+        mac.update(&self.buf[..at]);
+        let tag = mac.finalize().into_bytes();
+        self.buf[at + 4..at + 4 + len].copy_from_slice(&tag);
         Ok(())
     }
 

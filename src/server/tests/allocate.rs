@@ -739,33 +739,29 @@ fn an_allocate_answered_after_a_password_change_is_signed_with_its_own_key() {
         Creds::static_user("alice", "alice-new-pass"),
     );
     h.challenge(client(1));
+    // The Allocate success once the relay socket of `out`'s request opens: (signed with `old`, with `new`).
+    let signed_with = |h: &mut Harness, out: Out| {
+        let (id, relays) = opened(&out.commands);
+        h.server.handle_relay_opened(h.now, id, relays[0]);
+        let answer = h.drain().one().bytes.clone();
+        let m = Message::parse(&answer).unwrap();
+        assert_eq!(
+            m.message_type(),
+            MessageType::new(Method::ALLOCATE, Class::Success)
+        );
+        (m.verify_integrity(&old.key), m.verify_integrity(&new.key))
+    };
     let out = h.request(client(1), Method::ALLOCATE, &[RT_UDP], Some(&old));
-    let (id, relays) = opened(&out.commands);
     let mut changed = config();
     changed.users[0].1 = "alice-new-pass".into();
     h.server.reload(changed).unwrap();
-    h.server.handle_relay_opened(h.now, id, relays[0]);
-    let answer = h.drain().one().bytes.clone();
-    let m = Message::parse(&answer).unwrap();
-    assert_eq!(
-        m.message_type(),
-        MessageType::new(Method::ALLOCATE, Class::Success)
-    );
-    assert!(m.verify_integrity(&old.key) && !m.verify_integrity(&new.key));
+    assert_eq!(signed_with(&mut h, out), (true, false));
 
     h.challenge(client(2));
     let out = h.request(client(2), Method::ALLOCATE, &[RT_UDP], Some(&old));
     assert_eq!(out.error(), Some(401));
     let out = h.request(client(2), Method::ALLOCATE, &[RT_UDP], Some(&new));
-    let (id, relays) = opened(&out.commands);
-    h.server.handle_relay_opened(h.now, id, relays[0]);
-    let answer = h.drain().one().bytes.clone();
-    let m = Message::parse(&answer).unwrap();
-    assert_eq!(
-        m.message_type(),
-        MessageType::new(Method::ALLOCATE, Class::Success)
-    );
-    assert!(m.verify_integrity(&new.key) && !m.verify_integrity(&old.key));
+    assert_eq!(signed_with(&mut h, out), (false, true));
 }
 
 #[test]
