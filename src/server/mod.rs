@@ -1304,15 +1304,16 @@ impl<R: RngCore> Server<R> {
         };
         let use_sha256_mac = msg.has_integrity_sha256();
         let (key, mac, identity) = if let Some(user) = self.users.get(username) {
-            let (key, mac) = match (sha256_key, use_sha256_mac) {
-                (false, false) => (Key::Md5(user.md5), user.md5_integrity.clone()),
-                (false, true) => (Key::Md5(user.md5), IntegrityKey::new(&user.md5, true)),
-                (true, sha256) => (
-                    Key::Sha256(user.sha256),
-                    IntegrityKey::new(&user.sha256, sha256),
-                ),
+            let key = if sha256_key {
+                Key::Sha256(user.sha256)
+            } else {
+                Key::Md5(user.md5)
             };
-            (key, mac, username)
+            let signer = Signer {
+                key,
+                sha256: use_sha256_mac,
+            };
+            (key, user.integrity_key(signer), username)
         } else {
             let passwords = match self.config.rest_secrets.passwords(username, unix_now) {
                 Ok(p) => p,
@@ -1374,16 +1375,9 @@ impl<R: RngCore> Server<R> {
     /// `signer`, an allocation's key, ready to use: a static user's MESSAGE-INTEGRITY key as derived
     /// at start (or reload), when the allocation's key is still that one.
     fn signing_key(&self, username: &str, signer: Signer) -> IntegrityKey {
-        match (self.users.get(username), signer) {
-            (
-                Some(user),
-                Signer {
-                    key: Key::Md5(key),
-                    sha256: false,
-                },
-            ) if user.md5 == key => user.md5_integrity.clone(),
-            _ => signer.mac(),
-        }
+        self.users
+            .get(username)
+            .map_or_else(|| signer.mac(), |user| user.integrity_key(signer))
     }
 
     /// Answer a request that failed authentication. Unauthenticated answers carry only what RFC 8489
@@ -1659,6 +1653,19 @@ struct StaticUser {
     /// hashed again for each request and response.
     md5_integrity: IntegrityKey,
     sha256: [u8; 32],
+}
+
+impl StaticUser {
+    /// `signer` ready to use: the prepared `md5_integrity` when that is what it is.
+    fn integrity_key(&self, signer: Signer) -> IntegrityKey {
+        match signer {
+            Signer {
+                key: Key::Md5(key),
+                sha256: false,
+            } if key == self.md5 => self.md5_integrity.clone(),
+            _ => signer.mac(),
+        }
+    }
 }
 
 /// The long-term key that authenticated a request.
