@@ -14,7 +14,8 @@
 #   - fixed: RTT percentiles and CPU per packet at a fixed 40k packets/s offered (50 flows × 160 B);
 #   - binding: STUN Binding responses/s and server CPU per request (4 sockets × 32 in flight; the bare
 #     forwarder answers Binding too, as the floor);
-#   - alloc: allocations/s through the full 401 round, then delete (64 concurrent clients).
+#   - alloc: allocations/s through the full 401 round, then delete (64 concurrent clients; the bare
+#     forwarder answers the churn too, with a relay socket per allocation and no HMAC, as the floor).
 # Results (JSON per run, results.json, results.md, plots) go to $OUT (default results/compare-<time>).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,15 +73,13 @@ run_server() {
   # The bare forwarder answers Binding too (the floor for Binding's CPU per request).
   gen "$OUT/raw/$s-binding-r$r.json" --scenario binding --clients 4 --window 32 --duration 3 \
     --label "$s" || echo "   binding failed on $s"
-  if [ "$s" != bare ]; then
-    # A fresh server: the relay runs above leave their flows' allocations behind (they hold them to the
-    # end), and a churn client's new ephemeral port that meets one of those 5-tuples rightly gets 437.
-    stop_server
-    start_server "$s"
-    sleep 1
-    gen "$OUT/raw/$s-alloc-r$r.json" --scenario alloc --clients 64 --duration 3 --label "$s" ||
-      echo "   alloc failed on $s"
-  fi
+  # A fresh server: the relay runs above leave their flows' allocations behind (they hold them to the
+  # end), and a churn client's new ephemeral port that meets one of those 5-tuples rightly gets 437.
+  stop_server
+  start_server "$s"
+  sleep 1
+  gen "$OUT/raw/$s-alloc-r$r.json" --scenario alloc --clients 64 --duration 3 --label "$s" ||
+    echo "   alloc failed on $s"
   stop_server
 }
 trap stop_server EXIT

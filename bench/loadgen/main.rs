@@ -196,8 +196,9 @@ fn main() -> ExitCode {
         let d = (cli.duration > 0.0).then(|| Duration::from_secs_f64(cli.duration));
         forwarder::run(cli.listen, cli.peer, cli.buffers, d).map(|c| {
             eprintln!(
-                "bare forwarder: {} to peer, {} to clients, {} Binding answers, {} send failures",
-                c.to_peer, c.to_client, c.bindings, c.send_failed
+                "bare forwarder: {} to peer, {} to clients, {} Binding answers, {} allocations, {} deletes, \
+                 {} send failures",
+                c.to_peer, c.to_client, c.bindings, c.allocations, c.deletes, c.send_failed
             );
         })
     } else {
