@@ -86,6 +86,17 @@ def compare(outdir, runs):
     if "alloc" in tests:
         rows.append(("allocations/s (401 + Allocate + delete)", "/s",
                      {s: metric(runs, s, "alloc", lambda v: v["allocations_per_s"]) for s in servers}, "high"))
+        # A server busy for less than 90% of the churn was not what limited it: the generator was (it
+        # spins on one core), and that figure is a lower bound.
+        for s in servers:
+            if metric(runs, s, "alloc", lambda v: 1 if v["server_cpu_s"] < 0.9 * v["seconds"] else 0):
+                lower_bounds.add((rows[-1][0], s))
+        rows.append(("server CPU µs per allocation", "µs",
+                     {s: metric(runs, s, "alloc", lambda v: 1e6 * v["server_cpu_s"] / v["allocations"])
+                      for s in servers}, "low"))
+        rows.append(("server CPU busy during the churn", "%",
+                     {s: metric(runs, s, "alloc", lambda v: 100 * v["server_cpu_s"] / v["seconds"])
+                      for s in servers}, "high"))
     md = ["| metric | turnpike | coturn | bare forwarder | turnpike / coturn | turnpike / bare |",
           "|---|---:|---:|---:|---:|---:|"]
     out_rows = []
@@ -115,8 +126,9 @@ def compare(outdir, runs):
                 f.write(s + " " + " ".join(f"{q:.1f}" if q is not None else "0" for q in qs) + "\n")
     if lower_bounds:
         md.append("")
-        md.append("≥: in at least one round the generator could not offer more and the server lost nothing there, "
-                  "so that round's figure is a lower bound (averaged with the others).")
+        md.append("≥: in at least one round the generator could not offer more and the server lost nothing there "
+                  "(a sweep), or the server was busy for less than 90% of the churn (alloc), so that round's figure "
+                  "is a lower bound (averaged with the others).")
     return out_rows, md
 
 
