@@ -6,7 +6,10 @@
 //!
 //! Self-contained (std only, at the bottom of the layers, so that `server` and `dataplane` share it):
 //! each owner (the server, and each data-plane worker, which answers Binding itself) holds its own
-//! table, a shard of the budget, and takes no lock.
+//! table, a shard of the budget, and takes no lock. A shard holds `1/shards` of the rate and of the
+//! burst, so that the owners together give a source no more than the configured budget, however its
+//! datagrams spread over the workers (SO_REUSEPORT hashes the whole 4-tuple: a spoofer that rotates
+//! its source port reaches every worker).
 
 use core::net::IpAddr;
 use std::time::Instant;
@@ -33,8 +36,9 @@ const SLOTS: usize = 4096;
 
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
-    /// Tokens × 1000 (so refill needs no floating point).
-    milli_tokens: u64,
+    /// Credit in units of `1 / (shards × 10⁹)` answers: a nanosecond at `rate` answers per second
+    /// earns `rate` units, exactly, so refill loses nothing to rounding at any call rate.
+    credit: u64,
     last: Option<Instant>,
 }
 
@@ -42,39 +46,43 @@ struct Bucket {
 #[derive(Debug)]
 pub(crate) struct SourceLimiter {
     buckets: Box<[Bucket]>,
-    /// Answers per second per source; 0 = unlimited.
+    /// Answers per second per source, all shards together; 0 = unlimited.
     rate: u64,
-    /// Bucket size in answers.
-    burst: u64,
+    /// How many owners share the budget (this table is one of them).
+    shards: u64,
     key: [u64; 2],
 }
 
+/// Nanoseconds per second.
+const NS: u64 = 1_000_000_000;
+
 impl SourceLimiter {
-    pub(crate) fn new(rate: u32, key: [u64; 2]) -> Self {
-        let rate = u64::from(rate);
+    /// One of `shards` tables that share `rate` answers per second per source (burst twice that):
+    /// this one allows `rate / shards` per second and a burst of `2 × rate / shards`, at least one
+    /// answer. `shards` of 0 counts as 1.
+    pub(crate) fn new(rate: u32, shards: u32, key: [u64; 2]) -> Self {
         SourceLimiter {
             buckets: vec![
                 Bucket {
-                    milli_tokens: 0,
+                    credit: 0,
                     last: None
                 };
                 SLOTS
             ]
             .into_boxed_slice(),
-            rate,
-            burst: rate.saturating_mul(2).max(1),
+            rate: u64::from(rate),
+            shards: u64::from(shards.max(1)),
             key,
         }
     }
 
     /// Change the rate (a reload): every bucket starts full at the new rate, as a new table would,
-    /// without allocating one. The same rate changes nothing.
+    /// without allocating one. The same rate changes nothing. The shards stay.
     pub(crate) fn set_rate(&mut self, rate: u32) {
         if u64::from(rate) == self.rate {
             return;
         }
         self.rate = u64::from(rate);
-        self.burst = self.rate.saturating_mul(2).max(1);
         for b in self.buckets.iter_mut() {
             b.last = None;
         }
@@ -106,21 +114,26 @@ impl SourceLimiter {
             return true;
         }
         let i = (self.hash(ip) % SLOTS as u64) as usize;
-        let full = self.burst * 1000;
+        // One answer, and the bucket's size: 2 × rate / shards answers, at least one. With rate below
+        // 2^32 and shards below 2^32, neither overflows (≤ 2^33 · 10⁹ < 2^64).
+        let one = self.shards * NS;
+        let full = (2 * self.rate * NS).max(one);
         let (rate, b) = (self.rate, &mut self.buckets[i]);
-        b.milli_tokens = match b.last {
+        b.credit = match b.last {
             None => full,
             Some(last) => {
-                let ms = now
+                // Past the time that fills an empty bucket, more time adds nothing (and cannot
+                // overflow the product).
+                let ns = now
                     .saturating_duration_since(last)
-                    .as_millis()
-                    .min(u128::from(u32::MAX)) as u64;
-                (b.milli_tokens + ms * rate).min(full)
+                    .as_nanos()
+                    .min(u128::from(full / rate + 1)) as u64;
+                b.credit.saturating_add(ns * rate).min(full)
             }
         };
         b.last = Some(now);
-        if b.milli_tokens >= 1000 {
-            b.milli_tokens -= 1000;
+        if b.credit >= one {
+            b.credit -= one;
             true
         } else {
             false
@@ -149,7 +162,7 @@ mod tests {
 
     #[test]
     fn burst_then_rate_per_source() {
-        let mut l = SourceLimiter::new(10, [1, 2]);
+        let mut l = SourceLimiter::new(10, 1, [1, 2]);
         let t0 = Instant::now();
         let a: IpAddr = "198.51.100.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
         let b: IpAddr = "198.51.100.2".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
@@ -171,7 +184,7 @@ mod tests {
             20,
             "refill caps at the burst"
         );
-        let mut off = SourceLimiter::new(0, [0, 0]);
+        let mut off = SourceLimiter::new(0, 1, [0, 0]);
         assert!((0..10_000).all(|_| off.allow(a, t0)));
         // The same rate: nothing changes (a spent source stays spent); a new rate: a fresh burst at
         // it, for sources that had spent theirs.
@@ -185,7 +198,7 @@ mod tests {
 
     #[test]
     fn keyed_on_slash_32_and_slash_64_in_a_table_that_never_grows() {
-        let mut l = SourceLimiter::new(1, [3, 4]);
+        let mut l = SourceLimiter::new(1, 1, [3, 4]);
         let ip = |s: &str| s.parse::<IpAddr>().unwrap_or(IpAddr::from([0, 0, 0, 0]));
         let h = |l: &SourceLimiter, s: &str| l.hash(ip(s));
         assert_eq!(h(&l, "2001:db8:1:2::1"), h(&l, "2001:db8:1:2:ffff::9"));
@@ -206,6 +219,41 @@ mod tests {
             l.buckets.len(),
             SLOTS,
             "memory is fixed whatever the sources"
+        );
+    }
+
+    #[test]
+    fn shards_split_the_rate_and_the_burst_and_refill_exactly() {
+        let a = IpAddr::from([198, 51, 100, 1]);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // 10/s over two shards: each allows a burst of 10, then 5/s.
+        let mut shard = SourceLimiter::new(10, 2, [1, 2]);
+        assert_eq!((0..25).filter(|_| shard.allow(a, t0)).count(), 10);
+        assert!(
+            !shard.allow(a, at(199)),
+            "0.995 of an answer after 199 ms at 5/s"
+        );
+        assert!(shard.allow(a, at(200)));
+        // Three shards of 10/s: a burst of 6⅔, so 6 answers, and the ⅔ is kept, not rounded away.
+        let mut third = SourceLimiter::new(10, 3, [1, 2]);
+        assert_eq!((0..25).filter(|_| third.allow(a, t0)).count(), 6);
+        assert!(third.allow(a, at(100)), "⅔ + 100 ms at 3⅓/s = 1");
+        // Asked every 10 µs, a shard still earns what the elapsed time pays (no rounding per call).
+        let mut busy = SourceLimiter::new(10, 2, [1, 2]);
+        let spent = (0..25).filter(|_| busy.allow(a, t0)).count();
+        let step = Duration::from_micros(10);
+        let later = (1..=100_000u32)
+            .filter(|i| busy.allow(a, t0 + step * *i))
+            .count();
+        assert_eq!((spent, later), (10, 5), "1 s at 5/s, asked 100,000 times");
+        // A rate too small to split still gives each shard one answer.
+        let mut tiny = SourceLimiter::new(1, 4, [1, 2]);
+        assert_eq!((0..5).filter(|_| tiny.allow(a, t0)).count(), 1);
+        assert!(!tiny.allow(a, at(3_999)));
+        assert!(
+            tiny.allow(a, at(4_000)),
+            "1/s over 4 shards: one answer per 4 s"
         );
     }
 }

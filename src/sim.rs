@@ -454,9 +454,13 @@ struct Sim {
 
 impl Sim {
     fn new() -> Self {
-        let config = config();
+        // As `control::start`: the server and each worker hold a shard of the budget.
+        let config = Config {
+            challenge_shards: crate::control::budget_shards(WORKERS),
+            ..config()
+        };
         let range = config.channel_range;
-        let rate = config.challenge_rate;
+        let (rate, shards) = (config.challenge_rate, config.challenge_shards);
         let server = Server::new(config, StdRng::seed_from_u64(7)).expect("a valid config");
         let (tx, from_workers) = crossbeam_channel::unbounded();
         let stun_queue = Arc::new(StunQueue::new(CONTROL_QUEUE, CONTROL_QUEUE_BYTES));
@@ -474,8 +478,10 @@ impl Sim {
                     binding: true,
                     challenger: None,
                 };
-                Core::new(k, to_control, s.clone(), range, own)
-                    .answer_unauthenticated(SourceLimiter::new(rate, [k as u64, 1]), answers)
+                Core::new(k, to_control, s.clone(), range, own).answer_unauthenticated(
+                    SourceLimiter::new(rate, shards, [k as u64, 1]),
+                    answers,
+                )
             })
             .collect();
         let plane = Workers {

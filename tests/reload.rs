@@ -239,7 +239,7 @@ fn reload_gives_the_workers_binding_answers_the_new_challenge_rate() {
     let (udp, api) = (free_udp_port(), free_port());
     let path = dir.join("turnpike.toml");
     // 1 answer per second per source, a burst of 2: Binding is answered in the workers, each with its
-    // own shard of this budget.
+    // own shard of this budget (a third of it with 2 workers and the server, at least one answer).
     let with_rate =
         |rate: u32| format!("challenge_rate = {rate}\n{}", config(&dir, udp, api, 2, ""));
     std::fs::write(&path, with_rate(1)).unwrap();

@@ -269,6 +269,14 @@ fn expand_wildcards(listen: &[SocketAddr]) -> io::Result<Vec<SocketAddr>> {
     Ok(out)
 }
 
+/// How many shards the budget of unauthenticated answers (`challenge_rate`) is split into with
+/// `workers` workers: one per worker (Binding and plain 401s) and one for the server (the other
+/// unauthenticated answers), so that a source whose datagrams reach every worker still gets no more
+/// than the configured budget in all.
+pub fn budget_shards(workers: usize) -> u32 {
+    u32::try_from(workers).map_or(u32::MAX, |w| w.saturating_add(1))
+}
+
 /// Bind the listeners, start the workers and the control thread.
 pub fn start(settings: Settings) -> io::Result<RelayHandle> {
     let (backend, note) = dataplane::choose_backend(settings.backend).map_err(io::Error::other)?;
@@ -383,6 +391,9 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         Ok(addrs) => server_config.own_ips.extend(addrs),
         Err(e) => tracing::warn!("cannot list the interface addresses (getifaddrs): {e}"),
     }
+    // The server and every worker answer unauthenticated requests, each from a shard of the budget.
+    let shards = budget_shards(workers);
+    server_config.challenge_shards = shards;
     let server = Server::new(server_config, StdRng::from_entropy())
         .map_err(|e| io::Error::other(e.to_string()))?;
 
@@ -430,6 +441,7 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
                 };
                 let budget = SourceLimiter::new(
                     settings.server.challenge_rate,
+                    shards,
                     [key_rng.next_u64(), key_rng.next_u64()],
                 );
                 core.answer_unauthenticated(budget, answers)

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 
+use super::budget_shards;
 use super::exec::{Executor, Plane};
 use crate::budget::SourceLimiter;
 use crate::dataplane::{Action, Answers, Core, Direction, Drop, ToControl, HEADROOM, SLOT};
@@ -122,17 +123,22 @@ impl Relay {
         Self::with_core(config, |core, _| core)
     }
 
-    /// A worker that answers Binding and plain challenges itself, as `control::start` configures it
-    /// (its nonce clock the harness's start, [`UNIX0`]).
+    /// A worker that answers Binding and plain challenges itself, as `control::start` configures it:
+    /// the server and the worker each hold a shard of the budget ([`budget_shards`] of one worker;
+    /// its nonce clock the harness's start, [`UNIX0`]).
     fn answering(config: Config) -> Self {
-        let rate = config.challenge_rate;
+        let config = Config {
+            challenge_shards: budget_shards(1),
+            ..config
+        };
+        let (rate, shards) = (config.challenge_rate, config.challenge_shards);
         let binding = !config.binding_requires_auth;
         Self::with_core(config, |core, server| {
             let answers = Answers {
                 binding,
                 challenger: Some(server.challenger().clone()),
             };
-            core.answer_unauthenticated(SourceLimiter::new(rate, [1, 2]), answers)
+            core.answer_unauthenticated(SourceLimiter::new(rate, shards, [1, 2]), answers)
                 .with_unix_clock(|| UNIX0)
         })
     }
@@ -1371,8 +1377,9 @@ fn a_nonce_the_worker_minted_is_accepted_by_the_server() {
 /// the worker as by the server.
 #[test]
 fn the_workers_401s_share_the_budget_and_the_amplification_bound() {
+    // 2/s with a burst of 4, half of it the worker's shard (the other half is the server's).
     let mut r = Relay::answering(Config {
-        challenge_rate: 1,
+        challenge_rate: 2,
         ..config()
     });
     let allocate = |tid| {
@@ -1386,7 +1393,10 @@ fn the_workers_401s_share_the_budget_and_the_amplification_bound() {
     let answered = (0..4)
         .filter(|i| !r.client(client(1), &allocate(*i)).is_empty())
         .count();
-    assert_eq!(answered, 2, "a burst of twice the rate");
+    assert_eq!(
+        answered, 2,
+        "the worker's half of a burst of twice the rate"
+    );
     assert_eq!(r.core().stats().drops(Drop::ChallengeRateLimited), 2);
     let binding = unsigned(Method::BINDING, 9, &[], true);
     assert!(r.client(client(1), &binding).is_empty(), "one budget");
@@ -1490,4 +1500,35 @@ fn a_reload_of_the_realm_changes_neither_the_servers_nor_the_workers_challenge()
     );
     let alice = Creds::alice();
     assert!(r.allocate(client(1), &alice).port() > 0);
+}
+
+/// One source gets no more unauthenticated answers than `challenge_rate` allows, however many owners
+/// answer it: the worker's plain 401s and the server's 400s (here, to an unknown method) together stay
+/// within one burst of twice the rate. Each owning the whole budget, they gave twice that.
+#[test]
+fn the_worker_and_the_server_together_keep_one_sources_budget() {
+    let mut r = Relay::answering(Config {
+        challenge_rate: 4,
+        ..config()
+    });
+    let allocate = |tid| {
+        unsigned(
+            Method::ALLOCATE,
+            tid,
+            &[Attribute::RequestedTransport(17)],
+            true,
+        )
+    };
+    let unknown = |tid| unsigned(Method(0x0FF), tid, &[], true);
+    let mut answered = 0;
+    for i in 0..12u8 {
+        answered += r.client(client(1), &allocate(2 * i)).len();
+        answered += r.client(client(1), &unknown(2 * i + 1)).len();
+    }
+    assert_eq!(
+        answered, 8,
+        "a burst of twice 4/s, for the worker and the server together"
+    );
+    assert_eq!(r.core().stats().drops(Drop::ChallengeRateLimited), 8);
+    assert_eq!(r.h.server.stats().rate_limited, 8);
 }

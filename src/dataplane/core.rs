@@ -667,7 +667,7 @@ mod tests {
             challenger: None,
         };
         (
-            core.answer_unauthenticated(SourceLimiter::new(rate, [5, 6]), answers),
+            core.answer_unauthenticated(SourceLimiter::new(rate, 1, [5, 6]), answers),
             rx,
         )
     }
@@ -796,7 +796,7 @@ mod tests {
             challenger: Some(challenger.clone()),
         };
         let core = core
-            .answer_unauthenticated(SourceLimiter::new(rate, [5, 6]), answers)
+            .answer_unauthenticated(SourceLimiter::new(rate, 1, [5, 6]), answers)
             .with_unix_clock(|| 1_800_000_000);
         (core, rx, challenger)
     }

@@ -70,6 +70,10 @@ pub struct Config {
     /// (/32 IPv4, /64 IPv6) over UDP, with a burst of twice that; beyond it the server stays silent.
     /// TCP and TLS clients are exempt. 0 = unlimited.
     pub challenge_rate: u32,
+    /// How many owners share `challenge_rate`: the server and every data-plane worker, each holding an
+    /// even shard of it, so that together they never give a source more (`control::budget_shards`).
+    /// Set at start; a reload keeps it.
+    pub challenge_shards: u32,
     /// Which channel numbers ChannelBind accepts: RFC 8656's 0x4000–0x4FFF by default, or RFC 5766's
     /// 0x4000–0x7FFF for older clients.
     pub channel_range: crate::wire::ChannelRange,
@@ -103,6 +107,7 @@ impl Default for Config {
             alternate_server: None,
             channel_range: crate::wire::ChannelRange::Rfc8656,
             challenge_rate: 100,
+            challenge_shards: 1,
         }
     }
 }

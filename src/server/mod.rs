@@ -156,7 +156,11 @@ impl<R: RngCore> Server<R> {
             config.nonce_lifetime,
             config.password_algorithms,
         );
-        let limiter = SourceLimiter::new(config.challenge_rate, [rng.next_u64(), rng.next_u64()]);
+        let limiter = SourceLimiter::new(
+            config.challenge_rate,
+            config.challenge_shards,
+            [rng.next_u64(), rng.next_u64()],
+        );
         let (users, userhashes) = static_users(&config);
         let pools = config
             .relay_ips
@@ -388,6 +392,7 @@ impl<R: RngCore> Server<R> {
         if c.challenge_rate != config.challenge_rate {
             self.limiter = SourceLimiter::new(
                 config.challenge_rate,
+                c.challenge_shards,
                 [self.rng.next_u64(), self.rng.next_u64()],
             );
         }
