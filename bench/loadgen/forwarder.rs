@@ -494,20 +494,29 @@ mod tests {
     #[test]
     fn the_churn_floor_challenges_allocates_and_deletes() {
         let poll = Poll::new().unwrap();
-        let opts = UdpOptions::default();
         // A port range of its own (the bench's is 10000-29999): nothing else on loopback uses it.
-        let mut churn = Churn::new("127.0.0.1".parse().unwrap(), 9000..=9009, opts);
+        let mut churn = Churn::new(
+            "127.0.0.1".parse().unwrap(),
+            9000..=9009,
+            UdpOptions::default(),
+        );
         let mut counts = Counts::default();
+        // The floor's answer to request `kind` with `attrs` from `from`, if it answers.
+        let mut ask = |counts: &mut Counts, kind: u16, tid: u8, attrs: &[u8], from: SocketAddr| {
+            let (mut slot, len) = request(kind, tid, attrs);
+            let n = churn
+                .answer(&mut slot, len, from, poll.registry(), counts)
+                .unwrap()?;
+            assert_eq!(&slot[8..20], &[tid; 12], "the transaction id stays");
+            Some(slot[..n].to_vec())
+        };
         let from: SocketAddr = "127.0.1.9:40000".parse().unwrap();
+        let other: SocketAddr = "127.0.1.10:40000".parse().unwrap();
 
         // No MESSAGE-INTEGRITY: a 401 of turnpike's size with a realm and a nonce.
-        let (mut slot, len) = request(ALLOCATE, 1, &[]);
-        let n = churn
-            .answer(&mut slot, len, from, poll.registry(), &mut counts)
-            .unwrap()
-            .unwrap();
-        assert_eq!(n, 84);
-        let msg = Message::parse(&slot[..n]).unwrap();
+        let answer = ask(&mut counts, ALLOCATE, 1, &[], from).unwrap();
+        assert_eq!(answer.len(), 84);
+        let msg = Message::parse(&answer).unwrap();
         assert_eq!(msg.message_type().class, Class::Error);
         assert_eq!(msg.attrs.error_code.map(|e| e.0), Some(401));
         assert_eq!(msg.attrs.realm, Some("turnpike"));
@@ -517,58 +526,36 @@ mod tests {
         // With it: a relay socket that holds its port, and a success naming it.
         let mut mi = vec![0, 8, 0, 20];
         mi.extend_from_slice(&[0; 20]);
-        let (mut slot, len) = request(ALLOCATE, 2, &mi);
-        let n = churn
-            .answer(&mut slot, len, from, poll.registry(), &mut counts)
-            .unwrap()
-            .unwrap();
-        let msg = Message::parse(&slot[..n]).unwrap();
+        let answer = ask(&mut counts, ALLOCATE, 2, &mi, from).unwrap();
+        let msg = Message::parse(&answer).unwrap();
         let t = msg.message_type();
         assert_eq!((t.class, t.method), (Class::Success, Method::ALLOCATE));
         let relayed = msg.attrs.xor_relayed_address.unwrap();
         assert_eq!(relayed, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(msg.attrs.lifetime, Some(3600));
         assert_eq!(msg.attrs.xor_mapped_address, Some(from));
-        assert_eq!(&slot[8..20], &[2; 12]);
         let taken = UdpSocket::bind(relayed).unwrap_err();
         assert_eq!(taken.kind(), io::ErrorKind::AddrInUse);
         assert_eq!(counts.allocations, 1);
 
         // Its retransmission names the same socket; a second client gets the next port.
-        let (mut slot, len) = request(ALLOCATE, 2, &mi);
-        let n = churn
-            .answer(&mut slot, len, from, poll.registry(), &mut counts)
-            .unwrap()
-            .unwrap();
+        let relayed_of = |answer: Option<Vec<u8>>| {
+            let answer = answer.unwrap();
+            Message::parse(&answer).unwrap().attrs.xor_relayed_address
+        };
         assert_eq!(
-            Message::parse(&slot[..n])
-                .unwrap()
-                .attrs
-                .xor_relayed_address,
+            relayed_of(ask(&mut counts, ALLOCATE, 2, &mi, from)),
             Some(relayed)
         );
-        let other: SocketAddr = "127.0.1.10:40000".parse().unwrap();
-        let (mut slot, len) = request(ALLOCATE, 3, &mi);
-        let n = churn
-            .answer(&mut slot, len, other, poll.registry(), &mut counts)
-            .unwrap()
-            .unwrap();
         assert_eq!(
-            Message::parse(&slot[..n])
-                .unwrap()
-                .attrs
-                .xor_relayed_address,
+            relayed_of(ask(&mut counts, ALLOCATE, 3, &mi, other)),
             Some("127.0.0.1:9001".parse().unwrap())
         );
         assert_eq!(counts.allocations, 2);
 
         // Refresh with LIFETIME 0: a success with LIFETIME 0, and the port is free again.
-        let (mut slot, len) = request(REFRESH, 4, &[0, 0x0D, 0, 4, 0, 0, 0, 0]);
-        let n = churn
-            .answer(&mut slot, len, from, poll.registry(), &mut counts)
-            .unwrap()
-            .unwrap();
-        let msg = Message::parse(&slot[..n]).unwrap();
+        let answer = ask(&mut counts, REFRESH, 4, &[0, 0x0D, 0, 4, 0, 0, 0, 0], from).unwrap();
+        let msg = Message::parse(&answer).unwrap();
         let t = msg.message_type();
         assert_eq!((t.class, t.method), (Class::Success, Method::REFRESH));
         assert_eq!(msg.attrs.lifetime, Some(0));
@@ -576,28 +563,11 @@ mod tests {
         UdpSocket::bind(relayed).expect("the deleted allocation's relay socket is closed");
 
         // Not a request, or not one of these: left alone.
-        let (mut slot, len) = request(0x0113, 5, &[]);
-        assert_eq!(
-            churn
-                .answer(&mut slot, len, from, poll.registry(), &mut counts)
-                .unwrap(),
-            None
-        );
-        let (mut slot, len) = request(0x0009, 6, &[]);
-        assert_eq!(
-            churn
-                .answer(&mut slot, len, from, poll.registry(), &mut counts)
-                .unwrap(),
-            None
-        );
+        assert_eq!(ask(&mut counts, 0x0113, 5, &[], from), None);
+        assert_eq!(ask(&mut counts, 0x0009, 6, &[], from), None);
         // An attribute that overruns the message ends the walk: no MESSAGE-INTEGRITY, a 401.
-        let (mut slot, len) = request(ALLOCATE, 7, &[0, 8, 0, 200]);
-        assert_eq!(
-            churn
-                .answer(&mut slot, len, other, poll.registry(), &mut counts)
-                .unwrap(),
-            Some(84)
-        );
+        let answer = ask(&mut counts, ALLOCATE, 7, &[0, 8, 0, 200], other);
+        assert_eq!(answer.map(|a| a.len()), Some(84));
     }
 
     /// The generator's own churn loop against the running floor: every allocation answered and

@@ -1273,6 +1273,16 @@ fn unsigned(method: Method, tid: u8, attrs: &[Attribute<'_>], fingerprint: bool)
     buf
 }
 
+/// An Allocate with no integrity (REQUESTED-TRANSPORT UDP, FINGERPRINT): it certainly gets a plain 401.
+fn plain_allocate(tid: u8) -> Vec<u8> {
+    unsigned(
+        Method::ALLOCATE,
+        tid,
+        &[Attribute::RequestedTransport(17)],
+        true,
+    )
+}
+
 /// What the server alone answers to `bytes` from `five` (a fresh server of the same seed, so the
 /// same nonce key, at the same Unix time).
 fn server_answer(config: &Config, five: FiveTuple, bytes: &[u8]) -> Option<Vec<u8>> {
@@ -1382,14 +1392,7 @@ fn the_workers_401s_share_the_budget_and_the_amplification_bound() {
         challenge_rate: 2,
         ..config()
     });
-    let allocate = |tid| {
-        unsigned(
-            Method::ALLOCATE,
-            tid,
-            &[Attribute::RequestedTransport(17)],
-            true,
-        )
-    };
+    let allocate = plain_allocate;
     let answered = (0..4)
         .filter(|i| !r.client(client(1), &allocate(*i)).is_empty())
         .count();
@@ -1511,14 +1514,7 @@ fn the_worker_and_the_server_together_keep_one_sources_budget() {
         challenge_rate: 4,
         ..config()
     });
-    let allocate = |tid| {
-        unsigned(
-            Method::ALLOCATE,
-            tid,
-            &[Attribute::RequestedTransport(17)],
-            true,
-        )
-    };
+    let allocate = plain_allocate;
     let unknown = |tid| unsigned(Method(0x0FF), tid, &[], true);
     let mut answered = 0;
     for i in 0..12u8 {
