@@ -122,13 +122,9 @@ impl SourceLimiter {
         b.credit = match b.last {
             None => full,
             Some(last) => {
-                // Past the time that fills an empty bucket, more time adds nothing (and cannot
-                // overflow the product).
-                let ns = now
-                    .saturating_duration_since(last)
-                    .as_nanos()
-                    .min(u128::from(full / rate + 1)) as u64;
-                b.credit.saturating_add(ns * rate).min(full)
+                let ns = now.saturating_duration_since(last).as_nanos();
+                let earned = u64::try_from(ns).unwrap_or(u64::MAX).saturating_mul(rate);
+                b.credit.saturating_add(earned).min(full)
             }
         };
         b.last = Some(now);

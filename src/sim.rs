@@ -34,7 +34,6 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::auth::long_term_key_md5;
-use crate::budget::SourceLimiter;
 use crate::control::exec::{Executor, Plane};
 use crate::control::{UsageRecord, CONTROL_QUEUE, CONTROL_QUEUE_BYTES};
 use crate::dataplane::{
@@ -460,7 +459,6 @@ impl Sim {
             ..config()
         };
         let range = config.channel_range;
-        let (rate, shards) = (config.challenge_rate, config.challenge_shards);
         let server = Server::new(config, StdRng::seed_from_u64(7)).expect("a valid config");
         let (tx, from_workers) = crossbeam_channel::unbounded();
         let stun_queue = Arc::new(StunQueue::new(CONTROL_QUEUE, CONTROL_QUEUE_BYTES));
@@ -478,10 +476,8 @@ impl Sim {
                     binding: true,
                     challenger: None,
                 };
-                Core::new(k, to_control, s.clone(), range, own).answer_unauthenticated(
-                    SourceLimiter::new(rate, shards, [k as u64, 1]),
-                    answers,
-                )
+                Core::new(k, to_control, s.clone(), range, own)
+                    .answer_unauthenticated(server.budget_shard([k as u64, 1]), answers)
             })
             .collect();
         let plane = Workers {

@@ -33,7 +33,6 @@ use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use rtrb::{Producer, PushError, RingBuffer};
 
-use crate::budget::SourceLimiter;
 use crate::clock::unix_now;
 use crate::dataplane::stream::{StreamLimits, StreamListener, StreamShared, Streams};
 use crate::dataplane::{
@@ -392,8 +391,7 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
         Err(e) => tracing::warn!("cannot list the interface addresses (getifaddrs): {e}"),
     }
     // The server and every worker answer unauthenticated requests, each from a shard of the budget.
-    let shards = budget_shards(workers);
-    server_config.challenge_shards = shards;
+    server_config.challenge_shards = budget_shards(workers);
     let server = Server::new(server_config, StdRng::from_entropy())
         .map_err(|e| io::Error::other(e.to_string()))?;
 
@@ -439,11 +437,7 @@ pub fn start(settings: Settings) -> io::Result<RelayHandle> {
                     binding: !settings.server.binding_requires_auth,
                     challenger: Some(server.challenger().clone()),
                 };
-                let budget = SourceLimiter::new(
-                    settings.server.challenge_rate,
-                    shards,
-                    [key_rng.next_u64(), key_rng.next_u64()],
-                );
+                let budget = server.budget_shard([key_rng.next_u64(), key_rng.next_u64()]);
                 core.answer_unauthenticated(budget, answers)
             },
             listeners: mine,

@@ -18,7 +18,6 @@ use crossbeam_channel::Receiver;
 
 use super::budget_shards;
 use super::exec::{Executor, Plane};
-use crate::budget::SourceLimiter;
 use crate::dataplane::{Action, Answers, Core, Direction, Drop, ToControl, HEADROOM, SLOT};
 use crate::route::{AllocationId, ClientKey, Counters, RelayId, RouteUpdate};
 use crate::server::tests::{
@@ -131,14 +130,13 @@ impl Relay {
             challenge_shards: budget_shards(1),
             ..config
         };
-        let (rate, shards) = (config.challenge_rate, config.challenge_shards);
         let binding = !config.binding_requires_auth;
         Self::with_core(config, |core, server| {
             let answers = Answers {
                 binding,
                 challenger: Some(server.challenger().clone()),
             };
-            core.answer_unauthenticated(SourceLimiter::new(rate, shards, [1, 2]), answers)
+            core.answer_unauthenticated(server.budget_shard([1, 2]), answers)
                 .with_unix_clock(|| UNIX0)
         })
     }
@@ -1392,9 +1390,8 @@ fn the_workers_401s_share_the_budget_and_the_amplification_bound() {
         challenge_rate: 2,
         ..config()
     });
-    let allocate = plain_allocate;
     let answered = (0..4)
-        .filter(|i| !r.client(client(1), &allocate(*i)).is_empty())
+        .filter(|i| !r.client(client(1), &plain_allocate(*i)).is_empty())
         .count();
     assert_eq!(
         answered, 2,
@@ -1410,9 +1407,9 @@ fn the_workers_401s_share_the_budget_and_the_amplification_bound() {
         client: sa("198.51.100.99:4000"),
         ..client(1)
     };
-    assert_eq!(r.client(other, &allocate(5)).len(), 1);
+    assert_eq!(r.client(other, &plain_allocate(5)).len(), 1);
     r.core_mut().set_binding_rate(5);
-    assert_eq!(r.client(client(1), &allocate(6)).len(), 1);
+    assert_eq!(r.client(client(1), &plain_allocate(6)).len(), 1);
 
     // 20 bytes in, an 84-byte 401 out: over 3×, neither answered nor passed on.
     let bare = unsigned(Method::ALLOCATE, 7, &[], false);
@@ -1514,11 +1511,10 @@ fn the_worker_and_the_server_together_keep_one_sources_budget() {
         challenge_rate: 4,
         ..config()
     });
-    let allocate = plain_allocate;
     let unknown = |tid| unsigned(Method(0x0FF), tid, &[], true);
     let mut answered = 0;
     for i in 0..12u8 {
-        answered += r.client(client(1), &allocate(2 * i)).len();
+        answered += r.client(client(1), &plain_allocate(2 * i)).len();
         answered += r.client(client(1), &unknown(2 * i + 1)).len();
     }
     assert_eq!(

@@ -495,6 +495,16 @@ impl<R: RngCore> Server<R> {
         &self.challenger
     }
 
+    /// A worker's shard of the budget of unauthenticated answers, keyed with `key`: the same rate and
+    /// the same number of shards as the server's own ([`Config::challenge_shards`]).
+    pub(crate) fn budget_shard(&self, key: [u64; 2]) -> SourceLimiter {
+        SourceLimiter::new(
+            self.config.challenge_rate,
+            self.config.challenge_shards,
+            key,
+        )
+    }
+
     /// The identity usage of allocation `id` is billed to, while it lives.
     pub fn allocation_identity(&self, id: AllocationId) -> Option<&str> {
         self.allocations.get(&id).map(|a| &*a.identity)
