@@ -20,9 +20,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use turnpike::dataplane::BackendKind;
+use turnpike::route::{AllocationId, ChannelNumber, ClientKey, RelayId, RouteUpdate};
 use turnpike::sys::xdp::enter_netns;
 use turnpike::wire::{Attribute, Method};
-use turnpike::xdp::{attach_pass_program, ChannelKey, FastPath, XdpMode, XdpSettings};
+use turnpike::xdp::{attach_pass_program, ChannelKey, FastPath, Mirror, XdpMode, XdpSettings};
 
 mod common;
 use common::Client;
@@ -359,8 +360,9 @@ fn channel_data_is_forwarded_in_xdp_both_ways_and_falls_back_when_removed() {
         // Ending the relay frees everything; its retired meter settles into its final counters.
         let tables = fast.tables();
         assert!(tables.add_channel(key, relayed, peer_addr).unwrap());
-        let retired = tables.remove_relay(relayed).unwrap().expect("a meter");
-        let [Ok(last)] = &tables.settle(&[retired])[..] else {
+        let (retired, removed) = tables.remove_relay(relayed).expect("a meter");
+        removed.unwrap();
+        let [Some(Ok(last))] = &tables.settle(&[retired], false)[..] else {
             panic!("{name}: one reading");
         };
         assert_eq!(
@@ -377,6 +379,134 @@ fn channel_data_is_forwarded_in_xdp_both_ways_and_falls_back_when_removed() {
     assert!(!link.contains("xdp"), "detached on drain: {link}");
     fast.detach_links().unwrap();
     drop(fast);
+}
+
+/// A map deletion that fails when a relay is removed: the relay's entries stay on record and are
+/// deleted again before its meter is read, so that what they still forward meanwhile is billed, the
+/// allocation reports once, and no entry outlives the relay. On the last settle (the process stops)
+/// a relay whose entries cannot be deleted reports anyway, so that its usage record is not held.
+#[test]
+fn a_relay_whose_map_deletion_fails_is_removed_later_and_billed_in_full() {
+    if skip_unprivileged("xdp removal retry") {
+        return;
+    }
+    let topo = topology("d");
+    let fast = in_netns(&topo.relay, || {
+        FastPath::start(&XdpSettings {
+            interfaces: vec!["rc".into(), "rp".into()],
+            mode: XdpMode::Native,
+        })
+    })
+    .unwrap()
+    .expect("mode native attaches or fails");
+    let _pass_client = in_netns(&topo.client, || attach_pass_program("c0").unwrap());
+    let _pass_peer = in_netns(&topo.peer, || attach_pass_program("p0").unwrap());
+    let client = bind(&topo.client, V4.client);
+    let peer = bind(&topo.peer, V4.peer);
+    let listener = bind(&topo.relay, V4.listener);
+    let relay_socket = bind(&topo.relay, V4.relayed);
+    let (listener_addr, relayed, peer_addr) = (
+        listener.local_addr().unwrap(),
+        relay_socket.local_addr().unwrap(),
+        peer.local_addr().unwrap(),
+    );
+    let mut mirror = Mirror::new(Some(fast), vec![Some(listener_addr)]);
+    let channel = ChannelNumber::new(0x4001).unwrap();
+    let open = |mirror: &mut Mirror, id: RelayId, allocation: AllocationId| {
+        for update in [
+            RouteUpdate::AddRelay {
+                id,
+                allocation,
+                addr: relayed,
+                client: ClientKey {
+                    client: client.local_addr().unwrap(),
+                    listener: 0,
+                },
+            },
+            RouteUpdate::AddPermission {
+                relay: id,
+                peer: peer_addr.ip(),
+            },
+            RouteUpdate::AddChannel {
+                relay: id,
+                channel,
+                peer: peer_addr,
+            },
+        ] {
+            assert_eq!(mirror.apply(0, &update), None);
+        }
+    };
+    let through_xdp = |payload: &[u8]| {
+        client
+            .send_to(&channel_data(0x4001, payload, 0), listener_addr)
+            .unwrap();
+        let (got, from) = recv(&peer);
+        assert_eq!(
+            (got.as_slice(), from),
+            (payload, relayed),
+            "forwarded in XDP"
+        );
+    };
+
+    let (id, allocation) = (RelayId(1), AllocationId(7));
+    open(&mut mirror, id, allocation);
+    through_xdp(b"before");
+    // The deletion at the removal fails, and so does the retry at the first settle.
+    mirror.fail_next_deletions(2);
+    let failures = mirror.failures();
+    assert_eq!(
+        mirror.apply(0, &RouteUpdate::RemoveRelay { id }),
+        Some(allocation),
+        "the meter is retired all the same"
+    );
+    assert_eq!(mirror.failures(), failures + 1, "the failure is counted");
+    through_xdp(b"during");
+    assert_eq!(
+        mirror.settle(false),
+        vec![],
+        "no reading while an entry can still add to the meter"
+    );
+    assert!(mirror.has_retired(), "settled again later");
+    through_xdp(b"still!");
+    assert_eq!(
+        mirror
+            .settle(false)
+            .iter()
+            .map(|(a, c)| (*a, c.to_peer_packets, c.to_peer_bytes))
+            .collect::<Vec<_>>(),
+        vec![(allocation, 3, 18)],
+        "once, with what the stale entry forwarded"
+    );
+    assert!(!mirror.has_retired());
+    assert_eq!(mirror.settle(false), vec![], "reported once");
+    // The entry is out of the kernel: the next ChannelData reaches the userspace listener.
+    let cd = channel_data(0x4001, b"after", 3);
+    client.send_to(&cd, listener_addr).unwrap();
+    assert_eq!(recv(&listener).0, cd, "the listener gets it");
+    silent(&peer, "the peer");
+
+    // A relay whose entries cannot be deleted at all still reports on the last settle.
+    let (id, allocation) = (RelayId(2), AllocationId(8));
+    open(&mut mirror, id, allocation);
+    through_xdp(b"second");
+    mirror.fail_next_deletions(u32::MAX);
+    assert_eq!(
+        mirror.apply(0, &RouteUpdate::RemoveRelay { id }),
+        Some(allocation)
+    );
+    assert_eq!(mirror.settle(false), vec![]);
+    assert_eq!(
+        mirror
+            .settle(true)
+            .iter()
+            .map(|(a, c)| (*a, c.to_peer_packets, c.to_peer_bytes))
+            .collect::<Vec<_>>(),
+        vec![(allocation, 1, 6)],
+        "the last settle reads it anyway"
+    );
+    assert!(!mirror.has_retired());
+    mirror.fail_next_deletions(0);
+    mirror.detach();
 }
 
 #[test]

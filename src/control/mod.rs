@@ -910,7 +910,7 @@ impl Control {
                     .settle_deadline
                     .get_or_insert(now + crate::xdp::SETTLE_AFTER);
                 if due <= now {
-                    self.settle_meters();
+                    self.settle_meters(false);
                 }
             }
             unwoken += 1;
@@ -981,17 +981,18 @@ impl Control {
     }
 
     /// Read the retired XDP meters of removed relays (one wait for the kernel's running programs)
-    /// and fold them into their allocations' usage, which may end them.
-    fn settle_meters(&mut self) {
+    /// and fold them into their allocations' usage, which may end them. Meters whose relays' map
+    /// entries could not be deleted yet wait for the next time, unless this is the `last`.
+    fn settle_meters(&mut self, last: bool) {
         self.settle_deadline = None;
-        for (allocation, counters) in self.exec.plane.xdp.settle() {
+        for (allocation, counters) in self.exec.plane.xdp.settle(last) {
             self.exec.meter_settled(allocation, counters);
         }
     }
 
     fn stop(mut self, rx: &Receiver<ToControl>) -> io::Result<()> {
         self.exec.plane.flush();
-        self.settle_meters();
+        self.settle_meters(true);
         self.final_usage(rx);
         for w in &self.exec.plane.workers {
             w.send(WorkerMsg::Stop);

@@ -181,15 +181,20 @@ pub struct XdpTables {
     meters: PerCpuArray<MapData, Meter>,
     paths: PerCpuArray<MapData, u64>,
     relays: HashMap<SocketAddr, RelayEntry>,
+    /// Removed relays whose entries are not all out of the maps yet, by meter slot.
+    leftovers: HashMap<u32, Leftover>,
     free_slots: Vec<u32>,
     next_slot: u32,
     cpus: usize,
+    /// Map deletions still to fail on purpose ([`fail_next_deletions`](Self::fail_next_deletions)).
+    injected_failures: u32,
 }
 
 impl core::fmt::Debug for XdpTables {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("XdpTables")
             .field("relays", &self.relays)
+            .field("leftovers", &self.leftovers)
             .field("free_slots", &self.free_slots.len())
             .field("next_slot", &self.next_slot)
             .finish_non_exhaustive()
@@ -201,6 +206,27 @@ struct RelayEntry {
     slot: u32,
     channels: Vec<(ChannelKey, SocketAddr)>,
 }
+
+/// What is left in the maps of a removed relay after a map deletion failed: its meter is neither
+/// read nor its slot reused while a program run can still reach the slot. [`XdpTables::settle`]
+/// retries the deletions.
+#[derive(Debug)]
+struct Leftover {
+    relayed: SocketAddr,
+    /// Channels whose entries may still be in `to_peer` or `to_client`.
+    channels: Vec<(ChannelKey, SocketAddr)>,
+    /// Its relay-to-relay mark may still be in `relayed`.
+    mark: bool,
+    /// Settles that found it still there.
+    attempts: u32,
+}
+
+/// A removed relay whose entries still cannot be deleted after this many settles (about a second
+/// at [`SETTLE_AFTER`](super::SETTLE_AFTER) apart) has its meter read anyway, so that its
+/// allocation's usage record is not held forever; the slot is then never reused. What the stale
+/// entries forward after that reading goes unbilled until the program is detached, and every failed
+/// deletion was logged and counted.
+const SETTLE_ATTEMPTS: u32 = 20;
 
 impl XdpTables {
     fn new(ebpf: &mut Ebpf) -> Result<XdpTables, XdpError> {
@@ -218,9 +244,11 @@ impl XdpTables {
             meters: PerCpuArray::try_from(take(ebpf, "meters")?).map_err(load)?,
             paths: PerCpuArray::try_from(take(ebpf, "paths")?).map_err(load)?,
             relays: HashMap::new(),
+            leftovers: HashMap::new(),
             free_slots: Vec::new(),
             next_slot: 0,
             cpus,
+            injected_failures: 0,
         })
     }
 
@@ -325,45 +353,130 @@ impl XdpTables {
     /// mark, and retires its meter slot. The slot is not read here: a program run on another CPU that
     /// looked a channel up before the removal may still add its datagram to it. Hand the slot to
     /// [`settle`](Self::settle) for what XDP forwarded since [`add_relay`](Self::add_relay); until
-    /// then it is not reused. `Ok(None)` for an address never added.
-    pub fn remove_relay(&mut self, relayed: SocketAddr) -> Result<Option<RetiredMeter>, XdpError> {
+    /// then it is not reused. `None` for an address never added.
+    ///
+    /// The meter is retired even when a map deletion fails (the `Err`, to log and count): what is
+    /// left in the maps stays on record, and `settle` deletes it before it reads the meter, so the
+    /// datagrams those entries still forward meanwhile are billed too.
+    pub fn remove_relay(
+        &mut self,
+        relayed: SocketAddr,
+    ) -> Option<(RetiredMeter, Result<(), XdpError>)> {
         let relayed = canonical(relayed);
-        let Some(entry) = self.relays.remove(&relayed) else {
-            return Ok(None);
+        let entry = self.relays.remove(&relayed)?;
+        let mut left = Leftover {
+            relayed,
+            channels: entry.channels,
+            mark: true,
+            attempts: 0,
         };
-        for (key, peer) in &entry.channels {
-            let (pk, _, ck, _) = entries(*key, relayed, *peer, entry.slot);
-            absent_ok(self.to_peer.remove(&pk))?;
-            absent_ok(self.to_client.remove(&ck))?;
+        let result = self.delete(&mut left, entry.slot);
+        if result.is_err() {
+            self.leftovers.insert(entry.slot, left);
         }
-        absent_ok(self.relayed.remove(&relayed_key(relayed)))?;
-        Ok(Some(RetiredMeter(entry.slot)))
+        Some((RetiredMeter(entry.slot), result))
+    }
+
+    /// Deletes what `left` still has in the maps, forgetting each entry once it is gone. An entry is
+    /// deleted only while it still points at `slot` (a later relay at the same address, or a later
+    /// allocation of the same client, may have replaced it), and the mark only while no live relay
+    /// has the address.
+    fn delete(&mut self, left: &mut Leftover, slot: u32) -> Result<(), XdpError> {
+        while let Some(&(key, peer)) = left.channels.last() {
+            let (pk, _, ck, _) = entries(key, left.relayed, peer, slot);
+            if ours(self.to_peer.get(&pk, 0).map(|v| v.slot), slot)? {
+                self.injected()?;
+                absent_ok(self.to_peer.remove(&pk))?;
+            }
+            if ours(self.to_client.get(&ck, 0).map(|v| v.slot), slot)? {
+                self.injected()?;
+                absent_ok(self.to_client.remove(&ck))?;
+            }
+            left.channels.pop();
+        }
+        if left.mark && !self.relays.contains_key(&left.relayed) {
+            self.injected()?;
+            absent_ok(self.relayed.remove(&relayed_key(left.relayed)))?;
+        }
+        left.mark = false;
+        Ok(())
+    }
+
+    /// Makes the next `count` map deletions fail, as a kernel refusing them would: the seam through
+    /// which the tests drive [`remove_relay`](Self::remove_relay)'s recovery. Nothing else calls it.
+    #[doc(hidden)]
+    pub fn fail_next_deletions(&mut self, count: u32) {
+        self.injected_failures = count;
+    }
+
+    fn injected(&mut self) -> Result<(), XdpError> {
+        if self.injected_failures == 0 {
+            return Ok(());
+        }
+        self.injected_failures -= 1;
+        Err(XdpError::Map("injected deletion failure".into()))
     }
 
     /// The final readings of `retired` meters (from [`remove_relay`](Self::remove_relay)), in order;
-    /// their slots are free again afterwards (a slot that cannot be read is not reused).
+    /// their slots are free again afterwards (a slot that cannot be read is not reused). `None` for a
+    /// meter whose relay still has entries in the maps (deleting them failed again, and they were
+    /// tried fewer than [`SETTLE_ATTEMPTS`] times): settle it again later. `last` reads such a meter
+    /// anyway (the process is stopping), as the last attempt does.
     ///
     /// Exact: a program run reaches a meter slot only through a `to_peer` or `to_client` value it
-    /// looked up in the same run, and `remove_relay` deleted every such entry of these slots. The
-    /// runs that looked one up before the deletion all return within one RCU grace period, which
-    /// [`wait_for_running_programs`] waits out (once for the whole batch) before anything is read: no
-    /// datagram can be added to a slot after its reading, nor to the next relay that gets the slot.
-    /// Where the kernel refuses to wait (`nohz_full`), the caller's delay since the removal (the
-    /// mirror's [`SETTLE_AFTER`](super::SETTLE_AFTER), far beyond a program run) is what is left.
-    pub fn settle(&mut self, retired: &[RetiredMeter]) -> Vec<Result<Counters, XdpError>> {
+    /// looked up in the same run, and every such entry of these slots is deleted before they are
+    /// read. The runs that looked one up before the deletion all return within one RCU grace period,
+    /// which [`wait_for_running_programs`] waits out (once for the whole batch) before anything is
+    /// read: no datagram can be added to a slot after its reading, nor to the next relay that gets
+    /// the slot. Where the kernel refuses to wait (`nohz_full`), the caller's delay since the removal
+    /// (the mirror's [`SETTLE_AFTER`](super::SETTLE_AFTER), far beyond a program run) is what is left.
+    pub fn settle(
+        &mut self,
+        retired: &[RetiredMeter],
+        last: bool,
+    ) -> Vec<Option<Result<Counters, XdpError>>> {
         if retired.is_empty() {
             return Vec::new();
         }
-        if let Err(e) = wait_for_running_programs() {
-            tracing::warn!("xdp: cannot wait for running programs (membarrier: {e}); reading the meters of removed relays after a delay only");
+        // Retried before the wait, which then covers the runs that looked up what this deletes.
+        let mut abandoned = Vec::new();
+        for &RetiredMeter(slot) in retired {
+            let Some(mut left) = self.leftovers.remove(&slot) else {
+                continue;
+            };
+            if let Err(e) = self.delete(&mut left, slot) {
+                left.attempts += 1;
+                if last || left.attempts >= SETTLE_ATTEMPTS {
+                    tracing::error!(
+                        relayed = %left.relayed,
+                        "xdp: entries of a removed relay cannot be deleted ({e}); its meter is read \
+                         now and what they forward until the program is detached goes unbilled"
+                    );
+                    abandoned.push(slot);
+                } else {
+                    tracing::warn!(relayed = %left.relayed, "xdp: removing a relay's entries: {e}; retrying");
+                    self.leftovers.insert(slot, left);
+                }
+            }
+        }
+        if retired.iter().any(|m| !self.leftovers.contains_key(&m.0)) {
+            if let Err(e) = wait_for_running_programs() {
+                tracing::warn!("xdp: cannot wait for running programs (membarrier: {e}); reading the meters of removed relays after a delay only");
+            }
         }
         retired
             .iter()
             .map(|&RetiredMeter(slot)| {
-                let counters = self.read_meter(slot)?;
-                // `add_relay` zeroes it before its next relay.
-                self.free_slots.push(slot);
-                Ok(counters)
+                if self.leftovers.contains_key(&slot) {
+                    return None;
+                }
+                let reading = self.read_meter(slot);
+                // `add_relay` zeroes it before its next relay; an abandoned slot may still be reached
+                // by its stale entries.
+                if reading.is_ok() && !abandoned.contains(&slot) {
+                    self.free_slots.push(slot);
+                }
+                Some(reading)
             })
             .collect()
     }
@@ -413,6 +526,14 @@ impl XdpTables {
 
 fn map_error(e: MapError) -> XdpError {
     XdpError::Map(error_chain(&e))
+}
+
+/// Whether a map entry (its meter slot, as looked up) still belongs to `slot`; an absent one does not.
+fn ours(looked_up: Result<u32, MapError>, slot: u32) -> Result<bool, XdpError> {
+    match looked_up {
+        Ok(s) => Ok(s == slot),
+        Err(e) => absent_ok(Err(e)).map(|()| false),
+    }
 }
 
 fn absent_ok(r: Result<(), MapError>) -> Result<(), XdpError> {

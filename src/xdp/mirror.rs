@@ -193,17 +193,11 @@ impl Mirror {
                     }
                 }
                 self.relayed.remove(&canonical(r.addr));
-                match tables.remove_relay(r.addr) {
-                    Ok(retired) => {
-                        let retired = retired?;
-                        self.retired.push((r.allocation, retired));
-                        Some(r.allocation)
-                    }
-                    Err(e) => {
-                        note::<()>(&mut self.failures, "remove relay", r.addr, Err(e));
-                        None
-                    }
-                }
+                let (retired, result) = tables.remove_relay(r.addr)?;
+                // A failed deletion is retried by `settle`, before the meter is read.
+                note(&mut self.failures, "remove relay", r.addr, result);
+                self.retired.push((r.allocation, retired));
+                Some(r.allocation)
             }
             RouteUpdate::ReportCounters => None,
         }
@@ -214,22 +208,28 @@ impl Mirror {
         !self.retired.is_empty()
     }
 
-    /// The final XDP counters of every relay removed since the last call, by allocation (one entry per
+    /// The final XDP counters of the relays removed since the last call, by allocation (one entry per
     /// relay that [`apply`](Self::apply) retired, each exactly once). Blocks for one RCU grace period
-    /// when there are any. A meter that cannot be read is logged and counted, and reported as zero so
-    /// that the allocation's usage record is not held forever.
-    pub fn settle(&mut self) -> Vec<(AllocationId, Counters)> {
+    /// when there are any. A relay whose entries could not all be deleted from the maps yet stays
+    /// retired for the next call (it reports then, with what those entries forwarded meanwhile);
+    /// `last` (the process is stopping) reports every one now. A meter that cannot be read is logged
+    /// and counted, and reported as zero so that the allocation's usage record is not held forever.
+    pub fn settle(&mut self, last: bool) -> Vec<(AllocationId, Counters)> {
         let retired = std::mem::take(&mut self.retired);
         let Some(fast) = self.fast.as_mut() else {
             return Vec::new();
         };
         let slots: Vec<RetiredMeter> = retired.iter().map(|(_, m)| *m).collect();
-        let readings = fast.tables().settle(&slots);
+        let readings = fast.tables().settle(&slots, last);
         let mut settled = Vec::with_capacity(retired.len());
-        for ((allocation, _), reading) in retired.into_iter().zip(readings) {
+        for ((allocation, meter), reading) in retired.into_iter().zip(readings) {
             match reading {
-                Ok(c) => settled.push((allocation, c)),
-                Err(e) => {
+                None => {
+                    self.failures += 1;
+                    self.retired.push((allocation, meter));
+                }
+                Some(Ok(c)) => settled.push((allocation, c)),
+                Some(Err(e)) => {
                     self.failures += 1;
                     tracing::warn!(
                         allocation = allocation.0,
@@ -240,6 +240,14 @@ impl Mirror {
             }
         }
         settled
+    }
+
+    /// Makes the next `count` map deletions fail (see [`XdpTables::fail_next_deletions`]); tests only.
+    #[doc(hidden)]
+    pub fn fail_next_deletions(&mut self, count: u32) {
+        if let Some(fast) = self.fast.as_mut() {
+            fast.tables().fail_next_deletions(count);
+        }
     }
 
     /// What XDP has forwarded so far for `allocation`'s live relays owned by `worker` (a checkpoint

@@ -188,11 +188,23 @@ mod imp {
             match self.never {}
         }
         /// Never called: no value exists.
-        pub fn remove_relay(&mut self, _: SocketAddr) -> Result<Option<RetiredMeter>, XdpError> {
+        pub fn remove_relay(
+            &mut self,
+            _: SocketAddr,
+        ) -> Option<(RetiredMeter, Result<(), XdpError>)> {
             match self.never {}
         }
         /// Never called: no value exists.
-        pub fn settle(&mut self, _: &[RetiredMeter]) -> Vec<Result<Counters, XdpError>> {
+        pub fn settle(
+            &mut self,
+            _: &[RetiredMeter],
+            _: bool,
+        ) -> Vec<Option<Result<Counters, XdpError>>> {
+            match self.never {}
+        }
+        /// Never called: no value exists.
+        #[doc(hidden)]
+        pub fn fail_next_deletions(&mut self, _: u32) {
             match self.never {}
         }
         /// Never called: no value exists.
