@@ -448,6 +448,13 @@ fn a_relay_whose_map_deletion_fails_is_removed_later_and_billed_in_full() {
         );
     };
 
+    // What a settle reported, client → peer.
+    let to_peer = |settled: Vec<(AllocationId, turnpike::route::Counters)>| {
+        settled
+            .iter()
+            .map(|(a, c)| (*a, c.to_peer_packets, c.to_peer_bytes))
+            .collect::<Vec<_>>()
+    };
     let (id, allocation) = (RelayId(1), AllocationId(7));
     open(&mut mirror, id, allocation);
     through_xdp(b"before");
@@ -469,11 +476,7 @@ fn a_relay_whose_map_deletion_fails_is_removed_later_and_billed_in_full() {
     assert!(mirror.has_retired(), "settled again later");
     through_xdp(b"still!");
     assert_eq!(
-        mirror
-            .settle(false)
-            .iter()
-            .map(|(a, c)| (*a, c.to_peer_packets, c.to_peer_bytes))
-            .collect::<Vec<_>>(),
+        to_peer(mirror.settle(false)),
         vec![(allocation, 3, 18)],
         "once, with what the stale entry forwarded"
     );
@@ -496,11 +499,7 @@ fn a_relay_whose_map_deletion_fails_is_removed_later_and_billed_in_full() {
     );
     assert_eq!(mirror.settle(false), vec![]);
     assert_eq!(
-        mirror
-            .settle(true)
-            .iter()
-            .map(|(a, c)| (*a, c.to_peer_packets, c.to_peer_bytes))
-            .collect::<Vec<_>>(),
+        to_peer(mirror.settle(true)),
         vec![(allocation, 1, 6)],
         "the last settle reads it anyway"
     );
