@@ -111,6 +111,36 @@ pub struct Core {
     challenger: Option<Challenger>,
     /// Unix seconds, for a challenge's nonce expiry: [`crate::clock::unix_now`] (a fake in tests).
     unix_clock: fn() -> u64,
+    /// The clocks as first read in the current receive batch ([`Core::begin_batch`]); `None` outside
+    /// a batch (every answer reads them).
+    batch: Option<BatchClock>,
+}
+
+/// One receive batch's clock readings, taken when its first stateless answer needs them: the
+/// datagrams of a batch arrived together, so one reading serves them all (one `clock_gettime` per
+/// batch instead of one per Binding).
+#[derive(Debug, Clone, Copy, Default)]
+struct BatchClock {
+    now: Option<Instant>,
+    unix: Option<u64>,
+}
+
+impl BatchClock {
+    /// Now: the batch's reading, or a fresh one outside a batch.
+    fn now(batch: &mut Option<Self>) -> Instant {
+        match batch {
+            Some(b) => *b.now.get_or_insert_with(Instant::now),
+            None => Instant::now(),
+        }
+    }
+
+    /// Unix seconds from `clock`: the batch's reading, or a fresh one outside a batch.
+    fn unix(batch: &mut Option<Self>, clock: fn() -> u64) -> u64 {
+        match batch {
+            Some(b) => *b.unix.get_or_insert_with(clock),
+            None => clock(),
+        }
+    }
 }
 
 /// What a worker answers itself ([`Core::answer_unauthenticated`]).
@@ -146,7 +176,15 @@ impl Core {
             binding: false,
             challenger: None,
             unix_clock: crate::clock::unix_now,
+            batch: None,
         }
+    }
+
+    /// A new receive batch starts: its stateless answers share one reading of each clock, taken
+    /// when the first of them needs it. The worker loop calls this before it dispatches a batch.
+    #[inline]
+    pub fn begin_batch(&mut self) {
+        self.batch = Some(BatchClock::default());
     }
 
     /// Read Unix time from `clock` instead of the system's (a scenario's fake clock).
@@ -364,7 +402,7 @@ impl Core {
         let (Some(budget), Some(buf)) = (self.budget.as_mut(), slot.get_mut(HEADROOM..)) else {
             return self.drop(Drop::Truncated);
         };
-        let now = Instant::now();
+        let now = BatchClock::now(&mut self.batch);
         let (written, bill) = match req {
             Stateless::Binding(req) => {
                 let typ = MessageType::new(Method::BINDING, Class::Success);
@@ -389,7 +427,7 @@ impl Core {
                 let Some(challenger) = &self.challenger else {
                     return self.drop(Drop::Truncated);
                 };
-                let unix_now = (self.unix_clock)();
+                let unix_now = BatchClock::unix(&mut self.batch, self.unix_clock);
                 let n = challenger.write(
                     buf,
                     req,
@@ -799,6 +837,48 @@ mod tests {
             .answer_unauthenticated(SourceLimiter::new(rate, 1, [5, 6]), answers)
             .with_unix_clock(|| 1_800_000_000);
         (core, rx, challenger)
+    }
+
+    /// A unix clock that moves 1000 s on at every reading (its readings are counted by the nonces'
+    /// expiry: a nonce lives 600 s).
+    fn stepping_clock() -> u64 {
+        static READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        1_800_000_000 + 1000 * READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    #[test]
+    fn a_batchs_answers_share_one_clock_reading_and_the_next_batch_takes_a_new_one() {
+        let (core, _rx, challenger) = challenging(100);
+        let mut core = core.with_unix_clock(stepping_clock);
+        let req = request(
+            Method::ALLOCATE,
+            &[Attribute::RequestedTransport(17)],
+            false,
+        );
+        let mut nonce_minted_at = |core: &mut Core| {
+            let (action, slot) = send(core, CLIENT4, &req, false);
+            let Action::Forward(f) = action else {
+                panic!("not answered");
+            };
+            let resp = Message::parse(&slot[f.range.clone()]).unwrap();
+            let nonce = resp.attrs.nonce.unwrap().as_bytes().to_vec();
+            let valid_at = |t| {
+                challenger.key().verify(f.dst, &nonce, t) == auth::NonceCheck::Valid { features: 0 }
+            };
+            (0..4u64)
+                .map(|k| 1_800_000_000 + 1000 * k)
+                .find(|&t| valid_at(t) && !valid_at(t + 601))
+                .expect("minted at one of the clock's first readings")
+        };
+        core.begin_batch();
+        let first = nonce_minted_at(&mut core);
+        assert_eq!(nonce_minted_at(&mut core), first, "one reading per batch");
+        core.begin_batch();
+        assert_eq!(
+            nonce_minted_at(&mut core),
+            first + 1000,
+            "a new batch reads the clock again"
+        );
     }
 
     fn request(method: Method, attrs: &[Attribute<'_>], fingerprint: bool) -> Vec<u8> {

@@ -166,6 +166,7 @@ pub(super) fn run<I: Io>(setup: WorkerSetup, mut io: I) -> io::Result<()> {
                 break;
             }
             settle(&mut core, &mut notes.sent);
+            core.begin_batch();
             if notes.streams {
                 notes.streams = false;
                 streams.service(&mut core, &mut |relay, dst, bytes| {
