@@ -855,7 +855,7 @@ mod tests {
             &[Attribute::RequestedTransport(17)],
             false,
         );
-        let mut nonce_minted_at = |core: &mut Core| {
+        let nonce_minted_at = |core: &mut Core| {
             let (action, slot) = send(core, CLIENT4, &req, false);
             let Action::Forward(f) = action else {
                 panic!("not answered");
