@@ -127,8 +127,10 @@ start_server() {
       wait_udp_listen "$TP_PORT"
       ;;
     coturn)
+      # The same 20,000 relay ports as turnpike's bench config (10000-29999, below the ephemeral range):
+      # with 9,000 the churn ran coturn out of ports (508s) at 9k allocations/s.
       "${RT_PREFIX[@]}" taskset -c "$cpus" turnserver -n --listening-ip=127.0.0.1 --listening-port="$CT_PORT" \
-        --relay-ip=127.0.0.1 --min-port=40000 --max-port=48999 --user=bench:bench-pass --realm=turnpike \
+        --relay-ip=127.0.0.1 --min-port=10000 --max-port=29999 --user=bench:bench-pass --realm=turnpike \
         --lt-cred-mech --allow-loopback-peers --no-cli --no-tls --no-dtls --relay-threads="$workers" \
         --no-software-attribute --log-file=stdout --simple-log >"$OUT/logs/coturn.log" 2>&1 &
       SERVER_PID=$!
