@@ -109,37 +109,45 @@ pub struct Core {
     binding: bool,
     /// The server's challenger, when a UDP request that certainly gets a plain 401 is answered here.
     challenger: Option<Challenger>,
-    /// Unix seconds, for a challenge's nonce expiry: [`crate::clock::unix_now`] (a fake in tests).
-    unix_clock: fn() -> u64,
-    /// The clocks as first read in the current receive batch ([`Core::begin_batch`]); `None` outside
-    /// a batch (every answer reads them).
-    batch: Option<BatchClock>,
+    /// The clocks of the stateless answers, read once per receive batch.
+    clocks: Clocks,
 }
 
-/// One receive batch's clock readings, taken when its first stateless answer needs them: the
-/// datagrams of a batch arrived together, so one reading serves them all (one `clock_gettime` per
-/// batch instead of one per Binding).
-#[derive(Debug, Clone, Copy, Default)]
-struct BatchClock {
+/// The clocks of the stateless answers. Inside a receive batch ([`Core::begin_batch`]) each is read
+/// once, when the batch's first answer needs it: the datagrams of a batch arrived together, so one
+/// reading serves them all (one `clock_gettime` per batch instead of one per Binding). Outside a batch
+/// every answer reads them afresh.
+#[derive(Debug, Clone, Copy)]
+struct Clocks {
+    /// Unix seconds, for a challenge's nonce expiry: [`crate::clock::unix_now`] (a fake in tests).
+    unix_clock: fn() -> u64,
+    in_batch: bool,
     now: Option<Instant>,
     unix: Option<u64>,
 }
 
-impl BatchClock {
-    /// Now: the batch's reading, or a fresh one outside a batch.
-    fn now(batch: &mut Option<Self>) -> Instant {
-        match batch {
-            Some(b) => *b.now.get_or_insert_with(Instant::now),
-            None => Instant::now(),
-        }
+impl Clocks {
+    fn begin_batch(&mut self) {
+        *self = Clocks {
+            in_batch: true,
+            now: None,
+            unix: None,
+            ..*self
+        };
     }
 
-    /// Unix seconds from `clock`: the batch's reading, or a fresh one outside a batch.
-    fn unix(batch: &mut Option<Self>, clock: fn() -> u64) -> u64 {
-        match batch {
-            Some(b) => *b.unix.get_or_insert_with(clock),
-            None => clock(),
+    fn now(&mut self) -> Instant {
+        if !self.in_batch {
+            return Instant::now();
         }
+        *self.now.get_or_insert_with(Instant::now)
+    }
+
+    fn unix(&mut self) -> u64 {
+        if !self.in_batch {
+            return (self.unix_clock)();
+        }
+        *self.unix.get_or_insert_with(self.unix_clock)
     }
 }
 
@@ -175,8 +183,12 @@ impl Core {
             budget: None,
             binding: false,
             challenger: None,
-            unix_clock: crate::clock::unix_now,
-            batch: None,
+            clocks: Clocks {
+                unix_clock: crate::clock::unix_now,
+                in_batch: false,
+                now: None,
+                unix: None,
+            },
         }
     }
 
@@ -184,13 +196,13 @@ impl Core {
     /// when the first of them needs it. The worker loop calls this before it dispatches a batch.
     #[inline]
     pub fn begin_batch(&mut self) {
-        self.batch = Some(BatchClock::default());
+        self.clocks.begin_batch();
     }
 
     /// Read Unix time from `clock` instead of the system's (a scenario's fake clock).
     #[cfg(test)]
     pub(crate) fn with_unix_clock(mut self, clock: fn() -> u64) -> Self {
-        self.unix_clock = clock;
+        self.clocks.unix_clock = clock;
         self
     }
 
@@ -402,7 +414,7 @@ impl Core {
         let (Some(budget), Some(buf)) = (self.budget.as_mut(), slot.get_mut(HEADROOM..)) else {
             return self.drop(Drop::Truncated);
         };
-        let now = BatchClock::now(&mut self.batch);
+        let now = self.clocks.now();
         let (written, bill) = match req {
             Stateless::Binding(req) => {
                 let typ = MessageType::new(Method::BINDING, Class::Success);
@@ -427,7 +439,7 @@ impl Core {
                 let Some(challenger) = &self.challenger else {
                     return self.drop(Drop::Truncated);
                 };
-                let unix_now = BatchClock::unix(&mut self.batch, self.unix_clock);
+                let unix_now = self.clocks.unix();
                 let n = challenger.write(
                     buf,
                     req,
